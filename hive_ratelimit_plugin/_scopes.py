@@ -1,0 +1,163 @@
+"""Who a call counts against: identity (agent, user, team, run, priority) and the scope list.
+
+Identity comes from the request's ``metadata`` (``agent_id``, ``user_id``, ``team_id``,
+``run_id``, ``priority``) and ``user=``, falling back to what :func:`scope` set in the current
+context (contextvars follow ``await``, tasks created inside, and ``asyncio.to_thread``).
+Metadata wins over the context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import LRUCache
+
+from .config import LimitSet, RateLimitingConfig, match_name
+from ._engine import Scope
+
+PRIORITY_NAMES: dict[str, int] = {"high": 10, "normal": 0, "low": -10}
+IDENTITY_FIELDS = ("agent_id", "user_id", "team_id", "run_id", "priority")
+
+_context: ContextVar[Mapping[str, Any] | None] = ContextVar("hive_ratelimit_identity", default=None)
+
+
+@contextlib.contextmanager
+def scope(**identity: Any) -> Iterator[None]:
+    """Attribute every LiteLLM call made inside the block to this identity.
+
+    Args:
+        **identity: any of ``agent_id``, ``user_id``, ``team_id``, ``run_id``, ``priority``.
+            Nested blocks add to (and override) the outer block.
+
+    Raises:
+        TypeError: an unknown identity field was given.
+    """
+    unknown = set(identity) - set(IDENTITY_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown identity field(s) {sorted(unknown)}; allowed: {', '.join(IDENTITY_FIELDS)}")
+    outer = _context.get() or {}
+    token = _context.set({**outer, **{k: v for k, v in identity.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def parse_priority(value: Any) -> int:
+    """``high``/``normal``/``low`` or an int (larger runs first); anything else is normal."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in PRIORITY_NAMES:
+            return PRIORITY_NAMES[name]
+        try:
+            return int(name)
+        except ValueError:
+            return 0
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling."""
+
+    agent_id: str | None = None
+    user_id: str | None = None
+    team_id: str | None = None
+    run_id: str | None = None
+    priority: int = 0
+
+
+def _clean(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return str(value)
+
+
+def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Identity:
+    """Merge the context identity with the request's metadata and ``user`` (metadata wins)."""
+    ctx = _context.get() or {}
+    md = metadata if isinstance(metadata, Mapping) else {}
+
+    def pick(name: str) -> Any:
+        v = md.get(name)
+        return v if v is not None else ctx.get(name)
+
+    user_id = md.get("user_id")
+    if user_id is None:
+        user_id = user if user else ctx.get("user_id")
+    return Identity(
+        agent_id=_clean(pick("agent_id")),
+        user_id=_clean(user_id),
+        team_id=_clean(pick("team_id")),
+        run_id=_clean(pick("run_id")),
+        priority=parse_priority(pick("priority")),
+    )
+
+
+def split_model(model: str, provider: str) -> str:
+    """``openai/gpt-4`` -> ``gpt-4`` when the prefix is the provider; otherwise unchanged."""
+    prefix = provider + "/"
+    return model[len(prefix):] if model.startswith(prefix) else model
+
+
+class ScopeResolver:
+    """Maps (provider, model, identity) to the list of limited scopes, cached."""
+
+    def __init__(self, config: RateLimitingConfig) -> None:
+        self.config = config
+        self._cache: LRUCache[tuple[Any, ...], list[Scope]] = LRUCache(maxsize=8192)
+
+    def _model_limits(self, provider: str, model: str) -> tuple[str, LimitSet] | None:
+        pconf = self.config.providers.get(provider)
+        if pconf is None or not pconf.models:
+            return None
+        bare = split_model(model, provider)
+        found = match_name(pconf.models, bare) or match_name(pconf.models, f"{provider}/{bare}")
+        if found is None:
+            return None
+        return bare, found[1]
+
+    def scopes(self, provider: str, model: str, ident: Identity) -> list[Scope]:
+        """The scopes with limits that a call to ``provider``/``model`` by ``ident`` counts against."""
+        cache_key = (provider, model, ident.agent_id, ident.user_id, ident.team_id)
+        cached = self._cache.get(cache_key)
+        if cached is not None:
+            return cached
+        cfg = self.config
+        out: list[Scope] = []
+        if not cfg.global_.is_empty():
+            out.append(Scope("global", "global", cfg.global_))
+        pconf = cfg.providers.get(provider)
+        if pconf is not None:
+            own = LimitSet.model_validate({k: getattr(pconf, k) for k in LimitSet.model_fields})
+            if not own.is_empty():
+                out.append(Scope("provider", f"provider:{provider}", own))
+            found = self._model_limits(provider, model)
+            if found is not None and not found[1].is_empty():
+                out.append(Scope("model", f"model:{provider}/{found[0]}", found[1]))
+        for level, name, table in (
+            ("agent", ident.agent_id, cfg.agents),
+            ("user", ident.user_id, cfg.users),
+            ("team", ident.team_id, cfg.teams),
+        ):
+            if name is None:
+                continue
+            hit = match_name(table, name)  # type: ignore[arg-type]
+            if hit is None:
+                hit = match_name(table, "*") if "*" in table else None  # type: ignore[arg-type]
+            if hit is not None:
+                limits = LimitSet.model_validate({k: getattr(hit[1], k) for k in LimitSet.model_fields})
+                if not limits.is_empty():
+                    out.append(Scope(level, f"{level}:{name}", limits))
+        self._cache[cache_key] = out
+        return out

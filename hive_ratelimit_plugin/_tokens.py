@@ -1,0 +1,103 @@
+"""Estimating a call's tokens before it runs, cheaply.
+
+Prompt tokens come from ``litellm.token_counter``, counted per message and cached (agents resend
+the same system prompt and history on every turn, so most messages are counted once). Output
+tokens are the request's ``max_tokens`` / ``max_completion_tokens``, or a configured default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from cachetools import LRUCache
+
+logger = logging.getLogger("hive_ratelimit_plugin")
+
+_PER_MESSAGE_OVERHEAD = 4
+_cache: LRUCache[tuple[str, str, str], int] = LRUCache(maxsize=16384)
+_failed_models: set[str] = set()
+
+
+def _count_text(model: str, text: str) -> int:
+    if model not in _failed_models:
+        try:
+            import litellm
+
+            return int(litellm.token_counter(model=model, text=text))
+        except Exception as exc:  # tokenizer missing for this model: fall back, once-logged
+            _failed_models.add(model)
+            logger.warning("token counting unavailable for model %r (%s); estimating 1 token per 3 characters",
+                           model, type(exc).__name__)
+    return len(text) // 3 + 1
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, Mapping) and part.get("type") in ("image_url", "image"):
+                parts.append("x" * 3000)  # ~1k tokens per image: a conservative placeholder
+            else:
+                parts.append(json.dumps(part, default=str))
+        return "\n".join(parts)
+    if content is None:
+        return ""
+    return json.dumps(content, default=str)
+
+
+def _cached(model: str, role: str, text: str) -> int:
+    key = (model, role, text)
+    n = _cache.get(key)
+    if n is None:
+        n = _count_text(model, text) + _PER_MESSAGE_OVERHEAD
+        _cache[key] = n
+    return n
+
+
+def count_messages(model: str, messages: Any, tools: Any = None) -> int:
+    """Prompt tokens of a chat request, tool definitions included (cached per message)."""
+    total = 3
+    if tools:
+        total += _cached(model, "tools", json.dumps(tools, default=str, sort_keys=True))
+    if not isinstance(messages, list):
+        return total
+    for m in messages:
+        if not isinstance(m, Mapping):
+            continue
+        role = str(m.get("role", ""))
+        content = m.get("content")
+        text = content if isinstance(content, str) else _content_text(content)
+        extra = m.get("tool_calls")
+        if extra:
+            text += json.dumps(extra, default=str)
+        total += _cached(model, role, text)
+    return total
+
+
+def count_input(model: str, value: Any) -> int:
+    """Tokens of an embedding ``input`` or a text-completion ``prompt``."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return _count_text(model, value)
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) for v in value):
+            return len(value)  # already token ids
+        return sum(count_input(model, v) for v in value)
+    return _count_text(model, json.dumps(value, default=str))
+
+
+def requested_output(kwargs: Mapping[str, Any], default: int) -> int:
+    """The output tokens a call may produce: its cap if it set one, else ``default``."""
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        v = kwargs.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return default

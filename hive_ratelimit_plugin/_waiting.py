@@ -1,0 +1,137 @@
+"""Turning the engine's decisions into waiting: one driver for threads, one for asyncio.
+
+Both follow the same loop: ask the engine; if queued, sleep until granted, until the engine's
+earliest retry time (then ask it to dispatch), or until the deadline (then give up with
+:class:`~hive_ratelimit_plugin.errors.RateLimitQueueTimeout`). Sync callers block only their own
+thread; async callers await without blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from ._engine import NEVER, Engine, QueueFull, Ticket, Waiter
+from .errors import RateLimitQueueTimeout
+
+
+def _timeout_error(engine: Engine, waiter: Waiter | None, waited: float, reason: str) -> RateLimitQueueTimeout:
+    blocked = waiter.blocked if waiter is not None else None
+    now = engine.clock()
+    retry_after = None
+    if blocked is not None and blocked.retry_at is not None and blocked.retry_at != NEVER:
+        retry_after = max(blocked.retry_at - now, 0.0)
+    scope = blocked.scope if blocked else None
+    limit = blocked.limit if blocked else None
+    where = f" by {limit} of {scope}" if scope else ""
+    hint = f"; retry in {retry_after:.1f}s" if retry_after is not None else ""
+    return RateLimitQueueTimeout(
+        f"call held{where}: {reason} after waiting {waited:.1f}s; no request was sent{hint}",
+        scope=scope,
+        limit=limit,
+        remaining=blocked.remaining if blocked else None,
+        retry_after=retry_after,
+    )
+
+
+def _sleep_for(engine: Engine, waiter: Waiter, deadline: float) -> float:
+    retry_at = waiter.retry_at
+    until = deadline if retry_at is None else min(deadline, retry_at)
+    return max(until - engine.clock(), 0.0)
+
+
+def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
+    """Block the calling thread until ``ticket`` is admitted.
+
+    Returns:
+        Seconds spent waiting (0.0 when admitted at once).
+
+    Raises:
+        RateLimitQueueTimeout: not admitted within ``max_wait`` seconds, or the queue is full.
+        RequestTooLargeError: the call can never fit.
+    """
+    event = threading.Event()
+    start = engine.clock()
+    try:
+        waiter = engine.acquire(ticket, event.set)
+    except QueueFull:
+        raise _timeout_error(engine, None, 0.0, f"queue is full ({engine.max_queue} waiting)") from None
+    if waiter is None:
+        return 0.0
+    deadline = start + max_wait
+    try:
+        while True:
+            event.wait(_sleep_for(engine, waiter, deadline))
+            event.clear()
+            if waiter.granted:
+                return engine.clock() - start
+            engine.dispatch()
+            if waiter.granted:
+                return engine.clock() - start
+            if engine.clock() >= deadline:
+                if engine.cancel(waiter):
+                    return engine.clock() - start
+                raise _timeout_error(engine, waiter, engine.clock() - start, "queue wait limit reached")
+    except BaseException:
+        if engine.cancel(waiter):
+            engine.release(ticket.call_id, input_tokens=0, output_tokens=0)
+        raise
+
+
+async def acquire_async(engine: Engine, ticket: Ticket, max_wait: float) -> float:
+    """Await until ``ticket`` is admitted, without blocking the event loop.
+
+    Returns:
+        Seconds spent waiting.
+
+    Raises:
+        RateLimitQueueTimeout: not admitted within ``max_wait`` seconds, or the queue is full.
+        RequestTooLargeError: the call can never fit.
+        asyncio.CancelledError: the caller was cancelled; nothing stays reserved.
+    """
+    loop = asyncio.get_running_loop()
+    box: list[asyncio.Future[None]] = [loop.create_future()]
+
+    def wake() -> None:
+        fut = box[0]
+
+        def _set() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        try:
+            loop.call_soon_threadsafe(_set)
+        except RuntimeError:  # loop closed: the caller is gone; the deadline path cleans up
+            pass
+
+    start = engine.clock()
+    try:
+        waiter = engine.acquire(ticket, wake)
+    except QueueFull:
+        raise _timeout_error(engine, None, 0.0, f"queue is full ({engine.max_queue} waiting)") from None
+    if waiter is None:
+        return 0.0
+    deadline = start + max_wait
+    try:
+        while True:
+            fut = box[0]
+            if not waiter.granted:
+                timer = loop.call_later(_sleep_for(engine, waiter, deadline), wake)
+                try:
+                    await fut
+                finally:
+                    timer.cancel()
+            box[0] = loop.create_future()
+            if waiter.granted:
+                return engine.clock() - start
+            engine.dispatch()
+            if waiter.granted:
+                return engine.clock() - start
+            if engine.clock() >= deadline:
+                if engine.cancel(waiter):
+                    return engine.clock() - start
+                raise _timeout_error(engine, waiter, engine.clock() - start, "queue wait limit reached")
+    except BaseException:
+        if engine.cancel(waiter):
+            engine.release(ticket.call_id, input_tokens=0, output_tokens=0)
+        raise

@@ -1,0 +1,144 @@
+"""The ``hive-ratelimit`` command: ``demo`` and ``check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .config import load_config
+from .errors import ConfigError
+
+DEMO_CONFIG: dict[str, Any] = {
+    "global": {"requests_per_second": 4, "concurrent_requests": 3},
+    "providers": {"openai": {"gpt-4o-mini": {"tokens_per_minute": 20000}}},
+    "agents": {"bulk-loader": {"requests_per_second": 1}},
+    "queue": {"max_wait_seconds": 2.5},
+}
+
+
+def _describe_usage(stats: dict[str, Any]) -> list[str]:
+    lines = []
+    for level, scopes in stats["levels"].items():
+        for key, entry in scopes.items():
+            parts = []
+            for name, value in entry.items():
+                if isinstance(value, dict) and "limit" in value:
+                    parts.append(f"{name} {value['used']:g}/{value['limit']:g}")
+            parts.append(f"in flight {entry['in_flight']}, queued {entry['queued']}")
+            lines.append(f"  {level:<8} {key:<28} " + "; ".join(parts))
+    return lines
+
+
+def _demo(args: argparse.Namespace) -> int:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import asyncio
+    import time
+
+    import litellm
+
+    from .errors import HiveRateLimitError
+    from .fake_provider import FakeProvider, ProviderState
+    from litellm.integrations.custom_logger import CustomLogger
+
+    from .plugin import HiveLimiter, unregister
+
+    litellm.suppress_debug_info = True
+    litellm.token_counter(model="gpt-4o-mini", text="warm up")  # load the tokenizer before timing
+    limiter = HiveLimiter(DEMO_CONFIG)
+    litellm.callbacks.append(limiter)
+    print("hive-ratelimit demo: simulated agents calling a fake provider on 127.0.0.1 (no key, no network)")
+    print("limits: " + yaml.safe_dump(DEMO_CONFIG, default_flow_style=True, width=400).strip())
+    print()
+    agents = [("researcher", "high", args.calls), ("writer", "normal", args.calls), ("bulk-loader", "low", args.calls)]
+    with FakeProvider(ProviderState(latency=0.15)) as provider:
+        start = time.monotonic()
+        rows: list[tuple[float, str]] = []
+        sent_at: dict[str, float] = {}
+
+        class _SendTimes(CustomLogger):
+            def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
+                sent_at[str(messages[0]["content"])] = time.monotonic()
+
+        litellm.callbacks.append(_SendTimes())
+
+        async def one(agent: str, priority: str, n: int) -> None:
+            t0 = time.monotonic()
+            prompt = f"{agent} task {n}"
+            try:
+                resp = await litellm.acompletion(
+                    model="openai/gpt-4o-mini",
+                    api_base=provider.url,
+                    api_key="sk-demo-not-a-real-key",
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=50,
+                    metadata={"agent_id": agent, "priority": priority},
+                )
+                waited = sent_at[prompt] - t0
+                rows.append((sent_at[prompt] - start,
+                             f"{agent:<12} ({priority:<6}) call {n}: sent after waiting {waited:.2f}s"
+                             f" ({resp.usage.total_tokens} tokens)"))
+            except HiveRateLimitError as exc:
+                rows.append((time.monotonic() - start,
+                             f"{agent:<12} ({priority:<6}) call {n}: not sent: {type(exc).__name__}: {exc}"))
+
+        async def run() -> None:
+            await asyncio.gather(*(one(a, p, i) for a, p, k in agents for i in range(1, k + 1)))
+
+        asyncio.run(run())
+        for at, line in sorted(rows):
+            print(f"  t={at:5.2f}s  {line}")
+        print()
+        print(f"provider received {provider.state.count()} requests, {provider.state.count(429)} answered 429; "
+              f"at most {provider.state.max_in_flight} at once")
+        print("live usage per level:")
+        for line in _describe_usage(limiter.get_usage_stats()):
+            print(line)
+    for cb in list(litellm.callbacks):
+        unregister(cb)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file, use_env=not args.no_env)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    raw = cfg.model_dump(mode="json", exclude_none=True, by_alias=False)
+    for pconf in raw.get("providers", {}).values():
+        pconf.update(pconf.pop("models", {}))
+    data: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = "global" if key == "global_" else key
+        if value in ({}, None):
+            continue
+        data[name] = value
+    print(f"# effective configuration of {args.file}" + ("" if args.no_env else " (with HIVE_RATELIMIT_* overrides)"))
+    print(yaml.safe_dump({"rate_limiting": data}, sort_keys=False), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hive-ratelimit`` command."""
+    parser = argparse.ArgumentParser(prog="hive-ratelimit", description="Rate limits for LiteLLM agents.")
+    parser.add_argument("--version", action="version", version=f"hive-ratelimit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run simulated agents against a built-in fake provider")
+    demo.add_argument("--calls", type=int, default=4, help="calls per agent (default 4)")
+    demo.set_defaults(func=_demo)
+    check = sub.add_parser("check-config", help="validate a YAML file and print the effective configuration")
+    check.add_argument("file")
+    check.add_argument("--no-env", action="store_true", help="ignore HIVE_RATELIMIT_* environment overrides")
+    check.set_defaults(func=_check_config)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

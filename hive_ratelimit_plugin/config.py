@@ -1,0 +1,263 @@
+"""Configuration: the ``rate_limiting:`` YAML schema, environment overrides, and loading.
+
+Sources, lowest to highest precedence: the YAML file (``HIVE_RATELIMIT_CONFIG`` or an explicit
+path), an explicit dict, then environment variables ``HIVE_RATELIMIT_<FIELD>`` with ``__`` for
+nesting (``HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE=60``). Every problem is reported as a
+:class:`~hive_ratelimit_plugin.errors.ConfigError` naming the key path, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+
+__all__ = [
+    "AgentLimits",
+    "LimitSet",
+    "ProviderConfig",
+    "QueueConfig",
+    "RateLimitingConfig",
+    "load_config",
+]
+
+ENV_PREFIX = "HIVE_RATELIMIT_"
+
+#: Seconds in each period name used by limit fields.
+PERIODS: dict[str, float] = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LimitSet(_Strict):
+    """Rate limits that can be set at any level. Every field is optional; ``None`` means unlimited."""
+
+    requests_per_second: PositiveInt | None = None
+    requests_per_minute: PositiveInt | None = None
+    requests_per_hour: PositiveInt | None = None
+    requests_per_day: PositiveInt | None = None
+    tokens_per_second: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    tokens_per_hour: PositiveInt | None = None
+    tokens_per_day: PositiveInt | None = None
+    input_tokens_per_minute: PositiveInt | None = None
+    output_tokens_per_minute: PositiveInt | None = None
+    concurrent_requests: PositiveInt | None = None
+
+    def is_empty(self) -> bool:
+        """True when no limit is set."""
+        return all(v is None for v in self.__dict__.values())
+
+
+LIMIT_FIELDS: frozenset[str] = frozenset(LimitSet.model_fields)
+
+
+class AgentLimits(LimitSet):
+    """Limits for one agent (or a glob of agent names)."""
+
+    max_requests_per_run: PositiveInt | None = None
+
+
+class ProviderConfig(LimitSet):
+    """A provider block: provider-wide limits next to per-model blocks.
+
+    In YAML both stand side by side, as in the specification::
+
+        openai:
+          requests_per_minute: 10000   # provider-wide
+          gpt-4:                        # a model (with or without the "openai/" prefix)
+            requests_per_minute: 500
+          "gpt-4o*":                    # a glob: each matching model gets these limits
+            tokens_per_minute: 300000
+    """
+
+    models: dict[str, LimitSet] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_models(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        own: dict[str, Any] = {}
+        models: dict[str, Any] = dict(data.get("models") or {})
+        for key, value in data.items():
+            if key == "models":
+                continue
+            if key in LIMIT_FIELDS:
+                own[key] = value
+            elif isinstance(value, dict) or value is None:
+                models[str(key)] = value or {}
+            else:
+                # A scalar under an unknown name: most likely a misspelt limit field.
+                own[key] = value
+        own["models"] = models
+        return own
+
+
+class QueueConfig(_Strict):
+    """How over-limit calls wait."""
+
+    max_wait_seconds: float = Field(default=60.0, ge=0)
+    max_size: PositiveInt = 10_000
+
+
+class EstimationConfig(_Strict):
+    """How a call's usage is estimated before it runs."""
+
+    default_output_tokens: PositiveInt = 256
+    lease_seconds: PositiveFloat = 300.0
+
+
+class RateLimitingConfig(BaseSettings):
+    """The whole ``rate_limiting:`` block."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    enabled: bool = True
+    global_: LimitSet = Field(
+        default_factory=LimitSet,
+        # An alias bypasses env_prefix in pydantic-settings, so name the env variable explicitly.
+        validation_alias=AliasChoices("global", ENV_PREFIX + "GLOBAL"),
+    )
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    agents: dict[str, AgentLimits] = Field(default_factory=dict)
+    users: dict[str, LimitSet] = Field(default_factory=dict)
+    teams: dict[str, LimitSet] = Field(default_factory=dict)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    estimation: EstimationConfig = Field(default_factory=EstimationConfig)
+
+    _SOURCES_ENV_FIRST: ClassVar[bool] = True
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment overrides the file/dict given at construction.
+        return (env_settings, init_settings)
+
+
+def _format_validation_error(exc: ValidationError, root: str) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        path = ".".join([root, *("global" if p == "global_" else str(p) for p in err["loc"])])
+        value = err.get("input")
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{path}: unknown key (value {value!r}); check the spelling against the documented fields")
+        else:
+            lines.append(f"{path}: {value!r} is not allowed: {err['msg']}")
+    return lines
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {str(p)!r}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: YAML syntax error{where}: {exc.problem}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: YAML syntax error: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping with a 'rate_limiting:' key, got {type(data).__name__}")
+    return data
+
+
+def _unwrap(data: dict[str, Any], origin: str) -> dict[str, Any]:
+    if "rate_limiting" in data:
+        extra = set(data) - {"rate_limiting"}
+        block = data["rate_limiting"]
+        if block is None:
+            return {}
+        if not isinstance(block, dict):
+            raise ConfigError(f"{origin}: rate_limiting: expected a mapping, got {type(block).__name__}")
+        if extra and origin != "dict":
+            # Other top-level keys belong to the host application's config file; ignore them.
+            pass
+        return dict(block)
+    return dict(data)
+
+
+def load_config(
+    source: str | os.PathLike[str] | dict[str, Any] | RateLimitingConfig | None = None,
+    *,
+    use_env: bool = True,
+) -> RateLimitingConfig:
+    """Build the effective configuration.
+
+    Args:
+        source: a YAML path, a dict (with or without the ``rate_limiting`` root), a ready
+            :class:`RateLimitingConfig`, or ``None`` to use ``HIVE_RATELIMIT_CONFIG`` if set.
+        use_env: apply ``HIVE_RATELIMIT_*`` environment overrides (on by default).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a value is invalid. The message lists
+            every problem with its key path.
+    """
+    if isinstance(source, RateLimitingConfig):
+        return source
+    origin = "dict"
+    data: dict[str, Any]
+    if source is None:
+        path = os.environ.get(ENV_PREFIX + "CONFIG") if use_env else None
+        data = _unwrap(_read_yaml(path), path) if path else {}
+        origin = path or "environment"
+    elif isinstance(source, dict):
+        data = _unwrap(source, "dict")
+    else:
+        origin = str(source)
+        data = _unwrap(_read_yaml(source), origin)
+    try:
+        if use_env:
+            return RateLimitingConfig(**data)
+        return RateLimitingConfig.model_validate(data) if not data else _no_env(data)
+    except ValidationError as exc:
+        problems = _format_validation_error(exc, "rate_limiting")
+        raise ConfigError(
+            f"invalid configuration ({origin}):\n  " + "\n  ".join(problems), errors=problems
+        ) from None
+
+
+def _no_env(data: dict[str, Any]) -> RateLimitingConfig:
+    # BaseSettings always reads the environment; validate as a plain model by constructing
+    # without the settings machinery.
+    return RateLimitingConfig.model_validate(data)
+
+
+def match_name(patterns: dict[str, Any], name: str) -> tuple[str, Any] | None:
+    """Find the block for ``name``: an exact key first, then the first glob that matches."""
+    if name in patterns:
+        return name, patterns[name]
+    for pattern, value in patterns.items():
+        if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern):
+            return pattern, value
+    return None

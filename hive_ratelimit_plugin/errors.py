@@ -1,0 +1,66 @@
+"""The exception hierarchy. Every error the plugin raises derives from :class:`HiveRateLimitError`.
+
+Errors carry structured fields (``scope``, ``limit``, ``remaining``, ``retry_after``) so that
+callers can react without parsing messages. No error message ever contains an API key.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "HiveRateLimitError",
+    "RateLimitQueueTimeout",
+    "RequestTooLargeError",
+]
+
+
+class HiveRateLimitError(Exception):
+    """Root of every error raised by hive-ratelimit.
+
+    Attributes:
+        scope: the scope key that blocked the call (``"model:openai/gpt-4"``), if any.
+        limit: the name of the limit that blocked (``"requests_per_minute"``), if any.
+        remaining: what was left of that limit when the call was blocked, if known.
+        retry_after: seconds after which a retry may succeed, if known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        scope: str | None = None,
+        limit: str | None = None,
+        remaining: float | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.limit = limit
+        self.remaining = remaining
+        self.retry_after = retry_after
+
+
+class ConfigError(HiveRateLimitError, ValueError):
+    """The configuration (YAML file, dict or environment) is invalid.
+
+    The message names every bad key path, the value found and what is allowed.
+    """
+
+    def __init__(self, message: str, *, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or [message]
+
+
+class RateLimitQueueTimeout(HiveRateLimitError):
+    """A call waited ``max_wait_seconds`` (or found the queue full) and no request was sent.
+
+    This is transient: retrying after ``retry_after`` seconds may succeed.
+    """
+
+
+class RequestTooLargeError(HiveRateLimitError):
+    """A single call needs more than a limit allows in a whole window, so it can never be admitted.
+
+    Example: 50,000 estimated tokens against ``tokens_per_minute: 40000``. Lower ``max_tokens``,
+    shorten the prompt, or raise the limit. No request was sent.
+    """

@@ -1,0 +1,385 @@
+"""A fake OpenAI/Anthropic-compatible provider on 127.0.0.1 for tests and benchmarks.
+
+It behaves like a real provider where a rate limiter cares: responses carry ``usage``;
+it enforces requests and tokens per sliding window and answers ``429`` with
+``retry-after`` and ``x-ratelimit-*`` headers; it can be scripted to fail
+(429 storms, 5xx, slow or dropped responses, malformed headers).
+
+Run standalone: ``python -m tests.fake_provider --port 8099 --rpm 60``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Scripted:
+    """One scripted response that overrides normal behaviour for the next request."""
+
+    status: int = 429
+    headers: dict[str, str] = field(default_factory=dict)
+    body: dict[str, Any] | None = None
+    delay: float = 0.0
+    drop: bool = False  # close the connection without answering
+
+
+@dataclass
+class Received:
+    """What the provider saw of one request."""
+
+    time: float
+    path: str
+    model: str
+    stream: bool
+    authorization: str
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ProviderState:
+    """Limits, scripted failures and a log of requests, shared by the handler threads."""
+
+    def __init__(
+        self,
+        requests_per_window: int | None = None,
+        tokens_per_window: int | None = None,
+        window_seconds: float = 60.0,
+        latency: float = 0.0,
+        completion_tokens: int = 5,
+        cost_model: str = "gpt-4o-mini",
+    ) -> None:
+        self.requests_per_window = requests_per_window
+        self.tokens_per_window = tokens_per_window
+        self.window_seconds = window_seconds
+        self.latency = latency
+        self.completion_tokens = completion_tokens
+        self.cost_model = cost_model
+        self.lock = threading.Lock()
+        self.script: collections.deque[Scripted] = collections.deque()
+        self.log: list[Received] = []
+        self._hits: collections.deque[tuple[float, int]] = collections.deque()
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    # -- configuration -------------------------------------------------
+    def push(self, *responses: Scripted) -> None:
+        """Queue scripted responses, used in order by the next requests."""
+        with self.lock:
+            self.script.extend(responses)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.script.clear()
+            self.log.clear()
+            self._hits.clear()
+            self.in_flight = 0
+            self.max_in_flight = 0
+
+    # -- accounting ----------------------------------------------------
+    def ok_count(self) -> int:
+        with self.lock:
+            return sum(1 for r in self.log if r.status == 200)
+
+    def count(self, status: int | None = None) -> int:
+        with self.lock:
+            return sum(1 for r in self.log if status is None or r.status == status)
+
+    def _admit(self, now: float, tokens: int) -> tuple[bool, float, int, int]:
+        """Sliding-window-log enforcement. Returns (ok, retry_after, remaining_req, remaining_tok)."""
+        cutoff = now - self.window_seconds
+        while self._hits and self._hits[0][0] <= cutoff:
+            self._hits.popleft()
+        used_req = len(self._hits)
+        used_tok = sum(t for _, t in self._hits)
+        over_req = self.requests_per_window is not None and used_req + 1 > self.requests_per_window
+        over_tok = self.tokens_per_window is not None and used_tok + tokens > self.tokens_per_window
+        rem_req = (self.requests_per_window or 0) - used_req
+        rem_tok = (self.tokens_per_window or 0) - used_tok
+        if over_req or over_tok:
+            retry = self._hits[0][0] + self.window_seconds - now if self._hits else self.window_seconds
+            return False, max(retry, 0.001), rem_req, rem_tok
+        self._hits.append((now, tokens))
+        return True, 0.0, rem_req - 1, rem_tok - tokens
+
+
+def _rough_tokens(body: dict[str, Any]) -> int:
+    text = ""
+    for m in body.get("messages") or []:
+        c = m.get("content")
+        text += c if isinstance(c, str) else json.dumps(c)
+    inp = body.get("input") or body.get("prompt") or ""
+    text += inp if isinstance(inp, str) else json.dumps(inp)
+    return max(1, math.ceil(len(text) / 4))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        state = self.server.state
+        length = int(self.headers.get("content-length") or 0)
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            body = {}
+        path = self.path.split("?")[0]
+        model = str(body.get("model", ""))
+        stream = bool(body.get("stream"))
+        prompt_tokens = _rough_tokens(body)
+        max_out = body.get("max_tokens") or body.get("max_completion_tokens")
+        completion_tokens = min(state.completion_tokens, int(max_out)) if max_out else state.completion_tokens
+        if path.endswith("/embeddings"):
+            completion_tokens = 0
+        auth = self.headers.get("authorization") or self.headers.get("x-api-key") or ""
+
+        with state.lock:
+            state.in_flight += 1
+            state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            scripted = state.script.popleft() if state.script else None
+        try:
+            self._respond(state, path, body, model, stream, prompt_tokens, completion_tokens, auth, scripted)
+        finally:
+            with state.lock:
+                state.in_flight -= 1
+
+    def _respond(
+        self,
+        state: ProviderState,
+        path: str,
+        body: dict[str, Any],
+        model: str,
+        stream: bool,
+        prompt_tokens: int,
+        completion_tokens: int,
+        auth: str,
+        scripted: Scripted | None,
+    ) -> None:
+        now = time.monotonic()
+        status = 200
+        headers: dict[str, str] = {}
+        if scripted is not None:
+            if scripted.delay:
+                time.sleep(scripted.delay)
+            if scripted.drop:
+                self._record(state, now, path, model, stream, auth, 0, prompt_tokens, 0)
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            if scripted.status != 200:
+                self._record(state, now, path, model, stream, auth, scripted.status, prompt_tokens, 0)
+                self._send_error(scripted.status, scripted.headers, scripted.body)
+                return
+            headers.update(scripted.headers)
+        with state.lock:
+            ok, retry, rem_req, rem_tok = state._admit(now, prompt_tokens + completion_tokens)
+        if state.requests_per_window is not None:
+            headers["x-ratelimit-limit-requests"] = str(state.requests_per_window)
+            headers["x-ratelimit-remaining-requests"] = str(max(rem_req, 0))
+        if state.tokens_per_window is not None:
+            headers["x-ratelimit-limit-tokens"] = str(state.tokens_per_window)
+            headers["x-ratelimit-remaining-tokens"] = str(max(rem_tok, 0))
+        if not ok:
+            headers["retry-after"] = str(max(1, math.ceil(retry)))
+            headers["retry-after-ms"] = str(int(retry * 1000))
+            self._record(state, now, path, model, stream, auth, 429, prompt_tokens, 0)
+            self._send_error(429, headers, None)
+            return
+        if state.latency:
+            time.sleep(state.latency)
+        self._record(state, now, path, model, stream, auth, status, prompt_tokens, completion_tokens)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        if path.endswith("/messages"):
+            self._anthropic(body, model, usage, headers, stream)
+        elif path.endswith("/embeddings"):
+            inputs = body.get("input")
+            n = len(inputs) if isinstance(inputs, list) else 1
+            data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(n)]
+            self._send_json(200, {"object": "list", "data": data, "model": model, "usage": usage}, headers)
+        elif path.endswith("/completions") and not path.endswith("chat/completions"):
+            self._send_json(200, {
+                "id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": model,
+                "choices": [{"text": " ok" * completion_tokens, "index": 0, "finish_reason": "stop", "logprobs": None}],
+                "usage": usage,
+            }, headers)
+        elif stream:
+            self._stream_chat(body, model, usage, headers, completion_tokens)
+        else:
+            self._send_json(200, {
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": " ".join(["ok"] * completion_tokens)}}],
+                "usage": usage,
+            }, headers)
+
+    def _record(self, state: ProviderState, now: float, path: str, model: str, stream: bool, auth: str,
+                status: int, prompt_tokens: int, completion_tokens: int) -> None:
+        with state.lock:
+            state.log.append(Received(now, path, model, stream, auth, status, prompt_tokens, completion_tokens))
+
+    def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, status: int, headers: dict[str, str], body: dict[str, Any] | None) -> None:
+        payload = body or {"error": {
+            "message": "Rate limit reached for requests" if status == 429 else f"fake provider error {status}",
+            "type": "requests" if status == 429 else "server_error",
+            "code": "rate_limit_exceeded" if status == 429 else None,
+        }}
+        self._send_json(status, payload, headers)
+
+    def _stream_chat(self, body: dict[str, Any], model: str, usage: dict[str, int],
+                     headers: dict[str, str], completion_tokens: int) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+        chunks = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": "ok "},
+                                       "finish_reason": None}]) for _ in range(max(completion_tokens, 1))]
+        chunks.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append(dict(base, choices=[], usage=usage))
+        try:
+            for c in chunks:
+                self._chunk(f"data: {json.dumps(c)}\n\n".encode())
+            self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _anthropic(self, body: dict[str, Any], model: str, usage: dict[str, int],
+                   headers: dict[str, str], stream: bool) -> None:
+        au = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
+        if not stream:
+            self._send_json(200, {
+                "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                "stop_sequence": None, "usage": au,
+            }, headers)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        events = [
+            ("message_start", {"type": "message_start", "message": {
+                "id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
+                "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": au["input_tokens"], "output_tokens": 1}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": "ok"}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                               "usage": {"output_tokens": au["output_tokens"]}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        for name, data in events:
+            self._chunk(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        self._chunk(b"")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+    state: ProviderState
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients closing keep-alive connections is normal; anything else is worth seeing.
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
+class FakeProvider:
+    """Runs the fake provider in a background thread: ``with FakeProvider() as p: p.url``."""
+
+    def __init__(self, state: ProviderState | None = None, port: int = 0) -> None:
+        self.state = state or ProviderState()
+        self._server = _Server(("127.0.0.1", port), _Handler)
+        self._server.state = self.state
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-provider", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """OpenAI-style base URL (``.../v1``)."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root(self) -> str:
+        """Base URL without ``/v1`` (for Anthropic-style clients)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeProvider:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> FakeProvider:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8099)
+    parser.add_argument("--rpm", type=int, default=None, help="requests per window")
+    parser.add_argument("--tpm", type=int, default=None, help="tokens per window")
+    parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args()
+    state = ProviderState(args.rpm, args.tpm, args.window, args.latency)
+    provider = FakeProvider(state, args.port)
+    print(f"fake provider on {provider.url}", flush=True)
+    provider._server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

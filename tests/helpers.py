@@ -1,0 +1,49 @@
+"""Helpers shared by the tests (not fixtures)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from litellm.integrations.custom_logger import CustomLogger
+
+from hive_ratelimit_plugin.testing import FakeProvider
+
+
+class Recorder(CustomLogger):
+    """Records the (clock) time at which each HTTP attempt is about to be sent."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.sent: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+
+    def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
+        with self.lock:
+            self.sent.append((self.clock(), str(kwargs.get("model"))))
+
+
+def chat_kwargs(provider: FakeProvider, **extra: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "model": "openai/gpt-4o-mini",
+        "api_base": provider.url,
+        "api_key": "sk-test-SECRET-0123456789",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_retries": 0,
+    }
+    kw.update(extra)
+    return kw
+
+
+def max_in_any_window(times: list[float], period: float) -> int:
+    """The largest number of events inside any half-open interval of ``period`` seconds."""
+    times = sorted(times)
+    best = 0
+    j = 0
+    for i, t in enumerate(times):
+        while times[j] <= t - period:
+            j += 1
+        best = max(best, i - j + 1)
+    return best

@@ -1,0 +1,156 @@
+"""Configuration: the specification's YAML, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hive_ratelimit_plugin import ConfigError, load_config
+from hive_ratelimit_plugin._scopes import Identity, ScopeResolver
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_spec_example_parses() -> None:
+    """The YAML from the specification loads as written."""
+    cfg = load_config(ROOT / "configs" / "spec-example.yaml", use_env=False)
+    assert cfg.enabled is True
+    assert cfg.global_.requests_per_minute == 60
+    assert cfg.global_.tokens_per_minute == 90000
+    assert cfg.global_.concurrent_requests == 10
+    assert cfg.providers["openai"].models["gpt-4"].requests_per_minute == 500
+    assert cfg.providers["anthropic"].models["claude-sonnet-4"].tokens_per_minute == 40000
+    assert cfg.agents["my_production_agent"].max_requests_per_run == 100
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_example_config_is_valid(name: str) -> None:
+    """Every file users may copy from configs/ is valid."""
+    load_config(ROOT / "configs" / name, use_env=False)
+
+
+def test_dict_with_or_without_root() -> None:
+    """A dict works with or without the rate_limiting root key."""
+    a = load_config({"rate_limiting": {"global": {"requests_per_minute": 5}}}, use_env=False)
+    b = load_config({"global": {"requests_per_minute": 5}}, use_env=False)
+    assert a.global_.requests_per_minute == b.global_.requests_per_minute == 5
+
+
+def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HIVE_RATELIMIT_<PATH> with __ nesting overrides the file; the file path comes from env too."""
+    f = tmp_path / "limits.yaml"
+    f.write_text("rate_limiting:\n  global:\n    requests_per_minute: 60\n    tokens_per_minute: 1000\n")
+    monkeypatch.setenv("HIVE_RATELIMIT_CONFIG", str(f))
+    monkeypatch.setenv("HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE", "7")
+    monkeypatch.setenv("HIVE_RATELIMIT_QUEUE__MAX_WAIT_SECONDS", "2.5")
+    cfg = load_config()
+    assert cfg.global_.requests_per_minute == 7
+    assert cfg.global_.tokens_per_minute == 1000
+    assert cfg.queue.max_wait_seconds == 2.5
+
+
+def test_env_enabled_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HIVE_RATELIMIT_ENABLED=false turns the limiter off."""
+    monkeypatch.setenv("HIVE_RATELIMIT_ENABLED", "false")
+    assert load_config({"global": {"requests_per_minute": 1}}).enabled is False
+
+
+@pytest.mark.parametrize(
+    ("data", "fragments"),
+    [
+        ({"global": {"requests_per_minute": -5}}, ["rate_limiting.global.requests_per_minute", "-5", "greater than 0"]),
+        ({"global": {"requests_per_minute": 0}}, ["rate_limiting.global.requests_per_minute", "0"]),
+        ({"global": {"requests_per_minut": 5}}, ["rate_limiting.global.requests_per_minut", "unknown key"]),
+        ({"global": {"tokens_per_minute": "lots"}}, ["rate_limiting.global.tokens_per_minute", "'lots'"]),
+        ({"providers": {"openai": {"gpt-4": {"rpm": 5}}}}, ["rate_limiting.providers.openai.models.gpt-4.rpm"]),
+        ({"providers": {"openai": {"requets_per_minute": 5}}}, ["rate_limiting.providers.openai.requets_per_minute"]),
+        ({"queue": {"max_wait_seconds": -1}}, ["rate_limiting.queue.max_wait_seconds"]),
+        ({"colour": "blue"}, ["rate_limiting.colour", "unknown key"]),
+    ],
+)
+def test_bad_values_name_the_key(data: dict[str, object], fragments: list[str]) -> None:
+    """Each bad value raises ConfigError naming the key path, the value and the rule."""
+    with pytest.raises(ConfigError) as info:
+        load_config(data, use_env=False)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_all_errors_reported_at_once() -> None:
+    """Several problems are all listed, not just the first."""
+    with pytest.raises(ConfigError) as info:
+        load_config({"global": {"requests_per_minute": -1, "concurrent_requests": 0}}, use_env=False)
+    assert len(info.value.errors) == 2
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    """A YAML syntax error names the file and the line."""
+    f = tmp_path / "bad.yaml"
+    f.write_text("rate_limiting:\n  global:\n    requests_per_minute: [60\n  agents: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(f, use_env=False)
+    assert "bad.yaml" in str(info.value) and "line" in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A missing file is a ConfigError, not an OSError."""
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml", use_env=False)
+
+
+def test_bad_env_value_is_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad environment value is reported like a bad file value."""
+    monkeypatch.setenv("HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE", "-3")
+    with pytest.raises(ConfigError, match="requests_per_minute"):
+        load_config({})
+
+
+def _keys(resolver: ScopeResolver, provider: str, model: str, **ident: str) -> list[str]:
+    return [s.key for s in resolver.scopes(provider, model, Identity(**ident))]
+
+
+def test_model_keys_match_with_or_without_prefix_and_globs() -> None:
+    """gpt-4 matches openai/gpt-4; a glob matches a family, each model on its own."""
+    cfg = load_config(
+        {
+            "global": {"requests_per_minute": 100},
+            "providers": {
+                "openai": {
+                    "requests_per_minute": 90,
+                    "gpt-4": {"requests_per_minute": 5},
+                    "gpt-4o*": {"requests_per_minute": 7},
+                    "openai/o1": {"requests_per_minute": 3},
+                }
+            },
+        },
+        use_env=False,
+    )
+    r = ScopeResolver(cfg)
+    assert _keys(r, "openai", "gpt-4") == ["global", "provider:openai", "model:openai/gpt-4"]
+    assert _keys(r, "openai", "openai/gpt-4") == ["global", "provider:openai", "model:openai/gpt-4"]
+    assert _keys(r, "openai", "gpt-4o-mini")[-1] == "model:openai/gpt-4o-mini"
+    assert _keys(r, "openai", "o1")[-1] == "model:openai/o1"
+    assert _keys(r, "openai", "gpt-3.5-turbo") == ["global", "provider:openai"]
+    assert _keys(r, "anthropic", "claude-sonnet-4") == ["global"]
+
+
+def test_agent_user_team_levels_and_wildcards() -> None:
+    """Agents, users and teams match by name or glob; '*' applies to everyone, each separately."""
+    cfg = load_config(
+        {
+            "agents": {"bot": {"requests_per_minute": 1}, "batch-*": {"concurrent_requests": 2}},
+            "users": {"*": {"requests_per_hour": 10}},
+            "teams": {"growth": {"tokens_per_day": 100}},
+        },
+        use_env=False,
+    )
+    r = ScopeResolver(cfg)
+    assert _keys(r, "openai", "gpt-4", agent_id="bot", user_id="u1", team_id="growth") == [
+        "agent:bot",
+        "user:u1",
+        "team:growth",
+    ]
+    assert _keys(r, "openai", "gpt-4", agent_id="batch-7") == ["agent:batch-7"]
+    assert _keys(r, "openai", "gpt-4", agent_id="other", team_id="other") == []

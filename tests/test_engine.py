@@ -1,0 +1,231 @@
+"""The admission engine: decisions, queue order, priorities, leases, eviction (fake clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hive_ratelimit_plugin._engine import Engine, QueueFull, Scope, Ticket
+from hive_ratelimit_plugin.config import LimitSet
+from hive_ratelimit_plugin.errors import RequestTooLargeError
+from hive_ratelimit_plugin.testing import FakeClock
+
+
+def scope(key: str = "global", level: str = "global", **limits: int) -> Scope:
+    return Scope(level, key, LimitSet(**limits))
+
+
+def ticket(n: int | str, *scopes: Scope, tin: int = 0, tout: int = 0, prio: int = 0) -> Ticket:
+    return Ticket(call_id=str(n), scopes=list(scopes), input_tokens=tin, output_tokens=tout, priority=prio)
+
+
+class Woken:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def test_admits_until_request_limit_then_queues(clock: FakeClock) -> None:
+    """Three per minute: three admitted, the fourth queued with the exact retry time."""
+    eng = Engine(clock)
+    g = scope(requests_per_minute=3)
+    for i in range(3):
+        assert eng.acquire(ticket(i, g), Woken()) is None
+    w = eng.acquire(ticket(3, g), Woken())
+    assert w is not None and not w.granted
+    assert w.blocked is not None and w.blocked.limit == "requests_per_minute"
+    assert w.retry_at == pytest.approx(1000.0 + 1.0 + 60.0)  # bucket [1000, 1001) + 60 s
+    clock.advance(61.0)
+    assert eng.dispatch() == 1
+    assert w.granted
+
+
+def test_token_limit_uses_input_plus_output(clock: FakeClock) -> None:
+    """A token limit counts prompt plus requested output tokens."""
+    eng = Engine(clock)
+    g = scope(tokens_per_minute=1000)
+    assert eng.acquire(ticket(1, g, tin=300, tout=500), Woken()) is None
+    w = eng.acquire(ticket(2, g, tin=100, tout=150), Woken())
+    assert w is not None and w.blocked is not None and w.blocked.limit == "tokens_per_minute"
+
+
+def test_settlement_refunds_unused_estimate_and_wakes_waiters(clock: FakeClock) -> None:
+    """Actual usage below the estimate frees room at once for a waiting call."""
+    eng = Engine(clock)
+    g = scope(tokens_per_minute=1000)
+    assert eng.acquire(ticket(1, g, tin=100, tout=800), Woken()) is None
+    woken = Woken()
+    w = eng.acquire(ticket(2, g, tin=100, tout=400), woken)
+    assert w is not None
+    eng.release("1", input_tokens=100, output_tokens=20)
+    assert w.granted and woken.count >= 1
+    assert eng.snapshot()["global"]["tokens_per_minute"]["used"] == 100 + 20 + 500
+
+
+def test_separate_input_and_output_limits(clock: FakeClock) -> None:
+    """input_tokens_per_minute and output_tokens_per_minute are checked separately."""
+    eng = Engine(clock)
+    g = scope(input_tokens_per_minute=100, output_tokens_per_minute=1000)
+    assert eng.acquire(ticket(1, g, tin=90, tout=10), Woken()) is None
+    w = eng.acquire(ticket(2, g, tin=20, tout=10), Woken())
+    assert w is not None and w.blocked is not None and w.blocked.limit == "input_tokens_per_minute"
+
+
+def test_concurrency_slot_comes_back_on_release(clock: FakeClock) -> None:
+    """A concurrency-blocked call waits for a release, not for time."""
+    eng = Engine(clock)
+    g = scope(concurrent_requests=1)
+    assert eng.acquire(ticket(1, g), Woken()) is None
+    w = eng.acquire(ticket(2, g), Woken())
+    assert w is not None and w.retry_at is None
+    clock.advance(3600)
+    assert eng.dispatch() == 0
+    eng.release("1")
+    assert w.granted
+
+
+def test_every_level_must_have_room(clock: FakeClock) -> None:
+    """A call is admitted only if every scope it counts against has room."""
+    eng = Engine(clock)
+    g = scope(requests_per_minute=100)
+    a = scope("agent:a", "agent", requests_per_minute=1)
+    assert eng.acquire(ticket(1, g, a), Woken()) is None
+    w = eng.acquire(ticket(2, g, a), Woken())
+    assert w is not None and w.blocked is not None and w.blocked.scope == "agent:a"
+    # Another agent is not held up by agent a's queue.
+    b = scope("agent:b", "agent", requests_per_minute=1)
+    assert eng.acquire(ticket(3, g, b), Woken()) is None
+
+
+def test_fifo_within_priority(clock: FakeClock) -> None:
+    """Waiters are granted in arrival order; a newcomer cannot jump the line."""
+    eng = Engine(clock)
+    g = scope(requests_per_minute=1)
+    assert eng.acquire(ticket(0, g), Woken()) is None
+    waiters = [eng.acquire(ticket(i, g), Woken()) for i in range(1, 4)]
+    for expected in waiters:
+        clock.advance(61)
+        eng.dispatch()
+        assert expected is not None and expected.granted
+        assert sum(1 for w in waiters if w is not None and w.granted) == waiters.index(expected) + 1
+
+
+def test_small_call_does_not_overtake_a_big_one(clock: FakeClock) -> None:
+    """A small request behind a big waiting one waits (no starvation of big requests)."""
+    eng = Engine(clock)
+    g = scope(tokens_per_minute=1000)
+    assert eng.acquire(ticket(1, g, tin=900), Woken()) is None
+    big = eng.acquire(ticket(2, g, tin=500), Woken())
+    small = eng.acquire(ticket(3, g, tin=10), Woken())
+    assert big is not None and small is not None
+    assert not small.granted  # 90 tokens of room, but the big one is first in line
+    eng.release("1", input_tokens=100, output_tokens=0)
+    assert big.granted and small.granted
+
+
+def test_high_priority_goes_first(clock: FakeClock) -> None:
+    """Under saturation, a high-priority waiter is granted before earlier low-priority ones."""
+    eng = Engine(clock)
+    g = scope(requests_per_minute=1)
+    assert eng.acquire(ticket(0, g), Woken()) is None
+    low = [eng.acquire(ticket(f"low{i}", g, prio=-10), Woken()) for i in range(3)]
+    high = eng.acquire(ticket("high", g, prio=10), Woken())
+    clock.advance(61)
+    eng.dispatch()
+    assert high is not None and high.granted
+    assert not any(w is not None and w.granted for w in low)
+
+
+def test_line_only_held_on_blocked_scopes(clock: FakeClock) -> None:
+    """A call waiting on model A does not hold up a call to model B sharing the global scope."""
+    eng = Engine(clock)
+    g = scope(requests_per_minute=100)
+    ma = scope("model:openai/a", "model", requests_per_minute=1)
+    mb = scope("model:openai/b", "model", requests_per_minute=1)
+    assert eng.acquire(ticket(1, g, ma), Woken()) is None
+    assert eng.acquire(ticket(2, g, ma), Woken()) is not None
+    assert eng.acquire(ticket(3, g, mb), Woken()) is None
+
+
+def test_too_large_request_fails_fast(clock: FakeClock) -> None:
+    """A call bigger than a whole window can never fit and is rejected at once."""
+    eng = Engine(clock)
+    g = scope(tokens_per_minute=100)
+    with pytest.raises(RequestTooLargeError) as info:
+        eng.acquire(ticket(1, g, tin=50, tout=60), Woken())
+    assert info.value.limit == "tokens_per_minute" and info.value.scope == "global"
+
+
+def test_queue_full(clock: FakeClock) -> None:
+    """Past max_queue waiters, acquire raises QueueFull."""
+    eng = Engine(clock, max_queue=2)
+    g = scope(requests_per_minute=1)
+    eng.acquire(ticket(0, g), Woken())
+    eng.acquire(ticket(1, g), Woken())
+    eng.acquire(ticket(2, g), Woken())
+    with pytest.raises(QueueFull):
+        eng.acquire(ticket(3, g), Woken())
+
+
+def test_cancel_frees_the_line(clock: FakeClock) -> None:
+    """A waiter that gives up lets the one behind it through."""
+    eng = Engine(clock)
+    g = scope(tokens_per_minute=100)
+    assert eng.acquire(ticket(1, g, tin=60), Woken()) is None
+    big = eng.acquire(ticket(2, g, tin=80), Woken())
+    small = eng.acquire(ticket(3, g, tin=30), Woken())
+    assert big is not None and small is not None and not small.granted
+    assert eng.cancel(big) is False
+    assert small.granted
+
+
+def test_lease_expiry_reclaims_abandoned_call(clock: FakeClock) -> None:
+    """A call never settled (abandoned stream) gives its slot back when its lease expires."""
+    eng = Engine(clock, lease_seconds=30)
+    g = scope(concurrent_requests=1)
+    assert eng.acquire(ticket(1, g), Woken()) is None
+    w = eng.acquire(ticket(2, g), Woken())
+    clock.advance(29)
+    eng.dispatch()
+    assert w is not None and not w.granted
+    clock.advance(2)
+    eng.dispatch()
+    assert w.granted
+    assert not eng.holds("1")
+
+
+def test_renew_keeps_a_live_stream(clock: FakeClock) -> None:
+    """Renewing a lease (a chunk arrived) keeps the slot held."""
+    eng = Engine(clock, lease_seconds=30)
+    g = scope(concurrent_requests=1)
+    eng.acquire(ticket(1, g), Woken())
+    clock.advance(20)
+    eng.renew("1")
+    clock.advance(20)
+    eng.dispatch()
+    assert eng.holds("1")
+
+
+def test_idle_scopes_are_evicted(clock: FakeClock) -> None:
+    """100k agents that go idle do not stay in memory once their windows are empty."""
+    eng = Engine(clock)
+    for i in range(2000):
+        a = scope(f"agent:{i}", "agent", requests_per_minute=5)
+        assert eng.acquire(ticket(i, a), Woken()) is None
+        eng.release(str(i))
+    assert eng.scope_count == 2000
+    clock.advance(60 * 60 * 24 + 10)
+    eng.acquire(ticket("x", scope(requests_per_minute=5)), Woken())  # triggers maintenance
+    assert eng.scope_count == 1
+
+
+def test_release_is_idempotent_and_unknown_ids_are_ignored(clock: FakeClock) -> None:
+    """Releasing twice or releasing an unknown call changes nothing."""
+    eng = Engine(clock)
+    g = scope(concurrent_requests=2)
+    eng.acquire(ticket(1, g), Woken())
+    assert eng.release("1") is True
+    assert eng.release("1") is False
+    assert eng.release("nope") is False
+    assert eng.snapshot()["global"]["in_flight"] == 0

@@ -1,0 +1,334 @@
+"""Every LiteLLM entry point, through LiteLLM's real transports, against the fake provider."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import litellm
+import pytest
+
+from hive_ratelimit_plugin import HiveLimiter, RateLimitQueueTimeout, RequestTooLargeError
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
+
+from .helpers import chat_kwargs
+
+SECRET = "sk-test-SECRET-0123456789"
+
+
+def make_limiter(clock: FakeClock, config: dict[str, Any]) -> HiveLimiter:
+    limiter = HiveLimiter(config, clock=clock)
+    clock.attach(limiter)
+    litellm.callbacks.append(limiter)
+    return limiter
+
+
+def _consume_sync(resp: Any) -> Any:
+    if isinstance(resp, litellm.CustomStreamWrapper):
+        for _ in resp:
+            pass
+    return resp
+
+
+async def _consume_async(resp: Any) -> Any:
+    if isinstance(resp, litellm.CustomStreamWrapper):
+        async for _ in resp:
+            pass
+    return resp
+
+
+def _router(p: FakeProvider) -> litellm.Router:
+    return litellm.Router(
+        model_list=[{"model_name": "fast", "litellm_params": {
+            "model": "openai/gpt-4o-mini", "api_base": p.url, "api_key": SECRET}}],
+        num_retries=0,
+    )
+
+
+SYNC_CALLS: dict[str, Callable[[FakeProvider], Any]] = {
+    "completion": lambda p: litellm.completion(**chat_kwargs(p)),
+    "completion-stream": lambda p: _consume_sync(litellm.completion(**chat_kwargs(p), stream=True)),
+    "embedding": lambda p: litellm.embedding(
+        model="openai/text-embedding-3-small", api_base=p.url, api_key=SECRET, input=["a b c"], max_retries=0),
+    "text_completion": lambda p: litellm.text_completion(
+        model="openai/gpt-3.5-turbo-instruct", api_base=p.url, api_key=SECRET, prompt="say ok", max_retries=0),
+    "router.completion": lambda p: _router(p).completion(
+        model="fast", messages=[{"role": "user", "content": "hi"}]),
+}
+
+ASYNC_CALLS: dict[str, Callable[[FakeProvider], Awaitable[Any]]] = {
+    "acompletion": lambda p: litellm.acompletion(**chat_kwargs(p)),
+    "acompletion-stream": lambda p: _stream_async(p),
+    "aembedding": lambda p: litellm.aembedding(
+        model="openai/text-embedding-3-small", api_base=p.url, api_key=SECRET, input=["a b c"], max_retries=0),
+    "atext_completion": lambda p: litellm.atext_completion(
+        model="openai/gpt-3.5-turbo-instruct", api_base=p.url, api_key=SECRET, prompt="say ok", max_retries=0),
+    "router.acompletion": lambda p: _router(p).acompletion(
+        model="fast", messages=[{"role": "user", "content": "hi"}]),
+}
+
+
+async def _stream_async(p: FakeProvider) -> Any:
+    resp = await litellm.acompletion(**chat_kwargs(p), stream=True, stream_options={"include_usage": True})
+    return await _consume_async(resp)
+
+
+ONE_PER_MINUTE = {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 0}}
+
+
+@pytest.mark.parametrize("name", sorted(SYNC_CALLS))
+def test_sync_entry_point_is_held(name: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """Sync entry points: the second call over the limit raises and sends no request."""
+    make_limiter(clock, ONE_PER_MINUTE)
+    call = SYNC_CALLS[name]
+    call(provider)
+    assert provider.state.count() == 1
+    with pytest.raises(RateLimitQueueTimeout) as info:
+        call(provider)
+    assert provider.state.count() == 1, "a held call must not reach the provider"
+    assert info.value.scope == "global" and info.value.limit == "requests_per_minute"
+    assert info.value.retry_after is not None and 0 < info.value.retry_after <= 61
+    clock.advance(61)
+    call(provider)
+    assert provider.state.count() == 2
+
+
+@pytest.mark.parametrize("name", sorted(ASYNC_CALLS))
+async def test_async_entry_point_is_held(name: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """Async entry points: the second call over the limit raises and sends no request."""
+    make_limiter(clock, ONE_PER_MINUTE)
+    call = ASYNC_CALLS[name]
+    await call(provider)
+    assert provider.state.count() == 1
+    with pytest.raises(RateLimitQueueTimeout):
+        await call(provider)
+    assert provider.state.count() == 1
+    clock.advance(61)
+    await call(provider)
+    assert provider.state.count() == 2
+
+
+@pytest.mark.parametrize("name", sorted(SYNC_CALLS))
+def test_sync_calls_release_concurrency(name: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """After each kind of sync call finishes, no concurrency slot stays held."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 5}})
+    SYNC_CALLS[name](provider)
+    SYNC_CALLS[name](provider)
+    _wait_for(lambda: limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"] == 0)
+
+
+@pytest.mark.parametrize("name", sorted(ASYNC_CALLS))
+async def test_async_calls_release_concurrency(name: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """After each kind of async call finishes, no concurrency slot stays held."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 5}})
+    await ASYNC_CALLS[name](provider)
+    await ASYNC_CALLS[name](provider)
+    assert limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"] == 0
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    # Sync streams settle from LiteLLM's logging thread; give it a moment (bounded).
+    done = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        done.wait(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def test_queued_async_call_runs_when_window_slides(provider: FakeProvider, clock: FakeClock) -> None:
+    """An async call over the limit waits (without blocking the loop) and runs when room frees."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 120}})
+    await litellm.acompletion(**chat_kwargs(provider))
+    task = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not task.done() and limiter.get_usage_stats()["queued"] == 1
+    clock.advance(30)
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    clock.advance(31)
+    await asyncio.wait_for(task, 5)
+    assert provider.state.count() == 2
+
+
+def test_queued_sync_call_blocks_only_its_thread(provider: FakeProvider, clock: FakeClock) -> None:
+    """A sync call over the limit blocks its own thread until the window slides."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 120}})
+    litellm.completion(**chat_kwargs(provider))
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            litellm.completion(**chat_kwargs(provider))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    _wait_for(lambda: limiter.get_usage_stats()["queued"] == 1)
+    assert provider.state.count() == 1
+    clock.advance(61)
+    t.join(5)
+    assert not t.is_alive() and not errors
+    assert provider.state.count() == 2
+
+
+async def test_queue_timeout_after_max_wait(provider: FakeProvider, clock: FakeClock) -> None:
+    """Past max_wait_seconds the waiting call raises RateLimitQueueTimeout; nothing was sent."""
+    make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 10}})
+    await litellm.acompletion(**chat_kwargs(provider))
+    task = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
+    await asyncio.sleep(0.01)
+    clock.advance(10.5)
+    with pytest.raises(RateLimitQueueTimeout) as info:
+        await asyncio.wait_for(task, 5)
+    assert "no request was sent" in str(info.value)
+    assert provider.state.count() == 1
+
+
+async def test_full_queue_rejects_at_once(provider: FakeProvider, clock: FakeClock) -> None:
+    """With the queue full, a new call fails at once instead of waiting."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_size": 1}})
+    await litellm.acompletion(**chat_kwargs(provider))
+    waiting = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
+    await asyncio.sleep(0.01)
+    with pytest.raises(RateLimitQueueTimeout, match="queue is full"):
+        await litellm.acompletion(**chat_kwargs(provider))
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert limiter.get_usage_stats()["queued"] == 0
+
+
+async def test_cancelled_waiter_leaves_no_reservation(provider: FakeProvider, clock: FakeClock) -> None:
+    """Cancelling a queued call removes it; later calls are not held behind it."""
+    limiter = make_limiter(clock, {"global": {"tokens_per_minute": 400}, "queue": {"max_wait_seconds": 60}})
+    provider.state.completion_tokens = 300
+    await litellm.acompletion(**chat_kwargs(provider, max_tokens=300))  # really uses ~310 tokens
+    big = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider, max_tokens=350)))
+    await asyncio.sleep(0.01)
+    assert limiter.get_usage_stats()["queued"] == 1
+    big.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await big
+    assert limiter.get_usage_stats()["queued"] == 0
+    await litellm.acompletion(**chat_kwargs(provider, max_tokens=20))  # fits now that the line is clear
+    assert provider.state.count() == 2
+
+
+async def test_usage_is_settled_to_actual_tokens(provider: FakeProvider, clock: FakeClock) -> None:
+    """The reservation (prompt + max_tokens) is replaced by the provider's reported usage."""
+    limiter = make_limiter(clock, {"global": {"tokens_per_minute": 100000}})
+    resp = await litellm.acompletion(**chat_kwargs(provider, max_tokens=1000))
+    used = limiter.get_usage_stats()["levels"]["global"]["global"]["tokens_per_minute"]["used"]
+    assert used == resp.usage.total_tokens
+    resp2 = litellm.completion(**chat_kwargs(provider, max_tokens=1000))
+    used = limiter.get_usage_stats()["levels"]["global"]["global"]["tokens_per_minute"]["used"]
+    assert used == resp.usage.total_tokens + resp2.usage.total_tokens
+
+
+async def test_stream_usage_settles_exactly(provider: FakeProvider, clock: FakeClock) -> None:
+    """A stream with include_usage settles to the provider's exact usage."""
+    limiter = make_limiter(clock, {"global": {"tokens_per_minute": 100000, "concurrent_requests": 2}})
+    resp = await litellm.acompletion(**chat_kwargs(provider, max_tokens=2000), stream=True,
+                                     stream_options={"include_usage": True})
+    async for _ in resp:
+        pass
+    sent = provider.state.log[-1]
+
+    def used() -> float:
+        return float(limiter.get_usage_stats()["levels"]["global"]["global"]["tokens_per_minute"]["used"])
+
+    # The slot is free as soon as the stream ends; exact usage arrives with LiteLLM's success
+    # event, a task LiteLLM schedules on this loop right after the last chunk.
+    assert limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"] == 0
+    for _ in range(200):
+        if used() < 2000:
+            break
+        await asyncio.sleep(0.005)
+    assert used() == sent.prompt_tokens + sent.completion_tokens
+
+
+async def test_abandoned_stream_is_reclaimed_after_lease(provider: FakeProvider, clock: FakeClock) -> None:
+    """A stream the caller walks away from gives back its slot when the lease expires."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0},
+                                   "estimation": {"lease_seconds": 30}})
+    resp = await litellm.acompletion(**chat_kwargs(provider), stream=True)
+    await resp.__anext__()  # read one chunk, then abandon it
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**chat_kwargs(provider))
+    clock.advance(31)
+    await litellm.acompletion(**chat_kwargs(provider))
+    assert limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"] == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_provider_failure_releases_slot(mode: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """A provider error frees the concurrency slot and refunds the output estimate."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1, "tokens_per_minute": 10000},
+                                   "queue": {"max_wait_seconds": 0}})
+    provider.state.push(Scripted(status=500))
+    with pytest.raises(litellm.InternalServerError):
+        if mode == "sync":
+            litellm.completion(**chat_kwargs(provider, max_tokens=500))
+        else:
+            await litellm.acompletion(**chat_kwargs(provider, max_tokens=500))
+    stats = limiter.get_usage_stats()["levels"]["global"]["global"]
+    assert stats["in_flight"] == 0
+    assert stats["tokens_per_minute"]["used"] < 500  # prompt kept, output estimate refunded
+    await litellm.acompletion(**chat_kwargs(provider))
+
+
+def test_request_larger_than_limit_fails_fast(provider: FakeProvider, clock: FakeClock) -> None:
+    """A call that can never fit raises RequestTooLargeError at once, with no request sent."""
+    make_limiter(clock, {"global": {"tokens_per_minute": 1000}})
+    with pytest.raises(RequestTooLargeError, match="tokens_per_minute"):
+        litellm.completion(**chat_kwargs(provider, max_tokens=5000))
+    assert provider.state.count() == 0
+
+
+def test_retries_without_readmission_are_counted(provider: FakeProvider, clock: FakeClock) -> None:
+    """Retries LiteLLM sends itself (the openai SDK on a 429) still count as requests."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}})
+    provider.state.push(Scripted(status=429, headers={"retry-after-ms": "1"}))
+    litellm.completion(**chat_kwargs(provider, max_retries=1))
+    assert provider.state.count() == 2
+    used = limiter.get_usage_stats()["levels"]["global"]["global"]["requests_per_minute"]["used"]
+    assert used >= 1
+
+
+def test_disabled_limiter_does_nothing(provider: FakeProvider, clock: FakeClock) -> None:
+    """enabled: false lets every call through uncounted."""
+    make_limiter(clock, {"enabled": False, "global": {"requests_per_minute": 1}})
+    for _ in range(3):
+        litellm.completion(**chat_kwargs(provider))
+    assert provider.state.count() == 3
+
+
+async def test_api_key_never_in_errors_or_logs(
+    provider: FakeProvider, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No error message, log record or stats entry contains the API key."""
+    caplog.set_level(logging.DEBUG, logger="hive_ratelimit_plugin")
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 0}})
+    await litellm.acompletion(**chat_kwargs(provider))
+    errors: list[BaseException] = []
+    for call in (lambda: litellm.acompletion(**chat_kwargs(provider)),):
+        try:
+            await call()
+        except Exception as exc:
+            errors.append(exc)
+    try:
+        litellm.completion(**chat_kwargs(provider))
+    except Exception as exc:
+        errors.append(exc)
+    assert len(errors) == 2
+    for exc in errors:
+        assert SECRET not in str(exc) and SECRET not in repr(exc.__dict__)
+    for record in caplog.records:
+        assert SECRET not in record.getMessage()
+    assert SECRET not in repr(limiter.get_usage_stats()) and SECRET not in repr(limiter)
