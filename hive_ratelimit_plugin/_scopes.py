@@ -16,8 +16,12 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from .config import LimitSet, RateLimitingConfig, match_name
+import logging
+
 from ._engine import Scope
+from .config import AgentLimits, LimitSet, RateLimitingConfig, match_name
+
+logger = logging.getLogger("hive_ratelimit_plugin")
 
 PRIORITY_NAMES: dict[str, int] = {"high": 10, "normal": 0, "low": -10}
 IDENTITY_FIELDS = ("agent_id", "user_id", "team_id", "run_id", "priority")
@@ -116,6 +120,18 @@ class ScopeResolver:
     def __init__(self, config: RateLimitingConfig) -> None:
         self.config = config
         self._cache: LRUCache[tuple[Any, ...], list[Scope]] = LRUCache(maxsize=8192)
+        self._warned_no_run: set[str] = set()
+        g, b = config.global_, config.budget
+
+        def tighter(a: float | None, c: float | None) -> float | None:
+            return c if a is None else a if c is None else min(a, c)
+
+        # rate_limiting.budget is the global budget; global.max_cost_per_* is the same thing.
+        self.global_limits = g.model_copy(update={
+            "max_cost_per_hour": tighter(g.max_cost_per_hour, b.max_hourly_spend),
+            "max_cost_per_day": tighter(g.max_cost_per_day, b.max_daily_spend),
+            "max_cost_per_month": tighter(g.max_cost_per_month, b.max_monthly_spend),
+        })
 
     def _model_limits(self, provider: str, model: str) -> tuple[str, LimitSet] | None:
         pconf = self.config.providers.get(provider)
@@ -129,14 +145,14 @@ class ScopeResolver:
 
     def scopes(self, provider: str, model: str, ident: Identity) -> list[Scope]:
         """The scopes with limits that a call to ``provider``/``model`` by ``ident`` counts against."""
-        cache_key = (provider, model, ident.agent_id, ident.user_id, ident.team_id)
+        cache_key = (provider, model, ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
         cached = self._cache.get(cache_key)
         if cached is not None:
             return cached
         cfg = self.config
         out: list[Scope] = []
-        if not cfg.global_.is_empty():
-            out.append(Scope("global", "global", cfg.global_))
+        if not self.global_limits.is_empty():
+            out.append(Scope("global", "global", self.global_limits))
         pconf = cfg.providers.get(provider)
         if pconf is not None:
             own = LimitSet.model_validate({k: getattr(pconf, k) for k in LimitSet.model_fields})
@@ -152,12 +168,30 @@ class ScopeResolver:
         ):
             if name is None:
                 continue
-            hit = match_name(table, name)  # type: ignore[arg-type]
+            hit = match_name(table, name)
             if hit is None:
-                hit = match_name(table, "*") if "*" in table else None  # type: ignore[arg-type]
+                hit = match_name(table, "*") if "*" in table else None
             if hit is not None:
                 limits = LimitSet.model_validate({k: getattr(hit[1], k) for k in LimitSet.model_fields})
                 if not limits.is_empty():
                     out.append(Scope(level, f"{level}:{name}", limits))
+                if level == "agent" and isinstance(hit[1], AgentLimits):
+                    run_scope = self._run_scope(name, ident.run_id, hit[1])
+                    if run_scope is not None:
+                        out.append(run_scope)
         self._cache[cache_key] = out
         return out
+
+    def _run_scope(self, agent: str, run_id: str | None, limits: AgentLimits) -> Scope | None:
+        if limits.max_requests_per_run is None and limits.max_cost_per_run is None:
+            return None
+        if run_id is None:
+            if agent not in self._warned_no_run:
+                self._warned_no_run.add(agent)
+                logger.warning(
+                    "agent %s has per-run caps but its calls carry no run_id (metadata['run_id'] or "
+                    "HiveLimiter.scope(run_id=...)); the per-run caps cannot apply to them", agent)
+            return None
+        run_limits = AgentLimits(max_requests_per_run=limits.max_requests_per_run,
+                                 max_cost_per_run=limits.max_cost_per_run)
+        return Scope("run", f"run:{agent}/{run_id}", run_limits)

@@ -65,9 +65,13 @@ def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
             event.clear()
             if waiter.granted:
                 return engine.clock() - start
+            if waiter.error is not None:
+                raise waiter.error
             engine.dispatch()
             if waiter.granted:
                 return engine.clock() - start
+            if waiter.error is not None:
+                raise waiter.error
             if engine.clock() >= deadline:
                 if engine.cancel(waiter):
                     return engine.clock() - start
@@ -115,7 +119,7 @@ async def acquire_async(engine: Engine, ticket: Ticket, max_wait: float) -> floa
     try:
         while True:
             fut = box[0]
-            if not waiter.granted:
+            if not waiter.granted and waiter.error is None:
                 timer = loop.call_later(_sleep_for(engine, waiter, deadline), wake)
                 try:
                     await fut
@@ -124,9 +128,13 @@ async def acquire_async(engine: Engine, ticket: Ticket, max_wait: float) -> floa
             box[0] = loop.create_future()
             if waiter.granted:
                 return engine.clock() - start
+            if waiter.error is not None:
+                raise waiter.error
             engine.dispatch()
             if waiter.granted:
                 return engine.clock() - start
+            if waiter.error is not None:
+                raise waiter.error
             if engine.clock() >= deadline:
                 if engine.cancel(waiter):
                     return engine.clock() - start

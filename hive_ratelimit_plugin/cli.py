@@ -124,6 +124,35 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import json
+
+    from ._ledger import Ledger, default_state_path
+
+    path = args.state_path or os.environ.get("HIVE_RATELIMIT_STATE_PATH") or str(default_state_path())
+    if path != ":memory:" and not os.path.exists(path):
+        print(f"no state file at {path} (nothing recorded yet)", file=sys.stderr)
+        return 1
+    ledger = Ledger(path)
+    try:
+        rows = ledger.audit_rows(args.limit)
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no budget changes recorded in {path}")
+        return 0
+    print(f"budget changes recorded in {path}:")
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r["ts"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        print(f"{when}  {r['action']:<6} {r['scope']:<28} {r['old']} -> {r['new']}  "
+              f"(by {r['user']} on {r['host']}, pid {r['pid']})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hive-ratelimit`` command."""
     parser = argparse.ArgumentParser(prog="hive-ratelimit", description="Rate limits for LiteLLM agents.")
@@ -136,6 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("file")
     check.add_argument("--no-env", action="store_true", help="ignore HIVE_RATELIMIT_* environment overrides")
     check.set_defaults(func=_check_config)
+    audit = sub.add_parser("audit", help="print the audit log of budget changes")
+    audit.add_argument("--state-path", help="the state file (default: HIVE_RATELIMIT_STATE_PATH or "
+                       "~/.local/state/hive-ratelimit/state.sqlite)")
+    audit.add_argument("--limit", type=int, default=None, help="only the last N changes")
+    audit.add_argument("--json", action="store_true", help="print JSON")
+    audit.set_defaults(func=_audit)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -11,17 +11,30 @@ from __future__ import annotations
 import fnmatch
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
 
 __all__ = [
     "AgentLimits",
+    "BudgetConfig",
     "LimitSet",
+    "PriceConfig",
     "ProviderConfig",
     "QueueConfig",
     "RateLimitingConfig",
@@ -39,7 +52,11 @@ class _Strict(BaseModel):
 
 
 class LimitSet(_Strict):
-    """Rate limits that can be set at any level. Every field is optional; ``None`` means unlimited."""
+    """Limits that can be set at any level. Every field is optional; ``None`` means unlimited.
+
+    Rate limits slide (``requests_per_minute`` counts the last 60 seconds); money limits
+    (``max_cost_per_hour|day|month``) follow the calendar in ``budget.timezone``.
+    """
 
     requests_per_second: PositiveInt | None = None
     requests_per_minute: PositiveInt | None = None
@@ -52,6 +69,9 @@ class LimitSet(_Strict):
     input_tokens_per_minute: PositiveInt | None = None
     output_tokens_per_minute: PositiveInt | None = None
     concurrent_requests: PositiveInt | None = None
+    max_cost_per_hour: PositiveFloat | None = None
+    max_cost_per_day: PositiveFloat | None = None
+    max_cost_per_month: PositiveFloat | None = None
 
     def is_empty(self) -> bool:
         """True when no limit is set."""
@@ -62,9 +82,10 @@ LIMIT_FIELDS: frozenset[str] = frozenset(LimitSet.model_fields)
 
 
 class AgentLimits(LimitSet):
-    """Limits for one agent (or a glob of agent names)."""
+    """Limits for one agent (or a glob of agent names), plus per-run caps (``metadata["run_id"]``)."""
 
     max_requests_per_run: PositiveInt | None = None
+    max_cost_per_run: PositiveFloat | None = None
 
 
 class ProviderConfig(LimitSet):
@@ -117,6 +138,57 @@ class EstimationConfig(_Strict):
     lease_seconds: PositiveFloat = 300.0
 
 
+class BudgetConfig(_Strict):
+    """The global money budget (``rate_limiting.budget``), warnings and the calendar's time zone."""
+
+    max_hourly_spend: PositiveFloat | None = None
+    max_daily_spend: PositiveFloat | None = None
+    max_monthly_spend: PositiveFloat | None = None
+    currency: str = "USD"
+    warning_thresholds: list[float] = Field(default_factory=lambda: [0.8])
+    timezone: str = "UTC"
+
+    @field_validator("warning_thresholds")
+    @classmethod
+    def _thresholds(cls, value: list[float]) -> list[float]:
+        for v in value:
+            if not 0 < v < 1:
+                raise ValueError(f"each threshold must be between 0 and 1 (exclusive), got {v}")
+        return sorted(set(value))
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'UTC' or 'Europe/Paris')") from exc
+        return value
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        if not (len(value) == 3 and value.isalpha()):
+            raise ValueError("currency must be a 3-letter code such as USD")
+        return value.upper()
+
+
+class PriceConfig(_Strict):
+    """A model's price in the budget currency per million tokens."""
+
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+
+
+class RunawayConfig(_Strict):
+    """Trip an agent's breaker when it repeats the same request too often (a loop)."""
+
+    enabled: bool = True
+    max_identical_requests: PositiveInt = 20
+    window_seconds: PositiveFloat = 60.0
+    cooldown_seconds: PositiveFloat = 600.0
+
+
 class RateLimitingConfig(BaseSettings):
     """The whole ``rate_limiting:`` block."""
 
@@ -139,6 +211,30 @@ class RateLimitingConfig(BaseSettings):
     teams: dict[str, LimitSet] = Field(default_factory=dict)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     estimation: EstimationConfig = Field(default_factory=EstimationConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    pricing: dict[str, PriceConfig] = Field(default_factory=dict)
+    unknown_price: Literal["block", "estimate"] = "estimate"
+    fallback_price: PriceConfig = Field(
+        default_factory=lambda: PriceConfig(input_per_million=15.0, output_per_million=75.0)
+    )
+    runaway: RunawayConfig = Field(default_factory=RunawayConfig)
+    state_path: str | None = None
+
+    def has_budgets(self) -> bool:
+        """True when any money budget or per-run cap is configured anywhere."""
+        b = self.budget
+        if b.max_hourly_spend or b.max_daily_spend or b.max_monthly_spend:
+            return True
+        blocks: list[LimitSet] = [self.global_, *self.agents.values(), *self.users.values(), *self.teams.values()]
+        for p in self.providers.values():
+            blocks.append(p)
+            blocks.extend(p.models.values())
+        for blk in blocks:
+            if blk.max_cost_per_hour or blk.max_cost_per_day or blk.max_cost_per_month:
+                return True
+            if isinstance(blk, AgentLimits) and (blk.max_cost_per_run or blk.max_requests_per_run):
+                return True
+        return False
 
     _SOURCES_ENV_FIRST: ClassVar[bool] = True
 

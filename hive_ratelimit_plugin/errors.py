@@ -7,10 +7,12 @@ callers can react without parsing messages. No error message ever contains an AP
 from __future__ import annotations
 
 __all__ = [
+    "BudgetExceededError",
     "ConfigError",
     "HiveRateLimitError",
     "RateLimitQueueTimeout",
     "RequestTooLargeError",
+    "RunawayDetectedError",
 ]
 
 
@@ -64,3 +66,13 @@ class RequestTooLargeError(HiveRateLimitError):
     Example: 50,000 estimated tokens against ``tokens_per_minute: 40000``. Lower ``max_tokens``,
     shorten the prompt, or raise the limit. No request was sent.
     """
+
+
+def __getattr__(name: str) -> type[HiveRateLimitError]:
+    # BudgetExceededError subclasses litellm.BudgetExceededError, so defining it imports
+    # litellm (seconds). Load it only when asked for.
+    if name in ("BudgetExceededError", "RunawayDetectedError"):
+        from . import _budget_errors
+
+        return getattr(_budget_errors, name)  # type: ignore[no-any-return]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,11 +29,16 @@ from typing import Any
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
-from .config import RateLimitingConfig, load_config
+from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys
 from ._engine import Engine, Ticket
-from ._scopes import Identity, ScopeResolver, resolve_identity, scope as _scope_cm
+from ._ledger import Ledger
+from ._pricing import PriceBook
+from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
+from ._scopes import scope as _scope_cm
 from ._tokens import count_input, count_messages, requested_output
 from ._waiting import acquire_async, acquire_sync
+from .config import RateLimitingConfig, load_config
+from .errors import HiveRateLimitError, RateLimitQueueTimeout
 
 __all__ = ["HiveLimiter"]
 
@@ -46,6 +51,93 @@ _SKIP_TYPES = frozenset({"moderation", "amoderation", "image_generation", "aimag
 # Set while a sync guard is admitting/running a call on this thread, so nested LiteLLM entry
 # points (text_completion -> completion) and log_pre_api_call know the call is already held.
 _guarded_call: ContextVar[str | None] = ContextVar("hive_ratelimit_guarded_call", default=None)
+
+
+class _Unset:
+    """Marks an omitted argument (``None`` means "remove")."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
+
+def _budget_view(cfg: RateLimitingConfig) -> dict[str, Any]:
+    """Every budget setting, flattened (for change detection and the audit log)."""
+    out: dict[str, Any] = {}
+    b = cfg.budget
+    for name in ("max_hourly_spend", "max_daily_spend", "max_monthly_spend"):
+        if getattr(b, name) is not None:
+            out[f"budget.{name}"] = getattr(b, name)
+    out["budget.currency"] = b.currency
+    fields = ("max_cost_per_hour", "max_cost_per_day", "max_cost_per_month", "max_cost_per_run",
+              "max_requests_per_run")
+    blocks: list[tuple[str, Any]] = [("global", cfg.global_)]
+    for p, pconf in cfg.providers.items():
+        blocks.append((f"providers.{p}", pconf))
+        blocks.extend((f"providers.{p}.{m}", mconf) for m, mconf in pconf.models.items())
+    for level, table in (("agents", cfg.agents), ("users", cfg.users), ("teams", cfg.teams)):
+        blocks.extend((f"{level}.{name}", blk) for name, blk in table.items())
+    for path, blk in blocks:
+        for name in fields:
+            v = getattr(blk, name, None)
+            if v is not None:
+                out[f"{path}.{name}"] = v
+    return out
+
+
+def _strip_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def _money(amount: float, currency: str) -> str:
+    return f"${amount:,.2f}" if currency == "USD" else f"{amount:,.2f} {currency}"
+
+
+def _who(scope: str) -> str:
+    level, _, name = scope.partition(":")
+    return "global" if level == "global" else f"{level} {name}"
+
+
+def _log_event(event: dict[str, Any]) -> None:
+    kind = event.get("type")
+    if kind == "budget_warning":
+        logger.warning(
+            "%d%% of %s budget consumed: %s of %s (%s)",
+            round(event["threshold"] * 100), WINDOW_ADJECTIVE.get(event["window"], event["window"]),
+            _money(event["spent"], event["currency"]), _money(event["limit"], event["currency"]),
+            _who(event["scope"]),
+        )
+    elif kind == "budget_exceeded":
+        logger.warning(
+            "%s budget spent: %s of %s (%s); calls there are stopped until the window rolls over or "
+            "the budget is raised or reset",
+            WINDOW_ADJECTIVE.get(event["window"], event["window"]).capitalize(),
+            _money(event["spent"], event["currency"]), _money(event["limit"], event["currency"]),
+            _who(event["scope"]),
+        )
+    elif kind == "runaway_detected":
+        logger.error("agent %s sent the same request %d times within %.0fs: its breaker is open for %.0fs",
+                     event["agent_id"], event["count"], event["window_seconds"], event["cooldown_seconds"])
+    elif kind == "budget_changed":
+        logger.info("budget %s on %s: %s -> %s", event["action"], event["scope"], event["old"], event["new"])
+
+
+def _fingerprint(model: str, kwargs: Mapping[str, Any]) -> int:
+    messages = kwargs.get("messages")
+    if isinstance(messages, list):
+        parts: list[Any] = [model]
+        for m in messages:
+            if isinstance(m, Mapping):
+                c = m.get("content")
+                parts.append((m.get("role"), c if isinstance(c, str) else repr(c)))
+            else:
+                parts.append(repr(m))
+        return hash(tuple(parts))
+    return hash((model, repr(kwargs.get("input")), repr(kwargs.get("prompt"))))
 
 
 def _call_type_name(call_type: Any) -> str:
@@ -75,11 +167,16 @@ class HiveLimiter(CustomLogger):
     priority-then-FIFO queue for up to ``queue.max_wait_seconds`` and then raise
     :class:`~hive_ratelimit_plugin.errors.RateLimitQueueTimeout` without sending a request.
 
+    Money budgets (hourly, daily, monthly, per run) reserve each call's worst-case cost before it
+    is sent and settle to its actual cost afterwards; a spent budget raises
+    :class:`~hive_ratelimit_plugin.errors.BudgetExceededError` (a ``litellm.BudgetExceededError``).
+
     Args:
         config: a YAML path, a dict (with or without the ``rate_limiting`` root), a
             :class:`~hive_ratelimit_plugin.config.RateLimitingConfig`, or ``None`` to read
             ``HIVE_RATELIMIT_CONFIG`` and ``HIVE_RATELIMIT_*`` environment variables.
-        clock: monotonic clock in seconds (tests inject a fake one).
+        clock: monotonic clock in seconds for rate windows (tests inject a fake one).
+        wall_clock: epoch clock in seconds for calendar budget windows (tests inject a fake one).
 
     Raises:
         ConfigError: the configuration is invalid; the message names each bad key.
@@ -90,19 +187,36 @@ class HiveLimiter(CustomLogger):
         config: str | Mapping[str, Any] | RateLimitingConfig | None = None,
         *,
         clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         super().__init__()
         cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
         self._config = cfg
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._ledger: Ledger | None = None
+        if cfg.has_budgets() or cfg.state_path is not None:
+            self._ledger = Ledger(cfg.state_path)
         self._engine = Engine(
             clock or time.monotonic,
             lease_seconds=cfg.estimation.lease_seconds,
             max_queue=cfg.queue.max_size,
+            wall_clock=wall_clock,
+            timezone=cfg.budget.timezone,
+            currency=cfg.budget.currency,
+            warning_thresholds=cfg.budget.warning_thresholds,
+            on_spend=self._persist,
+            on_event=self._emit_all,
         )
         self._resolver = ScopeResolver(cfg)
+        self._prices = PriceBook(cfg)
+        self._runaway = RunawayDetector(cfg.runaway.max_identical_requests, cfg.runaway.window_seconds,
+                                        cfg.runaway.cooldown_seconds)
         self._attempts: dict[str, int] = {}
         self._attempts_lock = threading.Lock()
         self._provider_cache: dict[tuple[str, str | None], str] = {}
+        self._next_tail = 0.0
+        if self._ledger is not None:
+            self._engine.load_spend(self._ledger.load(self._engine.calendar.starts(self._engine.wall())))
         install_sync_guard()
 
     # ----------------------------------------------------------------- public
@@ -117,17 +231,180 @@ class HiveLimiter(CustomLogger):
         return self._config
 
     def reload(self, config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -> None:
-        """Replace the configuration; the next call uses the new limits.
+        """Replace the configuration; the next call uses the new limits and budgets.
+
+        Usage already counted is kept. A change of budgets is recorded in the audit log.
 
         Raises:
             ConfigError: the new configuration is invalid (the old one stays in force).
         """
         cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
+        self._apply_config(cfg, action="reload")
+
+    def _apply_config(self, cfg: RateLimitingConfig, *, action: str, scope: str = "config") -> None:
+        old_budgets = _budget_view(self._config)
         self._config = cfg
         self._resolver = ScopeResolver(cfg)
-        self._engine.max_queue = cfg.queue.max_size
-        self._engine.lease_seconds = cfg.estimation.lease_seconds
-        self._engine.reconfigure()
+        self._prices = PriceBook(cfg)
+        eng = self._engine
+        eng.max_queue = cfg.queue.max_size
+        eng.lease_seconds = cfg.estimation.lease_seconds
+        eng.currency = cfg.budget.currency
+        eng.thresholds = tuple(cfg.budget.warning_thresholds)
+        if eng.calendar.tz.key != cfg.budget.timezone:
+            from ._budget import Calendar
+
+            eng.calendar = Calendar(cfg.budget.timezone)
+        self._runaway.max_identical = cfg.runaway.max_identical_requests
+        self._runaway.window = cfg.runaway.window_seconds
+        self._runaway.cooldown = cfg.runaway.cooldown_seconds
+        new_budgets = _budget_view(cfg)
+        if new_budgets != old_budgets:
+            if self._ledger is None and (cfg.has_budgets() or cfg.state_path is not None):
+                self._ledger = Ledger(cfg.state_path)
+                eng.load_spend(self._ledger.load(eng.calendar.starts(eng.wall())))
+            changed = {k: new_budgets.get(k) for k in set(old_budgets) | set(new_budgets)
+                       if old_budgets.get(k) != new_budgets.get(k)}
+            old = {k: old_budgets.get(k) for k in changed}
+            if self._ledger is not None:
+                self._ledger.audit(action, scope, old, changed)
+            self._emit({"type": "budget_changed", "action": action, "scope": scope, "old": old, "new": changed,
+                        "time": eng.wall()})
+
+    # ---------------------------------------------------------------- budgets
+    def set_budget(
+        self,
+        max_hourly_spend: float | None | _Unset = _UNSET,
+        max_daily_spend: float | None | _Unset = _UNSET,
+        max_monthly_spend: float | None | _Unset = _UNSET,
+        currency: str | None = None,
+        *,
+        agent_id: str | None = None,
+        user_id: str | None = None,
+        team_id: str | None = None,
+        provider: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Set spending limits; they apply from the next call.
+
+        Without a level keyword this sets the global budget; with ``agent_id=``, ``user_id=``,
+        ``team_id=``, ``provider=`` (optionally with ``model=``) it sets that level's budget.
+        An omitted amount is left as it is; ``None`` removes that budget. Recorded in the audit log.
+
+        Raises:
+            ConfigError: an amount is zero or negative.
+            TypeError: more than one level was named.
+        """
+        levels = [k for k, v in (("agent_id", agent_id), ("user_id", user_id), ("team_id", team_id)) if v]
+        if provider:
+            levels.append("provider")
+        if len(levels) > 1:
+            raise TypeError(f"set_budget sets one level at a time; got {', '.join(levels)}")
+        if model and not provider:
+            raise TypeError("set_budget(model=...) needs provider= too (e.g. provider='openai', model='gpt-4')")
+        amounts = {"hour": max_hourly_spend, "day": max_daily_spend, "month": max_monthly_spend}
+        data = self._config.model_dump(mode="python", by_alias=False, exclude_none=False)
+        data["global"] = data.pop("global_")
+        if not levels:
+            block, scope_key = data["budget"], "global"
+            names = {"hour": "max_hourly_spend", "day": "max_daily_spend", "month": "max_monthly_spend"}
+        else:
+            names = {"hour": "max_cost_per_hour", "day": "max_cost_per_day", "month": "max_cost_per_month"}
+            if agent_id:
+                block, scope_key = data["agents"].setdefault(agent_id, {}), f"agent:{agent_id}"
+            elif user_id:
+                block, scope_key = data["users"].setdefault(user_id, {}), f"user:{user_id}"
+            elif team_id:
+                block, scope_key = data["teams"].setdefault(team_id, {}), f"team:{team_id}"
+            else:
+                assert provider is not None
+                pblock = data["providers"].setdefault(provider, {"models": {}})
+                if model:
+                    bare = split_model(model, provider)
+                    block, scope_key = pblock["models"].setdefault(bare, {}), f"model:{provider}/{bare}"
+                else:
+                    block, scope_key = pblock, f"provider:{provider}"
+        for kind, value in amounts.items():
+            if not isinstance(value, _Unset):
+                block[names[kind]] = value
+        if currency is not None:
+            data["budget"]["currency"] = currency
+        cfg = load_config(_strip_none(data), use_env=False)
+        self._apply_config(cfg, action="set", scope=scope_key)
+
+    def reset_budget(
+        self,
+        *,
+        agent_id: str | None = None,
+        user_id: str | None = None,
+        team_id: str | None = None,
+        provider: str | None = None,
+        model: str | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        """Forget the settled spend of a level (global without keywords) and close its breakers.
+
+        The calls it made stay in the ledger; they no longer count toward this level's current
+        budget windows. An agent's runaway breaker is closed too. Recorded in the audit log.
+        """
+        if run_id and agent_id:
+            key = f"run:{agent_id}/{run_id}"
+        elif agent_id:
+            key = f"agent:{agent_id}"
+        elif user_id:
+            key = f"user:{user_id}"
+        elif team_id:
+            key = f"team:{team_id}"
+        elif provider and model:
+            key = f"model:{provider}/{split_model(model, provider)}"
+        elif provider:
+            key = f"provider:{provider}"
+        else:
+            key = "global"
+        eng = self._engine
+        spent = {kind: eng.spend(key, kind)[0] for kind in ("hour", "day", "month")}
+        if self._ledger is not None:
+            self._ledger.mark_reset(key, eng.wall())
+            self._ledger.audit("reset", key, {"spent": spent}, {"spent": 0.0})
+        eng.reset_spend(key)
+        if agent_id:
+            self._runaway.reset(agent_id)
+        self._emit({"type": "budget_changed", "action": "reset", "scope": key, "old": {"spent": spent},
+                    "new": {"spent": 0.0}, "time": eng.wall()})
+
+    def on_event(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+        """Register ``callback(event)`` for structured events; returns it (usable as a decorator).
+
+        Event ``type``\ s: ``budget_warning``, ``budget_exceeded``, ``runaway_detected``,
+        ``queue_timeout``, ``budget_changed``. Events never contain API keys.
+        """
+        self._listeners.append(callback)
+        return callback
+
+    def audit_log(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Budget changes recorded in the state file (empty without one)."""
+        return self._ledger.audit_rows(limit) if self._ledger is not None else []
+
+    def _persist(self, rows: list[SpendRow]) -> None:
+        if self._ledger is None:
+            return
+        try:
+            self._ledger.record(rows)
+        except Exception as exc:  # disk full, file locked too long...: keep counting in memory, say so
+            logger.error("could not persist %d settled call(s) to %s: %s; spend is still counted in this "
+                         "process", len(rows), self._ledger.path, exc)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        self._emit_all([event])
+
+    def _emit_all(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            _log_event(event)
+            for cb in self._listeners:
+                try:
+                    cb(event)
+                except Exception:
+                    logger.exception("on_event callback %r failed on a %s event", cb, event.get("type"))
 
     @staticmethod
     @contextlib.contextmanager
@@ -139,21 +416,68 @@ class HiveLimiter(CustomLogger):
             yield
 
     def get_usage_stats(self) -> dict[str, Any]:
-        """Current usage per level.
+        """Current usage: totals for this hour, day and month, budgets, and every level's windows.
 
         Returns:
-            ``{"levels": {level: {scope_key: {<limit name>: {"used", "limit"}, "in_flight",
-            "queued"}}}, "queued": int, "admitted_total": int, "queued_total": int}``
+            A dict with, at the top, ``requests_today``, ``tokens_today``, ``cost_today``,
+            ``remaining_budget`` (of the global daily budget, ``None`` without one), the same for
+            ``_this_hour`` / ``_this_month`` (``remaining_hourly_budget``,
+            ``remaining_monthly_budget``), and ``currency``; ``budgets`` (per scope key and budget:
+            spent, reserved, limit, remaining, window, tripped); ``spend`` (per level and scope key:
+            cost, requests and tokens this hour, day and month); ``levels`` (per level and scope key:
+            each rate window's used/limit, ``in_flight``, ``queued``); and the counters ``queued``,
+            ``admitted_total``, ``queued_total``, ``rejected``. See docs/usage-stats.md.
         """
+        eng = self._engine
+        self._tail()
         levels: dict[str, dict[str, Any]] = {}
-        for key, entry in self._engine.snapshot().items():
+        for key, entry in eng.snapshot().items():
             levels.setdefault(entry.pop("level"), {})[key] = entry
-        return {
+        spend: dict[str, dict[str, Any]] = {}
+        for key, kinds in eng.spend_snapshot().items():
+            level = key.split(":", 1)[0]
+            spend.setdefault(level, {})[key] = {
+                kind: {"cost": c, "requests": r, "tokens": t} for kind, (c, r, t) in kinds.items()
+            }
+        budgets = eng.budget_snapshot()
+        g = budgets.get("global", {})
+        out: dict[str, Any] = {"currency": eng.currency}
+        for kind, suffix, remaining_name, field in (
+            ("day", "today", "remaining_budget", "max_cost_per_day"),
+            ("hour", "this_hour", "remaining_hourly_budget", "max_cost_per_hour"),
+            ("month", "this_month", "remaining_monthly_budget", "max_cost_per_month"),
+        ):
+            cost, requests, tokens = eng.spend("global", kind)
+            out[f"requests_{suffix}"] = requests
+            out[f"tokens_{suffix}"] = tokens
+            out[f"cost_{suffix}"] = round(cost, 10)
+            out[remaining_name] = round(g[field]["remaining"], 10) if field in g else None
+        out.update({
+            "budgets": budgets,
+            "spend": spend,
             "levels": levels,
-            "queued": self._engine.queue_length,
-            "admitted_total": self._engine.admitted_total,
-            "queued_total": self._engine.queued_total,
-        }
+            "queued": eng.queue_length,
+            "admitted_total": eng.admitted_total,
+            "queued_total": eng.queued_total,
+            "rejected": dict(eng.rejected),
+        })
+        return out
+
+    def _tail(self) -> None:
+        """Pick up spend other processes wrote to the shared state file (about once a second)."""
+        if self._ledger is None:
+            return
+        now = self._engine.clock()
+        if now < self._next_tail:
+            return
+        self._next_tail = now + 1.0
+        try:
+            rows = self._ledger.tail()
+        except Exception as exc:
+            logger.error("could not read shared spend from %s: %s", self._ledger.path, exc)
+            return
+        if rows:
+            self._engine.apply_external(rows)
 
     def __repr__(self) -> str:
         return f"HiveLimiter(enabled={self._config.enabled}, {self._engine!r})"
@@ -170,6 +494,7 @@ class HiveLimiter(CustomLogger):
             )
         except Exception:  # unknown to LiteLLM: the call will fail there; count it by prefix
             provider = custom_llm_provider or (model.split("/", 1)[0] if "/" in model else "unknown")
+        provider = str(provider)
         if len(self._provider_cache) > 4096:
             self._provider_cache.clear()
         self._provider_cache[key] = provider
@@ -183,13 +508,20 @@ class HiveLimiter(CustomLogger):
         model = str(kwargs.get("model") or "")
         provider = self._provider_of(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"))
         ident: Identity = resolve_identity(metadata, kwargs.get("user"))
+        if cfg.runaway.enabled and ident.agent_id is not None:
+            self._check_runaway(ident.agent_id, model, kwargs)
         scopes = self._resolver.scopes(provider, model, ident)
+        bare = split_model(model, provider)
+        dims = (provider, bare, ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
         if not scopes:
-            return None
+            if self._ledger is None:
+                return None
+            # No limit applies, but spend is recorded for budgets' per-level totals and the audit.
+        budgeted = any(_has_budget(s.limits) for s in scopes)
         input_tokens = output_tokens = 0
-        if any(s.limits.tokens_per_second or s.limits.tokens_per_minute or s.limits.tokens_per_hour
-               or s.limits.tokens_per_day or s.limits.input_tokens_per_minute
-               or s.limits.output_tokens_per_minute for s in scopes):
+        if budgeted or any(s.limits.tokens_per_second or s.limits.tokens_per_minute or s.limits.tokens_per_hour
+                           or s.limits.tokens_per_day or s.limits.input_tokens_per_minute
+                           or s.limits.output_tokens_per_minute for s in scopes):
             if call_type in _EMBEDDING_TYPES:
                 input_tokens = count_input(model, kwargs.get("input"))
             elif call_type in _TEXT_TYPES:
@@ -198,6 +530,15 @@ class HiveLimiter(CustomLogger):
             else:
                 input_tokens = count_messages(model, kwargs.get("messages"), kwargs.get("tools"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
+        cost = 0.0
+        if budgeted:
+            price = self._prices.price(provider, model)
+            if not price.known:
+                self._prices.warn_unknown(provider, model, "not in LiteLLM's price map or rate_limiting.pricing")
+                if cfg.unknown_price == "block":
+                    raise _unknown_price_error(provider, model)
+            cost = price.cost(input_tokens, output_tokens)
+        self._tail()
         return Ticket(
             call_id=call_id,
             scopes=scopes,
@@ -205,6 +546,31 @@ class HiveLimiter(CustomLogger):
             output_tokens=output_tokens,
             priority=ident.priority,
             info={"provider": provider, "model": model, "agent_id": ident.agent_id, "run_id": ident.run_id},
+            cost=cost,
+            dims=dims,
+            spend_keys=dim_keys(*dims),
+        )
+
+    def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
+        trip = self._runaway.check(agent_id, _fingerprint(model, kwargs), self._engine.clock())
+        if trip is None:
+            return
+        from ._budget_errors import RunawayDetectedError
+
+        until, count, just_tripped = trip
+        now = self._engine.clock()
+        rw = self._config.runaway
+        if just_tripped:
+            self._emit({"type": "runaway_detected", "agent_id": agent_id, "count": count,
+                        "window_seconds": rw.window_seconds, "cooldown_seconds": rw.cooldown_seconds,
+                        "time": self._engine.wall()})
+        raise RunawayDetectedError(
+            f"agent {agent_id} looks stuck in a loop: it sent the same request more than "
+            f"{rw.max_identical_requests} times within {rw.window_seconds:g}s, so its breaker is open for "
+            f"{until - now:.0f}s more (or until reset_budget(agent_id={agent_id!r})). The call was not sent. "
+            "Tune or disable this with rate_limiting.runaway.",
+            scope=f"agent:{agent_id}", limit="runaway", spent=float(count),
+            budget=float(rw.max_identical_requests), window="runaway", retry_after=max(until - now, 0.0),
         )
 
     def _begin_attempts(self, call_id: str) -> None:
@@ -217,11 +583,19 @@ class HiveLimiter(CustomLogger):
         with self._attempts_lock:
             self._attempts.pop(call_id, None)
         if failed:
-            # The prompt was sent; the output estimate was not produced.
-            self._engine.release(call_id, output_tokens=0)
+            # The prompt was sent but nothing was produced: providers do not bill failed calls.
+            self._engine.release(call_id, output_tokens=0, cost=0.0)
             return
         tin, tout = _usage_of(response)
-        self._engine.release(call_id, input_tokens=tin, output_tokens=tout)
+        cost = None
+        info = self._engine.ticket_info(call_id)
+        if info is not None and (tin is not None or tout is not None):
+            provider, model, est_in = info
+            price = self._prices.price(provider, model)
+            if not price.known:
+                self._prices.warn_unknown(provider, model, "LiteLLM reports no cost for it")
+            cost = price.cost(est_in if tin is None else tin, tout or 0)
+        self._engine.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost)
 
     # ------------------------------------------------------- async (hooks)
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> None:
@@ -236,7 +610,11 @@ class HiveLimiter(CustomLogger):
         ticket = self._ticket(call_id, _call_type_name(call_type), kwargs, kwargs.get("metadata"))
         if ticket is None:
             return None
-        await acquire_async(self._engine, ticket, self._config.queue.max_wait_seconds)
+        try:
+            await acquire_async(self._engine, ticket, self._config.queue.max_wait_seconds)
+        except RateLimitQueueTimeout as exc:
+            self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+            raise
         self._begin_attempts(call_id)
         return None
 
@@ -305,9 +683,35 @@ class HiveLimiter(CustomLogger):
         ticket = self._ticket(call_id, call_type, kwargs, kwargs.get("metadata"))
         if ticket is None:
             return None
-        acquire_sync(self._engine, ticket, self._config.queue.max_wait_seconds)
+        try:
+            acquire_sync(self._engine, ticket, self._config.queue.max_wait_seconds)
+        except RateLimitQueueTimeout as exc:
+            self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+            raise
         self._begin_attempts(call_id)
         return call_id
+
+
+def _has_budget(limits: Any) -> bool:
+    return any(getattr(limits, name, None) is not None for name in (
+        "max_cost_per_hour", "max_cost_per_day", "max_cost_per_month", "max_cost_per_run"))
+
+
+def _unknown_price_error(provider: str, model: str) -> HiveRateLimitError:
+    from ._budget_errors import BudgetExceededError
+
+    return BudgetExceededError(
+        f"no price is known for model {provider}/{split_model(model, provider)}, so its budget cannot be "
+        f"enforced (unknown_price: block). Add rate_limiting.pricing.{split_model(model, provider)}: "
+        "{input_per_million: ..., output_per_million: ...} or set unknown_price: estimate. The call was not sent.",
+        scope=f"model:{provider}/{split_model(model, provider)}", limit="unknown_price", spent=0.0, budget=0.0,
+        window="none",
+    )
+
+
+def _timeout_event(ticket: Ticket, exc: RateLimitQueueTimeout, now: float) -> dict[str, Any]:
+    return {"type": "queue_timeout", "scope": exc.scope, "limit": exc.limit, "retry_after": exc.retry_after,
+            "model": ticket.info.get("model"), "agent_id": ticket.info.get("agent_id"), "time": now}
 
 
 def unregister(callback: Any) -> None:

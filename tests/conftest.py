@@ -59,6 +59,12 @@ def clean_callbacks() -> collections.abc.Iterator[None]:
     litellm.callbacks[:] = saved
 
 
+@pytest.fixture(autouse=True)
+def isolated_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default state file (budgets) lives in a fresh directory for every test."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

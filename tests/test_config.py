@@ -22,6 +22,8 @@ def test_spec_example_parses() -> None:
     assert cfg.providers["openai"].models["gpt-4"].requests_per_minute == 500
     assert cfg.providers["anthropic"].models["claude-sonnet-4"].tokens_per_minute == 40000
     assert cfg.agents["my_production_agent"].max_requests_per_run == 100
+    assert cfg.agents["my_production_agent"].max_cost_per_hour == 10.0
+    assert cfg.has_budgets()
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

@@ -1,0 +1,217 @@
+"""Money budgets: calendar windows and spend counters. Pure: wall time is passed in.
+
+Budget windows follow the calendar in the configured time zone (an hour is a clock hour, a day
+a calendar day, a month a calendar month), so "today" means what the user means. Per-run caps
+use the ``run`` window, which never rolls over.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+KINDS = ("hour", "day", "month")
+RUN = "run"
+
+#: LimitSet field -> budget window
+COST_FIELDS = {"max_cost_per_hour": "hour", "max_cost_per_day": "day", "max_cost_per_month": "month"}
+WINDOW_ADJECTIVE = {"hour": "hourly", "day": "daily", "month": "monthly", "run": "per-run"}
+
+
+class Calendar:
+    """Start and end of the current hour, day and month in a time zone, cached until the hour ends."""
+
+    def __init__(self, timezone: str = "UTC") -> None:
+        self.tz = ZoneInfo(timezone)
+        self._valid_until = -1.0
+        self._starts: dict[str, float] = {}
+        self._ends: dict[str, float] = {}
+
+    def _compute(self, now: float) -> None:
+        local = dt.datetime.fromtimestamp(now, self.tz)
+        hour = local.replace(minute=0, second=0, microsecond=0)
+        day = hour.replace(hour=0)
+        month = day.replace(day=1)
+        next_hour = dt.datetime.fromtimestamp(hour.timestamp() + 3600, self.tz)
+        next_day = (day + dt.timedelta(days=1)).replace(tzinfo=self.tz)
+        next_day = dt.datetime(next_day.year, next_day.month, next_day.day, tzinfo=self.tz)
+        year, mon = (month.year + 1, 1) if month.month == 12 else (month.year, month.month + 1)
+        next_month = dt.datetime(year, mon, 1, tzinfo=self.tz)
+        self._starts = {"hour": hour.timestamp(), "day": day.timestamp(), "month": month.timestamp(), RUN: 0.0}
+        self._ends = {"hour": next_hour.timestamp(), "day": next_day.timestamp(), "month": next_month.timestamp(),
+                      RUN: float("inf")}
+        self._valid_until = self._ends["hour"]
+
+    def starts(self, now: float) -> dict[str, float]:
+        """``{"hour": start, "day": start, "month": start, "run": 0.0}`` as epoch seconds."""
+        if now >= self._valid_until or now < self._starts.get("hour", now + 1):
+            self._compute(now)
+        return self._starts
+
+    def end(self, kind: str, now: float) -> float:
+        """When the current ``kind`` window rolls over (``inf`` for runs)."""
+        self.starts(now)
+        return self._ends[kind]
+
+    def label(self, kind: str, now: float) -> str:
+        """A human name of the current window, e.g. ``2026-11-28`` for a day."""
+        if kind == RUN:
+            return "this run"
+        start = dt.datetime.fromtimestamp(self.starts(now)[kind], self.tz)
+        fmt = {"hour": "%Y-%m-%d %H:00", "day": "%Y-%m-%d", "month": "%Y-%m"}[kind]
+        return f"{start.strftime(fmt)} {self.tz.key}"
+
+
+class Counter:
+    """Spend of one scope in one window."""
+
+    __slots__ = ("cost", "requests", "start", "tokens")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.cost = 0.0
+        self.requests = 0
+        self.tokens = 0
+
+    def __repr__(self) -> str:
+        return f"Counter(cost={self.cost:.6f}, requests={self.requests}, tokens={self.tokens})"
+
+
+class BudgetBook:
+    """Settled spend per (scope key, window kind), rolling over with the calendar."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, str], Counter] = {}
+
+    def get(self, key: str, kind: str, start: float) -> Counter | None:
+        c = self._counters.get((key, kind))
+        if c is None or c.start != start:
+            return None
+        return c
+
+    def counter(self, key: str, kind: str, start: float) -> Counter:
+        """The live counter of ``key`` for the window starting at ``start`` (rolled over if needed)."""
+        c = self._counters.get((key, kind))
+        if c is None or c.start != start:
+            c = self._counters[(key, kind)] = Counter(start)
+        return c
+
+    def add(self, keys: list[str], starts: dict[str, float], cost: float, requests: int, tokens: int,
+            since: float | None = None) -> None:
+        """Add spend under every key; with ``since``, only to windows that started at or before it."""
+        for key in keys:
+            for kind in (RUN,) if key.startswith("run:") else KINDS:
+                start = starts[kind]
+                if since is not None and kind != RUN and since < start:
+                    continue
+                c = self.counter(key, kind, start)
+                c.cost += cost
+                c.requests += requests
+                c.tokens += tokens
+
+    def set(self, key: str, kind: str, start: float, cost: float, requests: int, tokens: int) -> None:
+        c = self._counters[(key, kind)] = Counter(start)
+        c.cost, c.requests, c.tokens = cost, requests, tokens
+
+    def clear(self, key: str) -> None:
+        for kind in (*KINDS, RUN):
+            self._counters.pop((key, kind), None)
+
+    def sweep(self, starts: dict[str, float]) -> None:
+        """Drop counters of windows that have rolled over."""
+        stale = [k for k, c in self._counters.items() if k[1] != RUN and c.start != starts[k[1]]]
+        for k in stale:
+            del self._counters[k]
+
+    def items(self) -> list[tuple[tuple[str, str], Counter]]:
+        return list(self._counters.items())
+
+    def __len__(self) -> int:
+        return len(self._counters)
+
+
+@dataclass(slots=True)
+class SpendRow:
+    """One settled call, as written to the ledger."""
+
+    ts: float
+    call_id: str
+    provider: str | None
+    model: str | None
+    agent: str | None
+    user: str | None
+    team: str | None
+    run: str | None
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost: float
+
+
+def dim_keys(provider: str | None, model: str | None, agent: str | None, user: str | None,
+             team: str | None, run: str | None) -> list[str]:
+    """The scope keys a call's spend is counted under (the same keys rate scopes use)."""
+    keys = ["global"]
+    if provider:
+        keys.append(f"provider:{provider}")
+        if model:
+            keys.append(f"model:{provider}/{model}")
+    if agent:
+        keys.append(f"agent:{agent}")
+    if user:
+        keys.append(f"user:{user}")
+    if team:
+        keys.append(f"team:{team}")
+    if agent and run:
+        keys.append(f"run:{agent}/{run}")
+    return keys
+
+
+class RunawayDetector:
+    """Trips an agent's breaker when it sends the same request more than ``max_identical`` times
+    within ``window`` seconds (an agent stuck in a loop). Pure: ``now`` is passed in."""
+
+    def __init__(self, max_identical: int, window: float, cooldown: float) -> None:
+        self.max_identical = max_identical
+        self.window = window
+        self.cooldown = cooldown
+        self._seen: OrderedDict[str, OrderedDict[int, deque[float]]] = OrderedDict()
+        self.tripped: dict[str, tuple[float, int]] = {}  # agent -> (until, count seen)
+
+    def check(self, agent: str, fingerprint: int, now: float) -> tuple[float, int, bool] | None:
+        """Record a request; if the agent's breaker is open, return ``(until, count, just_tripped)``."""
+        trip = self.tripped.get(agent)
+        if trip is not None:
+            if now < trip[0]:
+                return (trip[0], trip[1], False)
+            del self.tripped[agent]
+        per_agent = self._seen.get(agent)
+        if per_agent is None:
+            per_agent = self._seen[agent] = OrderedDict()
+            if len(self._seen) > 10_000:
+                self._seen.popitem(last=False)
+        else:
+            self._seen.move_to_end(agent)
+        times = per_agent.get(fingerprint)
+        if times is None:
+            times = per_agent[fingerprint] = deque()
+            if len(per_agent) > 256:
+                per_agent.popitem(last=False)
+        else:
+            per_agent.move_to_end(fingerprint)
+        horizon = now - self.window
+        while times and times[0] <= horizon:
+            times.popleft()
+        times.append(now)
+        if len(times) > self.max_identical:
+            self.tripped[agent] = (now + self.cooldown, len(times))
+            count = len(times)
+            times.clear()
+            return (now + self.cooldown, count, True)
+        return None
+
+    def reset(self, agent: str) -> None:
+        self.tripped.pop(agent, None)
+        self._seen.pop(agent, None)

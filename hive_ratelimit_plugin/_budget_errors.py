@@ -1,0 +1,54 @@
+"""Budget errors. They subclass ``litellm.BudgetExceededError`` so that LiteLLM's Router and SDK
+retries do not retry them, and their messages never read like a rate limit (Hive retries
+anything that mentions one for up to 10 minutes; a budget stop must stop)."""
+
+from __future__ import annotations
+
+from litellm.exceptions import BudgetExceededError as _LiteLLMBudgetExceededError
+
+from .errors import HiveRateLimitError
+
+__all__ = ["BudgetExceededError", "RunawayDetectedError"]
+
+FORBIDDEN_PHRASES = ("rate limit", "ratelimit", "429", "capacity", "too many requests")
+
+
+class BudgetExceededError(HiveRateLimitError, _LiteLLMBudgetExceededError):
+    """A money budget, per-run cap or runaway breaker stopped the call; no request was sent.
+
+    Attributes:
+        scope: the level that stopped it (``"agent:my_production_agent"``).
+        limit: the budget (``"max_cost_per_day"``, ``"max_requests_per_run"``, ...).
+        spent: what the window has spent (currency units, or requests for request caps).
+        budget: the budget's value.
+        window: ``"hour"``, ``"day"``, ``"month"`` or ``"run"``.
+        retry_after: seconds until the window rolls over, if it does.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        scope: str,
+        limit: str,
+        spent: float,
+        budget: float,
+        window: str,
+        retry_after: float | None = None,
+    ) -> None:
+        lowered = message.lower()
+        for phrase in FORBIDDEN_PHRASES:  # a guard on our own wording; see the module docstring
+            if phrase in lowered:
+                message = message.replace(phrase, "budget")
+        _LiteLLMBudgetExceededError.__init__(self, spent, budget, message)
+        self.scope = scope
+        self.limit = limit
+        self.remaining = max(budget - spent, 0.0)
+        self.retry_after = retry_after
+        self.spent = spent
+        self.budget = budget
+        self.window = window
+
+
+class RunawayDetectedError(BudgetExceededError):
+    """An agent repeated the same request too often in a short time: its breaker tripped."""

@@ -1,0 +1,188 @@
+"""Persistent spend and audit log in SQLite.
+
+* ``spend``: one row per settled call (append-only). Budget windows are sums over it, so a
+  restart, or a process killed with SIGKILL, keeps every settled cent: a settlement returns only
+  after its row is committed (WAL journal; a committed transaction survives the death of the
+  process). Several processes on one host append to the same file; each one tails the rows the
+  others wrote about once a second and adds them to its own counters.
+* ``audit``: every budget change (set, reset, configuration reload) with time, host, process,
+  OS user, old and new values.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ._budget import KINDS, RUN, SpendRow, dim_keys
+
+logger = logging.getLogger("hive_ratelimit_plugin")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spend (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    writer TEXT NOT NULL,
+    call_id TEXT,
+    provider TEXT, model TEXT, agent TEXT, user TEXT, team TEXT, run TEXT,
+    requests INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cost REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS spend_ts ON spend(ts);
+CREATE INDEX IF NOT EXISTS spend_run ON spend(agent, run);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    host TEXT, pid INTEGER, os_user TEXT,
+    action TEXT NOT NULL, scope TEXT, old TEXT, new TEXT
+);
+CREATE TABLE IF NOT EXISTS resets (
+    scope TEXT PRIMARY KEY,
+    ts REAL NOT NULL
+);
+"""
+
+
+def default_state_path() -> Path:
+    """``$XDG_STATE_HOME/hive-ratelimit/state.sqlite`` (``~/.local/state/...`` by default)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "hive-ratelimit" / "state.sqlite"
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
+class Ledger:
+    """The SQLite file behind budgets. Thread-safe; one connection per instance."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        if path is None:
+            path = default_state_path()
+        self.path = os.path.expanduser(str(path))
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(_SCHEMA)
+        self.writer = uuid.uuid4().hex
+        self._last_seen = self._max_id()
+        self.host = socket.gethostname()
+
+    def _max_id(self) -> int:
+        row = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM spend").fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # ---------------------------------------------------------------- spend
+    def record(self, rows: list[SpendRow]) -> None:
+        """Append settled calls; returns once they are committed."""
+        if not rows:
+            return
+        data = [(r.ts, self.writer, r.call_id, r.provider, r.model, r.agent, r.user, r.team, r.run,
+                 r.requests, r.input_tokens, r.output_tokens, r.cost) for r in rows]
+        with self._lock:
+            self._conn.executemany(
+                "INSERT INTO spend (ts, writer, call_id, provider, model, agent, user, team, run, requests,"
+                " input_tokens, output_tokens, cost) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                data,
+            )
+
+    def tail(self) -> list[SpendRow]:
+        """Rows other writers (processes) appended since the last call."""
+        with self._lock:
+            cur = self._conn.execute(
+                "SELECT id, ts, call_id, provider, model, agent, user, team, run, requests, input_tokens,"
+                " output_tokens, cost FROM spend WHERE id > ? AND writer != ? ORDER BY id",
+                (self._last_seen, self.writer),
+            )
+            out = []
+            last = self._last_seen
+            for row in cur.fetchall():
+                last = max(last, row[0])
+                out.append(SpendRow(row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
+                                    row[10], row[11], row[12]))
+            self._last_seen = max(last, self._last_seen)
+            return out
+
+    def load(self, starts: dict[str, float]) -> list[tuple[str, str, float, float, int, int]]:
+        """Aggregate spend per scope key for the current windows.
+
+        Returns:
+            ``(scope key, kind, window start, cost, requests, tokens)`` tuples.
+        """
+        out: list[tuple[str, str, float, float, int, int]] = []
+        with self._lock:
+            resets = dict(self._conn.execute("SELECT scope, ts FROM resets").fetchall())
+            self._last_seen = self._max_id()
+            oldest = min(starts[k] for k in KINDS)
+            rows = self._conn.execute(
+                "SELECT ts, provider, model, agent, user, team, run, requests, input_tokens + output_tokens, cost"
+                " FROM spend WHERE ts >= ? OR (run IS NOT NULL AND ts >= ?)",
+                (oldest, oldest - 31 * 86400),
+            ).fetchall()
+        sums: dict[tuple[str, str], list[float]] = {}
+        for ts, provider, model, agent, user, team, run, requests, tokens, cost in rows:
+            for key in dim_keys(provider, model, agent, user, team, run):
+                kinds = (RUN,) if key.startswith("run:") else KINDS
+                for kind in kinds:
+                    start = starts[kind]
+                    if ts < start or ts < resets.get(key, 0.0):
+                        continue
+                    acc = sums.setdefault((key, kind), [0.0, 0, 0])
+                    acc[0] += cost
+                    acc[1] += requests
+                    acc[2] += tokens
+        for (key, kind), (cost, requests, tokens) in sums.items():
+            out.append((key, kind, starts[kind], cost, int(requests), int(tokens)))
+        return out
+
+    def mark_reset(self, scope: str, ts: float) -> None:
+        """Spend of ``scope`` before ``ts`` no longer counts toward its budgets."""
+        with self._lock:
+            self._conn.execute("INSERT OR REPLACE INTO resets (scope, ts) VALUES (?, ?)", (scope, ts))
+
+    def prune(self, before: float) -> int:
+        """Delete spend rows older than ``before`` (they are outside every window)."""
+        with self._lock:
+            cur = self._conn.execute("DELETE FROM spend WHERE ts < ?", (before,))
+            return cur.rowcount
+
+    # ---------------------------------------------------------------- audit
+    def audit(self, action: str, scope: str, old: Any, new: Any) -> None:
+        """Record a budget change."""
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO audit (ts, host, pid, os_user, action, scope, old, new) VALUES (?,?,?,?,?,?,?,?)",
+                (time.time(), self.host, os.getpid(), _os_user(), action, scope,
+                 json.dumps(old, sort_keys=True, default=str), json.dumps(new, sort_keys=True, default=str)),
+            )
+
+    def audit_rows(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The audit log, oldest first."""
+        with self._lock:
+            q = "SELECT ts, host, pid, os_user, action, scope, old, new FROM audit ORDER BY id"
+            rows = self._conn.execute(q).fetchall()
+        if limit is not None:
+            rows = rows[-limit:]
+        keys = ("ts", "host", "pid", "user", "action", "scope", "old", "new")
+        return [dict(zip(keys, r, strict=True)) for r in rows]

@@ -1,0 +1,368 @@
+"""Money budgets: reservations, breakers, warnings, unknown prices, runaway loops, per-run caps."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import litellm
+import pytest
+
+from hive_ratelimit_plugin import HiveLimiter
+from hive_ratelimit_plugin.errors import BudgetExceededError, RunawayDetectedError
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
+
+from .helpers import chat_kwargs
+
+# 2027-01-15 08:00:00 UTC: a wall clock for calendar windows.
+WALL_START = 1_800_000_000.0
+# One currency unit per token makes costs easy to read: a call with 3 prompt tokens and 5 output
+# tokens (what the fake provider reports for chat_kwargs) costs 8.
+UNIT_PRICE = {"gpt-4o-mini": {"input_per_million": 1_000_000, "output_per_million": 1_000_000}}
+FORBIDDEN = ("rate limit", "429", "capacity", "too many requests")
+
+
+@pytest.fixture
+def wall() -> FakeClock:
+    return FakeClock(WALL_START)
+
+
+def make(clock: FakeClock, wall: FakeClock, config: dict[str, Any], tmp_path: Path | None = None) -> HiveLimiter:
+    config = {"pricing": UNIT_PRICE, "state_path": str(tmp_path / "state.sqlite") if tmp_path else ":memory:",
+              **config}
+    limiter = HiveLimiter(config, clock=clock, wall_clock=wall)
+    clock.attach(limiter)
+    litellm.callbacks.append(limiter)
+    return limiter
+
+
+def small(provider: FakeProvider, **extra: Any) -> dict[str, Any]:
+    """A call whose worst case is 14 (9 estimated prompt tokens + max_tokens 5) and which costs 8."""
+    return chat_kwargs(provider, max_tokens=5, **extra)
+
+
+def assert_budget_error(exc: BaseException) -> None:
+    assert isinstance(exc, BudgetExceededError)
+    assert isinstance(exc, litellm.BudgetExceededError)  # LiteLLM's Router and retries do not retry it
+    text = str(exc).lower()
+    for phrase in FORBIDDEN:
+        assert phrase not in text, phrase
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_spent_budget_stops_calls(mode: str, provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """Once the daily budget is spent, calls raise BudgetExceededError and nothing is sent."""
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 22}})
+
+    async def call() -> Any:
+        if mode == "sync":
+            return litellm.completion(**small(provider))
+        return await litellm.acompletion(**small(provider))
+
+    await call()
+    await call()  # worst case 8 + 14 fits 22; spent 16
+    assert limiter.get_usage_stats()["cost_today"] == 16
+    with pytest.raises(BudgetExceededError, match="cannot cover") as info:
+        await call()  # 16 + 14 > 22
+    assert_budget_error(info.value)
+    limiter.set_budget(max_daily_spend=16)  # now spent: the breaker is open
+    with pytest.raises(BudgetExceededError) as info:
+        await call()
+    assert_budget_error(info.value)
+    assert provider.state.count() == 2
+    err = info.value
+    assert err.scope == "global" and err.limit == "max_cost_per_day" and err.window == "day"
+    assert err.spent == 16 and err.budget == 16 and err.remaining == 0
+    assert "daily budget of global is spent" in str(err) and "2027-01-15 UTC" in str(err)
+    assert err.retry_after == pytest.approx(16 * 3600)  # until midnight UTC
+
+
+async def test_worst_case_that_does_not_fit_is_refused(provider: FakeProvider, clock: FakeClock,
+                                                       wall: FakeClock) -> None:
+    """A call whose worst-case cost exceeds what is left is refused, so the budget is never overshot."""
+    make(clock, wall, {"budget": {"max_hourly_spend": 20}})
+    await litellm.acompletion(**small(provider))  # reserves 14, settles 8
+    with pytest.raises(BudgetExceededError, match="cannot cover this call") as info:
+        await litellm.acompletion(**small(provider))  # 8 + 14 > 20
+    assert_budget_error(info.value)
+    assert provider.state.count() == 1
+
+
+async def test_budget_held_by_reservations_waits_instead_of_failing(
+    provider: FakeProvider, clock: FakeClock, wall: FakeClock
+) -> None:
+    """When only in-flight reservations fill the budget, the next call waits for them to settle."""
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 25}})
+    provider.state.latency = 0.2
+    first = asyncio.create_task(litellm.acompletion(**small(provider)))  # reserves 14
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(litellm.acompletion(**small(provider)))  # 14 + 14 > 25: waits
+    await asyncio.sleep(0.05)
+    assert limiter.get_usage_stats()["queued"] == 1
+    await asyncio.wait_for(asyncio.gather(first, second), 5)  # first settles at 8: 8 + 14 fits
+    assert limiter.get_usage_stats()["cost_today"] == 16
+
+
+async def test_fifty_concurrent_calls_racing_for_the_last_dollar(
+    provider: FakeProvider, clock: FakeClock, wall: FakeClock
+) -> None:
+    """50 concurrent calls never overshoot; each either succeeds or gets BudgetExceededError."""
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 100}, "queue": {"max_wait_seconds": 30}})
+    provider.state.latency = 0.01
+    results = await asyncio.gather(*(litellm.acompletion(**small(provider)) for _ in range(50)),
+                                   return_exceptions=True)
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(e, BudgetExceededError) for e in errors), errors[:3]
+    spent = limiter.get_usage_stats()["cost_today"]
+    assert spent <= 100
+    assert spent == 8 * len(ok) == 8 * provider.state.count()
+    # The budget was used, not abandoned early: another worst case (14) no longer fits.
+    assert spent + 14 > 100
+
+
+async def test_window_rollover_closes_the_breaker(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """An hourly budget stops calls until the clock hour rolls over."""
+    make(clock, wall, {"budget": {"max_hourly_spend": 15}})  # one call (worst case 14, cost 8)
+    await litellm.acompletion(**small(provider))
+    with pytest.raises(BudgetExceededError):
+        await litellm.acompletion(**small(provider))
+    wall.advance(3599)
+    with pytest.raises(BudgetExceededError):
+        await litellm.acompletion(**small(provider))
+    wall.advance(1)  # 09:00
+    await litellm.acompletion(**small(provider))
+
+
+async def test_set_and_reset_budget_take_effect_on_next_call(
+    provider: FakeProvider, clock: FakeClock, wall: FakeClock
+) -> None:
+    """Raising the budget or resetting spend reopens the breaker at once."""
+    limiter = make(clock, wall, {})
+    limiter.set_budget(max_daily_spend=15)
+    await litellm.acompletion(**small(provider))
+    with pytest.raises(BudgetExceededError):
+        await litellm.acompletion(**small(provider))
+    limiter.set_budget(max_daily_spend=30)
+    await litellm.acompletion(**small(provider))
+    limiter.set_budget(max_daily_spend=16)
+    with pytest.raises(BudgetExceededError):
+        await litellm.acompletion(**small(provider))
+    limiter.reset_budget()
+    assert limiter.get_usage_stats()["cost_today"] == 0
+    await litellm.acompletion(**small(provider))
+    limiter.set_budget(max_daily_spend=None)  # None removes the budget
+    for _ in range(3):
+        await litellm.acompletion(**small(provider))
+
+
+async def test_levels_have_their_own_budgets(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """An agent's budget stops that agent only; set_budget works per level too."""
+    limiter = make(clock, wall, {"agents": {"looper": {"max_cost_per_hour": 15}}})
+    limiter.set_budget(max_daily_spend=15, team_id="growth")
+    looper = {"metadata": {"agent_id": "looper"}}
+    await litellm.acompletion(**small(provider, **looper))
+    with pytest.raises(BudgetExceededError) as info:
+        await litellm.acompletion(**small(provider, **looper))
+    assert info.value.scope == "agent:looper"
+    await litellm.acompletion(**small(provider, metadata={"agent_id": "other"}))
+    await litellm.acompletion(**small(provider, metadata={"team_id": "growth"}))
+    with pytest.raises(BudgetExceededError) as info:
+        await litellm.acompletion(**small(provider, metadata={"team_id": "growth"}))
+    assert info.value.scope == "team:growth"
+    stats = limiter.get_usage_stats()
+    assert stats["spend"]["agent"]["agent:looper"]["hour"]["cost"] == 8
+    assert stats["budgets"]["agent:looper"]["max_cost_per_hour"]["remaining"] == 7
+    assert stats["cost_today"] == 24
+
+
+async def test_provider_and_model_budgets(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """Budgets at provider and model level, from YAML keys and from set_budget."""
+    limiter = make(clock, wall, {"providers": {"openai": {"gpt-4o-mini": {"max_cost_per_month": 15}}}})
+    await litellm.acompletion(**small(provider))
+    with pytest.raises(BudgetExceededError) as info:
+        await litellm.acompletion(**small(provider))
+    assert info.value.scope == "model:openai/gpt-4o-mini" and info.value.window == "month"
+    limiter.set_budget(max_monthly_spend=100, provider="openai", model="gpt-4o-mini")
+    limiter.set_budget(max_hourly_spend=23, provider="openai")  # 8 spent: one more call fits
+    await litellm.acompletion(**small(provider))
+    with pytest.raises(BudgetExceededError) as info:
+        await litellm.acompletion(**small(provider))
+    assert info.value.scope == "provider:openai"
+
+
+async def test_warnings_once_per_window(
+    provider: FakeProvider, clock: FakeClock, wall: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each threshold warns once per window, in the log and through on_event."""
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    limiter = make(clock, wall, {"agents": {"my_production_agent": {"max_cost_per_day": 40}},
+                                 "budget": {"warning_thresholds": [0.5, 0.8]}})
+    events: list[dict[str, Any]] = []
+    limiter.on_event(events.append)
+    md = {"metadata": {"agent_id": "my_production_agent"}}
+    for _ in range(4):  # spent 8, 16, 24, 32 (each admitted: spent + worst case 14 <= 40)
+        await litellm.acompletion(**small(provider, **md))
+    kinds = [(e["type"], e.get("threshold")) for e in events if e["type"].startswith("budget_")]
+    assert kinds == [("budget_warning", 0.5), ("budget_warning", 0.8)]
+    with pytest.raises(BudgetExceededError):
+        await litellm.acompletion(**small(provider, **md))  # 32 + 14 > 40
+    limiter.set_budget(max_daily_spend=32, agent_id="my_production_agent")
+    with pytest.raises(BudgetExceededError):
+        await litellm.acompletion(**small(provider, **md))
+    assert [e["type"] for e in events].count("budget_exceeded") == 1  # the breaker tripped once
+    messages = [r.getMessage() for r in caplog.records]
+    assert "50% of daily budget consumed: $24.00 of $40.00 (agent my_production_agent)" in messages
+    assert "80% of daily budget consumed: $32.00 of $40.00 (agent my_production_agent)" in messages
+    wall.advance(86400)  # a new day: warnings may fire again
+    for _ in range(3):
+        await litellm.acompletion(**small(provider, **md))
+    assert [e["threshold"] for e in events if e["type"] == "budget_warning"][-1] == 0.5
+
+
+async def test_unknown_price_estimate_policy(
+    provider: FakeProvider, clock: FakeClock, wall: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model missing from every price table is priced at the fallback price, warned once, never $0."""
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 1000},
+                                 "fallback_price": {"input_per_million": 1_000_000, "output_per_million": 0}})
+    for _ in range(2):
+        await litellm.acompletion(**small(provider, model="openai/house-model-x"))
+    assert limiter.get_usage_stats()["cost_today"] == 6  # 3 prompt tokens x 1 each, twice
+    warnings = [r for r in caplog.records if "no price known for model openai/house-model-x" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+async def test_unknown_price_block_policy(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """With unknown_price: block, a budgeted call to an unpriced model is refused with the fix named."""
+    make(clock, wall, {"budget": {"max_daily_spend": 1000}, "unknown_price": "block"})
+    with pytest.raises(BudgetExceededError, match="rate_limiting.pricing.house-model-x") as info:
+        await litellm.acompletion(**small(provider, model="openai/house-model-x"))
+    assert_budget_error(info.value)
+    assert provider.state.count() == 0
+
+
+async def test_zero_cost_from_litellm_is_not_free(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """claude-sonnet-4 is absent from LiteLLM's price map (LiteLLM reports $0): a configured price is used."""
+    limiter = make(clock, wall, {
+        "budget": {"max_daily_spend": 100},
+        "pricing": {"claude-sonnet-4": {"input_per_million": 3_000_000, "output_per_million": 15_000_000}},
+    })
+    resp = await litellm.acompletion(model="anthropic/claude-sonnet-4", api_base=provider.root, api_key="sk-x",
+                                     messages=[{"role": "user", "content": "hello there"}], max_tokens=2)
+    expected = resp.usage.prompt_tokens * 3 + resp.usage.completion_tokens * 15
+    assert limiter.get_usage_stats()["cost_today"] == pytest.approx(expected)
+
+
+async def test_requests_and_cost_per_run(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """max_requests_per_run and max_cost_per_run cap each run of an agent separately."""
+    make(clock, wall, {"agents": {"worker": {"max_requests_per_run": 2, "max_cost_per_run": 100}}})
+    run1 = {"metadata": {"agent_id": "worker", "run_id": "r1"}}
+    await litellm.acompletion(**small(provider, **run1))
+    litellm.completion(**small(provider, **run1))
+    with pytest.raises(BudgetExceededError, match="cap of 2 requests per run") as info:
+        await litellm.acompletion(**small(provider, **run1))
+    assert info.value.scope == "run:worker/r1" and info.value.limit == "max_requests_per_run"
+    with HiveLimiter.scope(agent_id="worker", run_id="r2"):
+        await litellm.acompletion(**small(provider))
+
+
+async def test_cost_per_run(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """max_cost_per_run stops a run that has spent its money."""
+    make(clock, wall, {"agents": {"worker": {"max_cost_per_run": 16}}})
+    md = {"metadata": {"agent_id": "worker", "run_id": "r1"}}
+    await litellm.acompletion(**small(provider, **md))
+    with pytest.raises(BudgetExceededError) as info:
+        await litellm.acompletion(**small(provider, **md))  # 8 + 14 > 16
+    assert info.value.limit == "max_cost_per_run"
+
+
+async def test_runaway_loop_trips_the_agents_breaker(
+    provider: FakeProvider, clock: FakeClock, wall: FakeClock
+) -> None:
+    """The same agent repeating an identical request too often is stopped, and says why."""
+    limiter = make(clock, wall, {"runaway": {"max_identical_requests": 3, "window_seconds": 60}})
+    events: list[dict[str, Any]] = []
+    limiter.on_event(events.append)
+    md = {"metadata": {"agent_id": "looper"}}
+    for _ in range(3):
+        await litellm.acompletion(**small(provider, **md))
+    with pytest.raises(RunawayDetectedError, match="stuck in a loop") as info:
+        await litellm.acompletion(**small(provider, **md))
+    assert_budget_error(info.value)
+    # The breaker stays open for this agent, even for other requests ...
+    with pytest.raises(RunawayDetectedError):
+        await litellm.acompletion(**small(provider, metadata={"agent_id": "looper"},
+                                          messages=[{"role": "user", "content": "something else"}]))
+    # ... but not for other agents; and a reset closes it.
+    await litellm.acompletion(**small(provider, metadata={"agent_id": "other"}))
+    assert [e["type"] for e in events].count("runaway_detected") == 1
+    limiter.reset_budget(agent_id="looper")
+    await litellm.acompletion(**small(provider, **md))
+    assert provider.state.count() == 5
+
+
+async def test_distinct_requests_are_not_a_loop(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """Different requests, or identical ones spread over time, do not trip the breaker."""
+    make(clock, wall, {"runaway": {"max_identical_requests": 3, "window_seconds": 60}})
+    for i in range(6):
+        await litellm.acompletion(**small(provider, metadata={"agent_id": "a"},
+                                          messages=[{"role": "user", "content": f"step {i}"}]))
+    for _ in range(6):
+        clock.advance(30)
+        await litellm.acompletion(**small(provider, metadata={"agent_id": "a"}))
+
+
+def test_usage_stats_shape(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """get_usage_stats has the specification's keys and a per-level breakdown."""
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 100, "max_hourly_spend": 50,
+                                            "max_monthly_spend": 1000}})
+    litellm.completion(**small(provider, metadata={"agent_id": "a", "team_id": "t"}, user="u"))
+    s = limiter.get_usage_stats()
+    assert s["requests_today"] == 1 and s["tokens_today"] == 8 and s["cost_today"] == 8
+    assert s["remaining_budget"] == 92
+    assert s["remaining_hourly_budget"] == 42 and s["remaining_monthly_budget"] == 992
+    assert s["requests_this_hour"] == s["requests_this_month"] == 1
+    assert s["currency"] == "USD"
+    for level, key in (("agent", "agent:a"), ("team", "team:t"), ("user", "user:u"),
+                       ("model", "model:openai/gpt-4o-mini"), ("provider", "provider:openai")):
+        assert s["spend"][level][key]["day"] == {"cost": 8, "requests": 1, "tokens": 8}
+
+
+async def test_scenario_1_looping_agent_stops_at_hourly_budget(
+    provider: FakeProvider, clock: FakeClock, wall: FakeClock
+) -> None:
+    """Scenario 1: a looping agent with a $10 hourly budget and 20 concurrent tasks stops at <= $10.00,
+    and the recorded spend equals the sum of the costs LiteLLM reported for the responses."""
+    limiter = HiveLimiter({"agents": {"test_agent": {"max_cost_per_hour": 10.0}}, "state_path": ":memory:",
+                           "queue": {"max_wait_seconds": 30}}, clock=clock, wall_clock=wall)
+    litellm.callbacks.append(limiter)
+    provider.state.completion_tokens = 2000  # each gpt-4 call costs about $0.12
+    reported: list[float] = []
+    stopped: list[BudgetExceededError] = []
+
+    async def loop(task: int) -> None:
+        step = 0
+        while True:
+            step += 1
+            try:
+                resp = await litellm.acompletion(
+                    model="openai/gpt-4", api_base=provider.url, api_key="sk-x", max_retries=0, max_tokens=2000,
+                    messages=[{"role": "user", "content": f"task {task} step {step}: keep going"}],
+                    metadata={"agent_id": "test_agent"},
+                )
+            except BudgetExceededError as exc:
+                stopped.append(exc)
+                return
+            reported.append(resp._hidden_params["response_cost"])
+
+    await asyncio.wait_for(asyncio.gather(*(loop(i) for i in range(20))), 60)
+    spent = limiter.get_usage_stats()["spend"]["agent"]["agent:test_agent"]["hour"]["cost"]
+    assert len(stopped) == 20
+    assert spent <= 10.00
+    assert spent == pytest.approx(sum(reported), rel=1e-9)
+    assert spent > 10.00 - 0.13  # it used the budget rather than stopping early
+    assert provider.state.count() == len(reported)

@@ -1,0 +1,144 @@
+"""Spend survives restarts and SIGKILL, is shared by processes on one host, and changes are audited."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import litellm
+import pytest
+
+from hive_ratelimit_plugin import HiveLimiter
+from hive_ratelimit_plugin.cli import main as cli_main
+from hive_ratelimit_plugin.errors import BudgetExceededError
+from hive_ratelimit_plugin.plugin import unregister
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
+
+from .helpers import chat_kwargs
+
+WORKER = Path(__file__).with_name("spend_worker.py")
+UNIT_PRICE = {"gpt-4o-mini": {"input_per_million": 1_000_000, "output_per_million": 1_000_000}}
+
+
+def limiter_for(path: Path, clock: FakeClock, **extra: Any) -> HiveLimiter:
+    cfg = {"state_path": str(path), "pricing": UNIT_PRICE, "budget": {"max_daily_spend": 1000}, **extra}
+    lim = HiveLimiter(cfg, clock=clock)
+    litellm.callbacks.append(lim)
+    return lim
+
+
+def ledger_total(path: Path) -> tuple[int, float]:
+    with sqlite3.connect(path) as conn:
+        n, total = conn.execute("SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM spend").fetchone()
+    return int(n), float(total)
+
+
+def test_restart_keeps_spend_and_budget(provider: FakeProvider, clock: FakeClock, tmp_path: Path) -> None:
+    """A new limiter on the same state file starts from the settled spend, and enforces it."""
+    path = tmp_path / "state.sqlite"
+    first = limiter_for(path, clock)
+    for _ in range(3):
+        litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    assert first.get_usage_stats()["cost_today"] == 24
+    unregister(first)
+    second = limiter_for(path, clock, budget={"max_daily_spend": 30})
+    stats = second.get_usage_stats()
+    assert stats["cost_today"] == 24 and stats["requests_today"] == 3
+    with pytest.raises(BudgetExceededError):
+        litellm.completion(**chat_kwargs(provider, max_tokens=5))  # 24 + 14 > 30
+    assert provider.state.count() == 3
+
+
+def test_sigkill_mid_run_loses_no_settled_cent(tmp_path: Path) -> None:
+    """A process killed with SIGKILL mid-run: every call it reported settled is in the state file."""
+    path = tmp_path / "state.sqlite"
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(path), "1000", "victim"],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ})
+    assert proc.stdout is not None
+    last = 0.0
+    settled = 0
+    for line in proc.stdout:
+        if line.startswith("settled"):
+            _, n, total = line.split()
+            settled, last = int(n), float(total)
+            if settled >= 25:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    rows, total = ledger_total(path)
+    assert rows >= settled and total >= last  # nothing reported as settled was lost
+    assert total == 8 * rows
+    reopened = HiveLimiter({"state_path": str(path), "pricing": UNIT_PRICE,
+                            "budget": {"max_monthly_spend": 1_000_000}})
+    assert reopened.get_usage_stats()["cost_this_month"] == total
+
+
+def test_processes_share_one_state_file(provider: FakeProvider, clock: FakeClock, tmp_path: Path) -> None:
+    """Two processes writing the same file at once: no lost row, and a third process sees their spend."""
+    path = tmp_path / "state.sqlite"
+    watcher = limiter_for(path, clock)
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(path), "30", f"w{i}"], stdout=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+    assert ledger_total(path) == (60, 480.0)
+    clock.advance(2)  # the watcher tails the shared file about once a second
+    stats = watcher.get_usage_stats()
+    assert stats["cost_today"] == 480 and stats["requests_today"] == 60
+    assert stats["spend"]["agent"]["agent:w0"]["day"]["cost"] == 240
+
+
+def test_budget_changes_are_audited(clock: FakeClock, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """set_budget, reset_budget and reload are recorded with who, where, old and new values."""
+    path = tmp_path / "state.sqlite"
+    lim = limiter_for(path, clock)
+    lim.set_budget(max_daily_spend=50, agent_id="bot")
+    lim.reset_budget(agent_id="bot")
+    lim.reload({"state_path": str(path), "pricing": UNIT_PRICE, "budget": {"max_daily_spend": 500}})
+    rows = lim.audit_log()
+    assert [r["action"] for r in rows] == ["set", "reset", "reload"]
+    assert rows[0]["scope"] == "agent:bot"
+    assert json.loads(rows[0]["new"]) == {"agents.bot.max_cost_per_day": 50}
+    assert json.loads(rows[0]["old"]) == {"agents.bot.max_cost_per_day": None}
+    assert json.loads(rows[2]["old"])["budget.max_daily_spend"] == 1000
+    assert rows[0]["pid"] == os.getpid() and rows[0]["host"] and rows[0]["user"]
+    assert cli_main(["audit", "--state-path", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "set    agent:bot" in out and "reload" in out
+
+
+def test_memory_state_path_writes_no_file(provider: FakeProvider, clock: FakeClock, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """state_path ':memory:' keeps budgets in memory only."""
+    monkeypatch.chdir(tmp_path)
+    lim = HiveLimiter({"state_path": ":memory:", "budget": {"max_daily_spend": 10}}, clock=clock)
+    litellm.callbacks.append(lim)
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    assert list(tmp_path.iterdir()) == []
+    assert not (Path(os.environ["XDG_STATE_HOME"]) / "hive-ratelimit").exists()
+
+
+def test_default_state_file_location(provider: FakeProvider, clock: FakeClock) -> None:
+    """Without state_path, budgets persist under $XDG_STATE_HOME/hive-ratelimit/."""
+    lim = HiveLimiter({"budget": {"max_daily_spend": 10}}, clock=clock)
+    litellm.callbacks.append(lim)
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    assert (Path(os.environ["XDG_STATE_HOME"]) / "hive-ratelimit" / "state.sqlite").exists()
+
+
+def test_unwritable_ledger_is_logged_not_fatal(provider: FakeProvider, clock: FakeClock, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """If the state file cannot be written, calls go on, spend is still counted, and it is logged."""
+    lim = limiter_for(tmp_path / "state.sqlite", clock)
+    assert lim._ledger is not None
+    lim._ledger.close()  # every write now fails
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    assert lim.get_usage_stats()["cost_today"] == 8
+    assert any("could not persist" in r.getMessage() for r in caplog.records)
