@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._scopes import scope
 from .config import RateLimitingConfig, load_config
 from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout, RequestTooLargeError
-from ._scopes import scope
 
 if TYPE_CHECKING:
     from .plugin import HiveLimiter

@@ -26,6 +26,9 @@ from .errors import HiveRateLimitError, RequestTooLargeError
 
 NEVER = float("inf")
 _NO_PRIORITY = -(10**9)
+HIGH_PRIORITY = 10
+ADAPTIVE_MIN_RATE = 10  # requests per minute below which 429s say nothing about our rate
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +44,11 @@ class ScopeState:
     """Live counters of one scope."""
 
     __slots__ = (
-        "budgets", "concurrency", "in_flight", "input", "key", "last_used", "level", "limits", "output",
-        "requests", "reserved_cost", "reserved_requests", "tokens",
+        "adaptive_ceiling", "adaptive_rpm", "budgets", "circuit", "concurrency", "consecutive_failures",
+        "cooldown_until", "in_flight", "input", "key", "last_used", "learned_rpm", "learned_tpm", "level",
+        "limits", "next_slot", "observed_requests", "observed_tokens", "open_count", "open_until", "output",
+        "pace_interval", "pace_until", "probe", "rate_limited_at", "requests", "reserved_cost",
+        "reserved_requests", "tokens",
     )
 
     def __init__(self, scope: Scope) -> None:
@@ -58,6 +64,27 @@ class ScopeState:
         self.reserved_cost = 0.0
         self.reserved_requests = 0
         self.last_used = 0.0
+        # Provider signals (model and API-key scopes): cooldown after a 429, paced release after it,
+        # circuit breaker, and limits learned from headers or from 429s (AIMD).
+        self.cooldown_until = 0.0
+        self.pace_until = 0.0
+        self.pace_interval = 0.0
+        self.next_slot = 0.0
+        self.circuit = CLOSED
+        self.consecutive_failures = 0
+        self.open_until = 0.0
+        self.open_count = 0
+        self.probe: str | None = None
+        self.learned_rpm: float | None = None
+        self.learned_tpm: float | None = None
+        self.adaptive_rpm: float | None = None
+        self.adaptive_ceiling = NEVER
+        self.rate_limited_at = -NEVER
+        self.observed_requests: SlidingWindow | None = None
+        self.observed_tokens: SlidingWindow | None = None
+        if scope.level in ("model", "key"):
+            self.observed_requests = SlidingWindow(NEVER, 60.0, "learned_requests_per_minute")
+            self.observed_tokens = SlidingWindow(NEVER, 60.0, "learned_tokens_per_minute")
         self.limits = scope.limits
         self.apply(scope.limits)
 
@@ -84,6 +111,10 @@ class ScopeState:
             self.input.append(window(lim.input_tokens_per_minute, 60.0, "input_tokens_per_minute"))
         if lim.output_tokens_per_minute is not None:
             self.output.append(window(lim.output_tokens_per_minute, 60.0, "output_tokens_per_minute"))
+        if self.observed_requests is not None and self.observed_tokens is not None:
+            # Always counted; enforced only once a limit is learned (limit stays inf until then).
+            self.requests.append(self.observed_requests)
+            self.tokens.append(self.observed_tokens)
         self.concurrency = lim.concurrent_requests
         budgets = []
         for name, kind in COST_FIELDS.items():
@@ -98,6 +129,16 @@ class ScopeState:
             budgets.append(("max_requests_per_run", RUN, float(v)))
         self.budgets = budgets
         self.limits = lim
+
+    def utilization(self) -> float:
+        """The fullest of this scope's limits, as a fraction (for picking the key with most headroom)."""
+        u = 0.0
+        for w in self.windows():
+            if w.limit != NEVER:
+                u = max(u, w.total / w.limit)
+        if self.concurrency:
+            u = max(u, self.in_flight / self.concurrency)
+        return u
 
     def windows(self) -> Iterable[SlidingWindow]:
         yield from self.requests
@@ -132,6 +173,9 @@ class Ticket:
     priority: int = 0
     info: dict[str, Any] = field(default_factory=dict)
     cost: float = 0.0  # worst-case cost reserved against budgets
+    choices: list[Scope] | None = None  # one of these is picked: the one with most headroom (API keys)
+    chosen: str | None = None  # the key of the picked choice
+    deadline: float = NEVER  # give up (fail fast) on waits that end after this (engine clock)
     # (provider, model, agent, user, team, run) for spend accounting
     dims: tuple[str | None, ...] = (None, None, None, None, None, None)
     spend_keys: list[str] = field(default_factory=list)
@@ -224,6 +268,13 @@ class Engine:
         self._out_rows: list[SpendRow] = []
         self._out_events: list[dict[str, Any]] = []
         self.rejected: dict[str, int] = {}
+        self.low_priority_share = 1.0  # 1 - queue.high_priority_reserve
+        self.circuit_threshold = 5
+        self.circuit_cooldown = 30.0
+        self.circuit_max_cooldown = 300.0
+        self.adaptive = True
+        self.adaptive_decrease = 0.7
+        self.pace_default = 0.1
         self._lock = threading.RLock()
         self._states: OrderedDict[str, ScopeState] = OrderedDict()
         self._leases: dict[str, _Reservation] = {}
@@ -235,6 +286,7 @@ class Engine:
         self._max_period = max(PERIODS.values())
         self.admitted_total = 0
         self.queued_total = 0
+        self.retried_total = 0
 
     # ------------------------------------------------------------------ state
     def _state(self, scope: Scope, now: float) -> ScopeState:
@@ -259,47 +311,129 @@ class Engine:
     # -------------------------------------------------------------- admission
     def _evaluate(self, ticket: Ticket, now: float) -> tuple[list[ScopeState], Blocked | None]:
         states = [self._state(s, now) for s in ticket.scopes]
-        tin, tout = ticket.input_tokens, ticket.output_tokens
-        tall = tin + tout
+        share = 1.0 if ticket.priority >= HIGH_PRIORITY else self.low_priority_share
         first: Blocked | None = None
         retry: float | None = None
-        concurrency_blocked = False
+        release = False
         failing: set[str] = set()
-        starts: dict[str, float] | None = None
         for st in states:
-            if st.budgets:
-                if starts is None:
-                    starts = self.calendar.starts(self.wall())
-                if self._budget_blocked(st, ticket, starts):
-                    concurrency_blocked = True  # waits for in-flight reservations to settle
-                    failing.add(st.key)
-                    if first is None:
-                        first = Blocked(st.key, "budget_reservations", 0.0, None)
-            for metric, amount in ((st.requests, 1), (st.tokens, tall), (st.input, tin), (st.output, tout)):
-                for w in metric:
-                    w.expire(now)
-                    if w.total + amount > w.limit:
-                        at = w.retry_at(now, amount)
-                        if at == NEVER:
-                            raise RequestTooLargeError(
-                                f"this call needs {amount:g} against {w.name}={w.limit:g} of {st.key}: "
-                                "it can never fit; lower max_tokens or raise the limit",
-                                scope=st.key, limit=w.name, remaining=w.limit - w.total,
-                            )
-                        retry = at if retry is None else max(retry, at)
-                        failing.add(st.key)
-                        if first is None:
-                            first = Blocked(st.key, w.name, max(w.limit - w.total, 0.0), None)
-            if st.concurrency is not None and st.in_flight >= st.concurrency:
-                concurrency_blocked = True
+            r, rel, b = self._check(st, ticket, now, share)
+            if b is not None:
                 failing.add(st.key)
-                if first is None:
-                    first = Blocked(st.key, "concurrent_requests", 0.0, None)
+                first = first or b
+                release = release or rel
+                if r is not None:
+                    retry = r if retry is None else max(retry, r)
+        if ticket.choices:
+            best: tuple[float, ScopeState] | None = None
+            alt_retry: float | None = None
+            alt_first: Blocked | None = None
+            alt_error: HiveRateLimitError | None = None
+            for alt in ticket.choices:
+                st = self._state(alt, now)
+                try:
+                    r, rel, b = self._check(st, ticket, now, share)
+                except HiveRateLimitError as exc:  # this key cannot serve the call; another may
+                    alt_error = alt_error or exc
+                    continue
+                if b is None:
+                    util = st.utilization()
+                    if best is None or util < best[0]:
+                        best = (util, st)
+                else:
+                    alt_first = alt_first or b
+                    if r is not None:
+                        alt_retry = r if alt_retry is None else min(alt_retry, r)
+            if best is not None:
+                states.append(best[1])
+                ticket.chosen = best[1].key
+            elif alt_error is not None and alt_first is None:
+                raise alt_error
+            else:
+                failing.update(s.key for s in ticket.choices)
+                first = first or alt_first
+                if alt_retry is None:
+                    release = True
+                else:
+                    retry = alt_retry if retry is None else max(retry, alt_retry)
         if first is None:
             return states, None
-        first.retry_at = None if concurrency_blocked and retry is None else retry
+        first.retry_at = None if release and retry is None else retry
         first.keys = frozenset(failing)
         return states, first
+
+    def _check(self, st: ScopeState, ticket: Ticket, now: float,
+               share: float) -> tuple[float | None, bool, Blocked | None]:
+        """One scope: ``(retry_at, waits_for_a_release, first_block)``; ``first_block`` is None if it fits."""
+        retry: float | None = None
+        release = False
+        first: Blocked | None = None
+        # Provider signals first: they hold every caller of this model (or key) alike.
+        if st.cooldown_until > now:
+            retry = st.cooldown_until
+            first = Blocked(st.key, "provider_cooldown", 0.0, None)
+            if st.cooldown_until > ticket.deadline:
+                raise self._timeout(st, "the provider asked to wait", st.cooldown_until - now)
+        elif st.pace_until > now and st.next_slot > now:
+            retry = st.next_slot
+            first = Blocked(st.key, "pacing", 0.0, None)
+        if st.circuit is not CLOSED:
+            if st.circuit is OPEN and now >= st.open_until:
+                st.circuit = HALF_OPEN
+                st.probe = None
+            if st.circuit is OPEN:
+                if st.open_until > ticket.deadline:
+                    raise self._circuit_error(st, now)
+                retry = st.open_until if retry is None else max(retry, st.open_until)
+                first = first or Blocked(st.key, "circuit_open", 0.0, None)
+            elif st.probe is not None:  # half-open: one probe at a time
+                release = True
+                first = first or Blocked(st.key, "circuit_half_open", 0.0, None)
+        if st.budgets:
+            starts = self.calendar.starts(self.wall())
+            if self._budget_blocked(st, ticket, starts):
+                release = True  # waits for in-flight reservations to settle
+                first = first or Blocked(st.key, "budget_reservations", 0.0, None)
+        tin, tout = ticket.input_tokens, ticket.output_tokens
+        tall = tin + tout
+        for metric, amount in ((st.requests, 1), (st.tokens, tall), (st.input, tin), (st.output, tout)):
+            for w in metric:
+                w.expire(now)
+                limit = w.limit * share
+                if w.total + amount > limit:
+                    if amount > w.limit:
+                        raise RequestTooLargeError(
+                            f"this call needs {amount:g} against {w.name}={w.limit:g} of {st.key}: "
+                            "it can never fit; lower max_tokens or raise the limit",
+                            scope=st.key, limit=w.name, remaining=w.limit - w.total,
+                        )
+                    at = w.retry_at(now, amount + w.limit - limit)
+                    if at == NEVER:  # the high-priority reserve alone is larger than this call allows
+                        release = True
+                    else:
+                        retry = at if retry is None else max(retry, at)
+                    first = first or Blocked(st.key, w.name, max(limit - w.total, 0.0), None)
+        if st.concurrency is not None and st.in_flight >= max(st.concurrency * share, 1 if share >= 1 else 0):
+            release = True
+            first = first or Blocked(st.key, "concurrent_requests", 0.0, None)
+        return retry, release, first
+
+    def _timeout(self, st: ScopeState, why: str, wait: float) -> HiveRateLimitError:
+        from .errors import RateLimitQueueTimeout
+
+        return RateLimitQueueTimeout(
+            f"call held by {st.key}: {why} {wait:.1f}s, longer than this call may wait; no request was sent",
+            scope=st.key, limit="provider_cooldown", remaining=0.0, retry_after=wait,
+        )
+
+    def _circuit_error(self, st: ScopeState, now: float) -> HiveRateLimitError:
+        from .errors import CircuitOpenError
+
+        return CircuitOpenError(
+            f"circuit breaker for {st.key} is open after {st.consecutive_failures} consecutive provider failures; "
+            f"it lets a probe through in {st.open_until - now:.1f}s. No request was sent.",
+            scope=st.key, limit="circuit_breaker", remaining=0.0, retry_after=max(st.open_until - now, 0.0),
+        )
 
     def _budget_blocked(self, st: ScopeState, ticket: Ticket, starts: dict[str, float]) -> bool:
         """Raise if a budget of ``st`` is spent or cannot fit this call's worst case; return True
@@ -365,6 +499,10 @@ class Engine:
             if st.budgets:
                 st.reserved_cost += ticket.cost
                 st.reserved_requests += 1
+            if st.pace_until > now:
+                st.next_slot = max(st.next_slot, now) + st.pace_interval
+            if st.circuit is HALF_OPEN and st.probe is None:
+                st.probe = ticket.call_id
         self._leases[ticket.call_id] = _Reservation(ticket, states, charges, now + self.lease_seconds)
         self.admitted_total += 1
 
@@ -573,7 +711,8 @@ class Engine:
                 })
 
     def release(self, call_id: str, *, input_tokens: int | None = None, output_tokens: int | None = None,
-                cost: float | None = None) -> bool:
+                cost: float | None = None, outcome: str = "success", wait: float | None = None,
+                signals: Any = None) -> bool:
         """End a call: settle it (with the given usage, if not settled yet) and free its slots.
 
         Args:
@@ -581,6 +720,10 @@ class Engine:
             input_tokens: actual prompt tokens, or ``None`` to keep the estimate.
             output_tokens: actual output tokens, or ``None`` to keep the estimate.
             cost: actual cost, or ``None`` to keep the worst-case estimate.
+            outcome: ``"success"``, ``"rate_limited"`` (a 429/529), ``"failure"`` (5xx, timeout: counts
+                toward the circuit breaker) or ``"error"`` (anything else).
+            wait: for ``rate_limited``: how long the provider asked to wait (``None``: back off).
+            signals: a :class:`~._retry.RateSignals` read from the response headers, if any.
 
         Returns:
             ``True`` if the call held a reservation.
@@ -595,10 +738,120 @@ class Engine:
             if not res.slot_freed:
                 for st in res.states:
                     st.in_flight -= 1
+            provider_states = [st for st in res.states if st.observed_requests is not None]
+            if provider_states:
+                if outcome == "rate_limited" and any(st.level == "key" for st in provider_states):
+                    # The provider limits per API key: cool that key only; the others carry on.
+                    provider_states = [st for st in provider_states if st.level == "key"]
+                self._provider_outcome(provider_states, call_id, outcome, wait, signals, now)
             if self._waiters:
                 self._dispatch(now)
         self._drain()
         return True
+
+    # ------------------------------------------------------ provider signals
+    def _provider_outcome(self, states: list[ScopeState], call_id: str, outcome: str, wait: float | None,
+                          signals: Any, now: float) -> None:
+        for st in states:
+            if signals is not None:
+                self._learn(st, signals, now)
+            if outcome == "success":
+                st.consecutive_failures = 0
+                if st.circuit is not CLOSED and st.probe == call_id:
+                    st.circuit, st.probe, st.open_count = CLOSED, None, 0
+                    self._out_events.append({"type": "circuit_closed", "scope": st.key, "time": self.wall()})
+                if st.adaptive_rpm is not None:
+                    st.adaptive_rpm += 1.0 / max(st.adaptive_rpm, 1.0)  # additive increase: ~+1 per window
+                    if st.adaptive_rpm >= st.adaptive_ceiling:
+                        st.adaptive_rpm = None
+                    self._apply_learned(st)
+            elif outcome in ("rate_limited", "failure"):
+                if outcome == "rate_limited":
+                    self._cool_down(st, wait, now)
+                st.consecutive_failures += 1
+                probe_failed = st.circuit is HALF_OPEN and st.probe == call_id
+                if probe_failed or (st.circuit is CLOSED and st.consecutive_failures >= self.circuit_threshold):
+                    st.open_count += 1
+                    length = min(self.circuit_cooldown * 2 ** (st.open_count - 1), self.circuit_max_cooldown)
+                    st.circuit, st.probe, st.open_until = OPEN, None, now + length
+                    self._out_events.append({"type": "circuit_opened", "scope": st.key, "seconds": length,
+                                             "failures": st.consecutive_failures, "time": self.wall()})
+            elif st.probe == call_id:
+                st.probe = None  # the probe failed for a reason that says nothing about the provider
+
+    def _cool_down(self, st: ScopeState, wait: float | None, now: float) -> None:
+        """A 429: hold every caller of this scope until the provider's wait is over, then release
+        them paced; and lower the scope's learned rate (multiplicative decrease)."""
+        until = now + (wait if wait is not None else 1.0)
+        if until > st.cooldown_until:
+            st.cooldown_until = until
+        rate = self._rate(st)
+        st.pace_interval = 1.0 / rate if rate else self.pace_default
+        st.pace_until = st.cooldown_until + max(2.0 * (until - now), 1.0)
+        st.next_slot = st.cooldown_until
+        previous, st.rate_limited_at = st.rate_limited_at, now
+        # One 429 is handled by the cooldown alone; a second one within a minute means the
+        # provider enforces less than we send: lower our rate (multiplicative decrease).
+        if self.adaptive and st.observed_requests is not None and now - previous < 60.0:
+            st.observed_requests.expire(now)
+            seen = st.observed_requests.total
+            if seen < ADAPTIVE_MIN_RATE and st.adaptive_rpm is None:
+                return  # too few requests to learn a rate from; the cooldowns pace them
+            current = st.adaptive_rpm if st.adaptive_rpm is not None else seen
+            if st.adaptive_rpm is None:
+                st.adaptive_ceiling = max(seen, 1.0) * 2.0
+            st.adaptive_rpm = max(float(ADAPTIVE_MIN_RATE) * self.adaptive_decrease,
+                                  min(current, seen) * self.adaptive_decrease)
+            self._apply_learned(st)
+
+    def _rate(self, st: ScopeState) -> float | None:
+        """The strictest request rate (per second) this scope is known to allow."""
+        rates = [w.limit / w.period for w in st.requests if w.limit != NEVER]
+        return min(rates) if rates else None
+
+    def _learn(self, st: ScopeState, sig: Any, now: float) -> None:
+        if sig.limit_requests:
+            st.learned_rpm = float(sig.limit_requests)
+        if sig.limit_tokens:
+            st.learned_tpm = float(sig.limit_tokens)
+        self._apply_learned(st)
+        # Out of requests (or tokens) until a reset: wait for it instead of collecting a 429.
+        resets = []
+        if sig.remaining_requests == 0 and sig.reset_requests:
+            resets.append(sig.reset_requests)
+        if sig.remaining_tokens == 0 and sig.reset_tokens:
+            resets.append(sig.reset_tokens)
+        if resets and now + max(resets) > st.cooldown_until:
+            st.cooldown_until = now + max(resets)
+
+    def _apply_learned(self, st: ScopeState) -> None:
+        if st.observed_requests is not None:
+            limits = [x for x in (st.learned_rpm, st.adaptive_rpm) if x is not None]
+            st.observed_requests.limit = min(limits) if limits else NEVER
+        if st.observed_tokens is not None:
+            st.observed_tokens.limit = st.learned_tpm if st.learned_tpm is not None else NEVER
+
+    def provider_state(self) -> dict[str, dict[str, Any]]:
+        """Cooldowns, circuits and learned limits of model and API-key scopes."""
+        with self._lock:
+            now = self.clock()
+            out: dict[str, dict[str, Any]] = {}
+            for key, st in self._states.items():
+                if st.observed_requests is None:
+                    continue
+                entry: dict[str, Any] = {"circuit": st.circuit}
+                if st.cooldown_until > now:
+                    entry["cooldown_seconds"] = st.cooldown_until - now
+                if st.learned_rpm is not None:
+                    entry["learned_requests_per_minute"] = st.learned_rpm
+                if st.learned_tpm is not None:
+                    entry["learned_tokens_per_minute"] = st.learned_tpm
+                if st.adaptive_rpm is not None:
+                    entry["adaptive_requests_per_minute"] = round(st.adaptive_rpm, 2)
+                if st.consecutive_failures:
+                    entry["consecutive_failures"] = st.consecutive_failures
+                out[key] = entry
+            return out
 
     def _drain(self) -> None:
         """Hand spend rows and events to their consumers, outside the lock."""
@@ -722,6 +975,18 @@ class Engine:
         t = res.ticket
         return (str(t.info.get("provider", "")), str(t.info.get("model", "")), t.input_tokens)
 
+    def note_retry(self) -> None:
+        """Count a provider 429 that is being retried for its caller."""
+        with self._lock:
+            self.retried_total += 1
+
+    def consecutive_failures(self, call_id: str) -> int:
+        """Consecutive provider failures of the model/key scopes of an open call (for backoff)."""
+        res = self._leases.get(call_id)
+        if res is None:
+            return 0
+        return max((st.consecutive_failures for st in res.states if st.observed_requests is not None), default=0)
+
     def holds(self, call_id: str) -> bool:
         """Whether ``call_id`` has an open reservation."""
         return call_id in self._leases
@@ -745,6 +1010,9 @@ class Engine:
             if not res.slot_freed:
                 for st in res.states:
                     st.in_flight -= 1
+            for st in res.states:
+                if st.probe == cid:
+                    st.probe = None
         # Evict idle scopes, least recently used first; a scope whose windows are all empty
         # carries no information, so dropping it changes no decision.
         states = self._states
@@ -788,7 +1056,8 @@ class Engine:
                 entry: dict[str, Any] = {"level": st.level}
                 for w in st.windows():
                     w.expire(now)
-                    entry[w.name] = {"used": w.total, "limit": w.limit}
+                    if w.limit != NEVER:
+                        entry[w.name] = {"used": w.total, "limit": w.limit}
                 entry["in_flight"] = st.in_flight
                 if st.concurrency is not None:
                     entry["concurrent_requests"] = {"used": st.in_flight, "limit": st.concurrency}

@@ -9,6 +9,7 @@ Metadata wins over the context.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -16,14 +17,13 @@ from typing import Any
 
 from cachetools import LRUCache
 
-import logging
-
 from ._engine import Scope
 from .config import AgentLimits, LimitSet, RateLimitingConfig, match_name
 
 logger = logging.getLogger("hive_ratelimit_plugin")
 
 PRIORITY_NAMES: dict[str, int] = {"high": 10, "normal": 0, "low": -10}
+_NO_LIMITS = LimitSet()
 IDENTITY_FIELDS = ("agent_id", "user_id", "team_id", "run_id", "priority")
 
 _context: ContextVar[Mapping[str, Any] | None] = ContextVar("hive_ratelimit_identity", default=None)
@@ -120,6 +120,7 @@ class ScopeResolver:
     def __init__(self, config: RateLimitingConfig) -> None:
         self.config = config
         self._cache: LRUCache[tuple[Any, ...], list[Scope]] = LRUCache(maxsize=8192)
+        self._choices: dict[str, list[Scope] | None] = {}
         self._warned_no_run: set[str] = set()
         g, b = config.global_, config.budget
 
@@ -158,9 +159,11 @@ class ScopeResolver:
             own = LimitSet.model_validate({k: getattr(pconf, k) for k in LimitSet.model_fields})
             if not own.is_empty():
                 out.append(Scope("provider", f"provider:{provider}", own))
-            found = self._model_limits(provider, model)
-            if found is not None and not found[1].is_empty():
-                out.append(Scope("model", f"model:{provider}/{found[0]}", found[1]))
+        found = self._model_limits(provider, model)
+        bare = split_model(model, provider)
+        # The model scope is always there, limits or not: it carries the provider's signals
+        # (cooldown after a 429, circuit breaker, learned limits).
+        out.append(Scope("model", f"model:{provider}/{bare}", found[1] if found is not None else _NO_LIMITS))
         for level, name, table in (
             ("agent", ident.agent_id, cfg.agents),
             ("user", ident.user_id, cfg.users),
@@ -180,6 +183,19 @@ class ScopeResolver:
                     if run_scope is not None:
                         out.append(run_scope)
         self._cache[cache_key] = out
+        return out
+
+    def choices(self, provider: str) -> list[Scope] | None:
+        """The provider's API keys as scopes to choose from (``None`` if it has none configured)."""
+        if provider in self._choices:
+            return self._choices[provider]
+        pconf = self.config.providers.get(provider)
+        out: list[Scope] | None = None
+        if pconf is not None and pconf.api_keys:
+            out = [Scope("key", f"key:{provider}/{k.env}",
+                         LimitSet.model_validate({f: getattr(k, f) for f in LimitSet.model_fields}))
+                   for k in pconf.api_keys]
+        self._choices[provider] = out
         return out
 
     def _run_scope(self, agent: str, run_id: str | None, limits: AgentLimits) -> Scope | None:

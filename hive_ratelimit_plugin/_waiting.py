@@ -52,6 +52,7 @@ def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
     """
     event = threading.Event()
     start = engine.clock()
+    ticket.deadline = start + max_wait
     try:
         waiter = engine.acquire(ticket, event.set)
     except QueueFull:
@@ -109,6 +110,7 @@ async def acquire_async(engine: Engine, ticket: Ticket, max_wait: float) -> floa
             pass
 
     start = engine.clock()
+    ticket.deadline = start + max_wait
     try:
         waiter = engine.acquire(ticket, wake)
     except QueueFull:

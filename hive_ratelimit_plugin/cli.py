@@ -41,11 +41,10 @@ def _demo(args: argparse.Namespace) -> int:
     import time
 
     import litellm
+    from litellm.integrations.custom_logger import CustomLogger
 
     from .errors import HiveRateLimitError
     from .fake_provider import FakeProvider, ProviderState
-    from litellm.integrations.custom_logger import CustomLogger
-
     from .plugin import HiveLimiter, unregister
 
     litellm.suppress_debug_info = True
@@ -147,7 +146,7 @@ def _audit(args: argparse.Namespace) -> int:
         return 0
     print(f"budget changes recorded in {path}:")
     for r in rows:
-        when = dt.datetime.fromtimestamp(r["ts"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        when = dt.datetime.fromtimestamp(r["ts"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         print(f"{when}  {r['action']:<6} {r['scope']:<28} {r['old']} -> {r['new']}  "
               f"(by {r['user']} on {r['host']}, pid {r['pid']})")
     return 0

@@ -102,6 +102,7 @@ class ProviderConfig(LimitSet):
     """
 
     models: dict[str, LimitSet] = Field(default_factory=dict)
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -112,6 +113,9 @@ class ProviderConfig(LimitSet):
         models: dict[str, Any] = dict(data.get("models") or {})
         for key, value in data.items():
             if key == "models":
+                continue
+            if key == "api_keys":
+                own[key] = value
                 continue
             if key in LIMIT_FIELDS:
                 own[key] = value
@@ -129,6 +133,55 @@ class QueueConfig(_Strict):
 
     max_wait_seconds: float = Field(default=60.0, ge=0)
     max_size: PositiveInt = 10_000
+    high_priority_reserve: float = Field(default=0.0, ge=0, lt=1)
+    """Share of every limit that only ``high``-priority calls (priority >= 10) may use."""
+
+
+class RetryConfig(_Strict):
+    """Retrying calls that a provider answered with 429 (or Anthropic's 529 "overloaded")."""
+
+    enabled: bool = True
+    max_attempts: PositiveInt = 5
+    """Attempts in all, the first included (5 = up to 4 retries)."""
+    max_wait_seconds: float = Field(default=120.0, ge=0)
+    """Total time a call may spend waiting for retries; past it the caller gets the RateLimitError."""
+    base_delay: PositiveFloat = 1.0
+    max_delay: PositiveFloat = 60.0
+    """Cap on one wait, whatever Retry-After says."""
+    take_over_sdk_retries: bool = True
+    """Set ``max_retries=0`` on calls that do not set it, so the openai SDK does not retry 429s
+    behind the limiter's back (the limiter retries them instead, through admission)."""
+
+
+class CircuitBreakerConfig(_Strict):
+    """Per provider/model (and API key): stop calling after consecutive failures."""
+
+    enabled: bool = True
+    failure_threshold: PositiveInt = 5
+    cooldown_seconds: PositiveFloat = 30.0
+    max_cooldown_seconds: PositiveFloat = 300.0
+
+
+class AdaptiveConfig(_Strict):
+    """Learn a provider's real limits from x-ratelimit-* headers and from 429s (AIMD)."""
+
+    enabled: bool = True
+    decrease_factor: float = Field(default=0.7, gt=0, lt=1)
+
+
+class ApiKeyConfig(LimitSet):
+    """One of several API keys of a provider: the key is read from the environment variable ``env``."""
+
+    env: str
+
+    @field_validator("env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c == "_" for c in value):
+            raise ValueError("must be the NAME of an environment variable (letters, digits, _), not a key")
+        if value not in os.environ:
+            raise ValueError(f"environment variable {value} is not set")
+        return value
 
 
 class EstimationConfig(_Strict):
@@ -218,6 +271,9 @@ class RateLimitingConfig(BaseSettings):
         default_factory=lambda: PriceConfig(input_per_million=15.0, output_per_million=75.0)
     )
     runaway: RunawayConfig = Field(default_factory=RunawayConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
     state_path: str | None = None
 
     def has_budgets(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "BudgetExceededError",
+    "CircuitOpenError",
     "ConfigError",
     "HiveRateLimitError",
     "RateLimitQueueTimeout",
@@ -76,3 +77,10 @@ def __getattr__(name: str) -> type[HiveRateLimitError]:
 
         return getattr(_budget_errors, name)  # type: ignore[no-any-return]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class CircuitOpenError(HiveRateLimitError):
+    """The circuit breaker of a provider/model is open after repeated failures; no request was sent.
+
+    Transient: it lets a probe through after ``retry_after`` seconds.
+    """

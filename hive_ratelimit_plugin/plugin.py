@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -33,12 +34,13 @@ from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys
 from ._engine import Engine, Ticket
 from ._ledger import Ledger
 from ._pricing import PriceBook
+from ._retry import backoff, is_rate_limit, is_transient, read_signals, response_headers, suggested_wait
 from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
 from ._tokens import count_input, count_messages, requested_output
 from ._waiting import acquire_async, acquire_sync
 from .config import RateLimitingConfig, load_config
-from .errors import HiveRateLimitError, RateLimitQueueTimeout
+from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
 
 __all__ = ["HiveLimiter"]
 
@@ -51,6 +53,16 @@ _SKIP_TYPES = frozenset({"moderation", "amoderation", "image_generation", "aimag
 # Set while a sync guard is admitting/running a call on this thread, so nested LiteLLM entry
 # points (text_completion -> completion) and log_pre_api_call know the call is already held.
 _guarded_call: ContextVar[str | None] = ContextVar("hive_ratelimit_guarded_call", default=None)
+_MAX_PROVIDER_WAIT = 3600.0  # absurd Retry-After values are clamped to this
+# While a call is being retried: the engine-clock time by which its admission must finish.
+_wait_budget: ContextVar[float | None] = ContextVar("hive_ratelimit_wait_budget", default=None)
+
+
+def _exception_of(kwargs: Mapping[str, Any], response_obj: Any) -> BaseException | None:
+    exc = kwargs.get("exception")
+    if isinstance(exc, BaseException):
+        return exc
+    return response_obj if isinstance(response_obj, BaseException) else None
 
 
 class _Unset:
@@ -215,6 +227,7 @@ class HiveLimiter(CustomLogger):
         self._attempts_lock = threading.Lock()
         self._provider_cache: dict[tuple[str, str | None], str] = {}
         self._next_tail = 0.0
+        self._configure_engine(cfg)
         if self._ledger is not None:
             self._engine.load_spend(self._ledger.load(self._engine.calendar.starts(self._engine.wall())))
         install_sync_guard()
@@ -247,6 +260,7 @@ class HiveLimiter(CustomLogger):
         self._resolver = ScopeResolver(cfg)
         self._prices = PriceBook(cfg)
         eng = self._engine
+        self._configure_engine(cfg)
         eng.max_queue = cfg.queue.max_size
         eng.lease_seconds = cfg.estimation.lease_seconds
         eng.currency = cfg.budget.currency
@@ -271,12 +285,22 @@ class HiveLimiter(CustomLogger):
             self._emit({"type": "budget_changed", "action": action, "scope": scope, "old": old, "new": changed,
                         "time": eng.wall()})
 
+    def _configure_engine(self, cfg: RateLimitingConfig) -> None:
+        eng = self._engine
+        eng.low_priority_share = 1.0 - cfg.queue.high_priority_reserve
+        cb = cfg.circuit_breaker
+        eng.circuit_threshold = cb.failure_threshold if cb.enabled else 2**62
+        eng.circuit_cooldown = cb.cooldown_seconds
+        eng.circuit_max_cooldown = cb.max_cooldown_seconds
+        eng.adaptive = cfg.adaptive.enabled
+        eng.adaptive_decrease = cfg.adaptive.decrease_factor
+
     # ---------------------------------------------------------------- budgets
     def set_budget(
         self,
-        max_hourly_spend: float | None | _Unset = _UNSET,
-        max_daily_spend: float | None | _Unset = _UNSET,
-        max_monthly_spend: float | None | _Unset = _UNSET,
+        max_hourly_spend: float | _Unset | None = _UNSET,
+        max_daily_spend: float | _Unset | None = _UNSET,
+        max_monthly_spend: float | _Unset | None = _UNSET,
         currency: str | None = None,
         *,
         agent_id: str | None = None,
@@ -373,7 +397,7 @@ class HiveLimiter(CustomLogger):
                     "new": {"spent": 0.0}, "time": eng.wall()})
 
     def on_event(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
-        """Register ``callback(event)`` for structured events; returns it (usable as a decorator).
+        r"""Register ``callback(event)`` for structured events; returns it (usable as a decorator).
 
         Event ``type``\ s: ``budget_warning``, ``budget_exceeded``, ``runaway_detected``,
         ``queue_timeout``, ``budget_changed``. Events never contain API keys.
@@ -460,6 +484,8 @@ class HiveLimiter(CustomLogger):
             "admitted_total": eng.admitted_total,
             "queued_total": eng.queued_total,
             "rejected": dict(eng.rejected),
+            "retried_total": eng.retried_total,
+            "providers": eng.provider_state(),
         })
         return out
 
@@ -513,10 +539,6 @@ class HiveLimiter(CustomLogger):
         scopes = self._resolver.scopes(provider, model, ident)
         bare = split_model(model, provider)
         dims = (provider, bare, ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
-        if not scopes:
-            if self._ledger is None:
-                return None
-            # No limit applies, but spend is recorded for budgets' per-level totals and the audit.
         budgeted = any(_has_budget(s.limits) for s in scopes)
         input_tokens = output_tokens = 0
         if budgeted or any(s.limits.tokens_per_second or s.limits.tokens_per_minute or s.limits.tokens_per_hour
@@ -549,6 +571,7 @@ class HiveLimiter(CustomLogger):
             cost=cost,
             dims=dims,
             spend_keys=dim_keys(*dims),
+            choices=self._resolver.choices(provider),
         )
 
     def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
@@ -577,14 +600,27 @@ class HiveLimiter(CustomLogger):
         with self._attempts_lock:
             self._attempts[call_id] = 0
 
-    def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False) -> None:
+    def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
+                exc: BaseException | None = None) -> None:
         if not call_id:
             return
         with self._attempts_lock:
             self._attempts.pop(call_id, None)
+        eng = self._engine
         if failed:
             # The prompt was sent but nothing was produced: providers do not bill failed calls.
-            self._engine.release(call_id, output_tokens=0, cost=0.0)
+            outcome, wait, signals = "error", None, None
+            if exc is not None:
+                headers = response_headers(exc)
+                signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if headers else None
+                if is_rate_limit(exc):
+                    outcome = "rate_limited"
+                    wait = suggested_wait(signals) if signals is not None else None
+                    if wait is None:
+                        wait = self._backoff(call_id)
+                elif is_transient(exc):
+                    outcome = "failure"
+            eng.release(call_id, output_tokens=0, cost=0.0, outcome=outcome, wait=wait, signals=signals)
             return
         tin, tout = _usage_of(response)
         cost = None
@@ -595,7 +631,15 @@ class HiveLimiter(CustomLogger):
             if not price.known:
                 self._prices.warn_unknown(provider, model, "LiteLLM reports no cost for it")
             cost = price.cost(est_in if tin is None else tin, tout or 0)
-        self._engine.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost)
+        headers = response_headers(response)
+        signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if headers else None
+        eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
+
+    def _backoff(self, call_id: str) -> float:
+        """Exponential backoff with full jitter for a 429 that named no wait."""
+        r = self._config.retry
+        failures = self._engine.consecutive_failures(call_id)
+        return backoff(failures, r.base_delay, r.max_delay)
 
     # ------------------------------------------------------- async (hooks)
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> None:
@@ -611,12 +655,27 @@ class HiveLimiter(CustomLogger):
         if ticket is None:
             return None
         try:
-            await acquire_async(self._engine, ticket, self._config.queue.max_wait_seconds)
+            await acquire_async(self._engine, ticket, self._max_wait())
         except RateLimitQueueTimeout as exc:
             self._emit(_timeout_event(ticket, exc, self._engine.wall()))
             raise
         self._begin_attempts(call_id)
+        if ticket.chosen is not None:
+            kwargs["api_key"] = self._key_value(ticket.chosen)
+            return kwargs  # type: ignore[return-value]
         return None
+
+    def _max_wait(self) -> float:
+        budget = _wait_budget.get()
+        limit = self._config.queue.max_wait_seconds
+        return limit if budget is None else max(min(limit, budget - self._engine.clock()), 0.0)
+
+    def _key_value(self, scope_key: str) -> str:
+        env = scope_key.split("/", 1)[1]
+        value = os.environ.get(env)
+        if not value:
+            raise ConfigError(f"API key environment variable {env} is no longer set")
+        return value
 
     async def async_post_call_success_deployment_hook(
         self, request_data: dict[str, Any], response: Any, call_type: Any
@@ -634,7 +693,7 @@ class HiveLimiter(CustomLogger):
         if not call_id:
             return response_chunk
         if getattr(response_chunk, "usage", None) is not None:
-            tin, tout = _usage_of(response_chunk)
+            tin, _ = _usage_of(response_chunk)
             if tin is not None:
                 # The usage chunk is the last one the provider sends: the call is complete.
                 self._finish(call_id, response_chunk)
@@ -653,7 +712,7 @@ class HiveLimiter(CustomLogger):
 
     async def async_log_failure_event(self, kwargs: dict[str, Any], response_obj: Any,
                                       start_time: Any, end_time: Any) -> None:
-        self._finish(kwargs.get("litellm_call_id"), failed=True)
+        self._finish(kwargs.get("litellm_call_id"), failed=True, exc=_exception_of(kwargs, response_obj))
 
     # -------------------------------------------------------- sync (events)
     def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
@@ -673,7 +732,7 @@ class HiveLimiter(CustomLogger):
         self._finish(kwargs.get("litellm_call_id"), response_obj)
 
     def log_failure_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
-        self._finish(kwargs.get("litellm_call_id"), failed=True)
+        self._finish(kwargs.get("litellm_call_id"), failed=True, exc=_exception_of(kwargs, response_obj))
 
     # ------------------------------------------------------------ sync guard
     def _guard_sync(self, call_type: str, kwargs: dict[str, Any]) -> str | None:
@@ -684,11 +743,13 @@ class HiveLimiter(CustomLogger):
         if ticket is None:
             return None
         try:
-            acquire_sync(self._engine, ticket, self._config.queue.max_wait_seconds)
+            acquire_sync(self._engine, ticket, self._max_wait())
         except RateLimitQueueTimeout as exc:
             self._emit(_timeout_event(ticket, exc, self._engine.wall()))
             raise
         self._begin_attempts(call_id)
+        if ticket.chosen is not None:
+            kwargs["api_key"] = self._key_value(ticket.chosen)
         return call_id
 
 
@@ -739,25 +800,68 @@ _POSITIONAL = {
     "completion": ("model", "messages"),
     "embedding": ("model", "input"),
     "text_completion": ("prompt",),
+    "acompletion": ("model", "messages"),
+    "aembedding": ("model", "input"),
+    "atext_completion": ("prompt",),
 }
+_ASYNC_NAMES = ("acompletion", "aembedding", "atext_completion")
 _guard_lock = threading.Lock()
 
 
 def _active_limiters() -> list[HiveLimiter]:
-    return [cb for cb in litellm.callbacks if isinstance(cb, HiveLimiter)]
+    return [cb for cb in litellm.callbacks if isinstance(cb, HiveLimiter) and cb.config.enabled]
 
 
-def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+class _Retrying:
+    """The retry policy of one guarded call: provider 429s are retried, each attempt re-admitted."""
+
+    def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any]) -> None:
+        cfg = limiter.config.retry
+        self.limiter = limiter
+        self.enabled = cfg.enabled
+        self.max_attempts = cfg.max_attempts if cfg.enabled else 1
+        self.deadline = limiter._engine.clock() + cfg.max_wait_seconds
+        self.attempt = 0
+        self.last_429: BaseException | None = None
+        self.user_call_id = kwargs.get("litellm_call_id")
+        if cfg.take_over_sdk_retries and "max_retries" not in kwargs:
+            kwargs["max_retries"] = 0  # the openai SDK would retry 429s unseen, outside admission
+
+    def begin(self, kwargs: dict[str, Any]) -> None:
+        self.attempt += 1
+        if self.attempt > 1 and not self.user_call_id:
+            kwargs.pop("litellm_call_id", None)  # a fresh admission for each attempt
+
+    def budget(self) -> float | None:
+        return self.deadline if self.attempt > 1 else None
+
+    def should_retry(self, exc: BaseException) -> bool:
+        """Decide after a failed attempt; annotates the exception the caller will get."""
+        lim = self.limiter
+        if isinstance(exc, RateLimitQueueTimeout) and self.last_429 is not None:
+            # Waiting for the provider's cooldown would outlast the retry budget.
+            raise self.last_429 from None
+        if not is_rate_limit(exc):
+            return False
+        self.last_429 = exc
+        now = lim._engine.clock()
+        headers = response_headers(exc)
+        sig = read_signals(headers, lim._engine.wall(), cap=_MAX_PROVIDER_WAIT) if headers else None
+        wait = suggested_wait(sig) if sig is not None else None
+        with contextlib.suppress(Exception):
+            exc.retry_after = wait  # type: ignore[attr-defined]
+        if self.attempt >= self.max_attempts or not self.enabled:
+            return False
+        if wait is not None and (wait > lim.config.retry.max_delay or now + wait > self.deadline):
+            return False
+        lim._engine.note_retry()
+        return True
+
+
+def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     names = _POSITIONAL[name]
 
-    @functools.wraps(fn)
-    def guard(*args: Any, **kwargs: Any) -> Any:
-        if _guarded_call.get() is not None or kwargs.get("acompletion") or kwargs.get("aembedding") \
-                or kwargs.get("atext_completion"):
-            return fn(*args, **kwargs)
-        limiters = _active_limiters()
-        if not limiters:
-            return fn(*args, **kwargs)
+    def attempt(limiters: list[HiveLimiter], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         view = dict(kwargs)
         for pname, value in zip(names, args, strict=False):
             view.setdefault(pname, value)
@@ -774,12 +878,14 @@ def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if not held:
             return fn(*args, **kwargs)
         kwargs["litellm_call_id"] = view["litellm_call_id"]
+        if "api_key" in view and view.get("api_key") is not kwargs.get("api_key"):
+            kwargs["api_key"] = view["api_key"]
         token = _guarded_call.set(view["litellm_call_id"])
         try:
             result = fn(*args, **kwargs)
-        except BaseException:
+        except BaseException as exc:
             for lim, cid in held:
-                lim._finish(cid, failed=True)
+                lim._finish(cid, failed=True, exc=exc)
             raise
         finally:
             _guarded_call.reset(token)
@@ -789,17 +895,63 @@ def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         # A stream settles from its success event when exhausted, or when its lease expires.
         return result
 
+    @functools.wraps(fn)
+    def guard(*args: Any, **kwargs: Any) -> Any:
+        if _guarded_call.get() is not None or kwargs.get("acompletion") or kwargs.get("aembedding") \
+                or kwargs.get("atext_completion"):
+            return fn(*args, **kwargs)
+        limiters = _active_limiters()
+        if not limiters:
+            return fn(*args, **kwargs)
+        retrying = _Retrying(limiters[0], kwargs)
+        while True:
+            retrying.begin(kwargs)
+            token = _wait_budget.set(retrying.budget())
+            try:
+                return attempt(limiters, args, kwargs)
+            except Exception as exc:
+                if not retrying.should_retry(exc):
+                    raise
+            finally:
+                _wait_budget.reset(token)
+
+    guard.__hive_ratelimit_guard__ = True  # type: ignore[attr-defined]
+    return guard
+
+
+def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def guard(*args: Any, **kwargs: Any) -> Any:
+        limiters = _active_limiters()
+        if not limiters or _guarded_call.get() is not None:
+            return await fn(*args, **kwargs)
+        # Admission happens in the deployment hook; this loop only retries provider 429s.
+        retrying = _Retrying(limiters[0], kwargs)
+        while True:
+            retrying.begin(kwargs)
+            token = _wait_budget.set(retrying.budget())
+            try:
+                return await fn(*args, **kwargs)
+            except Exception as exc:
+                if not retrying.should_retry(exc):
+                    raise
+            finally:
+                _wait_budget.reset(token)
+
     guard.__hive_ratelimit_guard__ = True  # type: ignore[attr-defined]
     return guard
 
 
 def install_sync_guard() -> None:
-    """Wrap LiteLLM's sync entry points once per process (idempotent).
+    """Wrap LiteLLM's entry points once per process (idempotent).
 
-    The guard does nothing unless a :class:`HiveLimiter` is in ``litellm.callbacks``.
+    Sync entry points are admitted by the guard itself (LiteLLM swallows exceptions raised in
+    sync hooks); async ones are admitted in the deployment hook and only retried by the guard.
+    The guards do nothing unless an enabled :class:`HiveLimiter` is in ``litellm.callbacks``.
     """
     with _guard_lock:
         for name in _POSITIONAL:
             current = getattr(litellm, name)
             if not getattr(current, "__hive_ratelimit_guard__", False):
-                setattr(litellm, name, _guarded(name, current))
+                wrap = _wrap_async if name in _ASYNC_NAMES else _wrap_sync
+                setattr(litellm, name, wrap(name, current))

@@ -11,13 +11,9 @@ for _name in list(os.environ):
         del os.environ[_name]
 
 import collections.abc
-import threading
-import time
-from typing import Any
 
 import litellm
 import pytest
-from litellm.integrations.custom_logger import CustomLogger
 
 from hive_ratelimit_plugin.plugin import unregister
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, ProviderState

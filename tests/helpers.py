@@ -47,3 +47,30 @@ def max_in_any_window(times: list[float], period: float) -> int:
             j += 1
         best = max(best, i - j + 1)
     return best
+
+
+class Ticker:
+    """Advances a FakeClock by ``step`` every few real milliseconds, in a thread, while active.
+
+    Time-dependent waits (cooldowns, windows) then pass in fake time at a controlled pace without
+    sleeping for real durations.
+    """
+
+    def __init__(self, clock: Any, step: float = 0.25, every: float = 0.003) -> None:
+        self.clock = clock
+        self.step = step
+        self.every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.clock.advance(self.step)
+
+    def __enter__(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)

@@ -110,7 +110,16 @@ def test_bad_env_value_is_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _keys(resolver: ScopeResolver, provider: str, model: str, **ident: str) -> list[str]:
-    return [s.key for s in resolver.scopes(provider, model, Identity(**ident))]
+    """Keys of the scopes that carry limits."""
+    return [s.key for s in resolver.scopes(provider, model, Identity(**ident)) if not s.limits.is_empty()]
+
+
+def test_model_scope_is_always_present() -> None:
+    """Every call has a model scope (it carries cooldowns and circuit state), limits or not."""
+    r = ScopeResolver(load_config({}, use_env=False))
+    scopes = r.scopes("anthropic", "anthropic/claude-sonnet-4", Identity())
+    assert [s.key for s in scopes] == ["model:anthropic/claude-sonnet-4"]
+    assert scopes[0].limits.is_empty()
 
 
 def test_model_keys_match_with_or_without_prefix_and_globs() -> None:

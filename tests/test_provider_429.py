@@ -1,0 +1,362 @@
+"""Provider 429s: retries, shared cooldowns, pacing, adaptive limits, circuit breaker, API keys.
+
+Real LiteLLM calls against the fake provider; time is a FakeClock moved by a Ticker, so a
+provider's "retry after 2 s" takes milliseconds of real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import litellm
+import pytest
+
+from hive_ratelimit_plugin import HiveLimiter, RateLimitQueueTimeout
+from hive_ratelimit_plugin.errors import CircuitOpenError, ConfigError, HiveRateLimitError
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
+
+from .helpers import Recorder, Ticker, chat_kwargs
+
+
+async def _until_cooling(limiter: HiveLimiter) -> None:
+    for _ in range(2000):
+        if any("cooldown_seconds" in p for p in limiter.get_usage_stats()["providers"].values()):
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("no cooldown registered")
+
+
+def make(clock: FakeClock, config: dict[str, Any] | None = None) -> tuple[HiveLimiter, Recorder]:
+    limiter = HiveLimiter(config or {}, clock=clock)
+    clock.attach(limiter)
+    recorder = Recorder(clock)
+    litellm.callbacks.extend([limiter, recorder])
+    return limiter, recorder
+
+
+def no_sdk_retries(kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs.pop("max_retries", None)  # leave it to the limiter, as a user would
+    return kwargs
+
+
+def too_many(after: str = "2") -> Scripted:
+    return Scripted(status=429, headers={"retry-after": after})
+
+
+async def test_async_429_is_retried_after_retry_after(provider: FakeProvider, clock: FakeClock) -> None:
+    """Two 429s then success: the caller gets the answer; retries honour Retry-After."""
+    limiter, rec = make(clock)
+    provider.state.push(too_many("2"), too_many("2"))
+    with Ticker(clock, step=0.05):
+        resp = await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
+    assert resp.choices[0].message.content
+    assert provider.state.count() == 3 and provider.state.count(429) == 2
+    times = [t for t, _ in rec.sent]
+    assert times[1] - times[0] >= 2.0 and times[2] - times[1] >= 2.0
+    assert limiter.get_usage_stats()["retried_total"] == 2
+    assert limiter.get_usage_stats()["levels"]["model"]["model:openai/gpt-4o-mini"]["in_flight"] == 0
+
+
+def test_sync_429_is_retried(provider: FakeProvider, clock: FakeClock) -> None:
+    """The same for sync calls: the calling thread waits out the cooldown and retries."""
+    _, rec = make(clock)
+    provider.state.push(too_many("3"))
+    with Ticker(clock, step=0.05):
+        litellm.completion(**no_sdk_retries(chat_kwargs(provider)))
+    assert provider.state.count() == 2
+    assert rec.sent[1][0] - rec.sent[0][0] >= 3.0
+
+
+async def test_stream_429_before_first_chunk_is_retried(provider: FakeProvider, clock: FakeClock) -> None:
+    """A stream refused with 429 is retried, then streams normally."""
+    make(clock)
+    provider.state.push(too_many("1"))
+    with Ticker(clock, step=0.05):
+        resp = await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)), stream=True)
+        chunks = [c async for c in resp]
+    assert chunks and provider.state.count() == 2
+
+
+async def test_anthropic_429_and_529_are_retried(provider: FakeProvider, clock: FakeClock) -> None:
+    """Anthropic-style provider: a 429 and a 529 "overloaded" both cool down and retry."""
+    make(clock)
+    provider.state.push(too_many("1"), Scripted(status=529, body={
+        "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+    with Ticker(clock, step=0.05):
+        resp = await litellm.acompletion(model="anthropic/claude-3-5-haiku-20241022", api_base=provider.root,
+                                         api_key="sk-ant-test", max_tokens=5,
+                                         messages=[{"role": "user", "content": "hi"}])
+    assert resp.choices[0].message.content == "ok"
+    assert provider.state.count() == 3
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_retries_exhausted_raise_rate_limit_error(mode: str, provider: FakeProvider,
+                                                         clock: FakeClock) -> None:
+    """After max_attempts the caller gets litellm.RateLimitError with retry_after; nothing more is sent."""
+    make(clock, {"retry": {"max_attempts": 3}})
+    provider.state.push(*[too_many("1")] * 10)
+    with Ticker(clock, step=0.05), pytest.raises(litellm.RateLimitError) as info:
+        if mode == "sync":
+            litellm.completion(**no_sdk_retries(chat_kwargs(provider)))
+        else:
+            await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
+    assert provider.state.count() == 3  # exactly max_attempts: no hidden SDK retries
+    assert info.value.retry_after == 1.0  # type: ignore[attr-defined]
+
+
+async def test_retry_after_beyond_max_wait_fails_at_once(provider: FakeProvider, clock: FakeClock) -> None:
+    """A Retry-After longer than retry.max_wait_seconds is not waited for."""
+    make(clock, {"retry": {"max_wait_seconds": 30}})
+    provider.state.push(too_many("100"))
+    with pytest.raises(litellm.RateLimitError) as info:
+        await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
+    assert info.value.retry_after == 100  # type: ignore[attr-defined]
+    assert provider.state.count() == 1
+
+
+async def test_cooldown_holds_every_caller_then_releases_them_paced(provider: FakeProvider,
+                                                                    clock: FakeClock) -> None:
+    """After a 429, new callers of that model wait for the cooldown, then go out paced, not as a herd."""
+    limiter, rec = make(clock)
+    provider.state.push(too_many("10"))
+    with Ticker(clock, step=0.02):
+        first = asyncio.create_task(litellm.acompletion(**no_sdk_retries(chat_kwargs(provider))))
+        await _until_cooling(limiter)
+        t0 = clock()
+        others = [asyncio.create_task(litellm.acompletion(**no_sdk_retries(chat_kwargs(provider))))
+                  for _ in range(5)]
+        await asyncio.gather(first, *others)
+    sent_after = sorted(t for t, _ in rec.sent[1:])
+    assert len(sent_after) == 6
+    assert min(sent_after) >= t0 + 9.9  # nobody jumped the cooldown
+    # Paced (one every 0.1 s by default), not all at once: 6 calls span at least 5 intervals.
+    assert sent_after[-1] - sent_after[0] >= 0.45
+
+
+async def test_other_models_are_not_cooled(provider: FakeProvider, clock: FakeClock) -> None:
+    """A 429 on one model does not hold calls to another model."""
+    make(clock)
+    provider.state.push(too_many("60"))
+    task = asyncio.create_task(litellm.acompletion(**no_sdk_retries(chat_kwargs(provider))))
+    while provider.state.count() < 1:
+        await asyncio.sleep(0.001)
+    await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider, model="openai/gpt-4o")))
+    assert provider.state.count() == 2
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_learned_limit_from_headers_is_enforced(provider: FakeProvider, clock: FakeClock) -> None:
+    """x-ratelimit-limit-requests teaches the limiter the provider's real limit, shown in stats."""
+    limiter, _ = make(clock, {"queue": {"max_wait_seconds": 0}})
+    provider.state.requests_per_window = 3  # the provider enforces 3 per minute and says so
+    for _ in range(3):
+        await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
+    assert provider.state.count(429) == 0  # held here, not refused there
+    stats = limiter.get_usage_stats()
+    assert stats["providers"]["model:openai/gpt-4o-mini"]["learned_requests_per_minute"] == 3
+    assert stats["levels"]["model"]["model:openai/gpt-4o-mini"]["learned_requests_per_minute"]["limit"] == 3
+
+
+async def test_remaining_zero_waits_for_reset_instead_of_a_429(provider: FakeProvider, clock: FakeClock) -> None:
+    """x-ratelimit-remaining-requests: 0 with a reset time makes the next call wait for the reset."""
+    _, rec = make(clock)
+    provider.state.push(Scripted(status=200, headers={"x-ratelimit-remaining-requests": "0",
+                                                      "x-ratelimit-reset-requests": "5s"}))
+    await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
+    with Ticker(clock, step=0.05):
+        await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
+    assert rec.sent[1][0] - rec.sent[0][0] >= 5.0
+    assert provider.state.count(429) == 0
+
+
+async def test_aimd_lowers_the_rate_after_429s_and_recovers(provider: FakeProvider, clock: FakeClock) -> None:
+    """Repeated 429s lower the learned rate (multiplicative decrease); successes raise it again."""
+    limiter, _ = make(clock)
+    with Ticker(clock, step=0.1):
+        for i in range(12):
+            await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider, messages=[
+                {"role": "user", "content": f"m{i}"}])))
+        provider.state.push(too_many("1"), too_many("1"))  # two 429s within a minute
+        await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
+    learned = limiter.get_usage_stats()["providers"]["model:openai/gpt-4o-mini"]
+    lowered = learned["adaptive_requests_per_minute"]
+    assert lowered <= 14 * 0.7 + 0.2  # decreased (then one success added ~0.1)
+    with Ticker(clock, step=0.5):
+        for i in range(40):
+            await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider, messages=[
+                {"role": "user", "content": f"n{i}"}])))
+    after = limiter.get_usage_stats()["providers"]["model:openai/gpt-4o-mini"]
+    assert after.get("adaptive_requests_per_minute", float("inf")) > lowered
+
+
+async def test_circuit_breaker_opens_probes_and_closes(provider: FakeProvider, clock: FakeClock) -> None:
+    """N consecutive 5xx open the circuit; calls then fail fast; after the cooldown one probe
+    goes through and its success closes the circuit."""
+    limiter, _ = make(clock, {"circuit_breaker": {"failure_threshold": 3, "cooldown_seconds": 30},
+                              "queue": {"max_wait_seconds": 5}})
+    events: list[dict[str, Any]] = []
+    limiter.on_event(events.append)
+    provider.state.push(*[Scripted(status=500)] * 3)
+    for _ in range(3):
+        with pytest.raises(litellm.InternalServerError):
+            await litellm.acompletion(**chat_kwargs(provider))
+    with pytest.raises(CircuitOpenError) as info:
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert info.value.retry_after == pytest.approx(30, abs=0.01)
+    assert provider.state.count() == 3  # nothing sent while open
+    assert limiter.get_usage_stats()["providers"]["model:openai/gpt-4o-mini"]["circuit"] == "open"
+    clock.advance(30)
+    await litellm.acompletion(**chat_kwargs(provider))  # the probe
+    assert limiter.get_usage_stats()["providers"]["model:openai/gpt-4o-mini"]["circuit"] == "closed"
+    assert [e["type"] for e in events if e["type"].startswith("circuit")] == ["circuit_opened", "circuit_closed"]
+
+
+async def test_failed_probe_reopens_for_longer(provider: FakeProvider, clock: FakeClock) -> None:
+    """A failed probe opens the circuit again, for twice as long."""
+    make(clock, {"circuit_breaker": {"failure_threshold": 2, "cooldown_seconds": 10},
+                 "queue": {"max_wait_seconds": 1}})
+    provider.state.push(*[Scripted(status=503)] * 3)
+    for _ in range(2):
+        with pytest.raises(litellm.ServiceUnavailableError):
+            await litellm.acompletion(**chat_kwargs(provider))
+    clock.advance(10)
+    with pytest.raises(litellm.ServiceUnavailableError):
+        await litellm.acompletion(**chat_kwargs(provider))  # probe fails
+    with pytest.raises(CircuitOpenError) as info:
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert info.value.retry_after == pytest.approx(20, abs=0.01)
+
+
+async def test_open_circuit_within_max_wait_waits(provider: FakeProvider, clock: FakeClock) -> None:
+    """If the circuit reopens for a probe within the caller's max wait, the caller waits instead of failing."""
+    make(clock, {"circuit_breaker": {"failure_threshold": 1, "cooldown_seconds": 2},
+                 "queue": {"max_wait_seconds": 60}})
+    provider.state.push(Scripted(status=500))
+    with pytest.raises(litellm.InternalServerError):
+        await litellm.acompletion(**chat_kwargs(provider))
+    with Ticker(clock, step=0.05):
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert provider.state.count() == 2
+
+
+def _keys_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_TEST_KEY_A", "sk-key-AAAA-secret")
+    monkeypatch.setenv("HIVE_TEST_KEY_B", "sk-key-BBBB-secret")
+
+
+async def test_api_keys_spread_load_and_429_cools_only_one_key(
+    provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each call uses the key with most headroom; a 429 cools only that key; no key is ever shown."""
+    caplog.set_level(logging.DEBUG, logger="hive_ratelimit_plugin")
+    _keys_env(monkeypatch)
+    limiter, _ = make(clock, {"providers": {"openai": {"api_keys": [
+        {"env": "HIVE_TEST_KEY_A", "requests_per_minute": 4},
+        {"env": "HIVE_TEST_KEY_B", "requests_per_minute": 4}]}}, "queue": {"max_wait_seconds": 0}})
+    for _ in range(4):
+        await litellm.acompletion(**chat_kwargs(provider))
+    used = [r.authorization for r in provider.state.log]
+    assert used.count("Bearer sk-key-AAAA-secret") == 2 and used.count("Bearer sk-key-BBBB-secret") == 2
+    # A 429 on the next call's key cools that key only: the retry goes out with the other key.
+    provider.state.push(too_many("30"))
+    await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
+    last_two = [r.authorization for r in provider.state.log[-2:]]
+    assert last_two[0] != last_two[1]
+    stats = limiter.get_usage_stats()
+    assert set(stats["levels"]["key"]) == {"key:openai/HIVE_TEST_KEY_A", "key:openai/HIVE_TEST_KEY_B"}
+    text = repr(stats) + " ".join(r.getMessage() for r in caplog.records)
+    assert "sk-key-" not in text
+
+
+def test_api_key_env_must_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A configured key variable that is not set is a ConfigError naming it (and no key value)."""
+    monkeypatch.delenv("HIVE_TEST_KEY_MISSING", raising=False)
+    with pytest.raises(ConfigError, match="HIVE_TEST_KEY_MISSING is not set"):
+        HiveLimiter({"providers": {"openai": {"api_keys": [{"env": "HIVE_TEST_KEY_MISSING"}]}}})
+
+
+async def test_high_priority_reserve(provider: FakeProvider, clock: FakeClock) -> None:
+    """A share of each limit is kept for high-priority calls: bulk work cannot exhaust it."""
+    make(clock, {"providers": {"openai": {"gpt-4": {"requests_per_minute": 10}}},
+                 "queue": {"max_wait_seconds": 0, "high_priority_reserve": 0.3}})
+    kw = chat_kwargs(provider, model="openai/gpt-4")
+    sent_low = 0
+    for i in range(10):
+        try:
+            await litellm.acompletion(**{**kw, "messages": [{"role": "user", "content": f"bulk {i}"}],
+                                         "metadata": {"priority": "low"}})
+            sent_low += 1
+        except RateLimitQueueTimeout:
+            break
+    assert sent_low == 7
+    for i in range(3):
+        await litellm.acompletion(**{**kw, "messages": [{"role": "user", "content": f"vip {i}"}],
+                                     "metadata": {"priority": "high"}})
+    assert provider.state.count() == 10
+
+
+async def test_chaos_storm_leaves_accounting_consistent(provider: FakeProvider, clock: FakeClock) -> None:
+    """429 storms, 500s, dropped connections, slow answers and malformed headers: no crash, no
+    leaked slot, every call ends in a result or a clear error."""
+    limiter, _ = make(clock, {"global": {"concurrent_requests": 4}, "queue": {"max_wait_seconds": 600},
+                              "retry": {"max_attempts": 8, "max_wait_seconds": 3600},
+                              "circuit_breaker": {"failure_threshold": 50}})
+    provider.state.push(*[
+        too_many("1"), Scripted(status=500), Scripted(drop=True), too_many("garbage"),
+        Scripted(status=429, headers={"retry-after": "-4", "x-ratelimit-reset-requests": "??"}),
+        Scripted(status=200, delay=0.05), Scripted(status=429, headers={"retry-after-ms": "1e400"}),
+        Scripted(status=502), Scripted(status=200, headers={"x-ratelimit-limit-requests": "NaN"}),
+    ] * 4)
+    with Ticker(clock, step=1.0):
+        results = await asyncio.gather(*(litellm.acompletion(**no_sdk_retries(chat_kwargs(
+            provider, messages=[{"role": "user", "content": f"c{i}"}]))) for i in range(30)),
+            return_exceptions=True)
+    for r in results:
+        assert not isinstance(r, HiveRateLimitError) or isinstance(r, RateLimitQueueTimeout), r
+        if isinstance(r, BaseException):
+            assert isinstance(r, (litellm.InternalServerError, litellm.APIConnectionError,
+                                  litellm.RateLimitError, litellm.ServiceUnavailableError,
+                                  litellm.BadGatewayError)), repr(r)
+    # 12 scripted answers are errors that are not retried (500, 502, dropped); every 429 is retried.
+    assert sum(not isinstance(r, BaseException) for r in results) == 30 - 12
+    assert not any(isinstance(r, litellm.RateLimitError) for r in results)
+    stats = limiter.get_usage_stats()
+    assert stats["queued"] == 0
+    assert all(e["in_flight"] == 0 for lvl in stats["levels"].values() for e in lvl.values())
+    assert provider.state.max_in_flight <= 4
+
+
+def test_sync_threads_share_a_cooldown(provider: FakeProvider, clock: FakeClock) -> None:
+    """Threads calling the same model all wait out one 429's cooldown."""
+    limiter, rec = make(clock)
+    provider.state.push(too_many("5"))
+    errors: list[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            litellm.completion(**no_sdk_retries(chat_kwargs(provider, messages=[{"role": "user", "content": str(i)}])))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with Ticker(clock, step=0.02):
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+        threads[0].start()
+        for _ in range(2000):
+            if any("cooldown_seconds" in p for p in limiter.get_usage_stats()["providers"].values()):
+                break
+            threading.Event().wait(0.001)
+        t0 = clock()
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join(20)
+    assert not errors
+    assert all(t >= t0 + 4.9 for t, _ in rec.sent[1:])
