@@ -8,7 +8,7 @@ use the ``run`` window, which never rolls over.
 from __future__ import annotations
 
 import datetime as dt
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
@@ -171,13 +171,22 @@ def dim_keys(provider: str | None, model: str | None, agent: str | None, user: s
 
 class RunawayDetector:
     """Trips an agent's breaker when it sends the same request more than ``max_identical`` times
-    within ``window`` seconds (an agent stuck in a loop). Pure: ``now`` is passed in."""
+    within ``window`` seconds (an agent stuck in a loop). Pure: ``now`` is passed in.
+
+    Memory is bounded: per agent, a count and a start time for each of its ``MAX_FINGERPRINTS``
+    most recent distinct requests (a loop keeps its own entry fresh), for at most ``MAX_AGENTS``
+    recently active agents.
+    """
+
+    MAX_AGENTS = 2000
+    MAX_FINGERPRINTS = 32
 
     def __init__(self, max_identical: int, window: float, cooldown: float) -> None:
         self.max_identical = max_identical
         self.window = window
         self.cooldown = cooldown
-        self._seen: OrderedDict[str, OrderedDict[int, deque[float]]] = OrderedDict()
+        # agent -> fingerprint -> [first seen, count] (a fixed window per fingerprint)
+        self._seen: OrderedDict[str, OrderedDict[int, list[float]]] = OrderedDict()
         self.tripped: dict[str, tuple[float, int]] = {}  # agent -> (until, count seen)
 
     def check(self, agent: str, fingerprint: int, now: float) -> tuple[float, int, bool] | None:
@@ -190,25 +199,22 @@ class RunawayDetector:
         per_agent = self._seen.get(agent)
         if per_agent is None:
             per_agent = self._seen[agent] = OrderedDict()
-            if len(self._seen) > 10_000:
+            if len(self._seen) > self.MAX_AGENTS:
                 self._seen.popitem(last=False)
         else:
             self._seen.move_to_end(agent)
-        times = per_agent.get(fingerprint)
-        if times is None:
-            times = per_agent[fingerprint] = deque()
-            if len(per_agent) > 256:
+        entry = per_agent.get(fingerprint)
+        if entry is None or now - entry[0] > self.window:
+            entry = per_agent[fingerprint] = [now, 0.0]
+            if len(per_agent) > self.MAX_FINGERPRINTS:
                 per_agent.popitem(last=False)
         else:
             per_agent.move_to_end(fingerprint)
-        horizon = now - self.window
-        while times and times[0] <= horizon:
-            times.popleft()
-        times.append(now)
-        if len(times) > self.max_identical:
-            self.tripped[agent] = (now + self.cooldown, len(times))
-            count = len(times)
-            times.clear()
+        entry[1] += 1
+        if entry[1] > self.max_identical:
+            count = int(entry[1])
+            self.tripped[agent] = (now + self.cooldown, count)
+            del per_agent[fingerprint]
             return (now + self.cooldown, count, True)
         return None
 

@@ -27,6 +27,7 @@ from .errors import HiveRateLimitError, RequestTooLargeError
 NEVER = float("inf")
 _NO_PRIORITY = -(10**9)
 HIGH_PRIORITY = 10
+EVICTIONS_PER_TICK = 2000
 ADAPTIVE_MIN_RATE = 10  # requests per minute below which 429s say nothing about our rate
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
@@ -38,6 +39,19 @@ class Scope:
     level: str
     key: str
     limits: LimitSet
+    budgeted: bool = field(init=False, default=False)  # has a money budget or per-run cap
+    counts_tokens: bool = field(init=False, default=False)  # has a token limit
+
+    def __post_init__(self) -> None:
+        d = self.limits.__dict__  # plain dict reads: pydantic's attribute fallback is slow
+        object.__setattr__(self, "budgeted", any(d.get(n) is not None for n in _BUDGET_FIELDS))
+        object.__setattr__(self, "counts_tokens", any(d.get(n) is not None for n in _TOKEN_FIELDS))
+
+
+_BUDGET_FIELDS = ("max_cost_per_hour", "max_cost_per_day", "max_cost_per_month", "max_cost_per_run",
+                  "max_requests_per_run")
+_TOKEN_FIELDS = ("tokens_per_second", "tokens_per_minute", "tokens_per_hour", "tokens_per_day",
+                 "input_tokens_per_minute", "output_tokens_per_minute")
 
 
 class ScopeState:
@@ -196,9 +210,10 @@ class Blocked:
 class _Reservation:
     ticket: Ticket
     states: list[ScopeState]
-    # (window, bucket index, amount) per recorded usage, grouped by metric
+    # (metric, window, bucket index, amount) per recorded usage
     charges: list[tuple[str, SlidingWindow, int, float]]
     expires_at: float
+    admitted_at: float = 0.0
     settled: bool = False
     slot_freed: bool = False
 
@@ -269,6 +284,8 @@ class Engine:
         self._out_events: list[dict[str, Any]] = []
         self.rejected: dict[str, int] = {}
         self.low_priority_share = 1.0  # 1 - queue.high_priority_reserve
+        self.record_spend = on_spend is not None  # write a SpendRow per settled call (the ledger)
+        self.arrival_margin = 1.0
         self.circuit_threshold = 5
         self.circuit_cooldown = 30.0
         self.circuit_max_cooldown = 300.0
@@ -283,7 +300,8 @@ class Engine:
         self._seq = 0
         self._next_sweep = 0.0
         self._next_budget_sweep = 0.0
-        self._max_period = max(PERIODS.values())
+        self._min_period = 60.0  # the shortest period after which a scope may be idle (per-second
+        # windows are idle sooner, but checking them every tick costs more than it saves)
         self.admitted_total = 0
         self.queued_total = 0
         self.retried_total = 0
@@ -488,7 +506,7 @@ class Engine:
         charges: list[tuple[str, SlidingWindow, int, float]] = []
         for st in states:
             for w in st.requests:
-                w.add(now, 1)
+                charges.append(("req", w, w.add(now, 1), 1))
             for w in st.tokens:
                 charges.append(("all", w, w.add(now, tall), tall))
             for w in st.input:
@@ -503,7 +521,7 @@ class Engine:
                 st.next_slot = max(st.next_slot, now) + st.pace_interval
             if st.circuit is HALF_OPEN and st.probe is None:
                 st.probe = ticket.call_id
-        self._leases[ticket.call_id] = _Reservation(ticket, states, charges, now + self.lease_seconds)
+        self._leases[ticket.call_id] = _Reservation(ticket, states, charges, now + self.lease_seconds, now)
         self.admitted_total += 1
 
     def _line_blocked(self, ticket: Ticket) -> Blocked | None:
@@ -672,7 +690,16 @@ class Engine:
         t = res.ticket
         actual_in = t.input_tokens if input_tokens is None else input_tokens
         actual_out = t.output_tokens if output_tokens is None else output_tokens
+        margin = self.arrival_margin
         for metric, window, index, amount in res.charges:
+            if metric == "req":
+                # Count the request from when it may have reached the provider, not from its
+                # admission: the HTTP request goes out (and lands) some time after admission,
+                # and a provider enforcing an exact window counts it from its arrival.
+                if margin:
+                    to = min(now, res.admitted_at + min(margin, window.period / 10))
+                    window.move(now, index, amount, to)
+                continue
             actual = actual_in + actual_out if metric == "all" else actual_in if metric == "in" else actual_out
             window.adjust(now, index, actual - amount)
         actual_cost = t.cost if cost is None else cost  # unknown: keep the worst case
@@ -683,9 +710,10 @@ class Engine:
         wall = self.wall()
         starts = self.calendar.starts(wall)
         self.book.add(t.spend_keys, starts, actual_cost, 1, actual_in + actual_out)
-        provider, model, agent, user, team, run = t.dims
-        self._out_rows.append(SpendRow(wall, t.call_id, provider, model, agent, user, team, run, 1,
-                                       actual_in, actual_out, actual_cost))
+        if self.record_spend:
+            provider, model, agent, user, team, run = t.dims
+            self._out_rows.append(SpendRow(wall, t.call_id, provider, model, agent, user, team, run, 1,
+                                           actual_in, actual_out, actual_cost))
         for st in res.states:
             if st.budgets:
                 self._check_thresholds(st, starts, wall)
@@ -1013,11 +1041,12 @@ class Engine:
             for st in res.states:
                 if st.probe == cid:
                     st.probe = None
-        # Evict idle scopes, least recently used first; a scope whose windows are all empty
-        # carries no information, so dropping it changes no decision.
+        # Evict idle scopes, least recently used first, a bounded number per tick (so one call
+        # never pays for a mass eviction). A scope whose windows are all empty carries no
+        # information, so dropping it changes no decision.
         states = self._states
-        horizon = now - self._max_period - 1.0
-        for _ in range(len(states)):
+        horizon = now - self._min_period - 1.0
+        for _ in range(min(len(states), EVICTIONS_PER_TICK)):
             key, st = next(iter(states.items()))
             if st.last_used > horizon:
                 break

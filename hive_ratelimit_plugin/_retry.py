@@ -218,12 +218,15 @@ def is_transient(exc: BaseException) -> bool:
 
 def response_headers(obj: Any) -> Mapping[str, Any] | None:
     """Headers of a LiteLLM exception or response, wherever LiteLLM put them."""
-    h = getattr(obj, "litellm_response_headers", None)
-    if h is None:
-        resp = getattr(obj, "response", None)
-        h = getattr(resp, "headers", None)
-    if h is None:
-        hidden = getattr(obj, "_hidden_params", None)
-        if isinstance(hidden, Mapping):
-            h = hidden.get("additional_headers")
-    return h if h is not None else None
+    if isinstance(obj, BaseException):
+        h = getattr(obj, "litellm_response_headers", None)
+        if h is None:
+            h = getattr(getattr(obj, "response", None), "headers", None)
+        return h
+    # A response: look only where LiteLLM puts headers (missing attributes on pydantic models
+    # are slow to probe).
+    hidden = getattr(obj, "_hidden_params", None)
+    if isinstance(hidden, Mapping):
+        h = hidden.get("additional_headers")
+        return h if h else None
+    return None

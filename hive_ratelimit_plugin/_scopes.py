@@ -2,15 +2,17 @@
 
 Identity comes from the request's ``metadata`` (``agent_id``, ``user_id``, ``team_id``,
 ``run_id``, ``priority``) and ``user=``, falling back to what :func:`scope` set in the current
-context (contextvars follow ``await``, tasks created inside, and ``asyncio.to_thread``).
-Metadata wins over the context.
+context (contextvars follow ``await``, tasks created inside, and ``asyncio.to_thread``), and last
+to the ambient identity of a known agent framework (:data:`AMBIENT_IDENTITY`: Hive's agent and run,
+see :mod:`hive_ratelimit_plugin.integrations.hive`). Metadata wins over the context, which wins
+over the framework.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ from cachetools import LRUCache
 
 from ._engine import Scope
 from .config import AgentLimits, LimitSet, RateLimitingConfig, match_name
+from .integrations.hive import hive_identity
 
 logger = logging.getLogger("hive_ratelimit_plugin")
 
@@ -27,6 +30,11 @@ _NO_LIMITS = LimitSet()
 IDENTITY_FIELDS = ("agent_id", "user_id", "team_id", "run_id", "priority")
 
 _context: ContextVar[Mapping[str, Any] | None] = ContextVar("hive_ratelimit_identity", default=None)
+
+#: Last-resort identity sources, asked in order for the fields that neither the request's metadata
+#: nor :func:`scope` set. Each returns a mapping with some of :data:`IDENTITY_FIELDS` (``None``
+#: values are ignored) or ``None``, must be cheap when its framework is absent, and must not raise.
+AMBIENT_IDENTITY: list[Callable[[], Mapping[str, Any] | None]] = [hive_identity]
 
 
 @contextlib.contextmanager
@@ -88,7 +96,8 @@ def _clean(value: Any) -> str | None:
 
 
 def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Identity:
-    """Merge the context identity with the request's metadata and ``user`` (metadata wins)."""
+    """Merge, field by field: the request's metadata and ``user`` > :func:`scope` >
+    :data:`AMBIENT_IDENTITY` (Hive's running agent and run)."""
     ctx = _context.get() or {}
     md = metadata if isinstance(metadata, Mapping) else {}
 
@@ -99,12 +108,22 @@ def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Id
     user_id = md.get("user_id")
     if user_id is None:
         user_id = user if user else ctx.get("user_id")
+    agent_id, team_id, run_id, priority = pick("agent_id"), pick("team_id"), pick("run_id"), pick("priority")
+    if agent_id is None or run_id is None or user_id is None or team_id is None:
+        for source in AMBIENT_IDENTITY:
+            amb = source()
+            if amb:
+                agent_id = agent_id if agent_id is not None else amb.get("agent_id")
+                user_id = user_id if user_id is not None else amb.get("user_id")
+                team_id = team_id if team_id is not None else amb.get("team_id")
+                run_id = run_id if run_id is not None else amb.get("run_id")
+                priority = priority if priority is not None else amb.get("priority")
     return Identity(
-        agent_id=_clean(pick("agent_id")),
+        agent_id=_clean(agent_id),
         user_id=_clean(user_id),
-        team_id=_clean(pick("team_id")),
-        run_id=_clean(pick("run_id")),
-        priority=parse_priority(pick("priority")),
+        team_id=_clean(team_id),
+        run_id=_clean(run_id),
+        priority=parse_priority(priority),
     )
 
 

@@ -94,11 +94,13 @@ async def acquire_async(engine: Engine, ticket: Ticket, max_wait: float) -> floa
         RequestTooLargeError: the call can never fit.
         asyncio.CancelledError: the caller was cancelled; nothing stays reserved.
     """
-    loop = asyncio.get_running_loop()
-    box: list[asyncio.Future[None]] = [loop.create_future()]
+    box: list[asyncio.Future[None]] = []
 
     def wake() -> None:
+        if not box:
+            return  # granted before it ever waited
         fut = box[0]
+        loop = fut.get_loop()
 
         def _set() -> None:
             if not fut.done():
@@ -117,6 +119,8 @@ async def acquire_async(engine: Engine, ticket: Ticket, max_wait: float) -> floa
         raise _timeout_error(engine, None, 0.0, f"queue is full ({engine.max_queue} waiting)") from None
     if waiter is None:
         return 0.0
+    loop = asyncio.get_running_loop()
+    box.append(loop.create_future())
     deadline = start + max_wait
     try:
         while True:

@@ -11,7 +11,7 @@ unlike a log of timestamps.
 
 from __future__ import annotations
 
-from collections import deque
+from bisect import bisect_left
 
 BUCKETS = 60
 
@@ -19,15 +19,17 @@ BUCKETS = 60
 class SlidingWindow:
     """Usage over a sliding period, with a limit."""
 
-    __slots__ = ("_buckets", "limit", "name", "period", "total", "width")
+    __slots__ = ("_buckets", "_next_expiry", "limit", "name", "period", "total", "width")
 
     def __init__(self, limit: float, period: float, name: str = "") -> None:
         self.name = name  # the config field, e.g. "tokens_per_minute"
         self.limit = limit
         self.period = period
         self.width = period / BUCKETS
-        # [bucket_index, amount] for non-empty buckets, oldest first.
-        self._buckets: deque[list[float]] = deque()
+        # [bucket_index, amount] for non-empty buckets, oldest first. A plain list: at most
+        # BUCKETS + 1 entries, and far smaller than a deque for the usual one or two.
+        self._buckets: list[list[float]] = []
+        self._next_expiry = float("inf")  # when the oldest bucket leaves the window
         self.total = 0.0
 
     def __repr__(self) -> str:
@@ -37,18 +39,28 @@ class SlidingWindow:
         """The index of the bucket that ``now`` falls in."""
         return int(now // self.width)
 
+    def _expiry_of(self, index: float) -> float:
+        # Bucket b covers [b*w, (b+1)*w); its usage counts until (b+1)*w + period. retry_at()
+        # uses the same expression, so a waiter woken at that time always finds room.
+        return (index + 1) * self.width + self.period
+
     def expire(self, now: float) -> None:
         """Drop buckets that have entirely left the window."""
-        buckets = self._buckets
-        if not buckets:
+        if now < self._next_expiry:
             return
-        # Bucket b covers [b*w, (b+1)*w); its usage counts until (b+1)*w + period. The same
-        # expression is used in retry_at(), so a waiter woken at that time always finds room.
-        width, period = self.width, self.period
-        while buckets and (buckets[0][0] + 1) * width + period <= now:
-            self.total -= buckets.popleft()[1]
-        if not buckets:
+        buckets = self._buckets
+        n = 0
+        for index, amount in buckets:
+            if self._expiry_of(index) > now:
+                break
+            self.total -= amount
+            n += 1
+        del buckets[:n]
+        if buckets:
+            self._next_expiry = self._expiry_of(buckets[0][0])
+        else:
             self.total = 0.0  # clear float drift
+            self._next_expiry = float("inf")
 
     def fits(self, amount: float) -> bool:
         """Whether ``amount`` more fits now (call :meth:`expire` first)."""
@@ -60,8 +72,17 @@ class SlidingWindow:
         buckets = self._buckets
         if buckets and buckets[-1][0] == index:
             buckets[-1][1] += amount
-        else:
+        elif not buckets or buckets[-1][0] < index:
             buckets.append([index, amount])
+            if len(buckets) == 1:
+                self._next_expiry = self._expiry_of(index)
+        else:  # an earlier time than the newest bucket (a moved hit): keep the order
+            i = bisect_left(buckets, index, key=lambda b: int(b[0]))
+            if i < len(buckets) and buckets[i][0] == index:
+                buckets[i][1] += amount
+            else:
+                buckets.insert(i, [index, amount])
+                self._next_expiry = self._expiry_of(buckets[0][0])
         self.total += amount
         return index
 
@@ -75,14 +96,30 @@ class SlidingWindow:
         if delta == 0:
             return
         self.expire(now)
-        for bucket in self._buckets:
+        for bucket in reversed(self._buckets):  # settlements are usually for recent buckets
             if bucket[0] == index:
                 applied = max(delta, -bucket[1])
                 bucket[1] += applied
                 self.total += applied
                 return
+            if bucket[0] < index:
+                break
         if delta > 0:
             self.add(now, delta)
+
+    def move(self, now: float, index: int, amount: float, to: float) -> int:
+        """Move ``amount`` recorded in bucket ``index`` to time ``to`` (``to`` <= ``now``).
+
+        Used to count a request from when it may have reached the provider rather than from
+        when it was admitted. Returns the new bucket index.
+        """
+        new_index = self.bucket_of(to)
+        if new_index == index:
+            return index
+        self.adjust(now, index, -amount)
+        if self._expiry_of(new_index) > now:
+            self.add(to, amount)
+        return new_index
 
     def retry_at(self, now: float, amount: float) -> float:
         """The earliest time at which ``amount`` fits, assuming no new usage.
@@ -98,7 +135,7 @@ class SlidingWindow:
         for index, used in self._buckets:
             freed += used
             if freed >= excess:
-                return (index + 1) * self.width + self.period
+                return self._expiry_of(index)
         return now + self.period  # unreachable while total is consistent
 
     def is_idle(self) -> bool:

@@ -1,4 +1,4 @@
-"""The ``hive-ratelimit`` command: ``demo`` and ``check-config``."""
+"""The ``hive-ratelimit`` command: ``demo``, ``check-config``, ``audit`` and ``run``."""
 
 from __future__ import annotations
 
@@ -152,6 +152,60 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_environment(config: str | None = None, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment ``hive-ratelimit run`` gives its command.
+
+    ``HIVE_RATELIMIT_ENABLED=1``, ``HIVE_RATELIMIT_CONFIG`` if ``config`` is given, and this
+    package's ``_boot`` directory first on ``PYTHONPATH``: its ``sitecustomize`` turns the
+    autoload on even in an interpreter without ``hive_ratelimit_autoload.pth`` (and then runs the
+    ``sitecustomize`` it shadows).
+    """
+    env = dict(os.environ if environ is None else environ)
+    env["HIVE_RATELIMIT_ENABLED"] = "1"
+    if config is not None:
+        env["HIVE_RATELIMIT_CONFIG"] = os.path.abspath(config)
+    boot = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boot")
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != boot]
+    env["PYTHONPATH"] = os.pathsep.join([boot, *rest])
+    return env
+
+
+def _run(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("error: nothing to run; usage: hive-ratelimit run [--config FILE] -- COMMAND [ARG ...]", file=sys.stderr)
+        return 2
+    if args.config is not None:
+        try:
+            load_config(args.config)  # fail here, with the message, rather than in the child's import
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    try:
+        child = subprocess.Popen(command, env=run_environment(args.config))
+    except OSError as exc:
+        print(f"error: cannot run {command[0]!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 127
+    forwarded = (signal.SIGTERM, signal.SIGHUP) if hasattr(signal, "SIGHUP") else (signal.SIGTERM,)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: child.send_signal(signum)) for sig in forwarded}
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:  # the terminal sent SIGINT to the child too; wait for it
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as shells report it
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hive-ratelimit`` command."""
     parser = argparse.ArgumentParser(prog="hive-ratelimit", description="Rate limits for LiteLLM agents.")
@@ -170,6 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     audit.add_argument("--limit", type=int, default=None, help="only the last N changes")
     audit.add_argument("--json", action="store_true", help="print JSON")
     audit.set_defaults(func=_audit)
+    run = sub.add_parser(
+        "run", help="run a command with hive-ratelimit enabled in every Python program it starts (no code change)",
+        description="Run COMMAND with HIVE_RATELIMIT_ENABLED=1: any Python program it starts registers a "
+                    "HiveLimiter when it imports litellm. Exits with the command's exit code.",
+        usage="hive-ratelimit run [--config FILE] -- COMMAND [ARG ...]")
+    run.add_argument("--config", help="the limits YAML (sets HIVE_RATELIMIT_CONFIG; default: inherited)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+    run.set_defaults(func=_run)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

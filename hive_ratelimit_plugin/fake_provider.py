@@ -187,12 +187,16 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update(scripted.headers)
         with state.lock:
             ok, retry, rem_req, rem_tok = state._admit(now, prompt_tokens + completion_tokens)
+        # Like OpenAI, the limit headers speak per minute whatever window is enforced.
+        per_minute = 60.0 / state.window_seconds
         if state.requests_per_window is not None:
-            headers["x-ratelimit-limit-requests"] = str(state.requests_per_window)
-            headers["x-ratelimit-remaining-requests"] = str(max(rem_req, 0))
+            headers["x-ratelimit-limit-requests"] = str(int(state.requests_per_window * per_minute))
+            headers["x-ratelimit-remaining-requests"] = str(max(int(rem_req * per_minute), 0))
+            headers["x-ratelimit-reset-requests"] = f"{state.window_seconds:g}s"
         if state.tokens_per_window is not None:
-            headers["x-ratelimit-limit-tokens"] = str(state.tokens_per_window)
-            headers["x-ratelimit-remaining-tokens"] = str(max(rem_tok, 0))
+            headers["x-ratelimit-limit-tokens"] = str(int(state.tokens_per_window * per_minute))
+            headers["x-ratelimit-remaining-tokens"] = str(max(int(rem_tok * per_minute), 0))
+            headers["x-ratelimit-reset-tokens"] = f"{state.window_seconds:g}s"
         if not ok:
             headers["retry-after"] = str(max(1, math.ceil(retry)))
             headers["retry-after-ms"] = str(int(retry * 1000))

@@ -276,6 +276,7 @@ class HiveLimiter(CustomLogger):
         if new_budgets != old_budgets:
             if self._ledger is None and (cfg.has_budgets() or cfg.state_path is not None):
                 self._ledger = Ledger(cfg.state_path)
+                eng.record_spend = True
                 eng.load_spend(self._ledger.load(eng.calendar.starts(eng.wall())))
             changed = {k: new_budgets.get(k) for k in set(old_budgets) | set(new_budgets)
                        if old_budgets.get(k) != new_budgets.get(k)}
@@ -287,6 +288,8 @@ class HiveLimiter(CustomLogger):
 
     def _configure_engine(self, cfg: RateLimitingConfig) -> None:
         eng = self._engine
+        eng.record_spend = self._ledger is not None
+        eng.arrival_margin = cfg.estimation.arrival_margin_seconds
         eng.low_priority_share = 1.0 - cfg.queue.high_priority_reserve
         cb = cfg.circuit_breaker
         eng.circuit_threshold = cb.failure_threshold if cb.enabled else 2**62
@@ -539,11 +542,9 @@ class HiveLimiter(CustomLogger):
         scopes = self._resolver.scopes(provider, model, ident)
         bare = split_model(model, provider)
         dims = (provider, bare, ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
-        budgeted = any(_has_budget(s.limits) for s in scopes)
+        budgeted = any(s.budgeted for s in scopes)
         input_tokens = output_tokens = 0
-        if budgeted or any(s.limits.tokens_per_second or s.limits.tokens_per_minute or s.limits.tokens_per_hour
-                           or s.limits.tokens_per_day or s.limits.input_tokens_per_minute
-                           or s.limits.output_tokens_per_minute for s in scopes):
+        if budgeted or any(s.counts_tokens for s in scopes):
             if call_type in _EMBEDDING_TYPES:
                 input_tokens = count_input(model, kwargs.get("input"))
             elif call_type in _TEXT_TYPES:
@@ -570,9 +571,18 @@ class HiveLimiter(CustomLogger):
             info={"provider": provider, "model": model, "agent_id": ident.agent_id, "run_id": ident.run_id},
             cost=cost,
             dims=dims,
-            spend_keys=dim_keys(*dims),
+            spend_keys=self._spend_keys(scopes, dims),
             choices=self._resolver.choices(provider),
         )
+
+    def _spend_keys(self, scopes: list[Any], dims: tuple[str | None, ...]) -> list[str]:
+        """Where a call's spend is counted: globally, at every level with a budget, and, with a state
+        file, at every level (the per-level breakdown of ``get_usage_stats``)."""
+        if self._ledger is not None:
+            return dim_keys(*dims)
+        keys = ["global"]
+        keys.extend(s.key for s in scopes if s.budgeted and s.key != "global")
+        return keys
 
     def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
         trip = self._runaway.check(agent_id, _fingerprint(model, kwargs), self._engine.clock())
@@ -602,8 +612,8 @@ class HiveLimiter(CustomLogger):
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
                 exc: BaseException | None = None) -> None:
-        if not call_id:
-            return
+        if not call_id or not self._engine.holds(call_id):
+            return  # not ours, or already settled (LiteLLM sends more than one end-of-call event)
         with self._attempts_lock:
             self._attempts.pop(call_id, None)
         eng = self._engine
@@ -632,7 +642,7 @@ class HiveLimiter(CustomLogger):
                 self._prices.warn_unknown(provider, model, "LiteLLM reports no cost for it")
             cost = price.cost(est_in if tin is None else tin, tout or 0)
         headers = response_headers(response)
-        signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if headers else None
+        signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
 
     def _backoff(self, call_id: str) -> float:
@@ -753,9 +763,13 @@ class HiveLimiter(CustomLogger):
         return call_id
 
 
-def _has_budget(limits: Any) -> bool:
-    return any(getattr(limits, name, None) is not None for name in (
-        "max_cost_per_hour", "max_cost_per_day", "max_cost_per_month", "max_cost_per_run"))
+def _has_rate_headers(headers: Any) -> bool:
+    if not headers:
+        return False
+    try:
+        return any("ratelimit" in k or "retry-after" in k for k in headers if isinstance(k, str))
+    except Exception:
+        return False
 
 
 def _unknown_price_error(provider: str, model: str) -> HiveRateLimitError:

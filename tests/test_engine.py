@@ -229,3 +229,17 @@ def test_release_is_idempotent_and_unknown_ids_are_ignored(clock: FakeClock) -> 
     assert eng.release("1") is False
     assert eng.release("nope") is False
     assert eng.snapshot()["global"]["in_flight"] == 0
+
+
+def test_request_counts_from_its_probable_arrival(clock: FakeClock) -> None:
+    """A request counts from min(its end, admission + margin): a provider that counts arrivals
+    never sees more than the limit, whatever the delay between admission and arrival."""
+    eng = Engine(clock)
+    eng.arrival_margin = 1.0
+    g = scope(requests_per_minute=1)
+    assert eng.acquire(ticket(1, g), Woken()) is None
+    clock.advance(5.0)
+    eng.release("1")  # a slow call: it may have arrived as late as admission + 1 s (the margin)
+    clock.advance(56.5)  # 61.5 s after admission: an admission-time count would have expired
+    w = eng.acquire(ticket(2, g), Woken())
+    assert w is not None and w.retry_at == pytest.approx(1000.0 + 1.0 + 1.0 + 60.0)  # bucket [1001, 1002)

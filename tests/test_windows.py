@@ -100,3 +100,17 @@ def test_waking_at_retry_at_always_finds_room() -> None:
         at = w.retry_at(123.5, 1)
         w.expire(at)
         assert w.fits(1), period
+
+
+def test_move_counts_a_hit_from_a_later_time() -> None:
+    """A hit moved to a later time keeps counting until that time plus the period, in order."""
+    w = SlidingWindow(limit=10, period=60.0)
+    index = w.add(0.0, 1)
+    w.add(5.0, 1)
+    w.move(5.0, index, 1, to=2.0)  # it reached the provider at t=2 at the latest
+    w.expire(61.5)
+    assert w.total == 2  # the moved hit (bucket [2, 3)) still counts
+    w.expire(63.0)
+    assert w.total == 1
+    w.expire(66.0)
+    assert w.total == 0

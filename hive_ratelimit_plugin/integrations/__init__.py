@@ -1,0 +1,1 @@
+"""Integrations with agent frameworks (attribution of LiteLLM calls without changes to them)."""
