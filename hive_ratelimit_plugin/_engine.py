@@ -39,6 +39,7 @@ class Scope:
     level: str
     key: str
     limits: LimitSet
+    generation: int = 0  # configuration generation: newer limits win over a waiting call's older ones
     budgeted: bool = field(init=False, default=False)  # has a money budget or per-run cap
     counts_tokens: bool = field(init=False, default=False)  # has a token limit
 
@@ -58,11 +59,36 @@ class ScopeState:
     """Live counters of one scope."""
 
     __slots__ = (
-        "adaptive_ceiling", "adaptive_rpm", "budgets", "circuit", "concurrency", "consecutive_failures",
-        "cooldown_until", "in_flight", "input", "key", "last_used", "learned_rpm", "learned_tpm", "level",
-        "limits", "next_slot", "observed_requests", "observed_tokens", "open_count", "open_until", "output",
-        "pace_interval", "pace_until", "probe", "rate_limited_at", "requests", "reserved_cost",
-        "reserved_requests", "tokens",
+        "adaptive_ceiling",
+        "adaptive_rpm",
+        "budgets",
+        "circuit",
+        "concurrency",
+        "consecutive_failures",
+        "cooldown_until",
+        "generation",
+        "in_flight",
+        "input",
+        "key",
+        "last_used",
+        "learned_rpm",
+        "learned_tpm",
+        "level",
+        "limits",
+        "next_slot",
+        "observed_requests",
+        "observed_tokens",
+        "open_count",
+        "open_until",
+        "output",
+        "pace_interval",
+        "pace_until",
+        "probe",
+        "rate_limited_at",
+        "requests",
+        "reserved_cost",
+        "reserved_requests",
+        "tokens",
     )
 
     def __init__(self, scope: Scope) -> None:
@@ -100,6 +126,7 @@ class ScopeState:
             self.observed_requests = SlidingWindow(NEVER, 60.0, "learned_requests_per_minute")
             self.observed_tokens = SlidingWindow(NEVER, 60.0, "learned_tokens_per_minute")
         self.limits = scope.limits
+        self.generation = scope.generation
         self.apply(scope.limits)
 
     def apply(self, lim: LimitSet) -> None:
@@ -214,6 +241,7 @@ class _Reservation:
     charges: list[tuple[str, SlidingWindow, int, float]]
     expires_at: float
     admitted_at: float = 0.0
+    attempts: int = 0
     settled: bool = False
     slot_freed: bool = False
 
@@ -300,6 +328,8 @@ class Engine:
         self._seq = 0
         self._next_sweep = 0.0
         self._next_budget_sweep = 0.0
+        self._version = 0  # bumped by every change that can let a waiting call in
+        self._last_dispatch: tuple[float, int] = (-1.0, -1)
         self._min_period = 60.0  # the shortest period after which a scope may be idle (per-second
         # windows are idle sooner, but checking them every tick costs more than it saves)
         self.admitted_total = 0
@@ -314,10 +344,30 @@ class Engine:
             st = states[scope.key] = ScopeState(scope)
         else:
             states.move_to_end(scope.key)
-            if st.limits is not scope.limits:
+            if st.limits is not scope.limits and scope.generation >= st.generation:
+                st.generation = scope.generation
                 st.apply(scope.limits)  # the configuration changed: new limits, same usage
         st.last_used = now
         return st
+
+    def rescope(self, resolve: Callable[[Ticket], list[Scope]]) -> None:
+        """After a configuration change: re-resolve waiting calls' scopes and apply the new
+        limits at once (a lowered limit holds them, a raised one lets them in, a call that can
+        no longer ever fit fails)."""
+        with self._lock:
+            now = self.clock()
+            for waiter in self._waiters:
+                try:
+                    waiter.ticket.scopes = resolve(waiter.ticket)
+                except Exception:  # keep the old scopes rather than lose the call
+                    continue
+                waiter.keys = frozenset(s.key for s in waiter.ticket.scopes)
+                for scope in waiter.ticket.scopes:
+                    self._state(scope, now)
+            self._version += 1
+            if self._waiters:
+                self._dispatch(now)
+        self._drain()
 
     def reconfigure(self) -> None:
         """Forget scope state whose limits came from an older configuration."""
@@ -521,6 +571,7 @@ class Engine:
                 st.next_slot = max(st.next_slot, now) + st.pace_interval
             if st.circuit is HALF_OPEN and st.probe is None:
                 st.probe = ticket.call_id
+        self._version += 1
         self._leases[ticket.call_id] = _Reservation(ticket, states, charges, now + self.lease_seconds, now)
         self.admitted_total += 1
 
@@ -602,11 +653,14 @@ class Engine:
                 return 0
             now = self.clock()
             self._maintain(now)
+            if (now, self._version) == self._last_dispatch:
+                return 0  # nothing changed since the last pass: it would decide the same
             granted = self._dispatch(now)
         self._drain()
         return granted
 
     def _dispatch(self, now: float) -> int:
+        self._last_dispatch = (now, self._version)
         granted = 0
         blocked_keys: set[str] = set()
         holders: dict[str, int] = {}
@@ -661,6 +715,7 @@ class Engine:
                 self._waiters.remove(waiter)
             except ValueError:
                 return False
+            self._version += 1
             # Its place in line may have held others back.
             self._dispatch(self.clock())
             return False
@@ -677,6 +732,7 @@ class Engine:
             res = self._leases.get(call_id)
             if res is None or res.settled:
                 return False
+            self._version += 1
             now = self.clock()
             self._settle(res, input_tokens, output_tokens, cost, now)
             if self._waiters:
@@ -760,6 +816,7 @@ class Engine:
             res = self._leases.pop(call_id, None)
             if res is None:
                 return False
+            self._version += 1
             now = self.clock()
             if not res.settled:
                 self._settle(res, input_tokens, output_tokens, cost, now)
@@ -905,6 +962,7 @@ class Engine:
         from ._budget import dim_keys
 
         with self._lock:
+            self._version += 1
             wall = self.wall()
             starts = self.calendar.starts(wall)
             for r in rows:
@@ -920,6 +978,7 @@ class Engine:
     def reset_spend(self, key: str) -> None:
         """Forget the settled spend of ``key`` (an operator reset its budget)."""
         with self._lock:
+            self._version += 1
             self.book.clear(key)
             self._fired = {m for m in self._fired if m[0] != key}
             if self._waiters:
@@ -978,16 +1037,21 @@ class Engine:
             if res is None or res.slot_freed:
                 return
             res.slot_freed = True
+            self._version += 1
             for st in res.states:
                 st.in_flight -= 1
             if self._waiters:
                 self._dispatch(self.clock())
 
-    def charge_extra_request(self, call_id: str) -> None:
-        """Count one more request for an open call (a retry LiteLLM sent without re-admission)."""
+    def note_attempt(self, call_id: str) -> None:
+        """An HTTP attempt of an open call is about to be sent; attempts after the first are
+        retries LiteLLM sends without re-admission, and count as requests."""
         with self._lock:
             res = self._leases.get(call_id)
             if res is None:
+                return
+            res.attempts += 1
+            if res.attempts <= 1:
                 return
             now = self.clock()
             for st in res.states:
@@ -1031,6 +1095,8 @@ class Engine:
             return
         self._next_sweep = now + 1.0
         expired = [cid for cid, r in self._leases.items() if r.expires_at <= now]
+        if expired:
+            self._version += 1
         for cid in expired:
             res = self._leases.pop(cid)
             if not res.settled:

@@ -11,6 +11,7 @@ over the framework.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -27,6 +28,7 @@ logger = logging.getLogger("hive_ratelimit_plugin")
 
 PRIORITY_NAMES: dict[str, int] = {"high": 10, "normal": 0, "low": -10}
 _NO_LIMITS = LimitSet()
+_generations = itertools.count(1)
 IDENTITY_FIELDS = ("agent_id", "user_id", "team_id", "run_id", "priority")
 
 _context: ContextVar[Mapping[str, Any] | None] = ContextVar("hive_ratelimit_identity", default=None)
@@ -141,6 +143,7 @@ class ScopeResolver:
         self._cache: LRUCache[tuple[Any, ...], list[Scope]] = LRUCache(maxsize=8192)
         self._choices: dict[str, list[Scope] | None] = {}
         self._warned_no_run: set[str] = set()
+        self.generation = next(_generations)
         g, b = config.global_, config.budget
 
         def tighter(a: float | None, c: float | None) -> float | None:
@@ -172,17 +175,18 @@ class ScopeResolver:
         cfg = self.config
         out: list[Scope] = []
         if not self.global_limits.is_empty():
-            out.append(Scope("global", "global", self.global_limits))
+            out.append(Scope("global", "global", self.global_limits, self.generation))
         pconf = cfg.providers.get(provider)
         if pconf is not None:
             own = LimitSet.model_validate({k: getattr(pconf, k) for k in LimitSet.model_fields})
             if not own.is_empty():
-                out.append(Scope("provider", f"provider:{provider}", own))
+                out.append(Scope("provider", f"provider:{provider}", own, self.generation))
         found = self._model_limits(provider, model)
         bare = split_model(model, provider)
         # The model scope is always there, limits or not: it carries the provider's signals
         # (cooldown after a 429, circuit breaker, learned limits).
-        out.append(Scope("model", f"model:{provider}/{bare}", found[1] if found is not None else _NO_LIMITS))
+        out.append(Scope("model", f"model:{provider}/{bare}", found[1] if found is not None else _NO_LIMITS,
+                         self.generation))
         for level, name, table in (
             ("agent", ident.agent_id, cfg.agents),
             ("user", ident.user_id, cfg.users),
@@ -196,7 +200,7 @@ class ScopeResolver:
             if hit is not None:
                 limits = LimitSet.model_validate({k: getattr(hit[1], k) for k in LimitSet.model_fields})
                 if not limits.is_empty():
-                    out.append(Scope(level, f"{level}:{name}", limits))
+                    out.append(Scope(level, f"{level}:{name}", limits, self.generation))
                 if level == "agent" and isinstance(hit[1], AgentLimits):
                     run_scope = self._run_scope(name, ident.run_id, hit[1])
                     if run_scope is not None:
@@ -212,7 +216,7 @@ class ScopeResolver:
         out: list[Scope] | None = None
         if pconf is not None and pconf.api_keys:
             out = [Scope("key", f"key:{provider}/{k.env}",
-                         LimitSet.model_validate({f: getattr(k, f) for f in LimitSet.model_fields}))
+                         LimitSet.model_validate({f: getattr(k, f) for f in LimitSet.model_fields}), self.generation)
                    for k in pconf.api_keys]
         self._choices[provider] = out
         return out
@@ -229,4 +233,4 @@ class ScopeResolver:
             return None
         run_limits = AgentLimits(max_requests_per_run=limits.max_requests_per_run,
                                  max_cost_per_run=limits.max_cost_per_run)
-        return Scope("run", f"run:{agent}/{run_id}", run_limits)
+        return Scope("run", f"run:{agent}/{run_id}", run_limits, self.generation)

@@ -42,8 +42,8 @@ def _content_text(content: Any) -> str:
         for part in content:
             if isinstance(part, Mapping) and isinstance(part.get("text"), str):
                 parts.append(part["text"])
-            elif isinstance(part, Mapping) and part.get("type") in ("image_url", "image"):
-                parts.append("x" * 3000)  # ~1k tokens per image: a conservative placeholder
+            elif isinstance(part, Mapping) and part.get("type") in ("image_url", "image", "input_image"):
+                parts.append(_IMAGE_MARK)  # counted as IMAGE_TOKENS, not as text
             else:
                 parts.append(json.dumps(part, default=str))
         return "\n".join(parts)
@@ -52,11 +52,20 @@ def _content_text(content: Any) -> str:
     return json.dumps(content, default=str)
 
 
+#: Tokens reserved per image part: a high-detail image costs 765+ tokens on gpt-4o, up to ~1.6k
+#: on Claude; reserving too much is settled back after the call, too little risks a 429.
+IMAGE_TOKENS = 1600
+_IMAGE_MARK = "\x00image\x00"
+
+
 def _cached(model: str, role: str, text: str) -> int:
     key = (model, role, text)
     n = _cache.get(key)
     if n is None:
-        n = _count_text(model, text) + _PER_MESSAGE_OVERHEAD
+        images = text.count(_IMAGE_MARK)
+        if images:
+            text = text.replace(_IMAGE_MARK, "")
+        n = _count_text(model, text) + _PER_MESSAGE_OVERHEAD + images * IMAGE_TOKENS
         _cache[key] = n
     return n
 

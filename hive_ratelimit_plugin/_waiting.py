@@ -34,10 +34,13 @@ def _timeout_error(engine: Engine, waiter: Waiter | None, waited: float, reason:
     )
 
 
+_LONGEST_SLEEP = 3600.0  # re-check at least hourly (threading's timeout overflows past ~9.2e9 s)
+
+
 def _sleep_for(engine: Engine, waiter: Waiter, deadline: float) -> float:
     retry_at = waiter.retry_at
     until = deadline if retry_at is None else min(deadline, retry_at)
-    return max(until - engine.clock(), 0.0)
+    return min(max(until - engine.clock(), 0.0), _LONGEST_SLEEP)
 
 
 def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:

@@ -311,11 +311,27 @@ class RateLimitingConfig(BaseSettings):
         return (env_settings, init_settings)
 
 
+_SECRET_NAMES = ("key", "secret", "password", "credential")
+
+
+def _shown(name: str, value: Any) -> Any:
+    """A value as it may appear in an error: secrets (by key name or by look) are redacted."""
+    lowered = name.lower()
+    if any(s in lowered for s in _SECRET_NAMES) and not lowered.endswith("api_keys"):
+        return "<redacted>"
+    if isinstance(value, str) and (value.startswith(("sk-", "sk_", "Bearer ")) or
+                                   (len(value) >= 32 and " " not in value and not value.isalpha())):
+        return "<redacted>"
+    if isinstance(value, dict):
+        return {k: _shown(str(k), v) for k, v in value.items()}
+    return value
+
+
 def _format_validation_error(exc: ValidationError, root: str) -> list[str]:
     lines = []
     for err in exc.errors():
         path = ".".join([root, *("global" if p == "global_" else str(p) for p in err["loc"])])
-        value = err.get("input")
+        value = _shown(str(err["loc"][-1]) if err["loc"] else "", err.get("input"))
         kind = err["type"]
         if kind == "extra_forbidden":
             lines.append(f"{path}: unknown key (value {value!r}); check the spelling against the documented fields")

@@ -168,8 +168,10 @@ def _usage_of(response: Any) -> tuple[int | None, int | None]:
     pout = get("completion_tokens", None)
     if pin is None and pout is None:
         total = get("total_tokens", None)
-        return (int(total), 0) if isinstance(total, int) else (None, None)
-    return (int(pin) if isinstance(pin, int) else None, int(pout) if isinstance(pout, int) else 0)
+        return (int(total), 0) if isinstance(total, int) and total >= 0 else (None, None)
+    # A provider's usage is trusted only when it makes sense (a negative count would erase others').
+    return (int(pin) if isinstance(pin, int) and pin >= 0 else None,
+            int(pout) if isinstance(pout, int) and pout >= 0 else 0)
 
 
 class HiveLimiter(CustomLogger):
@@ -223,8 +225,6 @@ class HiveLimiter(CustomLogger):
         self._prices = PriceBook(cfg)
         self._runaway = RunawayDetector(cfg.runaway.max_identical_requests, cfg.runaway.window_seconds,
                                         cfg.runaway.cooldown_seconds)
-        self._attempts: dict[str, int] = {}
-        self._attempts_lock = threading.Lock()
         self._provider_cache: dict[tuple[str, str | None], str] = {}
         self._next_tail = 0.0
         self._configure_engine(cfg)
@@ -265,6 +265,14 @@ class HiveLimiter(CustomLogger):
         eng.lease_seconds = cfg.estimation.lease_seconds
         eng.currency = cfg.budget.currency
         eng.thresholds = tuple(cfg.budget.warning_thresholds)
+        resolver = self._resolver
+
+        def resolve(t: Ticket) -> list[Any]:
+            _, _, agent, user, team, run = t.dims
+            ident = Identity(agent, user, team, run, t.priority)
+            return resolver.scopes(str(t.info.get("provider")), str(t.info.get("model")), ident)
+
+        eng.rescope(resolve)
         if eng.calendar.tz.key != cfg.budget.timezone:
             from ._budget import Calendar
 
@@ -606,16 +614,11 @@ class HiveLimiter(CustomLogger):
             budget=float(rw.max_identical_requests), window="runaway", retry_after=max(until - now, 0.0),
         )
 
-    def _begin_attempts(self, call_id: str) -> None:
-        with self._attempts_lock:
-            self._attempts[call_id] = 0
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
                 exc: BaseException | None = None) -> None:
         if not call_id or not self._engine.holds(call_id):
             return  # not ours, or already settled (LiteLLM sends more than one end-of-call event)
-        with self._attempts_lock:
-            self._attempts.pop(call_id, None)
         eng = self._engine
         if failed:
             # The prompt was sent but nothing was produced: providers do not bill failed calls.
@@ -658,9 +661,10 @@ class HiveLimiter(CustomLogger):
         if not call_id:
             call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
         if self._engine.holds(call_id):
-            # The Router re-runs pre hooks per attempt with the same call id: the earlier
-            # attempt failed; its request stays counted, its slot is freed.
-            self._finish(call_id, failed=True)
+            # Already admitted under this id: this limiter is registered twice, or LiteLLM runs
+            # the hook again for the same attempt. (A Router retry comes after the failed
+            # attempt's failure event has released it.) Count the call once.
+            return None
         ticket = self._ticket(call_id, _call_type_name(call_type), kwargs, kwargs.get("metadata"))
         if ticket is None:
             return None
@@ -669,7 +673,6 @@ class HiveLimiter(CustomLogger):
         except RateLimitQueueTimeout as exc:
             self._emit(_timeout_event(ticket, exc, self._engine.wall()))
             raise
-        self._begin_attempts(call_id)
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
             return kwargs  # type: ignore[return-value]
@@ -728,15 +731,8 @@ class HiveLimiter(CustomLogger):
     def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
         """Count retries LiteLLM sends without re-running the pre-call hook (``num_retries``)."""
         call_id = kwargs.get("litellm_call_id")
-        if not call_id:
-            return
-        with self._attempts_lock:
-            n = self._attempts.get(call_id)
-            if n is None:
-                return
-            self._attempts[call_id] = n + 1
-        if n >= 1:
-            self._engine.charge_extra_request(call_id)
+        if call_id:
+            self._engine.note_attempt(call_id)
 
     def log_success_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
         self._finish(kwargs.get("litellm_call_id"), response_obj)
@@ -757,7 +753,6 @@ class HiveLimiter(CustomLogger):
         except RateLimitQueueTimeout as exc:
             self._emit(_timeout_event(ticket, exc, self._engine.wall()))
             raise
-        self._begin_attempts(call_id)
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
         return call_id
@@ -823,7 +818,8 @@ _guard_lock = threading.Lock()
 
 
 def _active_limiters() -> list[HiveLimiter]:
-    return [cb for cb in litellm.callbacks if isinstance(cb, HiveLimiter) and cb.config.enabled]
+    # dict.fromkeys: a limiter appended twice still counts each call once.
+    return list(dict.fromkeys(cb for cb in litellm.callbacks if isinstance(cb, HiveLimiter) and cb.config.enabled))
 
 
 class _Retrying:
@@ -845,6 +841,11 @@ class _Retrying:
         self.attempt += 1
         if self.attempt > 1 and not self.user_call_id:
             kwargs.pop("litellm_call_id", None)  # a fresh admission for each attempt
+        cid = kwargs.get("litellm_call_id")
+        if cid and self.limiter._engine.holds(cid):
+            # The caller reuses an id that another call in flight holds: reservations are
+            # matched by id, so give this call its own.
+            kwargs["litellm_call_id"] = str(uuid.uuid4())
 
     def budget(self) -> float | None:
         return self.deadline if self.attempt > 1 else None
@@ -943,12 +944,19 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         retrying = _Retrying(limiters[0], kwargs)
         while True:
             retrying.begin(kwargs)
+            # Our own call id, so that a cancellation (which LiteLLM reports to no callback)
+            # can still release the call's reservation.
+            call_id = kwargs.setdefault("litellm_call_id", str(uuid.uuid4()))
             token = _wait_budget.set(retrying.budget())
             try:
                 return await fn(*args, **kwargs)
             except Exception as exc:
                 if not retrying.should_retry(exc):
                     raise
+            except BaseException:  # cancelled (or interrupted) while admitted or in flight
+                for lim in limiters:
+                    lim._finish(call_id, failed=True)
+                raise
             finally:
                 _wait_budget.reset(token)
 

@@ -1,0 +1,277 @@
+"""Identity: who a call counts against (metadata, ``user=``, ``scope()`` blocks) and its priority,
+through real LiteLLM calls to the fake provider."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import litellm
+import pytest
+
+import hive_ratelimit_plugin
+from hive_ratelimit_plugin import HiveLimiter
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
+
+from .helpers import Recorder, chat_kwargs
+
+SECRET = "sk-test-SECRET-0123456789"
+
+# Every agent, user and team gets its own (generous) scope, so the scope keys show attribution.
+PER_IDENTITY = {
+    "global": {"requests_per_minute": 1000},
+    "agents": {"*": {"requests_per_minute": 1000}},
+    "users": {"*": {"requests_per_minute": 1000}},
+    "teams": {"*": {"requests_per_minute": 1000}},
+}
+
+
+def make_limiter(clock: FakeClock, config: dict[str, Any]) -> HiveLimiter:
+    limiter = HiveLimiter(config, clock=clock)
+    clock.attach(limiter)
+    litellm.callbacks.append(limiter)
+    return limiter
+
+
+def keys(limiter: HiveLimiter, level: str) -> set[str]:
+    return set(limiter.get_usage_stats()["levels"].get(level, {}))
+
+
+def used(limiter: HiveLimiter, level: str, key: str) -> int:
+    entry = limiter.get_usage_stats()["levels"].get(level, {}).get(key)
+    return 0 if entry is None else int(entry["requests_per_minute"]["used"])
+
+
+async def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.005)
+
+
+# ----------------------------------------------------------------- metadata and user=
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_metadata_routes_call_to_agent_user_and_team(mode: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """metadata agent_id/user_id/team_id put the call on exactly those scopes."""
+    limiter = make_limiter(clock, PER_IDENTITY)
+    md = {"agent_id": "researcher", "user_id": "alice", "team_id": "growth"}
+    if mode == "sync":
+        litellm.completion(**chat_kwargs(provider, metadata=md))
+    else:
+        await litellm.acompletion(**chat_kwargs(provider, metadata=md))
+    assert keys(limiter, "agent") == {"agent:researcher"}
+    assert keys(limiter, "user") == {"user:alice"}
+    assert keys(limiter, "team") == {"team:growth"}
+    assert used(limiter, "agent", "agent:researcher") == 1
+    assert used(limiter, "global", "global") == 1
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_user_kwarg_counts_as_user(mode: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """user= (the OpenAI end-user field) attributes the call to that user scope."""
+    limiter = make_limiter(clock, PER_IDENTITY)
+    if mode == "sync":
+        litellm.completion(**chat_kwargs(provider, user="bob"))
+    else:
+        await litellm.acompletion(**chat_kwargs(provider, user="bob"))
+    assert keys(limiter, "user") == {"user:bob"}
+    assert "agent" not in limiter.get_usage_stats()["levels"]
+
+
+async def test_distinct_agents_are_limited_separately(provider: FakeProvider, clock: FakeClock) -> None:
+    """An agent at its own limit waits while another agent's call goes straight through."""
+    limiter = make_limiter(clock, {"agents": {"*": {"requests_per_minute": 1}},
+                                   "queue": {"max_wait_seconds": 0}})
+    await litellm.acompletion(**chat_kwargs(provider, metadata={"agent_id": "a"}))
+    with pytest.raises(hive_ratelimit_plugin.RateLimitQueueTimeout) as info:
+        await litellm.acompletion(**chat_kwargs(provider, metadata={"agent_id": "a"}))
+    assert info.value.scope == "agent:a"
+    await litellm.acompletion(**chat_kwargs(provider, metadata={"agent_id": "b"}))
+    assert provider.state.count() == 2
+    assert keys(limiter, "agent") == {"agent:a", "agent:b"}
+
+
+# ----------------------------------------------------------------- scope() blocks
+async def test_scope_holds_across_await(provider: FakeProvider, clock: FakeClock) -> None:
+    """limiter.scope(agent_id=...) still applies after awaits inside the block."""
+    limiter = make_limiter(clock, PER_IDENTITY)
+    with limiter.scope(agent_id="ctx-agent", team_id="ctx-team"):
+        await asyncio.sleep(0)
+        await litellm.acompletion(**chat_kwargs(provider))
+        await asyncio.sleep(0.001)
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert keys(limiter, "agent") == {"agent:ctx-agent"}
+    assert keys(limiter, "team") == {"team:ctx-team"}
+    assert used(limiter, "agent", "agent:ctx-agent") == 2
+
+
+async def test_scope_ends_with_its_block(provider: FakeProvider, clock: FakeClock) -> None:
+    """A call made after the block counts against no agent."""
+    limiter = make_limiter(clock, PER_IDENTITY)
+    with hive_ratelimit_plugin.scope(agent_id="inside"):
+        await litellm.acompletion(**chat_kwargs(provider))
+    await litellm.acompletion(**chat_kwargs(provider))
+    assert used(limiter, "agent", "agent:inside") == 1
+    assert used(limiter, "global", "global") == 2
+
+
+async def test_scope_follows_tasks_created_inside(provider: FakeProvider, clock: FakeClock) -> None:
+    """A task created inside the block keeps the identity even when it calls after the block ended."""
+    limiter = make_limiter(clock, PER_IDENTITY)
+    go = asyncio.Event()
+
+    async def later() -> None:
+        await go.wait()
+        await litellm.acompletion(**chat_kwargs(provider))
+
+    with limiter.scope(agent_id="spawner", user_id="carol"):
+        task = asyncio.create_task(later())
+    await asyncio.sleep(0)
+    go.set()  # the block has exited; the task runs its call now
+    await asyncio.wait_for(task, 10)
+    assert keys(limiter, "agent") == {"agent:spawner"}
+    assert keys(limiter, "user") == {"user:carol"}
+
+
+@pytest.mark.parametrize("which", ["limiter.scope", "hive_ratelimit_plugin.scope"])
+async def test_scope_follows_to_thread_sync_completion(which: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """asyncio.to_thread running a sync litellm.completion inherits the block's identity."""
+    limiter = make_limiter(clock, PER_IDENTITY)
+    cm = limiter.scope if which == "limiter.scope" else hive_ratelimit_plugin.scope
+    seen: list[str] = []
+
+    def work() -> Any:
+        seen.append(threading.current_thread().name)
+        return litellm.completion(**chat_kwargs(provider))
+
+    with cm(agent_id="threaded", team_id="ops"):
+        await asyncio.to_thread(work)
+    assert seen and seen[0] != threading.current_thread().name  # it really ran elsewhere
+    assert keys(limiter, "agent") == {"agent:threaded"}
+    assert keys(limiter, "team") == {"team:ops"}
+
+
+async def test_plain_thread_does_not_inherit_scope(provider: FakeProvider, clock: FakeClock) -> None:
+    """A bare threading.Thread starts with an empty context, so the block does not apply there."""
+    limiter = make_limiter(clock, PER_IDENTITY)
+    with limiter.scope(agent_id="not-inherited"):
+        t = threading.Thread(target=lambda: litellm.completion(**chat_kwargs(provider)))
+        t.start()
+        await asyncio.to_thread(t.join, 10)
+    assert provider.state.count() == 1
+    assert "agent" not in limiter.get_usage_stats()["levels"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_metadata_wins_over_scope(mode: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """Request metadata overrides the block's identity field by field."""
+    limiter = make_limiter(clock, PER_IDENTITY)
+    with limiter.scope(agent_id="from-context", team_id="ctx-team"):
+        kw = chat_kwargs(provider, metadata={"agent_id": "from-metadata"})
+        if mode == "sync":
+            litellm.completion(**kw)
+        else:
+            await litellm.acompletion(**kw)
+    assert keys(limiter, "agent") == {"agent:from-metadata"}
+    assert keys(limiter, "team") == {"team:ctx-team"}  # not overridden: still from the block
+
+
+async def test_nested_scopes_merge(provider: FakeProvider, clock: FakeClock) -> None:
+    """An inner block adds to and overrides the outer one; leaving it restores the outer identity."""
+    limiter = make_limiter(clock, PER_IDENTITY)
+    with limiter.scope(agent_id="outer", team_id="t-outer"):
+        with hive_ratelimit_plugin.scope(agent_id="inner", user_id="u-inner"):
+            await litellm.acompletion(**chat_kwargs(provider))
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert used(limiter, "agent", "agent:inner") == 1
+    assert used(limiter, "agent", "agent:outer") == 1
+    assert used(limiter, "team", "team:t-outer") == 2  # the inner block kept the outer team
+    assert used(limiter, "user", "user:u-inner") == 1  # only the inner call had a user
+
+
+async def test_sibling_tasks_keep_their_own_scopes(provider: FakeProvider, clock: FakeClock) -> None:
+    """Concurrent tasks with different blocks never see each other's identity."""
+    limiter = make_limiter(clock, PER_IDENTITY)
+
+    async def agent(name: str, n: int) -> None:
+        with limiter.scope(agent_id=name):
+            for _ in range(n):
+                await asyncio.sleep(0)
+                await litellm.acompletion(**chat_kwargs(provider))
+
+    await asyncio.gather(agent("x", 3), agent("y", 2), agent("z", 1))
+    assert used(limiter, "agent", "agent:x") == 3
+    assert used(limiter, "agent", "agent:y") == 2
+    assert used(limiter, "agent", "agent:z") == 1
+
+
+@pytest.mark.parametrize("cm", [HiveLimiter.scope, hive_ratelimit_plugin.scope])
+def test_unknown_identity_field_raises_type_error(cm: Callable[..., Any]) -> None:
+    """A misspelt identity field is a TypeError naming the field, not silently ignored."""
+    with pytest.raises(TypeError, match="agentid"), cm(agentid="typo"):
+        pass  # pragma: no cover - never entered
+
+
+# ----------------------------------------------------------------- priority end to end
+@pytest.mark.parametrize("how", ["metadata", "scope"])
+async def test_high_priority_call_reaches_provider_first(how: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """With the limit saturated, a later high-priority call is sent before an earlier low-priority one."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 1000}})
+    recorder = Recorder(clock)
+    litellm.callbacks.append(recorder)
+    await litellm.acompletion(**chat_kwargs(provider))  # saturates the minute
+
+    async def call(model: str, priority: str) -> Any:
+        if how == "metadata":
+            return await litellm.acompletion(**chat_kwargs(provider, model=model, metadata={"priority": priority}))
+        with limiter.scope(priority=priority):
+            return await litellm.acompletion(**chat_kwargs(provider, model=model))
+
+    low = asyncio.create_task(call("openai/gpt-4o-mini", "low"))
+    await _wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    high = asyncio.create_task(call("openai/gpt-4o", "high"))
+    await _wait_until(lambda: limiter.get_usage_stats()["queued"] == 2)
+    assert provider.state.count() == 1
+
+    clock.advance(61)
+    await asyncio.wait_for(high, 10)
+    assert not low.done()
+    assert limiter.get_usage_stats()["queued"] == 1
+    assert [r.model for r in provider.state.log] == ["gpt-4o-mini", "gpt-4o"]
+
+    clock.advance(61)
+    await asyncio.wait_for(low, 10)
+    assert [r.model for r in provider.state.log] == ["gpt-4o-mini", "gpt-4o", "gpt-4o-mini"]
+    assert [m for _, m in recorder.sent] == ["gpt-4o-mini", "gpt-4o", "gpt-4o-mini"]
+    assert [t for t, _ in recorder.sent] == [1000.0, 1061.0, 1122.0]
+
+
+async def test_high_priority_async_call_overtakes_waiting_sync_thread(provider: FakeProvider, clock: FakeClock) -> None:
+    """Priority applies across drivers: a high async call beats a low sync call queued earlier."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 1000}})
+    litellm.completion(**chat_kwargs(provider))
+    errors: list[BaseException] = []
+
+    def low_sync() -> None:
+        try:
+            litellm.completion(**chat_kwargs(provider, model="openai/gpt-4o-mini", metadata={"priority": "low"}))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=low_sync)
+    t.start()
+    await _wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    high = asyncio.create_task(litellm.acompletion(
+        **chat_kwargs(provider, model="openai/gpt-4o", metadata={"priority": 5})))
+    await _wait_until(lambda: limiter.get_usage_stats()["queued"] == 2)
+    clock.advance(61)
+    await asyncio.wait_for(high, 10)
+    assert t.is_alive()
+    clock.advance(61)
+    await asyncio.to_thread(t.join, 10)
+    assert not t.is_alive() and not errors
+    assert [r.model for r in provider.state.log] == ["gpt-4o-mini", "gpt-4o", "gpt-4o-mini"]
