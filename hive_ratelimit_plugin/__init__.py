@@ -10,8 +10,8 @@ Enable with one line::
 or with none: ``HIVE_RATELIMIT_ENABLED=1`` (see docs/zero-code.md), or ``enable()``.
 
 Every export is loaded on first use (PEP 562): importing the package itself costs next to
-nothing, which the zero-code autoload (``hive_ratelimit.pth``, imported at every interpreter
-start) relies on. ``HiveLimiter``, ``enable`` and ``disable`` import LiteLLM (seconds).
+nothing, which the zero-code autoload (``hive_ratelimit_autoload.pth``, imported at every interpreter
+start) relies on. ``HiveLimiter`` and ``enable`` import LiteLLM (seconds).
 """
 
 # No ``from __future__`` or ``typing`` imports at run time: each costs a fraction of a millisecond

@@ -1,6 +1,6 @@
 """Zero-code enablement: register a ``HiveLimiter`` in any program that imports LiteLLM.
 
-``hive_ratelimit.pth`` (installed at the root of site-packages) imports this module at interpreter
+``hive_ratelimit_autoload.pth`` (installed at the root of site-packages) imports this module at interpreter
 start when ``HIVE_RATELIMIT_ENABLED`` is truthy; ``hive-ratelimit run`` imports it from a
 ``sitecustomize`` instead. Importing it:
 
@@ -27,10 +27,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from importlib.machinery import ModuleSpec
     from types import ModuleType
+    from typing import Any
 
 ENV_VAR = "HIVE_RATELIMIT_ENABLED"
 #: Values of ``HIVE_RATELIMIT_ENABLED`` (after strip + lower) that turn the autoload on.
-#: ``hive_ratelimit.pth`` repeats this set inline so that a disabled interpreter never imports
+#: ``hive_ratelimit_autoload.pth`` repeats this set inline so that a disabled interpreter never imports
 #: this package; tests/test_zero_code.py checks that the two agree.
 TRUTHY = frozenset({"1", "true", "yes", "on"})
 
@@ -63,8 +64,8 @@ class LiteLLMImportHook:
         if fullname != "litellm" or self._busy:
             return None
         self._busy = True  # the import lock for "litellm" is held: no other thread is here
+        spec: ModuleSpec | None = None  # local annotations are never evaluated
         try:
-            spec = None
             for finder in list(sys.meta_path):
                 find = getattr(finder, "find_spec", None)
                 if finder is self or find is None:
@@ -76,7 +77,7 @@ class LiteLLMImportHook:
             self._busy = False
         if spec is None:
             return None
-        loader = spec.loader
+        loader: Any = spec.loader
         original = getattr(loader, "exec_module", None)
         if original is None or isinstance(loader, type):
             _log_warning("cannot hook the import of litellm (loader %r); call hive_ratelimit_plugin.enable() "

@@ -4,13 +4,17 @@ anything that mentions one for up to 10 minutes; a budget stop must stop)."""
 
 from __future__ import annotations
 
+import re
+
 from litellm.exceptions import BudgetExceededError as _LiteLLMBudgetExceededError
 
 from .errors import HiveRateLimitError
 
 __all__ = ["BudgetExceededError", "RunawayDetectedError"]
 
-FORBIDDEN_PHRASES = ("rate limit", "ratelimit", "429", "capacity", "too many requests")
+FORBIDDEN_PHRASES = ("rate limit", "ratelimit", "rate_limit", "429", "529", "capacity", "too many requests",
+                     "overloaded", "service unavailable")
+_NUMBER = re.compile(r"\d[\d.,]*")
 
 
 class BudgetExceededError(HiveRateLimitError, _LiteLLMBudgetExceededError):
@@ -36,10 +40,15 @@ class BudgetExceededError(HiveRateLimitError, _LiteLLMBudgetExceededError):
         window: str,
         retry_after: float | None = None,
     ) -> None:
-        lowered = message.lower()
-        for phrase in FORBIDDEN_PHRASES:  # a guard on our own wording; see the module docstring
-            if phrase in lowered:
-                message = message.replace(phrase, "budget")
+        # A guard on our own wording (see the module docstring): an amount such as 0.0529 must
+        # not read like a status code; the exact figures are on the exception's attributes.
+        message = _NUMBER.sub(
+            lambda m: "(see exc.spent / exc.budget)" if ("429" in m.group() or "529" in m.group()) else m.group(),
+            message,
+        )
+        for phrase in FORBIDDEN_PHRASES:
+            if phrase in message.lower():
+                message = re.sub(re.escape(phrase), "budget", message, flags=re.IGNORECASE)
         _LiteLLMBudgetExceededError.__init__(self, spent, budget, message)
         self.scope = scope
         self.limit = limit

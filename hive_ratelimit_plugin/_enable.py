@@ -6,14 +6,13 @@ can fetch the autoloaded limiter with ``enable()`` and switch it off with ``disa
 **Keeping it registered.** Programs (and some LiteLLM integrations) replace the whole list
 (``litellm.callbacks = [MyLogger()]``), which would silently drop the limiter. While a limiter is
 enabled, ``litellm``'s module class is swapped for a subclass whose ``callbacks`` property
-stores the list in the module ``__dict__`` as before and, when a *whole new list* without the
-limiter is assigned, appends the limiter to it again and logs a WARNING. Reads cost one property
-call. Deliberate removals are respected (no re-attach): ``disable()``, ``unregister(limiter)``
-and LiteLLM's own callback manager (``remove_callback_from_all_lists``, ``_reset_all_callbacks``)
-— after those the process is no longer limited (logged as a WARNING) until ``enable()`` is
-called again. In-place edits of the list (``.remove()``, ``.clear()``, ``[:] = ...``) are not
-seen and are taken as deliberate. A new list that holds another ``HiveLimiter`` is left alone
-(the program manages its own limiter).
+stores the list in the module ``__dict__`` as before and, when an assignment replaces a list that
+held the limiter with one that does not, appends the limiter to the new list and logs a WARNING.
+Reads cost one property call. Deliberate removals are respected (no re-attach): ``disable()``;
+removing it from the list in place (``unregister(limiter)``, ``.remove()``, ``.clear()``,
+``[:] = ...``; a later replacement does not bring it back); LiteLLM's own callback manager
+(``_reset_all_callbacks``, ``drop_callbacks``), logged as a WARNING; and a replacement list that
+holds another ``HiveLimiter`` (the program manages its own). ``enable()`` registers it again.
 """
 
 from __future__ import annotations
@@ -149,10 +148,13 @@ def _get_callbacks(module: ModuleType) -> Any:
 
 
 def _set_callbacks(module: ModuleType, value: Any) -> None:
+    previous = module.__dict__.get("callbacks")
     module.__dict__["callbacks"] = value
     limiter = _limiter
     if limiter is None or not isinstance(value, list) or any(cb is limiter for cb in value):
         return
+    if not isinstance(previous, list) or not any(cb is limiter for cb in previous):
+        return  # it had been taken out already (in place, unregister()): that removal was deliberate
     caller = str(sys._getframe(1).f_globals.get("__name__", ""))
     if caller.startswith(_DELIBERATE):
         logger.warning("hive-ratelimit: the limiter was removed from litellm.callbacks (by %s); LiteLLM calls "

@@ -609,7 +609,7 @@ class HiveLimiter(CustomLogger):
             f"agent {agent_id} looks stuck in a loop: it sent the same request more than "
             f"{rw.max_identical_requests} times within {rw.window_seconds:g}s, so its breaker is open for "
             f"{until - now:.0f}s more (or until reset_budget(agent_id={agent_id!r})). The call was not sent. "
-            "Tune or disable this with rate_limiting.runaway.",
+            "Tune or disable this in the runaway section of the configuration.",
             scope=f"agent:{agent_id}", limit="runaway", spent=float(count),
             budget=float(rw.max_identical_requests), window="runaway", retry_after=max(until - now, 0.0),
         )
@@ -772,8 +772,9 @@ def _unknown_price_error(provider: str, model: str) -> HiveRateLimitError:
 
     return BudgetExceededError(
         f"no price is known for model {provider}/{split_model(model, provider)}, so its budget cannot be "
-        f"enforced (unknown_price: block). Add rate_limiting.pricing.{split_model(model, provider)}: "
-        "{input_per_million: ..., output_per_million: ...} or set unknown_price: estimate. The call was not sent.",
+        f"enforced (unknown_price: block). Add pricing.{split_model(model, provider)}: "
+        "{input_per_million: ..., output_per_million: ...} to the configuration, or set unknown_price: estimate. "
+        "The call was not sent.",
         scope=f"model:{provider}/{split_model(model, provider)}", limit="unknown_price", spent=0.0, budget=0.0,
         window="none",
     )

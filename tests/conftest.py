@@ -9,6 +9,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 for _name in list(os.environ):
     if _name.startswith("HIVE_RATELIMIT_"):
         del os.environ[_name]
+# A developer's shell may enable zero-code autoload (the .pth file): not in the tests.
+from hive_ratelimit_plugin import _autoload
+
+_autoload.uninstall()
 
 import collections.abc
 

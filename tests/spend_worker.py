@@ -12,10 +12,10 @@ import sys
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import litellm  # noqa: E402
+import litellm
 
-from hive_ratelimit_plugin import HiveLimiter  # noqa: E402
-from hive_ratelimit_plugin.testing import FakeProvider  # noqa: E402
+from hive_ratelimit_plugin import HiveLimiter
+from hive_ratelimit_plugin.testing import FakeProvider
 
 
 def main() -> None:

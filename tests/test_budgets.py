@@ -239,7 +239,7 @@ async def test_unknown_price_estimate_policy(
 async def test_unknown_price_block_policy(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
     """With unknown_price: block, a budgeted call to an unpriced model is refused with the fix named."""
     make(clock, wall, {"budget": {"max_daily_spend": 1000}, "unknown_price": "block"})
-    with pytest.raises(BudgetExceededError, match=r"rate_limiting\.pricing\.house-model-x") as info:
+    with pytest.raises(BudgetExceededError, match=r"Add pricing\.house-model-x") as info:
         await litellm.acompletion(**small(provider, model="openai/house-model-x"))
     assert_budget_error(info.value)
     assert provider.state.count() == 0

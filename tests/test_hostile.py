@@ -192,7 +192,7 @@ async def test_limit_lowered_below_a_waiting_call_fails_it(provider: FakeProvide
 # ============================================================================ max_wait_seconds = 0
 async def test_max_wait_zero_fails_fast_and_sends_nothing(provider: FakeProvider, clock: FakeClock) -> None:
     """With max_wait_seconds=0 every call that cannot start now fails at once, sync and async."""
-    provider.state.latency = 0.1
+    provider.state.latency = 0.5  # far longer than it takes to start all five calls
     limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0}})
     results = await asyncio.gather(*(litellm.acompletion(**chat_kwargs(provider)) for _ in range(5)),
                                    return_exceptions=True)
@@ -656,7 +656,7 @@ def test_config_error_does_not_echo_an_api_key(config: dict[str, Any]) -> None:
 # ============================================================================ call ids / registration
 def test_sync_calls_sharing_a_litellm_call_id_leak_no_slot(provider: FakeProvider, clock: FakeClock) -> None:
     """Two overlapping sync calls that reuse one litellm_call_id give both slots back."""
-    provider.state.latency = 0.3
+    provider.state.latency = 1.0  # the two calls surely overlap
     limiter = make_limiter(clock, {"global": {"concurrent_requests": 2}, "queue": {"max_wait_seconds": 5},
                                    "estimation": {"lease_seconds": 30}})
     threads = [threading.Thread(target=lambda: litellm.completion(**chat_kwargs(provider, litellm_call_id="same-id")))
@@ -674,7 +674,7 @@ async def test_async_calls_sharing_a_litellm_call_id_respect_concurrency(
     provider: FakeProvider, clock: FakeClock
 ) -> None:
     """Two concurrent async calls that reuse one litellm_call_id still run one at a time."""
-    provider.state.latency = 0.2
+    provider.state.latency = 1.0  # the two calls surely overlap
     make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 5}})
     await asyncio.gather(*(litellm.acompletion(**chat_kwargs(provider, litellm_call_id="same-async-id"))
                            for _ in range(2)))

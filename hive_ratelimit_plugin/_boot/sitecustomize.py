@@ -16,8 +16,10 @@ import sys
 def _boot() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    import importlib
+
     try:
-        import hive_ratelimit_plugin._autoload  # noqa: F401  (installs the hook when enabled)
+        importlib.import_module("hive_ratelimit_plugin._autoload")  # installs the hook (the variable is set)
     except ImportError:
         import importlib.machinery
         import importlib.util
@@ -29,7 +31,7 @@ def _boot() -> None:
         package = importlib.util.module_from_spec(spec)
         sys.modules["hive_ratelimit_plugin"] = package
         spec.loader.exec_module(package)
-        import hive_ratelimit_plugin._autoload  # noqa: F401
+        importlib.import_module("hive_ratelimit_plugin._autoload")
     _chain()
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks for hive-ratelimit; run them all with ``python benchmarks/run.py``."""
