@@ -586,8 +586,8 @@ def _md_scenario2(r: dict[str, Any]) -> list[str]:
     p = r.get("plugin", {})
     lines += [
         "",
-        f"Targets (plugin): 100 % success: **{_verdict(p.get('success_rate') == 1.0)}**; zero 429s reaching the "
-        f"caller: **{_verdict(p.get('caller_429s') == 0)}**. The plugin also made the provider send "
+        f"Targets (plugin): 100 % success: {_verdict(p.get('success_rate') == 1.0)}; zero 429s reaching the "
+        f"caller: {_verdict(p.get('caller_429s') == 0)}. The plugin also made the provider send "
         f"{p.get('provider_429s', '?')} 429s in all (plain LiteLLM: {r.get('plain LiteLLM', {}).get('provider_429s', '?')}): "
         "a provider that counts refusals against abuse thresholds sees none. Latency is queue wait plus call; "
         "p99 includes the wait for the second window.",
