@@ -559,6 +559,28 @@ def _md_observations(results: dict[str, Any]) -> list[str]:
     return ["## Observations", ""] + [f"- {o}" for o in obs] + [""]
 
 
+def _md_budget(r: dict[str, Any]) -> list[str]:
+    return [
+        "## 6. Budgets: checks and persistence",
+        "",
+        "`bench_budget.py`. Engine `acquire` + `release` against 6 levels (request, token and concurrency limits), "
+        "with and without a daily budget at every level, interleaved (in memory); and the SQLite write that a "
+        "settlement waits for when a state file is configured.",
+        "",
+        "| measure | median |",
+        "|---|---:|",
+        f"| acquire + release, 6 levels, no budgets | {_us(r['engine_without_budgets_us'])} |",
+        f"| acquire + release, 6 levels, a daily budget at every level | {_us(r['engine_with_budgets_us'])} |",
+        f"| added by budget checks, reservations and settlement | {_us(r['budget_overhead_us'])} |",
+        f"| `Ledger.record` of one settled call (WAL, synchronous=NORMAL) | {_us(r['ledger_record_us_median'])} "
+        f"(p99 {_us(r['ledger_record_us_p99'])}) |",
+        "",
+        f"Targets: budget checks <= 10 µs: {_verdict(r['budget_overhead_us'] <= 10)}; persistence <= 200 µs per call: "
+        f"{_verdict(r['ledger_record_us_p99'] <= 200)} (p99).",
+        "",
+    ]
+
+
 def _md_scenario2(r: dict[str, Any]) -> list[str]:
     lines = [
         "## 5. Scenario 2: a spike of 10,000 requests",
@@ -638,6 +660,8 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += _md_throughput(results["throughput"])
     if "scenario2" in results:
         lines += _md_scenario2(results["scenario2"])
+    if "budget" in results:
+        lines += _md_budget(results["budget"])
     lines += _md_observations(results)
     for name, err in meta.get("errors", {}).items():
         lines += [f"**{name} failed in this run:** `{err}`", ""]
@@ -654,6 +678,7 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "python benchmarks/bench_memory.py",
         "python benchmarks/bench_throughput.py        # --no-minute skips the 70 s per-minute run",
         "python benchmarks/bench_scenario2.py         # 10,000 requests, plugin vs plain LiteLLM",
+        "python benchmarks/bench_budget.py            # budget checks and persistence",
         "```",
         "",
     ]
@@ -664,7 +689,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description="Run every benchmark and rewrite docs/benchmarks.md.")
     p.add_argument("--quick", action="store_true", help="shorter runs (figures are rough)")
     p.add_argument(
-        "--only", choices=["engine", "e2e", "memory", "throughput", "scenario2"], action="append",
+        "--only", choices=["engine", "budget", "e2e", "memory", "throughput", "scenario2"], action="append",
         help="run only these (repeatable)"
     )
     p.add_argument("--no-minute", action="store_true", help="skip the per-minute throughput run (70 s)")
@@ -694,6 +719,7 @@ def main() -> None:
         os.environ["HIVE_BENCH_PACKAGE_ROOT"] = str(package_root)
     sys.path.insert(0, str(HERE))
     import _common as common  # sets the environment and sys.path
+    import bench_budget
     import bench_e2e
     import bench_engine
     import bench_memory
@@ -714,6 +740,7 @@ def main() -> None:
     }
     stages = [
         ("engine", lambda: bench_engine.run(quick=args.quick), bench_engine.summary),
+        ("budget", lambda: bench_budget.run(quick=args.quick), bench_budget.summary),
         ("memory", lambda: bench_memory.run(quick=args.quick), bench_memory.summary),
         ("e2e", lambda: bench_e2e.run(quick=args.quick), bench_e2e.summary),
         (

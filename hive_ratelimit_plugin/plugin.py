@@ -56,6 +56,7 @@ _guarded_call: ContextVar[str | None] = ContextVar("hive_ratelimit_guarded_call"
 _MAX_PROVIDER_WAIT = 3600.0  # absurd Retry-After values are clamped to this
 # While a call is being retried: the engine-clock time by which its admission must finish.
 _wait_budget: ContextVar[float | None] = ContextVar("hive_ratelimit_wait_budget", default=None)
+_in_async_guard: ContextVar[bool] = ContextVar("hive_ratelimit_in_async_guard", default=False)
 
 
 def _exception_of(kwargs: Mapping[str, Any], response_obj: Any) -> BaseException | None:
@@ -938,31 +939,42 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def guard(*args: Any, **kwargs: Any) -> Any:
+        if _in_async_guard.get():
+            return await fn(*args, **kwargs)  # LiteLLM calling itself: the outer guard retries
         limiters = _active_limiters()
         if not limiters or _guarded_call.get() is not None:
             return await fn(*args, **kwargs)
-        # Admission happens in the deployment hook; this loop only retries provider 429s.
-        retrying = _Retrying(limiters[0], kwargs)
-        while True:
-            retrying.begin(kwargs)
-            # Our own call id, so that a cancellation (which LiteLLM reports to no callback)
-            # can still release the call's reservation.
-            call_id = kwargs.setdefault("litellm_call_id", str(uuid.uuid4()))
-            token = _wait_budget.set(retrying.budget())
-            try:
-                return await fn(*args, **kwargs)
-            except Exception as exc:
-                if not retrying.should_retry(exc):
-                    raise
-            except BaseException:  # cancelled (or interrupted) while admitted or in flight
-                for lim in limiters:
-                    lim._finish(call_id, failed=True)
-                raise
-            finally:
-                _wait_budget.reset(token)
+        outer = _in_async_guard.set(True)
+        try:
+            return await _retry_async(fn, limiters, args, kwargs)
+        finally:
+            _in_async_guard.reset(outer)
 
     guard.__hive_ratelimit_guard__ = True  # type: ignore[attr-defined]
     return guard
+
+
+async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Any:
+    # Admission happens in the deployment hook; this loop only retries provider 429s.
+    retrying = _Retrying(limiters[0], kwargs)
+    while True:
+        retrying.begin(kwargs)
+        # Our own call id, so that a cancellation (which LiteLLM reports to no callback)
+        # can still release the call's reservation.
+        call_id = kwargs.setdefault("litellm_call_id", str(uuid.uuid4()))
+        token = _wait_budget.set(retrying.budget())
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as exc:
+            if not retrying.should_retry(exc):
+                raise
+        except BaseException:  # cancelled (or interrupted) while admitted or in flight
+            for lim in limiters:
+                lim._finish(call_id, failed=True)
+            raise
+        finally:
+            _wait_budget.reset(token)
 
 
 def install_sync_guard() -> None:
