@@ -77,7 +77,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         ledger = Ledger(str(Path(d) / "state.sqlite"))
         writes = []
-        for i in range(2000 if quick else 10000):
+        for _ in range(2000 if quick else 10000):
             row = SpendRow(time.time(), str(uuid.uuid4()), "openai", "gpt-4o-mini", "a", "u", "t", None, 1, 20, 10,
                            0.0005)
             t0 = time.perf_counter_ns()

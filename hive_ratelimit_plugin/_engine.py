@@ -668,10 +668,12 @@ class Engine:
         for waiter in self._waiters:
             prio = waiter.ticket.priority
             if blocked_keys and not blocked_keys.isdisjoint(waiter.keys):
-                conflict = frozenset(blocked_keys & waiter.keys)
-                waiter.blocked = Blocked(next(iter(conflict)), "queue", 0.0, None, conflict)
+                prev = waiter.blocked
+                if prev is None or prev.limit != "queue" or not prev.keys <= blocked_keys:
+                    conflict = frozenset(blocked_keys & waiter.keys)
+                    prev = waiter.blocked = Blocked(next(iter(conflict)), "queue", 0.0, None, conflict)
                 remaining.append(waiter)
-                for k in conflict:
+                for k in prev.keys:
                     if holders.get(k, _NO_PRIORITY) < prio:
                         holders[k] = prio
                 continue
@@ -715,9 +717,13 @@ class Engine:
                 self._waiters.remove(waiter)
             except ValueError:
                 return False
-            self._version += 1
-            # Its place in line may have held others back.
-            self._dispatch(self.clock())
+            blocked = waiter.blocked
+            if blocked is None or blocked.limit != "queue":
+                # It was first in line somewhere and may have held others back: re-examine.
+                # (A waiter that was itself only waiting behind others frees nobody, so a
+                # burst of timeouts does not rescan the queue once per timeout.)
+                self._version += 1
+                self._dispatch(self.clock())
             return False
 
     # ------------------------------------------------------------- settlement

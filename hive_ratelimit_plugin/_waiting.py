@@ -71,11 +71,12 @@ def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
                 return engine.clock() - start
             if waiter.error is not None:
                 raise waiter.error
-            engine.dispatch()
-            if waiter.granted:
-                return engine.clock() - start
-            if waiter.error is not None:
-                raise waiter.error
+            if engine.clock() < deadline:
+                engine.dispatch()
+                if waiter.granted:
+                    return engine.clock() - start
+                if waiter.error is not None:
+                    raise waiter.error
             if engine.clock() >= deadline:
                 if engine.cancel(waiter):
                     return engine.clock() - start
@@ -139,11 +140,12 @@ async def acquire_async(engine: Engine, ticket: Ticket, max_wait: float) -> floa
                 return engine.clock() - start
             if waiter.error is not None:
                 raise waiter.error
-            engine.dispatch()
-            if waiter.granted:
-                return engine.clock() - start
-            if waiter.error is not None:
-                raise waiter.error
+            if engine.clock() < deadline:
+                engine.dispatch()
+                if waiter.granted:
+                    return engine.clock() - start
+                if waiter.error is not None:
+                    raise waiter.error
             if engine.clock() >= deadline:
                 if engine.cancel(waiter):
                     return engine.clock() - start
