@@ -906,12 +906,14 @@ class Engine:
         if sig.limit_tokens:
             st.learned_tpm = float(sig.limit_tokens)
         self._apply_learned(st)
-        # Out of requests (or tokens) until a reset: wait for it instead of collecting a 429.
+        # Out of requests (or tokens): wait instead of collecting a 429. The reset headers give
+        # the time until the limit is back to its full value; providers refill continuously, so
+        # with the limit known the next request is possible after reset / limit.
         resets = []
         if sig.remaining_requests == 0 and sig.reset_requests:
-            resets.append(sig.reset_requests)
+            resets.append(sig.reset_requests / sig.limit_requests if sig.limit_requests else sig.reset_requests)
         if sig.remaining_tokens == 0 and sig.reset_tokens:
-            resets.append(sig.reset_tokens)
+            resets.append(sig.reset_tokens / sig.limit_tokens if sig.limit_tokens else sig.reset_tokens)
         if resets and now + max(resets) > st.cooldown_until:
             st.cooldown_until = now + max(resets)
 

@@ -151,9 +151,17 @@ class _Handler(BaseHTTPRequestHandler):
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
             scripted = state.script.popleft() if state.script else None
+        self._in_flight = True
         try:
             self._respond(state, path, body, model, stream, prompt_tokens, completion_tokens, auth, scripted)
         finally:
+            self._leave(state)
+
+    def _leave(self, state: ProviderState) -> None:
+        # A request stops being "in flight" when its answer starts: a client may send its next
+        # request as soon as it has read this one, before this thread gets to run again.
+        if getattr(self, "_in_flight", False):
+            self._in_flight = False
             with state.lock:
                 state.in_flight -= 1
 
@@ -187,16 +195,20 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update(scripted.headers)
         with state.lock:
             ok, retry, rem_req, rem_tok = state._admit(now, prompt_tokens + completion_tokens)
-        # Like OpenAI, the limit headers speak per minute whatever window is enforced.
+        # Like OpenAI: limits per minute whatever window is enforced, and "reset" is the time until
+        # the limit is back to its full value (when the newest counted request leaves the window).
         per_minute = 60.0 / state.window_seconds
+        with state.lock:
+            newest = state._hits[-1][0] if state._hits else now
+        full_reset = max(newest + state.window_seconds - now, 0.0)
         if state.requests_per_window is not None:
             headers["x-ratelimit-limit-requests"] = str(int(state.requests_per_window * per_minute))
             headers["x-ratelimit-remaining-requests"] = str(max(int(rem_req * per_minute), 0))
-            headers["x-ratelimit-reset-requests"] = f"{state.window_seconds:g}s"
+            headers["x-ratelimit-reset-requests"] = f"{full_reset:.3f}s"
         if state.tokens_per_window is not None:
             headers["x-ratelimit-limit-tokens"] = str(int(state.tokens_per_window * per_minute))
             headers["x-ratelimit-remaining-tokens"] = str(max(int(rem_tok * per_minute), 0))
-            headers["x-ratelimit-reset-tokens"] = f"{state.window_seconds:g}s"
+            headers["x-ratelimit-reset-tokens"] = f"{full_reset:.3f}s"
         if not ok:
             headers["retry-after"] = str(max(1, math.ceil(retry)))
             headers["retry-after-ms"] = str(int(retry * 1000))
@@ -238,6 +250,8 @@ class _Handler(BaseHTTPRequestHandler):
                 status: int, prompt_tokens: int, completion_tokens: int) -> None:
         with state.lock:
             state.log.append(Received(now, path, model, stream, auth, status, prompt_tokens, completion_tokens))
+        if status != 200 or not stream:
+            self._leave(state)  # the answer is about to be written
 
     def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
         data = json.dumps(payload).encode()
@@ -280,6 +294,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _chunk(self, data: bytes) -> None:
+        if not data:  # the terminating chunk: the client may send its next request right after it
+            self._leave(self.server.state)
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
