@@ -43,6 +43,26 @@ def _sleep_for(engine: Engine, waiter: Waiter, deadline: float) -> float:
     return min(max(until - engine.clock(), 0.0), _LONGEST_SLEEP)
 
 
+def _settled_after_wake(engine: Engine, waiter: Waiter, start: float, deadline: float) -> bool:
+    """The step both drivers take when a waiter wakes: ``True`` if it holds its grant now; raises
+    its error, or :class:`RateLimitQueueTimeout` past the deadline; ``False`` to wait again."""
+    if waiter.granted:
+        return True
+    if waiter.error is not None:
+        raise waiter.error
+    if engine.clock() < deadline:
+        engine.dispatch()
+        if waiter.granted:
+            return True
+        if waiter.error is not None:
+            raise waiter.error
+    if engine.clock() >= deadline:
+        if engine.cancel(waiter):
+            return True  # granted at the last moment
+        raise _timeout_error(engine, waiter, engine.clock() - start, "queue wait limit reached")
+    return False
+
+
 def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
     """Block the calling thread until ``ticket`` is admitted.
 
@@ -67,20 +87,8 @@ def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
         while True:
             event.wait(_sleep_for(engine, waiter, deadline))
             event.clear()
-            if waiter.granted:
+            if _settled_after_wake(engine, waiter, start, deadline):
                 return engine.clock() - start
-            if waiter.error is not None:
-                raise waiter.error
-            if engine.clock() < deadline:
-                engine.dispatch()
-                if waiter.granted:
-                    return engine.clock() - start
-                if waiter.error is not None:
-                    raise waiter.error
-            if engine.clock() >= deadline:
-                if engine.cancel(waiter):
-                    return engine.clock() - start
-                raise _timeout_error(engine, waiter, engine.clock() - start, "queue wait limit reached")
     except BaseException:
         if engine.cancel(waiter):
             engine.release(ticket.call_id, input_tokens=0, output_tokens=0)
@@ -136,20 +144,8 @@ async def acquire_async(engine: Engine, ticket: Ticket, max_wait: float) -> floa
                 finally:
                     timer.cancel()
             box[0] = loop.create_future()
-            if waiter.granted:
+            if _settled_after_wake(engine, waiter, start, deadline):
                 return engine.clock() - start
-            if waiter.error is not None:
-                raise waiter.error
-            if engine.clock() < deadline:
-                engine.dispatch()
-                if waiter.granted:
-                    return engine.clock() - start
-                if waiter.error is not None:
-                    raise waiter.error
-            if engine.clock() >= deadline:
-                if engine.cancel(waiter):
-                    return engine.clock() - start
-                raise _timeout_error(engine, waiter, engine.clock() - start, "queue wait limit reached")
     except BaseException:
         if engine.cancel(waiter):
             engine.release(ticket.call_id, input_tokens=0, output_tokens=0)
