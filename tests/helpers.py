@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
-from hive_ratelimit_plugin.testing import FakeProvider
+from hive_ratelimit_plugin import HiveLimiter
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
 
 class Recorder(CustomLogger):
@@ -74,3 +78,21 @@ class Ticker:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+def make_limiter(clock: FakeClock, config: dict[str, Any]) -> HiveLimiter:
+    """A limiter on ``clock`` (which wakes its waiters when moved), registered with LiteLLM."""
+    limiter = HiveLimiter(config, clock=clock)
+    clock.attach(limiter)
+    litellm.callbacks.append(limiter)
+    return limiter
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` on the running loop until it holds (bounded by ``timeout`` real seconds)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.005)

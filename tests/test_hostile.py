@@ -30,16 +30,9 @@ from hive_ratelimit_plugin._waiting import acquire_async
 from hive_ratelimit_plugin.config import LimitSet
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import Recorder, chat_kwargs, max_in_any_window
+from .helpers import Recorder, chat_kwargs, make_limiter, max_in_any_window, wait_until
 
 SECRET = "sk-test-SECRET-0123456789"
-
-
-def make_limiter(clock: FakeClock, config: dict[str, Any]) -> HiveLimiter:
-    limiter = HiveLimiter(config, clock=clock)
-    clock.attach(limiter)
-    litellm.callbacks.append(limiter)
-    return limiter
 
 
 def glob(limiter: HiveLimiter) -> dict[str, Any]:
@@ -53,15 +46,6 @@ def assert_nothing_left(limiter: HiveLimiter) -> None:
         for key, entry in scopes.items():
             assert entry["in_flight"] == 0, (level, key, entry)
             assert entry["queued"] == 0, (level, key, entry)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.005)
 
 
 def wait_until_sync(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -15,7 +15,7 @@ import hive_ratelimit_plugin
 from hive_ratelimit_plugin import HiveLimiter
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
-from .helpers import Recorder, chat_kwargs
+from .helpers import Recorder, chat_kwargs, make_limiter, wait_until
 
 SECRET = "sk-test-SECRET-0123456789"
 
@@ -28,13 +28,6 @@ PER_IDENTITY = {
 }
 
 
-def make_limiter(clock: FakeClock, config: dict[str, Any]) -> HiveLimiter:
-    limiter = HiveLimiter(config, clock=clock)
-    clock.attach(limiter)
-    litellm.callbacks.append(limiter)
-    return limiter
-
-
 def keys(limiter: HiveLimiter, level: str) -> set[str]:
     return set(limiter.get_usage_stats()["levels"].get(level, {}))
 
@@ -42,15 +35,6 @@ def keys(limiter: HiveLimiter, level: str) -> set[str]:
 def used(limiter: HiveLimiter, level: str, key: str) -> int:
     entry = limiter.get_usage_stats()["levels"].get(level, {}).get(key)
     return 0 if entry is None else int(entry["requests_per_minute"]["used"])
-
-
-async def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.005)
 
 
 # ----------------------------------------------------------------- metadata and user=
@@ -232,9 +216,9 @@ async def test_high_priority_call_reaches_provider_first(how: str, provider: Fak
             return await litellm.acompletion(**chat_kwargs(provider, model=model))
 
     low = asyncio.create_task(call("openai/gpt-4o-mini", "low"))
-    await _wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
     high = asyncio.create_task(call("openai/gpt-4o", "high"))
-    await _wait_until(lambda: limiter.get_usage_stats()["queued"] == 2)
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 2)
     assert provider.state.count() == 1
 
     clock.advance(61)
@@ -264,10 +248,10 @@ async def test_high_priority_async_call_overtakes_waiting_sync_thread(provider: 
 
     t = threading.Thread(target=low_sync)
     t.start()
-    await _wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
     high = asyncio.create_task(litellm.acompletion(
         **chat_kwargs(provider, model="openai/gpt-4o", metadata={"priority": 5})))
-    await _wait_until(lambda: limiter.get_usage_stats()["queued"] == 2)
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 2)
     clock.advance(61)
     await asyncio.wait_for(high, 10)
     assert t.is_alive()

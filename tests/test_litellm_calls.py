@@ -11,19 +11,12 @@ from typing import Any
 import litellm
 import pytest
 
-from hive_ratelimit_plugin import HiveLimiter, RateLimitQueueTimeout, RequestTooLargeError
+from hive_ratelimit_plugin import RateLimitQueueTimeout, RequestTooLargeError
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import chat_kwargs
+from .helpers import chat_kwargs, make_limiter
 
 SECRET = "sk-test-SECRET-0123456789"
-
-
-def make_limiter(clock: FakeClock, config: dict[str, Any]) -> HiveLimiter:
-    limiter = HiveLimiter(config, clock=clock)
-    clock.attach(limiter)
-    litellm.callbacks.append(limiter)
-    return limiter
 
 
 def _consume_sync(resp: Any) -> Any:

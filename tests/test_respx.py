@@ -25,8 +25,10 @@ import litellm
 import pytest
 import respx
 
-from hive_ratelimit_plugin import HiveLimiter, RateLimitQueueTimeout
+from hive_ratelimit_plugin import RateLimitQueueTimeout
 from hive_ratelimit_plugin.testing import FakeClock
+
+from .helpers import make_limiter
 
 SECRET = "sk-test-SECRET-0123456789"
 
@@ -53,13 +55,6 @@ def no_aiohttp() -> Iterator[None]:
         yield
     finally:
         litellm.disable_aiohttp_transport = saved
-
-
-def make_limiter(clock: FakeClock, config: dict[str, Any]) -> HiveLimiter:
-    limiter = HiveLimiter(config, clock=clock)
-    clock.attach(limiter)
-    litellm.callbacks.append(limiter)
-    return limiter
 
 
 def kwargs(api_base: str, **extra: Any) -> dict[str, Any]:
