@@ -244,6 +244,7 @@ class _Reservation:
     attempts: int = 0
     settled: bool = False
     slot_freed: bool = False
+    remote: bool = False  # admitted by a shared backend (see _redis.RedisEngine)
 
 
 class Waiter:
@@ -550,6 +551,13 @@ class Engine:
         return BudgetExceededError(msg, scope=st.key, limit=name, spent=spent, budget=limit, window=kind,
                                    retry_after=retry_after)
 
+    def _try(self, ticket: Ticket, now: float) -> Blocked | None:
+        """Admit ``ticket`` now (reserving everything it needs) or say why not."""
+        states, blocked = self._evaluate(ticket, now)
+        if blocked is None:
+            self._commit(ticket, states, now)
+        return blocked
+
     def _commit(self, ticket: Ticket, states: list[ScopeState], now: float) -> None:
         tin, tout = ticket.input_tokens, ticket.output_tokens
         tall = tin + tout
@@ -609,9 +617,8 @@ class Engine:
         self._maintain(now)
         blocked = self._line_blocked(ticket)
         if blocked is None:
-            states, blocked = self._evaluate(ticket, now)
+            blocked = self._try(ticket, now)
             if blocked is None:
-                self._commit(ticket, states, now)
                 return None
         else:
             # Still validate that the call could ever fit, so it fails fast if not.
@@ -678,13 +685,12 @@ class Engine:
                         holders[k] = prio
                 continue
             try:
-                states, blocked = self._evaluate(waiter.ticket, now)
+                blocked = self._try(waiter.ticket, now)
             except HiveRateLimitError as exc:  # a budget ran out, or limits were lowered, while it waited
                 waiter.error = exc
                 waiter.notify()
                 continue
             if blocked is None:
-                self._commit(waiter.ticket, states, now)
                 waiter.granted = True
                 waiter.blocked = None
                 granted += 1

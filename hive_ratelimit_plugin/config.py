@@ -246,6 +246,16 @@ class RunawayConfig(_Strict):
     cooldown_seconds: PositiveFloat = 600.0
 
 
+class RedisConfig(_Strict):
+    """The shared backend (``backend: redis://...``): see docs/deployment.md."""
+
+    key_prefix: str = Field(default="hive-rl", min_length=1, max_length=64, pattern=r"^[^{}\s]+$")
+    on_backend_error: Literal["open", "closed", "local"] = "local"
+    local_share: float = Field(default=0.5, gt=0, le=1)  # of each limit a process may use during an outage
+    socket_timeout: PositiveFloat = 0.5
+    retry_interval: PositiveFloat = 1.0  # how often to try Redis again during an outage
+
+
 class RateLimitingConfig(BaseSettings):
     """The whole ``rate_limiting:`` block."""
 
@@ -279,6 +289,16 @@ class RateLimitingConfig(BaseSettings):
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
     state_path: str | None = None
+    backend: str = "memory"
+    redis: RedisConfig = Field(default_factory=lambda: RedisConfig())
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, v: str) -> str:
+        v = v.strip()
+        if v == "memory" or v.startswith(("redis://", "rediss://", "unix://")):
+            return v
+        raise ValueError("must be 'memory' or a Redis URL such as redis://127.0.0.1:6379/0 (rediss:// for TLS)")
 
     def has_budgets(self) -> bool:
         """True when any money budget or per-run cap is configured anywhere."""

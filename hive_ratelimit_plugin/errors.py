@@ -7,6 +7,7 @@ callers can react without parsing messages. No error message ever contains an AP
 from __future__ import annotations
 
 __all__ = [
+    "BackendUnavailableError",
     "BudgetExceededError",
     "CircuitOpenError",
     "ConfigError",
@@ -67,6 +68,11 @@ class RequestTooLargeError(HiveRateLimitError):
     Example: 50,000 estimated tokens against ``tokens_per_minute: 40000``. Lower ``max_tokens``,
     shorten the prompt, or raise the limit. No request was sent.
     """
+
+
+class BackendUnavailableError(HiveRateLimitError):
+    """The shared backend (Redis) does not answer and ``on_backend_error: closed`` refuses calls
+    rather than let them through uncounted. No request was sent; retry after ``retry_after``."""
 
 
 def __getattr__(name: str) -> type[HiveRateLimitError]:

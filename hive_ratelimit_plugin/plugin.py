@@ -211,17 +211,29 @@ class HiveLimiter(CustomLogger):
         self._ledger: Ledger | None = None
         if cfg.has_budgets() or cfg.state_path is not None:
             self._ledger = Ledger(cfg.state_path)
-        self._engine = Engine(
-            clock or time.monotonic,
-            lease_seconds=cfg.estimation.lease_seconds,
-            max_queue=cfg.queue.max_size,
-            wall_clock=wall_clock,
-            timezone=cfg.budget.timezone,
-            currency=cfg.budget.currency,
-            warning_thresholds=cfg.budget.warning_thresholds,
-            on_spend=self._persist,
-            on_event=self._emit_all,
-        )
+        engine_kwargs: dict[str, Any] = {
+            "lease_seconds": cfg.estimation.lease_seconds,
+            "max_queue": cfg.queue.max_size,
+            "wall_clock": wall_clock,
+            "timezone": cfg.budget.timezone,
+            "currency": cfg.budget.currency,
+            "warning_thresholds": cfg.budget.warning_thresholds,
+            "on_spend": self._persist,
+            "on_event": self._emit_all,
+        }
+        if cfg.backend == "memory":
+            self._engine = Engine(clock or time.monotonic, **engine_kwargs)
+        else:
+            from ._redis import RedisEngine
+
+            rc = cfg.redis
+            # Production takes "now" from Redis (one clock for all hosts); an injected clock
+            # (tests, simulations) drives Redis too.
+            self._engine = RedisEngine(
+                clock or time.monotonic, url=cfg.backend, prefix=rc.key_prefix, on_error=rc.on_backend_error,
+                local_share=rc.local_share, server_time=clock is None, socket_timeout=rc.socket_timeout,
+                retry_interval=rc.retry_interval, **engine_kwargs,
+            )
         self._resolver = ScopeResolver(cfg)
         self._prices = PriceBook(cfg)
         self._runaway = RunawayDetector(cfg.runaway.max_identical_requests, cfg.runaway.window_seconds,

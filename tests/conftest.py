@@ -73,3 +73,68 @@ def clock() -> FakeClock:
 @pytest.fixture
 def recorder(clock: FakeClock) -> Recorder:
     return Recorder(clock)
+
+
+# ----------------------------------------------------------------- backends
+REDIS_URL = os.environ.get("HIVE_RATELIMIT_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+def redis_client() -> object:
+    """A client for the test Redis. The server must be running: .ci/run starts one when none answers."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:  # a clear failure, never a silent skip
+        raise RuntimeError(f"the Redis-backend tests need a Redis server at {REDIS_URL} (.ci/run starts one)") from exc
+    return client
+
+
+@pytest.fixture
+def redis_prefix() -> collections.abc.Iterator[str]:
+    """A fresh key prefix on the test Redis; its keys are deleted after the test."""
+    import uuid
+
+    client = redis_client()
+    prefix = "test-" + uuid.uuid4().hex[:10]
+    yield prefix
+    keys = list(client.scan_iter(match="{" + prefix + "}*", count=1000))  # type: ignore[attr-defined]
+    if keys:
+        client.delete(*keys)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> dict[str, object]:
+    """Configuration keys selecting a backend: the contract tests run against both."""
+    if request.param == "memory":
+        return {}
+    prefix = request.getfixturevalue("redis_prefix")
+    return {"backend": REDIS_URL, "redis": {"key_prefix": prefix}}
+
+
+@pytest.fixture
+def make_engine(backend: dict[str, object]) -> collections.abc.Callable[..., object]:
+    """Build an engine of the parametrized backend on a given clock."""
+    from hive_ratelimit_plugin._engine import Engine
+
+    def build(clock: object, **kwargs: object) -> object:
+        if not backend:
+            return Engine(clock, **kwargs)  # type: ignore[arg-type]
+        from hive_ratelimit_plugin._redis import RedisEngine
+
+        prefix = backend["redis"]["key_prefix"]  # type: ignore[index]
+        return RedisEngine(clock, url=REDIS_URL, prefix=prefix, server_time=False, **kwargs)  # type: ignore[arg-type]
+
+    return build
+
+
+@pytest.fixture
+def contract_backend(backend: dict[str, object]) -> collections.abc.Iterator[dict[str, object]]:
+    """Run a whole test module against both backends (``pytestmark = usefixtures("contract_backend")``)."""
+    from . import helpers
+
+    helpers.BACKEND.clear()
+    helpers.BACKEND.update(backend)
+    yield backend
+    helpers.BACKEND.clear()

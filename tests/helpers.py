@@ -80,9 +80,19 @@ class Ticker:
         self._thread.join(5)
 
 
+#: Configuration keys of the backend under test (set by the ``contract_backend`` fixture: the
+#: modules marked with it run against the in-memory and the Redis backend alike).
+BACKEND: dict[str, Any] = {}
+
+
+def with_backend(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` on the backend under test."""
+    return {**config, **BACKEND} if BACKEND else config
+
+
 def make_limiter(clock: FakeClock, config: dict[str, Any]) -> HiveLimiter:
     """A limiter on ``clock`` (which wakes its waiters when moved), registered with LiteLLM."""
-    limiter = HiveLimiter(config, clock=clock)
+    limiter = HiveLimiter(with_backend(config), clock=clock)
     clock.attach(limiter)
     litellm.callbacks.append(limiter)
     return limiter

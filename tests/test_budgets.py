@@ -14,7 +14,10 @@ from hive_ratelimit_plugin import HiveLimiter
 from hive_ratelimit_plugin.errors import BudgetExceededError, RunawayDetectedError
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
-from .helpers import chat_kwargs
+from .helpers import chat_kwargs, with_backend
+
+# Contract: every test here runs against the in-memory and the Redis backend.
+pytestmark = pytest.mark.usefixtures("contract_backend")
 
 # 2027-01-15 08:00:00 UTC: a wall clock for calendar windows.
 WALL_START = 1_800_000_000.0
@@ -32,7 +35,7 @@ def wall() -> FakeClock:
 def make(clock: FakeClock, wall: FakeClock, config: dict[str, Any], tmp_path: Path | None = None) -> HiveLimiter:
     config = {"pricing": UNIT_PRICE, "state_path": str(tmp_path / "state.sqlite") if tmp_path else ":memory:",
               **config}
-    limiter = HiveLimiter(config, clock=clock, wall_clock=wall)
+    limiter = HiveLimiter(with_backend(config), clock=clock, wall_clock=wall)
     clock.attach(limiter)
     litellm.callbacks.append(limiter)
     return limiter

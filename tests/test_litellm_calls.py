@@ -16,6 +16,9 @@ from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
 from .helpers import chat_kwargs, make_limiter
 
+# Contract: every test here runs against the in-memory and the Redis backend.
+pytestmark = pytest.mark.usefixtures("contract_backend")
+
 SECRET = "sk-test-SECRET-0123456789"
 
 

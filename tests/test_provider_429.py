@@ -18,7 +18,10 @@ from hive_ratelimit_plugin import HiveLimiter, RateLimitQueueTimeout
 from hive_ratelimit_plugin.errors import CircuitOpenError, ConfigError, HiveRateLimitError
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import Recorder, Ticker, chat_kwargs
+from .helpers import Recorder, Ticker, chat_kwargs, with_backend
+
+# Contract: every test here runs against the in-memory and the Redis backend.
+pytestmark = pytest.mark.usefixtures("contract_backend")
 
 
 async def _until_cooling(limiter: HiveLimiter) -> None:
@@ -30,7 +33,7 @@ async def _until_cooling(limiter: HiveLimiter) -> None:
 
 
 def make(clock: FakeClock, config: dict[str, Any] | None = None) -> tuple[HiveLimiter, Recorder]:
-    limiter = HiveLimiter(config or {}, clock=clock)
+    limiter = HiveLimiter(with_backend(config or {}), clock=clock)
     clock.attach(limiter)
     recorder = Recorder(clock)
     litellm.callbacks.extend([limiter, recorder])

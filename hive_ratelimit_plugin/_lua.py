@@ -1,0 +1,648 @@
+"""The Redis side of the shared backend: Lua scripts that run atomically inside Redis.
+
+One script call per admission attempt (``ADMIT``) and one per settlement (``SETTLE``): each reads
+and writes every scope of the call in a single round trip, so processes on any number of hosts
+see one consistent set of counters. All keys of one limiter share the hash tag ``{prefix}`` so
+they live in one Redis Cluster slot (a multi-key script must not span slots).
+
+Layout (``P`` is ``{prefix}``, ``S`` a scope key such as ``model:openai/gpt-4o``):
+
+* ``P:w:S:<limit>``   hash, bucket index -> usage. The same conservative bucketed sliding window
+  as :mod:`._windows` (60 buckets per period; a bucket counts until it has wholly left).
+* ``P:c:S``           sorted set, call id -> lease expiry: calls in flight (concurrency).
+* ``P:rv:S``          hash ``cost``/``req``: worst-case cost and requests reserved by calls in flight.
+* ``P:b:S:<kind>``    hash ``start``/``cost``/``req``/``tok``: settled spend in the current calendar
+  window of ``kind`` (hour, day, month, run); a different ``start`` means the window rolled over.
+* ``P:s:S``           hash: provider signals of a model or API-key scope (cooldown, pacing,
+  circuit breaker, learned and adaptive limits).
+* ``P:l:<call id>``   hash: what an open call reserved, so that an abandoned call (its process
+  died) is reclaimed when its lease expires; ``P:leases`` orders them by expiry.
+* ``P:mark:...``      budget warnings already sent this window (once across all processes).
+
+Every key has a TTL: windows twice their period, spend a little longer than its calendar window,
+leases their lease time. Nothing grows without bound.
+
+"Now" is Redis' own clock (``TIME``) unless the caller passes one (tests with a fake clock): one
+clock for every host, so clock skew between hosts cannot let a window admit twice its limit.
+"""
+
+from __future__ import annotations
+
+# Shared Lua helpers, prepended to each script.
+_COMMON = r"""
+local P = ARGV[1]
+local now = tonumber(ARGV[2])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local pos = 3
+local function arg() local v = ARGV[pos]; pos = pos + 1; return v end
+local function num() return tonumber(arg()) end
+local BUCKETS = 60
+local INF = math.huge
+
+-- A window: returns total (after dropping stale buckets), sorted {idx, amount} list.
+local function window(key, period)
+  local width = period / BUCKETS
+  local raw = redis.call('HGETALL', key)
+  local total, list, stale = 0, {}, {}
+  for j = 1, #raw, 2 do
+    local idx = tonumber(raw[j])
+    local amt = tonumber(raw[j + 1])
+    if (idx + 1) * width + period > now then
+      total = total + amt
+      list[#list + 1] = {idx, amt}
+    else
+      stale[#stale + 1] = raw[j]
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  table.sort(list, function(a, b) return a[1] < b[1] end)
+  return total, list, width
+end
+
+local function retry_at(total, list, width, period, amount, limit)
+  if amount > limit then return INF end
+  local excess = total + amount - limit
+  if excess <= 0 then return now end
+  local freed = 0
+  for _, b in ipairs(list) do
+    freed = freed + b[2]
+    if freed >= excess then return (b[1] + 1) * width + period end
+  end
+  return now + period
+end
+
+local function add(key, period, at, amount)
+  local width = period / BUCKETS
+  local idx = math.floor(at / width)
+  if amount ~= 0 then
+    local v = tonumber(redis.call('HINCRBYFLOAT', key, idx, amount))
+    if v <= 1e-9 then redis.call('HDEL', key, idx) end
+  end
+  redis.call('PEXPIRE', key, math.ceil((2 * period + width) * 1000))
+  return idx
+end
+
+local function spend_key(scope, kind) return P .. ':b:' .. scope .. ':' .. kind end
+
+-- Settled spend of scope in the window of kind that started at start: cost, req, tok.
+local function spent(scope, kind, start)
+  local v = redis.call('HMGET', spend_key(scope, kind), 'start', 'cost', 'req', 'tok')
+  if v[1] ~= start then return 0, 0, 0 end
+  return tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
+end
+
+local function charge(scope, kind, start, ttl, cost, req, tok)
+  local k = spend_key(scope, kind)
+  if redis.call('HGET', k, 'start') ~= start then
+    redis.call('DEL', k)
+    redis.call('HSET', k, 'start', start)
+  end
+  local c = tonumber(redis.call('HINCRBYFLOAT', k, 'cost', cost))
+  if c < 0 then redis.call('HSET', k, 'cost', 0) end
+  if req ~= 0 then redis.call('HINCRBY', k, 'req', req) end
+  if tok ~= 0 then redis.call('HINCRBY', k, 'tok', tok) end
+  redis.call('EXPIRE', k, ttl)
+end
+
+local SEP = '\0'
+local function split(s)
+  local out = {}
+  if s == nil or s == false or s == '' then return out end
+  local start = 1
+  while true do
+    local i = string.find(s, SEP, start, true)
+    if not i then out[#out + 1] = string.sub(s, start); break end
+    out[#out + 1] = string.sub(s, start, i - 1)
+    start = i + 1
+  end
+  return out
+end
+
+-- An abandoned call (its process died, or it never settled): free its slots and charge its
+-- worst-case cost (conservative: spend is never lost).
+local function reclaim(cid)
+  local lk = P .. ':l:' .. cid
+  local rec = redis.call('HMGET', lk, 'cost', 'bs', 'cs', 'pr', 'sp', 'done')
+  redis.call('ZREM', P .. ':leases', cid)
+  if not rec[1] or rec[6] then return end
+  local cost = tonumber(rec[1]) or 0
+  for _, s in ipairs(split(rec[2])) do
+    redis.call('HINCRBYFLOAT', P .. ':rv:' .. s, 'cost', -cost)
+    redis.call('HINCRBY', P .. ':rv:' .. s, 'req', -1)
+  end
+  for _, s in ipairs(split(rec[3])) do redis.call('ZREM', P .. ':c:' .. s, cid) end
+  for _, s in ipairs(split(rec[4])) do
+    if redis.call('HGET', P .. ':s:' .. s, 'probe') == cid then redis.call('HDEL', P .. ':s:' .. s, 'probe') end
+  end
+  local sp = split(rec[5])
+  for j = 1, #sp, 4 do
+    charge(sp[j], sp[j + 1], sp[j + 2], tonumber(sp[j + 3]), cost, 1, 0)
+  end
+  redis.call('HSET', lk, 'done', 'expired')
+  redis.call('EXPIRE', lk, 3600)
+end
+
+local function reclaim_expired()
+  local expired = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, 20)
+  for _, cid in ipairs(expired) do reclaim(cid) end
+end
+"""
+
+#: ARGV: prefix, now|'', call_id, lease_seconds, cost, share, nscopes, then per scope:
+#:   key, choice(0/1), provider(0/1), conc(-1 none), nwin, [name, limit(-1 learned), period, amount]*,
+#:   nbud, [name, kind, start, limit, isreq(0/1)]*
+#: and at the end the spend targets of the call, '\0'-joined: scope, kind, start, ttl, ...
+#: Returns {1, now, chosen} | {0, now, scope, limit, remaining, retry_at|'', release(0/1), failing keys...}
+#:       | {2, now, scope, budget name, kind, limit, spent, amount}     budget exceeded
+#:       | {3, now, scope, limit name, limit, amount}                    can never fit
+#:       | {4, now, scope, open_until, failures}                         circuit open
+ADMIT = _COMMON + r"""
+local call_id = arg()
+local lease = num()
+local cost = num()
+local share = num()
+local nscopes = num()
+reclaim_expired()
+
+local scopes = {}
+for s = 1, nscopes do
+  local sc = {key = arg(), choice = arg() == '1', provider = arg() == '1', conc = num(), wins = {}, buds = {}}
+  local nwin = num()
+  for w = 1, nwin do
+    sc.wins[w] = {name = arg(), limit = num(), period = num(), amount = num()}
+  end
+  local nbud = num()
+  for b = 1, nbud do
+    sc.buds[b] = {name = arg(), kind = arg(), start = arg(), limit = num(), isreq = arg() == '1'}
+  end
+  scopes[s] = sc
+end
+local sp = arg()
+
+local function check(sc)
+  local retry, release, first = nil, false, nil
+  local util = 0
+  local st = nil
+  if sc.provider then
+    local v = redis.call('HMGET', P .. ':s:' .. sc.key, 'cooldown_until', 'pace_until', 'next_slot', 'circuit',
+      'open_until', 'probe', 'learned_rpm', 'learned_tpm', 'adaptive_rpm', 'failures')
+    st = {cooldown = tonumber(v[1]) or 0, pace_until = tonumber(v[2]) or 0, next_slot = tonumber(v[3]) or 0,
+      circuit = v[4] or 'closed', open_until = tonumber(v[5]) or 0, probe = v[6],
+      rpm = tonumber(v[7]), tpm = tonumber(v[8]), arpm = tonumber(v[9]), failures = tonumber(v[10]) or 0}
+    sc.st = st
+    if st.cooldown > now then
+      retry = st.cooldown
+      first = {sc.key, 'provider_cooldown', 0}
+    elseif st.pace_until > now and st.next_slot > now then
+      retry = st.next_slot
+      first = {sc.key, 'pacing', 0}
+    end
+    if st.circuit == 'open' and now >= st.open_until then
+      st.circuit = 'half_open'
+      st.probe = nil
+      redis.call('HSET', P .. ':s:' .. sc.key, 'circuit', 'half_open')
+      redis.call('HDEL', P .. ':s:' .. sc.key, 'probe')
+    end
+    if st.circuit == 'open' then
+      return nil, nil, nil, nil, {4, tostring(now), sc.key, tostring(st.open_until), tostring(st.failures)}
+    elseif st.circuit == 'half_open' and st.probe then
+      release = true
+      first = first or {sc.key, 'circuit_half_open', 0}
+    end
+  end
+  if #sc.buds > 0 then
+    local rv = redis.call('HMGET', P .. ':rv:' .. sc.key, 'cost', 'req')
+    local rcost, rreq = tonumber(rv[1]) or 0, tonumber(rv[2]) or 0
+    for _, b in ipairs(sc.buds) do
+      local c, r = spent(sc.key, b.kind, b.start)
+      local used, reserved, amount = c, rcost, cost
+      if b.isreq then used, reserved, amount = r, rreq, 1 end
+      if used >= b.limit or used + amount > b.limit then
+        return nil, nil, nil, nil, {2, tostring(now), sc.key, b.name, b.kind, tostring(b.limit), tostring(used),
+          tostring(amount)}
+      end
+      if used + reserved + amount > b.limit then
+        release = true
+        first = first or {sc.key, 'budget_reservations', 0}
+      end
+    end
+  end
+  sc.totals = {}
+  for w, win in ipairs(sc.wins) do
+    local key = P .. ':w:' .. sc.key .. ':' .. win.name
+    local total, list, width = window(key, win.period)
+    sc.totals[w] = total
+    local full = win.limit
+    if full < 0 then  -- a limit learned from the provider (or none yet)
+      if win.name == 'learned_requests_per_minute' then
+        full = INF
+        if st and st.rpm then full = st.rpm end
+        if st and st.arpm and st.arpm < full then full = st.arpm end
+      else
+        full = (st and st.tpm) or INF
+      end
+    end
+    if full ~= INF then
+      local limit = full * share
+      if total + win.amount > limit then
+        if win.amount > full then
+          return nil, nil, nil, nil, {3, tostring(now), sc.key, win.name, tostring(full), tostring(win.amount)}
+        end
+        local at = retry_at(total, list, width, win.period, win.amount + full - limit, full)
+        if at == INF then release = true
+        elseif retry == nil or at > retry then retry = at end
+        first = first or {sc.key, win.name, math.max(limit - total, 0)}
+      end
+      if full > 0 and total / full > util then util = total / full end
+    end
+  end
+  if sc.conc >= 0 then
+    local ck = P .. ':c:' .. sc.key
+    redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
+    local n = redis.call('ZCARD', ck)
+    local cap = sc.conc * share
+    if share >= 1 then cap = math.max(cap, 1) end
+    if n >= cap then
+      release = true
+      first = first or {sc.key, 'concurrent_requests', 0}
+    end
+    if sc.conc > 0 and n / sc.conc > util then util = n / sc.conc end
+  end
+  return retry, release, first, util, nil
+end
+
+local retry, release, first = nil, false, nil
+local failing = {}
+local chosen, best = nil, nil
+local alt_retry, alt_first, alt_any, alt_err = nil, nil, false, nil
+for _, sc in ipairs(scopes) do
+  local r, rel, b, util, err = check(sc)
+  if err then
+    if not sc.choice then return err end
+    alt_err = alt_err or err
+  elseif sc.choice then
+    alt_any = true
+    if b == nil then
+      if best == nil or util < best then best, chosen = util, sc end
+    else
+      alt_first = alt_first or b
+      if r ~= nil and (alt_retry == nil or r < alt_retry) then alt_retry = r end
+    end
+  elseif b ~= nil then
+    failing[#failing + 1] = sc.key
+    first = first or b
+    release = release or rel
+    if r ~= nil and (retry == nil or r > retry) then retry = r end
+  end
+end
+if (alt_any or alt_err) and chosen == nil then
+  if alt_err and not alt_first then return alt_err end
+  for _, sc in ipairs(scopes) do if sc.choice then failing[#failing + 1] = sc.key end end
+  first = first or alt_first
+  if alt_retry == nil then release = true
+  elseif retry == nil or alt_retry > retry then retry = alt_retry end
+end
+if first ~= nil then
+  local out = {0, tostring(now), first[1], first[2], tostring(first[3]), retry and tostring(retry) or '',
+    release and 1 or 0}
+  for _, k in ipairs(failing) do out[#out + 1] = k end
+  return out
+end
+
+-- Admit: record usage and reservations in every scope, in one step.
+local bs, cs, pr = {}, {}, {}
+for _, sc in ipairs(scopes) do
+  if (not sc.choice) or sc == chosen then
+    for _, win in ipairs(sc.wins) do
+      add(P .. ':w:' .. sc.key .. ':' .. win.name, win.period, now, win.amount)
+    end
+    if sc.conc >= 0 then
+      redis.call('ZADD', P .. ':c:' .. sc.key, now + lease, call_id)
+      redis.call('PEXPIRE', P .. ':c:' .. sc.key, math.ceil(lease * 2000))
+      cs[#cs + 1] = sc.key
+    end
+    if #sc.buds > 0 then
+      redis.call('HINCRBYFLOAT', P .. ':rv:' .. sc.key, 'cost', cost)
+      redis.call('HINCRBY', P .. ':rv:' .. sc.key, 'req', 1)
+      redis.call('PEXPIRE', P .. ':rv:' .. sc.key, math.ceil(lease * 2000))
+      bs[#bs + 1] = sc.key
+    end
+    if sc.st then
+      local st = sc.st
+      local sk = P .. ':s:' .. sc.key
+      if st.pace_until > now then
+        local interval = tonumber(redis.call('HGET', sk, 'pace_interval')) or 0
+        redis.call('HSET', sk, 'next_slot', math.max(st.next_slot, now) + interval)
+      end
+      if st.circuit == 'half_open' and not st.probe then
+        redis.call('HSET', sk, 'probe', call_id)
+        pr[#pr + 1] = sc.key
+      end
+    end
+  end
+end
+local lk = P .. ':l:' .. call_id
+redis.call('HSET', lk, 'cost', cost, 'bs', table.concat(bs, SEP), 'cs', table.concat(cs, SEP),
+  'pr', table.concat(pr, SEP), 'sp', sp, 'at', now)
+redis.call('HDEL', lk, 'done')
+redis.call('PEXPIRE', lk, math.ceil((lease * 2 + 60) * 1000))
+redis.call('ZADD', P .. ':leases', now + lease, call_id)
+return {1, tostring(now), chosen and chosen.key or ''}
+"""
+
+#: ARGV: prefix, now|'', call_id, reserved cost, actual cost, tokens, margin, free_slot(0/1),
+#:   outcome, wait(''=none), signals: limit_req, limit_tok, rem_req, reset_req, rem_tok, reset_tok (''=none),
+#:   pace_default, circuit threshold, cooldown, max cooldown, adaptive(0/1), decrease, adaptive min,
+#:   nthr, [threshold]*, nscopes, then per scope:
+#:     key, provider(0/1), rate(''=none), nwin, [name, period, amount(estimated), actual, isreq(0/1)]*,
+#:     nbud, [name, kind, start, limit, isreq, ttl]*
+#: Returns {settled(0/1), now, events...} where each event is a '\0'-joined string.
+SETTLE = _COMMON + r"""
+local call_id = arg()
+local reserved = num()
+local cost = num()
+local tokens = num()
+local margin = num()
+local freeing = arg() == '1'
+local outcome = arg()
+local wait = num()
+local sig = {lreq = num(), ltok = num(), rreq = num(), sreq = num(), rtok = num(), stok = num()}
+local pace_default = num()
+local threshold, cooldown, max_cooldown = num(), num(), num()
+local adaptive, decrease, amin = arg() == '1', num(), num()
+local nthr = num()
+local thresholds = {}
+for j = 1, nthr do thresholds[j] = num() end
+local nscopes = num()
+local scopes = {}
+for s = 1, nscopes do
+  local sc = {key = arg(), provider = arg() == '1', rate = num(), wins = {}, buds = {}}
+  for w = 1, num() do
+    sc.wins[w] = {name = arg(), period = num(), amount = num(), actual = num(), isreq = arg() == '1'}
+  end
+  for b = 1, num() do
+    sc.buds[b] = {name = arg(), kind = arg(), start = arg(), limit = num(), isreq = arg() == '1', ttl = num()}
+  end
+  scopes[s] = sc
+end
+local lk = P .. ':l:' .. call_id
+local rec = redis.call('HMGET', lk, 'at', 'done', 'cost', 'bs', 'cs', 'sp')
+local events = {}
+if not rec[1] or rec[2] == 'settled' then return {0, tostring(now)} end
+local admitted_at = tonumber(rec[1])
+local expired = rec[2] == 'expired'
+redis.call('ZREM', P .. ':leases', call_id)
+for _, s in ipairs(split(rec[5])) do redis.call('ZREM', P .. ':c:' .. s, call_id) end
+if freeing then
+  -- a stream ended but its usage comes later: free the slot, keep the reservation open
+  redis.call('HSET', lk, 'cs', '')
+  return {0, tostring(now)}
+end
+if not expired then
+  for _, s in ipairs(split(rec[4])) do
+    redis.call('HINCRBYFLOAT', P .. ':rv:' .. s, 'cost', -reserved)
+    redis.call('HINCRBY', P .. ':rv:' .. s, 'req', -1)
+  end
+end
+redis.call('DEL', lk)  -- settled: a second settlement finds nothing and does nothing
+
+for _, sc in ipairs(scopes) do
+  for _, win in ipairs(sc.wins) do
+    local key = P .. ':w:' .. sc.key .. ':' .. win.name
+    local width = win.period / BUCKETS
+    local idx = math.floor(admitted_at / width)
+    local live = (idx + 1) * width + win.period > now
+    if win.isreq then
+      -- count the request from when it may have reached the provider
+      if margin > 0 and live then
+        local to = math.min(now, admitted_at + math.min(margin, win.period / 10))
+        local nidx = math.floor(to / width)
+        if nidx ~= idx then
+          local v = tonumber(redis.call('HINCRBYFLOAT', key, idx, -win.amount))
+          if v <= 1e-9 then redis.call('HDEL', key, idx) end
+          add(key, win.period, to, win.amount)
+        end
+      end
+    else
+      local delta = win.actual - win.amount
+      if delta ~= 0 then
+        if live then
+          local cur = tonumber(redis.call('HGET', key, idx)) or 0
+          local applied = math.max(delta, -cur)
+          if applied ~= 0 then
+            local v = tonumber(redis.call('HINCRBYFLOAT', key, idx, applied))
+            if v <= 1e-9 then redis.call('HDEL', key, idx) end
+          end
+        elseif delta > 0 then
+          add(key, win.period, now, delta)
+        end
+      end
+    end
+  end
+end
+
+-- Spend: actual cost (an expired lease was already charged its worst case: correct it).
+local spend_cost, spend_req = cost, 1
+if expired then spend_cost, spend_req = cost - reserved, 0 end
+local sp = split(rec[6])
+for j = 1, #sp, 4 do
+  charge(sp[j], sp[j + 1], sp[j + 2], tonumber(sp[j + 3]), spend_cost, spend_req, tokens)
+end
+
+-- Budget thresholds crossed: announced once per window across all processes.
+for _, sc in ipairs(scopes) do
+  for _, b in ipairs(sc.buds) do
+    local c, r = spent(sc.key, b.kind, b.start)
+    local used = c
+    if b.isreq then used = r end
+    local marks = {}
+    for _, thr in ipairs(thresholds) do marks[#marks + 1] = thr end
+    marks[#marks + 1] = 1.0
+    for _, thr in ipairs(marks) do
+      if used < thr * b.limit then break end
+      local mk = P .. ':mark:' .. sc.key .. ':' .. b.kind .. ':' .. b.start .. ':' .. thr
+      if redis.call('SET', mk, '1', 'NX', 'EX', b.ttl) then
+        events[#events + 1] = table.concat({'budget', sc.key, b.name, b.kind, tostring(thr), tostring(used),
+          tostring(b.limit)}, SEP)
+      end
+    end
+  end
+end
+
+-- Provider signals (model and API-key scopes).
+for _, sc in ipairs(scopes) do
+  if sc.provider then
+    local sk = P .. ':s:' .. sc.key
+    local v = redis.call('HMGET', sk, 'cooldown_until', 'circuit', 'probe', 'failures', 'open_count',
+      'adaptive_rpm', 'adaptive_ceiling', 'rate_limited_at', 'learned_rpm')
+    local st = {cooldown = tonumber(v[1]) or 0, circuit = v[2] or 'closed', probe = v[3],
+      failures = tonumber(v[4]) or 0, open_count = tonumber(v[5]) or 0, arpm = tonumber(v[6]),
+      ceiling = tonumber(v[7]) or INF, rl_at = tonumber(v[8]) or -INF, rpm = tonumber(v[9]), rate = sc.rate}
+    if sig.lreq then redis.call('HSET', sk, 'learned_rpm', sig.lreq); st.rpm = sig.lreq end
+    if sig.ltok then redis.call('HSET', sk, 'learned_tpm', sig.ltok) end
+    local resets = 0
+    if sig.rreq == 0 and sig.sreq then
+      local r = sig.sreq
+      if sig.lreq and sig.lreq > 0 then r = sig.sreq / sig.lreq end
+      resets = math.max(resets, r)
+    end
+    if sig.rtok == 0 and sig.stok then
+      local r = sig.stok
+      if sig.ltok and sig.ltok > 0 then r = sig.stok / sig.ltok end
+      resets = math.max(resets, r)
+    end
+    if resets > 0 and now + resets > st.cooldown then
+      st.cooldown = now + resets
+      redis.call('HSET', sk, 'cooldown_until', st.cooldown)
+    end
+    if outcome == 'success' then
+      if st.failures > 0 then redis.call('HSET', sk, 'failures', 0) end
+      if st.circuit ~= 'closed' and st.probe == call_id then
+        redis.call('HSET', sk, 'circuit', 'closed', 'open_count', 0)
+        redis.call('HDEL', sk, 'probe')
+        events[#events + 1] = table.concat({'circuit_closed', sc.key}, SEP)
+      end
+      if st.arpm then
+        local a = st.arpm + 1.0 / math.max(st.arpm, 1.0)
+        if a >= st.ceiling then redis.call('HDEL', sk, 'adaptive_rpm')
+        else redis.call('HSET', sk, 'adaptive_rpm', a) end
+      end
+    elseif outcome == 'rate_limited' or outcome == 'failure' then
+      if outcome == 'rate_limited' then
+        local until_ = now + (wait or 1.0)
+        if until_ > st.cooldown then st.cooldown = until_ end
+        local rate = nil
+        local limits = {}
+        if st.rpm then limits[#limits + 1] = st.rpm end
+        if st.arpm then limits[#limits + 1] = st.arpm end
+        for _, l in ipairs(limits) do if rate == nil or l / 60 < rate then rate = l / 60 end end
+        if st.rate and (rate == nil or st.rate < rate) then rate = st.rate end
+        local interval = pace_default
+        if rate and rate > 0 then interval = 1.0 / rate end
+        redis.call('HSET', sk, 'cooldown_until', st.cooldown, 'pace_interval', interval,
+          'pace_until', st.cooldown + math.max(2.0 * (until_ - now), 1.0), 'next_slot', st.cooldown,
+          'rate_limited_at', now)
+        if adaptive and now - st.rl_at < 60.0 then
+          local ow = P .. ':w:' .. sc.key .. ':learned_requests_per_minute'
+          local total = window(ow, 60.0)
+          if not (total < amin and st.arpm == nil) then
+            local current = st.arpm or total
+            if st.arpm == nil then redis.call('HSET', sk, 'adaptive_ceiling', math.max(total, 1.0) * 2.0) end
+            redis.call('HSET', sk, 'adaptive_rpm', math.max(amin * decrease, math.min(current, total) * decrease))
+          end
+        end
+      end
+      local failures = st.failures + 1
+      redis.call('HSET', sk, 'failures', failures)
+      local probe_failed = st.circuit == 'half_open' and st.probe == call_id
+      if probe_failed or (st.circuit == 'closed' and failures >= threshold) then
+        local oc = st.open_count + 1
+        local length = math.min(cooldown * 2 ^ (oc - 1), max_cooldown)
+        redis.call('HSET', sk, 'circuit', 'open', 'open_count', oc, 'open_until', now + length)
+        redis.call('HDEL', sk, 'probe')
+        events[#events + 1] = table.concat({'circuit_opened', sc.key, tostring(length), tostring(failures)}, SEP)
+      end
+    elseif st.probe == call_id then
+      redis.call('HDEL', sk, 'probe')
+    end
+    redis.call('EXPIRE', sk, 86400)
+  end
+end
+local out = {1, tostring(now)}
+for _, e in ipairs(events) do out[#out + 1] = e end
+return out
+"""
+
+#: ARGV: prefix, now|'', nwin, [scope, name, period, amount]*  -- add usage (a retry LiteLLM sent)
+HIT = _COMMON + r"""
+for w = 1, num() do
+  local key = P .. ':w:' .. arg() .. ':' .. arg()
+  local period = num()
+  add(key, period, now, num())
+end
+return tostring(now)
+"""
+
+#: ARGV: prefix, now|'', nwin, [scope, name, period]*, nconc, [scope]*, nstate, [scope]*,
+#:   nspend, [scope, kind, start]*, nres, [scope]*
+#: Returns totals, concurrency counts, provider state, spend and reservations, for stats.
+PEEK = _COMMON + r"""
+local out = {tostring(now)}
+local w = {}
+for j = 1, num() do
+  local key = P .. ':w:' .. arg() .. ':' .. arg()
+  local total = window(key, num())
+  w[j] = tostring(total)
+end
+out[#out + 1] = w
+local c = {}
+for j = 1, num() do
+  local ck = P .. ':c:' .. arg()
+  redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
+  c[j] = redis.call('ZCARD', ck)
+end
+out[#out + 1] = c
+local s = {}
+for j = 1, num() do
+  local v = redis.call('HGETALL', P .. ':s:' .. arg())
+  s[j] = table.concat(v, SEP)
+end
+out[#out + 1] = s
+local sp = {}
+for j = 1, num() do
+  local scope, kind, start = arg(), arg(), arg()
+  local cost, req, tok = spent(scope, kind, start)
+  sp[j] = table.concat({tostring(cost), tostring(req), tostring(tok)}, SEP)
+end
+out[#out + 1] = sp
+local rv = {}
+for j = 1, num() do
+  local v = redis.call('HMGET', P .. ':rv:' .. arg(), 'cost', 'req')
+  rv[j] = (v[1] or '0') .. SEP .. (v[2] or '0')
+end
+out[#out + 1] = rv
+return out
+"""
+
+#: ARGV: prefix, now|'', nscope, [scope]*  -- forget settled spend and warnings (budget reset)
+RESET = _COMMON + r"""
+local n = 0
+for j = 1, num() do
+  local scope = arg()
+  for _, kind in ipairs({'hour', 'day', 'month', 'run'}) do
+    n = n + redis.call('DEL', spend_key(scope, kind))
+  end
+  local cursor = '0'
+  repeat
+    local r = redis.call('SCAN', cursor, 'MATCH', P .. ':mark:' .. scope .. ':*', 'COUNT', 200)
+    cursor = r[1]
+    for _, k in ipairs(r[2]) do redis.call('DEL', k) end
+  until cursor == '0'
+end
+return n
+"""
+
+#: ARGV: prefix, now|'', call_id, lease_seconds  -- a stream is still delivering: extend its lease
+RENEW = _COMMON + r"""
+local call_id, lease = arg(), num()
+local lk = P .. ':l:' .. call_id
+local rec = redis.call('HMGET', lk, 'cs', 'done')
+if rec[2] then return 0 end
+for _, s in ipairs(split(rec[1])) do redis.call('ZADD', P .. ':c:' .. s, 'XX', now + lease, call_id) end
+redis.call('ZADD', P .. ':leases', 'XX', now + lease, call_id)
+redis.call('PEXPIRE', lk, math.ceil((lease * 2 + 60) * 1000))
+return 1
+"""
+
+#: ARGV: prefix, now|'', n, [scope, kind, start, ttl, cost, requests, tokens]*  -- replay spend
+#: settled while Redis was unreachable
+CHARGE = _COMMON + r"""
+for j = 1, num() do
+  local scope, kind, start, ttl = arg(), arg(), arg(), num()
+  charge(scope, kind, start, ttl, num(), num(), num())
+end
+return 1
+"""

@@ -1,0 +1,760 @@
+"""The shared backend: one set of limits and budgets for many processes and hosts, in Redis.
+
+:class:`RedisEngine` is the :class:`~._engine.Engine` with its counters moved into Redis. The
+queue stays in the process (priority, FIFO, holding the line, the thread and asyncio drivers are
+the same code); what the queue asks — "may this call go now, and if not, until when?" — is
+answered by one atomic Lua script (:mod:`._lua`) in one round trip, and each finished call is
+settled by another. Waiting callers sleep until the time Redis computed; a call waiting for
+another process to release a slot or a reservation re-asks at a short, jittered interval, and
+only the first waiter of each blocked scope asks (the others wait behind it in the local line),
+so a queue of thousands does not hammer Redis.
+
+When Redis does not answer, ``redis.on_backend_error`` decides:
+
+* ``local`` (default): each process enforces ``redis.local_share`` of every limit and budget on
+  its own, from the moment of the outage;
+* ``closed``: calls fail with :class:`~.errors.BackendUnavailableError` (nothing is sent);
+* ``open``: calls go through uncounted by limits.
+
+Whatever the policy, the spend of calls settled during the outage is kept and written to Redis
+once it answers again; nothing already settled is lost. The outage is logged once, and so is the
+recovery. Redis is tried again every ``redis.retry_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from . import _lua
+from ._budget import KINDS, RUN, SpendRow
+from ._engine import NEVER, Blocked, Engine, ScopeState, Ticket, _Reservation
+from .config import LimitSet
+from .errors import BackendUnavailableError, ConfigError, HiveRateLimitError, RequestTooLargeError
+
+logger = logging.getLogger("hive_ratelimit_plugin")
+
+SEP = "\0"
+POLL_MIN, POLL_MAX = 0.02, 0.1  # re-ask interval while waiting for another process' release
+_SPEND_TTL = {"hour": 2 * 3600, "day": 2 * 86400, "month": 40 * 86400, RUN: 14 * 86400}
+_MAX_PENDING = 100_000
+
+
+def safe_url(url: str) -> str:
+    """A Redis URL without its password (for logs and errors)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable redis url>"
+    if parts.password is None and not parts.username:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _num(x: float) -> str:
+    return repr(float(x))
+
+
+def _scaled(limits: LimitSet, share: float) -> LimitSet:
+    """``limits`` with every rate, concurrency and budget scaled by ``share`` (outage mode)."""
+    update: dict[str, Any] = {}
+    for name, value in limits.__dict__.items():
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if name.startswith(("requests_per_", "tokens_per_", "input_tokens_", "output_tokens_", "max_cost_")):
+            update[name] = value * share
+        elif name == "concurrent_requests":
+            update[name] = max(1, int(value * share))
+    return limits.model_copy(update=update)
+
+
+class RedisEngine(Engine):
+    """An :class:`Engine` whose windows, reservations, budgets and provider signals live in Redis.
+
+    Args:
+        clock: the local monotonic clock (waiting, deadlines).
+        url: the Redis URL.
+        prefix: key prefix; every key is ``{prefix}:...`` (one Redis Cluster slot).
+        on_error: ``local``, ``closed`` or ``open`` (see the module docstring).
+        local_share: the share of each limit one process may use during an outage (``local``).
+        server_time: take "now" from Redis (``TIME``) rather than from ``clock``. True in
+            production: one clock for all hosts. Tests pass False to drive Redis with a fake clock.
+        client: a ready ``redis.Redis`` (tests); built from ``url`` otherwise.
+        **kwargs: as for :class:`Engine`.
+    """
+
+    def __init__(self, clock: Callable[[], float], *, url: str, prefix: str = "hive-rl", on_error: str = "local",
+                 local_share: float = 0.5, server_time: bool = True, socket_timeout: float = 0.5,
+                 retry_interval: float = 1.0, client: Any = None, **kwargs: Any) -> None:
+        super().__init__(clock, **kwargs)
+        try:
+            import redis
+        except ImportError:  # pragma: no cover - exercised by the missing-extra test in a subprocess
+            raise ConfigError(
+                "backend is a Redis URL but the redis package is not installed: pip install 'hive-ratelimit[redis]'"
+            ) from None
+        self.url = safe_url(url)
+        self.prefix = "{" + prefix + "}"
+        self.on_error = on_error
+        self.local_share = local_share
+        self.server_time = server_time
+        self.retry_interval = retry_interval
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        if client is None:
+            client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                                          health_check_interval=30)
+        self.r = client
+        self._admit = client.register_script(_lua.ADMIT)
+        self._settle_script = client.register_script(_lua.SETTLE)
+        self._hit = client.register_script(_lua.HIT)
+        self._peek_s = client.register_script(_lua.PEEK)
+        self._reset = client.register_script(_lua.RESET)
+        self._renew = client.register_script(_lua.RENEW)
+        self._charge = client.register_script(_lua.CHARGE)
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        self._pending_spend: list[list[str]] = []  # CHARGE args of spend settled while Redis was down
+        self._pending_settle: list[list[str]] = []  # SETTLE args of calls that Redis admitted
+        self._last_block: dict[str, tuple[Blocked, int]] = {}
+        self._renewed: dict[str, float] = {}
+        self._spend_seen: dict[str, None] = {}  # spend keys seen (for stats), bounded
+        self.round_trips = 0
+        self.outages = 0
+        # The in-process engine used while Redis is down (policy "local"): scaled limits.
+        self.fallback = Engine(clock, lease_seconds=self.lease_seconds, max_queue=self.max_queue,
+                               wall_clock=self.wall, timezone=self.calendar.tz.key, currency=self.currency,
+                               warning_thresholds=self.thresholds, on_spend=self._fallback_spend,
+                               on_event=self._fallback_events)
+        self._scaled: dict[tuple[str, int, int], Any] = {}
+        self._fb_keys: dict[str, list[str]] = {}  # spend keys of calls the outage engine admitted
+
+    # ------------------------------------------------------------- plumbing
+    def _now_arg(self) -> str:
+        return "" if self.server_time else _num(self.clock())
+
+    def _call(self, script: Any, args: list[str]) -> Any:
+        """Run a script; raises :class:`_Down` (after logging once) when Redis does not answer."""
+        mono = time.monotonic()
+        if self._down_since is not None and mono < self._next_try:
+            raise _Down
+        try:
+            self.round_trips += 1
+            out = script(keys=[], args=args)
+        except self._errors as exc:
+            self._next_try = mono + self.retry_interval
+            if self._down_since is None:
+                self._down_since = mono
+                self.outages += 1
+                logger.error("redis backend %s is unreachable (%s: %s); on_backend_error=%s applies until it "
+                             "answers again", self.url, type(exc).__name__, _clean(exc), self.on_error)
+                self._out_events.append({"type": "backend_down", "backend": self.url, "policy": self.on_error,
+                                         "time": self.wall()})
+            raise _Down from None
+        if self._down_since is not None:
+            self._recovered(mono)
+        return out
+
+    def _recovered(self, mono: float) -> None:
+        down = mono - (self._down_since or mono)
+        self._down_since = None
+        spend, self._pending_spend = self._pending_spend, []
+        settles, self._pending_settle = self._pending_settle, []
+        logger.warning("redis backend %s answers again after %.1fs; writing %d settlements made meanwhile",
+                       self.url, down, len(spend) + len(settles))
+        self._out_events.append({"type": "backend_up", "backend": self.url, "down_seconds": down,
+                                 "replayed": len(spend) + len(settles), "time": self.wall()})
+        try:
+            for args in settles:
+                self._settle_script(keys=[], args=args)
+            for args in spend:
+                self._charge(keys=[], args=args)
+        except self._errors as exc:  # down again: keep what is left for the next recovery
+            logger.error("redis backend %s failed again while replaying (%s)", self.url, _clean(exc))
+            self._pending_settle = settles + self._pending_settle
+            self._pending_spend = spend + self._pending_spend
+            self._down_since = mono
+            self._next_try = mono + self.retry_interval
+
+    @property
+    def available(self) -> bool:
+        """False while Redis is unreachable."""
+        return self._down_since is None
+
+    def _remember_spend_keys(self, keys: Iterable[str]) -> None:
+        seen = self._spend_seen
+        for k in keys:
+            seen[k] = None
+        while len(seen) > 10_000:
+            del seen[next(iter(seen))]
+
+    # ------------------------------------------------------------ admission
+    def _try(self, ticket: Ticket, now: float) -> Blocked | None:
+        cached = self._last_block.get(ticket.call_id)
+        if cached is not None:
+            previous, version = cached
+            if version == self._version and previous.retry_at is not None and previous.retry_at > now:
+                return previous  # nothing here changed and Redis said to come back later
+        blocked: Blocked | None
+        try:
+            try:
+                blocked = self._remote_try(ticket, now)
+            except _Down:
+                blocked = self._outage_try(ticket, now)
+        except BaseException:
+            self._last_block.pop(ticket.call_id, None)
+            raise
+        if blocked is None:
+            self._last_block.pop(ticket.call_id, None)
+        else:
+            self._last_block[ticket.call_id] = (blocked, self._version)
+        return blocked
+
+    def _remote_try(self, ticket: Ticket, now: float) -> Blocked | None:
+        wall = self.wall()
+        starts = self.calendar.starts(wall)
+        share = 1.0 if ticket.priority >= 10 else self.low_priority_share
+        args = [self.prefix, self._now_arg(), ticket.call_id, _num(self.lease_seconds), _num(ticket.cost),
+                _num(share), ""]
+        states: dict[str, ScopeState] = {}
+        n = 0
+        for sc in ticket.scopes:
+            st = states[sc.key] = self._state(sc, now)
+            self._scope_args(args, st, ticket, False, starts)
+            n += 1
+        for sc in ticket.choices or ():
+            st = states[sc.key] = self._state(sc, now)
+            self._scope_args(args, st, ticket, True, starts)
+            n += 1
+        args[6] = str(n)
+        sp: list[str] = []
+        for key in ticket.spend_keys:
+            for kind in (RUN,) if key.startswith("run:") else KINDS:
+                sp += [key, kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind])]
+        self._remember_spend_keys(ticket.spend_keys)
+        args.append(SEP.join(sp))
+        out = self._call(self._admit, args)
+        code = int(out[0])
+        rnow = float(out[1])
+        local = self.clock()
+
+        def to_local(t: float) -> float:
+            return t if not self.server_time else local + (t - rnow)
+
+        if code == 1:
+            chosen = out[2].decode() if isinstance(out[2], bytes) else str(out[2])
+            ticket.chosen = chosen or None
+            self._leases[ticket.call_id] = _Reservation(ticket, [], [], local + self.lease_seconds, rnow,
+                                                        remote=True)
+            self._version += 1
+            self.admitted_total += 1
+            return None
+        text = [x.decode() if isinstance(x, bytes) else str(x) for x in out]
+        if code == 0:
+            scope, why, remaining, retry, release = text[2], text[3], float(text[4]), text[5], text[6] == "1"
+            retry_at = to_local(float(retry)) if retry else None
+            if why == "provider_cooldown" and retry_at is not None and retry_at > ticket.deadline:
+                raise self._timeout(states[scope], "the provider asked to wait", retry_at - local)
+            if release:  # waits for another call (maybe in another process) to finish: re-ask soon
+                poll = local + random.uniform(POLL_MIN, POLL_MAX)
+                retry_at = poll if retry_at is None else min(retry_at, poll)
+            return Blocked(scope, why, remaining, retry_at, frozenset(text[7:]) or frozenset({scope}))
+        if code == 2:
+            scope, name, kind = text[2], text[3], text[4]
+            cap, spent, amount = float(text[5]), float(text[6]), float(text[7])
+            raise self._budget_error(states[scope], name, kind, cap, spent, amount, starts)
+        if code == 3:
+            scope, name, cap, amount = text[2], text[3], float(text[4]), float(text[5])
+            raise RequestTooLargeError(
+                f"this call needs {amount:g} against {name}={cap:g} of {scope}: it can never fit; lower "
+                "max_tokens or raise the limit", scope=scope, limit=name, remaining=cap)
+        if code == 4:
+            scope, open_until, failures = text[2], to_local(float(text[3])), text[4]
+            if open_until > ticket.deadline:
+                from .errors import CircuitOpenError
+
+                raise CircuitOpenError(
+                    f"circuit breaker for {scope} is open after {failures} consecutive provider failures; it lets "
+                    f"a probe through in {open_until - local:.1f}s. No request was sent.",
+                    scope=scope, limit="circuit_breaker", remaining=0.0, retry_after=max(open_until - local, 0.0))
+            return Blocked(scope, "circuit_open", 0.0, open_until, frozenset({scope}))
+        raise HiveRateLimitError(f"unexpected answer from the redis backend: {text[:3]}")
+
+    def _scope_args(self, args: list[str], st: ScopeState, ticket: Ticket, choice: bool,
+                    starts: dict[str, float]) -> None:
+        tin, tout = ticket.input_tokens, ticket.output_tokens
+        wins: list[str] = []
+        nwin = 0
+        for ws, amount in ((st.requests, 1), (st.tokens, tin + tout), (st.input, tin), (st.output, tout)):
+            for w in ws:
+                limit = -1.0 if w.name.startswith("learned_") else w.limit
+                wins += [w.name, _num(limit), _num(w.period), _num(amount)]
+                nwin += 1
+        args += [st.key, "1" if choice else "0", "1" if st.observed_requests is not None else "0",
+                 str(st.concurrency) if st.concurrency is not None else "-1", str(nwin), *wins]
+        args.append(str(len(st.budgets)))
+        for name, kind, limit in st.budgets:
+            args += [name, kind, f"{starts[kind]:.0f}", _num(limit), "1" if name == "max_requests_per_run" else "0"]
+
+    def _outage_try(self, ticket: Ticket, now: float) -> Blocked | None:
+        if self.on_error == "closed":
+            raise BackendUnavailableError(
+                f"the shared rate-limit backend ({self.url}) does not answer and on_backend_error is 'closed', so "
+                f"calls are refused rather than sent uncounted. No request was sent; retry in "
+                f"{self.retry_interval:g}s.", retry_after=self.retry_interval)
+        if self.on_error == "open":
+            self._leases[ticket.call_id] = _Reservation(ticket, [], [], now + self.lease_seconds, now)
+            self.admitted_total += 1
+            return None
+        fb = self.fallback
+        scaled = Ticket(ticket.call_id, [self._scale(s) for s in ticket.scopes], ticket.input_tokens,
+                        ticket.output_tokens, ticket.priority, ticket.info, ticket.cost,
+                        [self._scale(s) for s in ticket.choices] if ticket.choices else None, None,
+                        ticket.deadline, ticket.dims, ticket.spend_keys)
+        fb.low_priority_share = self.low_priority_share
+        with fb._lock:
+            states, blocked = fb._evaluate(scaled, now)
+            if blocked is None:
+                fb._commit(scaled, states, now)
+                self._fb_keys[ticket.call_id] = ticket.spend_keys
+                ticket.chosen = scaled.chosen
+                self.admitted_total += 1
+        if blocked is not None and blocked.retry_at is None:
+            blocked.retry_at = now + random.uniform(POLL_MIN, POLL_MAX)
+        return blocked
+
+    def _scale(self, scope: Any) -> Any:
+        from ._engine import Scope
+
+        k = (scope.key, scope.generation, id(scope.limits))
+        found = self._scaled.get(k)
+        if found is None:
+            if len(self._scaled) > 10_000:
+                self._scaled.clear()
+            found = self._scaled[k] = Scope(scope.level, scope.key, _scaled(scope.limits, self.local_share),
+                                            scope.generation)
+        return found
+
+    def cancel(self, waiter: Any) -> bool:
+        self._last_block.pop(waiter.ticket.call_id, None)
+        return super().cancel(waiter)
+
+    def dispatch(self) -> int:
+        with self._lock:
+            if not self._waiters:
+                return 0
+            now = self.clock()
+            self._maintain(now)
+            granted = self._dispatch(now)
+        self._drain()
+        return granted
+
+    # ------------------------------------------------------------ settlement
+    def holds(self, call_id: str) -> bool:
+        return call_id in self._leases or call_id in self.fallback._leases
+
+    def ticket_info(self, call_id: str) -> tuple[str, str, int] | None:
+        return super().ticket_info(call_id) or self.fallback.ticket_info(call_id)
+
+    def release(self, call_id: str, *, input_tokens: int | None = None, output_tokens: int | None = None,
+                cost: float | None = None, outcome: str = "success", wait: float | None = None,
+                signals: Any = None) -> bool:
+        if call_id in self.fallback._leases:
+            self.fallback.release(call_id, input_tokens=input_tokens, output_tokens=output_tokens, cost=cost,
+                                  outcome=outcome, wait=wait, signals=signals)
+            with self._lock:
+                self._version += 1
+                if self._waiters:
+                    self._dispatch(self.clock())
+            self._drain()
+            return True
+        with self._lock:
+            res = self._leases.pop(call_id, None)
+            if res is None:
+                return False
+            self._renewed.pop(call_id, None)
+            now = self.clock()
+            self._remote_settle(res, input_tokens, output_tokens, cost, outcome, wait, signals)
+            self._version += 1
+            if self._waiters:
+                self._dispatch(now)
+        self._drain()
+        return True
+
+    def _settle(self, res: _Reservation, input_tokens: int | None, output_tokens: int | None,
+                cost: float | None, now: float) -> None:
+        if res.remote or not res.states:  # an expired remote (or uncounted) lease
+            self._remote_settle(res, input_tokens, output_tokens, cost, "error", None, None)
+            return
+        super()._settle(res, input_tokens, output_tokens, cost, now)
+
+    def _remote_settle(self, res: _Reservation, input_tokens: int | None, output_tokens: int | None,
+                       cost: float | None, outcome: str, wait: float | None, signals: Any) -> None:
+        res.settled = True
+        t = res.ticket
+        tin = t.input_tokens if input_tokens is None else input_tokens
+        tout = t.output_tokens if output_tokens is None else output_tokens
+        actual_cost = t.cost if cost is None else cost
+        wall = self.wall()
+        starts = self.calendar.starts(wall)
+        if self.record_spend:
+            provider, model, agent, user, team, run = t.dims
+            self._out_rows.append(SpendRow(wall, t.call_id, provider, model, agent, user, team, run, 1, tin, tout,
+                                           actual_cost))
+        if not res.remote:  # admitted uncounted (policy "open"): only its spend is owed
+            self._owe_spend(t, starts, actual_cost, tin + tout)
+            return
+        args = self._settle_args(t, tin, tout, actual_cost, outcome, wait, signals, starts)
+        try:
+            out = self._call(self._settle_script, args)
+        except _Down:
+            if len(self._pending_settle) < _MAX_PENDING:
+                args[1] = ""  # replayed later: Redis' time then
+                self._pending_settle.append(args)
+            else:
+                logger.error("redis backend %s: too many settlements pending; dropping the oldest", self.url)
+                self._pending_settle.pop(0)
+                self._pending_settle.append(args)
+            return
+        for raw in out[2:]:
+            self._remote_event(raw.decode() if isinstance(raw, bytes) else str(raw), wall)
+
+    def _settle_args(self, t: Ticket, tin: int, tout: int, cost: float, outcome: str, wait: float | None,
+                     signals: Any, starts: dict[str, float]) -> list[str]:
+        def opt(x: Any) -> str:
+            return "" if x is None else _num(x)
+
+        s = signals
+        args = [self.prefix, self._now_arg(), t.call_id, _num(t.cost), _num(cost), str(tin + tout),
+                _num(self.arrival_margin), "0", outcome, opt(wait),
+                opt(s.limit_requests if s else None), opt(s.limit_tokens if s else None),
+                opt(s.remaining_requests if s else None), opt(s.reset_requests if s else None),
+                opt(s.remaining_tokens if s else None), opt(s.reset_tokens if s else None),
+                _num(self.pace_default), str(self.circuit_threshold), _num(self.circuit_cooldown),
+                _num(self.circuit_max_cooldown), "1" if self.adaptive else "0", _num(self.adaptive_decrease),
+                "10", str(len(self.thresholds)), *(_num(x) for x in self.thresholds)]
+        scopes = list(t.scopes)
+        if t.chosen is not None and t.choices:
+            scopes += [c for c in t.choices if c.key == t.chosen]
+        now = self.clock()
+        args.append(str(len(scopes)))
+        # The provider limits per API key: a 429 cools that key only; the others carry on.
+        keys_only = outcome == "rate_limited" and any(s.level == "key" for s in scopes)
+        for scope in scopes:
+            st = self._state(scope, now)
+            rates = [w.limit / w.period for w in st.requests if w.limit != NEVER and not w.name.startswith("learned")]
+            provider = st.observed_requests is not None and (st.level == "key" or not keys_only)
+            args += [st.key, "1" if provider else "0", opt(min(rates) if rates else None)]
+            wins: list[str] = []
+            nwin = 0
+            for ws, est, act, isreq in ((st.requests, 1, 1, "1"), (st.tokens, t.input_tokens + t.output_tokens,
+                                                                  tin + tout, "0"),
+                                        (st.input, t.input_tokens, tin, "0"), (st.output, t.output_tokens, tout, "0")):
+                for w in ws:
+                    wins += [w.name, _num(w.period), _num(est), _num(act), isreq]
+                    nwin += 1
+            args += [str(nwin), *wins, str(len(st.budgets))]
+            for name, kind, limit in st.budgets:
+                args += [name, kind, f"{starts[kind]:.0f}", _num(limit),
+                         "1" if name == "max_requests_per_run" else "0", str(_SPEND_TTL[kind])]
+        return args
+
+    def _remote_event(self, raw: str, wall: float) -> None:
+        parts = raw.split(SEP)
+        kind = parts[0]
+        if kind == "budget":
+            _, scope, name, window, thr, spent, limit = parts
+            threshold = float(thr)
+            self._out_events.append({
+                "type": "budget_exceeded" if threshold >= 1.0 else "budget_warning", "scope": scope,
+                "budget": name, "window": window, "threshold": threshold, "spent": float(spent),
+                "limit": float(limit), "currency": self.currency, "time": wall,
+                "window_label": self.calendar.label(window, wall)})
+        elif kind == "circuit_opened":
+            self._out_events.append({"type": "circuit_opened", "scope": parts[1], "seconds": float(parts[2]),
+                                     "failures": int(parts[3]), "time": wall})
+        elif kind == "circuit_closed":
+            self._out_events.append({"type": "circuit_closed", "scope": parts[1], "time": wall})
+
+    def _owe_spend(self, t: Ticket, starts: dict[str, float], cost: float, tokens: int) -> None:
+        args = [self.prefix, "", ""]
+        n = 0
+        for key in t.spend_keys:
+            for kind in (RUN,) if key.startswith("run:") else KINDS:
+                args += [key, kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind]), _num(cost), "1", str(tokens)]
+                n += 1
+        args[2] = str(n)
+        try:
+            self._call(self._charge, args)
+        except _Down:
+            if len(self._pending_spend) >= _MAX_PENDING:
+                logger.error("redis backend %s: too much spend pending; merging is not possible, dropping the "
+                             "oldest row", self.url)
+                self._pending_spend.pop(0)
+            self._pending_spend.append(args)
+
+    def _fallback_spend(self, rows: list[SpendRow]) -> None:
+        # Spend settled by the outage engine: keep it for Redis, and for the local ledger.
+        for r in rows:
+            res_ticket = Ticket(r.call_id, [], spend_keys=self._fb_keys.pop(r.call_id, ["global"]))
+            self._owe_spend(res_ticket, self.calendar.starts(r.ts), r.cost, r.input_tokens + r.output_tokens)
+        if self.on_spend is not None and self.record_spend:
+            self.on_spend(rows)
+
+    def _fallback_events(self, events: list[dict[str, Any]]) -> None:
+        if self.on_event is not None:
+            self.on_event(events)
+
+    def free_slot(self, call_id: str) -> None:
+        if call_id in self.fallback._leases:
+            self.fallback.free_slot(call_id)
+            return
+        with self._lock:
+            res = self._leases.get(call_id)
+            if res is None or res.slot_freed or not res.remote:
+                return
+            res.slot_freed = True
+            args = self._settle_args(res.ticket, 0, 0, 0.0, "success", None, None, self.calendar.starts(self.wall()))
+            args[7] = "1"
+            try:
+                self._call(self._settle_script, args)
+            except _Down:
+                return  # the lease expires in Redis
+            self._version += 1
+            if self._waiters:
+                self._dispatch(self.clock())
+
+    def note_attempt(self, call_id: str) -> None:
+        with self._lock:
+            res = self._leases.get(call_id)
+            if res is None or not res.remote:
+                self.fallback.note_attempt(call_id)
+                return
+            res.attempts += 1
+            if res.attempts <= 1:
+                return
+            now = self.clock()
+            args = [self.prefix, self._now_arg(), ""]
+            n = 0
+            for scope in res.ticket.scopes:
+                for w in self._state(scope, now).requests:
+                    args += [scope.key, w.name, _num(w.period), "1"]
+                    n += 1
+            args[2] = str(n)
+            try:
+                self._call(self._hit, args)
+            except _Down:
+                pass
+
+    def renew(self, call_id: str) -> None:
+        res = self._leases.get(call_id)
+        if res is None:
+            self.fallback.renew(call_id)
+            return
+        now = self.clock()
+        res.expires_at = now + self.lease_seconds
+        last = self._renewed.get(call_id)
+        if last is None:
+            self._renewed[call_id] = now
+        elif res.remote and now - last > self.lease_seconds / 4:  # one round trip per quarter lease
+            self._renewed[call_id] = now
+            try:
+                self._call(self._renew, [self.prefix, self._now_arg(), call_id, _num(self.lease_seconds)])
+            except _Down:
+                pass
+
+    def consecutive_failures(self, call_id: str) -> int:
+        return 0 if call_id in self._leases else self.fallback.consecutive_failures(call_id)
+
+    # --------------------------------------------------------------- budgets
+    def load_spend(self, totals: Iterable[tuple[str, str, float, float, int, int]]) -> None:
+        """Redis holds the spend; the local ledger is not the source in this mode."""
+
+    def apply_external(self, rows: Iterable[SpendRow]) -> None:
+        """Other processes' spend is already in Redis."""
+
+    def reset_spend(self, key: str) -> None:
+        try:
+            self._call(self._reset, [self.prefix, self._now_arg(), "1", key])
+        except _Down:
+            logger.error("redis backend %s unreachable: the budget reset of %s applies to this process only",
+                         self.url, key)
+        self.fallback.reset_spend(key)
+        super().reset_spend(key)
+
+    def _peek_args(self, windows: list[tuple[str, str, float]], conc: list[str], state: list[str],
+                   spend: list[tuple[str, str, float]], reserved: list[str]) -> list[str]:
+        args = [self.prefix, self._now_arg(), str(len(windows))]
+        for key, name, period in windows:
+            args += [key, name, _num(period)]
+        args += [str(len(conc)), *conc, str(len(state)), *state, str(len(spend))]
+        for key, kind, start in spend:
+            args += [key, kind, f"{start:.0f}"]
+        args += [str(len(reserved)), *reserved]
+        return args
+
+    def _peek(self, windows: list[tuple[str, str, float]], conc: list[str], state: list[str],
+              spend: list[tuple[str, str, float]], reserved: list[str]) -> list[Any] | None:
+        try:
+            out = self._call(self._peek_s, self._peek_args(windows, conc, state, spend, reserved))
+        except _Down:
+            return None
+        return [out[1], out[2], out[3], out[4], out[5], float(_dec(out[0]))]
+
+    def spend(self, key: str, kind: str) -> tuple[float, int, int]:
+        start = self.calendar.starts(self.wall())[kind]
+        got: list[Any] | None = self._peek([], [], [], [(key, kind, start)], [])
+        if got is None:
+            return self.fallback.spend(key, kind)
+        c, r, t = _dec(got[3][0]).split(SEP)
+        return float(c), int(float(r)), int(float(t))
+
+    def spend_snapshot(self) -> dict[str, dict[str, tuple[float, int, int]]]:
+        starts = self.calendar.starts(self.wall())
+        wanted = [(k, kind, starts[kind]) for k in self._spend_seen for kind in ((RUN,) if k.startswith("run:")
+                                                                                else KINDS)]
+        got: list[Any] | None = self._peek([], [], [], wanted, []) if wanted else [[], [], [], [], [], 0.0]
+        if got is None:
+            return self.fallback.spend_snapshot()
+        out: dict[str, dict[str, tuple[float, int, int]]] = {}
+        for (key, kind, _), raw in zip(wanted, got[3], strict=True):
+            c, r, t = _dec(raw).split(SEP)
+            if float(c) or float(r):
+                out.setdefault(key, {})[kind] = (float(c), int(float(r)), int(float(t)))
+        return out
+
+    def budget_snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            wall = self.wall()
+            starts = self.calendar.starts(wall)
+            budgeted = [(k, st) for k, st in self._states.items() if st.budgets]
+        spend = [(k, kind, starts[kind]) for k, st in budgeted for _, kind, _ in st.budgets]
+        got: list[Any] | None = (self._peek([], [], [], spend, [k for k, _ in budgeted]) if budgeted
+                                 else [[], [], [], [], [], 0.0])
+        if got is None:
+            return self.fallback.budget_snapshot()
+        out: dict[str, dict[str, Any]] = {}
+        i = 0
+        for j, (key, st) in enumerate(budgeted):
+            rcost, rreq = (float(x) for x in _dec(got[4][j]).split(SEP))
+            entry: dict[str, Any] = {}
+            for name, kind, limit in st.budgets:
+                c, r, _t = (float(x) for x in _dec(got[3][i]).split(SEP))
+                i += 1
+                spent, reserved = (r, rreq) if name == "max_requests_per_run" else (c, rcost)
+                entry[name] = {"window": kind, "window_label": self.calendar.label(kind, wall), "spent": spent,
+                               "reserved": max(reserved, 0.0), "limit": limit, "remaining": max(limit - spent, 0.0),
+                               "tripped": spent >= limit}
+            out[key] = entry
+        return out
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            queued: dict[str, int] = {}
+            for waiter in self._waiters:
+                for k in waiter.keys:
+                    queued[k] = queued.get(k, 0) + 1
+            states = list(self._states.items())
+        windows = [(k, w.name, w.period) for k, st in states for w in st.windows()]
+        conc = [k for k, _ in states]
+        provs = [k for k, st in states if st.observed_requests is not None]
+        got: list[Any] | None = self._peek(windows, conc, provs, [], []) if states else [[], [], [], [], [], 0.0]
+        if got is None:
+            return self.fallback.snapshot()
+        learned: dict[str, dict[str, float]] = {}
+        for key, raw in zip(provs, got[2], strict=True):
+            flat = _dec(raw).split(SEP) if raw else []
+            h = dict(zip(flat[::2], flat[1::2], strict=False))
+            rpm = [float(h[f]) for f in ("learned_rpm", "adaptive_rpm") if f in h]
+            learned[key] = {"learned_requests_per_minute": min(rpm) if rpm else NEVER,
+                            "learned_tokens_per_minute": float(h["learned_tpm"]) if "learned_tpm" in h else NEVER}
+        out: dict[str, dict[str, Any]] = {}
+        i = 0
+        for j, (key, st) in enumerate(states):
+            entry: dict[str, Any] = {"level": st.level}
+            for w in st.windows():
+                used = float(_dec(got[0][i]))
+                i += 1
+                limit = learned.get(key, {}).get(w.name, w.limit)
+                if limit != NEVER:
+                    entry[w.name] = {"used": used, "limit": limit}
+            in_flight = int(got[1][j])
+            entry["in_flight"] = in_flight
+            if st.concurrency is not None:
+                entry["concurrent_requests"] = {"used": in_flight, "limit": st.concurrency}
+            entry["queued"] = queued.get(key, 0)
+            out[key] = entry
+        return out
+
+    def provider_state(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            keys = [k for k, st in self._states.items() if st.observed_requests is not None]
+        got: list[Any] | None = self._peek([], [], keys, [], []) if keys else [[], [], [], [], [], 0.0]
+        if got is None:
+            return self.fallback.provider_state()
+        out: dict[str, dict[str, Any]] = {}
+        for key, raw in zip(keys, got[2], strict=True):
+            flat = _dec(raw).split(SEP) if raw else []
+            h = dict(zip(flat[::2], flat[1::2], strict=False))
+            entry: dict[str, Any] = {"circuit": h.get("circuit", "closed")}
+            cooldown = float(h.get("cooldown_until", 0.0)) - got[5]
+            if cooldown > 0:
+                entry["cooldown_seconds"] = cooldown
+            if "learned_rpm" in h:
+                entry["learned_requests_per_minute"] = float(h["learned_rpm"])
+            if "learned_tpm" in h:
+                entry["learned_tokens_per_minute"] = float(h["learned_tpm"])
+            if "adaptive_rpm" in h:
+                entry["adaptive_requests_per_minute"] = round(float(h["adaptive_rpm"]), 2)
+            if int(float(h.get("failures", 0))):
+                entry["consecutive_failures"] = int(float(h["failures"]))
+            out[key] = entry
+        return out
+
+    def redis_memory(self) -> dict[str, int]:
+        """Bytes of Redis memory per scope key (``MEMORY USAGE`` summed over its keys)."""
+        out: dict[str, int] = {}
+        pattern = self.prefix + ":*"
+        try:
+            for raw in self.r.scan_iter(match=pattern, count=500):
+                name = _dec(raw)
+                parts = name.split(":", 3)
+                if len(parts) < 3:
+                    continue
+                kind = parts[1]
+                rest = name[len(self.prefix) + len(kind) + 2:]
+                if kind == "w" or kind == "b":
+                    scope = rest.rsplit(":", 1)[0]
+                elif kind in ("c", "rv", "s"):
+                    scope = rest
+                else:
+                    scope = "(" + {"l": "leases", "leases": "leases", "mark": "warnings"}.get(kind, kind) + ")"
+                out[scope] = out.get(scope, 0) + int(self.r.memory_usage(raw) or 0)
+        except self._errors as exc:
+            logger.error("redis backend %s: could not measure memory (%s)", self.url, _clean(exc))
+        return out
+
+    def __repr__(self) -> str:
+        return (f"RedisEngine({self.url}, prefix={self.prefix!r}, in_flight={len(self._leases)}, "
+                f"queued={len(self._waiters)}, available={self.available})")
+
+
+class _Down(Exception):
+    """Internal: Redis did not answer (already logged)."""
+
+
+def _dec(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _clean(exc: BaseException) -> str:
+    """An exception's text without a password that a URL in it may carry."""
+    import re
+
+    return re.sub(r"(redis|rediss|unix)://[^@\s]*@", r"\1://***@", str(exc))[:300]
