@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -141,7 +140,7 @@ class RedisEngine(Engine):
 
     def _call(self, script: Any, args: list[str]) -> Any:
         """Run a script; raises :class:`_Down` (after logging once) when Redis does not answer."""
-        mono = time.monotonic()
+        mono = self.clock()
         if self._down_since is not None and mono < self._next_try:
             raise _Down
         try:
