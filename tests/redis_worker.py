@@ -1,7 +1,8 @@
 """One of several processes sharing limits through Redis (tests/test_redis_backend.py).
 
 Usage: python tests/redis_worker.py CONFIG_JSON PROVIDER_URL TASKS CALLS_PER_TASK
-Prints "ready", waits for a line on stdin (so that the processes start together), runs TASKS asyncio tasks that each make
+Prints "ready", waits for a line on stdin (so that the processes start together), runs TASKS asyncio tasks
+that each make
 up to CALLS_PER_TASK calls, and prints one JSON line: {"ok": n, "budget": n, "other": [...], "sent": [wall times],
 "admitted": [Redis times]}.
 """
