@@ -245,6 +245,8 @@ class _Reservation:
     settled: bool = False
     slot_freed: bool = False
     remote: bool = False  # admitted by a shared backend (see _redis.RedisEngine)
+    record: bool = False  # the shared backend keeps a lease record of it
+    spend_targets: str = ""  # the shared backend's spend keys of it, when it keeps no record
 
 
 class Waiter:

@@ -155,7 +155,7 @@ end
 #:   key, choice(0/1), provider(0/1), conc(-1 none), nwin, [name, limit(-1 learned), period, amount]*,
 #:   nbud, [name, kind, start, limit, isreq(0/1)]*
 #: and at the end the spend targets of the call, '\0'-joined: scope, kind, start, ttl, ...
-#: Returns {1, now, chosen} | {0, now, scope, limit, remaining, retry_at|'', release(0/1), failing keys...}
+#: Returns {1, now, chosen, has_record(0/1)} | {0, now, scope, limit, remaining, retry_at|'', release(0/1), failing keys...}
 #:       | {2, now, scope, budget name, kind, limit, spent, amount}     budget exceeded
 #:       | {3, now, scope, limit name, limit, amount}                    can never fit
 #:       | {4, now, scope, open_until, failures}                         circuit open
@@ -344,16 +344,22 @@ for _, sc in ipairs(scopes) do
     end
   end
 end
-local lk = P .. ':l:' .. call_id
-redis.call('HSET', lk, 'cost', cost, 'bs', table.concat(bs, SEP), 'cs', table.concat(cs, SEP),
-  'pr', table.concat(pr, SEP), 'sp', sp, 'at', now)
-redis.call('HDEL', lk, 'done')
-redis.call('PEXPIRE', lk, math.ceil((lease * 2 + 60) * 1000))
-redis.call('ZADD', P .. ':leases', now + lease, call_id)
-return {1, tostring(now), chosen and chosen.key or ''}
+-- A lease record only where something must be given back if the caller never settles: a
+-- concurrency slot, a budget reservation or a circuit probe. Plain rate windows need none.
+local record = #bs > 0 or #cs > 0 or #pr > 0
+if record then
+  local lk = P .. ':l:' .. call_id
+  redis.call('HSET', lk, 'cost', cost, 'bs', table.concat(bs, SEP), 'cs', table.concat(cs, SEP),
+    'pr', table.concat(pr, SEP), 'sp', sp, 'at', now)
+  redis.call('HDEL', lk, 'done')
+  redis.call('PEXPIRE', lk, math.ceil((lease * 2 + 60) * 1000))
+  redis.call('ZADD', P .. ':leases', now + lease, call_id)
+end
+return {1, tostring(now), chosen and chosen.key or '', record and 1 or 0}
 """
 
-#: ARGV: prefix, now|'', call_id, reserved cost, actual cost, tokens, margin, free_slot(0/1),
+#: ARGV: prefix, now|'', call_id, has_record(0/1), admitted_at, spend targets ('\0'-joined; used when there
+#:   is no lease record), reserved cost, actual cost, tokens, margin, free_slot(0/1),
 #:   outcome, wait(''=none), signals: limit_req, limit_tok, rem_req, reset_req, rem_tok, reset_tok (''=none),
 #:   pace_default, circuit threshold, cooldown, max cooldown, adaptive(0/1), decrease, adaptive min,
 #:   nthr, [threshold]*, nscopes, then per scope:
@@ -362,6 +368,9 @@ return {1, tostring(now), chosen and chosen.key or ''}
 #: Returns {settled(0/1), now, events...} where each event is a '\0'-joined string.
 SETTLE = _COMMON + r"""
 local call_id = arg()
+local has_record = arg() == '1'
+local at_arg = num()
+local sp_arg = arg()
 local reserved = num()
 local cost = num()
 local tokens = num()
@@ -388,26 +397,32 @@ for s = 1, nscopes do
   end
   scopes[s] = sc
 end
-local lk = P .. ':l:' .. call_id
-local rec = redis.call('HMGET', lk, 'at', 'done', 'cost', 'bs', 'cs', 'sp')
 local events = {}
-if not rec[1] or rec[2] == 'settled' then return {0, tostring(now)} end
-local admitted_at = tonumber(rec[1])
-local expired = rec[2] == 'expired'
-redis.call('ZREM', P .. ':leases', call_id)
-for _, s in ipairs(split(rec[5])) do redis.call('ZREM', P .. ':c:' .. s, call_id) end
-if freeing then
-  -- a stream ended but its usage comes later: free the slot, keep the reservation open
-  redis.call('HSET', lk, 'cs', '')
+local admitted_at, expired, sp_str = at_arg, false, sp_arg
+if has_record then
+  local lk = P .. ':l:' .. call_id
+  local rec = redis.call('HMGET', lk, 'at', 'done', 'cost', 'bs', 'cs', 'sp')
+  if not rec[1] or rec[2] == 'settled' then return {0, tostring(now)} end
+  admitted_at = tonumber(rec[1])
+  expired = rec[2] == 'expired'
+  sp_str = rec[6]
+  redis.call('ZREM', P .. ':leases', call_id)
+  for _, s in ipairs(split(rec[5])) do redis.call('ZREM', P .. ':c:' .. s, call_id) end
+  if freeing then
+    -- a stream ended but its usage comes later: free the slot, keep the reservation open
+    redis.call('HSET', lk, 'cs', '')
+    return {0, tostring(now)}
+  end
+  if not expired then
+    for _, s in ipairs(split(rec[4])) do
+      redis.call('HINCRBYFLOAT', P .. ':rv:' .. s, 'cost', -reserved)
+      redis.call('HINCRBY', P .. ':rv:' .. s, 'req', -1)
+    end
+  end
+  redis.call('DEL', lk)  -- settled: a second settlement finds nothing and does nothing
+elseif freeing then
   return {0, tostring(now)}
 end
-if not expired then
-  for _, s in ipairs(split(rec[4])) do
-    redis.call('HINCRBYFLOAT', P .. ':rv:' .. s, 'cost', -reserved)
-    redis.call('HINCRBY', P .. ':rv:' .. s, 'req', -1)
-  end
-end
-redis.call('DEL', lk)  -- settled: a second settlement finds nothing and does nothing
 
 for _, sc in ipairs(scopes) do
   for _, win in ipairs(sc.wins) do
@@ -447,7 +462,7 @@ end
 -- Spend: actual cost (an expired lease was already charged its worst case: correct it).
 local spend_cost, spend_req = cost, 1
 if expired then spend_cost, spend_req = cost - reserved, 0 end
-local sp = split(rec[6])
+local sp = split(sp_str)
 for j = 1, #sp, 4 do
   charge(sp[j], sp[j + 1], sp[j + 2], tonumber(sp[j + 3]), spend_cost, spend_req, tokens)
 end

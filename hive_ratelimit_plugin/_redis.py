@@ -186,12 +186,12 @@ class RedisEngine(Engine):
         """False while Redis is unreachable."""
         return self._down_since is None
 
-    def _remember_spend_keys(self, keys: Iterable[str]) -> None:
+    def _remember_spend_key(self, key: str) -> None:
         seen = self._spend_seen
-        for k in keys:
-            seen[k] = None
-        while len(seen) > 10_000:
-            del seen[next(iter(seen))]
+        if key not in seen:
+            seen[key] = None
+            if len(seen) > 10_000:
+                del seen[next(iter(seen))]
 
     # ------------------------------------------------------------ admission
     def _try(self, ticket: Ticket, now: float) -> Blocked | None:
@@ -234,9 +234,9 @@ class RedisEngine(Engine):
         args[6] = str(n)
         sp: list[str] = []
         for key in ticket.spend_keys:
+            self._remember_spend_key(key)
             for kind in (RUN,) if key.startswith("run:") else KINDS:
                 sp += [key, kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind])]
-        self._remember_spend_keys(ticket.spend_keys)
         args.append(SEP.join(sp))
         out = self._call(self._admit, args)
         code = int(out[0])
@@ -250,7 +250,8 @@ class RedisEngine(Engine):
             chosen = out[2].decode() if isinstance(out[2], bytes) else str(out[2])
             ticket.chosen = chosen or None
             self._leases[ticket.call_id] = _Reservation(ticket, [], [], local + self.lease_seconds, rnow,
-                                                        remote=True)
+                                                        remote=True, record=int(out[3]) == 1,
+                                                        spend_targets=args[-1])
             self._version += 1
             self.admitted_total += 1
             return None
@@ -409,7 +410,7 @@ class RedisEngine(Engine):
         if not res.remote:  # admitted uncounted (policy "open"): only its spend is owed
             self._owe_spend(t, starts, actual_cost, tin + tout)
             return
-        args = self._settle_args(t, tin, tout, actual_cost, outcome, wait, signals, starts)
+        args = self._settle_args(res, tin, tout, actual_cost, outcome, wait, signals, starts)
         try:
             out = self._call(self._settle_script, args)
         except _Down:
@@ -424,13 +425,15 @@ class RedisEngine(Engine):
         for raw in out[2:]:
             self._remote_event(raw.decode() if isinstance(raw, bytes) else str(raw), wall)
 
-    def _settle_args(self, t: Ticket, tin: int, tout: int, cost: float, outcome: str, wait: float | None,
+    def _settle_args(self, res: _Reservation, tin: int, tout: int, cost: float, outcome: str, wait: float | None,
                      signals: Any, starts: dict[str, float]) -> list[str]:
         def opt(x: Any) -> str:
             return "" if x is None else _num(x)
 
         s = signals
-        args = [self.prefix, self._now_arg(), t.call_id, _num(t.cost), _num(cost), str(tin + tout),
+        t = res.ticket
+        args = [self.prefix, self._now_arg(), t.call_id, "1" if res.record else "0", _num(res.admitted_at),
+                res.spend_targets, _num(t.cost), _num(cost), str(tin + tout),
                 _num(self.arrival_margin), "0", outcome, opt(wait),
                 opt(s.limit_requests if s else None), opt(s.limit_tokens if s else None),
                 opt(s.remaining_requests if s else None), opt(s.reset_requests if s else None),
@@ -519,8 +522,8 @@ class RedisEngine(Engine):
             if res is None or res.slot_freed or not res.remote:
                 return
             res.slot_freed = True
-            args = self._settle_args(res.ticket, 0, 0, 0.0, "success", None, None, self.calendar.starts(self.wall()))
-            args[7] = "1"
+            args = self._settle_args(res, 0, 0, 0.0, "success", None, None, self.calendar.starts(self.wall()))
+            args[10] = "1"
             try:
                 self._call(self._settle_script, args)
             except _Down:
