@@ -155,7 +155,8 @@ end
 #:   key, choice(0/1), provider(0/1), conc(-1 none), nwin, [name, limit(-1 learned), period, amount]*,
 #:   nbud, [name, kind, start, limit, isreq(0/1)]*
 #: and at the end the spend targets of the call, '\0'-joined: scope, kind, start, ttl, ...
-#: Returns {1, now, chosen, has_record(0/1)} | {0, now, scope, limit, remaining, retry_at|'', release(0/1), failing keys...}
+#: Returns {1, now, chosen, has_record(0/1)}
+#:       | {0, now, scope, limit, remaining, retry_at|'', release(0/1), failing keys...}
 #:       | {2, now, scope, budget name, kind, limit, spent, amount}     budget exceeded
 #:       | {3, now, scope, limit name, limit, amount}                    can never fit
 #:       | {4, now, scope, open_until, failures}                         circuit open
