@@ -7,8 +7,9 @@ they live in one Redis Cluster slot (a multi-key script must not span slots).
 
 Layout (``P`` is ``{prefix}``, ``S`` a scope key such as ``model:openai/gpt-4o``):
 
-* ``P:w:S:<limit>``   hash, bucket index -> usage. The same conservative bucketed sliding window
-  as :mod:`._windows` (60 buckets per period; a bucket counts until it has wholly left).
+* ``P:w:S:<limit>``   hash, bucket index -> usage, with ``T`` (their total) and ``O`` (the oldest
+  bucket). The same conservative bucketed sliding window as :mod:`._windows` (60 buckets per
+  period; a bucket counts until it has wholly left).
 * ``P:c:S``           sorted set, call id -> lease expiry: calls in flight (concurrency).
 * ``P:rv:S``          hash ``cost``/``req``: worst-case cost and requests reserved by calls in flight.
 * ``P:b:S:<kind>``    hash ``start``/``cost``/``req``/``tok``: settled spend in the current calendar
@@ -36,36 +37,67 @@ if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local pos = 3
-local function arg() local v = ARGV[pos]; pos = pos + 1; return v end
+-- The arguments after prefix and now come packed in ARGV[3], separated by \31 (packing them
+-- costs the client far less than thirty small arguments).
+local A = {}
+do
+  local body, start, n = ARGV[3] or '', 1, 0
+  if body ~= '' then
+    while true do
+      local i = string.find(body, '\31', start, true)
+      n = n + 1
+      if not i then A[n] = string.sub(body, start); break end
+      A[n] = string.sub(body, start, i - 1)
+      start = i + 1
+    end
+  end
+end
+local pos = 1
+local function arg() local v = A[pos]; pos = pos + 1; return v end
 local function num() return tonumber(arg()) end
 local BUCKETS = 60
 local INF = math.huge
 
--- A window: returns total (after dropping stale buckets), sorted {idx, amount} list.
+-- A window hash: bucket index -> usage, plus 'T' (the total of its live buckets) and 'O' (the
+-- oldest bucket that may still hold usage). A look at a window reads those two fields and drops
+-- only the buckets that left it since the last look; only a blocked call reads every bucket.
+-- Bucket b counts until (b + 1) * width + period (conservative, as in _windows.py).
+local function lowest(period, width) return math.floor((now - period) / width) end
+
 local function window(key, period)
   local width = period / BUCKETS
-  local raw = redis.call('HGETALL', key)
-  local total, list, stale = 0, {}, {}
-  for j = 1, #raw, 2 do
-    local idx = tonumber(raw[j])
-    local amt = tonumber(raw[j + 1])
-    if (idx + 1) * width + period > now then
-      total = total + amt
-      list[#list + 1] = {idx, amt}
-    else
-      stale[#stale + 1] = raw[j]
+  local lo = lowest(period, width)
+  local v = redis.call('HMGET', key, 'T', 'O')
+  local total, oldest = tonumber(v[1]) or 0, tonumber(v[2])
+  if oldest and oldest < lo then
+    if lo - oldest > BUCKETS + 1 then  -- idle for longer than the window: nothing is left
+      redis.call('DEL', key)
+      return 0, width
     end
+    local stale = {}
+    for i = oldest, lo - 1 do stale[#stale + 1] = i end
+    local vals = redis.call('HMGET', key, unpack(stale))
+    for _, x in ipairs(vals) do total = total - (tonumber(x) or 0) end
+    redis.call('HDEL', key, unpack(stale))
+    if total < 1e-9 then total = 0 end
+    redis.call('HSET', key, 'T', total, 'O', lo)
   end
-  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-  table.sort(list, function(a, b) return a[1] < b[1] end)
-  return total, list, width
+  return total, width
 end
 
-local function retry_at(total, list, width, period, amount, limit)
+-- The earliest time at which amount more fits under limit, assuming no new usage.
+local function retry_at(key, total, width, period, amount, limit)
   if amount > limit then return INF end
   local excess = total + amount - limit
   if excess <= 0 then return now end
+  local lo = lowest(period, width)
+  local raw = redis.call('HGETALL', key)
+  local list = {}
+  for j = 1, #raw, 2 do
+    local idx = tonumber(raw[j])
+    if idx and idx >= lo then list[#list + 1] = {idx, tonumber(raw[j + 1])} end
+  end
+  table.sort(list, function(x, y) return x[1] < y[1] end)
   local freed = 0
   for _, b in ipairs(list) do
     freed = freed + b[2]
@@ -74,13 +106,24 @@ local function retry_at(total, list, width, period, amount, limit)
   return now + period
 end
 
+-- Change bucket idx by amount (a refund never takes a bucket below zero).
+local function bump(key, idx, amount)
+  if amount < 0 then
+    local cur = tonumber(redis.call('HGET', key, idx)) or 0
+    amount = math.max(amount, -cur)
+  end
+  if amount == 0 then return end
+  local v = tonumber(redis.call('HINCRBYFLOAT', key, idx, amount))
+  if v <= 1e-9 then redis.call('HDEL', key, idx) end
+  local t = tonumber(redis.call('HINCRBYFLOAT', key, 'T', amount))
+  if t < 1e-9 then redis.call('HSET', key, 'T', 0) end
+  redis.call('HSETNX', key, 'O', idx)
+end
+
 local function add(key, period, at, amount)
   local width = period / BUCKETS
   local idx = math.floor(at / width)
-  if amount ~= 0 then
-    local v = tonumber(redis.call('HINCRBYFLOAT', key, idx, amount))
-    if v <= 1e-9 then redis.call('HDEL', key, idx) end
-  end
+  bump(key, idx, amount)
   redis.call('PEXPIRE', key, math.ceil((2 * period + width) * 1000))
   return idx
 end
@@ -234,7 +277,7 @@ local function check(sc)
   sc.totals = {}
   for w, win in ipairs(sc.wins) do
     local key = P .. ':w:' .. sc.key .. ':' .. win.name
-    local total, list, width = window(key, win.period)
+    local total, width = window(key, win.period)
     sc.totals[w] = total
     local full = win.limit
     if full < 0 then  -- a limit learned from the provider (or none yet)
@@ -252,7 +295,7 @@ local function check(sc)
         if win.amount > full then
           return nil, nil, nil, nil, {3, tostring(now), sc.key, win.name, tostring(full), tostring(win.amount)}
         end
-        local at = retry_at(total, list, width, win.period, win.amount + full - limit, full)
+        local at = retry_at(key, total, width, win.period, win.amount + full - limit, full)
         if at == INF then release = true
         elseif retry == nil or at > retry then retry = at end
         first = first or {sc.key, win.name, math.max(limit - total, 0)}
@@ -437,21 +480,18 @@ for _, sc in ipairs(scopes) do
         local to = math.min(now, admitted_at + math.min(margin, win.period / 10))
         local nidx = math.floor(to / width)
         if nidx ~= idx then
-          local v = tonumber(redis.call('HINCRBYFLOAT', key, idx, -win.amount))
-          if v <= 1e-9 then redis.call('HDEL', key, idx) end
-          add(key, win.period, to, win.amount)
+          local cur = tonumber(redis.call('HGET', key, idx)) or 0
+          if cur >= win.amount then  -- (a bucket already gone has nothing to move)
+            bump(key, idx, -win.amount)
+            add(key, win.period, to, win.amount)
+          end
         end
       end
     else
       local delta = win.actual - win.amount
       if delta ~= 0 then
         if live then
-          local cur = tonumber(redis.call('HGET', key, idx)) or 0
-          local applied = math.max(delta, -cur)
-          if applied ~= 0 then
-            local v = tonumber(redis.call('HINCRBYFLOAT', key, idx, applied))
-            if v <= 1e-9 then redis.call('HDEL', key, idx) end
-          end
+          bump(key, idx, delta)
         elseif delta > 0 then
           add(key, win.period, now, delta)
         end

@@ -145,7 +145,7 @@ class RedisEngine(Engine):
             raise _Down
         try:
             self.round_trips += 1
-            out = script(keys=[], args=args)
+            out = script(keys=[], args=_pack(args))
         except self._errors as exc:
             self._next_try = mono + self.retry_interval
             if self._down_since is None:
@@ -171,9 +171,9 @@ class RedisEngine(Engine):
                                  "replayed": len(spend) + len(settles), "time": self.wall()})
         try:
             for args in settles:
-                self._settle_script(keys=[], args=args)
+                self._settle_script(keys=[], args=_pack(args))
             for args in spend:
-                self._charge(keys=[], args=args)
+                self._charge(keys=[], args=_pack(args))
         except self._errors as exc:  # down again: keep what is left for the next recovery
             logger.error("redis backend %s failed again while replaying (%s)", self.url, _clean(exc))
             self._pending_settle = settles + self._pending_settle
@@ -749,6 +749,18 @@ class RedisEngine(Engine):
 
 class _Down(Exception):
     """Internal: Redis did not answer (already logged)."""
+
+
+US = "\x1f"  # separates the packed arguments of a script call
+
+
+def _pack(args: list[str]) -> list[str]:
+    """``[prefix, now, rest...]`` as the three arguments the scripts take (see :mod:`._lua`)."""
+    rest = args[2:]
+    body = US.join(rest)
+    if body.count(US) != len(rest) - 1 if rest else False:  # a name holding the separator itself
+        body = US.join(a.replace(US, "?") for a in rest)
+    return [args[0], args[1], body]
 
 
 def _dec(x: Any) -> str:
