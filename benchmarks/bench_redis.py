@@ -54,11 +54,12 @@ def _counting(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 redis.Redis.execute_command = _counting  # type: ignore[method-assign]
+ENGINES: dict[int, RedisEngine] = {}
 
 
 def _ours(levels: int) -> tuple[Any, Any]:
     prefix = "bench-" + uuid.uuid4().hex[:8]
-    engine = RedisEngine(time.monotonic, url=URL, prefix=prefix)
+    engine = ENGINES[levels] = RedisEngine(time.monotonic, url=URL, prefix=prefix)
     if levels == 1:
         scopes = [Scope("global", "global", LimitSet(requests_per_minute=10**9))]
     else:
@@ -125,6 +126,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             rates[name].append(per_round / dt)
             trips[name] = (_sent[0] - before) / per_round
+    memory = ENGINES[6].redis_memory()  # after rounds x per_round calls through 6 levels
     for _, cleanup in subjects.values():
         cleanup()
     results = {name: {"calls_per_second": statistics.median(v), "round_trips_per_call": trips[name],
@@ -133,7 +135,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     for v in results.values():
         v["ratio_to_limits"] = v["calls_per_second"] / base
     info = redis.Redis.from_url(URL).info("server")
-    return {"results": results, "per_round": per_round, "rounds": rounds, "redis_version": info.get("redis_version"),
+    return {"results": results, "memory_bytes": memory, "per_round": per_round, "rounds": rounds, "redis_version": info.get("redis_version"),
             "url": URL}
 
 
@@ -146,6 +148,8 @@ def main() -> None:
     for name, v in out["results"].items():
         print(f"{name:45} {v['calls_per_second']:9.0f} {v['us_per_call']:8.1f} {v['round_trips_per_call']:12.2f} "
               f"{v['ratio_to_limits']:9.2f}")
+    print("Redis memory per scope after the 6-level run (bytes):",
+          ", ".join(f"{k} {v}" for k, v in sorted(out["memory_bytes"].items())))
 
 
 if __name__ == "__main__":

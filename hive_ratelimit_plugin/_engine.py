@@ -1176,6 +1176,10 @@ class Engine:
                 out[key] = entry
             return out
 
+    def backend_info(self) -> dict[str, Any]:
+        """Which backend holds the counters, and its health."""
+        return {"type": "memory"}
+
     def wake_all(self) -> None:
         """Ask every waiting call to re-check the clock (used after a fake clock moves)."""
         with self._lock:

@@ -101,6 +101,9 @@ class RedisEngine(Engine):
             ) from None
         self.url = safe_url(url)
         self.prefix = "{" + prefix + "}"
+        # Every key shares the hash tag {prefix}: one Redis Cluster slot. Naming one key lets a
+        # cluster-aware client route the scripts to the node that owns it.
+        self._route = [self.prefix + ":route"]
         self.on_error = on_error
         self.local_share = local_share
         self.server_time = server_time
@@ -145,7 +148,7 @@ class RedisEngine(Engine):
             raise _Down
         try:
             self.round_trips += 1
-            out = script(keys=[], args=_pack(args))
+            out = script(keys=self._route, args=_pack(args))
         except self._errors as exc:
             self._next_try = mono + self.retry_interval
             if self._down_since is None:
@@ -171,9 +174,9 @@ class RedisEngine(Engine):
                                  "replayed": len(spend) + len(settles), "time": self.wall()})
         try:
             for args in settles:
-                self._settle_script(keys=[], args=_pack(args))
+                self._settle_script(keys=self._route, args=_pack(args))
             for args in spend:
-                self._charge(keys=[], args=_pack(args))
+                self._charge(keys=self._route, args=_pack(args))
         except self._errors as exc:  # down again: keep what is left for the next recovery
             logger.error("redis backend %s failed again while replaying (%s)", self.url, _clean(exc))
             self._pending_settle = settles + self._pending_settle
@@ -718,6 +721,11 @@ class RedisEngine(Engine):
                 entry["consecutive_failures"] = int(float(h["failures"]))
             out[key] = entry
         return out
+
+    def backend_info(self) -> dict[str, Any]:
+        return {"type": "redis", "url": self.url, "key_prefix": self.prefix, "available": self.available,
+                "on_backend_error": self.on_error, "round_trips": self.round_trips, "outages": self.outages,
+                "pending_settlements": len(self._pending_settle) + len(self._pending_spend)}
 
     def redis_memory(self) -> dict[str, int]:
         """Bytes of Redis memory per scope key (``MEMORY USAGE`` summed over its keys)."""

@@ -510,8 +510,14 @@ class HiveLimiter(CustomLogger):
             "rejected": dict(eng.rejected),
             "retried_total": eng.retried_total,
             "providers": eng.provider_state(),
+            "backend": eng.backend_info(),
         })
         return out
+
+    def redis_memory(self) -> dict[str, int]:
+        """Bytes of Redis memory per scope key, with the Redis backend (``{}`` with the memory one)."""
+        measure = getattr(self._engine, "redis_memory", None)
+        return dict(measure()) if measure is not None else {}
 
     def _tail(self) -> None:
         """Pick up spend other processes wrote to the shared state file (about once a second)."""

@@ -212,8 +212,10 @@ def test_every_key_expires_and_memory_is_reported(provider: FakeProvider, clock:
     assert keys
     assert all(client.ttl(k) > 0 for k in keys), {k: client.ttl(k) for k in keys}
     assert not [k for k in keys if ":l:" in k]  # settled: no lease record left
-    memory = limiter._engine.redis_memory()  # type: ignore[attr-defined]
+    memory = limiter.redis_memory()
     assert memory["global"] > 0 and memory["agent:a"] > 0
+    backend = limiter.get_usage_stats()["backend"]
+    assert backend["type"] == "redis" and backend["available"] and backend["round_trips"] >= 10
 
 
 def test_backend_must_be_memory_or_a_redis_url() -> None:
