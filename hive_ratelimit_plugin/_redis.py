@@ -322,6 +322,7 @@ class RedisEngine(Engine):
                         ticket.deadline, ticket.dims, ticket.spend_keys)
         fb.low_priority_share = self.low_priority_share
         with fb._lock:
+            fb._maintain(now)  # leases of outage-time calls expire there too
             states, blocked = fb._evaluate(scaled, now)
             if blocked is None:
                 fb._commit(scaled, states, now)
