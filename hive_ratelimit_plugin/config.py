@@ -246,6 +246,13 @@ class RunawayConfig(_Strict):
     cooldown_seconds: PositiveFloat = 600.0
 
 
+class StatusConfig(_Strict):
+    """Live status snapshots for ``hive-ratelimit status`` (``status/<pid>.json`` next to the state file)."""
+
+    enabled: bool = True
+    interval_seconds: PositiveFloat = 1.0
+
+
 class RateLimitingConfig(BaseSettings):
     """The whole ``rate_limiting:`` block."""
 
@@ -279,6 +286,7 @@ class RateLimitingConfig(BaseSettings):
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
     state_path: str | None = None
+    status: StatusConfig = Field(default_factory=StatusConfig)
 
     def has_budgets(self) -> bool:
         """True when any money budget or per-run cap is configured anywhere."""

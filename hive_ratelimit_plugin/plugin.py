@@ -30,6 +30,8 @@ from typing import Any
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
+from . import _observe
+from . import status as _status
 from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys
 from ._engine import Engine, Ticket
 from ._ledger import Ledger
@@ -45,6 +47,8 @@ from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
 __all__ = ["HiveLimiter"]
 
 logger = logging.getLogger("hive_ratelimit_plugin")
+_observe.install(logger)  # repeated lines summarised, secrets redacted
+_status.PUBLISHER.tick_hooks.append(_observe.SUMMARY.flush)
 
 _EMBEDDING_TYPES = frozenset({"embedding", "aembedding"})
 _TEXT_TYPES = frozenset({"text_completion", "atext_completion"})
@@ -137,6 +141,9 @@ def _log_event(event: dict[str, Any]) -> None:
                      event["agent_id"], event["count"], event["window_seconds"], event["cooldown_seconds"])
     elif kind == "budget_changed":
         logger.info("budget %s on %s: %s -> %s", event["action"], event["scope"], event["old"], event["new"])
+    elif kind == "queue_timeout":
+        logger.warning("call held by %s of %s timed out in the queue (no request sent)", event["limit"],
+                       event["scope"], extra={"hive_repeat_key": ("queue_timeout", event["scope"])})
 
 
 def _fingerprint(model: str, kwargs: Mapping[str, Any]) -> int:
@@ -208,6 +215,7 @@ class HiveLimiter(CustomLogger):
         cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
         self._config = cfg
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._obs = _observe.Observations()
         self._ledger: Ledger | None = None
         if cfg.has_budgets() or cfg.state_path is not None:
             self._ledger = Ledger(cfg.state_path)
@@ -232,6 +240,7 @@ class HiveLimiter(CustomLogger):
         if self._ledger is not None:
             self._engine.load_spend(self._ledger.load(self._engine.calendar.starts(self._engine.wall())))
         install_sync_guard()
+        self._publish_status(cfg)
 
     # ----------------------------------------------------------------- public
     @classmethod
@@ -274,6 +283,7 @@ class HiveLimiter(CustomLogger):
             return resolver.scopes(str(t.info.get("provider")), str(t.info.get("model")), ident)
 
         eng.rescope(resolve)
+        self._publish_status(cfg)
         if eng.calendar.tz.key != cfg.budget.timezone:
             from ._budget import Calendar
 
@@ -295,9 +305,13 @@ class HiveLimiter(CustomLogger):
             self._emit({"type": "budget_changed", "action": action, "scope": scope, "old": old, "new": changed,
                         "time": eng.wall()})
 
+    def _publish_status(self, cfg: RateLimitingConfig) -> None:
+        if cfg.status.enabled:
+            _status.PUBLISHER.register(self, _status.status_dir(cfg.state_path), cfg.status.interval_seconds)
+
     def _configure_engine(self, cfg: RateLimitingConfig) -> None:
         eng = self._engine
-        eng.record_spend = self._ledger is not None
+        eng.record_spend = self._ledger is not None or self._obs.wants_rows
         eng.arrival_margin = cfg.estimation.arrival_margin_seconds
         eng.low_priority_share = 1.0 - cfg.queue.high_priority_reserve
         cb = cfg.circuit_breaker
@@ -422,6 +436,8 @@ class HiveLimiter(CustomLogger):
         return self._ledger.audit_rows(limit) if self._ledger is not None else []
 
     def _persist(self, rows: list[SpendRow]) -> None:
+        if self._obs.wants_rows:
+            self._obs.settle_rows(rows)
         if self._ledger is None:
             return
         try:
@@ -435,6 +451,7 @@ class HiveLimiter(CustomLogger):
 
     def _emit_all(self, events: list[dict[str, Any]]) -> None:
         for event in events:
+            self._obs.event(event)
             _log_event(event)
             for cb in self._listeners:
                 try:
@@ -462,10 +479,14 @@ class HiveLimiter(CustomLogger):
             spent, reserved, limit, remaining, window, tripped); ``spend`` (per level and scope key:
             cost, requests and tokens this hour, day and month); ``levels`` (per level and scope key:
             each rate window's used/limit, ``in_flight``, ``queued``); and the counters ``queued``,
-            ``admitted_total``, ``queued_total``, ``rejected``. See docs/usage-stats.md.
+            ``admitted_total``, ``queued_total``, ``rejected``. See docs/monitoring.md.
         """
-        eng = self._engine
         self._tail()
+        return self._usage_stats()
+
+    def _usage_stats(self) -> dict[str, Any]:
+        """:meth:`get_usage_stats` without picking up other processes' spend first."""
+        eng = self._engine
         levels: dict[str, dict[str, Any]] = {}
         for key, entry in eng.snapshot().items():
             levels.setdefault(entry.pop("level"), {})[key] = entry
@@ -632,6 +653,7 @@ class HiveLimiter(CustomLogger):
                     wait = suggested_wait(signals) if signals is not None else None
                     if wait is None:
                         wait = self._backoff(call_id)
+                    self._note_429(call_id, wait)
                 elif is_transient(exc):
                     outcome = "failure"
             eng.release(call_id, output_tokens=0, cost=0.0, outcome=outcome, wait=wait, signals=signals)
@@ -648,6 +670,13 @@ class HiveLimiter(CustomLogger):
         headers = response_headers(response)
         signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
+
+    def _note_429(self, call_id: str, wait: float) -> None:
+        info = self._engine.ticket_info(call_id)
+        provider, model = (info[0], info[1]) if info is not None else ("unknown", "unknown")
+        self._obs.rate_limited(provider, model)
+        logger.warning("provider %s answered 429 for %s; callers of it wait %.1fs", provider, model, wait,
+                       extra={"hive_repeat_key": ("429", provider, model)})
 
     def _backoff(self, call_id: str) -> float:
         """Exponential backoff with full jitter for a 429 that named no wait."""
@@ -666,14 +695,20 @@ class HiveLimiter(CustomLogger):
             # the hook again for the same attempt. (A Router retry comes after the failed
             # attempt's failure event has released it.) Count the call once.
             return None
-        ticket = self._ticket(call_id, _call_type_name(call_type), kwargs, kwargs.get("metadata"))
-        if ticket is None:
-            return None
         try:
-            await acquire_async(self._engine, ticket, self._max_wait())
-        except RateLimitQueueTimeout as exc:
-            self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+            ticket = self._ticket(call_id, _call_type_name(call_type), kwargs, kwargs.get("metadata"))
+            if ticket is None:
+                return None
+            try:
+                waited = await acquire_async(self._engine, ticket, self._max_wait())
+            except RateLimitQueueTimeout as exc:
+                self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+                raise
+        except HiveRateLimitError as exc:
+            self._obs.rejected(exc)
             raise
+        if waited:
+            self._obs.queue_wait(waited)
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
             return kwargs  # type: ignore[return-value]
@@ -746,14 +781,20 @@ class HiveLimiter(CustomLogger):
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
             call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
-        ticket = self._ticket(call_id, call_type, kwargs, kwargs.get("metadata"))
-        if ticket is None:
-            return None
         try:
-            acquire_sync(self._engine, ticket, self._max_wait())
-        except RateLimitQueueTimeout as exc:
-            self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+            ticket = self._ticket(call_id, call_type, kwargs, kwargs.get("metadata"))
+            if ticket is None:
+                return None
+            try:
+                waited = acquire_sync(self._engine, ticket, self._max_wait())
+            except RateLimitQueueTimeout as exc:
+                self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+                raise
+        except HiveRateLimitError as exc:
+            self._obs.rejected(exc)
             raise
+        if waited:
+            self._obs.queue_wait(waited)
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
         return call_id
