@@ -8,6 +8,7 @@ by the engine's outbox.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import re
 import threading
@@ -106,8 +107,11 @@ class Observations:
 # --------------------------------------------------------------------- logging
 _SECRET = re.compile(
     r"(?i)(sk-(?:ant-|proj-)?[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9._\-]{8,}|"
-    r"(?:api[_-]?key|x-api-key|authorization)[\"']?\s*[:=]\s*[\"']?[^\s\"',}]{4,})"
+    r"(?:api[_-]?key|x-api-key|authorization)[\"']?\s*[:=]\s*[\"']?(?:Bearer\s+)?[^\s\"',}]{4,})"
 )
+
+
+_FORMATTER = logging.Formatter()
 
 
 def redact(text: str) -> str:
@@ -146,6 +150,10 @@ class RepeatSummary(logging.Filter):
         clean = redact(message)
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            # Format the traceback now, redacted; handlers use this text instead of formatting it.
+            with contextlib.suppress(Exception):
+                record.exc_text = redact(_FORMATTER.formatException(record.exc_info))
         if record.levelno < logging.WARNING:
             return True
         given = getattr(record, "hive_repeat_key", None)

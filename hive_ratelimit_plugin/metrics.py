@@ -46,6 +46,7 @@ class LimiterMetrics(Collector):
         self.limiter = limiter
         self.registry = registry if registry is not None else REGISTRY
         self._server: Any = None
+        self.port: int | None = None  # the port served, after serve()
         self._thread: threading.Thread | None = None
         obs = limiter._obs
         if not obs.wants_rows:
@@ -64,9 +65,12 @@ class LimiterMetrics(Collector):
         Returns:
             The port bound.
         """
+        if self._server is not None:
+            raise RuntimeError(f"already serving on port {self.port}")
         server, thread = start_http_server(port, addr=addr, registry=self.registry)
         self._server, self._thread = server, thread
-        return int(server.server_address[1])
+        self.port = int(server.server_address[1])
+        return self.port
 
     def close(self) -> None:
         """Stop the HTTP server (if served) and unregister from the registry."""

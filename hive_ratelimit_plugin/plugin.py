@@ -673,9 +673,9 @@ class HiveLimiter(CustomLogger):
 
     def _note_429(self, call_id: str, wait: float) -> None:
         info = self._engine.ticket_info(call_id)
-        provider, model = (info[0], info[1]) if info is not None else ("unknown", "unknown")
+        provider, model = (info[0], split_model(info[1], info[0])) if info is not None else ("unknown", "unknown")
         self._obs.rate_limited(provider, model)
-        logger.warning("provider %s answered 429 for %s; callers of it wait %.1fs", provider, model, wait,
+        logger.warning("provider %s answered 429 for %s; its callers wait %.1fs", provider, model, wait,
                        extra={"hive_repeat_key": ("429", provider, model)})
 
     def _backoff(self, call_id: str) -> float:

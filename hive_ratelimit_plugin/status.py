@@ -478,6 +478,7 @@ def render_dashboard(state: Mapping[str, Any], *, levels: Iterable[str] = DEFAUL
         body.append(f"provider 429s {totals.get('provider_429s', 0)} (retried {totals.get('retried_total', 0)})")
     if not body:
         body.append("no usage recorded")
+    when = f"updated {when}"
     lines = [header, *body, when]
     inner = max(width, *(len(line) for line in lines)) + 2
     out = ["┌" + "─" * inner + "┐", _boxed(header, inner), "├" + "─" * inner + "┤"]
