@@ -484,11 +484,11 @@ class HiveLimiter(CustomLogger):
         self._tail()
         return self._usage_stats()
 
-    def _usage_stats(self) -> dict[str, Any]:
+    def _usage_stats(self, chunk: int = 0) -> dict[str, Any]:
         """:meth:`get_usage_stats` without picking up other processes' spend first."""
         eng = self._engine
         levels: dict[str, dict[str, Any]] = {}
-        for key, entry in eng.snapshot().items():
+        for key, entry in eng.snapshot(chunk).items():
             levels.setdefault(entry.pop("level"), {})[key] = entry
         spend: dict[str, dict[str, Any]] = {}
         for key, kinds in eng.spend_snapshot().items():
@@ -653,7 +653,6 @@ class HiveLimiter(CustomLogger):
                     wait = suggested_wait(signals) if signals is not None else None
                     if wait is None:
                         wait = self._backoff(call_id)
-                    self._note_429(call_id, wait)
                 elif is_transient(exc):
                     outcome = "failure"
             eng.release(call_id, output_tokens=0, cost=0.0, outcome=outcome, wait=wait, signals=signals)
@@ -671,12 +670,16 @@ class HiveLimiter(CustomLogger):
         signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
 
-    def _note_429(self, call_id: str, wait: float) -> None:
-        info = self._engine.ticket_info(call_id)
-        provider, model = (info[0], split_model(info[1], info[0])) if info is not None else ("unknown", "unknown")
-        self._obs.rate_limited(provider, model)
-        logger.warning("provider %s answered 429 for %s; its callers wait %.1fs", provider, model, wait,
-                       extra={"hive_repeat_key": ("429", provider, model)})
+    def _note_429(self, model_arg: Any, kwargs: Mapping[str, Any], wait: float | None, retried: bool) -> None:
+        """Count and log a provider 429 (the retry loop sees every one, sync or async)."""
+        model = str(model_arg or "")
+        provider = self._provider_of(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"))
+        bare = split_model(model, provider)
+        self._obs.rate_limited(provider, bare)
+        then = "retried" if retried else "not retried"
+        waits = f"; the provider asked to wait {wait:.1f}s" if wait is not None else ""
+        logger.warning("provider %s answered 429 for %s (%s)%s", provider, bare, then, waits,
+                       extra={"hive_repeat_key": ("429", provider, bare)})
 
     def _backoff(self, call_id: str) -> float:
         """Exponential backoff with full jitter for a 429 that named no wait."""
@@ -868,7 +871,7 @@ def _active_limiters() -> list[HiveLimiter]:
 class _Retrying:
     """The retry policy of one guarded call: provider 429s are retried, each attempt re-admitted."""
 
-    def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any]) -> None:
+    def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> None:
         cfg = limiter.config.retry
         self.limiter = limiter
         self.enabled = cfg.enabled
@@ -877,6 +880,8 @@ class _Retrying:
         self.attempt = 0
         self.last_429: BaseException | None = None
         self.user_call_id = kwargs.get("litellm_call_id")
+        self.kwargs = kwargs
+        self.positional_model = args[0] if args and isinstance(args[0], str) else None
         if cfg.take_over_sdk_retries and "max_retries" not in kwargs:
             kwargs["max_retries"] = 0  # the openai SDK would retry 429s unseen, outside admission
 
@@ -908,12 +913,12 @@ class _Retrying:
         wait = suggested_wait(sig) if sig is not None else None
         with contextlib.suppress(Exception):
             exc.retry_after = wait  # type: ignore[attr-defined]
-        if self.attempt >= self.max_attempts or not self.enabled:
-            return False
-        if wait is not None and (wait > lim.config.retry.max_delay or now + wait > self.deadline):
-            return False
-        lim._engine.note_retry()
-        return True
+        retry = not (self.attempt >= self.max_attempts or not self.enabled or (
+            wait is not None and (wait > lim.config.retry.max_delay or now + wait > self.deadline)))
+        lim._note_429(self.kwargs.get("model") or self.positional_model, self.kwargs, wait, retry)
+        if retry:
+            lim._engine.note_retry()
+        return retry
 
 
 def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -961,7 +966,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         limiters = _active_limiters()
         if not limiters:
             return fn(*args, **kwargs)
-        retrying = _Retrying(limiters[0], kwargs)
+        retrying = _Retrying(limiters[0], kwargs, args)
         while True:
             retrying.begin(kwargs)
             token = _wait_budget.set(retrying.budget())
@@ -998,7 +1003,7 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> Any:
     # Admission happens in the deployment hook; this loop only retries provider 429s.
-    retrying = _Retrying(limiters[0], kwargs)
+    retrying = _Retrying(limiters[0], kwargs, args)
     while True:
         retrying.begin(kwargs)
         # Our own call id, so that a cancellation (which LiteLLM reports to no callback)

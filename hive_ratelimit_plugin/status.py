@@ -50,6 +50,8 @@ DEFAULT_MAX_AGE = 10.0
 LEVELS = ("global", "provider", "model", "key", "agent", "user", "team", "run")
 DEFAULT_LEVELS = ("global", "provider", "model")
 BAR_WIDTH = 20
+SNAPSHOT_CHUNK = 256  # scopes read per hold of the engine's lock while publishing
+MAX_DUTY = 0.02  # publishing may take at most this share of the publisher's time (interval stretches)
 
 
 # ---------------------------------------------------------------------------- where
@@ -506,7 +508,7 @@ def build_snapshot(limiter: Any) -> dict[str, Any] | None:
     callbacks = getattr(litellm, "callbacks", None) if litellm is not None else None
     if not isinstance(callbacks, list) or not any(cb is limiter for cb in callbacks):
         return None
-    stats = limiter._usage_stats()
+    stats = limiter._usage_stats(SNAPSHOT_CHUNK)
     eng = limiter._engine
     wall = eng.wall()
     budgets = {k: dict(v) for k, v in stats["budgets"].items()}
@@ -573,8 +575,12 @@ class StatusPublisher:
 
     def _run(self) -> None:
         while not self._stopped:
+            started = time.perf_counter()
             self.publish_once()
-            self._wake.wait(self._interval())
+            cost = time.perf_counter() - started
+            # Thousands of scopes make a snapshot expensive: publish less often rather than
+            # spend more than MAX_DUTY of a core on it.
+            self._wake.wait(max(self._interval(), cost / MAX_DUTY))
             self._wake.clear()
 
     def publish_once(self) -> None:

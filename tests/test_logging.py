@@ -122,10 +122,10 @@ async def test_429_storm_logs_one_line_then_a_summary(provider: FakeProvider, cl
         await asyncio.gather(*(litellm.acompletion(**kwargs) for _ in range(4)))
     assert provider.state.count(429) == 12
     lines = [r.getMessage() for r in caplog.records if "answered 429" in r.getMessage()]
-    assert lines == ["provider openai answered 429 for gpt-4o-mini; its callers wait 0.5s"]
+    assert lines == ["provider openai answered 429 for gpt-4o-mini (retried); the provider asked to wait 0.5s"]
     log_clock.advance(10)
     _observe.SUMMARY.flush()
     lines = [r.getMessage() for r in caplog.records if "answered 429" in r.getMessage()]
-    assert lines[1] == "provider openai answered 429 for gpt-4o-mini; its callers wait 0.5s ... repeated 11 times " \
-                       "in the last 10s"
+    assert lines[1] == "provider openai answered 429 for gpt-4o-mini (retried); the provider asked to wait 0.5s ... " \
+                       "repeated 11 times in the last 10s"
     assert "SECRET" not in caplog.text

@@ -358,3 +358,14 @@ async def test_get_usage_stats_structure_is_stable(provider: FakeProvider, clock
     assert set(stats["spend"]["global"]["global"]) == {"hour", "day", "month"}
     assert set(stats["spend"]["global"]["global"]["day"]) == {"cost", "requests", "tokens"}
     assert stats["providers"]["model:openai/gpt-4o-mini"] == {"circuit": "closed"}
+
+
+async def test_chunked_engine_snapshot_matches_one_pass(provider: FakeProvider, clock: FakeClock) -> None:
+    """The publisher reads scopes a few at a time under the lock; the picture is the same."""
+    limiter = HiveLimiter({"global": {"requests_per_minute": 60}, "agents": {"*": {"requests_per_minute": 5}}},
+                          clock=clock)
+    litellm.callbacks.append(limiter)
+    for agent in ("a", "b", "c", "d", "e"):
+        await litellm.acompletion(**chat_kwargs(provider, metadata={"agent_id": agent}))
+    eng = limiter._engine
+    assert eng.snapshot(2) == eng.snapshot() and len(eng.snapshot(2)) == 7
