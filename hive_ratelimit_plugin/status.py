@@ -147,7 +147,7 @@ class LedgerStatusSource:
         self.now = now
 
     def read(self) -> dict[str, Any]:
-        from ._budget import KINDS, Calendar
+        from ._budget import Calendar
 
         cfg = self.config
         tz = cfg.budget.timezone if cfg is not None else "UTC"
@@ -179,10 +179,10 @@ class LedgerStatusSource:
                 "window": kind, "window_label": calendar.label(kind, wall), "spent": spent, "reserved": 0.0,
                 "limit": limit, "remaining": max(limit - spent, 0.0), "tripped": spent >= limit,
             }
-        # Spend without a configured budget is still worth seeing (limit None; the dashboard
-        # draws those of the levels it shows).
+        # Today's spend without a configured budget is still worth seeing (limit None; the
+        # dashboard draws those of the levels it shows).
         for key in sorted(spend, key=_scope_sort_key):
-            for kind in KINDS:
+            for kind in ("day",):
                 if kind in spend[key] and not any(b["window"] == kind for b in budgets.get(key, {}).values()):
                     budgets.setdefault(key, {})[f"spend_{kind}"] = {
                         "window": kind, "window_label": calendar.label(kind, wall),
@@ -298,9 +298,10 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]], *, now: float) -> di
                 totals[name] += int(stats.get(name, 0))
             counters = lim.get("counters", {})
             totals["provider_429s"] += int(counters.get("provider_429s", 0))
-            for reason, n in stats.get("rejected", {}).items():
-                totals["rejected"][reason] = totals["rejected"].get(reason, 0) + int(n)
-            for reason, n in counters.get("rejections", {}).items():
+            # The limiter's counters name every rejection by level and reason; the engine's own
+            # ``rejected`` (budget names only) is the fallback for snapshots without them.
+            rejections = counters.get("rejections") if "rejections" in counters else stats.get("rejected", {})
+            for reason, n in rejections.items():
                 totals["rejected"][reason] = totals["rejected"].get(reason, 0) + int(n)
     return state
 
@@ -334,7 +335,7 @@ def _num(value: float) -> str:
 
 
 def _money(amount: float, currency: str) -> str:
-    text = f"{amount:,.4f}" if 0 < abs(amount) < 0.995 else f"{amount:,.2f}"
+    text = f"{amount:,.4f}" if 0 < abs(amount) < 0.005 else f"{amount:,.2f}"  # never a misleading $0.00
     return f"${text}" if currency == "USD" else f"{text} {currency}"
 
 
@@ -438,27 +439,32 @@ def render_dashboard(state: Mapping[str, Any], *, levels: Iterable[str] = DEFAUL
     order = {"hour": 0, "day": 1, "month": 2, "run": 3}
     items = [(key, name, b) for key in sorted(budgets, key=_scope_sort_key) for name, b in budgets[key].items()]
     items.sort(key=lambda it: (_scope_sort_key(it[0]), order.get(it[2].get("window", ""), 9)))
+    spend_only = False
     for key, name, b in items:
-        if b.get("limit") is None and key.split(":", 1)[0] not in shown:
+        limit = b.get("limit")
+        if limit is None and key.split(":", 1)[0] not in shown:
             continue
         window = str(b.get("window", ""))
-        title = f"Budget ({_WINDOW_TITLE.get(window, window)})"
-        if key != "global":
-            title += f" · {_scope_title(key, key.split(':', 1)[0]).lower()}"
+        who = "" if key == "global" else f" · {_scope_title(key, key.split(':', 1)[0]).lower()}"
+        spent = float(b.get("spent", 0.0))
+        if limit is None:  # spend without a budget: one line each
+            if body and not spend_only:
+                body.append("")
+            body.append(f"Spend ({_WINDOW_TITLE.get(window, window)}){who}: {_money(spent, currency)}"
+                        " (no budget set)")
+            spend_only = True
+            continue
+        spend_only = False
+        title = f"Budget ({_WINDOW_TITLE.get(window, window)}){who}"
         if b.get("window_label"):
             title += f" · {b['window_label']}"
         if body:
             body.append("")
         body.append(title)
-        spent = float(b.get("spent", 0.0))
-        limit = b.get("limit")
         if name == "max_requests_per_run":
             fmt: Callable[[float], str] = lambda v: f"{v:g} requests"  # noqa: E731
         else:
             fmt = lambda v: _money(v, currency)  # noqa: E731
-        if limit is None:
-            body.append(f"{fmt(spent)} spent (no budget set)")
-            continue
         pct = _pct(spent, float(limit))
         body.append(f"{_bar(spent / float(limit))} {fmt(spent)}/{fmt(float(limit))} ({_pct_text(pct)})"
                     f"{_marker(pct, warn_at, 'EXCEEDED')}")

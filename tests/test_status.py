@@ -130,7 +130,7 @@ def test_dashboard_below_threshold_has_no_marker_and_tiny_values_read_well() -> 
     text = render_dashboard(state)
     assert "85/100 RPM (85%)  " in text and "85/100 RPM (85%) ⚠" not in text  # threshold is 90 %
     assert "30/1.5M TPD (<1%)" in text
-    assert "$0.0021/$0.0100 (21%)" in text
+    assert "$0.0021/$0.01 (21%)" in text
 
 
 def test_merge_sums_limits_and_usage_and_keeps_largest_budget_spend() -> None:
@@ -143,7 +143,8 @@ def test_merge_sums_limits_and_usage_and_keeps_largest_budget_spend() -> None:
             "stats": {"levels": {"model": {"model:openai/gpt-4": {
                 "requests_per_minute": {"used": used, "limit": 50}, "in_flight": 1, "queued": 2}}},
                 "providers": {"model:openai/gpt-4": {"circuit": "open" if pid == 2 else "closed"}},
-                "admitted_total": 5, "queued_total": 1, "queued": 2, "retried_total": 1, "rejected": {}},
+                "admitted_total": 5, "queued_total": 1, "queued": 2, "retried_total": 1,
+                "rejected": {"max_cost_per_day": 1}},
             "counters": {"provider_429s": 3, "rejections": {"queue/queue_timeout": 1}},
         }]}
 
@@ -260,7 +261,7 @@ def test_status_with_nothing_running_shows_persisted_budgets(tmp_path: Path,
     assert "nothing running · persisted budgets" in text
     assert "$1.70/$10.00 (17%)" in text
     assert "$1.70/$2.00 (85%) ⚠" in text and "WARNING: Approaching daily limit" in text
-    assert "Budget (Today) · provider openai" in text and "(no budget set)" in text
+    assert "Spend (Today) · provider openai: $1.70 (no budget set)" in text
     state = LedgerStatusSource(str(state_path)).read()
     assert state["spend"]["agent:researcher"]["day"] == {"cost": 1.7, "requests": 1, "tokens": 120}
 
