@@ -7,6 +7,7 @@ by the engine's outbox.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import contextlib
 import logging
@@ -183,19 +184,24 @@ class RepeatSummary(logging.Filter):
             self._emit_summary(last, count, elapsed)
         return passes
 
-    def _expire(self, now: float, due: list[tuple[logging.LogRecord, int, float]]) -> None:
+    def _expire(self, now: float, due: list[tuple[logging.LogRecord, int, float]], force: bool = False) -> None:
         for k, (start, _passed, count, last) in list(self._seen.items()):
-            if now - start >= self.window:
+            if force or now - start >= self.window:
                 if count:
                     due.append((last, count, now - start))
                 del self._seen[k]
 
-    def flush(self) -> None:
-        """Report repeats whose window is over."""
+    def reset(self) -> None:
+        """Forget every line seen, without reporting repeats (tests start from a clean slate)."""
+        with self._lock:
+            self._seen.clear()
+
+    def flush(self, force: bool = False) -> None:
+        """Report repeats whose window is over (every pending one with ``force``, at exit)."""
         now = self.clock()
         due: list[tuple[logging.LogRecord, int, float]] = []
         with self._lock:
-            self._expire(now, due)
+            self._expire(now, due, force)
         for last, count, elapsed in due:
             self._emit_summary(last, count, elapsed)
 
@@ -204,7 +210,7 @@ class RepeatSummary(logging.Filter):
         times = "once more" if count == 1 else f"{count} times"
         record = log.makeRecord(
             last.name, last.levelno, last.pathname, last.lineno,
-            "%s ... repeated %s in the last %.0fs", (redact(last.getMessage()), times, max(elapsed, self.window)),
+            "%s ... repeated %s in the last %.0fs", (redact(last.getMessage()), times, elapsed),
             None, last.funcName, extra={"hive_summary": True},
         )
         log.handle(record)
@@ -214,6 +220,8 @@ SUMMARY = RepeatSummary()
 
 
 def install(logger: logging.Logger) -> None:
-    """Attach the process-wide :data:`SUMMARY` filter to ``logger`` once."""
+    """Attach the process-wide :data:`SUMMARY` filter to ``logger`` once (pending repeats are
+    reported at exit)."""
     if SUMMARY not in logger.filters:
         logger.addFilter(SUMMARY)
+        atexit.register(SUMMARY.flush, True)

@@ -18,6 +18,7 @@ Metric names and labels are listed in docs/monitoring.md.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,12 +40,26 @@ CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 _P = "hive_ratelimit"
 
 
+_claimed: weakref.WeakSet[Any] = weakref.WeakSet()  # registries holding a LimiterMetrics
+_claim_lock = threading.Lock()
+
+
 class LimiterMetrics(Collector):
-    """A Prometheus collector over one limiter. Create it with :func:`instrument`."""
+    """A Prometheus collector over one limiter. Create it with :func:`instrument`.
+
+    Raises:
+        ValueError: ``registry`` already holds another limiter's metrics (the names would clash;
+            give each limiter its own registry).
+    """
 
     def __init__(self, limiter: Any, registry: CollectorRegistry | None = None) -> None:
         self.limiter = limiter
         self.registry = registry if registry is not None else REGISTRY
+        with _claim_lock:
+            if self.registry in _claimed:
+                raise ValueError("this registry already holds a limiter's metrics (hive_ratelimit_*); "
+                                 "give each limiter its own CollectorRegistry")
+            _claimed.add(self.registry)
         self._server: Any = None
         self.port: int | None = None  # the port served, after serve()
         self._thread: threading.Thread | None = None
@@ -81,7 +96,9 @@ class LimiterMetrics(Collector):
         try:
             self.registry.unregister(self)
         except KeyError:
-            pass
+            return  # closed before
+        with _claim_lock:
+            _claimed.discard(self.registry)
 
     # ---------------------------------------------------------------- collect
     def describe(self) -> list[Any]:

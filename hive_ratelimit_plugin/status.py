@@ -221,11 +221,20 @@ def _configured_budgets(cfg: Any) -> Iterable[tuple[str, str, str, float]]:
 
 
 def read_status(state_path: str | None = None, config: Any = None, *, max_age: float = DEFAULT_MAX_AGE,
-                now: Callable[[], float] = time.time) -> dict[str, Any]:
-    """The state of running processes, or, if none runs, the persisted budgets."""
+                now: Callable[[], float] = time.time,
+                sources: Iterable[StatusSource] = ()) -> dict[str, Any]:
+    """The state of running processes, or, if none runs, the persisted budgets.
+
+    ``sources`` are asked first (e.g. a shared backend's); the first with running processes wins,
+    then the snapshot files next to the state file, then the state file itself.
+    """
     from ._ledger import default_state_path
 
     path = state_path or (config.state_path if config is not None else None) or str(default_state_path())
+    for source in sources:
+        found = source.read()
+        if found.get("processes"):
+            return found
     state = ProcessStatusSource(status_dir(path), max_age=max_age, now=now).read()
     if state["processes"]:
         return state
@@ -274,7 +283,7 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]], *, now: float) -> di
                     into["in_flight"] += int(entry.get("in_flight", 0))
                     into["queued"] += int(entry.get("queued", 0))
                     for name, value in entry.items():
-                        if isinstance(value, dict) and "limit" in value:
+                        if isinstance(value, dict) and value.get("limit") is not None:
                             acc = into["limits"].setdefault(name, {"used": 0.0, "limit": 0.0})
                             acc["used"] += float(value["used"])
                             acc["limit"] += float(value["limit"])

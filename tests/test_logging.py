@@ -110,7 +110,6 @@ async def test_429_storm_logs_one_line_then_a_summary(provider: FakeProvider, cl
     """Real calls: 12 provider 429s log one warning and one "repeated 11 times" line, no key."""
     log_clock = FakeClock(0.0)
     monkeypatch.setattr(_observe.SUMMARY, "clock", log_clock)
-    monkeypatch.setattr(_observe.SUMMARY, "_seen", {})
     limiter = make_limiter(clock, {"retry": {"max_attempts": 20}, "circuit_breaker": {"enabled": False},
                                    "adaptive": {"enabled": False}})
     limiter.on_event(lambda e: None)
@@ -129,3 +128,16 @@ async def test_429_storm_logs_one_line_then_a_summary(provider: FakeProvider, cl
     assert lines[1] == "provider openai answered 429 for gpt-4o-mini (retried); the provider asked to wait 0.5s ... " \
                        "repeated 11 times in the last 10s"
     assert "SECRET" not in caplog.text
+
+
+def test_pending_repeats_are_reported_on_a_forced_flush(
+        summary_logger: tuple[logging.Logger, RepeatSummary, FakeClock, ListHandler]) -> None:
+    """At exit the window may not be over: the repeats are still reported, with the real span."""
+    log, summary, clock, handler = summary_logger
+    for _ in range(4):
+        log.warning("queue timeout", extra={"hive_repeat_key": "q"})
+        clock.advance(1)
+    summary.flush()
+    assert handler.lines == ["queue timeout"]
+    summary.flush(force=True)
+    assert handler.lines == ["queue timeout", "queue timeout ... repeated 3 times in the last 4s"]

@@ -121,3 +121,12 @@ def test_sync_429_with_positional_model_is_counted(provider: FakeProvider, clock
     m = _samples(generate_latest(registry).decode())
     assert _get(m, "hive_ratelimit_provider_429_total", provider="openai", model="gpt-4o-mini") == 1
     assert _get(m, "hive_ratelimit_provider_429_retried_total") == 1
+
+
+def test_one_limiter_per_registry(clock: FakeClock) -> None:
+    registry = CollectorRegistry()
+    first = instrument(make_limiter(clock, {}), registry)
+    with pytest.raises(ValueError, match="own CollectorRegistry"):
+        instrument(make_limiter(clock, {}), registry)
+    first.close()
+    instrument(make_limiter(clock, {}), registry).close()  # free again after close

@@ -370,3 +370,18 @@ async def test_chunked_engine_snapshot_matches_one_pass(provider: FakeProvider, 
         await litellm.acompletion(**chat_kwargs(provider, metadata={"agent_id": agent}))
     eng = limiter._engine
     assert eng.snapshot(2) == eng.snapshot() and len(eng.snapshot(2)) == 7
+
+
+def test_other_sources_are_asked_first(tmp_path: Path) -> None:
+    """A shared backend plugs in as a StatusSource; with no process there, the files are read."""
+    class Shared:
+        def __init__(self, state: dict[str, Any]) -> None:
+            self.state = state
+
+        def read(self) -> dict[str, Any]:
+            return self.state
+
+    running = dict(KNOWN_STATE, source="redis")
+    assert read_status(str(tmp_path / "s.sqlite"), sources=[Shared(running)])["source"] == "redis"
+    idle = merge_snapshots([], now=0.0)
+    assert read_status(str(tmp_path / "s.sqlite"), sources=[Shared(idle)])["source"] == "none"
