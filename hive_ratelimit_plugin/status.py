@@ -564,6 +564,7 @@ class StatusPublisher:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._publishing = threading.Lock()  # one publish at a time (the thread, or a test's call)
         self._entries: list[tuple[weakref.ref[Any], Path, float]] = []
         self._written: set[Path] = set()
         self._thread: threading.Thread | None = None
@@ -600,6 +601,10 @@ class StatusPublisher:
 
     def publish_once(self) -> None:
         """Write (or remove) this process' snapshot file in every status directory."""
+        with self._publishing:
+            self._publish()
+
+    def _publish(self) -> None:
         for hook in list(self.tick_hooks):
             with contextlib.suppress(Exception):
                 hook()

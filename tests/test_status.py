@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -385,3 +386,24 @@ def test_other_sources_are_asked_first(tmp_path: Path) -> None:
     assert read_status(str(tmp_path / "s.sqlite"), sources=[Shared(running)])["source"] == "redis"
     idle = merge_snapshots([], now=0.0)
     assert read_status(str(tmp_path / "s.sqlite"), sources=[Shared(idle)])["source"] == "none"
+
+
+def test_publishing_problems_never_reach_the_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A snapshot that fails to build, or a directory that cannot be written, is only logged (DEBUG)."""
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "status").write_text("a file where the status directory should be")
+    broken = HiveLimiter({"state_path": str(tmp_path / "blocked" / "state.sqlite"),
+                          "global": {"requests_per_minute": 5}})
+    failing = HiveLimiter({"state_path": str(tmp_path / "ok" / "state.sqlite")})
+    litellm.callbacks.extend([broken, failing])
+
+    def boom(chunk: int = 0) -> dict[str, Any]:
+        raise RuntimeError("snapshot exploded")
+
+    monkeypatch.setattr(failing, "_usage_stats", boom)
+    caplog.set_level(logging.DEBUG, logger="hive_ratelimit_plugin")
+    PUBLISHER.publish_once()  # does not raise
+    messages = " | ".join(r.getMessage() for r in caplog.records)
+    assert "snapshot exploded" in messages and "could not write status snapshot" in messages
+    assert not (status_dir(str(tmp_path / "ok" / "state.sqlite")) / f"{os.getpid()}.json").exists()
