@@ -141,6 +141,18 @@ def _log_event(event: dict[str, Any]) -> None:
                      event["agent_id"], event["count"], event["window_seconds"], event["cooldown_seconds"])
     elif kind == "budget_changed":
         logger.info("budget %s on %s: %s -> %s", event["action"], event["scope"], event["old"], event["new"])
+    elif kind == "provider_429":
+        wait = event["retry_after"]
+        logger.warning("provider %s answered 429 for %s (%s)%s", event["provider"], event["model"],
+                       "retried" if event["retried"] else "not retried",
+                       f"; the provider asked to wait {wait:.1f}s" if wait is not None else "",
+                       extra={"hive_repeat_key": ("429", event["provider"], event["model"])})
+    elif kind == "circuit_opened":
+        logger.warning("circuit breaker of %s opened after %d consecutive provider failures; a probe goes "
+                       "through in %.0fs", event["scope"], event["failures"], event["seconds"],
+                       extra={"hive_repeat_key": ("circuit", event["scope"])})
+    elif kind == "circuit_closed":
+        logger.info("circuit breaker of %s closed: the probe succeeded", event["scope"])
     elif kind == "queue_timeout":
         logger.warning("call held by %s of %s timed out in the queue (no request sent)", event["limit"],
                        event["scope"], extra={"hive_repeat_key": ("queue_timeout", event["scope"])})
@@ -426,7 +438,8 @@ class HiveLimiter(CustomLogger):
         r"""Register ``callback(event)`` for structured events; returns it (usable as a decorator).
 
         Event ``type``\ s: ``budget_warning``, ``budget_exceeded``, ``runaway_detected``,
-        ``queue_timeout``, ``budget_changed``. Events never contain API keys.
+        ``queue_timeout``, ``budget_changed``, ``provider_429``, ``circuit_opened``,
+        ``circuit_closed`` (fields: docs/monitoring.md). Events never contain API keys.
         """
         self._listeners.append(callback)
         return callback
@@ -676,10 +689,8 @@ class HiveLimiter(CustomLogger):
         provider = self._provider_of(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"))
         bare = split_model(model, provider)
         self._obs.rate_limited(provider, bare)
-        then = "retried" if retried else "not retried"
-        waits = f"; the provider asked to wait {wait:.1f}s" if wait is not None else ""
-        logger.warning("provider %s answered 429 for %s (%s)%s", provider, bare, then, waits,
-                       extra={"hive_repeat_key": ("429", provider, bare)})
+        self._emit({"type": "provider_429", "provider": provider, "model": bare, "retry_after": wait,
+                    "retried": retried, "time": self._engine.wall()})
 
     def _backoff(self, call_id: str) -> float:
         """Exponential backoff with full jitter for a 429 that named no wait."""

@@ -112,7 +112,8 @@ async def test_429_storm_logs_one_line_then_a_summary(provider: FakeProvider, cl
     monkeypatch.setattr(_observe.SUMMARY, "clock", log_clock)
     limiter = make_limiter(clock, {"retry": {"max_attempts": 20}, "circuit_breaker": {"enabled": False},
                                    "adaptive": {"enabled": False}})
-    limiter.on_event(lambda e: None)
+    events: list[dict[str, object]] = []
+    limiter.on_event(events.append)
     provider.state.push(*[Scripted(status=429, headers={"retry-after": "0.5"})] * 12)
     kwargs = chat_kwargs(provider)
     kwargs.pop("max_retries")
@@ -128,6 +129,24 @@ async def test_429_storm_logs_one_line_then_a_summary(provider: FakeProvider, cl
     assert lines[1] == "provider openai answered 429 for gpt-4o-mini (retried); the provider asked to wait 0.5s ... " \
                        "repeated 11 times in the last 10s"
     assert "SECRET" not in caplog.text
+    storm = [e for e in events if e["type"] == "provider_429"]
+    assert len(storm) == 12  # every 429 is an event, even if the log summarises them
+    assert {(e["provider"], e["model"], e["retry_after"], e["retried"]) for e in storm} == {
+        ("openai", "gpt-4o-mini", 0.5, True)}
+    assert "SECRET" not in repr(events)
+
+
+def test_breaker_trip_is_logged(provider: FakeProvider, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    make_limiter(clock, {"circuit_breaker": {"failure_threshold": 2}, "retry": {"enabled": False}})
+    provider.state.push(Scripted(status=500), Scripted(status=500))
+    caplog.set_level(logging.INFO, logger="hive_ratelimit_plugin")
+    for _ in range(2):
+        with pytest.raises(litellm.InternalServerError):
+            litellm.completion(**chat_kwargs(provider))
+    [line] = [r for r in caplog.records if "circuit breaker" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert line.getMessage() == ("circuit breaker of model:openai/gpt-4o-mini opened after 2 consecutive provider "
+                                 "failures; a probe goes through in 30s")
 
 
 def test_pending_repeats_are_reported_on_a_forced_flush(
