@@ -14,6 +14,7 @@ their behalf, and wakes them.
 from __future__ import annotations
 
 import threading
+import time as _time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -1154,27 +1155,45 @@ class Engine:
             return len(idle)
 
     # ------------------------------------------------------------------ stats
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        """Current usage per scope key: window counts, in-flight, queued."""
+    def snapshot(self, chunk: int = 0) -> dict[str, dict[str, Any]]:
+        """Current usage per scope key: window counts, in-flight, queued.
+
+        Args:
+            chunk: take the lock for at most this many scopes at a time (the status publisher
+                does, so admissions never wait for a pass over thousands of scopes; the result
+                is then not one atomic picture). 0: one pass under the lock.
+        """
         with self._lock:
-            now = self.clock()
             queued: dict[str, int] = {}
             for waiter in self._waiters:
                 for k in waiter.keys:
                     queued[k] = queued.get(k, 0) + 1
-            out: dict[str, dict[str, Any]] = {}
-            for key, st in self._states.items():
-                entry: dict[str, Any] = {"level": st.level}
-                for w in st.windows():
-                    w.expire(now)
-                    if w.limit != NEVER:
-                        entry[w.name] = {"used": w.total, "limit": w.limit}
-                entry["in_flight"] = st.in_flight
-                if st.concurrency is not None:
-                    entry["concurrent_requests"] = {"used": st.in_flight, "limit": st.concurrency}
-                entry["queued"] = queued.get(key, 0)
-                out[key] = entry
-            return out
+            if not chunk:
+                now = self.clock()
+                return {key: self._describe(st, now, queued) for key, st in self._states.items()}
+            items = list(self._states.items())
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(items), chunk):
+            if i:
+                _time.sleep(0)  # let a thread waiting for the lock take it (locks are not fair)
+            with self._lock:
+                now = self.clock()
+                for key, st in items[i:i + chunk]:
+                    out[key] = self._describe(st, now, queued)
+        return out
+
+    @staticmethod
+    def _describe(st: ScopeState, now: float, queued: dict[str, int]) -> dict[str, Any]:
+        entry: dict[str, Any] = {"level": st.level}
+        for w in st.windows():
+            w.expire(now)
+            if w.limit != NEVER:
+                entry[w.name] = {"used": w.total, "limit": w.limit}
+        entry["in_flight"] = st.in_flight
+        if st.concurrency is not None:
+            entry["concurrent_requests"] = {"used": st.in_flight, "limit": st.concurrency}
+        entry["queued"] = queued.get(st.key, 0)
+        return entry
 
     def backend_info(self) -> dict[str, Any]:
         """Which backend holds the counters, and its health."""

@@ -660,7 +660,7 @@ class RedisEngine(Engine):
             out[key] = entry
         return out
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
+    def snapshot(self, chunk: int = 0) -> dict[str, dict[str, Any]]:
         with self._lock:
             queued: dict[str, int] = {}
             for waiter in self._waiters:

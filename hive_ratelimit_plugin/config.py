@@ -256,6 +256,13 @@ class RedisConfig(_Strict):
     retry_interval: PositiveFloat = 1.0  # how often to try Redis again during an outage
 
 
+class StatusConfig(_Strict):
+    """Live status snapshots for ``hive-ratelimit status`` (``status/<pid>.json`` next to the state file)."""
+
+    enabled: bool = True
+    interval_seconds: PositiveFloat = 1.0
+
+
 class RateLimitingConfig(BaseSettings):
     """The whole ``rate_limiting:`` block."""
 
@@ -291,6 +298,7 @@ class RateLimitingConfig(BaseSettings):
     state_path: str | None = None
     backend: str = "memory"
     redis: RedisConfig = Field(default_factory=lambda: RedisConfig())
+    status: StatusConfig = Field(default_factory=StatusConfig)
 
     @field_validator("backend")
     @classmethod

@@ -30,6 +30,8 @@ from typing import Any
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
+from . import _observe
+from . import status as _status
 from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys
 from ._engine import Engine, Ticket
 from ._ledger import Ledger
@@ -45,6 +47,8 @@ from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
 __all__ = ["HiveLimiter"]
 
 logger = logging.getLogger("hive_ratelimit_plugin")
+_observe.install(logger)  # repeated lines summarised, secrets redacted
+_status.PUBLISHER.tick_hooks.append(_observe.SUMMARY.flush)
 
 _EMBEDDING_TYPES = frozenset({"embedding", "aembedding"})
 _TEXT_TYPES = frozenset({"text_completion", "atext_completion"})
@@ -137,6 +141,21 @@ def _log_event(event: dict[str, Any]) -> None:
                      event["agent_id"], event["count"], event["window_seconds"], event["cooldown_seconds"])
     elif kind == "budget_changed":
         logger.info("budget %s on %s: %s -> %s", event["action"], event["scope"], event["old"], event["new"])
+    elif kind == "provider_429":
+        wait = event["retry_after"]
+        logger.warning("provider %s answered 429 for %s (%s)%s", event["provider"], event["model"],
+                       "retried" if event["retried"] else "not retried",
+                       f"; the provider asked to wait {wait:.1f}s" if wait is not None else "",
+                       extra={"hive_repeat_key": ("429", event["provider"], event["model"])})
+    elif kind == "circuit_opened":
+        logger.warning("circuit breaker of %s opened after %d consecutive provider failures; a probe goes "
+                       "through in %.0fs", event["scope"], event["failures"], event["seconds"],
+                       extra={"hive_repeat_key": ("circuit", event["scope"])})
+    elif kind == "circuit_closed":
+        logger.info("circuit breaker of %s closed: the probe succeeded", event["scope"])
+    elif kind == "queue_timeout":
+        logger.warning("call held by %s of %s timed out in the queue (no request sent)", event["limit"],
+                       event["scope"], extra={"hive_repeat_key": ("queue_timeout", event["scope"])})
 
 
 def _fingerprint(model: str, kwargs: Mapping[str, Any]) -> int:
@@ -208,6 +227,7 @@ class HiveLimiter(CustomLogger):
         cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
         self._config = cfg
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._obs = _observe.Observations()
         self._ledger: Ledger | None = None
         if cfg.has_budgets() or cfg.state_path is not None:
             self._ledger = Ledger(cfg.state_path)
@@ -244,6 +264,7 @@ class HiveLimiter(CustomLogger):
         if self._ledger is not None:
             self._engine.load_spend(self._ledger.load(self._engine.calendar.starts(self._engine.wall())))
         install_sync_guard()
+        self._publish_status(cfg)
 
     # ----------------------------------------------------------------- public
     @classmethod
@@ -286,6 +307,7 @@ class HiveLimiter(CustomLogger):
             return resolver.scopes(str(t.info.get("provider")), str(t.info.get("model")), ident)
 
         eng.rescope(resolve)
+        self._publish_status(cfg)
         if eng.calendar.tz.key != cfg.budget.timezone:
             from ._budget import Calendar
 
@@ -307,9 +329,13 @@ class HiveLimiter(CustomLogger):
             self._emit({"type": "budget_changed", "action": action, "scope": scope, "old": old, "new": changed,
                         "time": eng.wall()})
 
+    def _publish_status(self, cfg: RateLimitingConfig) -> None:
+        if cfg.status.enabled:
+            _status.PUBLISHER.register(self, _status.status_dir(cfg.state_path), cfg.status.interval_seconds)
+
     def _configure_engine(self, cfg: RateLimitingConfig) -> None:
         eng = self._engine
-        eng.record_spend = self._ledger is not None
+        eng.record_spend = self._ledger is not None or self._obs.wants_rows
         eng.arrival_margin = cfg.estimation.arrival_margin_seconds
         eng.low_priority_share = 1.0 - cfg.queue.high_priority_reserve
         cb = cfg.circuit_breaker
@@ -424,7 +450,8 @@ class HiveLimiter(CustomLogger):
         r"""Register ``callback(event)`` for structured events; returns it (usable as a decorator).
 
         Event ``type``\ s: ``budget_warning``, ``budget_exceeded``, ``runaway_detected``,
-        ``queue_timeout``, ``budget_changed``. Events never contain API keys.
+        ``queue_timeout``, ``budget_changed``, ``provider_429``, ``circuit_opened``,
+        ``circuit_closed`` (fields: docs/monitoring.md). Events never contain API keys.
         """
         self._listeners.append(callback)
         return callback
@@ -434,6 +461,8 @@ class HiveLimiter(CustomLogger):
         return self._ledger.audit_rows(limit) if self._ledger is not None else []
 
     def _persist(self, rows: list[SpendRow]) -> None:
+        if self._obs.wants_rows:
+            self._obs.settle_rows(rows)
         if self._ledger is None:
             return
         try:
@@ -447,6 +476,7 @@ class HiveLimiter(CustomLogger):
 
     def _emit_all(self, events: list[dict[str, Any]]) -> None:
         for event in events:
+            self._obs.event(event)
             _log_event(event)
             for cb in self._listeners:
                 try:
@@ -474,12 +504,16 @@ class HiveLimiter(CustomLogger):
             spent, reserved, limit, remaining, window, tripped); ``spend`` (per level and scope key:
             cost, requests and tokens this hour, day and month); ``levels`` (per level and scope key:
             each rate window's used/limit, ``in_flight``, ``queued``); and the counters ``queued``,
-            ``admitted_total``, ``queued_total``, ``rejected``. See docs/usage-stats.md.
+            ``admitted_total``, ``queued_total``, ``rejected``. See docs/monitoring.md.
         """
-        eng = self._engine
         self._tail()
+        return self._usage_stats()
+
+    def _usage_stats(self, chunk: int = 0) -> dict[str, Any]:
+        """:meth:`get_usage_stats` without picking up other processes' spend first."""
+        eng = self._engine
         levels: dict[str, dict[str, Any]] = {}
-        for key, entry in eng.snapshot().items():
+        for key, entry in eng.snapshot(chunk).items():
             levels.setdefault(entry.pop("level"), {})[key] = entry
         spend: dict[str, dict[str, Any]] = {}
         for key, kinds in eng.spend_snapshot().items():
@@ -667,6 +701,15 @@ class HiveLimiter(CustomLogger):
         signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
 
+    def _note_429(self, model_arg: Any, kwargs: Mapping[str, Any], wait: float | None, retried: bool) -> None:
+        """Count and log a provider 429 (the retry loop sees every one, sync or async)."""
+        model = str(model_arg or "")
+        provider = self._provider_of(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"))
+        bare = split_model(model, provider)
+        self._obs.rate_limited(provider, bare)
+        self._emit({"type": "provider_429", "provider": provider, "model": bare, "retry_after": wait,
+                    "retried": retried, "time": self._engine.wall()})
+
     def _backoff(self, call_id: str) -> float:
         """Exponential backoff with full jitter for a 429 that named no wait."""
         r = self._config.retry
@@ -684,14 +727,20 @@ class HiveLimiter(CustomLogger):
             # the hook again for the same attempt. (A Router retry comes after the failed
             # attempt's failure event has released it.) Count the call once.
             return None
-        ticket = self._ticket(call_id, _call_type_name(call_type), kwargs, kwargs.get("metadata"))
-        if ticket is None:
-            return None
         try:
-            await acquire_async(self._engine, ticket, self._max_wait())
-        except RateLimitQueueTimeout as exc:
-            self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+            ticket = self._ticket(call_id, _call_type_name(call_type), kwargs, kwargs.get("metadata"))
+            if ticket is None:
+                return None
+            try:
+                waited = await acquire_async(self._engine, ticket, self._max_wait())
+            except RateLimitQueueTimeout as exc:
+                self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+                raise
+        except HiveRateLimitError as exc:
+            self._obs.rejected(exc)
             raise
+        if waited:
+            self._obs.queue_wait(waited)
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
             return kwargs  # type: ignore[return-value]
@@ -764,14 +813,20 @@ class HiveLimiter(CustomLogger):
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
             call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
-        ticket = self._ticket(call_id, call_type, kwargs, kwargs.get("metadata"))
-        if ticket is None:
-            return None
         try:
-            acquire_sync(self._engine, ticket, self._max_wait())
-        except RateLimitQueueTimeout as exc:
-            self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+            ticket = self._ticket(call_id, call_type, kwargs, kwargs.get("metadata"))
+            if ticket is None:
+                return None
+            try:
+                waited = acquire_sync(self._engine, ticket, self._max_wait())
+            except RateLimitQueueTimeout as exc:
+                self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+                raise
+        except HiveRateLimitError as exc:
+            self._obs.rejected(exc)
             raise
+        if waited:
+            self._obs.queue_wait(waited)
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
         return call_id
@@ -845,7 +900,7 @@ def _active_limiters() -> list[HiveLimiter]:
 class _Retrying:
     """The retry policy of one guarded call: provider 429s are retried, each attempt re-admitted."""
 
-    def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any]) -> None:
+    def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> None:
         cfg = limiter.config.retry
         self.limiter = limiter
         self.enabled = cfg.enabled
@@ -854,6 +909,8 @@ class _Retrying:
         self.attempt = 0
         self.last_429: BaseException | None = None
         self.user_call_id = kwargs.get("litellm_call_id")
+        self.kwargs = kwargs
+        self.positional_model = args[0] if args and isinstance(args[0], str) else None
         if cfg.take_over_sdk_retries and "max_retries" not in kwargs:
             kwargs["max_retries"] = 0  # the openai SDK would retry 429s unseen, outside admission
 
@@ -885,12 +942,12 @@ class _Retrying:
         wait = suggested_wait(sig) if sig is not None else None
         with contextlib.suppress(Exception):
             exc.retry_after = wait  # type: ignore[attr-defined]
-        if self.attempt >= self.max_attempts or not self.enabled:
-            return False
-        if wait is not None and (wait > lim.config.retry.max_delay or now + wait > self.deadline):
-            return False
-        lim._engine.note_retry()
-        return True
+        retry = not (self.attempt >= self.max_attempts or not self.enabled or (
+            wait is not None and (wait > lim.config.retry.max_delay or now + wait > self.deadline)))
+        lim._note_429(self.kwargs.get("model") or self.positional_model, self.kwargs, wait, retry)
+        if retry:
+            lim._engine.note_retry()
+        return retry
 
 
 def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -938,7 +995,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         limiters = _active_limiters()
         if not limiters:
             return fn(*args, **kwargs)
-        retrying = _Retrying(limiters[0], kwargs)
+        retrying = _Retrying(limiters[0], kwargs, args)
         while True:
             retrying.begin(kwargs)
             token = _wait_budget.set(retrying.budget())
@@ -975,7 +1032,7 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> Any:
     # Admission happens in the deployment hook; this loop only retries provider 429s.
-    retrying = _Retrying(limiters[0], kwargs)
+    retrying = _Retrying(limiters[0], kwargs, args)
     while True:
         retrying.begin(kwargs)
         # Our own call id, so that a cancellation (which LiteLLM reports to no callback)

@@ -19,6 +19,7 @@ import collections.abc
 import litellm
 import pytest
 
+from hive_ratelimit_plugin import _observe
 from hive_ratelimit_plugin.plugin import unregister
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, ProviderState
 
@@ -63,6 +64,14 @@ def clean_callbacks() -> collections.abc.Iterator[None]:
 def isolated_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default state file (budgets) lives in a fresh directory for every test."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_summary() -> collections.abc.Iterator[None]:
+    """Repeated-line summaries do not carry over from one test to the next."""
+    _observe.SUMMARY.reset()
+    yield
+    _observe.SUMMARY.reset()
 
 
 @pytest.fixture
