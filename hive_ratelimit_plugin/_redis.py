@@ -723,6 +723,18 @@ class RedisEngine(Engine):
             out[key] = entry
         return out
 
+    def publish_status(self, doc: str, ttl: float) -> None:
+        """Publish this process' status snapshot (``hive-ratelimit status`` on any host reads it)."""
+        if not self.available:
+            return
+        import os
+        import socket
+
+        try:
+            self.r.set(f"{self.prefix}:status:{socket.gethostname()}:{os.getpid()}", doc, ex=max(int(ttl), 1))
+        except self._errors:
+            pass  # the next admission notices the outage
+
     def backend_info(self) -> dict[str, Any]:
         return {"type": "redis", "url": self.url, "key_prefix": self.prefix, "available": self.available,
                 "on_backend_error": self.on_error, "round_trips": self.round_trips, "outages": self.outages,

@@ -169,11 +169,16 @@ def _status(args: argparse.Namespace) -> int:
             levels.append(level)
     if args.all:
         levels += ["key", "run"]
+    sources = []
+    if cfg.backend != "memory":  # processes sharing Redis publish there, from every host
+        from .status import RedisStatusSource
+
+        sources.append(RedisStatusSource(cfg.backend, cfg.redis.key_prefix))
     frames = 0
     tty = sys.stdout.isatty()
     try:
         while True:
-            state = read_status(args.state_path, cfg, max_age=args.max_age)
+            state = read_status(args.state_path, cfg, max_age=args.max_age, sources=sources)
             if args.json:
                 text = json.dumps(state, indent=None if args.watch else 2, default=str) + "\n"
             else:

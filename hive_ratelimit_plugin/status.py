@@ -36,6 +36,7 @@ from typing import Any, Protocol
 __all__ = [
     "LedgerStatusSource",
     "ProcessStatusSource",
+    "RedisStatusSource",
     "StatusSource",
     "merge_snapshots",
     "read_status",
@@ -130,6 +131,42 @@ class ProcessStatusSource:
     def read(self) -> dict[str, Any]:
         state = merge_snapshots(self.snapshots(), now=self.now())
         state["directory"] = str(self.directory)
+        return state
+
+
+class RedisStatusSource:
+    """The snapshots that processes sharing a Redis backend publish there (every host)."""
+
+    def __init__(self, url: str, key_prefix: str, *, now: Callable[[], float] = time.time,
+                 client: Any = None) -> None:
+        self.url = url
+        self.pattern = "{" + key_prefix + "}:status:*"
+        self.now = now
+        self.client = client
+
+    def read(self) -> dict[str, Any]:
+        docs: list[dict[str, Any]] = []
+        try:
+            client = self.client
+            if client is None:
+                import redis
+
+                client = self.client = redis.Redis.from_url(self.url, socket_timeout=2.0,
+                                                            socket_connect_timeout=2.0)
+            for key in client.scan_iter(match=self.pattern, count=500):
+                raw = client.get(key)
+                if raw is None:
+                    continue
+                with contextlib.suppress(ValueError):
+                    doc = json.loads(raw)
+                    if isinstance(doc, dict) and doc.get("version") == SNAPSHOT_VERSION:
+                        docs.append(doc)
+        except Exception as exc:  # unreachable Redis: say so, fall back to the local view
+            from ._redis import safe_url
+
+            logger.warning("status: cannot read snapshots from %s (%s)", safe_url(self.url), type(exc).__name__)
+        state = merge_snapshots(docs, now=self.now())
+        state["source"] = "redis"
         return state
 
 
@@ -257,12 +294,18 @@ def _empty_state(now: float, source: str) -> dict[str, Any]:
 _CIRCUIT_RANK = {"closed": 0, "half_open": 1, "open": 2}
 
 
+def _add(a: float, b: float) -> float:
+    return a + b
+
+
 def merge_snapshots(snapshots: Iterable[Mapping[str, Any]], *, now: float) -> dict[str, Any]:
     """Combine process snapshots into one dashboard state.
 
     With the memory backend every process enforces its own limits, so usage *and* limits are
     summed (the fleet's load against the fleet's allowance). Budgets are shared through the
-    ledger: the largest spent of any process is shown, reservations are summed.
+    ledger: the largest spent of any process is shown, reservations are summed. With the Redis
+    backend every process reports the same shared counters: the largest of each is shown (queued
+    calls, which wait in each process, are still summed).
     """
     state = _empty_state(now, "processes")
     scopes: dict[str, dict[str, Any]] = state["scopes"]
@@ -277,16 +320,22 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]], *, now: float) -> di
             state["currency"] = lim.get("currency", state["currency"])
             state["warning_thresholds"] = lim.get("warning_thresholds", state["warning_thresholds"])
             stats = lim.get("stats", {})
+            shared = lim.get("backend") == "redis"
             for level, entries in stats.get("levels", {}).items():
                 for key, entry in entries.items():
                     into = scopes.setdefault(key, {"level": level, "limits": {}, "in_flight": 0, "queued": 0})
-                    into["in_flight"] += int(entry.get("in_flight", 0))
+                    in_flight = int(entry.get("in_flight", 0))
+                    into["in_flight"] = max(into["in_flight"], in_flight) if shared else into["in_flight"] + in_flight
                     into["queued"] += int(entry.get("queued", 0))
                     for name, value in entry.items():
                         if isinstance(value, dict) and value.get("limit") is not None:
                             acc = into["limits"].setdefault(name, {"used": 0.0, "limit": 0.0})
-                            acc["used"] += float(value["used"])
-                            acc["limit"] += float(value["limit"])
+                            if shared:
+                                acc["used"] = max(acc["used"], float(value["used"]))
+                                acc["limit"] = max(acc["limit"], float(value["limit"]))
+                            else:
+                                acc["used"] += float(value["used"])
+                                acc["limit"] += float(value["limit"])
             for key, entry in lim.get("budgets", {}).items():
                 into_b = budgets.setdefault(key, {})
                 for name, b in entry.items():
@@ -294,7 +343,7 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]], *, now: float) -> di
                     if cur is None:
                         into_b[name] = dict(b)
                     else:
-                        reserved = cur.get("reserved", 0.0) + b.get("reserved", 0.0)
+                        reserved = (max if shared else _add)(cur.get("reserved", 0.0), b.get("reserved", 0.0))
                         if b.get("spent", 0.0) > cur.get("spent", 0.0):
                             cur.update(b)
                         cur["reserved"] = reserved
@@ -537,7 +586,7 @@ def build_snapshot(limiter: Any) -> dict[str, Any] | None:
         }
     obs = getattr(limiter, "_obs", None)
     return {
-        "backend": "memory",
+        "backend": stats.get("backend", {}).get("type", "memory"),
         "currency": stats["currency"],
         "warning_thresholds": list(cfg.budget.warning_thresholds),
         "budgets": budgets,
@@ -624,6 +673,13 @@ class StatusPublisher:
                 continue
             if snap is not None:
                 per_dir[directory].append(snap)
+                publish = getattr(limiter._engine, "publish_status", None)
+                if publish is not None:  # a shared backend: also where other hosts can read it
+                    doc = {"version": SNAPSHOT_VERSION, "pid": os.getpid(), "host": socket.gethostname(),
+                           "written_at": time.time(), "limiters": [snap]}
+                    with contextlib.suppress(Exception):
+                        publish(json.dumps(_clean(doc), default=str, separators=(",", ":")),
+                                max(DEFAULT_MAX_AGE, 3 * limiter.config.status.interval_seconds))
         pid = os.getpid()
         for directory, snaps in per_dir.items():
             path = directory / f"{pid}.json"

@@ -337,7 +337,7 @@ async def test_get_usage_stats_structure_is_stable(provider: FakeProvider, clock
         "requests_this_month": int, "tokens_this_month": int, "cost_this_month": float,
         "remaining_monthly_budget": type(None),
         "budgets": dict, "spend": dict, "levels": dict, "queued": int, "admitted_total": int,
-        "queued_total": int, "rejected": dict, "retried_total": int, "providers": dict,
+        "queued_total": int, "rejected": dict, "retried_total": int, "providers": dict, "backend": dict,
     }
     assert set(stats) == set(top)
     for key, kind in top.items():
@@ -360,6 +360,7 @@ async def test_get_usage_stats_structure_is_stable(provider: FakeProvider, clock
     assert set(stats["spend"]["global"]["global"]) == {"hour", "day", "month"}
     assert set(stats["spend"]["global"]["global"]["day"]) == {"cost", "requests", "tokens"}
     assert stats["providers"]["model:openai/gpt-4o-mini"] == {"circuit": "closed"}
+    assert stats["backend"] == {"type": "memory"}
 
 
 async def test_chunked_engine_snapshot_matches_one_pass(provider: FakeProvider, clock: FakeClock) -> None:
@@ -407,3 +408,35 @@ def test_publishing_problems_never_reach_the_agent(tmp_path: Path, monkeypatch: 
     messages = " | ".join(r.getMessage() for r in caplog.records)
     assert "snapshot exploded" in messages and "could not write status snapshot" in messages
     assert not (status_dir(str(tmp_path / "ok" / "state.sqlite")) / f"{os.getpid()}.json").exists()
+
+
+# ---------------------------------------------------------------------- Redis
+async def test_processes_sharing_redis_publish_there_and_are_not_double_counted(
+        provider: FakeProvider, tmp_path: Path, redis_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """With the Redis backend each process publishes its snapshot to Redis (any host can read it);
+    the counters are shared, so two processes' reports are merged, not added."""
+    from hive_ratelimit_plugin.status import RedisStatusSource
+
+    from .conftest import REDIS_URL, redis_client
+
+    config = {"backend": REDIS_URL, "redis": {"key_prefix": redis_prefix}, "state_path": str(tmp_path / "s.sqlite"),
+              "global": {"requests_per_minute": 60}}
+    limiter = HiveLimiter(config)
+    litellm.callbacks.append(limiter)
+    for _ in range(2):
+        await litellm.acompletion(**chat_kwargs(provider))
+    PUBLISHER.publish_once()
+    client: Any = redis_client()
+    [key] = list(client.scan_iter(match="{" + redis_prefix + "}:status:*"))
+    assert 0 < client.ttl(key) <= 30
+    doc = json.loads(client.get(key))
+    doc["pid"] += 1  # the same counters, as a second process sharing them would report
+    client.set(key.decode().rsplit(":", 1)[0] + f":{doc['pid']}", json.dumps(doc), ex=30)
+    state = RedisStatusSource(REDIS_URL, redis_prefix).read()
+    assert state["source"] == "redis" and len(state["processes"]) == 2
+    assert {p["backend"] for p in state["processes"]} == {"redis"}
+    assert state["scopes"]["global"]["limits"]["requests_per_minute"] == {"used": 2.0, "limit": 60.0}
+    cfg_file = tmp_path / "limits.yaml"
+    cfg_file.write_text(json.dumps({"rate_limiting": config}))  # JSON is YAML
+    assert main(["status", "--json", "--config", str(cfg_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == "redis"
