@@ -232,3 +232,19 @@ async def test_streaming_through_the_proxy_is_counted_once_and_settled(px: Proxy
     stats = lim.get_usage_stats()
     assert stats["admitted_total"] == 1
     assert px.provider.state.count() == 1
+
+
+async def test_embeddings_share_the_limits(px: Proxy) -> None:
+    """A client cannot get around the limits through another route."""
+    lim = px.use({**LIMITS, "queue": {"max_wait_seconds": 0}, "users": {"bob": {"requests_per_minute": 2}}})
+    headers = {"authorization": "Bearer sk-bob"}
+    body = {"model": "text-embedding-3-small", "input": ["a", "b"]}
+    async with httpx.AsyncClient(timeout=60) as client:
+        assert (await client.post(f"{px.url}/v1/embeddings", headers=headers, json=body)).status_code == 200
+        assert (await px.post(client, "sk-bob")).status_code == 200
+        refused = await client.post(f"{px.url}/v1/embeddings", headers=headers, json=body)
+    assert refused.status_code == 429
+    assert "retry-after" in refused.headers
+    await wait_until(lambda: not lim._engine._leases)
+    assert lim.get_usage_stats()["admitted_total"] == 2
+    assert px.provider.state.count() == 2
