@@ -203,9 +203,14 @@ class ProxyLimiter(HiveLimiter):
         return proxy_identity(user_api_key_dict, data)
 
     def _admitted_upstream(self, call_id: str) -> bool:
+        # True once: for the first attempt LiteLLM sends. A retry whose failed attempt has not
+        # been released yet (failure events run in the background) gets an id of its own.
         with self._proxy_lock:
             entry = self._proxy_calls.get(call_id)
-        return entry is not None and entry[1]
+            if entry is None or not entry[1]:
+                return False
+            self._proxy_calls[call_id] = (entry[0], False)
+            return True
 
     def _ticket(self, call_id: str, call_type: str, kwargs: Mapping[str, Any],
                 metadata: Mapping[str, Any] | None) -> Ticket | None:

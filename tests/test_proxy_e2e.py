@@ -151,6 +151,9 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
                 else:
                     os.environ[k] = v
             proxy_mod._instance = None
+            import litellm.proxy.proxy_server as proxy_server
+
+            proxy_server.llm_router = None  # later tests must not find this proxy's models
 
 
 @pytest.fixture

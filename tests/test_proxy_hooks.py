@@ -16,9 +16,9 @@ from litellm.proxy._types import UserAPIKeyAuth
 from hive_ratelimit_plugin import proxy as proxy_mod
 from hive_ratelimit_plugin.errors import RateLimitQueueTimeout
 from hive_ratelimit_plugin.proxy import ProxyLimiter, proxy_identity
-from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import chat_kwargs, wait_until
+from .helpers import Ticker, chat_kwargs, wait_until
 
 HASH = "a" * 64
 
@@ -238,3 +238,28 @@ async def test_queued_request_is_released_when_the_client_goes_away(clock: FakeC
         await task
     assert lim._engine.queue_length == 0 and not lim._engine.holds("call-2")
     assert "call-2" not in lim._proxy_calls
+
+
+async def test_a_provider_429_retry_is_one_more_admission_not_a_free_ride(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """After a provider 429 LiteLLM's retry guard sends the request again. The second attempt is
+    admitted on its own (the first attempt's failure event may not have released it yet), with the
+    same identity, and nothing stays held."""
+    lim = _limiter(clock, {"users": {"alice": {"requests_per_minute": 100}}})
+    auth = _auth(user_id="alice")
+    data = _data(provider)
+    await lim.async_pre_call_hook(auth, None, data, "acompletion")
+    provider.state.push(Scripted(429, headers={"retry-after": "1"}))
+    md = {**data["metadata"], "user_api_key_user_id": "alice", "user_api_key_hash": HASH}
+    with Ticker(clock, step=0.25):
+        await litellm.acompletion(**chat_kwargs(provider, litellm_call_id="call-1", metadata=md))
+        await wait_until(lambda: not lim._engine._leases)
+    assert [r.status for r in provider.state.log] == [429, 200]
+    stats = lim.get_usage_stats()
+    assert stats["admitted_total"] == 2  # one per attempt sent
+    assert set(stats["levels"]["user"]) == {"user:alice"}
+    assert stats["levels"]["user"]["user:alice"]["in_flight"] == 0
+    # Only LiteLLM's first attempt rides on the pre-call admission; a later one that finds its
+    # failed predecessor still held (failure events run in the background) is re-admitted.
+    await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-9"), "acompletion")
+    assert lim._admitted_upstream("call-9") and not lim._admitted_upstream("call-9")
