@@ -99,6 +99,11 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         for dep in conf["model_list"]:
             dep["litellm_params"]["api_base"] = provider.url
             dep["litellm_params"]["api_key"] = "sk-provider-SECRET"
+        # A group whose deployments are different models: admitted per deployment instead.
+        conf["model_list"] += [
+            {"model_name": "mixed", "litellm_params": {"model": m, "api_base": provider.url,
+                                                       "api_key": "sk-provider-SECRET"}}
+            for m in ("openai/gpt-4o-mini", "openai/gpt-4o")]
         conf["general_settings"] = {"custom_auth": "proxy_auth.user_api_key_auth"}
         conf["rate_limiting"] = LIMITS
         conf.setdefault("litellm_settings", {})["num_retries"] = 0
@@ -251,3 +256,22 @@ async def test_embeddings_share_the_limits(px: Proxy) -> None:
     await wait_until(lambda: not lim._engine._leases)
     assert lim.get_usage_stats()["admitted_total"] == 2
     assert px.provider.state.count() == 2
+
+
+async def test_mixed_model_groups_are_limited_per_deployment(px: Proxy) -> None:
+    lim = px.use({**LIMITS, "queue": {"max_wait_seconds": 0}})
+    async with httpx.AsyncClient(timeout=60) as client:
+        ok = [await px.post(client, key, model="mixed") for key in ("sk-alice", "sk-alice-2")]
+        refused = await px.post(client, "sk-alice", model="mixed", metadata={"user_id": "bob"})
+        for _ in range(5):
+            assert (await px.post(client, "sk-alice", model="mixed")).status_code == 429
+        other = await px.post(client, "sk-bob", model="mixed")
+    assert [r.status_code for r in ok] == [200, 200]
+    assert refused.status_code == 429, refused.text
+    assert 55 <= int(refused.headers["retry-after"]) <= 61
+    assert other.status_code == 200  # six refusals did not put the group's deployments in cooldown
+    await wait_until(lambda: not lim._engine._leases)
+    assert px.provider.state.count() == 3
+    stats = lim.get_usage_stats()
+    assert stats["admitted_total"] == 3
+    assert stats["levels"]["user"]["user:alice"]["requests_per_minute"]["used"] == 2
