@@ -74,6 +74,7 @@ _CALL_TYPES = {
     "aresponses": "acompletion",
 }
 _HEX = frozenset("0123456789abcdef")
+_RUNAWAY_FLAG = "_hive_ratelimit_runaway"  # set on our private copy of a request's kwargs
 
 
 def _key_name(token: Any) -> str | None:
@@ -98,6 +99,9 @@ def proxy_identity(user_api_key_dict: Any, data: Mapping[str, Any] | None = None
     * ``team_id``: the key's team.
     * ``priority``: the key's (else the team's) metadata ``priority``; clients cannot raise it.
     * ``run_id``: the request's ``metadata.run_id`` (it only selects per-run caps).
+    * ``runaway``: ``False`` when the agent is the key itself (alias or hash): one key often
+      serves many clients that may send the same prompt, so the runaway breaker (the same request
+      repeated) applies only to agents named in key metadata.
 
     Client-sent ``metadata`` (``agent_id``, ``user_id``, ``team_id``, ``priority``) is ignored.
     """
@@ -123,7 +127,10 @@ def proxy_identity(user_api_key_dict: Any, data: Mapping[str, Any] | None = None
                 break
     out = {"agent_id": agent, "user_id": user, "team_id": _field(user_api_key_dict, "team_id"),
            "run_id": run, "priority": priority}
-    return {k: (str(v) if k != "priority" else v) for k, v in out.items() if v not in (None, "")}
+    ident: dict[str, Any] = {k: (str(v) if k != "priority" else v) for k, v in out.items() if v not in (None, "")}
+    if not key_md.get("agent_id"):
+        ident["runaway"] = False
+    return ident
 
 
 def _auth_from_metadata(md: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -229,7 +236,12 @@ class ProxyLimiter(HiveLimiter):
                     break
         view = dict(kwargs)
         view["user"] = None
+        view[_RUNAWAY_FLAG] = trusted.get("runaway", True) is not False
         return super()._ticket(call_id, call_type, view, {k: trusted.get(k) for k in IDENTITY_FIELDS})
+
+    def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
+        if kwargs.get(_RUNAWAY_FLAG, True):
+            super()._check_runaway(agent_id, model, kwargs)
 
     # -------------------------------------------------------------- models
     def _targets(self, model: str) -> list[dict[str, Any]]:

@@ -54,6 +54,7 @@ def test_identity_comes_from_the_key_not_from_client_metadata() -> None:
                      "priority": "high"}
     # Without metadata agent_id: the alias; without alias: a short name derived from the key hash.
     assert proxy_identity(_auth(key_alias="ci"))["agent_id"] == "ci"
+    assert proxy_identity(_auth(key_alias="ci"))["runaway"] is False  # see the runaway test
     assert proxy_identity(_auth())["agent_id"] == "key-aaaaaaaaaaaa"
     # A raw key (custom auth may pass one) is hashed, never shown.
     assert "sk-raw-secret" not in str(proxy_identity(_auth(api_key="sk-raw-secret")))
@@ -263,3 +264,19 @@ async def test_a_provider_429_retry_is_one_more_admission_not_a_free_ride(
     # failed predecessor still held (failure events run in the background) is re-admitted.
     await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-9"), "acompletion")
     assert lim._admitted_upstream("call-9") and not lim._admitted_upstream("call-9")
+
+
+async def test_runaway_breaker_applies_to_named_agents_not_to_shared_keys(clock: FakeClock) -> None:
+    """One key often serves many clients sending the same prompt; an agent named in the key's
+    metadata is one agent, and the same request 21 times a minute means it is stuck."""
+    lim = _limiter(clock, {"agents": {"*": {"requests_per_minute": 1000}}})
+    shared = _auth(user_id="app", key_alias="app-key")
+    for i in range(25):
+        await lim.async_pre_call_hook(shared, None, _data(litellm_call_id=f"s{i}"), "acompletion")
+        lim._finish(f"s{i}")
+    named = _auth(user_id="alice", metadata={"agent_id": "planner"})
+    with pytest.raises(HTTPException) as caught:
+        for i in range(25):
+            await lim.async_pre_call_hook(named, None, _data(litellm_call_id=f"n{i}"), "acompletion")
+            lim._finish(f"n{i}")
+    assert getattr(caught.value, "type", None) == "budget_exceeded" and i == 20
