@@ -42,7 +42,7 @@ from typing import Any
 from cachetools import LRUCache
 
 from ._engine import Ticket
-from ._scopes import IDENTITY_FIELDS
+from ._scopes import IDENTITY_FIELDS, split_model
 from ._waiting import acquire_async
 from .config import RateLimitingConfig
 from .errors import (
@@ -281,8 +281,6 @@ class ProxyLimiter(HiveLimiter):
             if m.endswith("/*"):  # a wildcard route: the request names the model
                 m = model
             provider = self._provider_of(m, t.get("custom_llm_provider"), t.get("api_base"))
-            from ._scopes import split_model
-
             seen.setdefault((provider, split_model(m, provider)), {
                 "model": m, "custom_llm_provider": t.get("custom_llm_provider"), "api_base": t.get("api_base")})
         return next(iter(seen.values())) if len(seen) == 1 else None
@@ -321,8 +319,9 @@ class ProxyLimiter(HiveLimiter):
         view = dict(data)
         view.update(target)
         if kind == "acompletion" and not isinstance(view.get("messages"), list):
-            text = view.get("input")
-            view["messages"] = [{"role": "user", "content": text if isinstance(text, str) else json.dumps(text)}]
+            text = view.get("input")  # /v1/responses
+            content = text if isinstance(text, str) else json.dumps(text, default=str)
+            view["messages"] = [{"role": "user", "content": content}]
         with self._proxy_lock:
             self._proxy_calls[call_id] = (ident, True)
         try:
@@ -346,7 +345,8 @@ class ProxyLimiter(HiveLimiter):
         return None
 
     async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
-                                           user_api_key_dict: Any, traceback_str: str | None = None) -> Any:
+                                           user_api_key_dict: Any, traceback_str: str | None = None,
+                                           **kwargs: Any) -> Any:
         """Release a request that failed anywhere after admission; answer our errors properly."""
         call_id = request_data.get("litellm_call_id") if isinstance(request_data, Mapping) else None
         if call_id:

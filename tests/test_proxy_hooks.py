@@ -280,3 +280,15 @@ async def test_runaway_breaker_applies_to_named_agents_not_to_shared_keys(clock:
             await lim.async_pre_call_hook(named, None, _data(litellm_call_id=f"n{i}"), "acompletion")
             lim._finish(f"n{i}")
     assert getattr(caught.value, "type", None) == "budget_exceeded" and i == 20
+
+
+@pytest.mark.parametrize("call_type", ["anthropic_messages", "aresponses", "responses", "text_completion",
+                                       "embeddings"])
+async def test_every_llm_route_is_admitted(call_type: str, clock: FakeClock) -> None:
+    lim = _limiter(clock, {"users": {"alice": {"requests_per_minute": 1}}, "queue": {"max_wait_seconds": 0}})
+    auth = _auth(user_id="alice")
+    body = {"input": "hello there", "prompt": "hello there"}
+    await lim.async_pre_call_hook(auth, None, _data(**body), call_type)
+    with pytest.raises(HTTPException) as caught:
+        await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-2", **body), call_type)
+    assert caught.value.status_code == 429
