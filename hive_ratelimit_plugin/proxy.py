@@ -237,7 +237,10 @@ class ProxyLimiter(HiveLimiter):
         view = dict(kwargs)
         view["user"] = None
         view[_RUNAWAY_FLAG] = trusted.get("runaway", True) is not False
-        return super()._ticket(call_id, call_type, view, {k: trusted.get(k) for k in IDENTITY_FIELDS})
+        ticket = super()._ticket(call_id, call_type, view, {k: trusted.get(k) for k in IDENTITY_FIELDS})
+        if ticket is not None:
+            ticket.choices = None  # the proxy's model_list picks the API key of each deployment
+        return ticket
 
     def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
         if kwargs.get(_RUNAWAY_FLAG, True):
@@ -328,7 +331,6 @@ class ProxyLimiter(HiveLimiter):
             ticket = self._ticket(call_id, kind, view, None)
             if ticket is None:
                 return None
-            ticket.choices = None  # key choice is the proxy's model_list's job
             try:
                 await acquire_async(self._engine, ticket, self._max_wait())
             except RateLimitQueueTimeout as exc:

@@ -292,3 +292,13 @@ async def test_every_llm_route_is_admitted(call_type: str, clock: FakeClock) -> 
     with pytest.raises(HTTPException) as caught:
         await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-2", **body), call_type)
     assert caught.value.status_code == 429
+
+
+async def test_configured_api_keys_never_replace_the_deployments_key(
+        provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_TEST_OTHER_KEY", "sk-other-key")
+    lim = _limiter(clock, {"providers": {"openai": {"api_keys": [{"env": "HIVE_TEST_OTHER_KEY"}]}}})
+    md = {"user_api_key_user_id": "alice", "user_api_key_hash": HASH}
+    await litellm.acompletion(**chat_kwargs(provider, metadata=md))  # admitted in the deployment hook
+    assert provider.state.log[0].authorization == "Bearer sk-test-SECRET-0123456789"
+    assert lim.get_usage_stats()["admitted_total"] == 1
