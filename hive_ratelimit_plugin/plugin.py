@@ -746,6 +746,10 @@ class HiveLimiter(CustomLogger):
             return kwargs  # type: ignore[return-value]
         return None
 
+    def _admitted_upstream(self, call_id: str) -> bool:
+        """Whether ``call_id`` was admitted before LiteLLM's entry point ran (the proxy's pre-call hook)."""
+        return False
+
     def _max_wait(self) -> float:
         budget = _wait_budget.get()
         limit = self._config.queue.max_wait_seconds
@@ -919,9 +923,10 @@ class _Retrying:
         if self.attempt > 1 and not self.user_call_id:
             kwargs.pop("litellm_call_id", None)  # a fresh admission for each attempt
         cid = kwargs.get("litellm_call_id")
-        if cid and self.limiter._engine.holds(cid):
+        if cid and self.limiter._engine.holds(cid) and not self.limiter._admitted_upstream(cid):
             # The caller reuses an id that another call in flight holds: reservations are
-            # matched by id, so give this call its own.
+            # matched by id, so give this call its own. (Not when a hook before LiteLLM's entry
+            # point admitted this very call, e.g. the proxy's pre-call hook: it is counted once.)
             kwargs["litellm_call_id"] = str(uuid.uuid4())
 
     def budget(self) -> float | None:
