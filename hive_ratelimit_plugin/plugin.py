@@ -1047,6 +1047,11 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         try:
             return await fn(*args, **kwargs)
         except Exception as exc:
+            # Settle the failed attempt now rather than wait for LiteLLM's failure event, which
+            # can come late (or, after an earlier event loop was closed, not at all) and would
+            # hold the slot meanwhile. The event, when it comes, finds nothing left to release.
+            for lim in limiters:
+                lim._finish(call_id, failed=True, exc=exc)
             if not retrying.should_retry(exc):
                 raise
         except BaseException:  # cancelled (or interrupted) while admitted or in flight

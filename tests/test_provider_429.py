@@ -63,6 +63,26 @@ async def test_async_429_is_retried_after_retry_after(provider: FakeProvider, cl
     assert limiter.get_usage_stats()["levels"]["model"]["model:openai/gpt-4o-mini"]["in_flight"] == 0
 
 
+def test_429_frees_its_slot_even_without_litellm_failure_event(provider: FakeProvider, clock: FakeClock) -> None:
+    """After an earlier event loop made calls and closed, LiteLLM delivers a failed attempt's
+    failure event late or never; the retry loop settles the attempt itself, so the slot of a
+    429'd attempt is free at once for its own retry and for the calls waiting behind it."""
+    kw = no_sdk_retries(chat_kwargs(provider))
+    first, _ = make(clock)
+    asyncio.run(litellm.acompletion(**kw))  # an earlier loop, now closed
+    litellm.callbacks.remove(first)
+    limiter, _ = make(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 30}})
+    provider.state.push(too_many("1"))
+
+    async def three() -> list[Any]:
+        return await asyncio.gather(*(litellm.acompletion(**kw) for _ in range(3)), return_exceptions=True)
+
+    with Ticker(clock, step=0.05):
+        results = asyncio.run(three())
+    assert [type(r).__name__ for r in results] == ["ModelResponse"] * 3
+    assert limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"] == 0
+
+
 def test_sync_429_is_retried(provider: FakeProvider, clock: FakeClock) -> None:
     """The same for sync calls: the calling thread waits out the cooldown and retries."""
     _, rec = make(clock)
