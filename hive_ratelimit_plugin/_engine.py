@@ -241,6 +241,7 @@ class _Reservation:
     charges: list[tuple[str, SlidingWindow, int, float]]
     expires_at: float
     admitted_at: float = 0.0
+    sent_at: float | None = None  # when LiteLLM reported sending its first HTTP attempt (note_attempt)
     attempts: int = 0
     settled: bool = False
     slot_freed: bool = False
@@ -759,7 +760,10 @@ class Engine:
                 # admission: the HTTP request goes out (and lands) some time after admission,
                 # and a provider enforcing an exact window counts it from its arrival.
                 if margin:
-                    to = min(now, res.admitted_at + min(margin, window.period / 10))
+                    # From the send, when known: the wait between admission and the send (LiteLLM's
+                    # own work, a busy event loop) is then not mistaken for time on the wire.
+                    start = res.admitted_at if res.sent_at is None else res.sent_at
+                    to = min(now, start + min(margin, window.period / 10))
                     window.move(now, index, amount, to)
                 continue
             actual = actual_in + actual_out if metric == "all" else actual_in if metric == "in" else actual_out
@@ -1059,9 +1063,10 @@ class Engine:
             if res is None:
                 return
             res.attempts += 1
-            if res.attempts <= 1:
-                return
             now = self.clock()
+            if res.attempts <= 1:
+                res.sent_at = now
+                return
             for st in res.states:
                 for w in st.requests:
                     w.expire(now)

@@ -191,8 +191,9 @@ class EstimationConfig(_Strict):
     lease_seconds: PositiveFloat = 300.0
     arrival_margin_seconds: float = Field(default=1.0, ge=0)
     """A request counts in request windows from when it may have reached the provider: at most
-    this long after admission (and at most a tenth of the window), or when it completed if
-    sooner. Guards against 429s from providers that count arrivals; 0 counts from admission."""
+    this long after LiteLLM sent it (after admission if the send was not reported; and at most a
+    tenth of the window), or when it completed if sooner. Guards against 429s from providers that
+    count arrivals; 0 counts from admission."""
 
 
 class BudgetConfig(_Strict):

@@ -231,6 +231,23 @@ def test_release_is_idempotent_and_unknown_ids_are_ignored(clock: FakeClock) -> 
     assert eng.snapshot()["global"]["in_flight"] == 0
 
 
+def test_request_counts_from_its_send_when_litellm_reports_it(clock: FakeClock) -> None:
+    """A call that waited in LiteLLM's pipeline (a busy event loop) after admission is counted
+    from when its HTTP request was sent (note_attempt), not from its admission: the margin covers
+    time on the wire, not time spent before the send."""
+    eng = Engine(clock)
+    eng.arrival_margin = 1.0
+    g = scope(requests_per_minute=1)
+    assert eng.acquire(ticket(1, g), Woken()) is None
+    clock.advance(3.0)
+    eng.note_attempt("1")  # sent 3 s after admission
+    clock.advance(2.0)
+    eng.release("1")  # may have arrived as late as send + 1 s = 1004 s
+    clock.advance(58.5)  # 63.5 s after admission: counted from admission + margin it would be free
+    w = eng.acquire(ticket(2, g), Woken())
+    assert w is not None and w.retry_at == pytest.approx(1000.0 + 4.0 + 1.0 + 60.0)  # bucket [1004, 1005)
+
+
 def test_request_counts_from_its_probable_arrival(clock: FakeClock) -> None:
     """A request counts from min(its end, admission + margin): a provider that counts arrivals
     never sees more than the limit, whatever the delay between admission and arrival."""
