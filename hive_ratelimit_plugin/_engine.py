@@ -763,7 +763,12 @@ class Engine:
                     # From the send, when known: the wait between admission and the send (LiteLLM's
                     # own work, a busy event loop) is then not mistaken for time on the wire.
                     start = res.admitted_at if res.sent_at is None else res.sent_at
-                    to = min(now, start + min(margin, window.period / 10))
+                    if now - start <= min(margin, window.period / 2):
+                        # Done soon after the send: it had arrived by now, so count it from now.
+                        # (A stalled event loop can hold a fast call's bytes for 100+ ms.)
+                        to = now
+                    else:  # a long call (generation time): it arrived early on
+                        to = start + min(margin, window.period / 10)
                     window.move(now, index, amount, to)
                 continue
             actual = actual_in + actual_out if metric == "all" else actual_in if metric == "in" else actual_out
