@@ -242,11 +242,13 @@ class _Reservation:
     charges: list[tuple[str, SlidingWindow, int, float]]
     expires_at: float
     admitted_at: float = 0.0
+    sent_at: float | None = None  # when LiteLLM reported sending its first HTTP attempt (note_attempt)
     attempts: int = 0
     settled: bool = False
     slot_freed: bool = False
     remote: bool = False  # admitted by a shared backend (see _redis.RedisEngine)
     record: bool = False  # the shared backend keeps a lease record of it
+    local_at: float = 0.0  # the local clock at a shared backend's admission (admitted_at is its clock)
     spend_targets: str = ""  # the shared backend's spend keys of it, when it keeps no record
 
 
@@ -768,7 +770,15 @@ class Engine:
                 # admission: the HTTP request goes out (and lands) some time after admission,
                 # and a provider enforcing an exact window counts it from its arrival.
                 if margin:
-                    to = min(now, res.admitted_at + min(margin, window.period / 10))
+                    # From the send, when known: the wait between admission and the send (LiteLLM's
+                    # own work, a busy event loop) is then not mistaken for time on the wire.
+                    start = res.admitted_at if res.sent_at is None else res.sent_at
+                    if now - start <= min(margin, window.period / 2):
+                        # Done soon after the send: it had arrived by now, so count it from now.
+                        # (A stalled event loop can hold a fast call's bytes for 100+ ms.)
+                        to = now
+                    else:  # a long call (generation time): it arrived early on
+                        to = start + min(margin, window.period / 10)
                     window.move(now, index, amount, to)
                 continue
             actual = actual_in + actual_out if metric == "all" else actual_in if metric == "in" else actual_out
@@ -1068,9 +1078,10 @@ class Engine:
             if res is None:
                 return
             res.attempts += 1
-            if res.attempts <= 1:
-                return
             now = self.clock()
+            if res.attempts <= 1:
+                res.sent_at = now
+                return
             for st in res.states:
                 for w in st.requests:
                     w.expire(now)

@@ -254,7 +254,7 @@ class RedisEngine(Engine):
             ticket.chosen = chosen or None
             self._leases[ticket.call_id] = _Reservation(ticket, [], [], local + self.lease_seconds, rnow,
                                                         remote=True, record=int(out[3]) == 1,
-                                                        spend_targets=args[-1])
+                                                        spend_targets=args[-1], local_at=local)
             self._version += 1
             self.admitted_total += 1
             return None
@@ -437,7 +437,7 @@ class RedisEngine(Engine):
         s = signals
         t = res.ticket
         args = [self.prefix, self._now_arg(), t.call_id, "1" if res.record else "0", _num(res.admitted_at),
-                res.spend_targets, _num(t.cost), _num(cost), str(tin + tout),
+                opt(res.sent_at), res.spend_targets, _num(t.cost), _num(cost), str(tin + tout),
                 _num(self.arrival_margin), "0", outcome, opt(wait),
                 opt(s.limit_requests if s else None), opt(s.limit_tokens if s else None),
                 opt(s.remaining_requests if s else None), opt(s.reset_requests if s else None),
@@ -527,7 +527,7 @@ class RedisEngine(Engine):
                 return
             res.slot_freed = True
             args = self._settle_args(res, 0, 0, 0.0, "success", None, None, self.calendar.starts(self.wall()))
-            args[10] = "1"
+            args[11] = "1"
             try:
                 self._call(self._settle_script, args)
             except _Down:
@@ -543,9 +543,10 @@ class RedisEngine(Engine):
                 self.fallback.note_attempt(call_id)
                 return
             res.attempts += 1
-            if res.attempts <= 1:
-                return
             now = self.clock()
+            if res.attempts <= 1:
+                res.sent_at = res.admitted_at + (now - res.local_at)  # on the backend's clock
+                return
             args = [self.prefix, self._now_arg(), ""]
             n = 0
             for scope in res.ticket.scopes:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import litellm
@@ -61,6 +63,27 @@ _MAX_PROVIDER_WAIT = 3600.0  # absurd Retry-After values are clamped to this
 # While a call is being retried: the engine-clock time by which its admission must finish.
 _wait_budget: ContextVar[float | None] = ContextVar("hive_ratelimit_wait_budget", default=None)
 _in_async_guard: ContextVar[bool] = ContextVar("hive_ratelimit_in_async_guard", default=False)
+
+
+def _seed_call_ids() -> None:
+    global _id_prefix, _id_counter
+    # "xxxxxxxx-xxxx-4xxx-yxxx-" from a random UUID, then a 12-digit hex counter from a random
+    # start: the shape of a UUID, unique per process, without a getrandom() syscall per call
+    # (uuid4() costs that; on some VMs it is slow).
+    _id_prefix = str(uuid.uuid4())[:24]
+    _id_counter = itertools.count(int.from_bytes(os.urandom(5), "big"))
+
+
+_id_prefix = ""
+_id_counter = itertools.count()
+_seed_call_ids()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_seed_call_ids)  # a forked worker must not repeat the parent's ids
+
+
+def new_call_id() -> str:
+    """A fresh ``litellm_call_id`` for a call that came without one."""
+    return f"{_id_prefix}{next(_id_counter) & 0xFFFFFFFFFFFF:012x}"
 
 
 def _exception_of(kwargs: Mapping[str, Any], response_obj: Any) -> BaseException | None:
@@ -178,20 +201,42 @@ def _call_type_name(call_type: Any) -> str:
 
 
 def _usage_of(response: Any) -> tuple[int | None, int | None]:
-    usage = getattr(response, "usage", None)
+    # LiteLLM's responses keep ``usage`` as a pydantic extra field: read it from
+    # __pydantic_extra__ first (the attribute lookup falls back to a slow __getattr__).
+    extra = getattr(response, "__pydantic_extra__", None)
+    usage = extra.get("usage") if type(extra) is dict else None
+    if usage is None:
+        usage = getattr(response, "usage", None)
     if usage is None and isinstance(response, Mapping):
         usage = response.get("usage")
     if usage is None:
         return None, None
-    get = usage.get if isinstance(usage, Mapping) else lambda k, d=None: getattr(usage, k, d)
-    pin = get("prompt_tokens", None)
-    pout = get("completion_tokens", None)
+    if isinstance(usage, Mapping):
+        pin = usage.get("prompt_tokens")
+        pout = usage.get("completion_tokens")
+    else:
+        pin = getattr(usage, "prompt_tokens", None)
+        pout = getattr(usage, "completion_tokens", None)
     if pin is None and pout is None:
-        total = get("total_tokens", None)
+        total = usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None)
         return (int(total), 0) if isinstance(total, int) and total >= 0 else (None, None)
     # A provider's usage is trusted only when it makes sense (a negative count would erase others').
     return (int(pin) if isinstance(pin, int) and pin >= 0 else None,
             int(pout) if isinstance(pout, int) and pout >= 0 else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a call to one model by one identity counts against (see ``HiveLimiter._plan``)."""
+
+    provider: str
+    scopes: list[Any]
+    dims: tuple[str | None, ...]
+    budgeted: bool
+    counts_tokens: bool
+    spend_keys: list[str]
+    choices: list[Any] | None
+    info: dict[str, Any]
 
 
 class HiveLimiter(CustomLogger):
@@ -259,6 +304,7 @@ class HiveLimiter(CustomLogger):
         self._runaway = RunawayDetector(cfg.runaway.max_identical_requests, cfg.runaway.window_seconds,
                                         cfg.runaway.cooldown_seconds)
         self._provider_cache: dict[tuple[str, str | None], str] = {}
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._next_tail = 0.0
         self._configure_engine(cfg)
         if self._ledger is not None:
@@ -293,6 +339,7 @@ class HiveLimiter(CustomLogger):
         self._config = cfg
         self._resolver = ScopeResolver(cfg)
         self._prices = PriceBook(cfg)
+        self._plans = {}  # resolved with the old configuration
         eng = self._engine
         self._configure_engine(cfg)
         eng.max_queue = cfg.queue.max_size
@@ -328,6 +375,7 @@ class HiveLimiter(CustomLogger):
                 self._ledger.audit(action, scope, old, changed)
             self._emit({"type": "budget_changed", "action": action, "scope": scope, "old": old, "new": changed,
                         "time": eng.wall()})
+        self._plans = {}  # again: a call may have planned while the configuration was being replaced
 
     def _publish_status(self, cfg: RateLimitingConfig) -> None:
         if cfg.status.enabled:
@@ -595,17 +643,14 @@ class HiveLimiter(CustomLogger):
         cfg = self._config
         if not cfg.enabled or call_type in _SKIP_TYPES:
             return None
-        model = str(kwargs.get("model") or "")
-        provider = self._provider_of(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"))
+        model = kwargs.get("model")
+        model = model if type(model) is str else str(model or "")
         ident: Identity = resolve_identity(metadata, kwargs.get("user"))
         if cfg.runaway.enabled and ident.agent_id is not None:
             self._check_runaway(ident.agent_id, model, kwargs)
-        scopes = self._resolver.scopes(provider, model, ident)
-        bare = split_model(model, provider)
-        dims = (provider, bare, ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
-        budgeted = any(s.budgeted for s in scopes)
+        plan = self._plan(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"), ident)
         input_tokens = output_tokens = 0
-        if budgeted or any(s.counts_tokens for s in scopes):
+        if plan.budgeted or plan.counts_tokens:
             if call_type in _EMBEDDING_TYPES:
                 input_tokens = count_input(model, kwargs.get("input"))
             elif call_type in _TEXT_TYPES:
@@ -615,26 +660,60 @@ class HiveLimiter(CustomLogger):
                 input_tokens = count_messages(model, kwargs.get("messages"), kwargs.get("tools"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
         cost = 0.0
-        if budgeted:
+        if plan.budgeted:
+            provider = plan.provider
             price = self._prices.price(provider, model)
             if not price.known:
                 self._prices.warn_unknown(provider, model, "not in LiteLLM's price map or rate_limiting.pricing")
                 if cfg.unknown_price == "block":
                     raise _unknown_price_error(provider, model)
             cost = price.cost(input_tokens, output_tokens)
-        self._tail()
+        if self._ledger is not None:
+            self._tail()
         return Ticket(
             call_id=call_id,
-            scopes=scopes,
+            scopes=plan.scopes,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             priority=ident.priority,
-            info={"provider": provider, "model": model, "agent_id": ident.agent_id, "run_id": ident.run_id},
+            info=plan.info,
             cost=cost,
+            dims=plan.dims,
+            spend_keys=plan.spend_keys,
+            choices=plan.choices,
+        )
+
+    def _plan(self, model: str, custom_llm_provider: Any, api_base: Any, ident: Identity) -> _Plan:
+        """Everything about a call that depends only on its model and identity, cached: its
+        provider, scopes, spend keys and API-key choices (rebuilt after a configuration change)."""
+        key = (model, custom_llm_provider, ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
+        plans = self._plans
+        cacheable = True
+        try:
+            plan = plans.get(key)
+        except TypeError:  # an unhashable custom_llm_provider: resolve without caching
+            cacheable, plan = False, None
+        if plan is not None:
+            return plan
+        provider = self._provider_of(model, custom_llm_provider, api_base)
+        scopes = self._resolver.scopes(provider, model, ident)
+        dims = (provider, split_model(model, provider), ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
+        plan = _Plan(
+            provider=provider,
+            scopes=scopes,
             dims=dims,
+            budgeted=any(s.budgeted for s in scopes),
+            counts_tokens=any(s.counts_tokens for s in scopes),
             spend_keys=self._spend_keys(scopes, dims),
             choices=self._resolver.choices(provider),
+            # Read-only, shared by every ticket of this plan.
+            info={"provider": provider, "model": model, "agent_id": ident.agent_id, "run_id": ident.run_id},
         )
+        if cacheable:
+            if len(plans) > 8192:
+                plans.clear()
+            plans[key] = plan
+        return plan
 
     def _spend_keys(self, scopes: list[Any], dims: tuple[str | None, ...]) -> list[str]:
         """Where a call's spend is counted: globally, at every level with a budget, and, with a state
@@ -721,7 +800,7 @@ class HiveLimiter(CustomLogger):
         """Admit an async call before its HTTP request (waits in the queue if needed)."""
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
-            call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
+            call_id = kwargs["litellm_call_id"] = new_call_id()
         if self._engine.holds(call_id):
             # Already admitted under this id: this limiter is registered twice, or LiteLLM runs
             # the hook again for the same attempt. (A Router retry comes after the failed
@@ -816,7 +895,7 @@ class HiveLimiter(CustomLogger):
     def _guard_sync(self, call_type: str, kwargs: dict[str, Any]) -> str | None:
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
-            call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
+            call_id = kwargs["litellm_call_id"] = new_call_id()
         try:
             ticket = self._ticket(call_id, call_type, kwargs, kwargs.get("metadata"))
             if ticket is None:
@@ -897,8 +976,12 @@ _guard_lock = threading.Lock()
 
 
 def _active_limiters() -> list[HiveLimiter]:
-    # dict.fromkeys: a limiter appended twice still counts each call once.
-    return list(dict.fromkeys(cb for cb in litellm.callbacks if isinstance(cb, HiveLimiter) and cb.config.enabled))
+    out: list[HiveLimiter] = []
+    for cb in litellm.callbacks:
+        # A limiter appended twice still counts each call once.
+        if isinstance(cb, HiveLimiter) and cb._config.enabled and cb not in out:
+            out.append(cb)
+    return out
 
 
 class _Retrying:
@@ -927,7 +1010,7 @@ class _Retrying:
             # The caller reuses an id that another call in flight holds: reservations are
             # matched by id, so give this call its own. (Not when a hook before LiteLLM's entry
             # point admitted this very call, e.g. the proxy's pre-call hook: it is counted once.)
-            kwargs["litellm_call_id"] = str(uuid.uuid4())
+            kwargs["litellm_call_id"] = new_call_id()
 
     def budget(self) -> float | None:
         return self.deadline if self.attempt > 1 else None
@@ -1042,7 +1125,9 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         retrying.begin(kwargs)
         # Our own call id, so that a cancellation (which LiteLLM reports to no callback)
         # can still release the call's reservation.
-        call_id = kwargs.setdefault("litellm_call_id", str(uuid.uuid4()))
+        call_id = kwargs.get("litellm_call_id")
+        if not call_id:
+            call_id = kwargs["litellm_call_id"] = new_call_id()
         token = _wait_budget.set(retrying.budget())
         try:
             return await fn(*args, **kwargs)
