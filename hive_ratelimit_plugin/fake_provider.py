@@ -254,6 +254,9 @@ def _rough_tokens(body: dict[str, Any]) -> int:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle's algorithm on, a body that does not
+    # fit the first segment waits for the client's delayed ACK (40 ms on Linux) on every response.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
