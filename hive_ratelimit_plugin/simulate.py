@@ -49,6 +49,7 @@ __all__ = ["SimulationError", "Workload", "ProviderModel", "build_engine", "pars
 
 DEFAULT_START = "2026-01-05T09:00"  # a Monday 09:00 in the budget time zone: fresh hourly and daily windows
 MAX_CALLS = 5_000_000
+MAX_ROWS_PER_LEVEL = 10  # in the text report; --json lists every scope
 MAX_DURATION = 31 * 86400.0
 
 _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
@@ -794,11 +795,29 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  priority {name:<7} admitted {e['admitted']:,}, rejected {e['rejected']:,}; {waits}")
     if r["scopes"]:
         lines += ["", f"{'level':<9} {'scope':<36} {'admitted':>9} {'queued':>8} {'rejected':>9}  held/refused by"]
+        shown: dict[str, int] = {}
+        rest: dict[str, list[int]] = {}
+        busiest = sorted(r["scopes"].items(), key=lambda kv: -(kv[1]["queued"] + kv[1]["rejected"]))
+        keep = set()
+        for key, e in busiest:
+            if shown.get(e["level"], 0) < MAX_ROWS_PER_LEVEL:
+                shown[e["level"]] = shown.get(e["level"], 0) + 1
+                keep.add(key)
         for key, e in r["scopes"].items():
+            if key not in keep:
+                t = rest.setdefault(e["level"], [0, 0, 0, 0])
+                t[0] += 1
+                t[1] += e["admitted"]
+                t[2] += e["queued"]
+                t[3] += e["rejected"]
+                continue
             by = {**{f"queued:{k}": v for k, v in e["queued_by"].items()},
                   **{f"refused:{k}": v for k, v in e["rejected_by"].items()}}
             lines.append(f"{e['level']:<9} {key[:36]:<36} {e['admitted']:>9,} {e['queued']:>8,} {e['rejected']:>9,}  "
                          + ", ".join(f"{k} {v:,}" for k, v in by.items()))
+        for level, (n, adm, q, rej) in rest.items():
+            lines.append(f"{level:<9} {f'... {n:,} more (--json lists all)':<36} {adm:>9,} {q:>8,} {rej:>9,}")
+        lines.append("(queued:queue = waiting behind earlier or higher-priority calls at that scope)")
     p429 = r["provider_429s"]
     if p429:
         lines += ["", f"provider 429s: {p429['with_limiter']:,} with this configuration "

@@ -235,3 +235,16 @@ def test_bad_workload_objects_raise_simulation_error() -> None:
         simulate({}, Workload(rate=1, duration=10, agents=[]))
     with pytest.raises(SimulationError, match="provider-algorithm"):
         simulate({}, Workload(rate=1, duration=10), ProviderModel(60, algorithm="leaky"))
+
+
+def test_text_report_summarises_many_scopes_of_a_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "limits.yaml"
+    path.write_text(yaml.safe_dump({"rate_limiting": {"agents": {"*": {"requests_per_minute": 5}}}}))
+    assert main(["simulate", "--config", str(path), "--rate", "10", "--duration", "60", "--agents", "30"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("agent:agent-") == 10
+    assert "... 20 more (--json lists all)" in text
+    assert main(["simulate", "--config", str(path), "--rate", "10", "--duration", "60", "--agents", "30",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert sum(1 for e in data["scopes"].values() if e["level"] == "agent") == 30
