@@ -767,7 +767,17 @@ def format_report(r: dict[str, Any]) -> str:
             f"{p['requests_per_minute']:g} requests/min" if p["requests_per_minute"] else "",
             f"{p['tokens_per_minute']:g} tokens/min" if p["tokens_per_minute"] else "") if x)
         lines.append(f"provider: {lim} per model ({p['algorithm'].replace('_', ' ')})")
+    a = r["wait_seconds"]["all_admitted"]
+    if c["rejected"] == 0 and not c["still_waiting_or_in_flight_at_end"]:
+        verdict = "holds: every call admitted" + (f" (p99 queue wait {_secs(a['p99'])})" if a else "")
+    else:
+        failed = c["rejected"]
+        reasons = ", ".join(f"{k} {v:,}" for k, v in c["rejected_by_reason"].items())
+        verdict = (f"does not hold: {failed:,} of {c['offered']:,} calls ({100 * failed / max(c['offered'], 1):.1f} %) "
+                   f"would fail ({reasons})" if failed else "holds, but calls were still waiting at the end")
     lines += [
+        "",
+        f"verdict: {verdict}",
         "",
         f"calls offered      {c['offered']:>10,}",
         f"  admitted at once {c['admitted_at_once']:>10,}",
@@ -780,7 +790,7 @@ def format_report(r: dict[str, Any]) -> str:
     if c["still_waiting_or_in_flight_at_end"]:
         lines.append(f"  unfinished       {c['still_waiting_or_in_flight_at_end']:>10,}   "
                      "(waiting or in flight at the end)")
-    a, q = r["wait_seconds"]["all_admitted"], r["wait_seconds"]["queued_only"]
+    q = r["wait_seconds"]["queued_only"]
     if a:
         lines.append("")
         lines.append(f"queue wait, all admitted calls: p50 {_secs(a['p50'])}, p90 {_secs(a['p90'])}, "

@@ -223,9 +223,12 @@ def test_cli_text_and_json(config_file: Path, capsys: pytest.CaptureFixture[str]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "calls offered" in text and "queue wait" in text and "provider 429s: 0 with this configuration" in text
+    # 120/min against 60/min for 2 min, 60 s of waiting allowed: a minute's worth cannot be served.
+    assert "verdict: does not hold:" in text and "queue_timeout" in text
     assert main([*argv, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["workload"]["agents"] == 3
+    assert 40 < data["calls"]["rejected_by_reason"]["queue_timeout"] < 100
     assert data["calls"]["queued"] > 0
     assert data["provider_429s"]["with_limiter"] == 0
 
@@ -235,6 +238,11 @@ def test_bad_workload_objects_raise_simulation_error() -> None:
         simulate({}, Workload(rate=1, duration=10, agents=[]))
     with pytest.raises(SimulationError, match="provider-algorithm"):
         simulate({}, Workload(rate=1, duration=10), ProviderModel(60, algorithm="leaky"))
+
+
+def test_verdict_holds_when_every_call_is_admitted(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--config", str(config_file), "--rate", "50/m", "--duration", "10m"]) == 0
+    assert "verdict: holds: every call admitted" in capsys.readouterr().out
 
 
 def test_text_report_summarises_many_scopes_of_a_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
