@@ -14,9 +14,9 @@ with ``retry-after`` beyond it. Three subjects, one after the other in the same 
 And LiteLLM's Router, with the provider's limits set on its deployment (``rpm``, and ``tpm``), in
 the ``usage-based-routing-v2`` strategy (the one that enforces them; the default
 ``simple-shuffle`` only uses them as weights), alone and with the plugin. Its subjects run at a
-smaller scale (``ROUTER_REQUESTS`` against ``ROUTER_RPM`` per minute), each in its own process,
-in the background while the subjects above run: the Router waits out whole minutes between its
-retries, so it would otherwise add minutes of idle time to the run.
+smaller scale (``ROUTER_REQUESTS`` against ``ROUTER_RPM`` per minute), each in its own process
+(``start_router_subjects`` / ``collect_router_subjects``; ``benchmarks/run.py`` runs them while the
+light Scenario 1 and 3 stages run: the Router waits out whole minutes between its retries).
 
 Reported: success rate, 429s that reached the caller, 429s the provider sent, throughput as a
 share of the provider's limit over the run, and the client-side latency p50/p99 (queue wait +
@@ -125,7 +125,7 @@ def run_router(name: str, requests: int = ROUTER_REQUESTS, rpm: int = ROUTER_RPM
     return out
 
 
-def _start_router_subjects() -> list[tuple[str, Any, str, Any]]:
+def start_router_subjects() -> list[tuple[str, Any, str, Any]]:
     import subprocess
     import sys
     import tempfile
@@ -141,10 +141,19 @@ def _start_router_subjects() -> list[tuple[str, Any, str, Any]]:
     return started
 
 
-def _collect_router_subjects(started: list[tuple[str, Any, str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def collect_router_subjects(started: list[tuple[str, Any, str, Any]], timeout: float = 420.0) -> dict[str, Any]:
+    """Wait for the Router subjects (killing any still running after ``timeout`` seconds)."""
+    import subprocess
+
+    deadline = time.monotonic() + timeout
+    out: dict[str, Any] = {"requests": ROUTER_REQUESTS, "provider_rpm": ROUTER_RPM, "tpm": ROUTER_TPM,
+                           "strategy": "usage-based-routing-v2", "tasks": TASKS}
     for name, proc, path, log in started:
-        proc.wait(timeout=900)
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         log.seek(0)
         text = log.read()
         log.close()
@@ -161,9 +170,8 @@ def _collect_router_subjects(started: list[tuple[str, Any, str, Any]]) -> dict[s
 
 
 def run(requests: int = 10_000, rpm: int = 5_000, with_num_retries: bool = False,
-        router: bool = True) -> dict[str, Any]:
+        router: bool = False) -> dict[str, Any]:
     litellm = common.quiet_litellm()
-    background = _start_router_subjects() if router else []
     from hive_ratelimit_plugin import HiveLimiter
     from hive_ratelimit_plugin.plugin import unregister
     from hive_ratelimit_plugin.testing import FakeProvider, ProviderState
@@ -197,9 +205,8 @@ def run(requests: int = 10_000, rpm: int = 5_000, with_num_retries: bool = False
                   f"ideal {x['ideal_seconds']:.0f}s, "
                   f"p50 {results[name]['p50_latency'] or 0:.2f}s p99 {results[name]['p99_latency'] or 0:.2f}s "
                   f"errors {r['errors']}", flush=True)
-    if background:
-        results["router"] = {"requests": ROUTER_REQUESTS, "provider_rpm": ROUTER_RPM, "tpm": ROUTER_TPM,
-                             "strategy": "usage-based-routing-v2", **_collect_router_subjects(background)}
+    if router:
+        results["router"] = collect_router_subjects(start_router_subjects())
     return results
 
 
@@ -208,7 +215,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--rpm", type=int, default=5_000)
     parser.add_argument("--with-num-retries", action="store_true")
-    parser.add_argument("--no-router", action="store_true", help="skip the Router subjects")
+    parser.add_argument("--router", action="store_true", help="also run the Router subjects (after the others)")
     parser.add_argument("--router-subject", choices=ROUTER_SUBJECTS, help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,7 +225,7 @@ def main() -> None:
             with open(args.json_out, "w", encoding="utf-8") as f:
                 json.dump(r, f)
         return
-    run(args.requests, args.rpm, args.with_num_retries, router=not args.no_router)
+    run(args.requests, args.rpm, args.with_num_retries, router=args.router)
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -228,10 +235,17 @@ def summary(r: dict[str, Any]) -> str:
             x = r[name]
             out.append(f"{name}: {x['ok']}/{r['requests']} ok in {x['duration']:.1f}s, caller 429s {x['caller_429s']}, "
                        f"provider 429s {x['provider_429s']}")
+    if "router" in r:
+        out.append(router_summary(r["router"]))
+    return "\n".join(out)
+
+
+def router_summary(rt: dict[str, Any]) -> str:
+    out = []
     for name in ROUTER_SUBJECTS:
-        x = r.get("router", {}).get(name)
+        x = rt.get(name)
         if x and "ok" in x:
-            out.append(f"{name}: {x['ok']}/{r['router']['requests']} ok in {x['duration']:.1f}s, caller 429s "
+            out.append(f"{name}: {x['ok']}/{rt['requests']} ok in {x['duration']:.1f}s, caller 429s "
                        f"{x['caller_429s']}, provider 429s {x['provider_429s']}")
         elif x:
             out.append(f"{name}: {x.get('error')}")
