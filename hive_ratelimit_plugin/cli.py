@@ -1,4 +1,4 @@
-"""The ``hive-ratelimit`` command: ``demo``, ``check-config``, ``audit``, ``status`` and ``run``."""
+"""The ``hive-ratelimit`` command: ``demo``, ``check-config``, ``audit``, ``status``, ``run`` and ``simulate``."""
 
 from __future__ import annotations
 
@@ -251,6 +251,21 @@ def _run(args: argparse.Namespace) -> int:
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as shells report it
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import json
+
+    from .simulate import SimulationError, simulate_from_args
+
+    try:
+        report, text = simulate_from_args(args)
+    except (SimulationError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else text)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hive-ratelimit`` command."""
     parser = argparse.ArgumentParser(prog="hive-ratelimit", description="Rate limits for LiteLLM agents.")
@@ -297,6 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--config", help="the limits YAML (sets HIVE_RATELIMIT_CONFIG; default: inherited)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     run.set_defaults(func=_run)
+    sim = sub.add_parser(
+        "simulate", help="run a configuration against a simulated load on a virtual clock (no provider, no waiting)",
+        description="Drive the plugin's real admission engine with a simulated load on a virtual clock and "
+                    "print what would be admitted, queued and rejected, the queue waits, the 429s a provider "
+                    "would send, and when budgets would trip. An hour of traffic takes seconds.")
+    from .simulate import add_arguments
+
+    add_arguments(sim)
+    sim.set_defaults(func=_simulate)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -15,6 +15,7 @@ from hive_ratelimit_plugin import _autoload
 _autoload.uninstall()
 
 import collections.abc
+import time
 
 import litellm
 import pytest
@@ -45,8 +46,12 @@ def provider(provider_server: FakeProvider) -> collections.abc.Iterator[FakeProv
     state.window_seconds = 60.0
     state.latency = 0.0
     state.completion_tokens = 5
+    state.algorithm = "sliding_window"
+    state.clock = time.monotonic
     yield provider_server
     state.reset()
+    state.algorithm = "sliding_window"
+    state.clock = time.monotonic
 
 
 @pytest.fixture(autouse=True)
