@@ -30,6 +30,7 @@ _NO_PRIORITY = -(10**9)
 HIGH_PRIORITY = 10
 EVICTIONS_PER_TICK = 2000
 ADAPTIVE_MIN_RATE = 10  # requests per minute below which 429s say nothing about our rate
+ADAPTIVE_STEP = 0.05  # learned rate added per successful call while recovering from 429s
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
@@ -190,6 +191,11 @@ class ScopeState:
 
     def is_idle(self, now: float) -> bool:
         if self.in_flight or self.reserved_requests:
+            return False
+        # What a provider told us outlives empty windows: a long cooldown, a breaker, a learned
+        # or 429-lowered rate. (Only model and API-key scopes carry these: a bounded set.)
+        if self.cooldown_until > now or self.circuit is not CLOSED or self.learned_rpm is not None \
+                or self.learned_tpm is not None or self.adaptive_rpm is not None:
             return False
         for w in self.windows():
             w.expire(now)
@@ -871,7 +877,10 @@ class Engine:
                     st.circuit, st.probe, st.open_count = CLOSED, None, 0
                     self._out_events.append({"type": "circuit_closed", "scope": st.key, "time": self.wall()})
                 if st.adaptive_rpm is not None:
-                    st.adaptive_rpm += 1.0 / max(st.adaptive_rpm, 1.0)  # additive increase: ~+1 per window
+                    # Recovery: each success adds 1/20 (at least 1/rate), so a minute of traffic at
+                    # the lowered rate raises it by ~5 % (at least 1): a rate cut by a few 429s
+                    # is back within a few minutes, not (at +1 per minute) within hours.
+                    st.adaptive_rpm += max(ADAPTIVE_STEP, 1.0 / max(st.adaptive_rpm, 1.0))
                     if st.adaptive_rpm >= st.adaptive_ceiling:
                         st.adaptive_rpm = None
                     self._apply_learned(st)

@@ -580,7 +580,7 @@ for _, sc in ipairs(scopes) do
         events[#events + 1] = table.concat({'circuit_closed', sc.key}, SEP)
       end
       if st.arpm then
-        local a = st.arpm + 1.0 / math.max(st.arpm, 1.0)
+        local a = st.arpm + math.max(0.05, 1.0 / math.max(st.arpm, 1.0))  -- as ADAPTIVE_STEP in _engine.py
         if a >= st.ceiling then redis.call('HDEL', sk, 'adaptive_rpm')
         else redis.call('HSET', sk, 'adaptive_rpm', a) end
       end

@@ -292,3 +292,43 @@ def test_request_counts_from_its_probable_arrival(clock: FakeClock, make_engine:
     clock.advance(56.5)  # 61.5 s after admission: an admission-time count would have expired
     w = eng.acquire(ticket(2, g), Woken())
     assert w is not None and w.retry_at == pytest.approx(1000.0 + 1.0 + 1.0 + 60.0)  # bucket [1001, 1002)
+
+
+def test_adaptive_rate_recovers_about_five_percent_per_minute(clock: FakeClock, make_engine: Any) -> None:
+    """Two 429s within a minute cut a model's rate to 70 % of what it sent; a minute of successful
+    calls at the cut rate then gives back about 5 % (not +1 per minute, which left a busy model
+    throttled for hours after a few 429s)."""
+    eng = make_engine(clock)
+    m = scope("model:openai/x", "model")
+    for i in range(100):  # 100 calls in the last minute
+        assert eng.acquire(ticket(f"a{i}", m), Woken()) is None
+        eng.release(f"a{i}")
+        clock.advance(0.5)
+    for i in range(2):  # two 429s within the minute
+        assert eng.acquire(ticket(f"r{i}", m), Woken()) is None
+        eng.release(f"r{i}", outcome="rate_limited", wait=1.0)
+        clock.advance(5.0)
+    lowered = eng.provider_state()["model:openai/x"]["adaptive_requests_per_minute"]
+    assert 60 <= lowered <= 75
+    clock.advance(60.0)
+    n = int(lowered)
+    for i in range(n):  # a minute of traffic at the lowered rate, all successful
+        assert eng.acquire(ticket(f"b{i}", m), Woken()) is None
+        eng.release(f"b{i}")
+        clock.advance(60.0 / n)
+    recovered = eng.provider_state()["model:openai/x"]["adaptive_requests_per_minute"]
+    assert recovered >= lowered * 1.045
+
+
+def test_long_cooldown_outlives_idle_eviction(clock: FakeClock, make_engine: Any) -> None:
+    """A provider's Retry-After longer than the idle-eviction horizon still holds the model:
+    a scope is never forgotten while the provider has it on hold."""
+    eng = make_engine(clock)
+    m = scope("model:openai/x", "model")
+    assert eng.acquire(ticket("a", m), Woken()) is None
+    eng.release("a", outcome="rate_limited", wait=300.0)
+    clock.advance(150.0)  # the model's windows are empty now; other traffic runs maintenance
+    assert eng.acquire(ticket("b", scope("model:openai/y", "model")), Woken()) is None
+    w = eng.acquire(ticket("c", m), Woken())
+    assert w is not None and w.blocked is not None and w.blocked.limit == "provider_cooldown"
+    assert w.retry_at == pytest.approx(1000.0 + 300.0)
