@@ -150,6 +150,22 @@ local function charge(scope, kind, start, ttl, cost, req, tok)
   redis.call('EXPIRE', k, ttl)
 end
 
+-- Give a TTL of at least ms to key (never shortens one: processes may use other lease times).
+local function keep(key, ms)
+  local t = redis.call('PTTL', key)
+  if t ~= -2 and t < ms then redis.call('PEXPIRE', key, ms) end
+end
+
+-- Give back one call's reservation of cost in scope s. A reservation hash that expired is not
+-- brought back (negative and without a TTL, it would let later calls over-reserve).
+local function unreserve(s, cost)
+  local k = P .. ':rv:' .. s
+  if redis.call('EXISTS', k) == 0 then return end
+  local c = tonumber(redis.call('HINCRBYFLOAT', k, 'cost', -cost))
+  if redis.call('HINCRBY', k, 'req', -1) <= 0 then redis.call('DEL', k)
+  elseif c < 0 then redis.call('HSET', k, 'cost', 0) end
+end
+
 local SEP = '\0'
 local function split(s)
   local out = {}
@@ -172,10 +188,7 @@ local function reclaim(cid)
   redis.call('ZREM', P .. ':leases', cid)
   if not rec[1] or rec[6] then return end
   local cost = tonumber(rec[1]) or 0
-  for _, s in ipairs(split(rec[2])) do
-    redis.call('HINCRBYFLOAT', P .. ':rv:' .. s, 'cost', -cost)
-    redis.call('HINCRBY', P .. ':rv:' .. s, 'req', -1)
-  end
+  for _, s in ipairs(split(rec[2])) do unreserve(s, cost) end
   for _, s in ipairs(split(rec[3])) do redis.call('ZREM', P .. ':c:' .. s, cid) end
   for _, s in ipairs(split(rec[4])) do
     if redis.call('HGET', P .. ':s:' .. s, 'probe') == cid then redis.call('HDEL', P .. ':s:' .. s, 'probe') end
@@ -371,7 +384,7 @@ for _, sc in ipairs(scopes) do
     if #sc.buds > 0 then
       redis.call('HINCRBYFLOAT', P .. ':rv:' .. sc.key, 'cost', cost)
       redis.call('HINCRBY', P .. ':rv:' .. sc.key, 'req', 1)
-      redis.call('PEXPIRE', P .. ':rv:' .. sc.key, math.ceil(lease * 2000))
+      keep(P .. ':rv:' .. sc.key, math.ceil((lease * 2 + 60) * 1000))  -- outlives every lease record in it
       bs[#bs + 1] = sc.key
     end
     if sc.st then
@@ -398,6 +411,7 @@ if record then
   redis.call('HDEL', lk, 'done')
   redis.call('PEXPIRE', lk, math.ceil((lease * 2 + 60) * 1000))
   redis.call('ZADD', P .. ':leases', now + lease, call_id)
+  keep(P .. ':leases', math.ceil((lease * 2 + 60) * 1000))
 end
 return {1, tostring(now), chosen and chosen.key or '', record and 1 or 0}
 """
@@ -458,10 +472,7 @@ if has_record then
     return {0, tostring(now)}
   end
   if not expired then
-    for _, s in ipairs(split(rec[4])) do
-      redis.call('HINCRBYFLOAT', P .. ':rv:' .. s, 'cost', -reserved)
-      redis.call('HINCRBY', P .. ':rv:' .. s, 'req', -1)
-    end
+    for _, s in ipairs(split(rec[4])) do unreserve(s, reserved) end
   end
   redis.call('DEL', lk)  -- settled: a second settlement finds nothing and does nothing
 elseif freeing then
@@ -685,11 +696,18 @@ return n
 RENEW = _COMMON + r"""
 local call_id, lease = arg(), num()
 local lk = P .. ':l:' .. call_id
-local rec = redis.call('HMGET', lk, 'cs', 'done')
-if rec[2] then return 0 end
-for _, s in ipairs(split(rec[1])) do redis.call('ZADD', P .. ':c:' .. s, 'XX', now + lease, call_id) end
-redis.call('ZADD', P .. ':leases', 'XX', now + lease, call_id)
-redis.call('PEXPIRE', lk, math.ceil((lease * 2 + 60) * 1000))
+local rec = redis.call('HMGET', lk, 'cs', 'done', 'bs')
+if rec[2] or not rec[1] then return 0 end
+local ms = math.ceil((lease * 2 + 60) * 1000)
+-- the keys holding its slots and reservations live as long as it does
+for _, s in ipairs(split(rec[1])) do
+  redis.call('ZADD', P .. ':c:' .. s, now + lease, call_id)
+  keep(P .. ':c:' .. s, ms)
+end
+for _, s in ipairs(split(rec[3])) do keep(P .. ':rv:' .. s, ms) end
+redis.call('ZADD', P .. ':leases', now + lease, call_id)
+keep(P .. ':leases', ms)
+redis.call('PEXPIRE', lk, ms)
 return 1
 """
 

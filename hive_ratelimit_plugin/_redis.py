@@ -45,16 +45,21 @@ _MAX_PENDING = 100_000
 
 def safe_url(url: str) -> str:
     """A Redis URL without its password (for logs and errors)."""
+    import re
+
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         return "<unparseable redis url>"
+    # redis-py also reads the password (and user name) from the query string
+    query = re.sub(r"(?i)(^|&)(password|username)=[^&]*", r"\1\2=***", parts.query)
     if parts.password is None and not parts.username:
-        return url
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    if port:
+        host = f"{host}:{port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, query, parts.fragment))
 
 
 def _num(x: float) -> str:
@@ -780,4 +785,5 @@ def _clean(exc: BaseException) -> str:
     """An exception's text without a password that a URL in it may carry."""
     import re
 
-    return re.sub(r"(redis|rediss|unix)://[^@\s]*@", r"\1://***@", str(exc))[:300]
+    text = re.sub(r"(redis|rediss|unix)://[^@\s]*@", r"\1://***@", str(exc))
+    return re.sub(r"(?i)(password|username)=[^&\s]*", r"\1=***", text)[:300]

@@ -1,0 +1,127 @@
+"""A hostile pass on the Redis backend: the edge cases the contract suite does not reach.
+
+Two :class:`RedisEngine` instances on one key prefix stand for two processes (one that "dies"
+simply stops calling). Time is the fake clock (``server_time=False``); where a Redis TTL would
+have to run out in real time, the test removes the key itself and says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from hive_ratelimit_plugin._engine import Scope, Ticket
+from hive_ratelimit_plugin._redis import RedisEngine, safe_url
+from hive_ratelimit_plugin.config import LimitSet
+from hive_ratelimit_plugin.testing import FakeClock
+
+from .conftest import REDIS_URL, redis_client
+
+
+def engine(clock: FakeClock, prefix: str, **kwargs: Any) -> RedisEngine:
+    kwargs.setdefault("wall_clock", clock)
+    return RedisEngine(clock, url=REDIS_URL, prefix=prefix, server_time=False, **kwargs)
+
+
+def sc(key: str = "global", level: str = "global", **limits: Any) -> Scope:
+    return Scope(level, key, LimitSet(**limits))
+
+
+def tk(n: int | str, *scopes: Scope, cost: float = 0.0, tin: int = 0, tout: int = 0) -> Ticket:
+    keys = ["global", *(s.key for s in scopes if s.budgeted and s.key != "global")]
+    return Ticket(str(n), list(scopes), input_tokens=tin, output_tokens=tout, cost=cost, spend_keys=keys)
+
+
+def nothing() -> None:
+    pass
+
+
+def all_keys(prefix: str) -> dict[str, int]:
+    """Every key of ``prefix`` with its TTL in seconds (-1: none)."""
+    client: Any = redis_client()
+    return {k.decode(): client.ttl(k) for k in client.scan_iter(match="{" + prefix + "}*", count=1000)}
+
+
+@pytest.fixture
+def r() -> Any:
+    return redis_client()
+
+
+# ------------------------------------------------------------------ key TTLs
+def test_no_key_without_ttl_while_a_call_is_in_flight(clock: FakeClock, redis_prefix: str) -> None:
+    """A call holding a slot and a reservation (and whose process may die right now) leaves no
+    key that would live forever: the lease index included."""
+    eng = engine(clock, redis_prefix)
+    g = sc(concurrent_requests=2, max_cost_per_day=10)
+    assert eng.acquire(tk(1, g, cost=1.0), nothing) is None
+    keys = all_keys(redis_prefix)
+    assert keys and all(ttl > 0 for ttl in keys.values()), keys
+
+
+def test_reclaim_after_the_reservation_key_expired_keeps_the_budget_exact(
+        clock: FakeClock, redis_prefix: str, r: Any) -> None:
+    """Process A dies holding a $0.4 reservation of a $1 budget. The reservation hash lives 2
+    leases, the lease record 2 leases + 60 s: B's next admission in between reclaims A's call
+    after the reservation key is gone. The reclaim must not leave a negative reservation (with
+    no TTL) that lets B reserve more than the budget."""
+    a, b = engine(clock, redis_prefix, lease_seconds=30), engine(clock, redis_prefix, lease_seconds=30)
+    g = sc(max_cost_per_day=1.0)
+    assert a.acquire(tk("a1", g, cost=0.4), nothing) is None  # then A dies
+    clock.advance(61)
+    r.delete("{" + redis_prefix + "}:rv:global")  # its TTL ran out (it lived 2 leases, the record 2 + 60 s)
+    assert b.acquire(tk("b1", g, cost=0.4), nothing) is None  # reclaims a1: $0.4 charged
+    w = b.acquire(tk("b2", g, cost=0.4), nothing)  # 0.4 spent + 0.4 reserved + 0.4 > 1: must wait
+    assert w is not None and not w.granted
+    keys = all_keys(redis_prefix)
+    assert all(ttl > 0 for ttl in keys.values()), keys
+
+
+def test_settle_after_the_reservation_key_expired_leaves_no_negative_reservation(
+        clock: FakeClock, redis_prefix: str, r: Any) -> None:
+    """A long call settles after its scope's reservation hash expired: the settlement must not
+    create a negative reservation without a TTL (which would let later calls over-reserve)."""
+    a = engine(clock, redis_prefix, lease_seconds=30)
+    g = sc(max_cost_per_day=1.0)
+    assert a.acquire(tk("a1", g, cost=0.4), nothing) is None
+    clock.advance(20)
+    r.delete("{" + redis_prefix + "}:rv:global")  # as if its TTL ran out under a slow call
+    assert a.release("a1", cost=0.1)
+    keys = all_keys(redis_prefix)
+    assert all(ttl > 0 for ttl in keys.values()), keys
+    assert float(r.hget("{" + redis_prefix + "}:rv:global", "cost") or 0) >= 0
+
+
+def test_renew_keeps_the_slot_and_reservation_keys_alive(clock: FakeClock, redis_prefix: str, r: Any) -> None:
+    """A stream renewed well past two leases keeps its concurrency slot and its reservation in
+    Redis: renewing must extend the keys that hold them, not only the lease record."""
+    a = engine(clock, redis_prefix, lease_seconds=40)
+    g = sc(concurrent_requests=1, max_cost_per_day=1.0)
+    assert a.acquire(tk("s1", g, cost=0.5), nothing) is None
+    p = "{" + redis_prefix + "}"
+    a.renew("s1")
+    for key in (p + ":c:global", p + ":rv:global"):
+        r.pexpire(key, 2000)  # (time passes: 2 s of real TTL left)
+    clock.advance(15)
+    a.renew("s1")
+    assert r.pttl(p + ":c:global") > 40_000 and r.pttl(p + ":rv:global") > 40_000
+
+
+# ------------------------------------------------------------------ secrets
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?password=hunter2-secret",
+                                 "rediss://h:6380/0?username=u&password=hunter2-secret",
+                                 "unix:///tmp/redis.sock?db=0&password=hunter2-secret"])
+def test_password_in_the_url_query_is_never_shown(url: str) -> None:
+    """redis-py also takes the password as a query parameter: it must be masked like the
+    userinfo one (logs, errors, stats and repr all use safe_url)."""
+    shown = safe_url(url)
+    assert "hunter2" not in shown and "password=***" in shown
+
+
+def test_a_malformed_backend_url_does_not_echo_its_password() -> None:
+    from hive_ratelimit_plugin.config import load_config
+    from hive_ratelimit_plugin.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config({"backend": "redis:/:hunter2@h:6379/0"})
+    assert "hunter2" not in str(info.value) and "backend" in str(info.value)
