@@ -70,9 +70,23 @@ local function window(key, period)
   local v = redis.call('HMGET', key, 'T', 'O')
   local total, oldest = tonumber(v[1]) or 0, tonumber(v[2])
   if oldest and oldest < lo then
-    if lo - oldest > BUCKETS + 1 then  -- idle for longer than the window: nothing is left
-      redis.call('DEL', key)
-      return 0, width
+    if lo - oldest > BUCKETS + 1 then
+      -- not looked at for longer than the window; a settlement or a retry may have added usage
+      -- since (those do not move 'O'): keep the buckets still inside it
+      local raw = redis.call('HGETALL', key)
+      local stale, live = {}, 0
+      for j = 1, #raw, 2 do
+        local idx = tonumber(raw[j])
+        if idx and idx < lo then stale[#stale + 1] = raw[j]
+        elseif idx then live = live + tonumber(raw[j + 1]) end
+      end
+      if live < 1e-9 then
+        redis.call('DEL', key)
+        return 0, width
+      end
+      for j = 1, #stale, 100 do redis.call('HDEL', key, unpack(stale, j, math.min(j + 99, #stale))) end
+      redis.call('HSET', key, 'T', live, 'O', lo)
+      return live, width
     end
     local stale = {}
     for i = oldest, lo - 1 do stale[#stale + 1] = i end

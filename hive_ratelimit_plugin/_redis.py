@@ -177,15 +177,21 @@ class RedisEngine(Engine):
                        self.url, down, len(spend) + len(settles))
         self._out_events.append({"type": "backend_up", "backend": self.url, "down_seconds": down,
                                  "replayed": len(spend) + len(settles), "time": self.wall()})
+        wall = self.wall()
+        done_settles = done_spend = 0
         try:
             for args in settles:
-                self._settle_script(keys=self._route, args=_pack(args))
+                out = self._settle_script(keys=self._route, args=_pack(args))
+                done_settles += 1
+                for raw in out[2:]:  # warnings crossed now: their marks are set, so now or never
+                    self._remote_event(_dec(raw), wall)
             for args in spend:
                 self._charge(keys=self._route, args=_pack(args))
-        except self._errors as exc:  # down again: keep what is left for the next recovery
+                done_spend += 1
+        except self._errors as exc:  # down again: keep what is left (only that) for the next recovery
             logger.error("redis backend %s failed again while replaying (%s)", self.url, _clean(exc))
-            self._pending_settle = settles + self._pending_settle
-            self._pending_spend = spend + self._pending_spend
+            self._pending_settle = settles[done_settles:] + self._pending_settle
+            self._pending_spend = spend[done_spend:] + self._pending_spend
             self._down_since = mono
             self._next_try = mono + self.retry_interval
 

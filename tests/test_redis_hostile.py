@@ -125,3 +125,85 @@ def test_a_malformed_backend_url_does_not_echo_its_password() -> None:
     with pytest.raises(ConfigError) as info:
         load_config({"backend": "redis:/:hunter2@h:6379/0"})
     assert "hunter2" not in str(info.value) and "backend" in str(info.value)
+
+
+# ------------------------------------------------------------------ outages
+class Switch:
+    """Stands between an engine and Redis: ``refuse`` (connection refused: nothing reaches Redis)
+    or ``lost_reply`` (Redis ran the script, the reply never came: a socket timeout)."""
+
+    def __init__(self, eng: RedisEngine) -> None:
+        self.mode: str | None = None
+        self.plan: list[str | None] = []  # modes of the next calls, before ``mode`` applies again
+        for name in ("_admit", "_settle_script", "_hit", "_peek_s", "_reset", "_renew", "_charge"):
+            setattr(eng, name, self._wrap(getattr(eng, name)))
+
+    def _wrap(self, script: Any) -> Any:
+        import redis
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            mode = self.plan.pop(0) if self.plan else self.mode
+            if mode == "refuse":
+                raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+            out = script(*args, **kwargs)
+            if mode == "lost_reply":
+                raise redis.TimeoutError("Timeout reading from socket")
+            return out
+
+        return call
+
+
+def test_budget_warning_crossed_by_a_replayed_settlement_is_announced(clock: FakeClock, redis_prefix: str) -> None:
+    """A settlement made while Redis was down is replayed on recovery; if it crosses a warning
+    threshold, the warning is announced (the mark is set once, so it is now or never)."""
+    got: list[dict[str, Any]] = []
+    eng = engine(clock, redis_prefix, warning_thresholds=(0.5,), on_event=got.extend)
+    switch = Switch(eng)
+    g = sc(max_cost_per_day=1.0)
+    assert eng.acquire(tk(1, g, cost=0.8), nothing) is None
+    switch.mode = "refuse"
+    assert eng.release("1", cost=0.7)  # kept for Redis
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.acquire(tk(2, g, cost=0.1), nothing) is None  # Redis answers: the settlement is replayed
+    assert [e["threshold"] for e in got if e["type"] == "budget_warning"] == [0.5]
+    assert eng.spend("global", "day")[0] == pytest.approx(0.7)
+
+
+def test_a_replay_cut_short_by_a_new_failure_counts_each_settlement_once(clock: FakeClock, redis_prefix: str) -> None:
+    """Redis answers, then fails again in the middle of the replay: what was already written must
+    not be written again at the next recovery (spend rows are not idempotent)."""
+    eng = engine(clock, redis_prefix, on_error="open")
+    switch = Switch(eng)
+    g = sc(requests_per_minute=100)
+    switch.mode = "refuse"
+    for n in range(3):  # admitted uncounted; their spend is owed to Redis
+        assert eng.acquire(tk(n, g), nothing) is None
+        assert eng.release(str(n), cost=0.25)
+    assert eng.backend_info()["pending_settlements"] == 3
+    switch.mode = None
+    switch.plan = [None, None, "refuse"]  # the next admission, one replayed row, then down again
+    clock.advance(eng.retry_interval + 0.1)
+    eng.acquire(tk("x", g), nothing)
+    assert eng.backend_info()["pending_settlements"] == 2
+    clock.advance(eng.retry_interval + 0.1)
+    eng.acquire(tk("y", g), nothing)
+    assert eng.available and eng.backend_info()["pending_settlements"] == 0
+    assert eng.spend("global", "day")[0] == pytest.approx(0.75)
+
+
+# ------------------------------------------------------------------ windows
+def test_tokens_settled_late_still_count_after_the_admission_bucket_left(clock: FakeClock, make_engine: Any) -> None:
+    """Two long calls settle 100 and 110 s after admission; their extra tokens count from then.
+    At 125 s those 80 tokens are in the last minute: a 30-token call must wait (limit 100)."""
+    eng = make_engine(clock)
+    g = sc(tokens_per_minute=100)
+    assert eng.acquire(tk(1, g, tin=5, tout=5), nothing) is None
+    assert eng.acquire(tk(2, g, tin=5, tout=5), nothing) is None
+    clock.advance(100)
+    assert eng.release("1", input_tokens=10, output_tokens=50)  # +50 now
+    clock.advance(10)
+    assert eng.release("2", input_tokens=10, output_tokens=30)  # +30 now
+    clock.advance(15)
+    w = eng.acquire(tk(3, g, tin=5, tout=25), nothing)
+    assert w is not None and not w.granted
