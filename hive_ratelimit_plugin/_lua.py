@@ -688,20 +688,25 @@ out[#out + 1] = rv
 return out
 """
 
-#: ARGV: prefix, now|'', nscope, [scope]*  -- forget settled spend and warnings (budget reset)
+#: ARGV: prefix, now|'', nscope, [scope]*, nkind, [kind, start]*, nthr, [threshold]*
+#:   -- forget settled spend and the warnings sent in the current windows (budget reset)
 RESET = _COMMON + r"""
 local n = 0
-for j = 1, num() do
-  local scope = arg()
+local scopes, windows, marks = {}, {}, {}
+for j = 1, num() do scopes[j] = arg() end
+for j = 1, num() do windows[j] = {arg(), arg()} end
+for j = 1, num() do marks[j] = num() end
+marks[#marks + 1] = 1.0
+for _, scope in ipairs(scopes) do
   for _, kind in ipairs({'hour', 'day', 'month', 'run'}) do
     n = n + redis.call('DEL', spend_key(scope, kind))
   end
-  local cursor = '0'
-  repeat
-    local r = redis.call('SCAN', cursor, 'MATCH', P .. ':mark:' .. scope .. ':*', 'COUNT', 200)
-    cursor = r[1]
-    for _, k in ipairs(r[2]) do redis.call('DEL', k) end
-  until cursor == '0'
+  -- the exact keys SETTLE sets (a SCAN pattern would also match other scopes' marks)
+  for _, w in ipairs(windows) do
+    for _, thr in ipairs(marks) do
+      redis.call('DEL', P .. ':mark:' .. scope .. ':' .. w[1] .. ':' .. w[2] .. ':' .. thr)
+    end
+  end
 end
 return n
 """

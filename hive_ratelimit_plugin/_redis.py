@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -60,6 +61,22 @@ def safe_url(url: str) -> str:
     if port:
         host = f"{host}:{port}"
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, query, parts.fragment))
+
+
+US = "\x1f"  # separates the packed arguments of a script call
+_WIRE = str.maketrans({"%": "%25", SEP: "%00", US: "%1F"})
+_UNWIRE = {"25": "%", "00": SEP, "1F": US}
+
+
+def _wire(key: str) -> str:
+    """A scope key as the scripts get it: the two separators of their arguments (and ``%``, the
+    escape) escaped, so that an agent id holding them can neither break nor merge with another."""
+    return key.translate(_WIRE)
+
+
+def _unwire(key: str) -> str:
+    """A scope key as the scripts return it, back to the engine's."""
+    return re.sub("%(25|00|1F)", lambda m: _UNWIRE[m.group(1)], key) if "%" in key else key
 
 
 def _num(x: float) -> str:
@@ -250,7 +267,7 @@ class RedisEngine(Engine):
         for key in ticket.spend_keys:
             self._remember_spend_key(key)
             for kind in (RUN,) if key.startswith("run:") else KINDS:
-                sp += [key, kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind])]
+                sp += [_wire(key), kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind])]
         args.append(SEP.join(sp))
         out = self._call(self._admit, args)
         code = int(out[0])
@@ -261,7 +278,7 @@ class RedisEngine(Engine):
             return t if not self.server_time else local + (t - rnow)
 
         if code == 1:
-            chosen = out[2].decode() if isinstance(out[2], bytes) else str(out[2])
+            chosen = _unwire(_dec(out[2]))
             ticket.chosen = chosen or None
             self._leases[ticket.call_id] = _Reservation(ticket, [], [], local + self.lease_seconds, rnow,
                                                         remote=True, record=int(out[3]) == 1,
@@ -270,6 +287,7 @@ class RedisEngine(Engine):
             self.admitted_total += 1
             return None
         text = [x.decode() if isinstance(x, bytes) else str(x) for x in out]
+        text[2:3] = [_unwire(text[2])] if len(text) > 2 else []
         if code == 0:
             scope, why, remaining, retry, release = text[2], text[3], float(text[4]), text[5], text[6] == "1"
             retry_at = to_local(float(retry)) if retry else None
@@ -278,7 +296,7 @@ class RedisEngine(Engine):
             if release:  # waits for another call (maybe in another process) to finish: re-ask soon
                 poll = local + random.uniform(POLL_MIN, POLL_MAX)
                 retry_at = poll if retry_at is None else min(retry_at, poll)
-            return Blocked(scope, why, remaining, retry_at, frozenset(text[7:]) or frozenset({scope}))
+            return Blocked(scope, why, remaining, retry_at, frozenset(map(_unwire, text[7:])) or frozenset({scope}))
         if code == 2:
             scope, name, kind = text[2], text[3], text[4]
             cap, spent, amount = float(text[5]), float(text[6]), float(text[7])
@@ -310,7 +328,7 @@ class RedisEngine(Engine):
                 limit = -1.0 if w.name.startswith("learned_") else w.limit
                 wins += [w.name, _num(limit), _num(w.period), _num(amount)]
                 nwin += 1
-        args += [st.key, "1" if choice else "0", "1" if st.observed_requests is not None else "0",
+        args += [_wire(st.key), "1" if choice else "0", "1" if st.observed_requests is not None else "0",
                  str(st.concurrency) if st.concurrency is not None else "-1", str(nwin), *wins]
         args.append(str(len(st.budgets)))
         for name, kind, limit in st.budgets:
@@ -467,7 +485,7 @@ class RedisEngine(Engine):
             st = self._state(scope, now)
             rates = [w.limit / w.period for w in st.requests if w.limit != NEVER and not w.name.startswith("learned")]
             provider = st.observed_requests is not None and (st.level == "key" or not keys_only)
-            args += [st.key, "1" if provider else "0", opt(min(rates) if rates else None)]
+            args += [_wire(st.key), "1" if provider else "0", opt(min(rates) if rates else None)]
             wins: list[str] = []
             nwin = 0
             for ws, est, act, isreq in ((st.requests, 1, 1, "1"), (st.tokens, t.input_tokens + t.output_tokens,
@@ -487,6 +505,7 @@ class RedisEngine(Engine):
         kind = parts[0]
         if kind == "budget":
             _, scope, name, window, thr, spent, limit = parts
+            scope = _unwire(scope)
             threshold = float(thr)
             self._out_events.append({
                 "type": "budget_exceeded" if threshold >= 1.0 else "budget_warning", "scope": scope,
@@ -494,17 +513,17 @@ class RedisEngine(Engine):
                 "limit": float(limit), "currency": self.currency, "time": wall,
                 "window_label": self.calendar.label(window, wall)})
         elif kind == "circuit_opened":
-            self._out_events.append({"type": "circuit_opened", "scope": parts[1], "seconds": float(parts[2]),
+            self._out_events.append({"type": "circuit_opened", "scope": _unwire(parts[1]), "seconds": float(parts[2]),
                                      "failures": int(parts[3]), "time": wall})
         elif kind == "circuit_closed":
-            self._out_events.append({"type": "circuit_closed", "scope": parts[1], "time": wall})
+            self._out_events.append({"type": "circuit_closed", "scope": _unwire(parts[1]), "time": wall})
 
     def _owe_spend(self, t: Ticket, starts: dict[str, float], cost: float, tokens: int) -> None:
         args = [self.prefix, "", ""]
         n = 0
         for key in t.spend_keys:
             for kind in (RUN,) if key.startswith("run:") else KINDS:
-                args += [key, kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind]), _num(cost), "1", str(tokens)]
+                args += [_wire(key), kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind]), _num(cost), "1", str(tokens)]
                 n += 1
         args[2] = str(n)
         try:
@@ -561,7 +580,7 @@ class RedisEngine(Engine):
             n = 0
             for scope in res.ticket.scopes:
                 for w in self._state(scope, now).requests:
-                    args += [scope.key, w.name, _num(w.period), "1"]
+                    args += [_wire(scope.key), w.name, _num(w.period), "1"]
                     n += 1
             args[2] = str(n)
             try:
@@ -598,7 +617,10 @@ class RedisEngine(Engine):
 
     def reset_spend(self, key: str) -> None:
         try:
-            self._call(self._reset, [self.prefix, self._now_arg(), "1", key])
+            starts = self.calendar.starts(self.wall())
+            self._call(self._reset, [self.prefix, self._now_arg(), "1", _wire(key), str(len(KINDS) + 1),
+                                     *(x for k in (*KINDS, RUN) for x in (k, f"{starts[k]:.0f}")),
+                                     str(len(self.thresholds)), *(_num(x) for x in self.thresholds)])
         except _Down:
             logger.error("redis backend %s unreachable: the budget reset of %s applies to this process only",
                          self.url, key)
@@ -609,11 +631,11 @@ class RedisEngine(Engine):
                    spend: list[tuple[str, str, float]], reserved: list[str]) -> list[str]:
         args = [self.prefix, self._now_arg(), str(len(windows))]
         for key, name, period in windows:
-            args += [key, name, _num(period)]
-        args += [str(len(conc)), *conc, str(len(state)), *state, str(len(spend))]
+            args += [_wire(key), name, _num(period)]
+        args += [str(len(conc)), *map(_wire, conc), str(len(state)), *map(_wire, state), str(len(spend))]
         for key, kind, start in spend:
-            args += [key, kind, f"{start:.0f}"]
-        args += [str(len(reserved)), *reserved]
+            args += [_wire(key), kind, f"{start:.0f}"]
+        args += [str(len(reserved)), *map(_wire, reserved)]
         return args
 
     def _peek(self, windows: list[tuple[str, str, float]], conc: list[str], state: list[str],
@@ -742,19 +764,15 @@ class RedisEngine(Engine):
     def redis_memory(self) -> dict[str, int]:
         """Bytes of Redis memory per scope key (``MEMORY USAGE`` summed over its keys)."""
         out: dict[str, int] = {}
-        pattern = self.prefix + ":*"
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ":*"  # the prefix may hold glob characters
         try:
             for raw in self.r.scan_iter(match=pattern, count=500):
                 name = _dec(raw)
-                parts = name.split(":", 3)
-                if len(parts) < 3:
-                    continue
-                kind = parts[1]
-                rest = name[len(self.prefix) + len(kind) + 2:]
+                kind, _, rest = name[len(self.prefix) + 1:].partition(":")  # (the prefix may hold ':')
                 if kind == "w" or kind == "b":
-                    scope = rest.rsplit(":", 1)[0]
+                    scope = _unwire(rest.rsplit(":", 1)[0])
                 elif kind in ("c", "rv", "s"):
-                    scope = rest
+                    scope = _unwire(rest)
                 else:
                     scope = "(" + {"l": "leases", "leases": "leases", "mark": "warnings"}.get(kind, kind) + ")"
                 out[scope] = out.get(scope, 0) + int(self.r.memory_usage(raw) or 0)
@@ -769,9 +787,6 @@ class RedisEngine(Engine):
 
 class _Down(Exception):
     """Internal: Redis did not answer (already logged)."""
-
-
-US = "\x1f"  # separates the packed arguments of a script call
 
 
 def _pack(args: list[str]) -> list[str]:

@@ -207,3 +207,69 @@ def test_tokens_settled_late_still_count_after_the_admission_bucket_left(clock: 
     clock.advance(15)
     w = eng.acquire(tk(3, g, tin=5, tout=25), nothing)
     assert w is not None and not w.granted
+
+
+# ------------------------------------------------------------------ odd names
+ODD = ["a\0b", "a\x1fb", "x:{y}:z}", "日本語-агент", "pct%00", "n" * 5000]
+
+
+@pytest.mark.parametrize("name", ODD, ids=["nul", "unit-sep", "colons-braces", "unicode", "percent", "long"])
+def test_odd_agent_ids_hold_and_free_slots_and_budgets(clock: FakeClock, redis_prefix: str, name: str) -> None:
+    """Agent ids come from request metadata: any string. A slot is freed on release, the spend is
+    counted under that agent, and nothing is mistaken for an outage."""
+    eng = engine(clock, redis_prefix)
+    key = f"agent:{name}"
+    a = sc(key, "agent", concurrent_requests=1, max_cost_per_day=1.0, requests_per_minute=10)
+    assert eng.acquire(tk(1, a, cost=0.3), nothing) is None
+    w = eng.acquire(tk(2, a, cost=0.3), nothing)
+    assert w is not None and not w.granted
+    assert eng.release("1", cost=0.2)
+    assert w.granted
+    assert eng.release("2", cost=0.2)
+    assert eng.available and not eng._pending_settle
+    assert eng.spend(key, "day")[0] == pytest.approx(0.4)
+    assert eng.snapshot()[key]["requests_per_minute"]["used"] == 2
+    keys = all_keys(redis_prefix)
+    assert all(ttl > 0 for ttl in keys.values()), keys
+
+
+def test_scope_keys_differing_only_by_a_separator_stay_apart(clock: FakeClock, redis_prefix: str) -> None:
+    eng = engine(clock, redis_prefix)
+    for n, name in enumerate(["a\x1fb", "a?b", "a\0b", "a%1Fb"]):
+        assert eng.acquire(tk(n, sc(f"agent:{name}", "agent", requests_per_minute=1)), nothing) is None, name
+
+
+def test_budget_reset_rearms_warnings_of_that_scope_only(clock: FakeClock, redis_prefix: str) -> None:
+    """reset_budget re-arms the warnings of the reset scope, whatever characters its name holds
+    (glob characters, ':'), and of no other scope."""
+    got: list[dict[str, Any]] = []
+    eng = engine(clock, redis_prefix, warning_thresholds=(0.5,), on_event=got.extend)
+    names = ["agent:team[1]", "agent:x", "agent:x:day", "agent:a*"]
+    scopes = [sc(n, "agent", max_cost_per_day=1.0) for n in names]
+    for i, s in enumerate(scopes):
+        assert eng.acquire(tk(f"a{i}", s, cost=0.6), nothing) is None
+        assert eng.release(f"a{i}", cost=0.6)
+    for n in ("agent:team[1]", "agent:x", "agent:a*"):
+        eng.reset_spend(n)
+    for i, s in enumerate(scopes):
+        cost = 0.6 if s.key != "agent:x:day" else 0.1  # (the one not reset has 0.4 left)
+        assert eng.acquire(tk(f"b{i}", s, cost=cost), nothing) is None
+        assert eng.release(f"b{i}", cost=cost)
+    warned = [e["scope"] for e in got if e["type"] == "budget_warning"]
+    assert sorted(warned) == sorted([*names, "agent:team[1]", "agent:x", "agent:a*"])
+
+
+def test_memory_per_scope_with_a_prefix_holding_colons_and_glob_characters(clock: FakeClock, redis_prefix: str,
+                                                                             r: Any) -> None:
+    prefix = redis_prefix + ":prod[1]"
+    eng = engine(clock, prefix)
+    try:
+        a = sc("agent:a\0b", "agent", requests_per_minute=5, concurrent_requests=2)
+        assert eng.acquire(tk(1, sc(requests_per_minute=5), a), nothing) is None
+        memory = eng.redis_memory()
+        assert memory.keys() == {"global", "agent:a\0b", "(leases)"}
+        assert all(v > 0 for v in memory.values())
+    finally:
+        keys = [k for k in r.scan_iter(count=1000) if k.startswith(("{" + prefix + "}").encode())]
+        if keys:
+            r.delete(*keys)
