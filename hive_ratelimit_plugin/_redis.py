@@ -168,8 +168,12 @@ class RedisEngine(Engine):
         mono = self.clock()
         if self._down_since is not None and mono < self._next_try:
             raise _Down
+        replayed = 0
         try:
             self.round_trips += 1
+            if self._down_since is not None:
+                # first what was settled meanwhile: this call's decision must see it
+                replayed = self._replay()
             out = script(keys=self._route, args=_pack(args))
         except self._errors as exc:
             self._next_try = mono + self.retry_interval
@@ -182,20 +186,20 @@ class RedisEngine(Engine):
                                          "time": self.wall()})
             raise _Down from None
         if self._down_since is not None:
-            self._recovered(mono)
+            down = mono - self._down_since
+            self._down_since = None
+            logger.warning("redis backend %s answers again after %.1fs; wrote %d settlements made meanwhile",
+                           self.url, down, replayed)
+            self._out_events.append({"type": "backend_up", "backend": self.url, "down_seconds": down,
+                                     "replayed": replayed, "time": self.wall()})
         return out
 
-    def _recovered(self, mono: float) -> None:
-        down = mono - (self._down_since or mono)
-        self._down_since = None
-        spend, self._pending_spend = self._pending_spend, []
-        settles, self._pending_settle = self._pending_settle, []
-        logger.warning("redis backend %s answers again after %.1fs; writing %d settlements made meanwhile",
-                       self.url, down, len(spend) + len(settles))
-        self._out_events.append({"type": "backend_up", "backend": self.url, "down_seconds": down,
-                                 "replayed": len(spend) + len(settles), "time": self.wall()})
+    def _replay(self) -> int:
+        """Write the settlements and spend kept while Redis was down. Each is taken off the pending
+        lists once written, so a new failure midway (raised) leaves only the rest for next time."""
         wall = self.wall()
         done_settles = done_spend = 0
+        settles, spend = self._pending_settle, self._pending_spend
         try:
             for args in settles:
                 out = self._settle_script(keys=self._route, args=_pack(args))
@@ -205,12 +209,10 @@ class RedisEngine(Engine):
             for args in spend:
                 self._charge(keys=self._route, args=_pack(args))
                 done_spend += 1
-        except self._errors as exc:  # down again: keep what is left (only that) for the next recovery
-            logger.error("redis backend %s failed again while replaying (%s)", self.url, _clean(exc))
-            self._pending_settle = settles[done_settles:] + self._pending_settle
-            self._pending_spend = spend[done_spend:] + self._pending_spend
-            self._down_since = mono
-            self._next_try = mono + self.retry_interval
+        finally:
+            del settles[:done_settles]
+            del spend[:done_spend]
+        return done_settles + done_spend
 
     @property
     def available(self) -> bool:
@@ -448,7 +450,8 @@ class RedisEngine(Engine):
             out = self._call(self._settle_script, args)
         except _Down:
             if len(self._pending_settle) < _MAX_PENDING:
-                args[1] = ""  # replayed later: Redis' time then
+                if self.server_time:
+                    args[1] = ""  # replayed later: Redis' time then
                 self._pending_settle.append(args)
             else:
                 logger.error("redis backend %s: too many settlements pending; dropping the oldest", self.url)
@@ -578,7 +581,9 @@ class RedisEngine(Engine):
             now = self.clock()
             args = [self.prefix, self._now_arg(), ""]
             n = 0
-            for scope in res.ticket.scopes:
+            t = res.ticket
+            chosen = [c for c in t.choices or () if c.key == t.chosen]  # the API key it was given counts too
+            for scope in [*t.scopes, *chosen]:
                 for w in self._state(scope, now).requests:
                     args += [_wire(scope.key), w.name, _num(w.period), "1"]
                     n += 1

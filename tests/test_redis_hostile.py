@@ -182,7 +182,7 @@ def test_a_replay_cut_short_by_a_new_failure_counts_each_settlement_once(clock: 
         assert eng.release(str(n), cost=0.25)
     assert eng.backend_info()["pending_settlements"] == 3
     switch.mode = None
-    switch.plan = [None, None, "refuse"]  # the next admission, one replayed row, then down again
+    switch.plan = [None, "refuse"]  # one replayed row, then down again
     clock.advance(eng.retry_interval + 0.1)
     eng.acquire(tk("x", g), nothing)
     assert eng.backend_info()["pending_settlements"] == 2
@@ -273,3 +273,36 @@ def test_memory_per_scope_with_a_prefix_holding_colons_and_glob_characters(clock
         keys = [k for k in r.scan_iter(count=1000) if k.startswith(("{" + prefix + "}").encode())]
         if keys:
             r.delete(*keys)
+
+
+def test_a_retry_counts_against_the_chosen_api_key_too(clock: FakeClock, make_engine: Any) -> None:
+    """LiteLLM retries an admitted call without re-admission: the retry is a request against every
+    scope the call holds, the API key it was given included (the provider counts per key)."""
+    eng = make_engine(clock)
+    key = Scope("key", "key:openai/K1", LimitSet(requests_per_minute=2))
+    t = tk(1, sc(requests_per_minute=100))
+    t.choices = [key]
+    assert eng.acquire(t, nothing) is None and t.chosen == "key:openai/K1"
+    eng.note_attempt("1")
+    eng.note_attempt("1")  # a retry: the key's second request this minute
+    t2 = tk(2, sc(requests_per_minute=100))
+    t2.choices = [key]
+    w = eng.acquire(t2, nothing)
+    assert w is not None and not w.granted
+
+
+def test_replayed_settlement_keeps_the_injected_clock(clock: FakeClock, redis_prefix: str) -> None:
+    """With an injected clock (server_time=False: tests, simulations), a settlement replayed after
+    an outage is applied on that clock, not on Redis' own: its extra tokens leave the window a
+    minute later instead of sitting decades in the future."""
+    eng = engine(clock, redis_prefix)
+    switch = Switch(eng)
+    g = sc(tokens_per_minute=1000)
+    assert eng.acquire(tk(1, g, tin=5, tout=5), nothing) is None
+    switch.mode = "refuse"
+    assert eng.release("1", input_tokens=10, output_tokens=40)
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.snapshot()["global"]["tokens_per_minute"]["used"] == 50  # (replayed)
+    clock.advance(62)
+    assert eng.snapshot()["global"]["tokens_per_minute"]["used"] == 0
