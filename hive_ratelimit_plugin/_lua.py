@@ -434,7 +434,7 @@ return {1, tostring(now), chosen and chosen.key or '', record and 1 or 0}
 #:   is no lease record), reserved cost, actual cost, tokens, margin, free_slot(0/1),
 #:   outcome, wait(''=none), signals: limit_req, limit_tok, rem_req, reset_req, rem_tok, reset_tok (''=none),
 #:   pace_default, circuit threshold, cooldown, max cooldown, adaptive(0/1), decrease, adaptive min,
-#:   nthr, [threshold]*, nscopes, then per scope:
+#:   nthr, [threshold]*, nscopes, then per scope:  (outcome 'void': an admission whose answer was lost)
 #:     key, provider(0/1), rate(''=none), nwin, [name, period, amount(estimated), actual, isreq(0/1)]*,
 #:     nbud, [name, kind, start, limit, isreq, ttl]*
 #: Returns {settled(0/1), now, events...} where each event is a '\0'-joined string.
@@ -473,8 +473,13 @@ local events = {}
 local admitted_at, expired, sp_str = at_arg, false, sp_arg
 if has_record then
   local lk = P .. ':l:' .. call_id
-  local rec = redis.call('HMGET', lk, 'at', 'done', 'cost', 'bs', 'cs', 'sp')
+  local rec = redis.call('HMGET', lk, 'at', 'done', 'cost', 'bs', 'cs', 'sp', 'pr')
   if not rec[1] or rec[2] == 'settled' then return {0, tostring(now)} end
+  if outcome == 'void' then  -- an admission whose answer was lost: the caller never had it
+    for _, s in ipairs(split(rec[7])) do
+      if redis.call('HGET', P .. ':s:' .. s, 'probe') == call_id then redis.call('HDEL', P .. ':s:' .. s, 'probe') end
+    end
+  end
   admitted_at = tonumber(rec[1])
   expired = rec[2] == 'expired'
   sp_str = rec[6]
@@ -528,6 +533,7 @@ end
 -- Spend: actual cost (an expired lease was already charged its worst case: correct it).
 local spend_cost, spend_req = cost, 1
 if expired then spend_cost, spend_req = cost - reserved, 0 end
+if outcome == 'void' then spend_req = spend_req - 1 end  -- (cost is 0: nothing was sent)
 local sp = split(sp_str)
 for j = 1, #sp, 4 do
   charge(sp[j], sp[j + 1], sp[j + 2], tonumber(sp[j + 3]), spend_cost, spend_req, tokens)

@@ -146,6 +146,7 @@ class RedisEngine(Engine):
         self._next_try = 0.0
         self._pending_spend: list[list[str]] = []  # CHARGE args of spend settled while Redis was down
         self._pending_settle: list[list[str]] = []  # SETTLE args of calls that Redis admitted
+        self._voids: dict[str, str] = {}  # call id -> reserved cost, of admissions whose answer was lost
         self._last_block: dict[str, tuple[Blocked, int]] = {}
         self._renewed: dict[str, float] = {}
         self._spend_seen: dict[str, None] = {}  # spend keys seen (for stats), bounded
@@ -169,13 +170,17 @@ class RedisEngine(Engine):
         if self._down_since is not None and mono < self._next_try:
             raise _Down
         replayed = 0
+        sent = False
         try:
             self.round_trips += 1
             if self._down_since is not None:
                 # first what was settled meanwhile: this call's decision must see it
                 replayed = self._replay()
+            sent = True
             out = script(keys=self._route, args=_pack(args))
         except self._errors as exc:
+            if sent and script is self._admit and "connecting to" not in str(exc):  # it may have run
+                self._voids[args[2]] = args[4]
             self._next_try = mono + self.retry_interval
             if self._down_since is None:
                 self._down_since = mono
@@ -200,6 +205,15 @@ class RedisEngine(Engine):
         wall = self.wall()
         done_settles = done_spend = 0
         settles, spend = self._pending_settle, self._pending_spend
+        # Admissions sent whose answer never came (a socket timeout): Redis may have admitted
+        # them, but this process did not count them as admitted there. Give back what Redis may
+        # hold for them (slots, reservation, probe), charging nothing: otherwise the slots stay
+        # taken for a whole lease and the worst-case cost is charged when the lease is reclaimed.
+        for call_id, cost in list(self._voids.items()):
+            self._settle_script(keys=self._route, args=_pack([
+                self.prefix, "", call_id, "1", "0", "", cost, "0", "0", "0", "0", "void", "", "", "", "", "", "", "",
+                "0", "0", "0", "0", "0", "0", "0", "0", "0"]))
+            del self._voids[call_id]
         try:
             for args in settles:
                 out = self._settle_script(keys=self._route, args=_pack(args))
