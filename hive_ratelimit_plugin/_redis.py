@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -147,6 +148,7 @@ class RedisEngine(Engine):
         self._pending_spend: list[list[str]] = []  # CHARGE args of spend settled while Redis was down
         self._pending_settle: list[list[str]] = []  # SETTLE args of calls that Redis admitted
         self._voids: dict[str, str] = {}  # call id -> reserved cost, of admissions whose answer was lost
+        self._replay_lock = threading.Lock()  # one thread replays; stats threads call Redis unlocked too
         self._last_block: dict[str, tuple[Blocked, int]] = {}
         self._renewed: dict[str, float] = {}
         self._spend_seen: dict[str, None] = {}  # spend keys seen (for stats), bounded
@@ -191,8 +193,11 @@ class RedisEngine(Engine):
                                          "time": self.wall()})
             raise _Down from None
         if self._down_since is not None:
-            down = mono - self._down_since
-            self._down_since = None
+            with self._replay_lock:
+                since, self._down_since = self._down_since, None
+            if since is None:  # another thread found it back first
+                return out
+            down = mono - since
             logger.warning("redis backend %s answers again after %.1fs; wrote %d settlements made meanwhile",
                            self.url, down, replayed)
             self._out_events.append({"type": "backend_up", "backend": self.url, "down_seconds": down,
@@ -202,6 +207,10 @@ class RedisEngine(Engine):
     def _replay(self) -> int:
         """Write the settlements and spend kept while Redis was down. Each is taken off the pending
         lists once written, so a new failure midway (raised) leaves only the rest for next time."""
+        with self._replay_lock:
+            return self._replay_locked()
+
+    def _replay_locked(self) -> int:
         wall = self.wall()
         done_settles = done_spend = 0
         settles, spend = self._pending_settle, self._pending_spend

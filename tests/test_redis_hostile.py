@@ -366,3 +366,171 @@ def test_local_policy_does_not_reopen_a_spent_budget(clock: FakeClock, redis_pre
     switch.mode = "refuse"
     with pytest.raises(BudgetExceededError):
         eng.acquire(tk(2, g, cost=0.3), nothing)
+
+
+# ------------------------------------------------------------ end to end
+def _dump(prefix: str) -> str:
+    """Every key of ``prefix`` with every value it holds, as text."""
+    client: Any = redis_client()
+    out = []
+    for k in client.scan_iter(match="{" + prefix + "}*", count=1000):
+        kind = client.type(k).decode()
+        value: Any = (client.hgetall(k) if kind == "hash" else client.zrange(k, 0, -1, withscores=True)
+                      if kind == "zset" else client.get(k) if kind == "string" else kind)
+        out.append(f"{k!r}={value!r}")
+    return "\n".join(out)
+
+
+def test_api_keys_and_secrets_are_never_stored_in_redis(provider: Any, clock: FakeClock, redis_prefix: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """API keys are chosen, used, cooled and settled through Redis: none of their values (nor the
+    key passed to the call) ever lands in Redis; the keys are named by their variable only."""
+    import litellm
+
+    from hive_ratelimit_plugin import HiveLimiter
+
+    from .helpers import chat_kwargs
+
+    monkeypatch.setenv("HIVE_TEST_KEY_A", "sk-key-AAAA-secret")
+    monkeypatch.setenv("HIVE_TEST_KEY_B", "sk-key-BBBB-secret")
+    limiter = HiveLimiter({"backend": REDIS_URL, "redis": {"key_prefix": redis_prefix}, "state_path": ":memory:",
+                           "providers": {"openai": {"api_keys": [
+                               {"env": "HIVE_TEST_KEY_A", "requests_per_minute": 4, "concurrent_requests": 2},
+                               {"env": "HIVE_TEST_KEY_B", "requests_per_minute": 4}]}},
+                           "budget": {"max_daily_spend": 100}, "runaway": {"enabled": False}}, clock=clock)
+    litellm.callbacks.append(limiter)
+    for n in range(3):
+        litellm.completion(**chat_kwargs(provider, max_tokens=5, metadata={"agent_id": f"agent-{n}"}))
+    dump = _dump(redis_prefix)
+    assert "key:openai/HIVE_TEST_KEY_A" in dump
+    assert "secret" not in dump.lower() and "sk-" not in dump and "AAAA" not in dump and "BBBB" not in dump
+    assert "hunter" not in repr(limiter.get_usage_stats())
+
+
+@pytest.mark.parametrize("policy", ["local", "closed", "open"])
+def test_stats_and_memory_never_raise_while_redis_is_down(clock: FakeClock, policy: str) -> None:
+    import socket
+
+    from hive_ratelimit_plugin import HiveLimiter
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    limiter = HiveLimiter({"backend": f"redis://:hunter2@127.0.0.1:{port}/0",
+                           "redis": {"on_backend_error": policy, "socket_timeout": 0.1},
+                           "global": {"requests_per_minute": 5, "concurrent_requests": 2},
+                           "budget": {"max_daily_spend": 10}, "state_path": ":memory:"}, clock=clock)
+    stats = limiter.get_usage_stats()
+    assert stats["backend"]["available"] is False
+    assert limiter.redis_memory() == {}
+    limiter.reset_budget()
+    text = repr(stats) + repr(limiter) + repr(limiter._engine)
+    assert "hunter2" not in text
+
+
+def test_cooldown_circuit_and_learned_limits_are_shared(clock: FakeClock, redis_prefix: str) -> None:
+    """A 429 seen by process A cools the model for B; B learns A's provider limit; a circuit A
+    opened blocks B, and B's probe closes it for A."""
+    from hive_ratelimit_plugin._retry import RateSignals
+    from hive_ratelimit_plugin.errors import CircuitOpenError
+
+    a, b = engine(clock, redis_prefix), engine(clock, redis_prefix)
+    for e in (a, b):
+        e.circuit_threshold, e.circuit_cooldown = 2, 10.0
+    m = sc("model:openai/gpt-4o", "model")
+    assert a.acquire(tk(1, m), nothing) is None
+    assert a.release("1", outcome="rate_limited", wait=5.0,
+                     signals=RateSignals(limit_requests=120, remaining_requests=3))
+    w = b.acquire(tk(2, m), nothing)
+    assert w is not None and not w.granted and w.blocked is not None and w.blocked.limit == "provider_cooldown"
+    assert b.provider_state()["model:openai/gpt-4o"]["learned_requests_per_minute"] == 120
+    clock.advance(6)
+    b.dispatch()
+    assert w.granted
+    assert b.release("2", outcome="failure")  # a second failure in a row (across processes): opens
+    t3 = tk(3, m)
+    t3.deadline = clock() + 1
+    with pytest.raises(CircuitOpenError):  # (it would not reopen within the caller's wait)
+        a.acquire(t3, nothing)
+    clock.advance(11)
+    assert b.acquire(tk(4, m), nothing) is None  # the probe
+    w5 = a.acquire(tk(5, m), nothing)
+    assert w5 is not None and not w5.granted
+    assert b.release("4", outcome="success")
+    clock.advance(0.2)
+    a.dispatch()
+    assert w5.granted and a.provider_state()["model:openai/gpt-4o"]["circuit"] == "closed"
+
+
+# ------------------------------------------------------------ numbers, time
+@pytest.mark.parametrize(("limits", "tin", "tout", "expected"), [
+    ({"requests_per_second": 3}, 0, 0, 3),
+    ({"requests_per_minute": 10**12}, 0, 0, 6),
+    ({"tokens_per_minute": 10**15}, 10**14, 10**14, 5),
+    ({"tokens_per_minute": 10}, 0, 0, 6),  # zero-token calls never fill a token window
+    ({"tokens_per_minute": 1, "requests_per_hour": 2}, 1, 0, 1),
+])
+def test_numeric_edges_admit_the_same_as_in_memory(clock: FakeClock, make_engine: Any, limits: dict[str, Any],
+                                                   tin: int, tout: int, expected: int) -> None:
+    eng = make_engine(clock)
+    g = Scope("global", "global", LimitSet(**limits))
+    granted = sum(eng.acquire(tk(n, g, tin=tin, tout=tout), nothing) is None for n in range(6))
+    assert granted == expected
+
+
+def test_a_far_clock_jump_frees_everything(clock: FakeClock, make_engine: Any) -> None:
+    """After a jump of years, windows are empty and an abandoned call's slot is back."""
+    eng = make_engine(clock, lease_seconds=30)
+    g = sc(requests_per_minute=1, tokens_per_day=100, concurrent_requests=1)
+    assert eng.acquire(tk(1, g, tin=60, tout=40), nothing) is None  # never settled
+    clock.advance(3 * 365 * 86400)
+    eng.dispatch()
+    assert eng.acquire(tk(2, g, tin=60, tout=40), nothing) is None
+
+
+def test_check_config_does_not_print_the_redis_password(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from hive_ratelimit_plugin.cli import main as cli_main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("rate_limiting:\n  backend: redis://user:hunter2-secret@redis.internal:6379/0\n")
+    assert cli_main(["check-config", str(path), "--no-env"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "redis.internal:6379/0" in out
+
+
+# ------------------------------------------------------------ threads
+def test_two_threads_finding_redis_back_replay_each_settlement_once(clock: FakeClock, redis_prefix: str) -> None:
+    """A stats thread and a request thread both find Redis answering again: the settlements kept
+    meanwhile are written once, not once per thread."""
+    import threading
+
+    eng = engine(clock, redis_prefix, on_error="open")
+    switch = Switch(eng)
+    g = sc(requests_per_minute=100)
+    switch.mode = "refuse"
+    for n in range(3):
+        assert eng.acquire(tk(n, g), nothing) is None
+        assert eng.release(str(n), cost=0.25)
+    switch.mode = None
+    entered, proceed = threading.Event(), threading.Event()
+    charge = eng._charge
+
+    def slow_first_charge(*args: Any, **kwargs: Any) -> Any:
+        if not entered.is_set():
+            entered.set()
+            proceed.wait(2)
+        return charge(*args, **kwargs)
+
+    eng._charge = slow_first_charge
+    clock.advance(eng.retry_interval + 0.1)
+    first = threading.Thread(target=eng.snapshot)
+    first.start()
+    assert entered.wait(2)
+    second = threading.Thread(target=eng.snapshot)
+    second.start()
+    second.join(0.3)  # (a second replay, if any, runs now)
+    proceed.set()
+    first.join(5)
+    second.join(5)
+    eng._charge = charge
+    assert eng.spend("global", "day")[0] == pytest.approx(0.75)
