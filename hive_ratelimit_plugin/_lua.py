@@ -153,7 +153,10 @@ end
 
 local function charge(scope, kind, start, ttl, cost, req, tok)
   local k = spend_key(scope, kind)
-  if redis.call('HGET', k, 'start') ~= start then
+  local cur = redis.call('HGET', k, 'start')
+  -- A call admitted in an earlier window settles late: its spend counts in the current one (as in
+  -- memory), and never wipes it. Only a newer window replaces the stored one.
+  if cur ~= start and not (cur and tonumber(cur) > tonumber(start)) then
     redis.call('DEL', k)
     redis.call('HSET', k, 'start', start)
   end
@@ -430,8 +433,8 @@ end
 return {1, tostring(now), chosen and chosen.key or '', record and 1 or 0}
 """
 
-#: ARGV: prefix, now|'', call_id, has_record(0/1), admitted_at, spend targets ('\0'-joined; used when there
-#:   is no lease record), reserved cost, actual cost, tokens, margin, free_slot(0/1),
+#: ARGV: prefix, now|'', call_id, has_record(0/1), admitted_at, spend targets ('\0'-joined, in the windows
+#:   current at settlement; '' = those of the lease record), reserved cost, actual cost, tokens, margin, free_slot(0/1),
 #:   outcome, wait(''=none), signals: limit_req, limit_tok, rem_req, reset_req, rem_tok, reset_tok (''=none),
 #:   pace_default, circuit threshold, cooldown, max cooldown, adaptive(0/1), decrease, adaptive min,
 #:   nthr, [threshold]*, nscopes, then per scope:  (outcome 'void': an admission whose answer was lost)
@@ -482,7 +485,7 @@ if has_record then
   end
   admitted_at = tonumber(rec[1])
   expired = rec[2] == 'expired'
-  sp_str = rec[6]
+  if sp_arg == '' then sp_str = rec[6] end  -- (the windows current at settlement, when given)
   redis.call('ZREM', P .. ':leases', call_id)
   for _, s in ipairs(split(rec[5])) do redis.call('ZREM', P .. ':c:' .. s, call_id) end
   if freeing then

@@ -288,12 +288,9 @@ class RedisEngine(Engine):
             self._scope_args(args, st, ticket, True, starts)
             n += 1
         args[6] = str(n)
-        sp: list[str] = []
         for key in ticket.spend_keys:
             self._remember_spend_key(key)
-            for kind in (RUN,) if key.startswith("run:") else KINDS:
-                sp += [_wire(key), kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind])]
-        args.append(SEP.join(sp))
+        args.append(self._spend_targets(ticket, starts))
         out = self._call(self._admit, args)
         code = int(out[0])
         rnow = float(out[1])
@@ -358,6 +355,14 @@ class RedisEngine(Engine):
         args.append(str(len(st.budgets)))
         for name, kind, limit in st.budgets:
             args += [name, kind, f"{starts[kind]:.0f}", _num(limit), "1" if name == "max_requests_per_run" else "0"]
+
+    def _spend_targets(self, ticket: Ticket, starts: dict[str, float]) -> str:
+        """Where a call's spend goes: scope, window, window start, TTL, ... ('\0'-joined)."""
+        sp: list[str] = []
+        for key in ticket.spend_keys:
+            for kind in (RUN,) if key.startswith("run:") else KINDS:
+                sp += [_wire(key), kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind])]
+        return SEP.join(sp)
 
     def _outage_try(self, ticket: Ticket, now: float) -> Blocked | None:
         if self.on_error == "closed":
@@ -492,7 +497,7 @@ class RedisEngine(Engine):
         s = signals
         t = res.ticket
         args = [self.prefix, self._now_arg(), t.call_id, "1" if res.record else "0", _num(res.admitted_at),
-                res.spend_targets, _num(t.cost), _num(cost), str(tin + tout),
+                self._spend_targets(t, starts), _num(t.cost), _num(cost), str(tin + tout),
                 _num(self.arrival_margin), "0", outcome, opt(wait),
                 opt(s.limit_requests if s else None), opt(s.limit_tokens if s else None),
                 opt(s.remaining_requests if s else None), opt(s.reset_requests if s else None),

@@ -534,3 +534,28 @@ def test_two_threads_finding_redis_back_replay_each_settlement_once(clock: FakeC
     second.join(5)
     eng._charge = charge
     assert eng.spend("global", "day")[0] == pytest.approx(0.75)
+
+
+# ------------------------------------------------------------ budget windows
+def test_a_call_settled_after_the_hour_turned_does_not_wipe_the_new_hour(clock: FakeClock, make_engine: Any) -> None:
+    """A call admitted at 00:59:50 settles at 01:00:10, after another call already spent in the
+    new hour: its late spend counts in the new hour, and the new hour's spend is kept."""
+    eng = make_engine(clock, wall_clock=clock)
+    g = sc(max_cost_per_hour=10)
+    clock.advance(3590 - clock())  # 00:59:50 on the wall clock
+    assert eng.acquire(tk(1, g, cost=1.0), nothing) is None
+    clock.advance(20)
+    assert eng.acquire(tk(2, g, cost=2.0), nothing) is None
+    assert eng.release("2", cost=2.0)
+    assert eng.release("1", cost=0.5)
+    assert eng.spend("global", "hour")[0] == pytest.approx(2.5)
+
+
+def test_a_call_settled_after_the_hour_turned_counts_in_the_new_hour(clock: FakeClock, make_engine: Any) -> None:
+    eng = make_engine(clock, wall_clock=clock)
+    g = sc(max_cost_per_hour=10)
+    clock.advance(3590 - clock())
+    assert eng.acquire(tk(1, g, cost=1.0), nothing) is None
+    clock.advance(20)
+    assert eng.release("1", cost=0.5)
+    assert eng.spend("global", "hour")[0] == pytest.approx(0.5)
