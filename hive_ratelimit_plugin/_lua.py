@@ -144,10 +144,11 @@ end
 
 local function spend_key(scope, kind) return P .. ':b:' .. scope .. ':' .. kind end
 
--- Settled spend of scope in the window of kind that started at start: cost, req, tok.
+-- Settled spend of scope in the window of kind that started at start: cost, req, tok. A newer
+-- window already begun by another host (its wall clock a little ahead) is the current one.
 local function spent(scope, kind, start)
   local v = redis.call('HMGET', spend_key(scope, kind), 'start', 'cost', 'req', 'tok')
-  if v[1] ~= start then return 0, 0, 0 end
+  if v[1] ~= start and not (v[1] and tonumber(v[1]) > tonumber(start)) then return 0, 0, 0 end
   return tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
 end
 

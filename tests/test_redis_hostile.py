@@ -559,3 +559,18 @@ def test_a_call_settled_after_the_hour_turned_counts_in_the_new_hour(clock: Fake
     clock.advance(20)
     assert eng.release("1", cost=0.5)
     assert eng.spend("global", "hour")[0] == pytest.approx(0.5)
+
+
+def test_hosts_with_skewed_wall_clocks_share_one_budget_window(clock: FakeClock, redis_prefix: str) -> None:
+    """Host A's wall clock runs 5 s ahead of B's. At the hour, A already spends in the new hour
+    while B still thinks it is the old one: B must see that spend, not an empty window."""
+    from hive_ratelimit_plugin.errors import BudgetExceededError
+
+    clock.advance(3595 - clock())
+    a = engine(clock, redis_prefix, wall_clock=lambda: clock() + 5)
+    b = engine(clock, redis_prefix)
+    g = sc(max_cost_per_hour=10)
+    assert a.acquire(tk("a1", g, cost=8.0), nothing) is None
+    assert a.release("a1", cost=8.0)
+    with pytest.raises(BudgetExceededError):
+        b.acquire(tk("b1", g, cost=5.0), nothing)
