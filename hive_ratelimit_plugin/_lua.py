@@ -21,7 +21,8 @@ Layout (``P`` is ``{prefix}``, ``S`` a scope key such as ``model:openai/gpt-4o``
 * ``P:mark:...``      budget warnings already sent this window (once across all processes).
 
 Every key has a TTL: windows twice their period, spend a little longer than its calendar window,
-leases their lease time. Nothing grows without bound.
+lease records (and the reservation hashes holding them) twice their lease and a day. Nothing
+grows without bound.
 
 "Now" is Redis' own clock (``TIME``) unless the caller passes one (tests with a fake clock): one
 clock for every host, so clock skew between hosts cannot let a window admit twice its limit.
@@ -167,6 +168,11 @@ local function charge(scope, kind, start, ttl, cost, req, tok)
   if tok ~= 0 then redis.call('HINCRBY', k, 'tok', tok) end
   redis.call('EXPIRE', k, ttl)
 end
+
+-- How long the lease record of a call lives (and the keys its slots and reservation are in): its
+-- lease twice, and a day more, so that a call abandoned while nobody else calls is still
+-- reclaimed (its worst case charged) by the next admission, however late.
+local function record_ms(lease) return math.ceil((lease * 2 + 86400) * 1000) end
 
 -- Give a TTL of at least ms to key (never shortens one: processes may use other lease times).
 local function keep(key, ms)
@@ -402,7 +408,7 @@ for _, sc in ipairs(scopes) do
     if #sc.buds > 0 then
       redis.call('HINCRBYFLOAT', P .. ':rv:' .. sc.key, 'cost', cost)
       redis.call('HINCRBY', P .. ':rv:' .. sc.key, 'req', 1)
-      keep(P .. ':rv:' .. sc.key, math.ceil((lease * 2 + 60) * 1000))  -- outlives every lease record in it
+      keep(P .. ':rv:' .. sc.key, record_ms(lease))  -- outlives every lease record in it
       bs[#bs + 1] = sc.key
     end
     if sc.st then
@@ -427,9 +433,9 @@ if record then
   redis.call('HSET', lk, 'cost', cost, 'bs', table.concat(bs, SEP), 'cs', table.concat(cs, SEP),
     'pr', table.concat(pr, SEP), 'sp', sp, 'at', now)
   redis.call('HDEL', lk, 'done')
-  redis.call('PEXPIRE', lk, math.ceil((lease * 2 + 60) * 1000))
+  redis.call('PEXPIRE', lk, record_ms(lease))
   redis.call('ZADD', P .. ':leases', now + lease, call_id)
-  keep(P .. ':leases', math.ceil((lease * 2 + 60) * 1000))
+  keep(P .. ':leases', record_ms(lease))
 end
 return {1, tostring(now), chosen and chosen.key or '', record and 1 or 0}
 """
@@ -727,7 +733,7 @@ local call_id, lease = arg(), num()
 local lk = P .. ':l:' .. call_id
 local rec = redis.call('HMGET', lk, 'cs', 'done', 'bs')
 if rec[2] or not rec[1] then return 0 end
-local ms = math.ceil((lease * 2 + 60) * 1000)
+local ms = record_ms(lease)
 -- the keys holding its slots and reservations live as long as it does
 for _, s in ipairs(split(rec[1])) do
   redis.call('ZADD', P .. ':c:' .. s, now + lease, call_id)

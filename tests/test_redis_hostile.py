@@ -574,3 +574,29 @@ def test_hosts_with_skewed_wall_clocks_share_one_budget_window(clock: FakeClock,
     assert a.release("a1", cost=8.0)
     with pytest.raises(BudgetExceededError):
         b.acquire(tk("b1", g, cost=5.0), nothing)
+
+
+def age(clock: FakeClock, prefix: str, seconds: float) -> None:
+    """Let ``seconds`` pass for the fake clock and for the TTLs of the prefix' keys alike."""
+    client: Any = redis_client()
+    for k in list(client.scan_iter(match="{" + prefix + "}*", count=1000)):
+        left = client.pttl(k)
+        if left > 0:
+            if left <= seconds * 1000:
+                client.delete(k)
+            else:
+                client.pexpire(k, int(left - seconds * 1000))
+    clock.advance(seconds)
+
+
+def test_a_call_abandoned_over_a_quiet_spell_is_still_charged(clock: FakeClock, redis_prefix: str) -> None:
+    """Process A dies holding a $0.4 reservation; nobody calls for half an hour (a batch job
+    crashed and restarts). The next admission still reclaims the dead call and charges its worst
+    case: spend the provider may have billed is not lost because the lease record expired first."""
+    a = engine(clock, redis_prefix, lease_seconds=300)
+    g = sc(max_cost_per_day=10.0)
+    assert a.acquire(tk("a1", g, cost=0.4), nothing) is None  # then A dies
+    age(clock, redis_prefix, 1800)
+    b = engine(clock, redis_prefix, lease_seconds=300)
+    assert b.acquire(tk("b1", g, cost=0.1), nothing) is None
+    assert b.spend("global", "day") == (pytest.approx(0.4), 1, 0)
