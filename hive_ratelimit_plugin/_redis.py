@@ -65,19 +65,24 @@ def safe_url(url: str) -> str:
 
 
 US = "\x1f"  # separates the packed arguments of a script call
-_WIRE = str.maketrans({"%": "%25", SEP: "%00", US: "%1F"})
+_WIRE = str.maketrans({"%": "%25", SEP: "%00", US: "%1F",
+                       **{chr(c): f"%u{c:04X}" for c in range(0xD800, 0xE000)}})  # (no UTF-8 for those)
 _UNWIRE = {"25": "%", "00": SEP, "1F": US}
 
 
 def _wire(key: str) -> str:
     """A scope key as the scripts get it: the two separators of their arguments (and ``%``, the
-    escape) escaped, so that an agent id holding them can neither break nor merge with another."""
+    escape) escaped, so that an agent id holding them can neither break nor merge with another;
+    lone surrogates (a badly decoded id) escaped too, as UTF-8 cannot carry them."""
     return key.translate(_WIRE)
 
 
 def _unwire(key: str) -> str:
     """A scope key as the scripts return it, back to the engine's."""
-    return re.sub("%(25|00|1F)", lambda m: _UNWIRE[m.group(1)], key) if "%" in key else key
+    if "%" not in key:
+        return key
+    return re.sub("%(25|00|1F|u[0-9A-F]{4})",
+                  lambda m: chr(int(m.group(1)[1:], 16)) if m.group(1)[0] == "u" else _UNWIRE[m.group(1)], key)
 
 
 def _num(x: float) -> str:

@@ -210,10 +210,11 @@ def test_tokens_settled_late_still_count_after_the_admission_bucket_left(clock: 
 
 
 # ------------------------------------------------------------------ odd names
-ODD = ["a\0b", "a\x1fb", "x:{y}:z}", "日本語-агент", "pct%00", "n" * 5000]
+ODD = ["a\0b", "a\x1fb", "x:{y}:z}", "日本語-агент", "pct%00%u0041", "n" * 5000, "bad\udc80utf8"]
 
 
-@pytest.mark.parametrize("name", ODD, ids=["nul", "unit-sep", "colons-braces", "unicode", "percent", "long"])
+@pytest.mark.parametrize("name", ODD, ids=["nul", "unit-sep", "colons-braces", "unicode", "percent", "long",
+                                           "lone-surrogate"])
 def test_odd_agent_ids_hold_and_free_slots_and_budgets(clock: FakeClock, redis_prefix: str, name: str) -> None:
     """Agent ids come from request metadata: any string. A slot is freed on release, the spend is
     counted under that agent, and nothing is mistaken for an outage."""
@@ -235,7 +236,7 @@ def test_odd_agent_ids_hold_and_free_slots_and_budgets(clock: FakeClock, redis_p
 
 def test_scope_keys_differing_only_by_a_separator_stay_apart(clock: FakeClock, redis_prefix: str) -> None:
     eng = engine(clock, redis_prefix)
-    for n, name in enumerate(["a\x1fb", "a?b", "a\0b", "a%1Fb"]):
+    for n, name in enumerate(["a\x1fb", "a?b", "a\0b", "a%1Fb", "a\udc80b", "a%uDC80b"]):
         assert eng.acquire(tk(n, sc(f"agent:{name}", "agent", requests_per_minute=1)), nothing) is None, name
 
 
