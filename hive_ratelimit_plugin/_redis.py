@@ -24,6 +24,7 @@ recovery. Redis is tried again every ``redis.retry_interval`` seconds.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import threading
@@ -137,6 +138,7 @@ class RedisEngine(Engine):
         self.server_time = server_time
         self.retry_interval = retry_interval
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._refused: type[BaseException] = redis.ResponseError
         if client is None:
             client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
                                           health_check_interval=30)
@@ -215,6 +217,17 @@ class RedisEngine(Engine):
         with self._replay_lock:
             return self._replay_locked()
 
+    def _replay_one(self, script: Any, args: list[str]) -> Any:
+        try:
+            return script(keys=self._route, args=_pack(args))
+        except self._refused as exc:
+            if "script" not in str(exc).lower():
+                raise  # (OOM, READONLY during a failover...: Redis is not back yet)
+            # the script itself failed on this one: retrying it would fail at every recovery
+            logger.error("redis backend %s refused a settlement kept during the outage; it is dropped (%s)",
+                         self.url, _clean(exc))
+            return []
+
     def _replay_locked(self) -> int:
         wall = self.wall()
         done_settles = done_spend = 0
@@ -230,12 +243,12 @@ class RedisEngine(Engine):
             del self._voids[call_id]
         try:
             for args in settles:
-                out = self._settle_script(keys=self._route, args=_pack(args))
+                out = self._replay_one(self._settle_script, args)
                 done_settles += 1
                 for raw in out[2:]:  # warnings crossed now: their marks are set, so now or never
                     self._remote_event(_dec(raw), wall)
             for args in spend:
-                self._charge(keys=self._route, args=_pack(args))
+                self._replay_one(self._charge, args)
                 done_spend += 1
         finally:
             del settles[:done_settles]
@@ -468,7 +481,8 @@ class RedisEngine(Engine):
         t = res.ticket
         tin = t.input_tokens if input_tokens is None else input_tokens
         tout = t.output_tokens if output_tokens is None else output_tokens
-        actual_cost = t.cost if cost is None else cost
+        # unknown, or not a number (Redis would refuse it, for good): keep the worst case
+        actual_cost = t.cost if cost is None or not math.isfinite(cost) else cost
         wall = self.wall()
         starts = self.calendar.starts(wall)
         if self.record_spend:
@@ -555,6 +569,7 @@ class RedisEngine(Engine):
             self._out_events.append({"type": "circuit_closed", "scope": _unwire(parts[1]), "time": wall})
 
     def _owe_spend(self, t: Ticket, starts: dict[str, float], cost: float, tokens: int) -> None:
+        cost = cost if math.isfinite(cost) else t.cost  # (Redis refuses what is not a number)
         args = [self.prefix, "", ""]
         n = 0
         for key in t.spend_keys:

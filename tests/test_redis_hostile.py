@@ -601,3 +601,51 @@ def test_a_call_abandoned_over_a_quiet_spell_is_still_charged(clock: FakeClock, 
     b = engine(clock, redis_prefix, lease_seconds=300)
     assert b.acquire(tk("b1", g, cost=0.1), nothing) is None
     assert b.spend("global", "day") == (pytest.approx(0.4), 1, 0)
+
+
+# ------------------------------------------------------------ hostile usage
+@pytest.mark.parametrize(("tokens", "cost"), [(10**15, 0.5), (10, float("inf")), (10, float("nan"))])
+@pytest.mark.parametrize("down", [False, True], ids=["up", "replayed"])
+def test_absurd_usage_never_takes_the_backend_down(clock: FakeClock, redis_prefix: str, tokens: int, cost: float,
+                                                   down: bool) -> None:
+    """A provider (or a proxy) reports absurd usage or a cost that is not a number: the settlement
+    is recorded sanely; it must not make Redis refuse the script, which would count as an outage
+    and, kept for replay, fail again at every recovery (the backend down for good)."""
+    eng = engine(clock, redis_prefix)
+    switch = Switch(eng)
+    g = sc(tokens_per_minute=10**13, max_cost_per_day=10**6, concurrent_requests=5)
+    assert eng.acquire(tk(1, g, tin=5, tout=5, cost=2.0), nothing) is None
+    switch.mode = "refuse" if down else None
+    assert eng.release("1", input_tokens=5, output_tokens=tokens, cost=cost)
+    switch.mode = None
+    clock.advance(61)  # (past the retry interval, and the token window)
+    assert eng.acquire(tk(2, g, tin=5, tout=5, cost=1.0), nothing) is None
+    assert eng.available and eng.backend_info()["pending_settlements"] == 0
+    spent = eng.spend("global", "day")[0]
+    assert spent == pytest.approx(0.5 if cost == 0.5 else 2.0)  # not a number: the worst case is kept
+
+
+def test_a_kept_settlement_redis_refuses_is_dropped_not_retried_forever(clock: FakeClock, redis_prefix: str,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import redis
+
+    eng = engine(clock, redis_prefix)
+    switch = Switch(eng)
+    g = sc(concurrent_requests=5)
+    for n in range(2):
+        assert eng.acquire(tk(n, g), nothing) is None
+    switch.mode = "refuse"
+    assert eng.release("0") and eng.release("1")
+    switch.mode = None
+    settle = eng._settle_script
+
+    def refuse_first(*args: Any, **kwargs: Any) -> Any:
+        eng._settle_script = settle
+        raise redis.ResponseError("ERR user_script:1: Script attempted to access nonexistent global variable "
+                                  "script: 0123abcd, on @user_script:1.")
+
+    eng._settle_script = refuse_first
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.acquire(tk(2, g), nothing) is None
+    assert eng.available and eng.backend_info()["pending_settlements"] == 0
+    assert any("refused" in r.getMessage() for r in caplog.records)
