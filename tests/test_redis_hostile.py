@@ -258,6 +258,8 @@ def test_budget_reset_rearms_warnings_of_that_scope_only(clock: FakeClock, redis
         assert eng.release(f"b{i}", cost=cost)
     warned = [e["scope"] for e in got if e["type"] == "budget_warning"]
     assert sorted(warned) == sorted([*names, "agent:team[1]", "agent:x", "agent:a*"])
+    keys = all_keys(redis_prefix)
+    assert all(ttl > 0 for ttl in keys.values()), keys
 
 
 def test_memory_per_scope_with_a_prefix_holding_colons_and_glob_characters(clock: FakeClock, redis_prefix: str,
@@ -461,6 +463,8 @@ def test_cooldown_circuit_and_learned_limits_are_shared(clock: FakeClock, redis_
     clock.advance(0.2)
     a.dispatch()
     assert w5.granted and a.provider_state()["model:openai/gpt-4o"]["circuit"] == "closed"
+    keys = all_keys(redis_prefix)  # after cooldown, pacing, circuit open/half-open/closed
+    assert all(ttl > 0 for ttl in keys.values()), keys
 
 
 # ------------------------------------------------------------ numbers, time
@@ -649,3 +653,73 @@ def test_a_kept_settlement_redis_refuses_is_dropped_not_retried_forever(clock: F
     assert eng.acquire(tk(2, g), nothing) is None
     assert eng.available and eng.backend_info()["pending_settlements"] == 0
     assert any("refused" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------ across processes
+def test_warnings_once_and_resets_across_processes(clock: FakeClock, redis_prefix: str) -> None:
+    """Two processes settle into one budget: each threshold is announced once in all; a reset
+    by one is seen by the other (spend and warnings)."""
+    from hive_ratelimit_plugin.errors import BudgetExceededError
+
+    got_a: list[dict[str, Any]] = []
+    got_b: list[dict[str, Any]] = []
+    a = engine(clock, redis_prefix, warning_thresholds=(0.5,), on_event=got_a.extend)
+    b = engine(clock, redis_prefix, warning_thresholds=(0.5,), on_event=got_b.extend)
+    g = sc(max_cost_per_day=1.0)
+    for n, e in enumerate((a, b, a, b)):
+        assert e.acquire(tk(n, g, cost=0.25), nothing) is None
+        assert e.release(str(n), cost=0.25)
+    kinds = [ev["type"] for ev in got_a + got_b if ev["type"].startswith("budget")]
+    assert sorted(kinds) == ["budget_exceeded", "budget_warning"]
+    with pytest.raises(BudgetExceededError):
+        b.acquire(tk("x", g, cost=0.25), nothing)
+    a.reset_spend("global")
+    before = len(got_a + got_b)
+    assert b.acquire(tk("y", g, cost=0.6), nothing) is None
+    assert b.release("y", cost=0.6)
+    assert [ev["threshold"] for ev in got_b[before - len(got_a):] if ev["type"] == "budget_warning"] == [0.5]
+
+
+def test_threads_of_two_processes_never_exceed_a_shared_concurrency_limit(clock: FakeClock,
+                                                                          redis_prefix: str) -> None:
+    import threading
+
+    engines = [engine(clock, redis_prefix, lease_seconds=10**7), engine(clock, redis_prefix, lease_seconds=10**7)]
+    g = sc(concurrent_requests=3, max_cost_per_day=10**6)
+    lock = threading.Lock()
+    in_flight = [0]
+    peak = [0]
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        eng = engines[k % 2]
+        try:
+            for n in range(15):
+                cid = f"{k}-{n}"
+                ready = threading.Event()
+                w = eng.acquire(tk(cid, g, cost=1.0), ready.set)
+                while w is not None and not w.granted:  # (notify also means "re-arm your timer")
+                    assert w.error is None
+                    if not ready.wait(0.01):
+                        # A release in the other process is seen when the poll interval has passed
+                        # (in clock time: the fake clock must move).
+                        clock.advance(0.11)
+                        eng.dispatch()
+                    ready.clear()
+                with lock:
+                    in_flight[0] += 1
+                    peak[0] = max(peak[0], in_flight[0])
+                with lock:
+                    in_flight[0] -= 1
+                eng.release(cid, cost=0.5)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors and peak[0] <= 3
+    assert engines[0].spend("global", "day")[0] == pytest.approx(8 * 15 * 0.5)
+    assert all_keys(redis_prefix).keys().isdisjoint({"{" + redis_prefix + "}:c:global"})  # every slot back
