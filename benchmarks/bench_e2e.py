@@ -239,11 +239,12 @@ def _token_bench(quick: bool) -> dict[str, Any]:
     return res
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, blocks: int | None = None) -> dict[str, Any]:
     litellm = common.quiet_litellm()
     from hive_ratelimit_plugin.plugin import HiveLimiter, install_sync_guard, unregister
 
-    blocks, per_block = (6, 100) if quick else (40, 100)
+    default_blocks, per_block = (6, 100) if quick else (40, 100)
+    blocks = blocks or default_blocks
     pc = time.perf_counter_ns
     saved_callbacks = list(litellm.callbacks)
     litellm.callbacks[:] = []

@@ -139,6 +139,12 @@ def run(quick: bool = False) -> dict[str, Any]:
             "url": URL}
 
 
+def summary(out: dict[str, Any]) -> str:
+    parts = [f"{name}: {v['calls_per_second']:,.0f}/s ({v['round_trips_per_call']:.0f} round trips)"
+             for name, v in out["results"].items()]
+    return "; ".join(parts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")

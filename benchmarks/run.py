@@ -1,12 +1,13 @@
 """Run every benchmark and rewrite docs/benchmarks.md with the figures.
 
-    python benchmarks/run.py                 # all four, ~6-8 minutes on 2 cores
+    python benchmarks/run.py                 # every stage, under 10 minutes on 2 cores
     python benchmarks/run.py --quick         # shorter runs, to check the scripts (figures are rough)
     python benchmarks/run.py --package-from-commit HEAD   # benchmark a commit, not the working tree
     python benchmarks/run.py --render-from benchmarks/last_run.json   # rewrite the page, run nothing
 
 Each benchmark also runs alone: ``python benchmarks/bench_engine.py`` (and ``bench_e2e.py``,
-``bench_memory.py``, ``bench_throughput.py``). The raw results of the last run are written to
+``bench_memory.py``, ``bench_throughput.py``, ``bench_budget.py``, ``bench_scenario1.py``,
+``bench_scenario2.py``, ``bench_scenario3.py``). The raw results of the last run are written to
 ``benchmarks/last_run.json``.
 """
 
@@ -331,10 +332,14 @@ def _md_throughput(r: dict[str, Any]) -> list[str]:
         "window. Queue wait is what the plugin's waiting driver returns per admitted call. Skew = time the provider "
         "stamped the request minus the time the plugin admitted it (same process, same monotonic clock).",
         "",
-        "Per second: N = 20/s for 30 s keeps the run short yet spans 30 windows; per minute: N = 300/min for "
-        "70 s covers the initial window and one slide (a closed loop of 50 tasks drains a per-minute window "
-        "in about a second, so the per-minute run is one burst per window; judge it against the provider's "
-        "ceiling, not against N x duration / W, and its queue waits approach a minute by design).",
+        "Per second: N = 20/s for 30 s keeps the run short yet spans 30 windows; "
+        + ("per minute: N = 300/min for "
+           "70 s covers the initial window and one slide (a closed loop of 50 tasks drains a per-minute window "
+           "in about a second, so the per-minute run is one burst per window; judge it against the provider's "
+           "ceiling, not against N x duration / W, and its queue waits approach a minute by design)."
+           if "per_minute_plugin" in r else
+           "the per-minute run is left out by default to keep the whole run under 10 minutes (`--with-minute` "
+           "adds it; Scenario 2 below drives a per-minute window)."),
         "",
         "| run | limit | duration | received | 200 | 429 | success | achieved (of N) | of ceiling | steady | "
         "wait p50 / p99 | skew p50 / p99 / max |",
@@ -581,6 +586,39 @@ def _md_budget(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _md_redis(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "## 9. Shared limits on Redis",
+        "",
+        f"`bench_redis.py`. One process, one thread, against Redis {r['redis_version']} on this machine "
+        f"({r['url']}); {r['rounds']} rounds of {r['per_round']:,} calls per subject, in rotating order; every call "
+        "admitted (limits far above the load). Ours is a whole call: admission (the `ADMIT` script) and settlement "
+        "(`SETTLE`); `limits`' moving window only admits (`hit`). Round trips counted on the client.",
+        "",
+        "| subject | calls per second | µs per call | round trips per call | vs `limits` |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, v in r["results"].items():
+        lines.append(f"| {name} | {v['calls_per_second']:,.0f} | {v['us_per_call']:.0f} | "
+                     f"{v['round_trips_per_call']:.2f} | {v['ratio_to_limits']:.2f}x |")
+    one = r["results"]["ours, 1 level (admit + settle)"]["calls_per_second"]
+    six = r["results"]["ours, 6 levels + budget (admit + settle)"]["calls_per_second"]
+    mem = r.get("memory_bytes", {})
+    lines += [
+        "",
+        f"Target >= 2,000 admitted calls per second from one process: {_verdict(one >= 2000)} with one level "
+        f"({one:,.0f}/s, admission and settlement included); with six levels, tokens, concurrency and a budget "
+        f"{six:,.0f}/s. The scripts do more than `limits`' hit (every level, tokens, concurrency, budgets, "
+        "provider signals, settlement), in Lua inside Redis; the round trips are the floor "
+        "(one per admission attempt, one per settlement).",
+        "",
+    ]
+    if mem:
+        lines += ["Redis memory per scope after the six-level subject's calls (bytes, `MEMORY USAGE` summed per "
+                  "scope): " + ", ".join(f"{k} {v:,}" for k, v in sorted(mem.items())) + ".", ""]
+    return lines
+
+
 def _md_scenario2(r: dict[str, Any]) -> list[str]:
     lines = [
         "## 5. Scenario 2: a spike of 10,000 requests",
@@ -612,13 +650,173 @@ def _md_scenario2(r: dict[str, Any]) -> list[str]:
         "",
         f"Targets (plugin): 100 % success: {_verdict(p.get('success_rate') == 1.0)}; zero 429s reaching the "
         f"caller: {_verdict(p.get('caller_429s') == 0)}. The plugin also made the provider send "
-        f"{p.get('provider_429s', '?')} 429s in all (plain LiteLLM: {r.get('plain LiteLLM', {}).get('provider_429s', '?')}): "
-        "a provider that counts refusals against abuse thresholds sees none. Latency is queue wait plus call; "
+        f"{p.get('provider_429s', '?')} 429s in all (plain LiteLLM: {r.get('plain LiteLLM', {}).get('provider_429s', '?')})"
+        + (": a provider that counts refusals against abuse thresholds sees none. " if not p.get("provider_429s") else
+           ". Those few 429s (requests that reached the provider later than the plugin admitted them, on a loaded "
+           "machine) are costly: each cools the model down for every caller and lowers the plugin's learned "
+           f"limit, and this run took {p.get('duration', 0):.0f} s where plain LiteLLM took "
+           f"{r.get('plain LiteLLM', {}).get('duration', 0):.0f} s. ")
+        + "Latency is queue wait plus call; "
         "p99 includes the wait for the second window. The provider's ceiling for a run of D seconds is "
         "N x ceil(D / 60) (a full window at the start, then one per minute); past the first window both subjects "
         "are bound by LiteLLM's own CPU cost per call on this 2-core machine, hence durations above the ideal.",
         "",
     ]
+    return lines
+
+
+def _md_router(rt: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if rt and "requests" in rt:
+        lines += [
+            "### Scenario 2 through LiteLLM's Router",
+            "",
+            f"`bench_scenario2.py` (`start_router_subjects`). {rt['requests']:,} calls from {rt['tasks']} "
+            f"tasks through `Router.acompletion` to one deployment with `rpm: {rt['provider_rpm']:,}` and "
+            f"`tpm: {rt['tpm']:,}` (the provider's limit: {rt['provider_rpm']:,} requests per 60 s), routing "
+            f"strategy `{rt['strategy']}` (the one that enforces them; the default `simple-shuffle` only uses "
+            "them as weights). Alone, and with the plugin registered (its model limit set to the same figures). "
+            "Smaller than the spike above; both subjects run at the same time, each in a process of its own, "
+            "while the light Scenario 1 and 3 stages run (the Router waits out whole minutes between its own "
+            "retries, which would otherwise add minutes of idle time to the run; the stage duration `router` is "
+            "the time left to wait for them after those stages).",
+            "",
+            "| subject | success | 429s reaching the caller | other errors | 429s sent by the provider | "
+            "requests sent | duration | latency p50 | latency p99 |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for name in ("Router alone", "Router + plugin"):
+            x = rt.get(name)
+            if not x:
+                continue
+            if "ok" not in x:
+                lines.append(f"| {name} | failed: `{x.get('error', '?')[:200]}` | | | | | | | |")
+                continue
+            other = {k: v for k, v in x["errors"].items() if k != "RateLimitError"}
+            lines.append(
+                f"| {name} | {100 * x['success_rate']:.1f} % | {x['caller_429s']:,} | "
+                f"{', '.join(f'{k} {v:,}' for k, v in other.items()) or '-'} | {x['provider_429s']:,} | "
+                f"{x['sent_to_provider']:,} | {x['duration']:.1f} s | {x['p50_latency'] or 0:.2f} s | "
+                f"{x['p99_latency'] or 0:.2f} s |"
+            )
+        ra = rt.get("Router alone", {})
+        if "ok" in ra and ra["caller_429s"]:
+            lines += [
+                "",
+                f"The Router alone sends the provider no more than its limit, but it does not queue: calls beyond "
+                f"the deployment's `rpm` fail with `RateLimitError` (\"No deployments available\") after the "
+                f"Router's own retries, {ra['caller_429s']:,} of them here.",
+            ]
+        lines += [""]
+    return lines
+
+
+def _md_scenario1(r: dict[str, Any]) -> list[str]:
+    names = ("no limiter", "plugin, hourly budget", "LiteLLM max_budget", "plugin, runaway detector")
+    base = r["no limiter"]
+    per_call = base["spend"] / base["calls"] if base["calls"] else 0.0
+    lines = [
+        "## 7. Scenario 1: a runaway agent loop",
+        "",
+        "`bench_scenario1.py`. The specification: \"a test agent gets stuck in a loop: $847 in charges before "
+        "noticed (2 hours); with rate limiting, $10 max (hourly budget), auto-stopped\". An agent loop calls "
+        f"`litellm.completion(model=\"{r['model']}\", ...)` against the fake provider, which reports "
+        f"{r['prompt_tokens']:,} prompt and {r['completion_tokens']:,} completion tokens per call "
+        f"(${per_call:.2f} a call at LiteLLM's prices), once every {r['period_seconds']:g} s of virtual time: the "
+        "plugin runs on a fake monotonic and wall clock, so hours of looping take seconds, and every call is a "
+        "real LiteLLM call over HTTP. The loop stops at its first error, as an agent does. Spend is LiteLLM's "
+        "`completion_cost` of each response.",
+        "",
+        "| subject | calls | spend | stopped after (virtual) | by |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for n in names:
+        x = r.get(n)
+        if not x:
+            continue
+        st = x["stopped"]
+        when = f"{x['virtual_seconds'] / 60:.1f} min" if st else f"not stopped in {x['virtual_seconds'] / 60:.0f} min"
+        lines.append(f"| {n} | {x['calls']:,} | ${x['spend']:,.2f} | {when} | {('`' + st['error'] + '`') if st else '-'} |")
+    lines += [
+        "",
+        f"Without a limiter the loop spends ${base['spend']:,.2f} in {base['virtual_seconds'] / 60:.0f} minutes; "
+        f"at that rate, **${base['spend_at_noticed_extrapolated']:,.0f} by the time it is noticed after "
+        f"{r['noticed_after_seconds'] / 3600:g} hours** (the specification's $847). With the plugin's hourly budget "
+        f"of ${r['budget']:g} it is stopped once the next call's worst case no longer fits: "
+        f"${r['plugin, hourly budget']['spend']:,.2f} spent.",
+    ]
+    mb = r.get("LiteLLM max_budget")
+    if mb and not mb["stopped"]:
+        lines.append(
+            f"LiteLLM's own `litellm.max_budget = {r['budget']:g}` did not stop the loop at all: LiteLLM's "
+            f"running total (`litellm._current_cost`) stood at ${mb.get('litellm_current_cost', 0):,.2f} after "
+            f"${mb['spend']:,.2f} of calls (LiteLLM adds to it only for some response types — a dict with a `content` key — not for these chat completions)."
+        )
+    elif mb:
+        lines.append(f"LiteLLM's own `litellm.max_budget = {r['budget']:g}` stopped it after ${mb['spend']:,.2f} "
+                     "(a process-wide total: it never resets, and only a restart clears it).")
+    rw = r.get("plugin, runaway detector")
+    if rw and rw["stopped"]:
+        lines.append(
+            f"A loop that resends the identical request (every 2 s here) is stopped by the runaway detector "
+            f"alone, with no budget configured, after {rw['calls']} calls (default: more than 20 identical "
+            "requests in 60 s)."
+        )
+    lines += [""]
+    return lines
+
+
+def _md_scenario3(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "## 8. Scenario 3: two models, priorities",
+        "",
+        "`bench_scenario3.py`. The specification: \"GPT-4 for complex tasks, GPT-3.5 for simple ones; without "
+        "rate limiting the GPT-4 quota is exhausted quickly; with it, GPT-4 is reserved for high-value tasks\". "
+        f"Two fake providers stand for the two quotas: `openai/gpt-4` at {r['gpt4_rpm']:,} and "
+        f"`openai/gpt-3.5-turbo` at {r['gpt35_rpm']:,} requests per 60 s (sliding logs, 429 beyond). "
+        f"{r['bulk_tasks']} bulk tasks per model call in closed loops (`priority: low`); high-value tasks arrive "
+        f"on gpt-4 at {r['vip_rps']:g} per second (`priority: high`) and count as served if they finish within "
+        f"{r['vip_deadline']:g} s. After {r['duration']:g} s of load plus {r['vip_deadline']:g} s, whatever is still "
+        "waiting or in flight is cancelled. The plugin has the providers' limits per model and "
+        "`queue.high_priority_reserve: 0.2`; plain LiteLLM runs with its defaults (the openai SDK retries a 429 "
+        "twice, honouring `retry-after`).",
+        "",
+        "| subject | class | calls | served | late | cancelled | 429s reaching the caller | latency p50 | latency p99 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("plain LiteLLM", "plugin"):
+        x = r.get(name)
+        if not x:
+            continue
+        for kind in ("vip gpt-4", "bulk gpt-4", "bulk gpt-3.5"):
+            k = x[kind]
+            label = {"vip gpt-4": "high-value, gpt-4", "bulk gpt-4": "bulk, gpt-4", "bulk gpt-3.5": "bulk, gpt-3.5"}[kind]
+            p50 = f"{k['p50_latency']:.2f} s" if k["p50_latency"] is not None else "-"
+            p99 = f"{k['p99_latency']:.2f} s" if k["p99_latency"] is not None else "-"
+            lines.append(f"| {name} | {label} | {k['calls']:,} | {k['ok']:,} | {k['late']:,} | {k['cancelled']:,} | "
+                         f"{k['caller_429s']:,} | {p50} | {p99} |")
+    lines += ["", "| subject | model | 200s | 429s sent by the provider | share of the provider's limit |",
+              "|---|---|---:|---:|---:|"]
+    for name in ("plain LiteLLM", "plugin"):
+        x = r.get(name)
+        if not x:
+            continue
+        for model in ("gpt-4", "gpt-3.5"):
+            pv = x[f"provider {model}"]
+            lines.append(f"| {name} | {model} | {pv['ok']:,} | {pv['429']:,} | {100 * pv['share_of_limit']:.0f} % |")
+    pl, pn = r.get("plugin", {}).get("vip gpt-4"), r.get("plain LiteLLM", {}).get("vip gpt-4")
+    if pl and pn:
+        lines += [
+            "",
+            f"High-value calls served: **{pl['ok']}/{pl['calls']} with the plugin** (p99 "
+            f"{pl['p99_latency'] or 0:.2f} s) against {pn['ok']}/{pn['calls']} without. Without it, bulk work "
+            "takes the whole gpt-4 window within seconds and every later call, high-value or not, gets 429s and "
+            "sleeps out the provider's `retry-after`. With it, bulk calls never use the fifth of each limit "
+            "reserved for high priority, so high-value calls pass at once; the price is that bulk work gets at "
+            "most 80 % of each model's limit (on gpt-3.5 too: the reserve applies to every limit), and the "
+            "saturated gpt-4 queue does not hold up gpt-3.5 calls.",
+        ]
+    lines += [""]
     return lines
 
 
@@ -628,8 +826,11 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "What the limiter costs and what it buys: the price of one admission decision (against `limits`, "
         "`pyrate_limiter` and `aiolimiter`), the overhead it adds to a LiteLLM call, the memory each active key "
-        "costs and whether idle keys go away, and how close it drives a rate-limited provider to its limit "
-        "without 429s. Every figure on this page comes from one run of:",
+        "costs and whether idle keys go away, how close it drives a rate-limited provider to its limit "
+        "without 429s, and the specification's three scenarios (a spike of 10,000 requests, also through "
+        "LiteLLM's Router; a runaway loop; two models with priorities) against plain LiteLLM. "
+        + ("Every figure on this page comes from one run of:" if not meta.get("notes") else
+           "The figures on this page come from the runs described below the tables; all of them are produced by:"),
         "",
         "```bash",
         meta["command"],
@@ -654,6 +855,8 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines += [""]
     if meta.get("stage_seconds"):
         lines += ["Stage durations: " + ", ".join(f"{k} {v:.0f} s" for k, v in meta["stage_seconds"].items()) + ".", ""]
+    for note in meta.get("notes", []):  # how a page merged from several runs was put together
+        lines += [note, ""]
     if "engine" in results:
         lines += _md_engine(results["engine"])
     if "e2e" in results:
@@ -664,8 +867,16 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += _md_throughput(results["throughput"])
     if "scenario2" in results:
         lines += _md_scenario2(results["scenario2"])
+    if "router" in results:
+        lines += _md_router(results["router"])
     if "budget" in results:
         lines += _md_budget(results["budget"])
+    if "redis" in results:
+        lines += _md_redis(results["redis"])
+    if "scenario1" in results:
+        lines += _md_scenario1(results["scenario1"])
+    if "scenario3" in results:
+        lines += _md_scenario3(results["scenario3"])
     lines += _md_observations(results)
     for name, err in meta.get("errors", {}).items():
         lines += [f"**{name} failed in this run:** `{err}`", ""]
@@ -681,8 +892,12 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "python benchmarks/bench_e2e.py",
         "python benchmarks/bench_memory.py",
         "python benchmarks/bench_throughput.py        # --no-minute skips the 70 s per-minute run",
-        "python benchmarks/bench_scenario2.py         # 10,000 requests, plugin vs plain LiteLLM",
+        "python benchmarks/bench_scenario2.py         # 10,000 requests, plugin vs plain LiteLLM (--router: + the Router subjects)",
         "python benchmarks/bench_budget.py            # budget checks and persistence",
+        "python benchmarks/bench_scenario1.py         # runaway loop: spend and time to stop",
+        "python benchmarks/bench_scenario3.py         # two models, priorities",
+        "python benchmarks/bench_redis.py             # shared limits on Redis vs limits' Redis moving window",
+        "hive-ratelimit simulate --config limits.yaml --rate 50/s --duration 1h --agents 10   # your own load, virtual clock",
         "```",
         "",
     ]
@@ -693,10 +908,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description="Run every benchmark and rewrite docs/benchmarks.md.")
     p.add_argument("--quick", action="store_true", help="shorter runs (figures are rough)")
     p.add_argument(
-        "--only", choices=["engine", "budget", "e2e", "memory", "throughput", "scenario2"], action="append",
-        help="run only these (repeatable)"
+        "--only", choices=["engine", "budget", "redis", "e2e", "memory", "throughput", "scenario1", "scenario2",
+                           "scenario3", "router"],
+        action="append", help="run only these (repeatable)"
     )
-    p.add_argument("--no-minute", action="store_true", help="skip the per-minute throughput run (70 s)")
+    p.add_argument("--with-minute", action="store_true",
+                   help="add the per-minute throughput run (70 s; Scenario 2 covers a per-minute window)")
+    p.add_argument("--no-minute", action="store_true", help=argparse.SUPPRESS)  # the default now
     p.add_argument(
         "--package-from-commit",
         metavar="REV",
@@ -727,7 +945,10 @@ def main() -> None:
     import bench_e2e
     import bench_engine
     import bench_memory
+    import bench_redis
+    import bench_scenario1
     import bench_scenario2
+    import bench_scenario3
     import bench_throughput
 
     import hive_ratelimit_plugin
@@ -745,11 +966,12 @@ def main() -> None:
     stages = [
         ("engine", lambda: bench_engine.run(quick=args.quick), bench_engine.summary),
         ("budget", lambda: bench_budget.run(quick=args.quick), bench_budget.summary),
+        ("redis", lambda: bench_redis.run(quick=args.quick), bench_redis.summary),
         ("memory", lambda: bench_memory.run(quick=args.quick), bench_memory.summary),
-        ("e2e", lambda: bench_e2e.run(quick=args.quick), bench_e2e.summary),
+        ("e2e", lambda: bench_e2e.run(quick=args.quick, blocks=None if args.quick else 30), bench_e2e.summary),
         (
             "throughput",
-            lambda: bench_throughput.run(quick=args.quick, minute=not args.no_minute),
+            lambda: bench_throughput.run(quick=args.quick, minute=args.with_minute and not args.no_minute),
             bench_throughput.summary,
         ),
         (
@@ -757,14 +979,24 @@ def main() -> None:
             lambda: bench_scenario2.run(2_000 if args.quick else 10_000, 1_000 if args.quick else 5_000),
             bench_scenario2.summary,
         ),
+        # The Router subjects (own processes, mostly waiting out the Router's per-minute retries) run
+        # while the two light stages after them run, so that their idle minutes cost no extra time.
+        ("router_start", lambda: router_started.extend(bench_scenario2.start_router_subjects()), None),
+        ("scenario1", bench_scenario1.run, bench_scenario1.summary),
+        ("scenario3", bench_scenario3.run, bench_scenario3.summary),
+        ("router", lambda: bench_scenario2.collect_router_subjects(router_started), bench_scenario2.router_summary),
     ]
+    router_started: list[Any] = []
     results: dict[str, Any] = {}
     for name, fn, summ in stages:
-        if args.only and name not in args.only:
+        if args.only and (name if not name.startswith("router") else "router") not in args.only:
             continue
         print(f"\n=== {name} ===", flush=True)
         t0 = time.perf_counter()
         try:
+            if summ is None:  # a step, not a stage with results
+                fn()
+                continue
             results[name] = fn()
             print(summ(results[name]), flush=True)
         except Exception as exc:  # keep the other figures; say what failed

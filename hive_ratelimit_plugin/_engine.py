@@ -14,6 +14,7 @@ their behalf, and wakes them.
 from __future__ import annotations
 
 import threading
+import time as _time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ _NO_PRIORITY = -(10**9)
 HIGH_PRIORITY = 10
 EVICTIONS_PER_TICK = 2000
 ADAPTIVE_MIN_RATE = 10  # requests per minute below which 429s say nothing about our rate
+ADAPTIVE_STEP = 0.05  # learned rate added per successful call while recovering from 429s
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
@@ -190,6 +192,11 @@ class ScopeState:
     def is_idle(self, now: float) -> bool:
         if self.in_flight or self.reserved_requests:
             return False
+        # What a provider told us outlives empty windows: a long cooldown, a breaker, a learned
+        # or 429-lowered rate. (Only model and API-key scopes carry these: a bounded set.)
+        if self.cooldown_until > now or self.circuit is not CLOSED or self.learned_rpm is not None \
+                or self.learned_tpm is not None or self.adaptive_rpm is not None:
+            return False
         for w in self.windows():
             w.expire(now)
             if not w.is_idle():
@@ -241,11 +248,13 @@ class _Reservation:
     charges: list[tuple[str, SlidingWindow, int, float]]
     expires_at: float
     admitted_at: float = 0.0
+    sent_at: float | None = None  # when LiteLLM reported sending its first HTTP attempt (note_attempt)
     attempts: int = 0
     settled: bool = False
     slot_freed: bool = False
     remote: bool = False  # admitted by a shared backend (see _redis.RedisEngine)
     record: bool = False  # the shared backend keeps a lease record of it
+    local_at: float = 0.0  # the local clock at a shared backend's admission (admitted_at is its clock)
     spend_targets: str = ""  # the shared backend's spend keys of it, when it keeps no record
 
 
@@ -767,7 +776,15 @@ class Engine:
                 # admission: the HTTP request goes out (and lands) some time after admission,
                 # and a provider enforcing an exact window counts it from its arrival.
                 if margin:
-                    to = min(now, res.admitted_at + min(margin, window.period / 10))
+                    # From the send, when known: the wait between admission and the send (LiteLLM's
+                    # own work, a busy event loop) is then not mistaken for time on the wire.
+                    start = res.admitted_at if res.sent_at is None else res.sent_at
+                    if now - start <= min(margin, window.period / 2):
+                        # Done soon after the send: it had arrived by now, so count it from now.
+                        # (A stalled event loop can hold a fast call's bytes for 100+ ms.)
+                        to = now
+                    else:  # a long call (generation time): it arrived early on
+                        to = start + min(margin, window.period / 10)
                     window.move(now, index, amount, to)
                 continue
             actual = actual_in + actual_out if metric == "all" else actual_in if metric == "in" else actual_out
@@ -860,7 +877,10 @@ class Engine:
                     st.circuit, st.probe, st.open_count = CLOSED, None, 0
                     self._out_events.append({"type": "circuit_closed", "scope": st.key, "time": self.wall()})
                 if st.adaptive_rpm is not None:
-                    st.adaptive_rpm += 1.0 / max(st.adaptive_rpm, 1.0)  # additive increase: ~+1 per window
+                    # Recovery: each success adds 1/20 (at least 1/rate), so a minute of traffic at
+                    # the lowered rate raises it by ~5 % (at least 1): a rate cut by a few 429s
+                    # is back within a few minutes, not (at +1 per minute) within hours.
+                    st.adaptive_rpm += max(ADAPTIVE_STEP, 1.0 / max(st.adaptive_rpm, 1.0))
                     if st.adaptive_rpm >= st.adaptive_ceiling:
                         st.adaptive_rpm = None
                     self._apply_learned(st)
@@ -1067,9 +1087,10 @@ class Engine:
             if res is None:
                 return
             res.attempts += 1
-            if res.attempts <= 1:
-                return
             now = self.clock()
+            if res.attempts <= 1:
+                res.sent_at = now
+                return
             for st in res.states:
                 for w in st.requests:
                     w.expire(now)
@@ -1154,27 +1175,45 @@ class Engine:
             return len(idle)
 
     # ------------------------------------------------------------------ stats
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        """Current usage per scope key: window counts, in-flight, queued."""
+    def snapshot(self, chunk: int = 0) -> dict[str, dict[str, Any]]:
+        """Current usage per scope key: window counts, in-flight, queued.
+
+        Args:
+            chunk: take the lock for at most this many scopes at a time (the status publisher
+                does, so admissions never wait for a pass over thousands of scopes; the result
+                is then not one atomic picture). 0: one pass under the lock.
+        """
         with self._lock:
-            now = self.clock()
             queued: dict[str, int] = {}
             for waiter in self._waiters:
                 for k in waiter.keys:
                     queued[k] = queued.get(k, 0) + 1
-            out: dict[str, dict[str, Any]] = {}
-            for key, st in self._states.items():
-                entry: dict[str, Any] = {"level": st.level}
-                for w in st.windows():
-                    w.expire(now)
-                    if w.limit != NEVER:
-                        entry[w.name] = {"used": w.total, "limit": w.limit}
-                entry["in_flight"] = st.in_flight
-                if st.concurrency is not None:
-                    entry["concurrent_requests"] = {"used": st.in_flight, "limit": st.concurrency}
-                entry["queued"] = queued.get(key, 0)
-                out[key] = entry
-            return out
+            if not chunk:
+                now = self.clock()
+                return {key: self._describe(st, now, queued) for key, st in self._states.items()}
+            items = list(self._states.items())
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(items), chunk):
+            if i:
+                _time.sleep(0)  # let a thread waiting for the lock take it (locks are not fair)
+            with self._lock:
+                now = self.clock()
+                for key, st in items[i:i + chunk]:
+                    out[key] = self._describe(st, now, queued)
+        return out
+
+    @staticmethod
+    def _describe(st: ScopeState, now: float, queued: dict[str, int]) -> dict[str, Any]:
+        entry: dict[str, Any] = {"level": st.level}
+        for w in st.windows():
+            w.expire(now)
+            if w.limit != NEVER:
+                entry[w.name] = {"used": w.total, "limit": w.limit}
+        entry["in_flight"] = st.in_flight
+        if st.concurrency is not None:
+            entry["concurrent_requests"] = {"used": st.in_flight, "limit": st.concurrency}
+        entry["queued"] = queued.get(st.key, 0)
+        return entry
 
     def backend_info(self) -> dict[str, Any]:
         """Which backend holds the counters, and its health."""

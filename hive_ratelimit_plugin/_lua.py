@@ -58,11 +58,23 @@ local function arg() local v = A[pos]; pos = pos + 1; return v end
 local function num() return tonumber(arg()) end
 local BUCKETS = 60
 local INF = math.huge
+-- Numbers go back to the client at full precision (tostring keeps only 14 digits).
+local function fmt(x) return string.format('%.17g', x) end
 
 -- A window hash: bucket index -> usage, plus 'T' (the total of its live buckets) and 'O' (the
 -- oldest bucket that may still hold usage). A look at a window reads those two fields and drops
 -- only the buckets that left it since the last look; only a blocked call reads every bucket.
 -- Bucket b counts until (b + 1) * width + period (conservative, as in _windows.py).
+-- Floor division exactly as Python's float // (so both backends put a time in the same bucket).
+local function fdiv(a, b)
+  local mod = math.fmod(a, b)
+  local div = (a - mod) / b
+  if mod ~= 0 and ((b < 0) ~= (mod < 0)) then div = div - 1 end
+  local fl = math.floor(div)
+  if div - fl > 0.5 then fl = fl + 1 end
+  return fl
+end
+
 local function lowest(period, width) return math.floor((now - period) / width) end
 
 local function window(key, period)
@@ -137,7 +149,7 @@ end
 
 local function add(key, period, at, amount)
   local width = period / BUCKETS
-  local idx = math.floor(at / width)
+  local idx = fdiv(at, width)
   bump(key, idx, amount)
   redis.call('PEXPIRE', key, math.ceil((2 * period + width) * 1000))
   return idx
@@ -288,7 +300,7 @@ local function check(sc)
       redis.call('HDEL', P .. ':s:' .. sc.key, 'probe')
     end
     if st.circuit == 'open' then
-      return nil, nil, nil, nil, {4, tostring(now), sc.key, tostring(st.open_until), tostring(st.failures)}
+      return nil, nil, nil, nil, {4, fmt(now), sc.key, fmt(st.open_until), fmt(st.failures)}
     elseif st.circuit == 'half_open' and st.probe then
       release = true
       first = first or {sc.key, 'circuit_half_open', 0}
@@ -302,8 +314,8 @@ local function check(sc)
       local used, reserved, amount = c, rcost, cost
       if b.isreq then used, reserved, amount = r, rreq, 1 end
       if used >= b.limit or used + amount > b.limit then
-        return nil, nil, nil, nil, {2, tostring(now), sc.key, b.name, b.kind, tostring(b.limit), tostring(used),
-          tostring(amount)}
+        return nil, nil, nil, nil, {2, fmt(now), sc.key, b.name, b.kind, fmt(b.limit), fmt(used),
+          fmt(amount)}
       end
       if used + reserved + amount > b.limit then
         release = true
@@ -330,7 +342,7 @@ local function check(sc)
       local limit = full * share
       if total + win.amount > limit then
         if win.amount > full then
-          return nil, nil, nil, nil, {3, tostring(now), sc.key, win.name, tostring(full), tostring(win.amount)}
+          return nil, nil, nil, nil, {3, fmt(now), sc.key, win.name, fmt(full), fmt(win.amount)}
         end
         local at = retry_at(key, total, width, win.period, win.amount + full - limit, full)
         if at == INF then release = true
@@ -387,7 +399,7 @@ if (alt_any or alt_err) and chosen == nil then
   elseif retry == nil or alt_retry > retry then retry = alt_retry end
 end
 if first ~= nil then
-  local out = {0, tostring(now), first[1], first[2], tostring(first[3]), retry and tostring(retry) or '',
+  local out = {0, fmt(now), first[1], first[2], fmt(first[3]), retry and fmt(retry) or '',
     release and 1 or 0}
   for _, k in ipairs(failing) do out[#out + 1] = k end
   return out
@@ -437,11 +449,12 @@ if record then
   redis.call('ZADD', P .. ':leases', now + lease, call_id)
   keep(P .. ':leases', record_ms(lease))
 end
-return {1, tostring(now), chosen and chosen.key or '', record and 1 or 0}
+return {1, fmt(now), chosen and chosen.key or '', record and 1 or 0}
 """
 
-#: ARGV: prefix, now|'', call_id, has_record(0/1), admitted_at, spend targets ('\0'-joined, in the windows
-#:   current at settlement; '' = those of the lease record), reserved cost, actual cost, tokens, margin, free_slot(0/1),
+#: ARGV: prefix, now|'', call_id, has_record(0/1), admitted_at, sent_at(''=unknown), spend targets
+#:   ('\0'-joined, in the windows current at settlement; '' = those of the lease record), reserved cost,
+#:   actual cost, tokens, margin, free_slot(0/1),
 #:   outcome, wait(''=none), signals: limit_req, limit_tok, rem_req, reset_req, rem_tok, reset_tok (''=none),
 #:   pace_default, circuit threshold, cooldown, max cooldown, adaptive(0/1), decrease, adaptive min,
 #:   nthr, [threshold]*, nscopes, then per scope:  (outcome 'void': an admission whose answer was lost)
@@ -452,6 +465,7 @@ SETTLE = _COMMON + r"""
 local call_id = arg()
 local has_record = arg() == '1'
 local at_arg = num()
+local sent_at = num()
 local sp_arg = arg()
 local reserved = num()
 local cost = num()
@@ -484,7 +498,7 @@ local admitted_at, expired, sp_str = at_arg, false, sp_arg
 if has_record then
   local lk = P .. ':l:' .. call_id
   local rec = redis.call('HMGET', lk, 'at', 'done', 'cost', 'bs', 'cs', 'sp', 'pr')
-  if not rec[1] or rec[2] == 'settled' then return {0, tostring(now)} end
+  if not rec[1] or rec[2] == 'settled' then return {0, fmt(now)} end
   if outcome == 'void' then  -- an admission whose answer was lost: the caller never had it
     for _, s in ipairs(split(rec[7])) do
       if redis.call('HGET', P .. ':s:' .. s, 'probe') == call_id then redis.call('HDEL', P .. ':s:' .. s, 'probe') end
@@ -498,27 +512,32 @@ if has_record then
   if freeing then
     -- a stream ended but its usage comes later: free the slot, keep the reservation open
     redis.call('HSET', lk, 'cs', '')
-    return {0, tostring(now)}
+    return {0, fmt(now)}
   end
   if not expired then
     for _, s in ipairs(split(rec[4])) do unreserve(s, reserved) end
   end
   redis.call('DEL', lk)  -- settled: a second settlement finds nothing and does nothing
 elseif freeing then
-  return {0, tostring(now)}
+  return {0, fmt(now)}
 end
 
 for _, sc in ipairs(scopes) do
   for _, win in ipairs(sc.wins) do
     local key = P .. ':w:' .. sc.key .. ':' .. win.name
     local width = win.period / BUCKETS
-    local idx = math.floor(admitted_at / width)
+    local idx = fdiv(admitted_at, width)
     local live = (idx + 1) * width + win.period > now
     if win.isreq then
       -- count the request from when it may have reached the provider
       if margin > 0 and live then
-        local to = math.min(now, admitted_at + math.min(margin, win.period / 10))
-        local nidx = math.floor(to / width)
+        -- from the send when known (time in the caller's pipeline is not time on the wire); a
+        -- call done soon after its send had arrived by its end; a long one early on
+        local start = sent_at or admitted_at
+        local to = start + math.min(margin, win.period / 10)
+        if now - start <= math.min(margin, win.period / 2) then to = now end
+        to = math.min(to, now)
+        local nidx = fdiv(to, width)
         if nidx ~= idx then
           local cur = tonumber(redis.call('HGET', key, idx)) or 0
           if cur >= win.amount then  -- (a bucket already gone has nothing to move)
@@ -562,8 +581,8 @@ for _, sc in ipairs(scopes) do
       if used < thr * b.limit then break end
       local mk = P .. ':mark:' .. sc.key .. ':' .. b.kind .. ':' .. b.start .. ':' .. thr
       if redis.call('SET', mk, '1', 'NX', 'EX', b.ttl) then
-        events[#events + 1] = table.concat({'budget', sc.key, b.name, b.kind, tostring(thr), tostring(used),
-          tostring(b.limit)}, SEP)
+        events[#events + 1] = table.concat({'budget', sc.key, b.name, b.kind, fmt(thr), fmt(used),
+          fmt(b.limit)}, SEP)
       end
     end
   end
@@ -603,7 +622,7 @@ for _, sc in ipairs(scopes) do
         events[#events + 1] = table.concat({'circuit_closed', sc.key}, SEP)
       end
       if st.arpm then
-        local a = st.arpm + 1.0 / math.max(st.arpm, 1.0)
+        local a = st.arpm + math.max(0.05, 1.0 / math.max(st.arpm, 1.0))  -- as ADAPTIVE_STEP in _engine.py
         if a >= st.ceiling then redis.call('HDEL', sk, 'adaptive_rpm')
         else redis.call('HSET', sk, 'adaptive_rpm', a) end
       end
@@ -640,7 +659,7 @@ for _, sc in ipairs(scopes) do
         local length = math.min(cooldown * 2 ^ (oc - 1), max_cooldown)
         redis.call('HSET', sk, 'circuit', 'open', 'open_count', oc, 'open_until', now + length)
         redis.call('HDEL', sk, 'probe')
-        events[#events + 1] = table.concat({'circuit_opened', sc.key, tostring(length), tostring(failures)}, SEP)
+        events[#events + 1] = table.concat({'circuit_opened', sc.key, fmt(length), fmt(failures)}, SEP)
       end
     elseif st.probe == call_id then
       redis.call('HDEL', sk, 'probe')
@@ -648,7 +667,7 @@ for _, sc in ipairs(scopes) do
     redis.call('EXPIRE', sk, 86400)
   end
 end
-local out = {1, tostring(now)}
+local out = {1, fmt(now)}
 for _, e in ipairs(events) do out[#out + 1] = e end
 return out
 """
@@ -660,19 +679,19 @@ for w = 1, num() do
   local period = num()
   add(key, period, now, num())
 end
-return tostring(now)
+return fmt(now)
 """
 
 #: ARGV: prefix, now|'', nwin, [scope, name, period]*, nconc, [scope]*, nstate, [scope]*,
 #:   nspend, [scope, kind, start]*, nres, [scope]*
 #: Returns totals, concurrency counts, provider state, spend and reservations, for stats.
 PEEK = _COMMON + r"""
-local out = {tostring(now)}
+local out = {fmt(now)}
 local w = {}
 for j = 1, num() do
   local key = P .. ':w:' .. arg() .. ':' .. arg()
   local total = window(key, num())
-  w[j] = tostring(total)
+  w[j] = fmt(total)
 end
 out[#out + 1] = w
 local c = {}
@@ -692,7 +711,7 @@ local sp = {}
 for j = 1, num() do
   local scope, kind, start = arg(), arg(), arg()
   local cost, req, tok = spent(scope, kind, start)
-  sp[j] = table.concat({tostring(cost), tostring(req), tostring(tok)}, SEP)
+  sp[j] = table.concat({fmt(cost), fmt(req), fmt(tok)}, SEP)
 end
 out[#out + 1] = sp
 local rv = {}

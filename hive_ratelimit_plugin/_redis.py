@@ -238,8 +238,8 @@ class RedisEngine(Engine):
         # taken for a whole lease and the worst-case cost is charged when the lease is reclaimed.
         for call_id, cost in list(self._voids.items()):
             self._settle_script(keys=self._route, args=_pack([
-                self.prefix, "", call_id, "1", "0", "", cost, "0", "0", "0", "0", "void", "", "", "", "", "", "", "",
-                "0", "0", "0", "0", "0", "0", "0", "0", "0"]))
+                self.prefix, "", call_id, "1", "0", "", "", cost, "0", "0", "0", "0", "void",
+                "", "", "", "", "", "", "", "0", "0", "0", "0", "0", "0", "0", "0", "0"]))
             del self._voids[call_id]
         try:
             for args in settles:
@@ -322,7 +322,7 @@ class RedisEngine(Engine):
             ticket.chosen = chosen or None
             self._leases[ticket.call_id] = _Reservation(ticket, [], [], local + self.lease_seconds, rnow,
                                                         remote=True, record=int(out[3]) == 1,
-                                                        spend_targets=args[-1])
+                                                        spend_targets=args[-1], local_at=local)
             self._version += 1
             self.admitted_total += 1
             return None
@@ -516,7 +516,7 @@ class RedisEngine(Engine):
         s = signals
         t = res.ticket
         args = [self.prefix, self._now_arg(), t.call_id, "1" if res.record else "0", _num(res.admitted_at),
-                self._spend_targets(t, starts), _num(t.cost), _num(cost), str(tin + tout),
+                opt(res.sent_at), self._spend_targets(t, starts), _num(t.cost), _num(cost), str(tin + tout),
                 _num(self.arrival_margin), "0", outcome, opt(wait),
                 opt(s.limit_requests if s else None), opt(s.limit_tokens if s else None),
                 opt(s.remaining_requests if s else None), opt(s.reset_requests if s else None),
@@ -608,7 +608,7 @@ class RedisEngine(Engine):
                 return
             res.slot_freed = True
             args = self._settle_args(res, 0, 0, 0.0, "success", None, None, self.calendar.starts(self.wall()))
-            args[10] = "1"
+            args[11] = "1"
             try:
                 self._call(self._settle_script, args)
             except _Down:
@@ -624,9 +624,10 @@ class RedisEngine(Engine):
                 self.fallback.note_attempt(call_id)
                 return
             res.attempts += 1
-            if res.attempts <= 1:
-                return
             now = self.clock()
+            if res.attempts <= 1:
+                res.sent_at = res.admitted_at + (now - res.local_at)  # on the backend's clock
+                return
             args = [self.prefix, self._now_arg(), ""]
             n = 0
             t = res.ticket
@@ -746,7 +747,7 @@ class RedisEngine(Engine):
             out[key] = entry
         return out
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
+    def snapshot(self, chunk: int = 0) -> dict[str, dict[str, Any]]:
         with self._lock:
             queued: dict[str, int] = {}
             for waiter in self._waiters:
@@ -808,6 +809,18 @@ class RedisEngine(Engine):
                 entry["consecutive_failures"] = int(float(h["failures"]))
             out[key] = entry
         return out
+
+    def publish_status(self, doc: str, ttl: float) -> None:
+        """Publish this process' status snapshot (``hive-ratelimit status`` on any host reads it)."""
+        if not self.available:
+            return
+        import os
+        import socket
+
+        try:
+            self.r.set(f"{self.prefix}:status:{socket.gethostname()}:{os.getpid()}", doc, ex=max(int(ttl), 1))
+        except self._errors:
+            pass  # the next admission notices the outage
 
     def backend_info(self) -> dict[str, Any]:
         return {"type": "redis", "url": self.url, "key_prefix": self.prefix, "available": self.available,

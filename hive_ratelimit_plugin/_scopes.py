@@ -32,6 +32,7 @@ _generations = itertools.count(1)
 IDENTITY_FIELDS = ("agent_id", "user_id", "team_id", "run_id", "priority")
 
 _context: ContextVar[Mapping[str, Any] | None] = ContextVar("hive_ratelimit_identity", default=None)
+_EMPTY: Mapping[str, Any] = {}
 
 #: Last-resort identity sources, asked in order for the fields that neither the request's metadata
 #: nor :func:`scope` set. Each returns a mapping with some of :data:`IDENTITY_FIELDS` (``None``
@@ -100,17 +101,23 @@ def _clean(value: Any) -> str | None:
 def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Identity:
     """Merge, field by field: the request's metadata and ``user`` > :func:`scope` >
     :data:`AMBIENT_IDENTITY` (Hive's running agent and run)."""
-    ctx = _context.get() or {}
-    md = metadata if isinstance(metadata, Mapping) else {}
-
-    def pick(name: str) -> Any:
-        v = md.get(name)
-        return v if v is not None else ctx.get(name)
-
+    ctx = _context.get()
+    md = metadata if type(metadata) is dict or isinstance(metadata, Mapping) else _EMPTY
     user_id = md.get("user_id")
-    if user_id is None:
-        user_id = user if user else ctx.get("user_id")
-    agent_id, team_id, run_id, priority = pick("agent_id"), pick("team_id"), pick("run_id"), pick("priority")
+    agent_id, team_id, run_id, priority = md.get("agent_id"), md.get("team_id"), md.get("run_id"), md.get("priority")
+    if ctx:
+        if user_id is None:
+            user_id = user if user else ctx.get("user_id")
+        if agent_id is None:
+            agent_id = ctx.get("agent_id")
+        if team_id is None:
+            team_id = ctx.get("team_id")
+        if run_id is None:
+            run_id = ctx.get("run_id")
+        if priority is None:
+            priority = ctx.get("priority")
+    elif user_id is None and user:
+        user_id = user
     if agent_id is None or run_id is None or user_id is None or team_id is None:
         for source in AMBIENT_IDENTITY:
             amb = source()
@@ -120,6 +127,20 @@ def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Id
                 team_id = team_id if team_id is not None else amb.get("team_id")
                 run_id = run_id if run_id is not None else amb.get("run_id")
                 priority = priority if priority is not None else amb.get("priority")
+    raw = (agent_id, user_id, team_id, run_id, priority)
+    if not (_plain(agent_id) and _plain(user_id) and _plain(team_id) and _plain(run_id)
+            and (priority is None or type(priority) is str or type(priority) is int)):
+        return _identity(*raw)  # other types (1 == 1.0 == True) would share a cache entry
+    found = _identities.get(raw)
+    if found is None:
+        found = _identity(*raw)
+        if len(_identities) > 8192:
+            _identities.clear()
+        _identities[raw] = found
+    return found
+
+
+def _identity(agent_id: Any, user_id: Any, team_id: Any, run_id: Any, priority: Any) -> Identity:
     return Identity(
         agent_id=_clean(agent_id),
         user_id=_clean(user_id),
@@ -127,6 +148,15 @@ def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Id
         run_id=_clean(run_id),
         priority=parse_priority(priority),
     )
+
+
+def _plain(value: Any) -> bool:
+    return value is None or type(value) is str
+
+
+# Identity per raw (agent, user, team, run, priority), for str/None ids and str/int priorities
+# only: an agent sends the same ones on every call.
+_identities: dict[tuple[Any, ...], Identity] = {}
 
 
 def split_model(model: str, provider: str) -> str:

@@ -63,6 +63,24 @@ def _settled_after_wake(engine: Engine, waiter: Waiter, start: float, deadline: 
     return False
 
 
+_local = threading.local()
+
+
+def _thread_event() -> threading.Event:
+    """This thread's wake-up event, cleared (an Event costs a Condition and a Lock to build).
+
+    A thread waits for one admission at a time, so one event per thread suffices; a late
+    ``set()`` left over from an earlier wait only causes a spurious wake-up, which the wait
+    loop treats as "check again".
+    """
+    event: threading.Event | None = getattr(_local, "event", None)
+    if event is None:
+        event = _local.event = threading.Event()
+    else:
+        event.clear()
+    return event
+
+
 def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
     """Block the calling thread until ``ticket`` is admitted.
 
@@ -73,7 +91,7 @@ def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
         RateLimitQueueTimeout: not admitted within ``max_wait`` seconds, or the queue is full.
         RequestTooLargeError: the call can never fit.
     """
-    event = threading.Event()
+    event = _thread_event()
     start = engine.clock()
     ticket.deadline = start + max_wait
     try:

@@ -1,4 +1,4 @@
-"""The ``hive-ratelimit`` command: ``demo``, ``check-config``, ``audit`` and ``run``."""
+"""The ``hive-ratelimit`` command: ``demo``, ``check-config``, ``audit``, ``status``, ``run`` and ``simulate``."""
 
 from __future__ import annotations
 
@@ -156,6 +156,51 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .status import DEFAULT_LEVELS, read_status, render_dashboard
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    levels = list(DEFAULT_LEVELS)
+    for flag, level in (("agents", "agent"), ("users", "user"), ("teams", "team")):
+        if getattr(args, flag) or args.all:
+            levels.append(level)
+    if args.all:
+        levels += ["key", "run"]
+    sources = []
+    if cfg.backend != "memory":  # processes sharing Redis publish there, from every host
+        from .status import RedisStatusSource
+
+        sources.append(RedisStatusSource(cfg.backend, cfg.redis.key_prefix))
+    frames = 0
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            state = read_status(args.state_path, cfg, max_age=args.max_age, sources=sources)
+            if args.json:
+                text = json.dumps(state, indent=None if args.watch else 2, default=str) + "\n"
+            else:
+                text = render_dashboard(state, levels=levels)
+            if args.watch and tty and not args.json:
+                text = "\x1b[H\x1b[J" + text  # redraw in place
+            elif args.watch and frames and not args.json:
+                text = "\n" + text
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            frames += 1
+            if not args.watch or (args.count and frames >= args.count):
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def run_environment(config: str | None = None, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The environment ``hive-ratelimit run`` gives its command.
 
@@ -210,6 +255,21 @@ def _run(args: argparse.Namespace) -> int:
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as shells report it
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import json
+
+    from .simulate import SimulationError, simulate_from_args
+
+    try:
+        report, text = simulate_from_args(args)
+    except (SimulationError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else text)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hive-ratelimit`` command."""
     parser = argparse.ArgumentParser(prog="hive-ratelimit", description="Rate limits for LiteLLM agents.")
@@ -228,6 +288,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     audit.add_argument("--limit", type=int, default=None, help="only the last N changes")
     audit.add_argument("--json", action="store_true", help="print JSON")
     audit.set_defaults(func=_audit)
+    status = sub.add_parser(
+        "status", help="show live usage against limits and budgets (running processes, else the state file)",
+        description="Draw request, token and concurrency usage against limits, and every budget, from the "
+                    "snapshots running processes publish next to the state file; with nothing running, the "
+                    "budgets persisted in the state file.")
+    status.add_argument("--config", help="the limits YAML, for budget limits when nothing runs "
+                        "(default: HIVE_RATELIMIT_CONFIG)")
+    status.add_argument("--state-path", help="the state file (default: the configuration's state_path, "
+                        "HIVE_RATELIMIT_STATE_PATH or ~/.local/state/hive-ratelimit/state.sqlite)")
+    status.add_argument("--agents", action="store_true", help="also draw per-agent limits")
+    status.add_argument("--users", action="store_true", help="also draw per-user limits")
+    status.add_argument("--teams", action="store_true", help="also draw per-team limits")
+    status.add_argument("--all", action="store_true", help="draw every level (agents, users, teams, API keys, runs)")
+    status.add_argument("--json", action="store_true", help="print the state as JSON instead")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    status.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes")
+    status.add_argument("--max-age", type=float, default=10.0,
+                        help="ignore snapshots older than this many seconds (default 10)")
+    status.set_defaults(func=_status)
     run = sub.add_parser(
         "run", help="run a command with hive-ratelimit enabled in every Python program it starts (no code change)",
         description="Run COMMAND with HIVE_RATELIMIT_ENABLED=1: any Python program it starts registers a "
@@ -236,6 +316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--config", help="the limits YAML (sets HIVE_RATELIMIT_CONFIG; default: inherited)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     run.set_defaults(func=_run)
+    sim = sub.add_parser(
+        "simulate", help="run a configuration against a simulated load on a virtual clock (no provider, no waiting)",
+        description="Drive the plugin's real admission engine with a simulated load on a virtual clock and "
+                    "print what would be admitted, queued and rejected, the queue waits, the 429s a provider "
+                    "would send, and when budgets would trip. An hour of traffic takes seconds.")
+    from .simulate import add_arguments
+
+    add_arguments(sim)
+    sim.set_defaults(func=_simulate)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

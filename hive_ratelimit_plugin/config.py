@@ -191,9 +191,11 @@ class EstimationConfig(_Strict):
     default_output_tokens: PositiveInt = 256
     lease_seconds: PositiveFloat = 300.0
     arrival_margin_seconds: float = Field(default=1.0, ge=0)
-    """A request counts in request windows from when it may have reached the provider: at most
-    this long after admission (and at most a tenth of the window), or when it completed if
-    sooner. Guards against 429s from providers that count arrivals; 0 counts from admission."""
+    """A request counts in request windows from when it may have reached the provider: when it
+    completed, if that was within this long (and half the window) of LiteLLM sending it; a longer
+    call counts from its send plus this margin (at most a tenth of the window). The send is the
+    admission if LiteLLM did not report it. Guards against 429s from providers that count
+    arrivals; 0 counts from admission."""
 
 
 class BudgetConfig(_Strict):
@@ -257,6 +259,13 @@ class RedisConfig(_Strict):
     retry_interval: PositiveFloat = 1.0  # how often to try Redis again during an outage
 
 
+class StatusConfig(_Strict):
+    """Live status snapshots for ``hive-ratelimit status`` (``status/<pid>.json`` next to the state file)."""
+
+    enabled: bool = True
+    interval_seconds: PositiveFloat = 1.0
+
+
 class RateLimitingConfig(BaseSettings):
     """The whole ``rate_limiting:`` block."""
 
@@ -292,6 +301,7 @@ class RateLimitingConfig(BaseSettings):
     state_path: str | None = None
     backend: str = "memory"
     redis: RedisConfig = Field(default_factory=lambda: RedisConfig())
+    status: StatusConfig = Field(default_factory=StatusConfig)
 
     @field_validator("backend")
     @classmethod

@@ -1,11 +1,13 @@
 """A fake OpenAI/Anthropic-compatible provider on 127.0.0.1 for tests and benchmarks.
 
 It behaves like a real provider where a rate limiter cares: responses carry ``usage``;
-it enforces requests and tokens per sliding window and answers ``429`` with
-``retry-after`` and ``x-ratelimit-*`` headers; it can be scripted to fail
-(429 storms, 5xx, slow or dropped responses, malformed headers).
+it enforces requests and tokens per window, either as an exact sliding log (the default) or as
+token buckets that refill continuously (``algorithm="token_bucket"``, how OpenAI describes its
+limits), and answers ``429`` with ``retry-after`` and ``x-ratelimit-*`` headers; it adds a
+configurable latency; it can be scripted to fail (429 storms, 5xx, slow or dropped responses,
+malformed headers).
 
-Run standalone: ``python -m tests.fake_provider --port 8099 --rpm 60``.
+Run standalone: ``python -m hive_ratelimit_plugin.fake_provider --port 8099 --rpm 60 [--token-bucket]``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+SLIDING_WINDOW = "sliding_window"
+TOKEN_BUCKET = "token_bucket"
+ALGORITHMS = (SLIDING_WINDOW, TOKEN_BUCKET)
 
 
 @dataclass
@@ -46,8 +53,122 @@ class Received:
     completion_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A provider's answer to one request: admitted or not, and what its headers would say."""
+
+    ok: bool
+    retry_after: float  # seconds until the request would fit (0.0 when admitted)
+    remaining_requests: int
+    remaining_tokens: int
+    full_reset: float  # seconds until the limits are back to their full value
+
+
+class SlidingLog:
+    """Exact sliding-window log: a request fits if the requests (tokens) of the last
+    ``window`` seconds, plus its own, stay within the limits. Time is passed in."""
+
+    def __init__(self) -> None:
+        self.hits: collections.deque[tuple[float, int]] = collections.deque()
+        self.used_tokens = 0  # sum of the tokens in ``hits``
+
+    def clear(self) -> None:
+        self.hits.clear()
+        self.used_tokens = 0
+
+    def admit(self, now: float, tokens: int, requests_limit: float | None, tokens_limit: float | None,
+              window: float) -> Decision:
+        hits = self.hits
+        cutoff = now - window
+        while hits and hits[0][0] <= cutoff:
+            self.used_tokens -= hits.popleft()[1]
+        used_req = len(hits)
+        used_tok = self.used_tokens
+        over_req = requests_limit is not None and used_req + 1 > requests_limit
+        over_tok = tokens_limit is not None and used_tok + tokens > tokens_limit
+        rem_req = int(requests_limit or 0) - used_req
+        rem_tok = int(tokens_limit or 0) - used_tok
+        if over_req or over_tok:
+            retry = hits[0][0] + window - now if hits else window
+            reset = max(hits[-1][0] + window - now, 0.0) if hits else 0.0
+            return Decision(False, max(retry, 0.001), rem_req, rem_tok, reset)
+        hits.append((now, tokens))
+        self.used_tokens += tokens
+        return Decision(True, 0.0, rem_req - 1, rem_tok - tokens, window)
+
+
+class TokenBucket:
+    """Token buckets: one of ``requests_limit`` requests and one of ``tokens_limit`` tokens, both
+    full at the start and refilling continuously at limit / ``window`` per second. A request takes
+    1 from the first and its tokens from the second; a burst of a whole window's worth passes at
+    once, after which requests pass at the refill rate. Time is passed in."""
+
+    def __init__(self) -> None:
+        self.requests: float | None = None  # current levels; None = full
+        self.tokens: float | None = None
+        self.at: float | None = None
+
+    def clear(self) -> None:
+        self.requests = self.tokens = self.at = None
+
+    def admit(self, now: float, tokens: int, requests_limit: float | None, tokens_limit: float | None,
+              window: float) -> Decision:
+        elapsed = 0.0 if self.at is None else max(now - self.at, 0.0)
+        self.at = now
+        req = self._refill(self.requests, requests_limit, window, elapsed)
+        tok = self._refill(self.tokens, tokens_limit, window, elapsed)
+        waits = []
+        eps = 1e-9  # refills accumulate rounding errors: 5.9 s + 0.1 s of refill is a whole request
+        if requests_limit is not None and req < 1 - eps:
+            waits.append((1 - req) * window / requests_limit)
+        if tokens_limit is not None and tok < tokens - eps * max(tokens, 1):
+            # A request larger than the whole bucket could never pass; say "a full window".
+            waits.append((tokens - tok) * window / tokens_limit if tokens <= tokens_limit else window)
+        if not waits:
+            if requests_limit is not None:
+                req -= 1
+            if tokens_limit is not None:
+                tok -= tokens
+        self.requests = req if requests_limit is not None else None
+        self.tokens = tok if tokens_limit is not None else None
+        reset = max(
+            (requests_limit - req) * window / requests_limit if requests_limit else 0.0,
+            (tokens_limit - tok) * window / tokens_limit if tokens_limit else 0.0,
+        )
+        rem_req, rem_tok = int(max(req, 0.0)), int(max(tok, 0.0))
+        if waits:
+            return Decision(False, max(max(waits), 0.001), rem_req, rem_tok, reset)
+        return Decision(True, 0.0, rem_req, rem_tok, reset)
+
+    @staticmethod
+    def _refill(level: float | None, limit: float | None, window: float, elapsed: float) -> float:
+        if limit is None:
+            return 0.0
+        if level is None:
+            return float(limit)
+        return min(float(limit), level + elapsed * limit / window)
+
+
+def make_algorithm(name: str) -> SlidingLog | TokenBucket:
+    """The enforcement named ``name`` (``"sliding_window"`` or ``"token_bucket"``)."""
+    if name == SLIDING_WINDOW:
+        return SlidingLog()
+    if name == TOKEN_BUCKET:
+        return TokenBucket()
+    raise ValueError(f"unknown provider algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+
+
 class ProviderState:
-    """Limits, scripted failures and a log of requests, shared by the handler threads."""
+    """Limits, scripted failures and a log of requests, shared by the handler threads.
+
+    Args:
+        requests_per_window: requests allowed per ``window_seconds`` (``None``: unlimited).
+        tokens_per_window: prompt + completion tokens allowed per ``window_seconds``.
+        window_seconds: the window (sliding log) or the time a bucket takes to refill from empty.
+        latency: seconds each successful request takes to answer.
+        algorithm: ``"sliding_window"`` (exact log, the default) or ``"token_bucket"``.
+        clock: monotonic time source (tests may pass a fake clock).
+    """
 
     def __init__(
         self,
@@ -57,7 +178,12 @@ class ProviderState:
         latency: float = 0.0,
         completion_tokens: int = 5,
         cost_model: str = "gpt-4o-mini",
+        algorithm: str = SLIDING_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._enforcer = make_algorithm(algorithm)
+        self._algorithm = algorithm
+        self.clock = clock
         self.requests_per_window = requests_per_window
         self.tokens_per_window = tokens_per_window
         self.window_seconds = window_seconds
@@ -67,11 +193,22 @@ class ProviderState:
         self.lock = threading.Lock()
         self.script: collections.deque[Scripted] = collections.deque()
         self.log: list[Received] = []
-        self._hits: collections.deque[tuple[float, int]] = collections.deque()
         self.in_flight = 0
         self.max_in_flight = 0
+        self._last_reset = 0.0  # full_reset of the latest decision (read under the lock)
 
     # -- configuration -------------------------------------------------
+    @property
+    def algorithm(self) -> str:
+        """``"sliding_window"`` or ``"token_bucket"``; setting it starts from empty (full buckets)."""
+        return self._algorithm
+
+    @algorithm.setter
+    def algorithm(self, name: str) -> None:
+        enforcer = make_algorithm(name)
+        with self.lock:
+            self._enforcer, self._algorithm = enforcer, name
+
     def push(self, *responses: Scripted) -> None:
         """Queue scripted responses, used in order by the next requests."""
         with self.lock:
@@ -81,7 +218,7 @@ class ProviderState:
         with self.lock:
             self.script.clear()
             self.log.clear()
-            self._hits.clear()
+            self._enforcer.clear()
             self.in_flight = 0
             self.max_in_flight = 0
 
@@ -95,21 +232,14 @@ class ProviderState:
             return sum(1 for r in self.log if status is None or r.status == status)
 
     def _admit(self, now: float, tokens: int) -> tuple[bool, float, int, int]:
-        """Sliding-window-log enforcement. Returns (ok, retry_after, remaining_req, remaining_tok)."""
-        cutoff = now - self.window_seconds
-        while self._hits and self._hits[0][0] <= cutoff:
-            self._hits.popleft()
-        used_req = len(self._hits)
-        used_tok = sum(t for _, t in self._hits)
-        over_req = self.requests_per_window is not None and used_req + 1 > self.requests_per_window
-        over_tok = self.tokens_per_window is not None and used_tok + tokens > self.tokens_per_window
-        rem_req = (self.requests_per_window or 0) - used_req
-        rem_tok = (self.tokens_per_window or 0) - used_tok
-        if over_req or over_tok:
-            retry = self._hits[0][0] + self.window_seconds - now if self._hits else self.window_seconds
-            return False, max(retry, 0.001), rem_req, rem_tok
-        self._hits.append((now, tokens))
-        return True, 0.0, rem_req - 1, rem_tok - tokens
+        """Enforce the limits (caller holds the lock). Returns (ok, retry_after, remaining_req, remaining_tok)."""
+        d = self._decide(now, tokens)
+        return d.ok, d.retry_after, d.remaining_requests, d.remaining_tokens
+
+    def _decide(self, now: float, tokens: int) -> Decision:
+        d = self._enforcer.admit(now, tokens, self.requests_per_window, self.tokens_per_window, self.window_seconds)
+        self._last_reset = d.full_reset
+        return d
 
 
 def _rough_tokens(body: dict[str, Any]) -> int:
@@ -124,6 +254,9 @@ def _rough_tokens(body: dict[str, Any]) -> int:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle's algorithm on, a body that does not
+    # fit the first segment waits for the client's delayed ACK (40 ms on Linux) on every response.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -177,7 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
         auth: str,
         scripted: Scripted | None,
     ) -> None:
-        now = time.monotonic()
+        now = state.clock()
         status = 200
         headers: dict[str, str] = {}
         if scripted is not None:
@@ -195,12 +328,11 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update(scripted.headers)
         with state.lock:
             ok, retry, rem_req, rem_tok = state._admit(now, prompt_tokens + completion_tokens)
+            full_reset = state._last_reset
         # Like OpenAI: limits per minute whatever window is enforced, and "reset" is the time until
-        # the limit is back to its full value (when the newest counted request leaves the window).
+        # the limit is back to its full value (sliding log: when the newest counted request leaves
+        # the window; token bucket: when the bucket has refilled).
         per_minute = 60.0 / state.window_seconds
-        with state.lock:
-            newest = state._hits[-1][0] if state._hits else now
-        full_reset = max(newest + state.window_seconds - now, 0.0)
         if state.requests_per_window is not None:
             headers["x-ratelimit-limit-requests"] = str(int(state.requests_per_window * per_minute))
             headers["x-ratelimit-remaining-requests"] = str(max(int(rem_req * per_minute), 0))
@@ -394,8 +526,10 @@ def main() -> None:
     parser.add_argument("--tpm", type=int, default=None, help="tokens per window")
     parser.add_argument("--window", type=float, default=60.0)
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--token-bucket", action="store_true", help="enforce token buckets, not a sliding log")
     args = parser.parse_args()
-    state = ProviderState(args.rpm, args.tpm, args.window, args.latency)
+    state = ProviderState(args.rpm, args.tpm, args.window, args.latency,
+                          algorithm=TOKEN_BUCKET if args.token_bucket else SLIDING_WINDOW)
     provider = FakeProvider(state, args.port)
     print(f"fake provider on {provider.url}", flush=True)
     provider._server.serve_forever()

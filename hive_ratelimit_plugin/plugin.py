@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -25,11 +26,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
+from . import _observe
+from . import status as _status
 from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys
 from ._engine import Engine, Ticket
 from ._ledger import Ledger
@@ -45,6 +49,8 @@ from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
 __all__ = ["HiveLimiter"]
 
 logger = logging.getLogger("hive_ratelimit_plugin")
+_observe.install(logger)  # repeated lines summarised, secrets redacted
+_status.PUBLISHER.tick_hooks.append(_observe.SUMMARY.flush)
 
 _EMBEDDING_TYPES = frozenset({"embedding", "aembedding"})
 _TEXT_TYPES = frozenset({"text_completion", "atext_completion"})
@@ -57,6 +63,27 @@ _MAX_PROVIDER_WAIT = 3600.0  # absurd Retry-After values are clamped to this
 # While a call is being retried: the engine-clock time by which its admission must finish.
 _wait_budget: ContextVar[float | None] = ContextVar("hive_ratelimit_wait_budget", default=None)
 _in_async_guard: ContextVar[bool] = ContextVar("hive_ratelimit_in_async_guard", default=False)
+
+
+def _seed_call_ids() -> None:
+    global _id_prefix, _id_counter
+    # "xxxxxxxx-xxxx-4xxx-yxxx-" from a random UUID, then a 12-digit hex counter from a random
+    # start: the shape of a UUID, unique per process, without a getrandom() syscall per call
+    # (uuid4() costs that; on some VMs it is slow).
+    _id_prefix = str(uuid.uuid4())[:24]
+    _id_counter = itertools.count(int.from_bytes(os.urandom(5), "big"))
+
+
+_id_prefix = ""
+_id_counter = itertools.count()
+_seed_call_ids()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_seed_call_ids)  # a forked worker must not repeat the parent's ids
+
+
+def new_call_id() -> str:
+    """A fresh ``litellm_call_id`` for a call that came without one."""
+    return f"{_id_prefix}{next(_id_counter) & 0xFFFFFFFFFFFF:012x}"
 
 
 def _exception_of(kwargs: Mapping[str, Any], response_obj: Any) -> BaseException | None:
@@ -137,6 +164,21 @@ def _log_event(event: dict[str, Any]) -> None:
                      event["agent_id"], event["count"], event["window_seconds"], event["cooldown_seconds"])
     elif kind == "budget_changed":
         logger.info("budget %s on %s: %s -> %s", event["action"], event["scope"], event["old"], event["new"])
+    elif kind == "provider_429":
+        wait = event["retry_after"]
+        logger.warning("provider %s answered 429 for %s (%s)%s", event["provider"], event["model"],
+                       "retried" if event["retried"] else "not retried",
+                       f"; the provider asked to wait {wait:.1f}s" if wait is not None else "",
+                       extra={"hive_repeat_key": ("429", event["provider"], event["model"])})
+    elif kind == "circuit_opened":
+        logger.warning("circuit breaker of %s opened after %d consecutive provider failures; a probe goes "
+                       "through in %.0fs", event["scope"], event["failures"], event["seconds"],
+                       extra={"hive_repeat_key": ("circuit", event["scope"])})
+    elif kind == "circuit_closed":
+        logger.info("circuit breaker of %s closed: the probe succeeded", event["scope"])
+    elif kind == "queue_timeout":
+        logger.warning("call held by %s of %s timed out in the queue (no request sent)", event["limit"],
+                       event["scope"], extra={"hive_repeat_key": ("queue_timeout", event["scope"])})
 
 
 def _fingerprint(model: str, kwargs: Mapping[str, Any]) -> int:
@@ -159,20 +201,42 @@ def _call_type_name(call_type: Any) -> str:
 
 
 def _usage_of(response: Any) -> tuple[int | None, int | None]:
-    usage = getattr(response, "usage", None)
+    # LiteLLM's responses keep ``usage`` as a pydantic extra field: read it from
+    # __pydantic_extra__ first (the attribute lookup falls back to a slow __getattr__).
+    extra = getattr(response, "__pydantic_extra__", None)
+    usage = extra.get("usage") if type(extra) is dict else None
+    if usage is None:
+        usage = getattr(response, "usage", None)
     if usage is None and isinstance(response, Mapping):
         usage = response.get("usage")
     if usage is None:
         return None, None
-    get = usage.get if isinstance(usage, Mapping) else lambda k, d=None: getattr(usage, k, d)
-    pin = get("prompt_tokens", None)
-    pout = get("completion_tokens", None)
+    if isinstance(usage, Mapping):
+        pin = usage.get("prompt_tokens")
+        pout = usage.get("completion_tokens")
+    else:
+        pin = getattr(usage, "prompt_tokens", None)
+        pout = getattr(usage, "completion_tokens", None)
     if pin is None and pout is None:
-        total = get("total_tokens", None)
+        total = usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None)
         return (int(total), 0) if isinstance(total, int) and total >= 0 else (None, None)
     # A provider's usage is trusted only when it makes sense (a negative count would erase others').
     return (int(pin) if isinstance(pin, int) and pin >= 0 else None,
             int(pout) if isinstance(pout, int) and pout >= 0 else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a call to one model by one identity counts against (see ``HiveLimiter._plan``)."""
+
+    provider: str
+    scopes: list[Any]
+    dims: tuple[str | None, ...]
+    budgeted: bool
+    counts_tokens: bool
+    spend_keys: list[str]
+    choices: list[Any] | None
+    info: dict[str, Any]
 
 
 class HiveLimiter(CustomLogger):
@@ -208,6 +272,7 @@ class HiveLimiter(CustomLogger):
         cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
         self._config = cfg
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._obs = _observe.Observations()
         self._ledger: Ledger | None = None
         if cfg.has_budgets() or cfg.state_path is not None:
             self._ledger = Ledger(cfg.state_path)
@@ -239,11 +304,13 @@ class HiveLimiter(CustomLogger):
         self._runaway = RunawayDetector(cfg.runaway.max_identical_requests, cfg.runaway.window_seconds,
                                         cfg.runaway.cooldown_seconds)
         self._provider_cache: dict[tuple[str, str | None], str] = {}
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._next_tail = 0.0
         self._configure_engine(cfg)
         if self._ledger is not None:
             self._engine.load_spend(self._ledger.load(self._engine.calendar.starts(self._engine.wall())))
         install_sync_guard()
+        self._publish_status(cfg)
 
     # ----------------------------------------------------------------- public
     @classmethod
@@ -272,6 +339,7 @@ class HiveLimiter(CustomLogger):
         self._config = cfg
         self._resolver = ScopeResolver(cfg)
         self._prices = PriceBook(cfg)
+        self._plans = {}  # resolved with the old configuration
         eng = self._engine
         self._configure_engine(cfg)
         eng.max_queue = cfg.queue.max_size
@@ -286,6 +354,7 @@ class HiveLimiter(CustomLogger):
             return resolver.scopes(str(t.info.get("provider")), str(t.info.get("model")), ident)
 
         eng.rescope(resolve)
+        self._publish_status(cfg)
         if eng.calendar.tz.key != cfg.budget.timezone:
             from ._budget import Calendar
 
@@ -306,10 +375,15 @@ class HiveLimiter(CustomLogger):
                 self._ledger.audit(action, scope, old, changed)
             self._emit({"type": "budget_changed", "action": action, "scope": scope, "old": old, "new": changed,
                         "time": eng.wall()})
+        self._plans = {}  # again: a call may have planned while the configuration was being replaced
+
+    def _publish_status(self, cfg: RateLimitingConfig) -> None:
+        if cfg.status.enabled:
+            _status.PUBLISHER.register(self, _status.status_dir(cfg.state_path), cfg.status.interval_seconds)
 
     def _configure_engine(self, cfg: RateLimitingConfig) -> None:
         eng = self._engine
-        eng.record_spend = self._ledger is not None
+        eng.record_spend = self._ledger is not None or self._obs.wants_rows
         eng.arrival_margin = cfg.estimation.arrival_margin_seconds
         eng.low_priority_share = 1.0 - cfg.queue.high_priority_reserve
         cb = cfg.circuit_breaker
@@ -424,7 +498,8 @@ class HiveLimiter(CustomLogger):
         r"""Register ``callback(event)`` for structured events; returns it (usable as a decorator).
 
         Event ``type``\ s: ``budget_warning``, ``budget_exceeded``, ``runaway_detected``,
-        ``queue_timeout``, ``budget_changed``. Events never contain API keys.
+        ``queue_timeout``, ``budget_changed``, ``provider_429``, ``circuit_opened``,
+        ``circuit_closed`` (fields: docs/monitoring.md). Events never contain API keys.
         """
         self._listeners.append(callback)
         return callback
@@ -434,6 +509,8 @@ class HiveLimiter(CustomLogger):
         return self._ledger.audit_rows(limit) if self._ledger is not None else []
 
     def _persist(self, rows: list[SpendRow]) -> None:
+        if self._obs.wants_rows:
+            self._obs.settle_rows(rows)
         if self._ledger is None:
             return
         try:
@@ -447,6 +524,7 @@ class HiveLimiter(CustomLogger):
 
     def _emit_all(self, events: list[dict[str, Any]]) -> None:
         for event in events:
+            self._obs.event(event)
             _log_event(event)
             for cb in self._listeners:
                 try:
@@ -474,12 +552,16 @@ class HiveLimiter(CustomLogger):
             spent, reserved, limit, remaining, window, tripped); ``spend`` (per level and scope key:
             cost, requests and tokens this hour, day and month); ``levels`` (per level and scope key:
             each rate window's used/limit, ``in_flight``, ``queued``); and the counters ``queued``,
-            ``admitted_total``, ``queued_total``, ``rejected``. See docs/usage-stats.md.
+            ``admitted_total``, ``queued_total``, ``rejected``. See docs/monitoring.md.
         """
-        eng = self._engine
         self._tail()
+        return self._usage_stats()
+
+    def _usage_stats(self, chunk: int = 0) -> dict[str, Any]:
+        """:meth:`get_usage_stats` without picking up other processes' spend first."""
+        eng = self._engine
         levels: dict[str, dict[str, Any]] = {}
-        for key, entry in eng.snapshot().items():
+        for key, entry in eng.snapshot(chunk).items():
             levels.setdefault(entry.pop("level"), {})[key] = entry
         spend: dict[str, dict[str, Any]] = {}
         for key, kinds in eng.spend_snapshot().items():
@@ -561,17 +643,14 @@ class HiveLimiter(CustomLogger):
         cfg = self._config
         if not cfg.enabled or call_type in _SKIP_TYPES:
             return None
-        model = str(kwargs.get("model") or "")
-        provider = self._provider_of(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"))
+        model = kwargs.get("model")
+        model = model if type(model) is str else str(model or "")
         ident: Identity = resolve_identity(metadata, kwargs.get("user"))
         if cfg.runaway.enabled and ident.agent_id is not None:
             self._check_runaway(ident.agent_id, model, kwargs)
-        scopes = self._resolver.scopes(provider, model, ident)
-        bare = split_model(model, provider)
-        dims = (provider, bare, ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
-        budgeted = any(s.budgeted for s in scopes)
+        plan = self._plan(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"), ident)
         input_tokens = output_tokens = 0
-        if budgeted or any(s.counts_tokens for s in scopes):
+        if plan.budgeted or plan.counts_tokens:
             if call_type in _EMBEDDING_TYPES:
                 input_tokens = count_input(model, kwargs.get("input"))
             elif call_type in _TEXT_TYPES:
@@ -581,26 +660,60 @@ class HiveLimiter(CustomLogger):
                 input_tokens = count_messages(model, kwargs.get("messages"), kwargs.get("tools"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
         cost = 0.0
-        if budgeted:
+        if plan.budgeted:
+            provider = plan.provider
             price = self._prices.price(provider, model)
             if not price.known:
                 self._prices.warn_unknown(provider, model, "not in LiteLLM's price map or rate_limiting.pricing")
                 if cfg.unknown_price == "block":
                     raise _unknown_price_error(provider, model)
             cost = price.cost(input_tokens, output_tokens)
-        self._tail()
+        if self._ledger is not None:
+            self._tail()
         return Ticket(
             call_id=call_id,
-            scopes=scopes,
+            scopes=plan.scopes,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             priority=ident.priority,
-            info={"provider": provider, "model": model, "agent_id": ident.agent_id, "run_id": ident.run_id},
+            info=plan.info,
             cost=cost,
+            dims=plan.dims,
+            spend_keys=plan.spend_keys,
+            choices=plan.choices,
+        )
+
+    def _plan(self, model: str, custom_llm_provider: Any, api_base: Any, ident: Identity) -> _Plan:
+        """Everything about a call that depends only on its model and identity, cached: its
+        provider, scopes, spend keys and API-key choices (rebuilt after a configuration change)."""
+        key = (model, custom_llm_provider, ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
+        plans = self._plans
+        cacheable = True
+        try:
+            plan = plans.get(key)
+        except TypeError:  # an unhashable custom_llm_provider: resolve without caching
+            cacheable, plan = False, None
+        if plan is not None:
+            return plan
+        provider = self._provider_of(model, custom_llm_provider, api_base)
+        scopes = self._resolver.scopes(provider, model, ident)
+        dims = (provider, split_model(model, provider), ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
+        plan = _Plan(
+            provider=provider,
+            scopes=scopes,
             dims=dims,
+            budgeted=any(s.budgeted for s in scopes),
+            counts_tokens=any(s.counts_tokens for s in scopes),
             spend_keys=self._spend_keys(scopes, dims),
             choices=self._resolver.choices(provider),
+            # Read-only, shared by every ticket of this plan.
+            info={"provider": provider, "model": model, "agent_id": ident.agent_id, "run_id": ident.run_id},
         )
+        if cacheable:
+            if len(plans) > 8192:
+                plans.clear()
+            plans[key] = plan
+        return plan
 
     def _spend_keys(self, scopes: list[Any], dims: tuple[str | None, ...]) -> list[str]:
         """Where a call's spend is counted: globally, at every level with a budget, and, with a state
@@ -667,6 +780,15 @@ class HiveLimiter(CustomLogger):
         signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
 
+    def _note_429(self, model_arg: Any, kwargs: Mapping[str, Any], wait: float | None, retried: bool) -> None:
+        """Count and log a provider 429 (the retry loop sees every one, sync or async)."""
+        model = str(model_arg or "")
+        provider = self._provider_of(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"))
+        bare = split_model(model, provider)
+        self._obs.rate_limited(provider, bare)
+        self._emit({"type": "provider_429", "provider": provider, "model": bare, "retry_after": wait,
+                    "retried": retried, "time": self._engine.wall()})
+
     def _backoff(self, call_id: str) -> float:
         """Exponential backoff with full jitter for a 429 that named no wait."""
         r = self._config.retry
@@ -678,24 +800,34 @@ class HiveLimiter(CustomLogger):
         """Admit an async call before its HTTP request (waits in the queue if needed)."""
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
-            call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
+            call_id = kwargs["litellm_call_id"] = new_call_id()
         if self._engine.holds(call_id):
             # Already admitted under this id: this limiter is registered twice, or LiteLLM runs
             # the hook again for the same attempt. (A Router retry comes after the failed
             # attempt's failure event has released it.) Count the call once.
             return None
-        ticket = self._ticket(call_id, _call_type_name(call_type), kwargs, kwargs.get("metadata"))
-        if ticket is None:
-            return None
         try:
-            await acquire_async(self._engine, ticket, self._max_wait())
-        except RateLimitQueueTimeout as exc:
-            self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+            ticket = self._ticket(call_id, _call_type_name(call_type), kwargs, kwargs.get("metadata"))
+            if ticket is None:
+                return None
+            try:
+                waited = await acquire_async(self._engine, ticket, self._max_wait())
+            except RateLimitQueueTimeout as exc:
+                self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+                raise
+        except HiveRateLimitError as exc:
+            self._obs.rejected(exc)
             raise
+        if waited:
+            self._obs.queue_wait(waited)
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
             return kwargs  # type: ignore[return-value]
         return None
+
+    def _admitted_upstream(self, call_id: str) -> bool:
+        """Whether ``call_id`` was admitted before LiteLLM's entry point ran (the proxy's pre-call hook)."""
+        return False
 
     def _max_wait(self) -> float:
         budget = _wait_budget.get()
@@ -763,15 +895,21 @@ class HiveLimiter(CustomLogger):
     def _guard_sync(self, call_type: str, kwargs: dict[str, Any]) -> str | None:
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
-            call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
-        ticket = self._ticket(call_id, call_type, kwargs, kwargs.get("metadata"))
-        if ticket is None:
-            return None
+            call_id = kwargs["litellm_call_id"] = new_call_id()
         try:
-            acquire_sync(self._engine, ticket, self._max_wait())
-        except RateLimitQueueTimeout as exc:
-            self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+            ticket = self._ticket(call_id, call_type, kwargs, kwargs.get("metadata"))
+            if ticket is None:
+                return None
+            try:
+                waited = acquire_sync(self._engine, ticket, self._max_wait())
+            except RateLimitQueueTimeout as exc:
+                self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+                raise
+        except HiveRateLimitError as exc:
+            self._obs.rejected(exc)
             raise
+        if waited:
+            self._obs.queue_wait(waited)
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
         return call_id
@@ -838,14 +976,18 @@ _guard_lock = threading.Lock()
 
 
 def _active_limiters() -> list[HiveLimiter]:
-    # dict.fromkeys: a limiter appended twice still counts each call once.
-    return list(dict.fromkeys(cb for cb in litellm.callbacks if isinstance(cb, HiveLimiter) and cb.config.enabled))
+    out: list[HiveLimiter] = []
+    for cb in litellm.callbacks:
+        # A limiter appended twice still counts each call once.
+        if isinstance(cb, HiveLimiter) and cb._config.enabled and cb not in out:
+            out.append(cb)
+    return out
 
 
 class _Retrying:
     """The retry policy of one guarded call: provider 429s are retried, each attempt re-admitted."""
 
-    def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any]) -> None:
+    def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> None:
         cfg = limiter.config.retry
         self.limiter = limiter
         self.enabled = cfg.enabled
@@ -854,6 +996,8 @@ class _Retrying:
         self.attempt = 0
         self.last_429: BaseException | None = None
         self.user_call_id = kwargs.get("litellm_call_id")
+        self.kwargs = kwargs
+        self.positional_model = args[0] if args and isinstance(args[0], str) else None
         if cfg.take_over_sdk_retries and "max_retries" not in kwargs:
             kwargs["max_retries"] = 0  # the openai SDK would retry 429s unseen, outside admission
 
@@ -862,10 +1006,11 @@ class _Retrying:
         if self.attempt > 1 and not self.user_call_id:
             kwargs.pop("litellm_call_id", None)  # a fresh admission for each attempt
         cid = kwargs.get("litellm_call_id")
-        if cid and self.limiter._engine.holds(cid):
+        if cid and self.limiter._engine.holds(cid) and not self.limiter._admitted_upstream(cid):
             # The caller reuses an id that another call in flight holds: reservations are
-            # matched by id, so give this call its own.
-            kwargs["litellm_call_id"] = str(uuid.uuid4())
+            # matched by id, so give this call its own. (Not when a hook before LiteLLM's entry
+            # point admitted this very call, e.g. the proxy's pre-call hook: it is counted once.)
+            kwargs["litellm_call_id"] = new_call_id()
 
     def budget(self) -> float | None:
         return self.deadline if self.attempt > 1 else None
@@ -885,12 +1030,12 @@ class _Retrying:
         wait = suggested_wait(sig) if sig is not None else None
         with contextlib.suppress(Exception):
             exc.retry_after = wait  # type: ignore[attr-defined]
-        if self.attempt >= self.max_attempts or not self.enabled:
-            return False
-        if wait is not None and (wait > lim.config.retry.max_delay or now + wait > self.deadline):
-            return False
-        lim._engine.note_retry()
-        return True
+        retry = not (self.attempt >= self.max_attempts or not self.enabled or (
+            wait is not None and (wait > lim.config.retry.max_delay or now + wait > self.deadline)))
+        lim._note_429(self.kwargs.get("model") or self.positional_model, self.kwargs, wait, retry)
+        if retry:
+            lim._engine.note_retry()
+        return retry
 
 
 def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -938,7 +1083,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         limiters = _active_limiters()
         if not limiters:
             return fn(*args, **kwargs)
-        retrying = _Retrying(limiters[0], kwargs)
+        retrying = _Retrying(limiters[0], kwargs, args)
         while True:
             retrying.begin(kwargs)
             token = _wait_budget.set(retrying.budget())
@@ -975,16 +1120,23 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> Any:
     # Admission happens in the deployment hook; this loop only retries provider 429s.
-    retrying = _Retrying(limiters[0], kwargs)
+    retrying = _Retrying(limiters[0], kwargs, args)
     while True:
         retrying.begin(kwargs)
         # Our own call id, so that a cancellation (which LiteLLM reports to no callback)
         # can still release the call's reservation.
-        call_id = kwargs.setdefault("litellm_call_id", str(uuid.uuid4()))
+        call_id = kwargs.get("litellm_call_id")
+        if not call_id:
+            call_id = kwargs["litellm_call_id"] = new_call_id()
         token = _wait_budget.set(retrying.budget())
         try:
             return await fn(*args, **kwargs)
         except Exception as exc:
+            # Settle the failed attempt now rather than wait for LiteLLM's failure event, which
+            # can come late (or, after an earlier event loop was closed, not at all) and would
+            # hold the slot meanwhile. The event, when it comes, finds nothing left to release.
+            for lim in limiters:
+                lim._finish(call_id, failed=True, exc=exc)
             if not retrying.should_retry(exc):
                 raise
         except BaseException:  # cancelled (or interrupted) while admitted or in flight

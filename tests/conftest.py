@@ -15,10 +15,12 @@ from hive_ratelimit_plugin import _autoload
 _autoload.uninstall()
 
 import collections.abc
+import time
 
 import litellm
 import pytest
 
+from hive_ratelimit_plugin import _observe
 from hive_ratelimit_plugin.plugin import unregister
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, ProviderState
 
@@ -44,8 +46,12 @@ def provider(provider_server: FakeProvider) -> collections.abc.Iterator[FakeProv
     state.window_seconds = 60.0
     state.latency = 0.0
     state.completion_tokens = 5
+    state.algorithm = "sliding_window"
+    state.clock = time.monotonic
     yield provider_server
     state.reset()
+    state.algorithm = "sliding_window"
+    state.clock = time.monotonic
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +69,14 @@ def clean_callbacks() -> collections.abc.Iterator[None]:
 def isolated_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default state file (budgets) lives in a fresh directory for every test."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_summary() -> collections.abc.Iterator[None]:
+    """Repeated-line summaries do not carry over from one test to the next."""
+    _observe.SUMMARY.reset()
+    yield
+    _observe.SUMMARY.reset()
 
 
 @pytest.fixture

@@ -237,6 +237,49 @@ def test_release_is_idempotent_and_unknown_ids_are_ignored(clock: FakeClock, mak
     assert eng.snapshot()["global"]["in_flight"] == 0
 
 
+def test_request_counts_from_its_send_when_litellm_reports_it(clock: FakeClock, make_engine: Any) -> None:
+    """A call that waited in LiteLLM's pipeline (a busy event loop) after admission is counted
+    from when its HTTP request was sent (note_attempt), not from its admission: the margin covers
+    time on the wire, not time spent before the send."""
+    eng = make_engine(clock)
+    eng.arrival_margin = 1.0
+    g = scope(requests_per_minute=1)
+    assert eng.acquire(ticket(1, g), Woken()) is None
+    clock.advance(3.0)
+    eng.note_attempt("1")  # sent 3 s after admission
+    clock.advance(2.0)
+    eng.release("1")  # may have arrived as late as send + 1 s = 1004 s
+    clock.advance(58.5)  # 63.5 s after admission: counted from admission + margin it would be free
+    w = eng.acquire(ticket(2, g), Woken())
+    assert w is not None and w.retry_at == pytest.approx(1000.0 + 4.0 + 1.0 + 60.0)  # bucket [1004, 1005)
+
+
+def test_per_second_request_counts_from_its_end_when_it_was_quick(clock: FakeClock, make_engine: Any) -> None:
+    """Per-second windows: a call that completed within half a window of its send is counted
+    from its end (it surely arrived by then, however long its bytes waited in a stalled event
+    loop); a longer call keeps counting from send + a tenth of the window."""
+    eng = make_engine(clock)
+    eng.arrival_margin = 1.0
+    g = scope(requests_per_second=1)
+    assert eng.acquire(ticket(1, g), Woken()) is None  # at 1000.0
+    eng.note_attempt("1")
+    clock.advance(0.3)
+    eng.release("1")  # a quick call, perhaps stalled: counted from 1000.3
+    clock.advance(0.9)  # 1001.2: counted from send + 0.1 s it would be free
+    w = eng.acquire(ticket(2, g), Woken())
+    # its bucket (1/60 s wide) ends at about 1000.3 s; counted from send + 0.1 s it would be ~1001.12
+    assert w is not None and w.retry_at == pytest.approx(1001.3 + 1 / 120, abs=1 / 120)
+    assert eng.cancel(w) is False
+    clock.advance(0.2)  # 1001.4: free
+    assert eng.acquire(ticket(3, g), Woken()) is None  # sent at 1001.4
+    eng.note_attempt("3")
+    clock.advance(0.8)
+    eng.release("3")  # a long call: counted from send + 0.1 s = 1001.5
+    clock.advance(0.2)  # 1002.4
+    w = eng.acquire(ticket(4, g), Woken())
+    assert w is not None and w.retry_at == pytest.approx(1002.5 + 1 / 120, abs=1 / 120)
+
+
 def test_request_counts_from_its_probable_arrival(clock: FakeClock, make_engine: Any) -> None:
     """A request counts from min(its end, admission + margin): a provider that counts arrivals
     never sees more than the limit, whatever the delay between admission and arrival."""
@@ -249,3 +292,43 @@ def test_request_counts_from_its_probable_arrival(clock: FakeClock, make_engine:
     clock.advance(56.5)  # 61.5 s after admission: an admission-time count would have expired
     w = eng.acquire(ticket(2, g), Woken())
     assert w is not None and w.retry_at == pytest.approx(1000.0 + 1.0 + 1.0 + 60.0)  # bucket [1001, 1002)
+
+
+def test_adaptive_rate_recovers_about_five_percent_per_minute(clock: FakeClock, make_engine: Any) -> None:
+    """Two 429s within a minute cut a model's rate to 70 % of what it sent; a minute of successful
+    calls at the cut rate then gives back about 5 % (not +1 per minute, which left a busy model
+    throttled for hours after a few 429s)."""
+    eng = make_engine(clock)
+    m = scope("model:openai/x", "model")
+    for i in range(100):  # 100 calls in the last minute
+        assert eng.acquire(ticket(f"a{i}", m), Woken()) is None
+        eng.release(f"a{i}")
+        clock.advance(0.5)
+    for i in range(2):  # two 429s within the minute
+        assert eng.acquire(ticket(f"r{i}", m), Woken()) is None
+        eng.release(f"r{i}", outcome="rate_limited", wait=1.0)
+        clock.advance(5.0)
+    lowered = eng.provider_state()["model:openai/x"]["adaptive_requests_per_minute"]
+    assert 60 <= lowered <= 75
+    clock.advance(60.0)
+    n = int(lowered)
+    for i in range(n):  # a minute of traffic at the lowered rate, all successful
+        assert eng.acquire(ticket(f"b{i}", m), Woken()) is None
+        eng.release(f"b{i}")
+        clock.advance(60.0 / n)
+    recovered = eng.provider_state()["model:openai/x"]["adaptive_requests_per_minute"]
+    assert recovered >= lowered * 1.045
+
+
+def test_long_cooldown_outlives_idle_eviction(clock: FakeClock, make_engine: Any) -> None:
+    """A provider's Retry-After longer than the idle-eviction horizon still holds the model:
+    a scope is never forgotten while the provider has it on hold."""
+    eng = make_engine(clock)
+    m = scope("model:openai/x", "model")
+    assert eng.acquire(ticket("a", m), Woken()) is None
+    eng.release("a", outcome="rate_limited", wait=300.0)
+    clock.advance(150.0)  # the model's windows are empty now; other traffic runs maintenance
+    assert eng.acquire(ticket("b", scope("model:openai/y", "model")), Woken()) is None
+    w = eng.acquire(ticket("c", m), Woken())
+    assert w is not None and w.blocked is not None and w.blocked.limit == "provider_cooldown"
+    assert w.retry_at == pytest.approx(1000.0 + 300.0)

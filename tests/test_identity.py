@@ -259,3 +259,33 @@ async def test_high_priority_async_call_overtakes_waiting_sync_thread(provider: 
     await asyncio.to_thread(t.join, 10)
     assert not t.is_alive() and not errors
     assert [r.model for r in provider.state.log] == ["gpt-4o-mini", "gpt-4o", "gpt-4o-mini"]
+
+
+# ----------------------------------------------------------------- cached resolution
+def test_identity_values_of_different_types_stay_apart() -> None:
+    """Identities are cached per raw value, yet equal values of different types (1, 1.0, True)
+    are each cleaned on their own, whichever was seen first."""
+    from hive_ratelimit_plugin._scopes import resolve_identity
+
+    for _ in range(2):
+        assert resolve_identity({"agent_id": 1}).agent_id == "1"
+        assert resolve_identity({"agent_id": 1.0}).agent_id == "1.0"
+        assert resolve_identity({"agent_id": "a", "priority": 1}).priority == 1
+        assert resolve_identity({"agent_id": "a", "priority": True}).priority == 0
+        assert resolve_identity({"agent_id": "a", "priority": "high"}).priority == 10
+        assert resolve_identity({"agent_id": ""}, user="u").agent_id is None
+
+
+async def test_reload_adds_a_level_to_an_identity_already_seen(provider: FakeProvider, clock: FakeClock) -> None:
+    """What a call counts against is cached per model and identity; a reload that limits this
+    identity's team applies from the next call."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1000}})
+    md = {"agent_id": "a1", "team_id": "t1"}
+    await litellm.acompletion(**chat_kwargs(provider, metadata=dict(md)))
+    assert keys(limiter, "team") == set()
+    limiter.reload({"global": {"requests_per_minute": 1000}, "teams": {"t1": {"requests_per_minute": 1}},
+                    "queue": {"max_wait_seconds": 0}})
+    await litellm.acompletion(**chat_kwargs(provider, metadata=dict(md)))
+    assert used(limiter, "team", "team:t1") == 1
+    with pytest.raises(hive_ratelimit_plugin.RateLimitQueueTimeout):
+        await litellm.acompletion(**chat_kwargs(provider, metadata=dict(md)))

@@ -63,6 +63,51 @@ async def test_async_429_is_retried_after_retry_after(provider: FakeProvider, cl
     assert limiter.get_usage_stats()["levels"]["model"]["model:openai/gpt-4o-mini"]["in_flight"] == 0
 
 
+_CLOSED_LOOP_SCRIPT = """
+import asyncio, json, sys
+import litellm
+from hive_ratelimit_plugin import HiveLimiter
+from hive_ratelimit_plugin.testing import FakeProvider, Scripted
+litellm.suppress_debug_info = True
+config = json.loads(sys.argv[1])
+with FakeProvider() as p:
+    kw = dict(model="openai/gpt-4o-mini", api_base=p.url, api_key="sk-x", messages=[{"role": "user", "content": "hi"}])
+    first = HiveLimiter({})
+    litellm.callbacks.append(first)
+    asyncio.run(litellm.acompletion(**kw))  # an earlier event loop, now closed
+    litellm.callbacks.remove(first)
+    limiter = HiveLimiter(config)
+    litellm.callbacks.append(limiter)
+    p.state.push(Scripted(status=429, headers={"retry-after": "0.2"}))
+    async def three():
+        return await asyncio.gather(*(litellm.acompletion(**kw) for _ in range(3)), return_exceptions=True)
+    results = asyncio.run(three())
+    stats = limiter.get_usage_stats()
+    print(json.dumps({"results": [type(r).__name__ for r in results],
+                      "in_flight": stats["levels"]["global"]["global"]["in_flight"]}))
+"""
+
+
+def test_429_frees_its_slot_even_without_litellm_failure_event(tmp_path: Any) -> None:
+    """After an earlier event loop made calls and closed, LiteLLM delivers a failed attempt's
+    failure event late or never; the retry loop settles the attempt itself, so the slot of a
+    429'd attempt is free at once for its own retry and for the calls waiting behind it.
+    (In a subprocess: a closed loop leaves LiteLLM's logging worker in a state that would leak
+    into the tests after this one.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    config = with_backend({"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 20},
+                           "state_path": str(tmp_path / "s.sqlite")})
+    out = subprocess.run([sys.executable, "-c", _CLOSED_LOOP_SCRIPT, json.dumps(config)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"results": ["ModelResponse"] * 3, "in_flight": 0}
+
+
 def test_sync_429_is_retried(provider: FakeProvider, clock: FakeClock) -> None:
     """The same for sync calls: the calling thread waits out the cooldown and retries."""
     _, rec = make(clock)

@@ -1,0 +1,441 @@
+"""``ProxyLimiter``: HiveLimiter for the LiteLLM proxy (``litellm --config config.yaml``).
+
+List it in the proxy's ``config.yaml``::
+
+    litellm_settings:
+      callbacks: hive_ratelimit_plugin.proxy.proxy_handler_instance
+
+``proxy_handler_instance`` (also importable as ``limiter``) is built on first use from
+``HIVE_RATELIMIT_CONFIG`` (a YAML file with a ``rate_limiting:`` root), or else from a
+``rate_limiting:`` block in the proxy's own config file, plus ``HIVE_RATELIMIT_*`` overrides. See
+docs/proxy.md.
+
+How a proxy request is held:
+
+* ``async_pre_call_hook`` (which the proxy calls only when it is defined on the callback's own
+  class) admits the request before the Router runs: it waits in the queue there, or the client
+  gets HTTP 429 with ``retry-after`` (rate limits), a ``budget_exceeded`` error (budgets), or 400
+  (a request that can never fit). Identity comes from the authenticated key
+  (``user_api_key_dict``), never from what the client puts in ``metadata``.
+* The deployment hook that the Router runs next sees the same ``litellm_call_id`` and finds the
+  request already admitted: it is counted once. Settlement with actual usage happens in the same
+  success/failure hooks as in SDK mode. A Router retry after a failed attempt (which the failure
+  event released) is admitted again in the deployment hook, with the same trusted identity.
+* A model group whose deployments are different models (or providers) cannot be charged before
+  the Router picks one, so such requests are admitted per deployment in the deployment hook;
+  ``async_post_call_failure_hook`` turns a refusal there into the same HTTP answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import uuid
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from cachetools import LRUCache
+
+from ._engine import Ticket
+from ._scopes import IDENTITY_FIELDS, split_model
+from ._waiting import acquire_async
+from .config import RateLimitingConfig
+from .errors import (
+    CircuitOpenError,
+    ConfigError,
+    HiveRateLimitError,
+    RateLimitQueueTimeout,
+    RequestTooLargeError,
+)
+from .plugin import HiveLimiter, _call_type_name, _timeout_event
+
+__all__ = ["ProxyLimiter", "get_instance", "limiter", "proxy_handler_instance", "proxy_identity"]  # noqa: F822 (lazy)
+
+logger = logging.getLogger("hive_ratelimit_plugin")
+
+# The proxy's call types (they differ between LiteLLM versions) -> the SDK call type whose
+# estimation rules apply. Anything else (images, audio, moderation, rerank, MCP, pass-through)
+# is not limited.
+_CALL_TYPES = {
+    "completion": "acompletion",
+    "acompletion": "acompletion",
+    "text_completion": "atext_completion",
+    "atext_completion": "atext_completion",
+    "embeddings": "aembedding",
+    "embedding": "aembedding",
+    "aembedding": "aembedding",
+    "anthropic_messages": "acompletion",
+    "responses": "acompletion",
+    "aresponses": "acompletion",
+}
+_HEX = frozenset("0123456789abcdef")
+_RUNAWAY_FLAG = "_hive_ratelimit_runaway"  # set on our private copy of a request's kwargs
+
+
+def _key_name(token: Any) -> str | None:
+    """A short, stable, non-secret name for a key: ``key-`` + 12 hex digits of its hash."""
+    if not isinstance(token, str) or not token:
+        return None
+    digest = token if len(token) == 64 and set(token) <= _HEX else hashlib.sha256(token.encode()).hexdigest()
+    return f"key-{digest[:12]}"
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def proxy_identity(user_api_key_dict: Any, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Who a proxy request counts against, from the authenticated key only.
+
+    * ``agent_id``: the key's metadata ``agent_id`` (set when the key is generated), else the
+      key's alias, else ``key-`` + the first 12 hex digits of the key's hash.
+    * ``user_id``: the key's user, else the end user (the request's ``user`` as the proxy
+      resolved it).
+    * ``team_id``: the key's team.
+    * ``priority``: the key's (else the team's) metadata ``priority``; clients cannot raise it.
+    * ``run_id``: the request's ``metadata.run_id`` (it only selects per-run caps).
+    * ``runaway``: ``False`` when the agent is the key itself (alias or hash): one key often
+      serves many clients that may send the same prompt, so the runaway breaker (the same request
+      repeated) applies only to agents named in key metadata.
+
+    Client-sent ``metadata`` (``agent_id``, ``user_id``, ``team_id``, ``priority``) is ignored.
+    """
+    key_md = _field(user_api_key_dict, "metadata")
+    key_md = key_md if isinstance(key_md, Mapping) else {}
+    team_md = _field(user_api_key_dict, "team_metadata")
+    team_md = team_md if isinstance(team_md, Mapping) else {}
+    agent = key_md.get("agent_id") or _field(user_api_key_dict, "key_alias") \
+        or _key_name(_field(user_api_key_dict, "token") or _field(user_api_key_dict, "api_key"))
+    user = _field(user_api_key_dict, "user_id") or _field(user_api_key_dict, "end_user_id")
+    priority = key_md.get("priority", team_md.get("priority"))
+    run = None
+    if data is not None:
+        for md_name in ("metadata", "litellm_metadata"):
+            md = data.get(md_name)
+            if isinstance(md, Mapping):
+                requester = md.get("requester_metadata")
+                for src in (md, requester if isinstance(requester, Mapping) else {}):
+                    if src.get("run_id") is not None:
+                        run = src.get("run_id")
+                        break
+            if run is not None:
+                break
+    out = {"agent_id": agent, "user_id": user, "team_id": _field(user_api_key_dict, "team_id"),
+           "run_id": run, "priority": priority}
+    ident: dict[str, Any] = {k: (str(v) if k != "priority" else v) for k, v in out.items() if v not in (None, "")}
+    if not key_md.get("agent_id"):
+        ident["runaway"] = False
+    return ident
+
+
+def _auth_from_metadata(md: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The key's identity as the proxy copies it into a request's metadata (``user_api_key_*``)."""
+    if not any(k.startswith("user_api_key") for k in md):
+        return None
+    key_md = md.get("user_api_key_metadata") or md.get("user_api_key_auth_metadata")
+    return {
+        "metadata": key_md if isinstance(key_md, Mapping) else {},
+        "team_metadata": md.get("user_api_key_team_metadata"),
+        "key_alias": md.get("user_api_key_alias"),
+        "token": md.get("user_api_key_hash") or md.get("user_api_key"),
+        "user_id": md.get("user_api_key_user_id"),
+        "end_user_id": md.get("user_api_key_end_user_id"),
+        "team_id": md.get("user_api_key_team_id"),
+    }
+
+
+def _retry_after(exc: HiveRateLimitError) -> str:
+    ra = exc.retry_after
+    return str(max(1, math.ceil(ra))) if isinstance(ra, (int, float)) and math.isfinite(ra) else "1"
+
+
+def _budget_status() -> int:
+    import litellm
+
+    status = getattr(litellm, "budget_exceeded_status_code", 400)
+    # A budget stop must never read like a rate limit: clients retry 429s.
+    return status if isinstance(status, int) and 400 <= status < 500 and status != 429 else 400
+
+
+def http_error(exc: HiveRateLimitError) -> tuple[int, str, str, dict[str, str]]:
+    """(status, error type, code, headers) with which the proxy answers one of our errors."""
+    from ._budget_errors import BudgetExceededError
+
+    headers: dict[str, str] = {}
+    if exc.scope:
+        headers["x-hive-ratelimit-scope"] = exc.scope
+    if exc.limit:
+        headers["x-hive-ratelimit-limit"] = exc.limit
+    if isinstance(exc, BudgetExceededError):
+        return _budget_status(), "budget_exceeded", "budget_exceeded", headers
+    if isinstance(exc, RequestTooLargeError):
+        return 400, "invalid_request_error", "request_too_large", headers
+    if isinstance(exc, ConfigError):
+        return 500, "internal_server_error", "hive_ratelimit_config_error", headers
+    headers["retry-after"] = _retry_after(exc)
+    if isinstance(exc, CircuitOpenError):
+        return 503, "service_unavailable", "circuit_open", headers
+    return 429, "rate_limit_error", "rate_limit_exceeded", headers
+
+
+def _find_ours(exc: BaseException | None) -> HiveRateLimitError | None:
+    """Our error, also when LiteLLM wrapped it (``__cause__``/``__context__``/``original_exception``)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, HiveRateLimitError):
+            return exc
+        seen += 1
+        inner = getattr(exc, "original_exception", None)
+        exc = inner if isinstance(inner, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
+
+
+class ProxyLimiter(HiveLimiter):
+    """HiveLimiter with the LiteLLM proxy's request hooks. Same arguments as :class:`HiveLimiter`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # litellm_call_id -> the trusted identity (and whether the pre-call hook admitted it).
+        self._proxy_calls: LRUCache[str, tuple[dict[str, Any], bool]] = LRUCache(maxsize=65536)
+        self._proxy_lock = threading.Lock()
+
+    # ------------------------------------------------------------ identity
+    def identity(self, user_api_key_dict: Any, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The identity a request counts against; override to map keys differently."""
+        return proxy_identity(user_api_key_dict, data)
+
+    def _admitted_upstream(self, call_id: str) -> bool:
+        # True once: for the first attempt LiteLLM sends. A retry whose failed attempt has not
+        # been released yet (failure events run in the background) gets an id of its own.
+        with self._proxy_lock:
+            entry = self._proxy_calls.get(call_id)
+            if entry is None or not entry[1]:
+                return False
+            self._proxy_calls[call_id] = (entry[0], False)
+            return True
+
+    def _ticket(self, call_id: str, call_type: str, kwargs: Mapping[str, Any],
+                metadata: Mapping[str, Any] | None) -> Ticket | None:
+        # In the proxy, identity is the authenticated key's, whatever the client sent.
+        with self._proxy_lock:
+            entry = self._proxy_calls.get(call_id)
+        if entry is not None:
+            trusted: dict[str, Any] = entry[0]
+        else:
+            trusted = {}
+            for name in ("metadata", "litellm_metadata"):
+                md = kwargs.get(name)
+                auth = _auth_from_metadata(md) if isinstance(md, Mapping) else None
+                if auth is not None:
+                    trusted = self.identity(auth, kwargs)
+                    break
+        view = dict(kwargs)
+        view["user"] = None
+        view[_RUNAWAY_FLAG] = trusted.get("runaway", True) is not False
+        ticket = super()._ticket(call_id, call_type, view, {k: trusted.get(k) for k in IDENTITY_FIELDS})
+        if ticket is not None:
+            ticket.choices = None  # the proxy's model_list picks the API key of each deployment
+        return ticket
+
+    def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
+        if kwargs.get(_RUNAWAY_FLAG, True):
+            super()._check_runaway(agent_id, model, kwargs)
+
+    # -------------------------------------------------------------- models
+    def _targets(self, model: str) -> list[dict[str, Any]]:
+        """The deployments (``litellm_params``) the proxy's Router may send ``model`` to."""
+        try:
+            from litellm.proxy import proxy_server
+        except Exception:  # the proxy's requirements are missing: not running inside a proxy
+            return []
+        router = getattr(proxy_server, "llm_router", None)
+        if router is None or not model:
+            return []
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                registry = getattr(router, "registry", None)
+                found = registry().deployments(model) if callable(registry) else router.get_model_list(model_name=model)
+        except Exception as exc:
+            logger.debug("could not list the deployments of %s: %s", model, exc)
+            return []
+        out: list[dict[str, Any]] = []
+        for dep in found or ():
+            params = dep.get("litellm_params") if isinstance(dep, Mapping) else None
+            if isinstance(params, Mapping) and params.get("model"):
+                out.append(dict(params))
+        return out
+
+    def _resolve(self, data: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The one (model, provider, api_base) a request goes to, or None if its group mixes models."""
+        model = str(data.get("model") or "")
+        targets = self._targets(model)
+        if not targets:
+            return {"model": model, "custom_llm_provider": data.get("custom_llm_provider"),
+                    "api_base": data.get("api_base")}
+        seen: dict[tuple[str, str], dict[str, Any]] = {}
+        for t in targets:
+            m = str(t["model"])
+            if m.endswith("/*"):  # a wildcard route: the request names the model
+                m = model
+            provider = self._provider_of(m, t.get("custom_llm_provider"), t.get("api_base"))
+            seen.setdefault((provider, split_model(m, provider)), {
+                "model": m, "custom_llm_provider": t.get("custom_llm_provider"), "api_base": t.get("api_base")})
+        return next(iter(seen.values())) if len(seen) == 1 else None
+
+    # --------------------------------------------------------------- hooks
+    async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],
+                                  call_type: Any) -> dict[str, Any] | None:
+        """Admit a proxy request before the Router runs (waits in the queue if needed).
+
+        Raises:
+            fastapi.HTTPException: 429 with ``retry-after`` (rate limit), the proxy's budget status
+                with type ``budget_exceeded`` (budget), 400 (can never fit), 503 (circuit open).
+        """
+        if not self._config.enabled:
+            return None
+        kind = _CALL_TYPES.get(_call_type_name(call_type))
+        if kind is None:
+            return None
+        ident = self.identity(user_api_key_dict, data)
+        call_id = data.get("litellm_call_id")
+        if not call_id:
+            call_id = data["litellm_call_id"] = str(uuid.uuid4())
+        call_id = str(call_id)
+        if self._engine.holds(call_id):
+            # Ids come from the client's x-litellm-call-id header when it sends one; reusing an id
+            # in flight would let a second request ride on the first one's admission.
+            raise _http_exception(
+                f"litellm_call_id {call_id} is already in flight; send a unique x-litellm-call-id",
+                "invalid_request_error", "duplicate_call_id", 400, {})
+        target = self._resolve(data)
+        if target is None:
+            # The Router picks among different models: admit per deployment (deployment hook).
+            with self._proxy_lock:
+                self._proxy_calls[call_id] = (ident, False)
+            return None
+        view = dict(data)
+        view.update(target)
+        if kind == "acompletion" and not isinstance(view.get("messages"), list):
+            text = view.get("input")  # /v1/responses
+            content = text if isinstance(text, str) else json.dumps(text, default=str)
+            view["messages"] = [{"role": "user", "content": content}]
+        with self._proxy_lock:
+            self._proxy_calls[call_id] = (ident, True)
+        try:
+            ticket = self._ticket(call_id, kind, view, None)
+            if ticket is None:
+                return None
+            try:
+                await acquire_async(self._engine, ticket, self._max_wait())
+            except RateLimitQueueTimeout as exc:
+                self._emit(_timeout_event(ticket, exc, self._engine.wall()))
+                raise
+        except HiveRateLimitError as exc:
+            with self._proxy_lock:
+                self._proxy_calls.pop(call_id, None)
+            raise _as_http_exception(exc) from exc
+        except BaseException:
+            with self._proxy_lock:
+                self._proxy_calls.pop(call_id, None)
+            raise
+        return None
+
+    async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
+                                           user_api_key_dict: Any, traceback_str: str | None = None,
+                                           **kwargs: Any) -> Any:
+        """Release a request that failed anywhere after admission; answer our errors properly."""
+        call_id = request_data.get("litellm_call_id") if isinstance(request_data, Mapping) else None
+        if call_id:
+            self._finish(str(call_id), failed=True, exc=original_exception)
+        from fastapi import HTTPException
+
+        if isinstance(original_exception, HTTPException):
+            return None  # already an HTTP answer (our pre-call hook raises these)
+        ours = _find_ours(original_exception)
+        if ours is None:
+            return None
+        # A refusal in the deployment hook (model groups that mix models).
+        return _as_http_exception(ours)
+
+
+def _http_exception(message: str, kind: str, code: str, status: int, headers: dict[str, str]) -> Exception:
+    """An HTTPException the proxy answers as ``{"error": {"message", "type", ...}}`` with our status
+    and headers. (Every LiteLLM version turns an HTTPException raised in a pre-call hook, or
+    returned by a failure hook, into its error response and reads ``type``/``param`` off it;
+    a ProxyException raised from a hook becomes a 500 on LiteLLM 1.83.)"""
+    from fastapi import HTTPException
+
+    exc = HTTPException(status_code=status, detail=message, headers=headers)
+    exc.type = kind  # type: ignore[attr-defined]
+    exc.param = None  # type: ignore[attr-defined]
+    exc.hive_ratelimit_code = code  # type: ignore[attr-defined]
+    return exc
+
+
+def _as_http_exception(exc: HiveRateLimitError) -> Exception:
+    status, kind, code, headers = http_error(exc)
+    return _http_exception(str(exc), kind, code, status, headers)
+
+
+# ---------------------------------------------------------------- the instance
+_instance: ProxyLimiter | None = None
+_instance_lock = threading.Lock()
+
+
+def _proxy_config_file() -> str | None:
+    path = os.environ.get("CONFIG_FILE_PATH")
+    if path:
+        return path
+    worker = os.environ.get("WORKER_CONFIG")
+    if worker:
+        try:
+            parsed = json.loads(worker)
+        except ValueError:
+            return None
+        if isinstance(parsed, Mapping) and isinstance(parsed.get("config"), str):
+            return str(parsed["config"])
+    return None
+
+
+def _load_for_proxy() -> str | RateLimitingConfig | None:
+    """``HIVE_RATELIMIT_CONFIG``; else the proxy config file's ``rate_limiting:`` block; else env only."""
+    if os.environ.get("HIVE_RATELIMIT_CONFIG"):
+        return None  # HiveLimiter(None) reads it (with HIVE_RATELIMIT_* overrides)
+    path = _proxy_config_file()
+    if not path or not os.path.isfile(path):
+        return None
+    import yaml
+
+    from .config import load_config
+
+    with open(path, encoding="utf-8") as fh:
+        try:
+            doc = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if isinstance(doc, Mapping) and "rate_limiting" in doc:
+        return load_config({"rate_limiting": doc["rate_limiting"]})
+    return None
+
+
+def get_instance() -> ProxyLimiter:
+    """The process-wide :class:`ProxyLimiter` the proxy's ``config.yaml`` names (built once)."""
+    global _instance
+    with _instance_lock:
+        if _instance is None:
+            _instance = ProxyLimiter(_load_for_proxy())
+            logger.info("hive-ratelimit: proxy limiter ready (%r)", _instance)
+        return _instance
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use, so that importing this module (docs, tests) reads no configuration.
+    if name in ("proxy_handler_instance", "limiter"):
+        return get_instance()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

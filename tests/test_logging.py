@@ -1,0 +1,162 @@
+"""Logging: repeated lines are summarised during a 429 storm; secrets never reach a log line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+import litellm
+import pytest
+
+from hive_ratelimit_plugin import _observe
+from hive_ratelimit_plugin._observe import RepeatSummary, redact
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
+
+from .helpers import Ticker, chat_kwargs, make_limiter
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def summary_logger() -> Iterator[tuple[logging.Logger, RepeatSummary, FakeClock, ListHandler]]:
+    clock = FakeClock(0.0)
+    log = logging.getLogger("hive_ratelimit_plugin.tests.summary")
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    summary = RepeatSummary(window=10.0, clock=clock)
+    handler = ListHandler()
+    log.addFilter(summary)
+    log.addHandler(handler)
+    yield log, summary, clock, handler
+    log.removeFilter(summary)
+    log.removeHandler(handler)
+
+
+def test_keyed_repeats_are_summarised(summary_logger: tuple[logging.Logger, RepeatSummary, FakeClock,
+                                                             ListHandler]) -> None:
+    log, summary, clock, handler = summary_logger
+    for i in range(58):
+        log.warning("provider openai answered 429 for gpt-4o; callers wait %.1fs", 1 + i / 10,
+                    extra={"hive_repeat_key": ("429", "openai", "gpt-4o")})
+        clock.advance(0.1)
+    assert handler.lines == ["provider openai answered 429 for gpt-4o; callers wait 1.0s"]
+    summary.flush()  # 5.8 s in: the window is not over
+    assert len(handler.lines) == 1
+    clock.advance(4.3)
+    summary.flush()
+    assert handler.lines[1] == ("provider openai answered 429 for gpt-4o; callers wait 6.7s ... repeated 57 times "
+                                "in the last 10s")
+    summary.flush()
+    assert len(handler.lines) == 2  # reported once
+    log.warning("provider openai answered 429 for gpt-4o; callers wait %.1fs", 2.0,
+                extra={"hive_repeat_key": ("429", "openai", "gpt-4o")})
+    assert handler.lines[2].endswith("callers wait 2.0s")  # a new window starts with a full line
+
+
+def test_summary_is_also_emitted_by_the_next_line_after_the_window(
+        summary_logger: tuple[logging.Logger, RepeatSummary, FakeClock, ListHandler]) -> None:
+    log, _, clock, handler = summary_logger
+    for _ in range(5):
+        log.warning("queue timeout", extra={"hive_repeat_key": "q"})
+    clock.advance(12)
+    log.warning("queue timeout", extra={"hive_repeat_key": "q"})
+    assert handler.lines == ["queue timeout", "queue timeout ... repeated 4 times in the last 12s", "queue timeout"]
+
+
+def test_unkeyed_identical_lines_pass_a_few_times_and_distinct_lines_all_pass(
+        summary_logger: tuple[logging.Logger, RepeatSummary, FakeClock, ListHandler]) -> None:
+    log, summary, clock, handler = summary_logger
+    for _ in range(10):
+        log.warning("disk is slow")
+    for name in ("a", "b", "c", "d"):
+        log.warning("agent %s over budget", name)
+    log.info("info lines are never summarised")
+    log.info("info lines are never summarised")
+    assert handler.lines.count("disk is slow") == 3
+    assert [x for x in handler.lines if "over budget" in x] == [f"agent {n} over budget" for n in "abcd"]
+    assert handler.lines.count("info lines are never summarised") == 2
+    clock.advance(10)
+    summary.flush()
+    assert handler.lines[-1] == "disk is slow ... repeated 7 times in the last 10s"
+
+
+def test_secrets_are_redacted_from_messages_and_tracebacks(
+        summary_logger: tuple[logging.Logger, RepeatSummary, FakeClock, ListHandler]) -> None:
+    log, _, _, handler = summary_logger
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.warning("calling with %s", "sk-proj-abcDEF1234567890")
+    log.warning("header Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload")
+    try:
+        raise ValueError("api_key=sk-live-SECRETSECRET rejected")
+    except ValueError:
+        log.exception("callback failed")
+    text = "\n".join(handler.lines)
+    assert "abcDEF" not in text and "eyJhbGci" not in text and "SECRETSECRET" not in text
+    assert text.count("<redacted>") >= 3 and "ValueError" in text
+    assert redact("model gpt-4o, 1200 tokens") == "model gpt-4o, 1200 tokens"
+
+
+async def test_429_storm_logs_one_line_then_a_summary(provider: FakeProvider, clock: FakeClock,
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real calls: 12 provider 429s log one warning and one "repeated 11 times" line, no key."""
+    log_clock = FakeClock(0.0)
+    monkeypatch.setattr(_observe.SUMMARY, "clock", log_clock)
+    limiter = make_limiter(clock, {"retry": {"max_attempts": 20}, "circuit_breaker": {"enabled": False},
+                                   "adaptive": {"enabled": False}})
+    events: list[dict[str, object]] = []
+    limiter.on_event(events.append)
+    provider.state.push(*[Scripted(status=429, headers={"retry-after": "0.5"})] * 12)
+    kwargs = chat_kwargs(provider)
+    kwargs.pop("max_retries")
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    with Ticker(clock, step=0.05):
+        await asyncio.gather(*(litellm.acompletion(**kwargs) for _ in range(4)))
+    assert provider.state.count(429) == 12
+    lines = [r.getMessage() for r in caplog.records if "answered 429" in r.getMessage()]
+    assert lines == ["provider openai answered 429 for gpt-4o-mini (retried); the provider asked to wait 0.5s"]
+    log_clock.advance(10)
+    _observe.SUMMARY.flush()
+    lines = [r.getMessage() for r in caplog.records if "answered 429" in r.getMessage()]
+    assert lines[1] == "provider openai answered 429 for gpt-4o-mini (retried); the provider asked to wait 0.5s ... " \
+                       "repeated 11 times in the last 10s"
+    assert "SECRET" not in caplog.text
+    storm = [e for e in events if e["type"] == "provider_429"]
+    assert len(storm) == 12  # every 429 is an event, even if the log summarises them
+    assert {(e["provider"], e["model"], e["retry_after"], e["retried"]) for e in storm} == {
+        ("openai", "gpt-4o-mini", 0.5, True)}
+    assert "SECRET" not in repr(events)
+
+
+def test_breaker_trip_is_logged(provider: FakeProvider, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    make_limiter(clock, {"circuit_breaker": {"failure_threshold": 2}, "retry": {"enabled": False}})
+    provider.state.push(Scripted(status=500), Scripted(status=500))
+    caplog.set_level(logging.INFO, logger="hive_ratelimit_plugin")
+    for _ in range(2):
+        with pytest.raises(litellm.InternalServerError):
+            litellm.completion(**chat_kwargs(provider))
+    [line] = [r for r in caplog.records if "circuit breaker" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert line.getMessage() == ("circuit breaker of model:openai/gpt-4o-mini opened after 2 consecutive provider "
+                                 "failures; a probe goes through in 30s")
+
+
+def test_pending_repeats_are_reported_on_a_forced_flush(
+        summary_logger: tuple[logging.Logger, RepeatSummary, FakeClock, ListHandler]) -> None:
+    """At exit the window may not be over: the repeats are still reported, with the real span."""
+    log, summary, clock, handler = summary_logger
+    for _ in range(4):
+        log.warning("queue timeout", extra={"hive_repeat_key": "q"})
+        clock.advance(1)
+    summary.flush()
+    assert handler.lines == ["queue timeout"]
+    summary.flush(force=True)
+    assert handler.lines == ["queue timeout", "queue timeout ... repeated 3 times in the last 4s"]

@@ -1,0 +1,277 @@
+"""End to end through a real LiteLLM proxy in front of the fake provider.
+
+The proxy (LiteLLM's own FastAPI app, started from configs/proxy.yaml with its api_base pointed
+at the fake provider) runs under uvicorn on 127.0.0.1 in a thread of the test process, so that
+the limiter it loads can run on a fake clock. Clients talk to it over real HTTP. Without a
+database the proxy has no virtual keys, so a custom auth function (the proxy's own extension
+point) maps bearer tokens to keys with users, teams and aliases, exactly as
+``UserAPIKeyAuth`` objects reach the hooks in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import litellm
+import pytest
+import yaml
+
+from hive_ratelimit_plugin import proxy as proxy_mod
+from hive_ratelimit_plugin.plugin import unregister
+from hive_ratelimit_plugin.proxy import ProxyLimiter
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
+
+from .helpers import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+AUTH_MODULE = '''
+from litellm.proxy._types import UserAPIKeyAuth
+
+# No team_id here: without a database, LiteLLM 1.83.4's custom-auth checks fail on any team
+# (teams are covered by the hook tests in test_proxy_hooks.py).
+KEYS = {
+    "sk-alice": dict(user_id="alice", key_alias="alice-laptop"),
+    "sk-alice-2": dict(user_id="alice", key_alias="alice-ci"),
+    "sk-bob": dict(user_id="bob", key_alias="bob-key", metadata={"agent_id": "planner"}),
+    "sk-carol": dict(user_id="carol", key_alias="carol-key"),
+}
+
+
+async def user_api_key_auth(request, api_key):
+    if api_key not in KEYS:
+        raise Exception("unknown key")
+    return UserAPIKeyAuth(api_key=api_key, **KEYS[api_key])
+'''
+
+LIMITS: dict[str, Any] = {
+    "queue": {"max_wait_seconds": 120},
+    "users": {"alice": {"requests_per_minute": 2}, "bob": {"requests_per_minute": 5},
+              "carol": {"max_cost_per_day": 0.0000001}},
+}
+
+_SAVED_LISTS = ("callbacks", "success_callback", "failure_callback", "input_callback", "service_callback",
+                "_async_success_callback", "_async_failure_callback", "_async_input_callback")
+
+
+class Proxy:
+    def __init__(self, url: str, provider: FakeProvider) -> None:
+        self.url = url
+        self.provider = provider
+        self.limiter: ProxyLimiter | None = None
+        self.clock = FakeClock()
+
+    def use(self, limits: dict[str, Any]) -> ProxyLimiter:
+        """A fresh limiter on a fresh fake clock, in place of the previous one."""
+        for cb in list(litellm.callbacks):
+            if isinstance(cb, ProxyLimiter):  # the previous test's (the conftest restores it)
+                unregister(cb)
+        self.clock = FakeClock()
+        self.limiter = ProxyLimiter(limits, clock=self.clock)
+        self.clock.attach(self.limiter)
+        proxy_mod._instance = self.limiter
+        litellm.callbacks.append(self.limiter)
+        return self.limiter
+
+    def post(self, client: httpx.AsyncClient, key: str, **body: Any) -> Any:
+        payload = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
+        payload.update(body)
+        return client.post(f"{self.url}/v1/chat/completions", json=payload,
+                           headers={"authorization": f"Bearer {key}"})
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    saved_lists = {n: list(getattr(litellm, n)) for n in _SAVED_LISTS if isinstance(getattr(litellm, n, None), list)}
+    saved_env = {k: os.environ.get(k) for k in ("CONFIG_FILE_PATH", "LITELLM_MASTER_KEY")}
+    with FakeProvider() as provider:
+        # The shipped example, pointed at the fake provider, with a custom auth for the test keys.
+        conf = yaml.safe_load((ROOT / "configs" / "proxy.yaml").read_text())
+        for dep in conf["model_list"]:
+            dep["litellm_params"]["api_base"] = provider.url
+            dep["litellm_params"]["api_key"] = "sk-provider-SECRET"
+        # A group whose deployments are different models: admitted per deployment instead.
+        conf["model_list"] += [
+            {"model_name": "mixed", "litellm_params": {"model": m, "api_base": provider.url,
+                                                       "api_key": "sk-provider-SECRET"}}
+            for m in ("openai/gpt-4o-mini", "openai/gpt-4o")]
+        conf["general_settings"] = {"custom_auth": "proxy_auth.user_api_key_auth"}
+        conf["rate_limiting"] = LIMITS
+        conf.setdefault("litellm_settings", {})["num_retries"] = 0
+        d = tmp_path_factory.mktemp("proxy")
+        (d / "config.yaml").write_text(yaml.safe_dump(conf))
+        (d / "proxy_auth.py").write_text(AUTH_MODULE)
+        (d / "hive_limiter.py").write_text((ROOT / "configs" / "hive_limiter.py").read_text())
+        os.environ["CONFIG_FILE_PATH"] = str(d / "config.yaml")
+        os.environ["LITELLM_MASTER_KEY"] = "sk-" + secrets.token_hex(16)
+        px = Proxy("", provider)
+        # The limiter the config names is built from the same file's rate_limiting block (what
+        # proxy_handler_instance does on first use), here on a fake clock.
+        cfg = proxy_mod._load_for_proxy()
+        assert cfg is not None and cfg.users["alice"].requests_per_minute == 2
+        px.use(LIMITS)
+        litellm.callbacks.remove(px.limiter)  # the proxy registers it from config.yaml
+
+        import uvicorn
+        from litellm.proxy.proxy_server import app
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, loop="asyncio", lifespan="on", log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        px.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{px.url}/health/liveliness", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the proxy did not start"
+            assert thread.is_alive(), "the proxy exited during start-up"
+            time.sleep(0.05)
+        assert px.limiter in litellm.callbacks, "the proxy did not load the limiter named in config.yaml"
+        try:
+            yield px
+        finally:
+            server.should_exit = True
+            thread.join(20)
+            sock.close()
+            for name, value in saved_lists.items():
+                getattr(litellm, name)[:] = value
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            proxy_mod._instance = None
+            import litellm.proxy.proxy_server as proxy_server
+
+            proxy_server.llm_router = None  # later tests must not find this proxy's models
+
+
+@pytest.fixture
+def px(proxy: Proxy) -> Iterator[Proxy]:
+    proxy.provider.state.reset()
+    proxy.use(LIMITS)
+    yield proxy
+
+
+async def test_over_limit_requests_queue_then_run_and_each_is_counted_once(px: Proxy) -> None:
+    lim = px.limiter
+    assert lim is not None
+    async with httpx.AsyncClient(timeout=60) as client:
+        # alice may send 2 requests a minute (per user, across both of her keys)
+        tasks = [asyncio.create_task(px.post(client, key)) for key in ("sk-alice", "sk-alice-2", "sk-alice",
+                                                                        "sk-alice-2")]
+        await wait_until(lambda: px.provider.state.ok_count() == 2 and lim._engine.queue_length == 2)
+        await asyncio.sleep(0.2)  # the queued ones stay queued while time stands still
+        assert px.provider.state.count() == 2
+        px.clock.advance(61)
+        responses = await asyncio.gather(*tasks)
+    assert [r.status_code for r in responses] == [200] * 4
+    assert px.provider.state.count() == 4
+    stats = lim.get_usage_stats()
+    # Admitted once per request, although the proxy runs both the pre-call hook and the Router's
+    # deployment hook (and LiteLLM's acompletion guard) for each.
+    assert stats["admitted_total"] == 4
+    assert stats["queued_total"] == 2
+    assert lim._engine._leases == {}  # every request settled
+    user = stats["levels"]["user"]["user:alice"]
+    assert user["requests_per_minute"]["used"] == 2  # the window after the clock moved
+    assert user["in_flight"] == 0
+
+
+async def test_refused_request_gets_429_with_retry_after_and_identity_comes_from_the_key(px: Proxy) -> None:
+    lim = px.use({**LIMITS, "queue": {"max_wait_seconds": 0}})
+    async with httpx.AsyncClient(timeout=60) as client:
+        assert (await px.post(client, "sk-alice")).status_code == 200
+        assert (await px.post(client, "sk-alice-2")).status_code == 200
+        # Claiming to be someone else in metadata does not help.
+        r = await px.post(client, "sk-alice", metadata={"user_id": "bob", "agent_id": "x"},
+                          user="someone-else")
+        assert r.status_code == 429
+        assert 55 <= int(r.headers["retry-after"]) <= 61
+        err = r.json()["error"]
+        assert err["type"] == "rate_limit_error"
+        assert r.headers["x-hive-ratelimit-scope"] == "user:alice"
+        assert "sk-provider-SECRET" not in r.text and "sk-alice" not in r.text
+        # bob has his own limit
+        assert (await px.post(client, "sk-bob")).status_code == 200
+    assert px.provider.state.count() == 3  # the refused request was never sent
+    stats = lim.get_usage_stats()
+    assert set(stats["levels"]["user"]) == {"user:alice", "user:bob"}
+    assert stats["levels"]["user"]["user:alice"]["requests_per_minute"]["used"] == 2
+    assert stats["admitted_total"] == 3
+
+
+async def test_a_spent_budget_is_a_budget_error_not_a_rate_limit(px: Proxy) -> None:
+    async with httpx.AsyncClient(timeout=60) as client:
+        r = await px.post(client, "sk-carol")
+    assert r.status_code != 429 and 400 <= r.status_code < 500
+    assert "retry-after" not in r.headers
+    err = r.json()["error"]
+    assert err["type"] == "budget_exceeded"
+    for phrase in ("rate limit", "429", "too many requests", "capacity"):
+        assert phrase not in err["message"].lower()
+    assert r.headers["x-hive-ratelimit-scope"] == "user:carol"
+    assert px.provider.state.count() == 0
+
+
+async def test_streaming_through_the_proxy_is_counted_once_and_settled(px: Proxy) -> None:
+    lim = px.limiter
+    assert lim is not None
+    async with httpx.AsyncClient(timeout=60) as client:
+        r = await px.post(client, "sk-bob", stream=True, stream_options={"include_usage": True})
+        assert r.status_code == 200
+        assert "data: [DONE]" in r.text
+    await wait_until(lambda: not lim._engine._leases)
+    stats = lim.get_usage_stats()
+    assert stats["admitted_total"] == 1
+    assert px.provider.state.count() == 1
+
+
+async def test_embeddings_share_the_limits(px: Proxy) -> None:
+    """A client cannot get around the limits through another route."""
+    lim = px.use({**LIMITS, "queue": {"max_wait_seconds": 0}, "users": {"bob": {"requests_per_minute": 2}}})
+    headers = {"authorization": "Bearer sk-bob"}
+    body = {"model": "text-embedding-3-small", "input": ["a", "b"]}
+    async with httpx.AsyncClient(timeout=60) as client:
+        assert (await client.post(f"{px.url}/v1/embeddings", headers=headers, json=body)).status_code == 200
+        assert (await px.post(client, "sk-bob")).status_code == 200
+        refused = await client.post(f"{px.url}/v1/embeddings", headers=headers, json=body)
+    assert refused.status_code == 429
+    assert "retry-after" in refused.headers
+    await wait_until(lambda: not lim._engine._leases)
+    assert lim.get_usage_stats()["admitted_total"] == 2
+    assert px.provider.state.count() == 2
+
+
+async def test_mixed_model_groups_are_limited_per_deployment(px: Proxy) -> None:
+    lim = px.use({**LIMITS, "queue": {"max_wait_seconds": 0}})
+    async with httpx.AsyncClient(timeout=60) as client:
+        ok = [await px.post(client, key, model="mixed") for key in ("sk-alice", "sk-alice-2")]
+        refused = await px.post(client, "sk-alice", model="mixed", metadata={"user_id": "bob"})
+        for _ in range(5):
+            assert (await px.post(client, "sk-alice", model="mixed")).status_code == 429
+        other = await px.post(client, "sk-bob", model="mixed")
+    assert [r.status_code for r in ok] == [200, 200]
+    assert refused.status_code == 429, refused.text
+    assert 55 <= int(refused.headers["retry-after"]) <= 61
+    assert other.status_code == 200  # six refusals did not put the group's deployments in cooldown
+    await wait_until(lambda: not lim._engine._leases)
+    assert px.provider.state.count() == 3
+    stats = lim.get_usage_stats()
+    assert stats["admitted_total"] == 3
+    assert stats["levels"]["user"]["user:alice"]["requests_per_minute"]["used"] == 2

@@ -1,0 +1,304 @@
+"""ProxyLimiter's hooks with the proxy's own data shapes (``UserAPIKeyAuth``, the request dict the
+proxy passes), without starting a server. The end-to-end behaviour is in test_proxy_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+from typing import Any
+
+import litellm
+import pytest
+from fastapi import HTTPException
+from litellm.proxy._types import UserAPIKeyAuth
+
+from hive_ratelimit_plugin import proxy as proxy_mod
+from hive_ratelimit_plugin.errors import RateLimitQueueTimeout
+from hive_ratelimit_plugin.proxy import ProxyLimiter, proxy_identity
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
+
+from .helpers import Ticker, chat_kwargs, wait_until
+
+HASH = "a" * 64
+
+
+def _auth(**kw: Any) -> UserAPIKeyAuth:
+    kw.setdefault("api_key", HASH)
+    return UserAPIKeyAuth(**kw)
+
+
+def _data(provider: FakeProvider | None = None, **extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "model": "gpt-4o-mini" if provider is None else "openai/gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "metadata": {"user_id": "mallory", "team_id": "victims", "agent_id": "fake", "priority": "high"},
+        "litellm_call_id": "call-1",
+    }
+    data.update(extra)
+    return data
+
+
+def _limiter(clock: FakeClock, config: dict[str, Any]) -> ProxyLimiter:
+    lim = ProxyLimiter(config, clock=clock)
+    clock.attach(lim)
+    litellm.callbacks.append(lim)
+    return lim
+
+
+def test_identity_comes_from_the_key_not_from_client_metadata() -> None:
+    auth = _auth(user_id="alice", team_id="research", key_alias="alice-laptop", end_user_id="customer-7",
+                 metadata={"agent_id": "planner", "priority": "high"})
+    ident = proxy_identity(auth, _data(metadata={"user_id": "bob", "team_id": "x", "run_id": "r1"}))
+    assert ident == {"agent_id": "planner", "user_id": "alice", "team_id": "research", "run_id": "r1",
+                     "priority": "high"}
+    # Without metadata agent_id: the alias; without alias: a short name derived from the key hash.
+    assert proxy_identity(_auth(key_alias="ci"))["agent_id"] == "ci"
+    assert proxy_identity(_auth(key_alias="ci"))["runaway"] is False  # see the runaway test
+    assert proxy_identity(_auth())["agent_id"] == "key-aaaaaaaaaaaa"
+    # A raw key (custom auth may pass one) is hashed, never shown.
+    assert "sk-raw-secret" not in str(proxy_identity(_auth(api_key="sk-raw-secret")))
+    # No user on the key: the end user the proxy resolved from the request's `user`.
+    assert proxy_identity(_auth(end_user_id="customer-7"))["user_id"] == "customer-7"
+    # Team metadata priority applies when the key has none.
+    assert proxy_identity(_auth(team_metadata={"priority": "low"}))["priority"] == "low"
+
+
+async def test_pre_call_hook_counts_against_the_keys_levels(clock: FakeClock) -> None:
+    lim = _limiter(clock, {"queue": {"max_wait_seconds": 0},
+                           "users": {"alice": {"requests_per_minute": 1}},
+                           "teams": {"victims": {"requests_per_minute": 1}},
+                           "agents": {"*": {"requests_per_minute": 100}}})
+    auth = _auth(user_id="alice", team_id="research", key_alias="alice-laptop")
+    assert await lim.async_pre_call_hook(auth, None, _data(), "acompletion") is None
+    levels = lim.get_usage_stats()["levels"]
+    assert set(levels["user"]) == {"user:alice"}
+    assert set(levels["agent"]) == {"agent:alice-laptop"}
+    assert "team" not in levels  # the client's team_id "victims" was not charged
+    with pytest.raises(HTTPException) as caught:
+        await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-2"), "completion")
+    exc = caught.value
+    assert exc.status_code == 429
+    assert exc.headers is not None and 59 <= int(exc.headers["retry-after"]) <= 61
+    assert exc.headers["x-hive-ratelimit-scope"] == "user:alice"
+    assert getattr(exc, "type", None) == "rate_limit_error"
+    assert isinstance(exc.__cause__, RateLimitQueueTimeout)
+
+
+async def test_budget_refusal_is_not_a_429(clock: FakeClock) -> None:
+    lim = _limiter(clock, {"users": {"alice": {"max_cost_per_day": 0.0000001}}})
+    with pytest.raises(HTTPException) as caught:
+        await lim.async_pre_call_hook(_auth(user_id="alice"), None, _data(), "acompletion")
+    exc = caught.value
+    assert exc.status_code != 429 and 400 <= exc.status_code < 500
+    assert exc.headers is not None and "retry-after" not in exc.headers
+    assert getattr(exc, "type", None) == "budget_exceeded"
+    assert "rate limit" not in str(exc.detail).lower() and "429" not in str(exc.detail)
+    assert isinstance(exc.__cause__, litellm.BudgetExceededError)
+
+
+async def test_a_call_id_in_flight_cannot_be_reused(clock: FakeClock) -> None:
+    lim = _limiter(clock, {"users": {"alice": {"requests_per_minute": 100}}})
+    auth = _auth(user_id="alice")
+    await lim.async_pre_call_hook(auth, None, _data(), "acompletion")
+    with pytest.raises(HTTPException) as caught:
+        await lim.async_pre_call_hook(auth, None, _data(), "acompletion")
+    assert caught.value.status_code == 400
+    assert lim.get_usage_stats()["admitted_total"] == 1
+
+
+async def test_unlimited_call_types_pass_untouched(clock: FakeClock) -> None:
+    lim = _limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 0}})
+    for i in range(3):
+        data = {"model": "dall-e-3", "prompt": "a cat", "litellm_call_id": f"img-{i}"}
+        assert await lim.async_pre_call_hook(_auth(), None, data, "aimage_generation") is None
+    assert lim.get_usage_stats()["admitted_total"] == 0
+
+
+async def test_admitted_by_the_pre_call_hook_then_sent_by_litellm_counts_once(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """What the proxy does next: LiteLLM's acompletion (our guard, then the deployment hook) with
+    the same litellm_call_id, and the success event settles that same admission."""
+    lim = _limiter(clock, {"users": {"alice": {"requests_per_minute": 100, "tokens_per_minute": 100000}}})
+    auth = _auth(user_id="alice")
+    data = _data(provider)
+    await lim.async_pre_call_hook(auth, None, data, "acompletion")
+    assert lim._engine.holds("call-1")
+    kw = chat_kwargs(provider, litellm_call_id="call-1", metadata=data["metadata"])
+    await litellm.acompletion(**kw)
+    await wait_until(lambda: not lim._engine.holds("call-1"))
+    stats = lim.get_usage_stats()
+    assert stats["admitted_total"] == 1
+    assert provider.state.count() == 1
+    sent = provider.state.log[0]
+    used = stats["levels"]["user"]["user:alice"]["tokens_per_minute"]["used"]
+    assert used == sent.prompt_tokens + sent.completion_tokens  # settled to the actual usage
+
+
+async def test_a_failure_after_admission_releases_it(clock: FakeClock) -> None:
+    lim = _limiter(clock, {"users": {"alice": {"concurrent_requests": 1}}, "queue": {"max_wait_seconds": 0}})
+    auth = _auth(user_id="alice")
+    await lim.async_pre_call_hook(auth, None, _data(), "acompletion")
+    # e.g. a guardrail after ours refused the request, or the Router found no deployment
+    assert await lim.async_post_call_failure_hook(_data(), ValueError("blocked"), auth) is None
+    assert not lim._engine.holds("call-1")
+    await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-2"), "acompletion")
+
+
+async def test_a_refusal_in_the_deployment_hook_is_answered_like_the_pre_call_one(clock: FakeClock) -> None:
+    lim = _limiter(clock, {"users": {"alice": {"requests_per_minute": 1}}, "queue": {"max_wait_seconds": 0}})
+    wrapped = RuntimeError("router gave up")
+    wrapped.__cause__ = RateLimitQueueTimeout("held", scope="user:alice", limit="requests_per_minute",
+                                              retry_after=12.2)
+    answer = await lim.async_post_call_failure_hook(_data(), wrapped, _auth(user_id="alice"))
+    assert isinstance(answer, HTTPException)
+    assert answer.status_code == 429 and answer.headers is not None and answer.headers["retry-after"] == "13"
+
+
+async def test_mixed_model_groups_are_admitted_per_deployment_with_the_keys_identity(
+        provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    from litellm.proxy import proxy_server
+
+    router = litellm.Router(model_list=[
+        {"model_name": "mixed", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": provider.url,
+                                                   "api_key": "sk-x"}},
+        {"model_name": "mixed", "litellm_params": {"model": "openai/gpt-4o", "api_base": provider.url,
+                                                   "api_key": "sk-x"}},
+    ], num_retries=0)
+    monkeypatch.setattr(proxy_server, "llm_router", router, raising=False)
+    lim = _limiter(clock, {"users": {"alice": {"requests_per_minute": 100}}})
+    auth = _auth(user_id="alice")
+    data = _data(model="mixed")
+    await lim.async_pre_call_hook(auth, None, data, "acompletion")
+    assert not lim._engine.holds("call-1")  # not yet: the Router has not picked a model
+    await router.acompletion(model="mixed", messages=data["messages"], litellm_call_id="call-1",
+                             metadata=data["metadata"], max_retries=0)
+    await wait_until(lambda: not lim._engine.holds("call-1"))
+    stats = lim.get_usage_stats()
+    assert stats["admitted_total"] == 1
+    assert set(stats["levels"]["user"]) == {"user:alice"}  # not the client's "mallory"
+
+
+async def test_deployment_admission_without_the_pre_call_hook_uses_the_proxys_key_fields(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    lim = _limiter(clock, {"users": {"*": {"requests_per_minute": 100}}})
+    md = {"user_id": "mallory", "user_api_key_user_id": "alice", "user_api_key_alias": "k1",
+          "user_api_key_hash": HASH}
+    await litellm.acompletion(**chat_kwargs(provider, metadata=md))
+    assert set(lim.get_usage_stats()["levels"]["user"]) == {"user:alice"}
+
+
+def test_the_instance_named_in_config_yaml_reads_hive_ratelimit_config(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "limits.yaml"
+    path.write_text("rate_limiting:\n  users:\n    alice:\n      requests_per_minute: 7\n")
+    monkeypatch.setenv("HIVE_RATELIMIT_CONFIG", str(path))
+    monkeypatch.setattr(proxy_mod, "_instance", None)
+    mod = importlib.import_module("hive_ratelimit_plugin.proxy")
+    inst = mod.proxy_handler_instance
+    assert isinstance(inst, ProxyLimiter)
+    assert inst is mod.limiter
+    assert inst.config.users["alice"].requests_per_minute == 7
+    assert "async_pre_call_hook" in vars(type(inst))  # the proxy only calls it if defined on the class
+
+
+def test_the_instance_reads_the_proxy_config_files_rate_limiting_block(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("model_list: []\nrate_limiting:\n  teams:\n    research:\n      tokens_per_minute: 900\n")
+    monkeypatch.delenv("HIVE_RATELIMIT_CONFIG", raising=False)
+    monkeypatch.delenv("CONFIG_FILE_PATH", raising=False)
+    monkeypatch.setenv("WORKER_CONFIG", json.dumps({"config": str(path)}))  # what `litellm --config` sets
+    monkeypatch.setattr(proxy_mod, "_instance", None)
+    inst = proxy_mod.get_instance()
+    assert inst.config.teams["research"].tokens_per_minute == 900
+    monkeypatch.setattr(proxy_mod, "_instance", None)
+
+
+def test_a_bad_rate_limiting_block_stops_the_proxy_with_a_clear_error(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hive_ratelimit_plugin.errors import ConfigError
+
+    path = tmp_path / "config.yaml"
+    path.write_text("rate_limiting:\n  users:\n    alice:\n      requests_per_minute: -3\n")
+    monkeypatch.delenv("HIVE_RATELIMIT_CONFIG", raising=False)
+    monkeypatch.setenv("CONFIG_FILE_PATH", str(path))
+    monkeypatch.setattr(proxy_mod, "_instance", None)
+    with pytest.raises(ConfigError, match="requests_per_minute"):
+        proxy_mod.get_instance()
+
+
+async def test_queued_request_is_released_when_the_client_goes_away(clock: FakeClock) -> None:
+    lim = _limiter(clock, {"users": {"alice": {"requests_per_minute": 1}}, "queue": {"max_wait_seconds": 60}})
+    auth = _auth(user_id="alice")
+    await lim.async_pre_call_hook(auth, None, _data(), "acompletion")
+    task = asyncio.create_task(lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-2"), "acompletion"))
+    await wait_until(lambda: lim._engine.queue_length == 1)
+    task.cancel()  # the proxy cancels the request's task when the client disconnects
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert lim._engine.queue_length == 0 and not lim._engine.holds("call-2")
+    assert "call-2" not in lim._proxy_calls
+
+
+async def test_a_provider_429_retry_is_one_more_admission_not_a_free_ride(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """After a provider 429 LiteLLM's retry guard sends the request again. The second attempt is
+    admitted on its own (the first attempt's failure event may not have released it yet), with the
+    same identity, and nothing stays held."""
+    lim = _limiter(clock, {"users": {"alice": {"requests_per_minute": 100}}})
+    auth = _auth(user_id="alice")
+    data = _data(provider)
+    await lim.async_pre_call_hook(auth, None, data, "acompletion")
+    provider.state.push(Scripted(429, headers={"retry-after": "1"}))
+    md = {**data["metadata"], "user_api_key_user_id": "alice", "user_api_key_hash": HASH}
+    with Ticker(clock, step=0.25):
+        await litellm.acompletion(**chat_kwargs(provider, litellm_call_id="call-1", metadata=md))
+        await wait_until(lambda: not lim._engine._leases)
+    assert [r.status for r in provider.state.log] == [429, 200]
+    stats = lim.get_usage_stats()
+    assert stats["admitted_total"] == 2  # one per attempt sent
+    assert set(stats["levels"]["user"]) == {"user:alice"}
+    assert stats["levels"]["user"]["user:alice"]["in_flight"] == 0
+    # Only LiteLLM's first attempt rides on the pre-call admission; a later one that finds its
+    # failed predecessor still held (failure events run in the background) is re-admitted.
+    await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-9"), "acompletion")
+    assert lim._admitted_upstream("call-9") and not lim._admitted_upstream("call-9")
+
+
+async def test_runaway_breaker_applies_to_named_agents_not_to_shared_keys(clock: FakeClock) -> None:
+    """One key often serves many clients sending the same prompt; an agent named in the key's
+    metadata is one agent, and the same request 21 times a minute means it is stuck."""
+    lim = _limiter(clock, {"agents": {"*": {"requests_per_minute": 1000}}})
+    shared = _auth(user_id="app", key_alias="app-key")
+    for i in range(25):
+        await lim.async_pre_call_hook(shared, None, _data(litellm_call_id=f"s{i}"), "acompletion")
+        lim._finish(f"s{i}")
+    named = _auth(user_id="alice", metadata={"agent_id": "planner"})
+    with pytest.raises(HTTPException) as caught:
+        for i in range(25):
+            await lim.async_pre_call_hook(named, None, _data(litellm_call_id=f"n{i}"), "acompletion")
+            lim._finish(f"n{i}")
+    assert getattr(caught.value, "type", None) == "budget_exceeded" and i == 20
+
+
+@pytest.mark.parametrize("call_type", ["anthropic_messages", "aresponses", "responses", "text_completion",
+                                       "embeddings"])
+async def test_every_llm_route_is_admitted(call_type: str, clock: FakeClock) -> None:
+    lim = _limiter(clock, {"users": {"alice": {"requests_per_minute": 1}}, "queue": {"max_wait_seconds": 0}})
+    auth = _auth(user_id="alice")
+    body = {"input": "hello there", "prompt": "hello there"}
+    await lim.async_pre_call_hook(auth, None, _data(**body), call_type)
+    with pytest.raises(HTTPException) as caught:
+        await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-2", **body), call_type)
+    assert caught.value.status_code == 429
+
+
+async def test_configured_api_keys_never_replace_the_deployments_key(
+        provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_TEST_OTHER_KEY", "sk-other-key")
+    lim = _limiter(clock, {"providers": {"openai": {"api_keys": [{"env": "HIVE_TEST_OTHER_KEY"}]}}})
+    md = {"user_api_key_user_id": "alice", "user_api_key_hash": HASH}
+    await litellm.acompletion(**chat_kwargs(provider, metadata=md))  # admitted in the deployment hook
+    assert provider.state.log[0].authorization == "Bearer sk-test-SECRET-0123456789"
+    assert lim.get_usage_stats()["admitted_total"] == 1
