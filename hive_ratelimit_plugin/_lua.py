@@ -21,7 +21,8 @@ Layout (``P`` is ``{prefix}``, ``S`` a scope key such as ``model:openai/gpt-4o``
 * ``P:mark:...``      budget warnings already sent this window (once across all processes).
 
 Every key has a TTL: windows twice their period, spend a little longer than its calendar window,
-leases their lease time. Nothing grows without bound.
+lease records (and the reservation hashes holding them) twice their lease and a day. Nothing
+grows without bound.
 
 "Now" is Redis' own clock (``TIME``) unless the caller passes one (tests with a fake clock): one
 clock for every host, so clock skew between hosts cannot let a window admit twice its limit.
@@ -82,9 +83,23 @@ local function window(key, period)
   local v = redis.call('HMGET', key, 'T', 'O')
   local total, oldest = tonumber(v[1]) or 0, tonumber(v[2])
   if oldest and oldest < lo then
-    if lo - oldest > BUCKETS + 1 then  -- idle for longer than the window: nothing is left
-      redis.call('DEL', key)
-      return 0, width
+    if lo - oldest > BUCKETS + 1 then
+      -- not looked at for longer than the window; a settlement or a retry may have added usage
+      -- since (those do not move 'O'): keep the buckets still inside it
+      local raw = redis.call('HGETALL', key)
+      local stale, live = {}, 0
+      for j = 1, #raw, 2 do
+        local idx = tonumber(raw[j])
+        if idx and idx < lo then stale[#stale + 1] = raw[j]
+        elseif idx then live = live + tonumber(raw[j + 1]) end
+      end
+      if live < 1e-9 then
+        redis.call('DEL', key)
+        return 0, width
+      end
+      for j = 1, #stale, 100 do redis.call('HDEL', key, unpack(stale, j, math.min(j + 99, #stale))) end
+      redis.call('HSET', key, 'T', live, 'O', lo)
+      return live, width
     end
     local stale = {}
     for i = oldest, lo - 1 do stale[#stale + 1] = i end
@@ -142,16 +157,20 @@ end
 
 local function spend_key(scope, kind) return P .. ':b:' .. scope .. ':' .. kind end
 
--- Settled spend of scope in the window of kind that started at start: cost, req, tok.
+-- Settled spend of scope in the window of kind that started at start: cost, req, tok. A newer
+-- window already begun by another host (its wall clock a little ahead) is the current one.
 local function spent(scope, kind, start)
   local v = redis.call('HMGET', spend_key(scope, kind), 'start', 'cost', 'req', 'tok')
-  if v[1] ~= start then return 0, 0, 0 end
+  if v[1] ~= start and not (v[1] and tonumber(v[1]) > tonumber(start)) then return 0, 0, 0 end
   return tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
 end
 
 local function charge(scope, kind, start, ttl, cost, req, tok)
   local k = spend_key(scope, kind)
-  if redis.call('HGET', k, 'start') ~= start then
+  local cur = redis.call('HGET', k, 'start')
+  -- A call admitted in an earlier window settles late: its spend counts in the current one (as in
+  -- memory), and never wipes it. Only a newer window replaces the stored one.
+  if cur ~= start and not (cur and tonumber(cur) > tonumber(start)) then
     redis.call('DEL', k)
     redis.call('HSET', k, 'start', start)
   end
@@ -160,6 +179,27 @@ local function charge(scope, kind, start, ttl, cost, req, tok)
   if req ~= 0 then redis.call('HINCRBY', k, 'req', req) end
   if tok ~= 0 then redis.call('HINCRBY', k, 'tok', tok) end
   redis.call('EXPIRE', k, ttl)
+end
+
+-- How long the lease record of a call lives (and the keys its slots and reservation are in): its
+-- lease twice, and a day more, so that a call abandoned while nobody else calls is still
+-- reclaimed (its worst case charged) by the next admission, however late.
+local function record_ms(lease) return math.ceil((lease * 2 + 86400) * 1000) end
+
+-- Give a TTL of at least ms to key (never shortens one: processes may use other lease times).
+local function keep(key, ms)
+  local t = redis.call('PTTL', key)
+  if t ~= -2 and t < ms then redis.call('PEXPIRE', key, ms) end
+end
+
+-- Give back one call's reservation of cost in scope s. A reservation hash that expired is not
+-- brought back (negative and without a TTL, it would let later calls over-reserve).
+local function unreserve(s, cost)
+  local k = P .. ':rv:' .. s
+  if redis.call('EXISTS', k) == 0 then return end
+  local c = tonumber(redis.call('HINCRBYFLOAT', k, 'cost', -cost))
+  if redis.call('HINCRBY', k, 'req', -1) <= 0 then redis.call('DEL', k)
+  elseif c < 0 then redis.call('HSET', k, 'cost', 0) end
 end
 
 local SEP = '\0'
@@ -184,10 +224,7 @@ local function reclaim(cid)
   redis.call('ZREM', P .. ':leases', cid)
   if not rec[1] or rec[6] then return end
   local cost = tonumber(rec[1]) or 0
-  for _, s in ipairs(split(rec[2])) do
-    redis.call('HINCRBYFLOAT', P .. ':rv:' .. s, 'cost', -cost)
-    redis.call('HINCRBY', P .. ':rv:' .. s, 'req', -1)
-  end
+  for _, s in ipairs(split(rec[2])) do unreserve(s, cost) end
   for _, s in ipairs(split(rec[3])) do redis.call('ZREM', P .. ':c:' .. s, cid) end
   for _, s in ipairs(split(rec[4])) do
     if redis.call('HGET', P .. ':s:' .. s, 'probe') == cid then redis.call('HDEL', P .. ':s:' .. s, 'probe') end
@@ -383,7 +420,7 @@ for _, sc in ipairs(scopes) do
     if #sc.buds > 0 then
       redis.call('HINCRBYFLOAT', P .. ':rv:' .. sc.key, 'cost', cost)
       redis.call('HINCRBY', P .. ':rv:' .. sc.key, 'req', 1)
-      redis.call('PEXPIRE', P .. ':rv:' .. sc.key, math.ceil(lease * 2000))
+      keep(P .. ':rv:' .. sc.key, record_ms(lease))  -- outlives every lease record in it
       bs[#bs + 1] = sc.key
     end
     if sc.st then
@@ -408,17 +445,19 @@ if record then
   redis.call('HSET', lk, 'cost', cost, 'bs', table.concat(bs, SEP), 'cs', table.concat(cs, SEP),
     'pr', table.concat(pr, SEP), 'sp', sp, 'at', now)
   redis.call('HDEL', lk, 'done')
-  redis.call('PEXPIRE', lk, math.ceil((lease * 2 + 60) * 1000))
+  redis.call('PEXPIRE', lk, record_ms(lease))
   redis.call('ZADD', P .. ':leases', now + lease, call_id)
+  keep(P .. ':leases', record_ms(lease))
 end
 return {1, fmt(now), chosen and chosen.key or '', record and 1 or 0}
 """
 
 #: ARGV: prefix, now|'', call_id, has_record(0/1), admitted_at, sent_at(''=unknown), spend targets
-#:   ('\0'-joined; used when there is no lease record), reserved cost, actual cost, tokens, margin, free_slot(0/1),
+#:   ('\0'-joined, in the windows current at settlement; '' = those of the lease record), reserved cost,
+#:   actual cost, tokens, margin, free_slot(0/1),
 #:   outcome, wait(''=none), signals: limit_req, limit_tok, rem_req, reset_req, rem_tok, reset_tok (''=none),
 #:   pace_default, circuit threshold, cooldown, max cooldown, adaptive(0/1), decrease, adaptive min,
-#:   nthr, [threshold]*, nscopes, then per scope:
+#:   nthr, [threshold]*, nscopes, then per scope:  (outcome 'void': an admission whose answer was lost)
 #:     key, provider(0/1), rate(''=none), nwin, [name, period, amount(estimated), actual, isreq(0/1)]*,
 #:     nbud, [name, kind, start, limit, isreq, ttl]*
 #: Returns {settled(0/1), now, events...} where each event is a '\0'-joined string.
@@ -458,11 +497,16 @@ local events = {}
 local admitted_at, expired, sp_str = at_arg, false, sp_arg
 if has_record then
   local lk = P .. ':l:' .. call_id
-  local rec = redis.call('HMGET', lk, 'at', 'done', 'cost', 'bs', 'cs', 'sp')
+  local rec = redis.call('HMGET', lk, 'at', 'done', 'cost', 'bs', 'cs', 'sp', 'pr')
   if not rec[1] or rec[2] == 'settled' then return {0, fmt(now)} end
+  if outcome == 'void' then  -- an admission whose answer was lost: the caller never had it
+    for _, s in ipairs(split(rec[7])) do
+      if redis.call('HGET', P .. ':s:' .. s, 'probe') == call_id then redis.call('HDEL', P .. ':s:' .. s, 'probe') end
+    end
+  end
   admitted_at = tonumber(rec[1])
   expired = rec[2] == 'expired'
-  sp_str = rec[6]
+  if sp_arg == '' then sp_str = rec[6] end  -- (the windows current at settlement, when given)
   redis.call('ZREM', P .. ':leases', call_id)
   for _, s in ipairs(split(rec[5])) do redis.call('ZREM', P .. ':c:' .. s, call_id) end
   if freeing then
@@ -471,10 +515,7 @@ if has_record then
     return {0, fmt(now)}
   end
   if not expired then
-    for _, s in ipairs(split(rec[4])) do
-      redis.call('HINCRBYFLOAT', P .. ':rv:' .. s, 'cost', -reserved)
-      redis.call('HINCRBY', P .. ':rv:' .. s, 'req', -1)
-    end
+    for _, s in ipairs(split(rec[4])) do unreserve(s, reserved) end
   end
   redis.call('DEL', lk)  -- settled: a second settlement finds nothing and does nothing
 elseif freeing then
@@ -521,6 +562,7 @@ end
 -- Spend: actual cost (an expired lease was already charged its worst case: correct it).
 local spend_cost, spend_req = cost, 1
 if expired then spend_cost, spend_req = cost - reserved, 0 end
+if outcome == 'void' then spend_req = spend_req - 1 end  -- (cost is 0: nothing was sent)
 local sp = split(sp_str)
 for j = 1, #sp, 4 do
   charge(sp[j], sp[j + 1], sp[j + 2], tonumber(sp[j + 3]), spend_cost, spend_req, tokens)
@@ -681,20 +723,25 @@ out[#out + 1] = rv
 return out
 """
 
-#: ARGV: prefix, now|'', nscope, [scope]*  -- forget settled spend and warnings (budget reset)
+#: ARGV: prefix, now|'', nscope, [scope]*, nkind, [kind, start]*, nthr, [threshold]*
+#:   -- forget settled spend and the warnings sent in the current windows (budget reset)
 RESET = _COMMON + r"""
 local n = 0
-for j = 1, num() do
-  local scope = arg()
+local scopes, windows, marks = {}, {}, {}
+for j = 1, num() do scopes[j] = arg() end
+for j = 1, num() do windows[j] = {arg(), arg()} end
+for j = 1, num() do marks[j] = num() end
+marks[#marks + 1] = 1.0
+for _, scope in ipairs(scopes) do
   for _, kind in ipairs({'hour', 'day', 'month', 'run'}) do
     n = n + redis.call('DEL', spend_key(scope, kind))
   end
-  local cursor = '0'
-  repeat
-    local r = redis.call('SCAN', cursor, 'MATCH', P .. ':mark:' .. scope .. ':*', 'COUNT', 200)
-    cursor = r[1]
-    for _, k in ipairs(r[2]) do redis.call('DEL', k) end
-  until cursor == '0'
+  -- the exact keys SETTLE sets (a SCAN pattern would also match other scopes' marks)
+  for _, w in ipairs(windows) do
+    for _, thr in ipairs(marks) do
+      redis.call('DEL', P .. ':mark:' .. scope .. ':' .. w[1] .. ':' .. w[2] .. ':' .. thr)
+    end
+  end
 end
 return n
 """
@@ -703,11 +750,18 @@ return n
 RENEW = _COMMON + r"""
 local call_id, lease = arg(), num()
 local lk = P .. ':l:' .. call_id
-local rec = redis.call('HMGET', lk, 'cs', 'done')
-if rec[2] then return 0 end
-for _, s in ipairs(split(rec[1])) do redis.call('ZADD', P .. ':c:' .. s, 'XX', now + lease, call_id) end
-redis.call('ZADD', P .. ':leases', 'XX', now + lease, call_id)
-redis.call('PEXPIRE', lk, math.ceil((lease * 2 + 60) * 1000))
+local rec = redis.call('HMGET', lk, 'cs', 'done', 'bs')
+if rec[2] or not rec[1] then return 0 end
+local ms = record_ms(lease)
+-- the keys holding its slots and reservations live as long as it does
+for _, s in ipairs(split(rec[1])) do
+  redis.call('ZADD', P .. ':c:' .. s, now + lease, call_id)
+  keep(P .. ':c:' .. s, ms)
+end
+for _, s in ipairs(split(rec[3])) do keep(P .. ':rv:' .. s, ms) end
+redis.call('ZADD', P .. ':leases', now + lease, call_id)
+keep(P .. ':leases', ms)
+redis.call('PEXPIRE', lk, ms)
 return 1
 """
 

@@ -24,7 +24,10 @@ recovery. Redis is tried again every ``redis.retry_interval`` seconds.
 from __future__ import annotations
 
 import logging
+import math
 import random
+import re
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -45,16 +48,42 @@ _MAX_PENDING = 100_000
 
 def safe_url(url: str) -> str:
     """A Redis URL without its password (for logs and errors)."""
+    import re
+
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         return "<unparseable redis url>"
+    # redis-py also reads the password (and user name) from the query string
+    query = re.sub(r"(?i)(^|&)(password|username)=[^&]*", r"\1\2=***", parts.query)
     if parts.password is None and not parts.username:
-        return url
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    if port:
+        host = f"{host}:{port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, query, parts.fragment))
+
+
+US = "\x1f"  # separates the packed arguments of a script call
+_WIRE = str.maketrans({"%": "%25", SEP: "%00", US: "%1F",
+                       **{chr(c): f"%u{c:04X}" for c in range(0xD800, 0xE000)}})  # (no UTF-8 for those)
+_UNWIRE = {"25": "%", "00": SEP, "1F": US}
+
+
+def _wire(key: str) -> str:
+    """A scope key as the scripts get it: the two separators of their arguments (and ``%``, the
+    escape) escaped, so that an agent id holding them can neither break nor merge with another;
+    lone surrogates (a badly decoded id) escaped too, as UTF-8 cannot carry them."""
+    return key.translate(_WIRE)
+
+
+def _unwire(key: str) -> str:
+    """A scope key as the scripts return it, back to the engine's."""
+    if "%" not in key:
+        return key
+    return re.sub("%(25|00|1F|u[0-9A-F]{4})",
+                  lambda m: chr(int(m.group(1)[1:], 16)) if m.group(1)[0] == "u" else _UNWIRE[m.group(1)], key)
 
 
 def _num(x: float) -> str:
@@ -109,6 +138,7 @@ class RedisEngine(Engine):
         self.server_time = server_time
         self.retry_interval = retry_interval
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._refused: type[BaseException] = redis.ResponseError
         if client is None:
             client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
                                           health_check_interval=30)
@@ -124,6 +154,8 @@ class RedisEngine(Engine):
         self._next_try = 0.0
         self._pending_spend: list[list[str]] = []  # CHARGE args of spend settled while Redis was down
         self._pending_settle: list[list[str]] = []  # SETTLE args of calls that Redis admitted
+        self._voids: dict[str, str] = {}  # call id -> reserved cost, of admissions whose answer was lost
+        self._replay_lock = threading.Lock()  # one thread replays; stats threads call Redis unlocked too
         self._last_block: dict[str, tuple[Blocked, int]] = {}
         self._renewed: dict[str, float] = {}
         self._spend_seen: dict[str, None] = {}  # spend keys seen (for stats), bounded
@@ -146,10 +178,18 @@ class RedisEngine(Engine):
         mono = self.clock()
         if self._down_since is not None and mono < self._next_try:
             raise _Down
+        replayed = 0
+        sent = False
         try:
             self.round_trips += 1
+            if self._down_since is not None:
+                # first what was settled meanwhile: this call's decision must see it
+                replayed = self._replay()
+            sent = True
             out = script(keys=self._route, args=_pack(args))
         except self._errors as exc:
+            if sent and script is self._admit and "connecting to" not in str(exc):  # it may have run
+                self._voids[args[2]] = args[4]
             self._next_try = mono + self.retry_interval
             if self._down_since is None:
                 self._down_since = mono
@@ -160,29 +200,60 @@ class RedisEngine(Engine):
                                          "time": self.wall()})
             raise _Down from None
         if self._down_since is not None:
-            self._recovered(mono)
+            with self._replay_lock:
+                since, self._down_since = self._down_since, None
+            if since is None:  # another thread found it back first
+                return out
+            down = mono - since
+            logger.warning("redis backend %s answers again after %.1fs; wrote %d settlements made meanwhile",
+                           self.url, down, replayed)
+            self._out_events.append({"type": "backend_up", "backend": self.url, "down_seconds": down,
+                                     "replayed": replayed, "time": self.wall()})
         return out
 
-    def _recovered(self, mono: float) -> None:
-        down = mono - (self._down_since or mono)
-        self._down_since = None
-        spend, self._pending_spend = self._pending_spend, []
-        settles, self._pending_settle = self._pending_settle, []
-        logger.warning("redis backend %s answers again after %.1fs; writing %d settlements made meanwhile",
-                       self.url, down, len(spend) + len(settles))
-        self._out_events.append({"type": "backend_up", "backend": self.url, "down_seconds": down,
-                                 "replayed": len(spend) + len(settles), "time": self.wall()})
+    def _replay(self) -> int:
+        """Write the settlements and spend kept while Redis was down. Each is taken off the pending
+        lists once written, so a new failure midway (raised) leaves only the rest for next time."""
+        with self._replay_lock:
+            return self._replay_locked()
+
+    def _replay_one(self, script: Any, args: list[str]) -> Any:
+        try:
+            return script(keys=self._route, args=_pack(args))
+        except self._refused as exc:
+            if "script" not in str(exc).lower():
+                raise  # (OOM, READONLY during a failover...: Redis is not back yet)
+            # the script itself failed on this one: retrying it would fail at every recovery
+            logger.error("redis backend %s refused a settlement kept during the outage; it is dropped (%s)",
+                         self.url, _clean(exc))
+            return []
+
+    def _replay_locked(self) -> int:
+        wall = self.wall()
+        done_settles = done_spend = 0
+        settles, spend = self._pending_settle, self._pending_spend
+        # Admissions sent whose answer never came (a socket timeout): Redis may have admitted
+        # them, but this process did not count them as admitted there. Give back what Redis may
+        # hold for them (slots, reservation, probe), charging nothing: otherwise the slots stay
+        # taken for a whole lease and the worst-case cost is charged when the lease is reclaimed.
+        for call_id, cost in list(self._voids.items()):
+            self._settle_script(keys=self._route, args=_pack([
+                self.prefix, "", call_id, "1", "0", "", "", cost, "0", "0", "0", "0", "void",
+                "", "", "", "", "", "", "", "0", "0", "0", "0", "0", "0", "0", "0", "0"]))
+            del self._voids[call_id]
         try:
             for args in settles:
-                self._settle_script(keys=self._route, args=_pack(args))
+                out = self._replay_one(self._settle_script, args)
+                done_settles += 1
+                for raw in out[2:]:  # warnings crossed now: their marks are set, so now or never
+                    self._remote_event(_dec(raw), wall)
             for args in spend:
-                self._charge(keys=self._route, args=_pack(args))
-        except self._errors as exc:  # down again: keep what is left for the next recovery
-            logger.error("redis backend %s failed again while replaying (%s)", self.url, _clean(exc))
-            self._pending_settle = settles + self._pending_settle
-            self._pending_spend = spend + self._pending_spend
-            self._down_since = mono
-            self._next_try = mono + self.retry_interval
+                self._replay_one(self._charge, args)
+                done_spend += 1
+        finally:
+            del settles[:done_settles]
+            del spend[:done_spend]
+        return done_settles + done_spend
 
     @property
     def available(self) -> bool:
@@ -235,12 +306,9 @@ class RedisEngine(Engine):
             self._scope_args(args, st, ticket, True, starts)
             n += 1
         args[6] = str(n)
-        sp: list[str] = []
         for key in ticket.spend_keys:
             self._remember_spend_key(key)
-            for kind in (RUN,) if key.startswith("run:") else KINDS:
-                sp += [key, kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind])]
-        args.append(SEP.join(sp))
+        args.append(self._spend_targets(ticket, starts))
         out = self._call(self._admit, args)
         code = int(out[0])
         rnow = float(out[1])
@@ -250,7 +318,7 @@ class RedisEngine(Engine):
             return t if not self.server_time else local + (t - rnow)
 
         if code == 1:
-            chosen = out[2].decode() if isinstance(out[2], bytes) else str(out[2])
+            chosen = _unwire(_dec(out[2]))
             ticket.chosen = chosen or None
             self._leases[ticket.call_id] = _Reservation(ticket, [], [], local + self.lease_seconds, rnow,
                                                         remote=True, record=int(out[3]) == 1,
@@ -259,6 +327,7 @@ class RedisEngine(Engine):
             self.admitted_total += 1
             return None
         text = [x.decode() if isinstance(x, bytes) else str(x) for x in out]
+        text[2:3] = [_unwire(text[2])] if len(text) > 2 else []
         if code == 0:
             scope, why, remaining, retry, release = text[2], text[3], float(text[4]), text[5], text[6] == "1"
             retry_at = to_local(float(retry)) if retry else None
@@ -267,7 +336,7 @@ class RedisEngine(Engine):
             if release:  # waits for another call (maybe in another process) to finish: re-ask soon
                 poll = local + random.uniform(POLL_MIN, POLL_MAX)
                 retry_at = poll if retry_at is None else min(retry_at, poll)
-            return Blocked(scope, why, remaining, retry_at, frozenset(text[7:]) or frozenset({scope}))
+            return Blocked(scope, why, remaining, retry_at, frozenset(map(_unwire, text[7:])) or frozenset({scope}))
         if code == 2:
             scope, name, kind = text[2], text[3], text[4]
             cap, spent, amount = float(text[5]), float(text[6]), float(text[7])
@@ -299,11 +368,19 @@ class RedisEngine(Engine):
                 limit = -1.0 if w.name.startswith("learned_") else w.limit
                 wins += [w.name, _num(limit), _num(w.period), _num(amount)]
                 nwin += 1
-        args += [st.key, "1" if choice else "0", "1" if st.observed_requests is not None else "0",
+        args += [_wire(st.key), "1" if choice else "0", "1" if st.observed_requests is not None else "0",
                  str(st.concurrency) if st.concurrency is not None else "-1", str(nwin), *wins]
         args.append(str(len(st.budgets)))
         for name, kind, limit in st.budgets:
             args += [name, kind, f"{starts[kind]:.0f}", _num(limit), "1" if name == "max_requests_per_run" else "0"]
+
+    def _spend_targets(self, ticket: Ticket, starts: dict[str, float]) -> str:
+        """Where a call's spend goes: scope, window, window start, TTL, ... ('\0'-joined)."""
+        sp: list[str] = []
+        for key in ticket.spend_keys:
+            for kind in (RUN,) if key.startswith("run:") else KINDS:
+                sp += [_wire(key), kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind])]
+        return SEP.join(sp)
 
     def _outage_try(self, ticket: Ticket, now: float) -> Blocked | None:
         if self.on_error == "closed":
@@ -404,7 +481,8 @@ class RedisEngine(Engine):
         t = res.ticket
         tin = t.input_tokens if input_tokens is None else input_tokens
         tout = t.output_tokens if output_tokens is None else output_tokens
-        actual_cost = t.cost if cost is None else cost
+        # unknown, or not a number (Redis would refuse it, for good): keep the worst case
+        actual_cost = t.cost if cost is None or not math.isfinite(cost) else cost
         wall = self.wall()
         starts = self.calendar.starts(wall)
         if self.record_spend:
@@ -419,7 +497,8 @@ class RedisEngine(Engine):
             out = self._call(self._settle_script, args)
         except _Down:
             if len(self._pending_settle) < _MAX_PENDING:
-                args[1] = ""  # replayed later: Redis' time then
+                if self.server_time:
+                    args[1] = ""  # replayed later: Redis' time then
                 self._pending_settle.append(args)
             else:
                 logger.error("redis backend %s: too many settlements pending; dropping the oldest", self.url)
@@ -437,7 +516,7 @@ class RedisEngine(Engine):
         s = signals
         t = res.ticket
         args = [self.prefix, self._now_arg(), t.call_id, "1" if res.record else "0", _num(res.admitted_at),
-                opt(res.sent_at), res.spend_targets, _num(t.cost), _num(cost), str(tin + tout),
+                opt(res.sent_at), self._spend_targets(t, starts), _num(t.cost), _num(cost), str(tin + tout),
                 _num(self.arrival_margin), "0", outcome, opt(wait),
                 opt(s.limit_requests if s else None), opt(s.limit_tokens if s else None),
                 opt(s.remaining_requests if s else None), opt(s.reset_requests if s else None),
@@ -456,7 +535,7 @@ class RedisEngine(Engine):
             st = self._state(scope, now)
             rates = [w.limit / w.period for w in st.requests if w.limit != NEVER and not w.name.startswith("learned")]
             provider = st.observed_requests is not None and (st.level == "key" or not keys_only)
-            args += [st.key, "1" if provider else "0", opt(min(rates) if rates else None)]
+            args += [_wire(st.key), "1" if provider else "0", opt(min(rates) if rates else None)]
             wins: list[str] = []
             nwin = 0
             for ws, est, act, isreq in ((st.requests, 1, 1, "1"), (st.tokens, t.input_tokens + t.output_tokens,
@@ -476,6 +555,7 @@ class RedisEngine(Engine):
         kind = parts[0]
         if kind == "budget":
             _, scope, name, window, thr, spent, limit = parts
+            scope = _unwire(scope)
             threshold = float(thr)
             self._out_events.append({
                 "type": "budget_exceeded" if threshold >= 1.0 else "budget_warning", "scope": scope,
@@ -483,17 +563,18 @@ class RedisEngine(Engine):
                 "limit": float(limit), "currency": self.currency, "time": wall,
                 "window_label": self.calendar.label(window, wall)})
         elif kind == "circuit_opened":
-            self._out_events.append({"type": "circuit_opened", "scope": parts[1], "seconds": float(parts[2]),
+            self._out_events.append({"type": "circuit_opened", "scope": _unwire(parts[1]), "seconds": float(parts[2]),
                                      "failures": int(parts[3]), "time": wall})
         elif kind == "circuit_closed":
-            self._out_events.append({"type": "circuit_closed", "scope": parts[1], "time": wall})
+            self._out_events.append({"type": "circuit_closed", "scope": _unwire(parts[1]), "time": wall})
 
     def _owe_spend(self, t: Ticket, starts: dict[str, float], cost: float, tokens: int) -> None:
+        cost = cost if math.isfinite(cost) else t.cost  # (Redis refuses what is not a number)
         args = [self.prefix, "", ""]
         n = 0
         for key in t.spend_keys:
             for kind in (RUN,) if key.startswith("run:") else KINDS:
-                args += [key, kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind]), _num(cost), "1", str(tokens)]
+                args += [_wire(key), kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind]), _num(cost), "1", str(tokens)]
                 n += 1
         args[2] = str(n)
         try:
@@ -549,9 +630,11 @@ class RedisEngine(Engine):
                 return
             args = [self.prefix, self._now_arg(), ""]
             n = 0
-            for scope in res.ticket.scopes:
+            t = res.ticket
+            chosen = [c for c in t.choices or () if c.key == t.chosen]  # the API key it was given counts too
+            for scope in [*t.scopes, *chosen]:
                 for w in self._state(scope, now).requests:
-                    args += [scope.key, w.name, _num(w.period), "1"]
+                    args += [_wire(scope.key), w.name, _num(w.period), "1"]
                     n += 1
             args[2] = str(n)
             try:
@@ -588,7 +671,10 @@ class RedisEngine(Engine):
 
     def reset_spend(self, key: str) -> None:
         try:
-            self._call(self._reset, [self.prefix, self._now_arg(), "1", key])
+            starts = self.calendar.starts(self.wall())
+            self._call(self._reset, [self.prefix, self._now_arg(), "1", _wire(key), str(len(KINDS) + 1),
+                                     *(x for k in (*KINDS, RUN) for x in (k, f"{starts[k]:.0f}")),
+                                     str(len(self.thresholds)), *(_num(x) for x in self.thresholds)])
         except _Down:
             logger.error("redis backend %s unreachable: the budget reset of %s applies to this process only",
                          self.url, key)
@@ -599,11 +685,11 @@ class RedisEngine(Engine):
                    spend: list[tuple[str, str, float]], reserved: list[str]) -> list[str]:
         args = [self.prefix, self._now_arg(), str(len(windows))]
         for key, name, period in windows:
-            args += [key, name, _num(period)]
-        args += [str(len(conc)), *conc, str(len(state)), *state, str(len(spend))]
+            args += [_wire(key), name, _num(period)]
+        args += [str(len(conc)), *map(_wire, conc), str(len(state)), *map(_wire, state), str(len(spend))]
         for key, kind, start in spend:
-            args += [key, kind, f"{start:.0f}"]
-        args += [str(len(reserved)), *reserved]
+            args += [_wire(key), kind, f"{start:.0f}"]
+        args += [str(len(reserved)), *map(_wire, reserved)]
         return args
 
     def _peek(self, windows: list[tuple[str, str, float]], conc: list[str], state: list[str],
@@ -744,19 +830,15 @@ class RedisEngine(Engine):
     def redis_memory(self) -> dict[str, int]:
         """Bytes of Redis memory per scope key (``MEMORY USAGE`` summed over its keys)."""
         out: dict[str, int] = {}
-        pattern = self.prefix + ":*"
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ":*"  # the prefix may hold glob characters
         try:
             for raw in self.r.scan_iter(match=pattern, count=500):
                 name = _dec(raw)
-                parts = name.split(":", 3)
-                if len(parts) < 3:
-                    continue
-                kind = parts[1]
-                rest = name[len(self.prefix) + len(kind) + 2:]
+                kind, _, rest = name[len(self.prefix) + 1:].partition(":")  # (the prefix may hold ':')
                 if kind == "w" or kind == "b":
-                    scope = rest.rsplit(":", 1)[0]
+                    scope = _unwire(rest.rsplit(":", 1)[0])
                 elif kind in ("c", "rv", "s"):
-                    scope = rest
+                    scope = _unwire(rest)
                 else:
                     scope = "(" + {"l": "leases", "leases": "leases", "mark": "warnings"}.get(kind, kind) + ")"
                 out[scope] = out.get(scope, 0) + int(self.r.memory_usage(raw) or 0)
@@ -771,9 +853,6 @@ class RedisEngine(Engine):
 
 class _Down(Exception):
     """Internal: Redis did not answer (already logged)."""
-
-
-US = "\x1f"  # separates the packed arguments of a script call
 
 
 def _pack(args: list[str]) -> list[str]:
@@ -793,4 +872,5 @@ def _clean(exc: BaseException) -> str:
     """An exception's text without a password that a URL in it may carry."""
     import re
 
-    return re.sub(r"(redis|rediss|unix)://[^@\s]*@", r"\1://***@", str(exc))[:300]
+    text = re.sub(r"(redis|rediss|unix)://[^@\s]*@", r"\1://***@", str(exc))
+    return re.sub(r"(?i)(password|username)=[^&\s]*", r"\1=***", text)[:300]

@@ -110,6 +110,10 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     raw = cfg.model_dump(mode="json", exclude_none=True, by_alias=False)
+    if raw.get("backend", "memory") != "memory":
+        from ._redis import safe_url
+
+        raw["backend"] = safe_url(raw["backend"])  # never print the Redis password
     for pconf in raw.get("providers", {}).values():
         pconf.update(pconf.pop("models", {}))
     data: dict[str, Any] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -347,6 +348,8 @@ _SECRET_NAMES = ("key", "secret", "password", "credential")
 def _shown(name: str, value: Any) -> Any:
     """A value as it may appear in an error: secrets (by key name or by look) are redacted."""
     lowered = name.lower()
+    if lowered == "backend" and isinstance(value, str):  # a URL's user info and password= stay hidden
+        return re.sub(r"(?i)(password|username)=[^&]*", r"\1=***", re.sub(r"[^/@]*@", "***@", value))
     if any(s in lowered for s in _SECRET_NAMES) and not lowered.endswith("api_keys"):
         return "<redacted>"
     if isinstance(value, str) and (value.startswith(("sk-", "sk_", "Bearer ")) or
