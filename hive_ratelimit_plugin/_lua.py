@@ -247,7 +247,7 @@ end
 #:   key, choice(0/1), provider(0/1), conc(-1 none), nwin, [name, limit(-1 learned), period, amount]*,
 #:   nbud, [name, kind, start, limit, isreq(0/1)]*
 #: and at the end the spend targets of the call, '\0'-joined: scope, kind, start, ttl, ...
-#: Returns {1, now, chosen, has_record(0/1)}
+#: Returns {1, now, chosen, has_record(0/1), settled spend seen: 'scope\0kind\0start\0cost\0requests'...}
 #:       | {0, now, scope, limit, remaining, retry_at|'', release(0/1), failing keys...}
 #:       | {2, now, scope, budget name, kind, limit, spent, amount}     budget exceeded
 #:       | {3, now, scope, limit name, limit, amount}                    can never fit
@@ -275,6 +275,7 @@ for s = 1, nscopes do
 end
 local sp = arg()
 
+local known = {}  -- settled spend seen by the budget checks, for the caller's outage fallback
 local function check(sc)
   local retry, release, first = nil, false, nil
   local util = 0
@@ -311,6 +312,7 @@ local function check(sc)
     local rcost, rreq = tonumber(rv[1]) or 0, tonumber(rv[2]) or 0
     for _, b in ipairs(sc.buds) do
       local c, r = spent(sc.key, b.kind, b.start)
+      known[#known + 1] = table.concat({sc.key, b.kind, b.start, fmt(c), fmt(r)}, SEP)
       local used, reserved, amount = c, rcost, cost
       if b.isreq then used, reserved, amount = r, rreq, 1 end
       if used >= b.limit or used + amount > b.limit then
@@ -449,7 +451,9 @@ if record then
   redis.call('ZADD', P .. ':leases', now + lease, call_id)
   keep(P .. ':leases', record_ms(lease))
 end
-return {1, fmt(now), chosen and chosen.key or '', record and 1 or 0}
+local out = {1, fmt(now), chosen and chosen.key or '', record and 1 or 0}
+for _, k in ipairs(known) do out[#out + 1] = k end
+return out
 """
 
 #: ARGV: prefix, now|'', call_id, has_record(0/1), admitted_at, sent_at(''=unknown), spend targets
@@ -572,6 +576,7 @@ end
 for _, sc in ipairs(scopes) do
   for _, b in ipairs(sc.buds) do
     local c, r = spent(sc.key, b.kind, b.start)
+    events[#events + 1] = table.concat({'spent', sc.key, b.kind, b.start, fmt(c), fmt(r)}, SEP)
     local used = c
     if b.isreq then used = r end
     local marks = {}

@@ -91,12 +91,13 @@ def _num(x: float) -> str:
 
 
 def _scaled(limits: LimitSet, share: float) -> LimitSet:
-    """``limits`` with every rate, concurrency and budget scaled by ``share`` (outage mode)."""
+    """``limits`` with every rate and concurrency limit scaled by ``share`` (outage mode; budgets: see
+    :meth:`RedisEngine._scale`)."""
     update: dict[str, Any] = {}
     for name, value in limits.__dict__.items():
         if value is None or isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if name.startswith(("requests_per_", "tokens_per_", "input_tokens_", "output_tokens_", "max_cost_")):
+        if name.startswith(("requests_per_", "tokens_per_", "input_tokens_", "output_tokens_")):
             update[name] = value * share
         elif name == "concurrent_requests":
             update[name] = max(1, int(value * share))
@@ -166,8 +167,12 @@ class RedisEngine(Engine):
                                wall_clock=self.wall, timezone=self.calendar.tz.key, currency=self.currency,
                                warning_thresholds=self.thresholds, on_spend=self._fallback_spend,
                                on_event=self._fallback_events)
-        self._scaled: dict[tuple[str, int, int], Any] = {}
+        self._scaled: dict[tuple[str, int, int, float], Any] = {}
         self._fb_keys: dict[str, list[str]] = {}  # spend keys of calls the outage engine admitted
+        # Settled spend Redis last reported per (scope, window kind, window start): where the
+        # outage engine's budgets start from (policy "local").
+        self._known_spend: dict[tuple[str, str, str], tuple[float, float]] = {}
+        self._fb_outage = -1  # the outage the outage engine's budgets were set up for
 
     # ------------------------------------------------------------- plumbing
     def _now_arg(self) -> str:
@@ -325,6 +330,8 @@ class RedisEngine(Engine):
                                                         spend_targets=args[-1], local_at=local)
             self._version += 1
             self.admitted_total += 1
+            for raw in out[4:]:
+                self._note_spend(_dec(raw).split(SEP))
             return None
         text = [x.decode() if isinstance(x, bytes) else str(x) for x in out]
         text[2:3] = [_unwire(text[2])] if len(text) > 2 else []
@@ -393,9 +400,18 @@ class RedisEngine(Engine):
             self.admitted_total += 1
             return None
         fb = self.fallback
-        scaled = Ticket(ticket.call_id, [self._scale(s) for s in ticket.scopes], ticket.input_tokens,
+        if self._fb_outage != self.outages:
+            # A new outage: the in-process budgets start from the spend Redis last reported.
+            from ._budget import BudgetBook
+
+            self._fb_outage = self.outages
+            with fb._lock:
+                fb.book = BudgetBook()
+            self._scaled.clear()
+        starts = self.calendar.starts(self.wall())
+        scaled = Ticket(ticket.call_id, [self._scale(s, starts, now) for s in ticket.scopes], ticket.input_tokens,
                         ticket.output_tokens, ticket.priority, ticket.info, ticket.cost,
-                        [self._scale(s) for s in ticket.choices] if ticket.choices else None, None,
+                        [self._scale(s, starts, now) for s in ticket.choices] if ticket.choices else None, None,
                         ticket.deadline, ticket.dims, ticket.spend_keys)
         fb.low_priority_share = self.low_priority_share
         with fb._lock:
@@ -410,16 +426,39 @@ class RedisEngine(Engine):
             blocked.retry_at = now + random.uniform(POLL_MIN, POLL_MAX)
         return blocked
 
-    def _scale(self, scope: Any) -> Any:
+    def _scale(self, scope: Any, starts: dict[str, float], now: float) -> Any:
+        """``scope`` as the outage engine enforces it: ``local_share`` of every rate and concurrency
+        limit, and of what was left of each budget when Redis last reported its spend."""
         from ._engine import Scope
 
-        k = (scope.key, scope.generation, id(scope.limits))
+        k = (scope.key, scope.generation, id(scope.limits), starts["hour"])
         found = self._scaled.get(k)
-        if found is None:
-            if len(self._scaled) > 10_000:
-                self._scaled.clear()
-            found = self._scaled[k] = Scope(scope.level, scope.key, _scaled(scope.limits, self.local_share),
-                                            scope.generation)
+        if found is not None:
+            return found
+        if len(self._scaled) > 10_000:
+            self._scaled.clear()
+        update: dict[str, Any] = {}
+        for name, kind, limit in self._state(scope, now).budgets:
+            start = starts[kind]
+            known = self._known_spend.get((scope.key, kind, f"{start:.0f}"))
+            if known is None:
+                raise BackendUnavailableError(
+                    f"the shared rate-limit backend ({self.url}) does not answer, and this process has not seen "
+                    f"the {kind} spend of {scope.key} yet, so it cannot keep that budget on its own; the call was "
+                    f"not sent. Retry in {self.retry_interval:g}s.", scope=scope.key, limit=name,
+                    retry_after=self.retry_interval)
+            cost0, requests0 = known
+            spent0 = requests0 if name == "max_requests_per_run" else cost0
+            allowance = spent0 + self.local_share * max(limit - spent0, 0.0)
+            update[name] = int(allowance) if name == "max_requests_per_run" else allowance
+            fb = self.fallback
+            with fb._lock:
+                if fb.book.get(scope.key, kind, start) is None:
+                    fb.book.set(scope.key, kind, start, cost0, int(requests0), 0)
+        limits = _scaled(scope.limits, self.local_share)
+        if update:
+            limits = limits.model_copy(update=update)
+        found = self._scaled[k] = Scope(scope.level, scope.key, limits, scope.generation)
         return found
 
     def cancel(self, waiter: Any) -> bool:
@@ -550,10 +589,19 @@ class RedisEngine(Engine):
                          "1" if name == "max_requests_per_run" else "0", str(_SPEND_TTL[kind])]
         return args
 
+    def _note_spend(self, parts: list[str]) -> None:
+        scope, kind, start, cost, requests = parts
+        known = self._known_spend
+        if len(known) > 50_000:
+            known.clear()
+        known[(_unwire(scope), kind, start)] = (float(cost), float(requests))
+
     def _remote_event(self, raw: str, wall: float) -> None:
         parts = raw.split(SEP)
         kind = parts[0]
-        if kind == "budget":
+        if kind == "spent":
+            self._note_spend(parts[1:])
+        elif kind == "budget":
             _, scope, name, window, thr, spent, limit = parts
             scope = _unwire(scope)
             threshold = float(thr)

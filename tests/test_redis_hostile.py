@@ -321,6 +321,8 @@ def test_an_admission_whose_reply_was_lost_gives_back_what_redis_holds(clock: Fa
     b = engine(clock, redis_prefix, lease_seconds=300)
     switch = Switch(a)
     g = sc(concurrent_requests=1, max_cost_per_day=1.0)
+    assert a.acquire(tk(0, g, cost=0.0), nothing) is None  # (so that this process knows the day's spend)
+    assert a.release("0", cost=0.0)
     switch.mode = "lost_reply"
     assert a.acquire(tk(1, g, cost=0.5), nothing) is None  # admitted in-process (policy local)
     switch.mode = None
@@ -331,7 +333,7 @@ def test_an_admission_whose_reply_was_lost_gives_back_what_redis_holds(clock: Fa
     assert b.release("2", cost=0.2)
     clock.advance(301)
     assert b.acquire(tk(3, g, cost=0.1), nothing) is None  # (reclaims whatever expired)
-    assert b.spend("global", "day") == (pytest.approx(0.3), 2, 0)
+    assert b.spend("global", "day") == (pytest.approx(0.3), 3, 0)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -352,13 +354,9 @@ def test_a_settlement_whose_reply_was_lost_counts_once(clock: FakeClock, redis_p
     assert eng.spend("global", "day")[0] == pytest.approx(0.25)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN LIMITATION: under on_backend_error=local each process enforces local_share of every budget "
-    "from zero at the outage: the spend already settled in Redis (by this or other processes) is not "
-    "known to the in-process engine, so a budget already used up in Redis can be spent again, up to "
-    "local_share x processes of it, until Redis answers. Use on_backend_error=closed where a budget must "
-    "never be exceeded."))
 def test_local_policy_does_not_reopen_a_spent_budget(clock: FakeClock, redis_prefix: str) -> None:
+    """During an outage (policy local) a process keeps each budget from the spend Redis last
+    reported, allowing itself local_share of what was left; a budget it never saw is refused."""
     from hive_ratelimit_plugin.errors import BudgetExceededError
 
     eng = engine(clock, redis_prefix)
@@ -723,3 +721,24 @@ def test_threads_of_two_processes_never_exceed_a_shared_concurrency_limit(clock:
     assert not errors and peak[0] <= 3
     assert engines[0].spend("global", "day")[0] == pytest.approx(8 * 15 * 0.5)
     assert all_keys(redis_prefix).keys().isdisjoint({"{" + redis_prefix + "}:c:global"})  # every slot back
+
+
+def test_local_policy_budget_allowance_and_unknown_budgets(clock: FakeClock, redis_prefix: str) -> None:
+    """The outage allowance is local_share (0.5) of what was left: $0.40 of $1.00 spent leaves
+    $0.60, so this process may spend $0.30 on its own; a scope whose spend it never saw refuses."""
+    from hive_ratelimit_plugin.errors import BackendUnavailableError, BudgetExceededError
+
+    eng = engine(clock, redis_prefix)
+    switch = Switch(eng)
+    g = sc(max_cost_per_day=1.0)
+    assert eng.acquire(tk(1, g, cost=0.4), nothing) is None
+    assert eng.release("1", cost=0.4)
+    switch.mode = "refuse"
+    assert eng.acquire(tk(2, g, cost=0.25), nothing) is None  # 0.4 + 0.25 <= 0.4 + 0.3
+    assert eng.release("2", cost=0.25)
+    with pytest.raises(BudgetExceededError):
+        eng.acquire(tk(3, g, cost=0.1), nothing)  # 0.65 + 0.1 > 0.7
+    other = sc("agent:new", "agent", max_cost_per_day=5.0)
+    with pytest.raises(BackendUnavailableError) as info:
+        eng.acquire(tk(4, other, cost=0.1), nothing)
+    assert info.value.scope == "agent:new"
