@@ -348,6 +348,18 @@ class Engine:
         self.queued_total = 0
         self.retried_total = 0
 
+    def configure(self, cfg: Any) -> None:
+        """Take the engine-level settings of a :class:`~.config.RateLimitingConfig`: arrival margin,
+        high-priority reserve, circuit breaker, adaptive limits."""
+        self.arrival_margin = cfg.estimation.arrival_margin_seconds
+        self.low_priority_share = 1.0 - cfg.queue.high_priority_reserve
+        cb = cfg.circuit_breaker
+        self.circuit_threshold = cb.failure_threshold if cb.enabled else 2**62
+        self.circuit_cooldown = cb.cooldown_seconds
+        self.circuit_max_cooldown = cb.max_cooldown_seconds
+        self.adaptive = cfg.adaptive.enabled
+        self.adaptive_decrease = cfg.adaptive.decrease_factor
+
     # ------------------------------------------------------------------ state
     def _state(self, scope: Scope, now: float) -> ScopeState:
         states = self._states

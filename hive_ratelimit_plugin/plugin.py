@@ -384,14 +384,7 @@ class HiveLimiter(CustomLogger):
     def _configure_engine(self, cfg: RateLimitingConfig) -> None:
         eng = self._engine
         eng.record_spend = self._ledger is not None or self._obs.wants_rows
-        eng.arrival_margin = cfg.estimation.arrival_margin_seconds
-        eng.low_priority_share = 1.0 - cfg.queue.high_priority_reserve
-        cb = cfg.circuit_breaker
-        eng.circuit_threshold = cb.failure_threshold if cb.enabled else 2**62
-        eng.circuit_cooldown = cb.cooldown_seconds
-        eng.circuit_max_cooldown = cb.max_cooldown_seconds
-        eng.adaptive = cfg.adaptive.enabled
-        eng.adaptive_decrease = cfg.adaptive.decrease_factor
+        eng.configure(cfg)
 
     # ---------------------------------------------------------------- budgets
     def set_budget(

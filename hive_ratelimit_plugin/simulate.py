@@ -193,14 +193,7 @@ def build_engine(cfg: RateLimitingConfig, clock: Callable[[], float], wall_clock
         on_event=on_event,
     )
     eng.record_spend = False
-    eng.arrival_margin = cfg.estimation.arrival_margin_seconds
-    eng.low_priority_share = 1.0 - cfg.queue.high_priority_reserve
-    cb = cfg.circuit_breaker
-    eng.circuit_threshold = cb.failure_threshold if cb.enabled else 2**62
-    eng.circuit_cooldown = cb.cooldown_seconds
-    eng.circuit_max_cooldown = cb.max_cooldown_seconds
-    eng.adaptive = cfg.adaptive.enabled
-    eng.adaptive_decrease = cfg.adaptive.decrease_factor
+    eng.configure(cfg)  # as HiveLimiter does
     return eng
 
 
