@@ -907,7 +907,7 @@ def _pack(args: list[str]) -> list[str]:
     """``[prefix, now, rest...]`` as the three arguments the scripts take (see :mod:`._lua`)."""
     rest = args[2:]
     body = US.join(rest)
-    if body.count(US) != len(rest) - 1 if rest else False:  # a name holding the separator itself
+    if rest and body.count(US) != len(rest) - 1:  # a call id holding the separator (scope keys are wired)
         body = US.join(a.replace(US, "?") for a in rest)
     return [args[0], args[1], body]
 
