@@ -58,6 +58,18 @@ def six_level_config() -> dict[str, Any]:
     return cfg
 
 
+def two_level_config() -> dict[str, Any]:
+    """The rate limits of the specification's example, at benchmark scale: global (requests/min,
+    tokens/min, concurrency) and the model (requests/min, tokens/min); no budget."""
+    cfg = six_level_config()
+    big = cfg["global"]
+    cfg["providers"] = {"openai": {"gpt-4o-mini": {"requests_per_minute": big["requests_per_minute"],
+                                                   "tokens_per_minute": big["tokens_per_minute"]}}}
+    for level in ("agents", "users", "teams"):
+        cfg[level] = {}
+    return cfg
+
+
 def runaway_enabled_by_default() -> bool | None:
     from hive_ratelimit_plugin.config import RateLimitingConfig
 
@@ -192,7 +204,7 @@ def _token_bench(quick: bool) -> dict[str, Any]:
         return msgs
 
     first_ever = None
-    if not _tokens._cache:
+    if not _tokens._cached.cache_info().currsize:
         t0 = pc()
         _tokens.count_messages(MODEL, [{"role": "user", "content": "warm the tokenizer"}])
         first_ever = (pc() - t0) / 1000.0
@@ -252,6 +264,7 @@ def run(quick: bool = False, blocks: int | None = None) -> dict[str, Any]:
     guarded = litellm.completion
     raw = getattr(guarded, "__wrapped__", guarded)  # LiteLLM's own completion()
     limiter = HiveLimiter(six_level_config())
+    small = HiveLimiter(two_level_config())
     results: dict[str, Any] = {
         "blocks": blocks,
         "per_block": per_block,
@@ -281,6 +294,18 @@ def run(quick: bool = False, blocks: int | None = None) -> dict[str, Any]:
                 unregister(noop)
 
         return go
+
+    def small_mode(n: int) -> list[int]:
+        off()
+        litellm.callbacks.append(small)
+        try:
+            before = small._engine.admitted_total
+            s = loop.run_until_complete(_acalls(n))
+            if small._engine.admitted_total - before != n:
+                raise AssertionError("2-level limiter: not every call was admitted")
+            return s
+        finally:
+            unregister(small)
 
     def on() -> None:
         if limiter not in litellm.callbacks:
@@ -364,7 +389,7 @@ def run(quick: bool = False, blocks: int | None = None) -> dict[str, Any]:
             async_mode(True),
             blocks,
             per_block,
-            extra={"noop_custom_logger": noop_mode(None, True)},
+            extra={"noop_custom_logger": noop_mode(None, True), "hive_limiter_2_levels": small_mode},
         )
         # 2. sync A/B (+ the guard alone, no limiter registered)
         results["sync"] = _ab(
@@ -421,6 +446,7 @@ def run(quick: bool = False, blocks: int | None = None) -> dict[str, Any]:
         results["tokens"] = _token_bench(quick)
     finally:
         unregister(limiter)
+        unregister(small)
         common.close_loop(loop)
         litellm.callbacks[:] = saved_callbacks
     return results

@@ -101,12 +101,15 @@ class BudgetBook:
     def add(self, keys: list[str], starts: dict[str, float], cost: float, requests: int, tokens: int,
             since: float | None = None) -> None:
         """Add spend under every key; with ``since``, only to windows that started at or before it."""
+        counters = self._counters
         for key in keys:
             for kind in (RUN,) if key.startswith("run:") else KINDS:
                 start = starts[kind]
                 if since is not None and kind != RUN and since < start:
                     continue
-                c = self.counter(key, kind, start)
+                c = counters.get((key, kind))  # counter(), inlined: this runs for every settled call
+                if c is None or c.start != start:
+                    c = counters[(key, kind)] = Counter(start)
                 c.cost += cost
                 c.requests += requests
                 c.tokens += tokens

@@ -334,6 +334,10 @@ class Engine:
         self.pace_default = 0.1
         self._lock = threading.RLock()
         self._states: OrderedDict[str, ScopeState] = OrderedDict()
+        # The states of a list of scopes (a plan: every call of one identity to one model shares
+        # its list object), so an admission does not look each scope up again. Cleared whenever
+        # a state leaves ``_states``; entries hold their list, so an ``id`` is never reused.
+        self._plan_states: dict[int, tuple[list[Scope], list[ScopeState]]] = {}
         self._leases: dict[str, _Reservation] = {}
         self._waiters: list[Waiter] = []  # kept sorted by Waiter.order()
         self._holders: dict[str, int] = {}  # scope key -> highest priority waiting there
@@ -374,6 +378,24 @@ class Engine:
         st.last_used = now
         return st
 
+    def _states_of(self, scopes: list[Scope], now: float) -> list[ScopeState]:
+        """The states of ``scopes`` (shared: callers must not modify the list)."""
+        entry = self._plan_states.get(id(scopes))
+        if entry is not None and entry[0] is scopes and len(entry[1]) == len(scopes):
+            states = entry[1]
+            for st in states:
+                st.last_used = now
+            return states
+        states = [self._state(s, now) for s in scopes]
+        if len(self._plan_states) >= 4096:
+            self._plan_states.clear()
+        self._plan_states[id(scopes)] = (scopes, states)
+        return states
+
+    def _forget_states(self) -> None:
+        """A state left ``_states`` (eviction, reconfiguration): drop the per-plan cache."""
+        self._plan_states.clear()
+
     def rescope(self, resolve: Callable[[Ticket], list[Scope]]) -> None:
         """After a configuration change: re-resolve waiting calls' scopes and apply the new
         limits at once (a lowered limit holds them, a raised one lets them in, a call that can
@@ -399,10 +421,55 @@ class Engine:
             for key, st in list(self._states.items()):
                 if not st.in_flight:
                     del self._states[key]
+            self._forget_states()
 
     # -------------------------------------------------------------- admission
+    def _admit_fast(self, ticket: Ticket, states: list[ScopeState], now: float) -> bool:
+        """The common case in one pass: check each window and charge it as it fits (undoing the
+        charges if a later one does not). Returns ``False``, having changed nothing, when any
+        limit, slot, budget or provider signal (cooldown, pacing, breaker) needs a closer look:
+        :meth:`_evaluate` then decides exactly and says why. Never admits what it would refuse."""
+        share = 1.0 if ticket.priority >= HIGH_PRIORITY else self.low_priority_share
+        starts: dict[str, float] | None = None
+        for st in states:
+            if st.cooldown_until > now or st.pace_until > now or st.circuit is not CLOSED:
+                return False
+            c = st.concurrency
+            if c is not None and st.in_flight >= max(c * share, 1 if share >= 1 else 0):
+                return False
+            if st.budgets:
+                if starts is None:
+                    starts = self.calendar.starts(self.wall())
+                if self._budget_blocked(st, ticket, starts):
+                    return False
+        tin = ticket.input_tokens
+        tout = ticket.output_tokens
+        tall = tin + tout
+        charges: list[tuple[str, SlidingWindow, int, float]] = []
+        push = charges.append
+        for st in states:
+            for metric, windows, amount in (("req", st.requests, 1), ("all", st.tokens, tall),
+                                            ("in", st.input, tin), ("out", st.output, tout)):
+                for w in windows:
+                    index = w.charge(now, amount, share)
+                    if index < 0:
+                        for _, cw, at, charged in charges:
+                            cw.adjust(now, at, -charged)
+                        return False
+                    push((metric, w, index, amount))
+        cost = ticket.cost
+        for st in states:
+            st.in_flight += 1
+            if st.budgets:
+                st.reserved_cost += cost
+                st.reserved_requests += 1
+        self._version += 1
+        self._leases[ticket.call_id] = _Reservation(ticket, states, charges, now + self.lease_seconds, now)
+        self.admitted_total += 1
+        return True
+
     def _evaluate(self, ticket: Ticket, now: float) -> tuple[list[ScopeState], Blocked | None]:
-        states = [self._state(s, now) for s in ticket.scopes]
+        states = list(self._states_of(ticket.scopes, now))
         share = 1.0 if ticket.priority >= HIGH_PRIORITY else self.low_priority_share
         first: Blocked | None = None
         retry: float | None = None
@@ -576,6 +643,8 @@ class Engine:
 
     def _try(self, ticket: Ticket, now: float) -> Blocked | None:
         """Admit ``ticket`` now (reserving everything it needs) or say why not."""
+        if not ticket.choices and self._admit_fast(ticket, self._states_of(ticket.scopes, now), now):
+            return None
         states, blocked = self._evaluate(ticket, now)
         if blocked is None:
             self._commit(ticket, states, now)
@@ -637,8 +706,9 @@ class Engine:
 
     def _acquire(self, ticket: Ticket, notify: Callable[[], None] | None) -> Waiter | None:
         now = self.clock()
-        self._maintain(now)
-        blocked = self._line_blocked(ticket)
+        if now >= self._next_sweep:
+            self._maintain(now)
+        blocked = self._line_blocked(ticket) if self._holders else None
         if blocked is None:
             blocked = self._try(ticket, now)
             if blocked is None:
@@ -782,25 +852,29 @@ class Engine:
         actual_in = t.input_tokens if input_tokens is None else input_tokens
         actual_out = t.output_tokens if output_tokens is None else output_tokens
         margin = self.arrival_margin
+        # From the send, when known: the wait between admission and the send (LiteLLM's own
+        # work, a busy event loop) is then not mistaken for time on the wire.
+        start = res.admitted_at if res.sent_at is None else res.sent_at
+        elapsed = now - start
+        actual_all = actual_in + actual_out
         for metric, window, index, amount in res.charges:
             if metric == "req":
                 # Count the request from when it may have reached the provider, not from its
                 # admission: the HTTP request goes out (and lands) some time after admission,
                 # and a provider enforcing an exact window counts it from its arrival.
                 if margin:
-                    # From the send, when known: the wait between admission and the send (LiteLLM's
-                    # own work, a busy event loop) is then not mistaken for time on the wire.
-                    start = res.admitted_at if res.sent_at is None else res.sent_at
-                    if now - start <= min(margin, window.period / 2):
+                    if elapsed <= margin and elapsed <= window.period / 2:
                         # Done soon after the send: it had arrived by now, so count it from now.
                         # (A stalled event loop can hold a fast call's bytes for 100+ ms.)
                         to = now
                     else:  # a long call (generation time): it arrived early on
                         to = start + min(margin, window.period / 10)
-                    window.move(now, index, amount, to)
+                    if int(to // window.width) != index:  # else: same bucket, nothing moves
+                        window.move(now, index, amount, to)
                 continue
-            actual = actual_in + actual_out if metric == "all" else actual_in if metric == "in" else actual_out
-            window.adjust(now, index, actual - amount)
+            delta = (actual_all if metric == "all" else actual_in if metric == "in" else actual_out) - amount
+            if delta:
+                window.adjust(now, index, delta)
         actual_cost = t.cost if cost is None else cost  # unknown: keep the worst case
         for st in res.states:
             if st.budgets:
@@ -1156,19 +1230,22 @@ class Engine:
             for st in res.states:
                 if st.probe == cid:
                     st.probe = None
-        # Evict idle scopes, least recently used first, a bounded number per tick (so one call
-        # never pays for a mass eviction). A scope whose windows are all empty carries no
-        # information, so dropping it changes no decision.
+        # Evict idle scopes, oldest first, a bounded number per tick (so one call never pays for
+        # a mass eviction). A scope whose windows are all empty carries no information, so
+        # dropping it changes no decision. (Admissions only stamp ``last_used``; a recently
+        # used scope met here goes to the back.)
         states = self._states
         horizon = now - self._min_period - 1.0
+        evicted = False
         for _ in range(min(len(states), EVICTIONS_PER_TICK)):
             key, st = next(iter(states.items()))
-            if st.last_used > horizon:
-                break
-            if st.is_idle(now):
+            if st.last_used <= horizon and st.is_idle(now):
                 del states[key]
+                evicted = True
             else:
                 states.move_to_end(key)
+        if evicted:
+            self._forget_states()
         if now >= self._next_budget_sweep:
             self._next_budget_sweep = now + 60.0
             starts = self.calendar.starts(self.wall())
@@ -1184,6 +1261,7 @@ class Engine:
             idle = [k for k, st in self._states.items() if st.is_idle(now)]
             for k in idle:
                 del self._states[k]
+            self._forget_states()
             return len(idle)
 
     # ------------------------------------------------------------------ stats

@@ -86,6 +86,22 @@ class SlidingWindow:
         self.total += amount
         return index
 
+    def charge(self, now: float, amount: float, share: float = 1.0) -> int:
+        """Record ``amount`` at ``now`` if it fits within ``share`` of the limit (the admission
+        hot path: expire, check and add in one call). Returns the bucket index, or -1 (nothing
+        recorded) if it does not fit."""
+        if now >= self._next_expiry:
+            self.expire(now)
+        if self.total + amount > self.limit * share:
+            return -1
+        index = int(now // self.width)
+        buckets = self._buckets
+        if buckets and buckets[-1][0] == index:
+            buckets[-1][1] += amount
+            self.total += amount
+            return index
+        return self.add(now, amount)
+
     def adjust(self, now: float, index: int, delta: float) -> None:
         """Correct an earlier :meth:`add` made in bucket ``index`` by ``delta`` (settlement).
 
@@ -95,8 +111,15 @@ class SlidingWindow:
         """
         if delta == 0:
             return
+        buckets = self._buckets
+        if now < self._next_expiry and buckets and buckets[-1][0] == index:  # the usual case
+            last = buckets[-1]
+            applied = delta if delta > -last[1] else -last[1]
+            last[1] += applied
+            self.total += applied
+            return
         self.expire(now)
-        for bucket in reversed(self._buckets):  # settlements are usually for recent buckets
+        for bucket in reversed(buckets):  # settlements are usually for recent buckets
             if bucket[0] == index:
                 applied = max(delta, -bucket[1])
                 bucket[1] += applied

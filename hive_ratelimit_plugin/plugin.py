@@ -611,7 +611,9 @@ class HiveLimiter(CustomLogger):
             self._engine.apply_external(rows)
 
     def __repr__(self) -> str:
-        return f"HiveLimiter(enabled={self._config.enabled}, {self._engine!r})"
+        # LiteLLM formats its callback list into a debug string on every call: keep this cheap
+        # (live figures are in get_usage_stats()).
+        return f"HiveLimiter(enabled={self._config.enabled}, backend={type(self._engine).__name__})"
 
     # ------------------------------------------------------------- tickets
     def _provider_of(self, model: str, custom_llm_provider: str | None, api_base: str | None) -> str:
@@ -980,15 +982,17 @@ def _active_limiters() -> list[HiveLimiter]:
 class _Retrying:
     """The retry policy of one guarded call: provider 429s are retried, each attempt re-admitted."""
 
-    def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> None:
+    def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any], args: tuple[Any, ...] = (),
+                 started: float | None = None, attempt: int = 0, user_call_id: Any = _UNSET) -> None:
         cfg = limiter.config.retry
         self.limiter = limiter
         self.enabled = cfg.enabled
         self.max_attempts = cfg.max_attempts if cfg.enabled else 1
-        self.deadline = limiter._engine.clock() + cfg.max_wait_seconds
-        self.attempt = 0
+        self.deadline = (limiter._engine.clock() if started is None else started) + cfg.max_wait_seconds
+        self.attempt = attempt
         self.last_429: BaseException | None = None
-        self.user_call_id = kwargs.get("litellm_call_id")
+        # The id the caller chose, if any (attempts after the first get fresh ids otherwise).
+        self.user_call_id = kwargs.get("litellm_call_id") if user_call_id is _UNSET else user_call_id
         self.kwargs = kwargs
         self.positional_model = args[0] if args and isinstance(args[0], str) else None
         if cfg.take_over_sdk_retries and "max_retries" not in kwargs:
@@ -1112,12 +1116,34 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> Any:
-    # Admission happens in the deployment hook; this loop only retries provider 429s.
-    retrying = _Retrying(limiters[0], kwargs, args)
+    # Admission happens in the deployment hook; this loop only retries provider 429s. The
+    # first attempt is the common case and runs without the retry state, which is built only
+    # when an attempt fails (with the same start time, so the retry budget is unchanged).
+    first = limiters[0]
+    started = first._engine.clock()
+    if first._config.retry.take_over_sdk_retries and "max_retries" not in kwargs:
+        kwargs["max_retries"] = 0  # the openai SDK would retry 429s unseen, outside admission
+    call_id = user_call_id = kwargs.get("litellm_call_id")
+    if not call_id:
+        # Our own call id, so that a cancellation (which LiteLLM reports to no callback) can
+        # still release the call's reservation.
+        call_id = kwargs["litellm_call_id"] = new_call_id()
+    elif first._engine.holds(call_id) and not first._admitted_upstream(call_id):
+        # The caller reuses an id that another call in flight holds: reservations are matched
+        # by id, so give this call its own (see _Retrying.begin).
+        call_id = kwargs["litellm_call_id"] = new_call_id()
+    try:
+        return await fn(*args, **kwargs)
+    except Exception as exc:
+        _release_attempt(limiters, call_id, exc)
+        retrying = _Retrying(first, kwargs, args, started=started, attempt=1, user_call_id=user_call_id)
+        if not retrying.should_retry(exc):
+            raise
+    except BaseException:  # cancelled (or interrupted) while admitted or in flight
+        _release_attempt(limiters, call_id, None)
+        raise
     while True:
         retrying.begin(kwargs)
-        # Our own call id, so that a cancellation (which LiteLLM reports to no callback)
-        # can still release the call's reservation.
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
             call_id = kwargs["litellm_call_id"] = new_call_id()
@@ -1125,19 +1151,22 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         try:
             return await fn(*args, **kwargs)
         except Exception as exc:
-            # Settle the failed attempt now rather than wait for LiteLLM's failure event, which
-            # can come late (or, after an earlier event loop was closed, not at all) and would
-            # hold the slot meanwhile. The event, when it comes, finds nothing left to release.
-            for lim in limiters:
-                lim._finish(call_id, failed=True, exc=exc)
+            _release_attempt(limiters, call_id, exc)
             if not retrying.should_retry(exc):
                 raise
-        except BaseException:  # cancelled (or interrupted) while admitted or in flight
-            for lim in limiters:
-                lim._finish(call_id, failed=True)
+        except BaseException:
+            _release_attempt(limiters, call_id, None)
             raise
         finally:
             _wait_budget.reset(token)
+
+
+def _release_attempt(limiters: list[HiveLimiter], call_id: str, exc: BaseException | None) -> None:
+    """Settle a failed (``exc``) or cancelled (``None``) attempt now rather than wait for LiteLLM's
+    failure event, which can come late (or, after an earlier event loop was closed, not at all)
+    and would hold the slot meanwhile. The event, when it comes, finds nothing left to release."""
+    for lim in limiters:
+        lim._finish(call_id, failed=True, exc=exc)
 
 
 def install_sync_guard() -> None:

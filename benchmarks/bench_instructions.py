@@ -1,0 +1,200 @@
+"""Benchmark 2b: the plugin's overhead in CPU instructions, which machine noise does not move.
+
+Wall time on a shared 2-core VM moves by 10-20 % from one minute to the next, which is larger
+than the effect being measured (a few percent of a ~1.5 ms call). This stage counts the CPU
+instructions a call executes instead, with Valgrind's ``callgrind`` tool: the count does not
+depend on what else the machine is doing.
+
+Each mode runs in its own process under callgrind, twice: ``N_LO`` and ``N_HI`` calls of
+``bench_e2e``'s ``litellm.acompletion(..., mock_response="ok")`` after the same warm-up; the
+per-call count is the difference divided by ``N_HI - N_LO`` (start-up, imports and first-call
+work cancel out). ``PYTHONHASHSEED`` is fixed. Modes:
+
+* ``no callback``: LiteLLM alone;
+* ``do-nothing CustomLogger``: a ``CustomLogger`` subclass that overrides the same hooks as
+  ``HiveLimiter`` with empty bodies: what LiteLLM itself spends on a callback registered with
+  these hooks (the floor for any plugin built on them);
+* ``HiveLimiter``: ``bench_e2e``'s 6-level configuration;
+* ``HiveLimiter's code alone``: the plugin's guard and hooks called the way LiteLLM calls
+  them, with a real LiteLLM response but without LiteLLM's call around them.
+
+Instructions are not time: cache misses and branch mispredictions are not counted, and the
+plugin's few small objects are cheaper per instruction than LiteLLM's pipeline. They are a
+stable proxy for CPU work and show which part of the overhead is whose.
+
+Needs ``valgrind`` (Debian: ``apt-get install valgrind``); without it the stage reports itself
+skipped. Run alone: ``python benchmarks/bench_instructions.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+try:
+    from . import _common as common
+except ImportError:  # run as a script
+    import _common as common  # type: ignore[no-redef]
+
+HERE = Path(__file__).resolve()
+MODES = {
+    "none": "no callback",
+    "noop": "do-nothing CustomLogger (same hooks)",
+    "hive": "HiveLimiter, 6 levels",
+    "hooks": "HiveLimiter's code alone (guard + hooks, no LiteLLM call)",
+}
+
+
+# ----------------------------------------------------------------------------- child process
+def _noop_logger() -> Any:
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class NoopHooks(CustomLogger):  # every hook HiveLimiter overrides, doing nothing
+        async def async_pre_call_deployment_hook(self, kwargs: Any, call_type: Any) -> None:
+            return None
+
+        async def async_post_call_success_deployment_hook(self, request_data: Any, response: Any,
+                                                          call_type: Any) -> Any:
+            return response
+
+        async def async_post_call_streaming_deployment_hook(self, request_data: Any, response_chunk: Any,
+                                                            call_type: Any) -> Any:
+            return response_chunk
+
+        async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any,
+                                          end_time: Any) -> None:
+            return None
+
+        async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any,
+                                          end_time: Any) -> None:
+            return None
+
+        def log_pre_api_call(self, model: Any, messages: Any, kwargs: Any) -> None:
+            return None
+
+        def log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+            return None
+
+        def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+            return None
+
+    return NoopHooks()
+
+
+def _child(mode: str, n: int) -> None:
+    try:
+        from . import bench_e2e
+    except ImportError:
+        import bench_e2e  # type: ignore[no-redef]
+    litellm = common.quiet_litellm()
+    from hive_ratelimit_plugin import HiveLimiter
+    from hive_ratelimit_plugin import plugin as plugin_mod
+
+    plugin_mod.install_sync_guard()  # installed in every mode; it passes calls through without a limiter
+    warm = 30
+    if mode == "hooks":
+        from litellm.integrations.custom_logger import CustomLogger
+
+        captured: dict[str, Any] = {}
+
+        class Capture(CustomLogger):
+            async def async_post_call_success_deployment_hook(self, request_data: Any, response: Any,
+                                                              call_type: Any) -> Any:
+                captured["response"] = response
+                return response
+
+        litellm.callbacks[:] = [Capture()]
+        asyncio.run(litellm.acompletion(**bench_e2e._kwargs()))
+        plugin_mod.unregister(litellm.callbacks[0])
+        response = captured["response"]
+        lim = HiveLimiter(config=bench_e2e.six_level_config())
+        litellm.callbacks[:] = [lim]
+
+        async def inner(**kwargs: Any) -> Any:
+            # What LiteLLM calls on a non-streaming async call, in its order.
+            await lim.async_pre_call_deployment_hook(kwargs, "acompletion")
+            lim.log_pre_api_call(kwargs["model"], kwargs["messages"], kwargs)
+            await lim.async_post_call_success_deployment_hook(kwargs, response, "acompletion")
+            await lim.async_log_success_event(kwargs, response, None, None)
+            return response
+
+        call = plugin_mod._wrap_async("acompletion", inner)
+    else:
+        if mode == "noop":
+            litellm.callbacks[:] = [_noop_logger()]
+        elif mode == "hive":
+            litellm.callbacks[:] = [HiveLimiter(config=bench_e2e.six_level_config())]
+        call = litellm.acompletion
+
+    async def run(k: int) -> None:
+        for _ in range(k):
+            await call(**bench_e2e._kwargs())
+
+    asyncio.run(run(warm + n))
+
+
+# ----------------------------------------------------------------------------- driver
+def _count(mode: str, n: int) -> int:
+    env = dict(os.environ, PYTHONHASHSEED="0", LITELLM_LOCAL_MODEL_COST_MAP="True")
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(HERE),
+         "--child", mode, str(n)],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
+    if out.returncode != 0 or m is None:
+        raise RuntimeError(f"callgrind run of {mode} x{n} failed (exit {out.returncode}): {out.stderr[-2000:]}")
+    return int(m.group(1))
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    if shutil.which("valgrind") is None:
+        return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
+    lo, hi = (50, 150) if quick else (50, 350)
+    jobs = [(mode, n) for mode in MODES for n in (lo, hi)]
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        counts = dict(zip(jobs, pool.map(lambda j: _count(*j), jobs), strict=True))
+    per_call = {mode: (counts[(mode, hi)] - counts[(mode, lo)]) / (hi - lo) for mode in MODES}
+    base = per_call["none"]
+    return {
+        "calls": [lo, hi],
+        "per_call": per_call,
+        "labels": MODES,
+        "overhead_pct": {
+            "hive_vs_none": 100.0 * (per_call["hive"] / base - 1.0),
+            "noop_vs_none": 100.0 * (per_call["noop"] / base - 1.0),
+            "hive_vs_noop": 100.0 * (per_call["hive"] / per_call["noop"] - 1.0),
+            "hooks_vs_none": 100.0 * per_call["hooks"] / base,
+        },
+    }
+
+
+def summary(res: dict[str, Any]) -> str:
+    if "skipped" in res:
+        return f"skipped: {res['skipped']}"
+    lines = [f"{label:58s} {res['per_call'][mode]:>14,.0f} instructions per call" for mode, label in MODES.items()]
+    lines += [f"{name:20s} {pct:+.2f} %" for name, pct in res["overhead_pct"].items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child[0], int(args.child[1]))
+        return
+    print(summary(run(args.quick)))
+
+
+if __name__ == "__main__":
+    main()
