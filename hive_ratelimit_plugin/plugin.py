@@ -1080,7 +1080,20 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         limiters = _active_limiters()
         if not limiters:
             return fn(*args, **kwargs)
-        retrying = _Retrying(limiters[0], kwargs, args)
+        # The first attempt runs without the retry state (built only if it fails; see _retry_async).
+        first = limiters[0]
+        started = first._engine.clock()
+        user_call_id = kwargs.get("litellm_call_id")
+        if first._config.retry.take_over_sdk_retries and "max_retries" not in kwargs:
+            kwargs["max_retries"] = 0  # the openai SDK would retry 429s unseen, outside admission
+        if user_call_id and first._engine.holds(user_call_id) and not first._admitted_upstream(user_call_id):
+            kwargs["litellm_call_id"] = new_call_id()  # the id is in use by another call in flight
+        try:
+            return attempt(limiters, args, kwargs)
+        except Exception as exc:
+            retrying = _Retrying(first, kwargs, args, started=started, attempt=1, user_call_id=user_call_id)
+            if not retrying.should_retry(exc):
+                raise
         while True:
             retrying.begin(kwargs)
             token = _wait_budget.set(retrying.budget())
