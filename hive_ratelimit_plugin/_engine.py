@@ -240,6 +240,9 @@ class Blocked:
     remaining: float
     retry_at: float | None  # None: wait for a release (concurrency) or for the line ahead
     keys: frozenset[str] = frozenset()  # every scope key it is blocked on
+    # The earliest time one of those keys may stop blocking (<= retry_at): the queue looks at the
+    # call again then, so that it no longer holds the line where it would fit.
+    eases_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -302,6 +305,9 @@ def _rank(priority: int, seq: int) -> int:
     return seq - priority * _SEQ_SPAN
 
 
+_LOW_FROM = _rank(HIGH_PRIORITY - 1, 0)  # ranks from here on: calls without the high-priority share
+
+
 class _Line:
     """Waiters in queue order (ascending rank): a sorted list, so the first one, the ones ranked
     after a given rank, adding and removing are cheap (bisection; removal moves pointers in C)."""
@@ -345,12 +351,61 @@ class _Line:
         return self.items[bisect_right(self.ranks, rank):]
 
 
+class _Sizes:
+    """Waiters sorted by how much of one size-dependent limit of a scope they need (tokens,
+    prompt tokens, output tokens or cost), so the ones needing more than is left are a suffix."""
+
+    __slots__ = ("items", "sizes")
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[float, int]] = []  # (amount, rank)
+        self.items: list[Waiter] = []
+
+    def add(self, w: Waiter, amount: float) -> None:
+        k = (amount, w.rank)
+        i = bisect_left(self.sizes, k)
+        if i < len(self.sizes) and self.sizes[i] == k:
+            return
+        self.sizes.insert(i, k)
+        self.items.insert(i, w)
+
+    def remove(self, w: Waiter, amount: float) -> None:
+        k = (amount, w.rank)
+        i = bisect_left(self.sizes, k)
+        if i < len(self.sizes) and self.sizes[i] == k:
+            del self.sizes[i]
+            del self.items[i]
+
+    def above(self, room: float) -> list[Waiter]:
+        """The members that need more than ``room``."""
+        return self.items[bisect_right(self.sizes, (room, _LAST)):]
+
+
+def _amount(t: Ticket, metric: str) -> float:
+    if metric == "all":
+        return t.input_tokens + t.output_tokens
+    if metric == "in":
+        return t.input_tokens
+    if metric == "out":
+        return t.output_tokens
+    return t.cost
+
+
 class QueueFull(Exception):
     """Internal: the queue has ``max_size`` waiters."""
 
 
 def _by_rank(w: Waiter) -> int:
     return w.rank
+
+
+def _due_at(b: Blocked) -> float | None:
+    """When a head blocked as ``b`` is looked at again: its retry time, or earlier when one of
+    the scopes it holds eases before the others."""
+    at = b.retry_at
+    if b.eases_at is not None and at is not None and b.eases_at < at:
+        return b.eases_at
+    return at
 
 
 def _touched(res: _Reservation) -> list[str]:
@@ -424,6 +479,10 @@ class Engine:
         self._by_scope: dict[str, _Line] = {}  # scope key -> heads that count against it (in keys)
         self._due: list[tuple[float, int, Waiter]] = []  # heap of the heads' retry times (lazy)
         self._pending: list[tuple[int, Waiter, str]] = []  # left by an exception inside a pass
+        self._reconfigured: set[str] = set()  # keys given new limits by a call (API-key choices)
+        # scope key -> size-dependent limit -> heads counting against it, by what they need there
+        self._sized: dict[str, dict[str, _Sizes]] = {}
+        self._committed: set[str] = set()  # keys where calls took room since the last dispatch
         self._seq = 0
         self._next_sweep = 0.0
         self._next_budget_sweep = 0.0
@@ -457,6 +516,8 @@ class Engine:
             if st.limits is not scope.limits and scope.generation >= st.generation:
                 st.generation = scope.generation
                 st.apply(scope.limits)  # the configuration changed: new limits, same usage
+                if self._waiters:
+                    self._reconfigured.add(scope.key)  # who waits there is looked at again
         st.last_used = now
         return st
 
@@ -494,6 +555,7 @@ class Engine:
         retry: float | None = None
         release = False
         failing: set[str] = set()
+        eases: float | None = None
         for st in states:
             r, rel, b = self._check(st, ticket, now, share)
             if b is not None:
@@ -502,6 +564,7 @@ class Engine:
                 release = release or rel
                 if r is not None:
                     retry = r if retry is None else max(retry, r)
+                    eases = r if eases is None else min(eases, r)
         if ticket.choices:
             best: tuple[float, ScopeState] | None = None
             alt_retry: float | None = None
@@ -534,10 +597,12 @@ class Engine:
                     release = True
                 else:
                     retry = alt_retry if retry is None else max(retry, alt_retry)
+                    eases = alt_retry if eases is None else min(eases, alt_retry)
         if first is None:
             return states, None
         first.retry_at = None if release and retry is None else retry
         first.keys = frozenset(failing)
+        first.eases_at = eases
         return states, first
 
     def _check(self, st: ScopeState, ticket: Ticket, now: float,
@@ -729,6 +794,10 @@ class Engine:
         if blocked is None:
             blocked = self._try(ticket, now)
             if blocked is None:
+                if self._heads and self._keyed_dispatch:
+                    self._took_room(ticket)
+                    if self._reconfigured:  # it brought new limits (API-key choices after a reload)
+                        self._dispatch(now, ())
                 return None
         else:
             # Still validate that the call could ever fit, so it fails fast if not.
@@ -742,6 +811,8 @@ class Engine:
             raise QueueFull
         self._insert(waiter, now, behind)
         self.queued_total += 1
+        if self._reconfigured and self._keyed_dispatch:
+            self._dispatch(now, ())
         return waiter
 
     # -------------------------------------------------------------- the queue
@@ -756,12 +827,20 @@ class Engine:
     #
     # Instead of redoing that pass on every event (O(queue) each, O(queue^2) for a burst), the
     # engine keeps its result and re-examines only what can change it, in queue order (_run):
-    # the heads blocked on a scope whose state changed (a release or settlement there: its keys),
-    # the heads whose retry time has come (_due), every head after a configuration or budget
-    # change; and, as a consequence, the waiters parked on a key whose front left (one at a time:
-    # the next one only if the previous did not block that key again) and the heads after a new
-    # front of one of their keys (they park behind it). A burst of n events on one scope thus
-    # costs O(n log n), and a release touches the few waiters it can let in.
+    #
+    # * the heads blocked on a scope whose state changed (a release, settlement or freed slot:
+    #   the call's keys) or got new limits, every head after a configuration or budget change;
+    # * the heads whose retry time has come, or the time one of their blocks eases (_due);
+    # * the heads that may no longer fit a token or cost limit of a scope where calls took room
+    #   since (_committed, _sized: only those needing more than is left): they now hold the line
+    #   there too. (Other limits need the same of every call, and an earlier waiter never has
+    #   less room than a later one: where a later call fits, so would it.)
+    # * as a consequence: the waiters parked on a key whose front left (one at a time: the next
+    #   one only if the previous one did not block that key again), and the heads after a new
+    #   front of one of their keys (they park behind it).
+    #
+    # A burst of n events on one scope thus costs O(n log n), and a release touches the few
+    # waiters it can let in. The outcome is the full pass's, at the same moments.
 
     def _insert(self, waiter: Waiter, now: float, behind: bool) -> None:
         self._waiters[waiter] = None
@@ -807,21 +886,32 @@ class Engine:
             self._pending = []
         if changed is None or not self._keyed_dispatch:
             todo += [(w.rank, w, "") for w in self._heads]
+            self._reconfigured.clear()
+            self._committed.clear()
         else:
+            if self._reconfigured:
+                for k in self._reconfigured:
+                    self._resize(k)
+                changed = [*changed, *self._reconfigured]
+                self._reconfigured.clear()
             blocking = self._blocking
             for k in changed:
                 line = blocking.get(k)
                 if line is not None:
                     todo += [(w.rank, w, "") for w in line.items]
+            if self._heads:
+                self._committed.update(changed)
+                self._refresh(self._committed, now, todo, -_LAST)
+            self._committed.clear()
         due = self._due
         while due and due[0][0] <= now:
             at, rank, w = heapq.heappop(due)
             b = w.blocked
-            if w.state is _HEAD and b is not None and b.retry_at == at:
+            if w.state is _HEAD and b is not None and _due_at(b) == at:
                 todo.append((rank, w, ""))
         if len(due) > 64 and len(due) > 2 * len(self._heads):
-            self._due = due = [(w.blocked.retry_at, w.rank, w) for w in self._heads
-                               if w.blocked is not None and w.blocked.retry_at is not None]
+            self._due = due = [(t, w.rank, w) for w in self._heads
+                               if w.blocked is not None and (t := _due_at(w.blocked)) is not None]
             heapq.heapify(due)
         if not todo:
             return 0
@@ -881,6 +971,10 @@ class Engine:
             self._remove(w, todo)
             w.blocked = None
             w.notify()
+            if self._keyed_dispatch and self._heads:
+                # It took room: heads after it may no longer fit there (those before it are
+                # looked at in the next dispatch, as the full pass would at the next event).
+                self._refresh(self._took_room(w.ticket), now, todo, rank)
             return 1
         previous = w.retry_at
         self._head(w, blocked, todo)
@@ -900,7 +994,7 @@ class Engine:
                 for k in blocked.keys - old.keys:
                     self._block(k, w, todo)
             if blocked is old:
-                return  # (a cached answer: its retry time is queued already)
+                return  # (a cached answer: its time is queued already)
         else:
             self._unpark(w)
             w.state = _HEAD
@@ -911,11 +1005,18 @@ class Engine:
                 line = by_scope.get(k)
                 if line is None:
                     line = by_scope[k] = _Line()
+                    if self._keyed_dispatch:
+                        self._resize(k)
                 line.add(w)
+                sized = self._sized.get(k)
+                if sized:
+                    for metric, sizes in sized.items():
+                        sizes.add(w, _amount(w.ticket, metric))
             for k in blocked.keys:
                 self._block(k, w, todo)
-        if blocked.retry_at is not None:
-            heapq.heappush(self._due, (blocked.retry_at, w.rank, w))
+        at = _due_at(blocked)
+        if at is not None:
+            heapq.heappush(self._due, (at, w.rank, w))
 
     def _unhead(self, w: Waiter, todo: list[tuple[int, Waiter, str]]) -> None:
         del self._heads[w]
@@ -925,6 +1026,12 @@ class Engine:
             line.remove(w)
             if not line:
                 del by_scope[k]
+                self._sized.pop(k, None)
+                continue
+            sized = self._sized.get(k)
+            if sized:
+                for metric, sizes in sized.items():
+                    sizes.remove(w, _amount(w.ticket, metric))
         assert w.blocked is not None
         for k in w.blocked.keys:
             self._unblock(k, w, todo)
@@ -998,6 +1105,84 @@ class Engine:
             self._unpark(w)
         del self._waiters[w]
         w.state = _OUT
+        if not self._waiters:
+            self._due.clear()  # (entries of waiters gone: nothing else would drop them)
+
+    # The room a call takes at token and cost limits (see "the queue").
+    def _took_room(self, t: Ticket) -> list[str]:
+        keys = [s.key for s in t.scopes]
+        if t.chosen is not None:
+            keys.append(t.chosen)
+        self._committed.update(keys)
+        return keys
+
+    def _resize(self, k: str) -> None:
+        """(Re)build the by-size indexes of the heads counting against ``k``: one per token or
+        cost limit of ``k``."""
+        st = self._states.get(k)
+        metrics: list[str] = []
+        if st is not None:
+            if st.tokens:
+                metrics.append("all")
+            if st.input:
+                metrics.append("in")
+            if st.output:
+                metrics.append("out")
+            if any(name != "max_requests_per_run" for name, _, _ in st.budgets):
+                metrics.append("cost")
+        heads = self._by_scope.get(k)
+        if not metrics or heads is None:
+            self._sized.pop(k, None)
+            return
+        sized = self._sized[k] = {m: _Sizes() for m in metrics}
+        for w in heads.items:
+            for m, sizes in sized.items():
+                sizes.add(w, _amount(w.ticket, m))
+
+    def _refresh(self, keys: Iterable[str], now: float, todo: list[tuple[int, Waiter, str]],
+                 after: float) -> None:
+        """After calls took room at ``keys``: queue for examination the heads ranked after
+        ``after`` that count against one of them without being blocked there and may not fit
+        there any more. Those are the first such head of each share (the first waiting call of
+        the high-priority reserve, and of the rest: where it fits, the later ones of its share
+        fit too, but for token and cost limits), and the heads that need more tokens or cost
+        than is left there (with the smaller share: a superset)."""
+        by_scope, all_sized = self._by_scope, self._sized
+        share = min(1.0, self.low_priority_share)
+        starts: dict[str, float] | None = None
+        for k in keys:
+            heads = by_scope.get(k)
+            if heads is None:
+                continue
+            ranks = heads.ranks
+            i = bisect_right(ranks, after)
+            for j in (i, max(i, bisect_left(ranks, _LOW_FROM))):
+                if j < len(ranks):
+                    h = heads.items[j]
+                    if h.blocked is not None and k not in h.blocked.keys:
+                        heapq.heappush(todo, (h.rank, h, ""))
+            sized = all_sized.get(k)
+            if not sized:
+                continue
+            st = self._states.get(k)
+            if st is None:
+                continue
+            for metric, sizes in sized.items():
+                room = NEVER
+                if metric == "cost":
+                    if starts is None:
+                        starts = self.calendar.starts(self.wall())
+                    for name, kind, limit in st.budgets:
+                        if name != "max_requests_per_run":
+                            c = self.book.get(k, kind, starts[kind])
+                            room = min(room, limit - (c.cost if c else 0.0) - st.reserved_cost)
+                else:
+                    for win in st.tokens if metric == "all" else st.input if metric == "in" else st.output:
+                        win.expire(now)
+                        room = min(room, win.limit * share - win.total)
+                for h in sizes.above(room):
+                    if h.rank > after and h.blocked is not None and k not in h.blocked.keys:
+                        heapq.heappush(todo, (h.rank, h, ""))
 
     def _requeue(self, now: float) -> None:
         """Rebuild the queue's state from scratch: one pass over every waiter in order."""
@@ -1006,6 +1191,8 @@ class Engine:
         self._front.clear()
         self._parked.clear()
         self._by_scope.clear()
+        self._sized.clear()
+        self._committed.clear()
         self._due.clear()
         self._pending.clear()
         for w in self._waiters:
@@ -1027,7 +1214,12 @@ class Engine:
                 return False
             if waiter.state is not _HEAD:
                 # Only waiting behind others, it frees nobody: a burst of timeouts costs
-                # O(log n) each.
+                # O(log n) each. (Its block names the scopes it is held on now, for the error.)
+                front, rank = self._front, waiter.rank
+                held = frozenset(k for k in waiter.keys if front.get(k, _LAST) < rank)
+                prev = waiter.blocked
+                if held and (prev is None or prev.limit != "queue" or not prev.keys <= held):
+                    waiter.blocked = Blocked(next(iter(held)), "queue", 0.0, None, held)
                 self._remove(waiter, [])
                 return False
             # It was first in line somewhere: the next in line there is examined.
