@@ -8,7 +8,9 @@ Fairness: waiting calls are served by priority, then in arrival order. A waiting
 line" on the scopes it is blocked on, so a later call of the same or lower priority cannot take
 capacity there first; calls to unrelated scopes are not held up (no head-of-line blocking across
 models). When capacity frees, :meth:`Engine.dispatch` grants waiting calls in order, reserving on
-their behalf, and wakes them.
+their behalf, and wakes them. The queue is indexed by scope key (the first blocked call of each
+scope, and the calls waiting behind it), so an event re-examines only the calls it may let in or
+hold back: thousands of waiters cost per event what the few concerned cost (see "the queue").
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import threading
 import time as _time
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,6 @@ from .config import PERIODS, LimitSet
 from .errors import HiveRateLimitError, RequestTooLargeError
 
 NEVER = float("inf")
-_NO_PRIORITY = -(10**9)
 HIGH_PRIORITY = 10
 EVICTIONS_PER_TICK = 2000
 ADAPTIVE_MIN_RATE = 10  # requests per minute below which 429s say nothing about our rate
@@ -831,10 +832,11 @@ class Engine:
     # * the heads blocked on a scope whose state changed (a release, settlement or freed slot:
     #   the call's keys) or got new limits, every head after a configuration or budget change;
     # * the heads whose retry time has come, or the time one of their blocks eases (_due);
-    # * the heads that may no longer fit a token or cost limit of a scope where calls took room
-    #   since (_committed, _sized: only those needing more than is left): they now hold the line
-    #   there too. (Other limits need the same of every call, and an earlier waiter never has
-    #   less room than a later one: where a later call fits, so would it.)
+    # * after calls took room at a scope (_committed): the heads there that may no longer fit it,
+    #   so that they hold the line there too, as the full pass would find. Those are the first
+    #   head of each share (other limits need the same of every call: where it fits, the later
+    #   ones of its share fit too) and, for token and cost limits, the heads needing more than
+    #   is left (_sized: each scope's heads sorted by need).
     # * as a consequence: the waiters parked on a key whose front left (one at a time: the next
     #   one only if the previous one did not block that key again), and the heads after a new
     #   front of one of their keys (they park behind it).
@@ -875,10 +877,12 @@ class Engine:
 
     _keyed_dispatch = True  # False: every dispatch re-examines every head (see _redis.RedisEngine)
 
-    def _dispatch(self, now: float, changed: Iterable[str] | None = None,
+    def _dispatch(self, now: float, changed: Collection[str] | None = None,
                   todo: list[tuple[int, Waiter, str]] | None = None) -> int:
-        """Re-examine the heads blocked on a key in ``changed`` (``None``: every head) and those
-        whose retry time has come, then whatever that changes down the line."""
+        """Re-examine the heads blocked on a key in ``changed`` (``None``: every head; the keys
+        whose state a release, settlement or freed slot changed), those whose time has come and
+        those that may no longer fit where calls took room, then whatever that changes down the
+        line (and ``todo``)."""
         if todo is None:
             todo = []
         if self._pending:
