@@ -8,15 +8,19 @@ Fairness: waiting calls are served by priority, then in arrival order. A waiting
 line" on the scopes it is blocked on, so a later call of the same or lower priority cannot take
 capacity there first; calls to unrelated scopes are not held up (no head-of-line blocking across
 models). When capacity frees, :meth:`Engine.dispatch` grants waiting calls in order, reserving on
-their behalf, and wakes them.
+their behalf, and wakes them. The queue is indexed by scope key (the first blocked call of each
+scope, and the calls waiting behind it), so an event re-examines only the calls it may let in or
+hold back: thousands of waiters cost per event what the few concerned cost (see "the queue").
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time as _time
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +30,6 @@ from .config import PERIODS, LimitSet
 from .errors import HiveRateLimitError, RequestTooLargeError
 
 NEVER = float("inf")
-_NO_PRIORITY = -(10**9)
 HIGH_PRIORITY = 10
 EVICTIONS_PER_TICK = 2000
 ADAPTIVE_MIN_RATE = 10  # requests per minute below which 429s say nothing about our rate
@@ -238,6 +241,9 @@ class Blocked:
     remaining: float
     retry_at: float | None  # None: wait for a release (concurrency) or for the line ahead
     keys: frozenset[str] = frozenset()  # every scope key it is blocked on
+    # The earliest time one of those keys may stop blocking (<= retry_at): the queue looks at the
+    # call again then, so that it no longer holds the line where it would fit.
+    eases_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -261,7 +267,7 @@ class _Reservation:
 class Waiter:
     """A queued call. The driver sets :attr:`notify`; the engine sets :attr:`granted`."""
 
-    __slots__ = ("blocked", "error", "granted", "keys", "notify", "seq", "ticket")
+    __slots__ = ("blocked", "error", "granted", "keys", "notify", "parked_on", "rank", "seq", "state", "ticket")
 
     def __init__(self, ticket: Ticket, seq: int, notify: Callable[[], None]) -> None:
         self.ticket = ticket
@@ -271,6 +277,9 @@ class Waiter:
         self.error: HiveRateLimitError | None = None  # set when it can no longer be admitted
         self.blocked: Blocked | None = None
         self.keys = frozenset(s.key for s in ticket.scopes)
+        self.rank = _rank(ticket.priority, seq)  # queue order: smaller goes first
+        self.state = _OUT  # _OUT (not queued), _HEAD, _PARKED or _NEW (see Engine: the queue)
+        self.parked_on: str | None = None  # the scope key it is parked behind (state _PARKED)
 
     @property
     def retry_at(self) -> float | None:
@@ -279,9 +288,136 @@ class Waiter:
     def order(self) -> tuple[int, int]:
         return (-self.ticket.priority, self.seq)
 
+    def __repr__(self) -> str:
+        return f"Waiter({self.ticket.call_id!r}, priority={self.ticket.priority}, seq={self.seq}, {self.state})"
+
+
+# Queue states of a waiter (see "the queue" in Engine).
+_OUT = "out"  # not in the queue (granted, failed, cancelled, or never queued)
+_HEAD = "head"  # tried and blocked: the first in line at the scopes of blocked.keys
+_PARKED = "parked"  # waits behind the first blocked call of one of its scopes (parked_on)
+_NEW = "new"  # to be examined afresh (the queue is being rebuilt)
+_SEQ_SPAN = 1 << 48
+_LAST = float("inf")
+
+
+def _rank(priority: int, seq: int) -> int:
+    """One integer ordering by priority (higher first), then arrival: as ``(-priority, seq)``."""
+    return seq - priority * _SEQ_SPAN
+
+
+_LOW_FROM = _rank(HIGH_PRIORITY - 1, 0)  # ranks from here on: calls without the high-priority share
+
+
+class _Line:
+    """Waiters in queue order (ascending rank): a sorted list, so the first one, the ones ranked
+    after a given rank, adding and removing are cheap (bisection; removal moves pointers in C)."""
+
+    __slots__ = ("items", "ranks")
+
+    def __init__(self) -> None:
+        self.ranks: list[int] = []
+        self.items: list[Waiter] = []
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def add(self, w: Waiter) -> None:
+        ranks, r = self.ranks, w.rank
+        if not ranks or ranks[-1] < r:  # the common case: the newest of its priority
+            ranks.append(r)
+            self.items.append(w)
+            return
+        i = bisect_left(ranks, r)
+        if i < len(ranks) and self.items[i] is w:
+            return
+        ranks.insert(i, r)
+        self.items.insert(i, w)
+
+    def remove(self, w: Waiter) -> None:
+        i = bisect_left(self.ranks, w.rank)
+        if i < len(self.ranks) and self.items[i] is w:
+            del self.ranks[i]
+            del self.items[i]
+
+    def first(self) -> Waiter:
+        return self.items[0]
+
+    def pop_first(self) -> Waiter:
+        del self.ranks[0]
+        return self.items.pop(0)
+
+    def after(self, rank: int) -> list[Waiter]:
+        """The members ranked after ``rank``, in order."""
+        return self.items[bisect_right(self.ranks, rank):]
+
+
+class _Sizes:
+    """Waiters sorted by how much of one size-dependent limit of a scope they need (tokens,
+    prompt tokens, output tokens or cost), so the ones needing more than is left are a suffix."""
+
+    __slots__ = ("items", "sizes")
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[float, int]] = []  # (amount, rank)
+        self.items: list[Waiter] = []
+
+    def add(self, w: Waiter, amount: float) -> None:
+        k = (amount, w.rank)
+        i = bisect_left(self.sizes, k)
+        if i < len(self.sizes) and self.sizes[i] == k:
+            return
+        self.sizes.insert(i, k)
+        self.items.insert(i, w)
+
+    def remove(self, w: Waiter, amount: float) -> None:
+        k = (amount, w.rank)
+        i = bisect_left(self.sizes, k)
+        if i < len(self.sizes) and self.sizes[i] == k:
+            del self.sizes[i]
+            del self.items[i]
+
+    def above(self, room: float) -> list[Waiter]:
+        """The members that need more than ``room``."""
+        return self.items[bisect_right(self.sizes, (room, _LAST)):]
+
+
+def _amount(t: Ticket, metric: str) -> float:
+    if metric == "all":
+        return t.input_tokens + t.output_tokens
+    if metric == "in":
+        return t.input_tokens
+    if metric == "out":
+        return t.output_tokens
+    return t.cost
+
 
 class QueueFull(Exception):
     """Internal: the queue has ``max_size`` waiters."""
+
+
+def _by_rank(w: Waiter) -> int:
+    return w.rank
+
+
+def _due_at(b: Blocked) -> float | None:
+    """When a head blocked as ``b`` is looked at again: its retry time, or earlier when one of
+    the scopes it holds eases before the others."""
+    at = b.retry_at
+    if b.eases_at is not None and at is not None and b.eases_at < at:
+        return b.eases_at
+    return at
+
+
+def _touched(res: _Reservation) -> list[str]:
+    """The scope keys whose state a call's settlement or release changes: its scopes, the API key
+    it was given, and the keys its spend counts against (budgets)."""
+    t = res.ticket
+    keys = [s.key for s in t.scopes]
+    if t.chosen is not None:
+        keys.append(t.chosen)
+    keys += t.spend_keys
+    return keys
 
 
 class Engine:
@@ -339,13 +475,23 @@ class Engine:
         # a state leaves ``_states``; entries hold their list, so an ``id`` is never reused.
         self._plan_states: dict[int, tuple[list[Scope], list[ScopeState]]] = {}
         self._leases: dict[str, _Reservation] = {}
-        self._waiters: list[Waiter] = []  # kept sorted by Waiter.order()
-        self._holders: dict[str, int] = {}  # scope key -> highest priority waiting there
+        # The queue (see _examine): every waiting call, and indexes by scope key.
+        self._waiters: dict[Waiter, None] = {}  # every queued waiter
+        self._heads: dict[Waiter, None] = {}  # the waiters in state _HEAD
+        self._blocking: dict[str, _Line] = {}  # scope key -> heads blocked on it (in blocked.keys)
+        self._front: dict[str, int] = {}  # scope key -> rank of its first blocked head: the line
+        self._parked: dict[str, _Line] = {}  # scope key -> waiters parked behind its front
+        self._by_scope: dict[str, _Line] = {}  # scope key -> heads that count against it (in keys)
+        self._due: list[tuple[float, int, Waiter]] = []  # heap of the heads' retry times (lazy)
+        self._pending: list[tuple[int, Waiter, str]] = []  # left by an exception inside a pass
+        self._reconfigured: set[str] = set()  # keys given new limits by a call (API-key choices)
+        # scope key -> size-dependent limit -> heads counting against it, by what they need there
+        self._sized: dict[str, dict[str, _Sizes]] = {}
+        self._committed: set[str] = set()  # keys where calls took room since the last dispatch
         self._seq = 0
         self._next_sweep = 0.0
         self._next_budget_sweep = 0.0
         self._version = 0  # bumped by every change that can let a waiting call in
-        self._last_dispatch: tuple[float, int] = (-1.0, -1)
         self._min_period = 60.0  # the shortest period after which a scope may be idle (per-second
         # windows are idle sooner, but checking them every tick costs more than it saves)
         self.admitted_total = 0
@@ -375,6 +521,8 @@ class Engine:
             if st.limits is not scope.limits and scope.generation >= st.generation:
                 st.generation = scope.generation
                 st.apply(scope.limits)  # the configuration changed: new limits, same usage
+                if self._waiters:
+                    self._reconfigured.add(scope.key)  # who waits there is looked at again
         st.last_used = now
         return st
 
@@ -412,7 +560,7 @@ class Engine:
                     self._state(scope, now)
             self._version += 1
             if self._waiters:
-                self._dispatch(now)
+                self._requeue(now)
         self._drain()
 
     def reconfigure(self) -> None:
@@ -475,6 +623,7 @@ class Engine:
         retry: float | None = None
         release = False
         failing: set[str] = set()
+        eases: float | None = None
         for st in states:
             r, rel, b = self._check(st, ticket, now, share)
             if b is not None:
@@ -483,6 +632,7 @@ class Engine:
                 release = release or rel
                 if r is not None:
                     retry = r if retry is None else max(retry, r)
+                    eases = r if eases is None else min(eases, r)
         if ticket.choices:
             best: tuple[float, ScopeState] | None = None
             alt_retry: float | None = None
@@ -515,10 +665,12 @@ class Engine:
                     release = True
                 else:
                     retry = alt_retry if retry is None else max(retry, alt_retry)
+                    eases = alt_retry if eases is None else min(eases, alt_retry)
         if first is None:
             return states, None
         first.retry_at = None if release and retry is None else retry
         first.keys = frozenset(failing)
+        first.eases_at = eases
         return states, first
 
     def _check(self, st: ScopeState, ticket: Ticket, now: float,
@@ -676,11 +828,11 @@ class Engine:
         self.admitted_total += 1
 
     def _line_blocked(self, ticket: Ticket) -> Blocked | None:
-        holders = self._holders
-        if not holders:
+        front = self._front
+        if not front:
             return None
-        prio = ticket.priority
-        keys = frozenset(s.key for s in ticket.scopes if holders.get(s.key, _NO_PRIORITY) >= prio)
+        rank = _rank(ticket.priority, self._seq + 1)  # where it would queue
+        keys = frozenset(s.key for s in ticket.scopes if front.get(s.key, _LAST) < rank)
         if keys:
             return Blocked(next(iter(keys)), "queue", 0.0, None, keys)
         return None
@@ -708,10 +860,15 @@ class Engine:
         now = self.clock()
         if now >= self._next_sweep:
             self._maintain(now)
-        blocked = self._line_blocked(ticket) if self._holders else None
+        blocked = self._line_blocked(ticket) if self._front else None
+        behind = blocked is not None
         if blocked is None:
             blocked = self._try(ticket, now)
             if blocked is None:
+                if self._heads and self._keyed_dispatch:
+                    self._took_room(ticket)
+                    if self._reconfigured:  # it brought new limits (API-key choices after a reload)
+                        self._dispatch(now, ())
                 return None
         else:
             # Still validate that the call could ever fit, so it fails fast if not.
@@ -723,27 +880,58 @@ class Engine:
             return waiter
         if len(self._waiters) >= self.max_queue:
             raise QueueFull
-        self._insert(waiter)
+        self._insert(waiter, now, behind)
         self.queued_total += 1
+        if self._reconfigured and self._keyed_dispatch:
+            self._dispatch(now, ())
         return waiter
 
-    def _insert(self, waiter: Waiter) -> None:
-        waiters = self._waiters
-        order = waiter.order()
-        # Appending is the common case (same priority, newest); fall back to a scan.
-        i = len(waiters)
-        while i > 0 and waiters[i - 1].order() > order:
-            i -= 1
-        waiters.insert(i, waiter)
-        holders = self._holders
-        prio = waiter.ticket.priority
-        assert waiter.blocked is not None
-        for k in waiter.blocked.keys:
-            if holders.get(k, _NO_PRIORITY) < prio:
-                holders[k] = prio
+    # -------------------------------------------------------------- the queue
+    # Every queued waiter is in one of two states, the result of a pass over the whole queue in
+    # order (priority, then arrival) that tries each waiter unless an earlier waiter tried in that
+    # pass is blocked on one of its scopes:
+    #
+    # * _HEAD: tried and blocked; it holds the line on the scopes it is blocked on
+    #   (``blocked.keys``): in _blocking[key], and the first of them is that key's _front.
+    # * _PARKED: behind the front of one of its scopes (``parked_on``), so not tried; in
+    #   _parked[key]. Every parked waiter ranks after the front of the key it is parked on.
+    #
+    # Instead of redoing that pass on every event (O(queue) each, O(queue^2) for a burst), the
+    # engine keeps its result and re-examines only what can change it, in queue order (_run):
+    #
+    # * the heads blocked on a scope whose state changed (a release, settlement or freed slot:
+    #   the call's keys) or got new limits, every head after a configuration or budget change;
+    # * the heads whose retry time has come, or the time one of their blocks eases (_due);
+    # * after calls took room at a scope (_committed): the heads there that may no longer fit it,
+    #   so that they hold the line there too, as the full pass would find. Those are the first
+    #   head of each share (other limits need the same of every call: where it fits, the later
+    #   ones of its share fit too) and, for token and cost limits, the heads needing more than
+    #   is left (_sized: each scope's heads sorted by need).
+    # * as a consequence: the waiters parked on a key whose front left (one at a time: the next
+    #   one only if the previous one did not block that key again), and the heads after a new
+    #   front of one of their keys (they park behind it).
+    #
+    # A burst of n events on one scope thus costs O(n log n), and a release touches the few
+    # waiters it can let in. The outcome is the full pass's, at the same moments.
+
+    def _insert(self, waiter: Waiter, now: float, behind: bool) -> None:
+        self._waiters[waiter] = None
+        blocked = waiter.blocked
+        assert blocked is not None
+        if behind:  # waits behind the front of blocked.keys (see _line_blocked)
+            self._park(waiter, next(iter(blocked.keys)))
+            return
+        todo: list[tuple[int, Waiter, str]] = []
+        self._head(waiter, blocked, todo)  # a higher priority may put it before others' fronts
+        if todo:
+            self._run(now, todo)
 
     def dispatch(self) -> int:
         """Grant waiting calls that fit now, in priority-then-arrival order.
+
+        Re-examines the waiting calls whose retry time has come (and what that changes); every
+        change of state that can let a call in (a release, a settlement, a configuration or
+        budget change) dispatches by itself.
 
         Returns:
             How many calls were granted.
@@ -753,54 +941,338 @@ class Engine:
                 return 0
             now = self.clock()
             self._maintain(now)
-            if (now, self._version) == self._last_dispatch:
-                return 0  # nothing changed since the last pass: it would decide the same
-            granted = self._dispatch(now)
+            granted = self._dispatch(now, ())
         self._drain()
         return granted
 
-    def _dispatch(self, now: float) -> int:
-        self._last_dispatch = (now, self._version)
+    _keyed_dispatch = True  # False: every dispatch re-examines every head (see _redis.RedisEngine)
+
+    def _dispatch(self, now: float, changed: Collection[str] | None = None,
+                  todo: list[tuple[int, Waiter, str]] | None = None) -> int:
+        """Re-examine the heads blocked on a key in ``changed`` (``None``: every head; the keys
+        whose state a release, settlement or freed slot changed), those whose time has come and
+        those that may no longer fit where calls took room, then whatever that changes down the
+        line (and ``todo``)."""
+        if todo is None:
+            todo = []
+        if self._pending:
+            todo += self._pending
+            self._pending = []
+        if changed is None or not self._keyed_dispatch:
+            todo += [(w.rank, w, "") for w in self._heads]
+            self._reconfigured.clear()
+            self._committed.clear()
+        else:
+            if self._reconfigured:
+                for k in self._reconfigured:
+                    self._resize(k)
+                changed = [*changed, *self._reconfigured]
+                self._reconfigured.clear()
+            blocking = self._blocking
+            for k in changed:
+                line = blocking.get(k)
+                if line is not None:
+                    todo += [(w.rank, w, "") for w in line.items]
+            if self._heads:
+                self._committed.update(changed)
+                self._refresh(self._committed, now, todo, -_LAST)
+            self._committed.clear()
+        due = self._due
+        while due and due[0][0] <= now:
+            at, rank, w = heapq.heappop(due)
+            b = w.blocked
+            if w.state is _HEAD and b is not None and _due_at(b) == at:
+                todo.append((rank, w, ""))
+        if len(due) > 64 and len(due) > 2 * len(self._heads):
+            self._due = due = [(t, w.rank, w) for w in self._heads
+                               if w.blocked is not None and (t := _due_at(w.blocked)) is not None]
+            heapq.heapify(due)
+        if not todo:
+            return 0
+        return self._run(now, todo)
+
+    def _run(self, now: float, todo: list[tuple[int, Waiter, str]]) -> int:
+        """Examine the waiters of ``todo`` (rank, waiter, key it was released from) in queue order,
+        with those their outcome adds. Everything added ranks after what added it, so each waiter
+        is examined at most once."""
+        heapq.heapify(todo)
         granted = 0
-        blocked_keys: set[str] = set()
-        holders: dict[str, int] = {}
-        remaining: list[Waiter] = []
-        for waiter in self._waiters:
-            prio = waiter.ticket.priority
-            if blocked_keys and not blocked_keys.isdisjoint(waiter.keys):
-                prev = waiter.blocked
-                if prev is None or prev.limit != "queue" or not prev.keys <= blocked_keys:
-                    conflict = frozenset(blocked_keys & waiter.keys)
-                    prev = waiter.blocked = Blocked(next(iter(conflict)), "queue", 0.0, None, conflict)
-                remaining.append(waiter)
-                for k in prev.keys:
-                    if holders.get(k, _NO_PRIORITY) < prio:
-                        holders[k] = prio
-                continue
-            try:
-                blocked = self._try(waiter.ticket, now)
-            except HiveRateLimitError as exc:  # a budget ran out, or limits were lowered, while it waited
-                waiter.error = exc
-                waiter.notify()
-                continue
-            if blocked is None:
-                waiter.granted = True
-                waiter.blocked = None
-                granted += 1
-                waiter.notify()
-                continue
-            previous = waiter.retry_at
-            waiter.blocked = blocked
-            remaining.append(waiter)
-            blocked_keys |= blocked.keys
-            for k in blocked.keys:
-                if holders.get(k, _NO_PRIORITY) < prio:
-                    holders[k] = prio
-            if blocked.retry_at is not None and (previous is None or blocked.retry_at < previous):
-                waiter.notify()  # let it re-arm its timer for the earlier time
-        self._waiters = remaining
-        self._holders = holders
+        last: Waiter | None = None
+        entry: tuple[int, Waiter, str] | None = None
+        try:
+            while todo:
+                entry = heapq.heappop(todo)
+                w = entry[1]
+                if w is not last:  # (a waiter's entries pop one after the other: same rank)
+                    last = w
+                    if w.state is not _OUT:
+                        granted += self._examine(w, now, todo)
+                if entry[2]:
+                    self._release_next(entry[2], todo)
+                entry = None
+        except BaseException:
+            # (_try raised something else than a refusal.) Keep the rest for the next dispatch,
+            # so that no waiter stays parked behind a front that left.
+            if entry is not None:
+                todo.append(entry)
+            self._pending += todo
+            raise
         return granted
+
+    def _examine(self, w: Waiter, now: float, todo: list[tuple[int, Waiter, str]]) -> int:
+        """Park ``w`` behind an earlier front of one of its scopes, or try it: grant it, fail it,
+        or make it a head. Returns 1 if granted."""
+        front = self._front
+        rank = w.rank
+        conflict = frozenset(k for k in w.keys if front.get(k, _LAST) < rank) if front else None
+        if conflict:
+            if w.state is _HEAD:
+                self._unhead(w, todo)
+            prev = w.blocked
+            if prev is None or prev.limit != "queue" or not prev.keys <= conflict:
+                prev = w.blocked = Blocked(next(iter(conflict)), "queue", 0.0, None, conflict)
+            self._park(w, next(iter(prev.keys)))
+            return 0
+        try:
+            blocked = self._try(w.ticket, now)
+        except HiveRateLimitError as exc:  # a budget ran out, or limits were lowered, while it waited
+            w.error = exc
+            self._remove(w, todo)
+            w.notify()
+            return 0
+        if blocked is None:
+            w.granted = True
+            self._remove(w, todo)
+            w.blocked = None
+            w.notify()
+            if self._keyed_dispatch and self._heads:
+                # It took room: heads after it may no longer fit there (those before it are
+                # looked at in the next dispatch, as the full pass would at the next event).
+                self._refresh(self._took_room(w.ticket), now, todo, rank)
+            return 1
+        previous = w.retry_at
+        self._head(w, blocked, todo)
+        if blocked.retry_at is not None and (previous is None or blocked.retry_at < previous):
+            w.notify()  # let it re-arm its timer for the earlier time
+        return 0
+
+    def _head(self, w: Waiter, blocked: Blocked, todo: list[tuple[int, Waiter, str]]) -> None:
+        """Make ``w`` a head blocked as ``blocked`` says (or update its block)."""
+        if w.state is _HEAD:
+            old = w.blocked
+            assert old is not None
+            w.blocked = blocked
+            if old.keys != blocked.keys:
+                for k in old.keys - blocked.keys:
+                    self._unblock(k, w, todo)
+                for k in blocked.keys - old.keys:
+                    self._block(k, w, todo)
+            if blocked is old:
+                return  # (a cached answer: its time is queued already)
+        else:
+            self._unpark(w)
+            w.state = _HEAD
+            w.blocked = blocked
+            self._heads[w] = None
+            by_scope = self._by_scope
+            for k in w.keys:
+                line = by_scope.get(k)
+                if line is None:
+                    line = by_scope[k] = _Line()
+                    if self._keyed_dispatch:
+                        self._resize(k)
+                line.add(w)
+                sized = self._sized.get(k)
+                if sized:
+                    for metric, sizes in sized.items():
+                        sizes.add(w, _amount(w.ticket, metric))
+            for k in blocked.keys:
+                self._block(k, w, todo)
+        at = _due_at(blocked)
+        if at is not None:
+            heapq.heappush(self._due, (at, w.rank, w))
+
+    def _unhead(self, w: Waiter, todo: list[tuple[int, Waiter, str]]) -> None:
+        del self._heads[w]
+        by_scope = self._by_scope
+        for k in w.keys:
+            line = by_scope[k]
+            line.remove(w)
+            if not line:
+                del by_scope[k]
+                self._sized.pop(k, None)
+                continue
+            sized = self._sized.get(k)
+            if sized:
+                for metric, sizes in sized.items():
+                    sizes.remove(w, _amount(w.ticket, metric))
+        assert w.blocked is not None
+        for k in w.blocked.keys:
+            self._unblock(k, w, todo)
+        w.state = _NEW
+
+    def _block(self, k: str, w: Waiter, todo: list[tuple[int, Waiter, str]]) -> None:
+        """Head ``w`` is blocked on ``k``."""
+        line = self._blocking.get(k)
+        if line is None:
+            line = self._blocking[k] = _Line()
+        line.add(w)
+        rank = w.rank
+        f = self._front.get(k)
+        if f is None or rank < f:
+            self._front[k] = rank
+            # A new front: heads after it that count against k wait behind it now.
+            heads = self._by_scope.get(k)
+            if heads is not None:
+                for h in heads.after(rank):
+                    heapq.heappush(todo, (h.rank, h, ""))
+
+    def _unblock(self, k: str, w: Waiter, todo: list[tuple[int, Waiter, str]]) -> None:
+        """Head ``w`` is no longer blocked on ``k`` (or no longer a head)."""
+        line = self._blocking[k]
+        line.remove(w)
+        if self._front[k] == w.rank:
+            if line:
+                self._front[k] = line.first().rank
+            else:
+                del self._front[k]
+                del self._blocking[k]
+            self._release_next(k, todo)
+
+    def _release_next(self, k: str, todo: list[tuple[int, Waiter, str]]) -> None:
+        """Examine the first waiter parked on ``k`` if ``k``'s front no longer ranks before it
+        (after it, the next one: see _run)."""
+        parked = self._parked.get(k)
+        if parked is None:
+            return
+        q = parked.first()
+        if self._front.get(k, _LAST) > q.rank:
+            parked.pop_first()
+            if not parked:
+                del self._parked[k]
+            q.parked_on = None
+            heapq.heappush(todo, (q.rank, q, k))
+
+    def _park(self, w: Waiter, k: str) -> None:
+        self._unpark(w)
+        w.state = _PARKED
+        w.parked_on = k
+        line = self._parked.get(k)
+        if line is None:
+            line = self._parked[k] = _Line()
+        line.add(w)
+
+    def _unpark(self, w: Waiter) -> None:
+        k = w.parked_on
+        if k is not None:
+            line = self._parked[k]
+            line.remove(w)
+            if not line:
+                del self._parked[k]
+            w.parked_on = None
+
+    def _remove(self, w: Waiter, todo: list[tuple[int, Waiter, str]]) -> None:
+        """Take ``w`` out of the queue."""
+        if w.state is _HEAD:
+            self._unhead(w, todo)
+        else:
+            self._unpark(w)
+        del self._waiters[w]
+        w.state = _OUT
+        if not self._waiters:
+            self._due.clear()  # (entries of waiters gone: nothing else would drop them)
+
+    # The room a call takes at token and cost limits (see "the queue").
+    def _took_room(self, t: Ticket) -> list[str]:
+        keys = [s.key for s in t.scopes]
+        if t.chosen is not None:
+            keys.append(t.chosen)
+        self._committed.update(keys)
+        return keys
+
+    def _resize(self, k: str) -> None:
+        """(Re)build the by-size indexes of the heads counting against ``k``: one per token or
+        cost limit of ``k``."""
+        st = self._states.get(k)
+        metrics: list[str] = []
+        if st is not None:
+            if st.tokens:
+                metrics.append("all")
+            if st.input:
+                metrics.append("in")
+            if st.output:
+                metrics.append("out")
+            if any(name != "max_requests_per_run" for name, _, _ in st.budgets):
+                metrics.append("cost")
+        heads = self._by_scope.get(k)
+        if not metrics or heads is None:
+            self._sized.pop(k, None)
+            return
+        sized = self._sized[k] = {m: _Sizes() for m in metrics}
+        for w in heads.items:
+            for m, sizes in sized.items():
+                sizes.add(w, _amount(w.ticket, m))
+
+    def _refresh(self, keys: Iterable[str], now: float, todo: list[tuple[int, Waiter, str]],
+                 after: float) -> None:
+        """After calls took room at ``keys``: queue for examination the heads ranked after
+        ``after`` that count against one of them without being blocked there and may not fit
+        there any more. Those are the first such head of each share (the first waiting call of
+        the high-priority reserve, and of the rest: where it fits, the later ones of its share
+        fit too, but for token and cost limits), and the heads that need more tokens or cost
+        than is left there (with the smaller share: a superset)."""
+        by_scope, all_sized = self._by_scope, self._sized
+        share = min(1.0, self.low_priority_share)
+        starts: dict[str, float] | None = None
+        for k in keys:
+            heads = by_scope.get(k)
+            if heads is None:
+                continue
+            ranks = heads.ranks
+            i = bisect_right(ranks, after)
+            for j in (i, max(i, bisect_left(ranks, _LOW_FROM))):
+                if j < len(ranks):
+                    h = heads.items[j]
+                    if h.blocked is not None and k not in h.blocked.keys:
+                        heapq.heappush(todo, (h.rank, h, ""))
+            sized = all_sized.get(k)
+            if not sized:
+                continue
+            st = self._states.get(k)
+            if st is None:
+                continue
+            for metric, sizes in sized.items():
+                room = NEVER
+                if metric == "cost":
+                    if starts is None:
+                        starts = self.calendar.starts(self.wall())
+                    for name, kind, limit in st.budgets:
+                        if name != "max_requests_per_run":
+                            c = self.book.get(k, kind, starts[kind])
+                            room = min(room, limit - (c.cost if c else 0.0) - st.reserved_cost)
+                else:
+                    for win in st.tokens if metric == "all" else st.input if metric == "in" else st.output:
+                        win.expire(now)
+                        room = min(room, win.limit * share - win.total)
+                for h in sizes.above(room):
+                    if h.rank > after and h.blocked is not None and k not in h.blocked.keys:
+                        heapq.heappush(todo, (h.rank, h, ""))
+
+    def _requeue(self, now: float) -> None:
+        """Rebuild the queue's state from scratch: one pass over every waiter in order."""
+        self._heads.clear()
+        self._blocking.clear()
+        self._front.clear()
+        self._parked.clear()
+        self._by_scope.clear()
+        self._sized.clear()
+        self._committed.clear()
+        self._due.clear()
+        self._pending.clear()
+        for w in self._waiters:
+            w.state = _NEW
+            w.parked_on = None
+        self._run(now, [(w.rank, w, "") for w in self._waiters])
 
     def cancel(self, waiter: Waiter) -> bool:
         """Take a waiter out of the queue (timeout, cancellation).
@@ -812,18 +1284,25 @@ class Engine:
         with self._lock:
             if waiter.granted:
                 return True
-            try:
-                self._waiters.remove(waiter)
-            except ValueError:
+            if waiter.state is _OUT:
                 return False
-            blocked = waiter.blocked
-            if blocked is None or blocked.limit != "queue":
-                # It was first in line somewhere and may have held others back: re-examine.
-                # (A waiter that was itself only waiting behind others frees nobody, so a
-                # burst of timeouts does not rescan the queue once per timeout.)
-                self._version += 1
-                self._dispatch(self.clock())
-            return False
+            if waiter.state is not _HEAD:
+                # Only waiting behind others, it frees nobody: a burst of timeouts costs
+                # O(log n) each. (Its block names the scopes it is held on now, for the error.)
+                front, rank = self._front, waiter.rank
+                held = frozenset(k for k in waiter.keys if front.get(k, _LAST) < rank)
+                prev = waiter.blocked
+                if held and (prev is None or prev.limit != "queue" or not prev.keys <= held):
+                    waiter.blocked = Blocked(next(iter(held)), "queue", 0.0, None, held)
+                self._remove(waiter, [])
+                return False
+            # It was first in line somewhere: the next in line there is examined.
+            todo: list[tuple[int, Waiter, str]] = []
+            self._remove(waiter, todo)
+            self._version += 1
+            self._dispatch(self.clock(), (), todo)
+        self._drain()
+        return False
 
     # ------------------------------------------------------------- settlement
     def settle(self, call_id: str, input_tokens: int | None, output_tokens: int | None,
@@ -841,7 +1320,7 @@ class Engine:
             now = self.clock()
             self._settle(res, input_tokens, output_tokens, cost, now)
             if self._waiters:
-                self._dispatch(now)
+                self._dispatch(now, _touched(res))
         self._drain()
         return True
 
@@ -947,7 +1426,7 @@ class Engine:
                     provider_states = [st for st in provider_states if st.level == "key"]
                 self._provider_outcome(provider_states, call_id, outcome, wait, signals, now)
             if self._waiters:
-                self._dispatch(now)
+                self._dispatch(now, _touched(res))
         self._drain()
         return True
 
@@ -1163,7 +1642,7 @@ class Engine:
             for st in res.states:
                 st.in_flight -= 1
             if self._waiters:
-                self._dispatch(self.clock())
+                self._dispatch(self.clock(), _touched(res))
 
     def note_attempt(self, call_id: str) -> None:
         """An HTTP attempt of an open call is about to be sent; attempts after the first are
@@ -1312,7 +1791,7 @@ class Engine:
     def wake_all(self) -> None:
         """Ask every waiting call to re-check the clock (used after a fake clock moves)."""
         with self._lock:
-            waiters = list(self._waiters)
+            waiters = sorted(self._waiters, key=_by_rank)
         for w in waiters:
             w.notify()
 

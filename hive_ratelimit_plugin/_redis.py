@@ -119,6 +119,10 @@ class RedisEngine(Engine):
         **kwargs: as for :class:`Engine`.
     """
 
+    # Other processes change the shared state unseen: every dispatch re-examines the first waiter
+    # of each blocked scope (whose answer _try keeps until the local state or its retry time moves).
+    _keyed_dispatch = False
+
     def __init__(self, clock: Callable[[], float], *, url: str, prefix: str = "hive-rl", on_error: str = "local",
                  local_share: float = 0.5, server_time: bool = True, socket_timeout: float = 0.5,
                  retry_interval: float = 1.0, client: Any = None, **kwargs: Any) -> None:
