@@ -205,11 +205,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--json", metavar="PATH", help="also write the result there (for run.py --reuse)")
     args = parser.parse_args()
     if args.child:
         _child(args.child[0], int(args.child[1]))
         return
-    print(summary(run(args.quick)))
+    res = run(args.quick)
+    print(summary(res))
+    if args.json:
+        import datetime
+        import json
+        import shlex
+
+        Path(args.json).write_text(json.dumps({
+            "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_instructions.py", *sys.argv[1:]]),
+            "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "package": str(common.PACKAGE_ROOT),
+            "result": res,
+        }, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -974,6 +974,10 @@ def main() -> None:
         metavar="REV",
         help="benchmark hive_ratelimit_plugin as of this commit (exported to a temp dir)",
     )
+    p.add_argument(
+        "--reuse", action="append", metavar="STAGE=JSON",
+        help="take a stage's figures from a file its own script wrote with --json (the page says so)",
+    )
     p.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"))
     p.add_argument(
         "--render-from",
@@ -1044,7 +1048,19 @@ def main() -> None:
     ]
     router_started: list[Any] = []
     results: dict[str, Any] = {}
+    reused: set[str] = set()
+    for spec in args.reuse or []:
+        name, _, path = spec.partition("=")
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        results[name] = saved["result"]
+        reused.add(name)
+        meta.setdefault("notes", []).append(
+            f"The `{name}` figures come from a separate run, `{saved['command']}`, at {saved['when']}, of the "
+            "same code; every other figure comes from the run above."
+        )
     for name, fn, summ in stages:
+        if name in reused:
+            continue
         if args.only and (name if not name.startswith("router") else "router") not in args.only:
             continue
         print(f"\n=== {name} ===", flush=True)
