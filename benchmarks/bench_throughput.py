@@ -24,7 +24,7 @@ LiteLLM called the plugin's ``log_pre_api_call`` (just before the SDK sends), an
 provider stamped its arrival (the provider's own ``time.monotonic()``, the clock it enforces the
 window with; same process, same clock). So admission-to-arrival skew, the largest number of
 admissions in any window and the largest number of arrivals in any window can be compared. (The
-benchmark wraps ``plugin.acquire_async``, the engine's ``_commit``, the limiter's
+benchmark wraps ``plugin.acquire_async``, the engine's ``_commit`` and ``_admit_fast``, the limiter's
 ``log_pre_api_call`` and two fake-provider functions to record these; it does not change what
 they do.)
 
@@ -143,6 +143,15 @@ class _Probe:
             return out
 
         engine._commit = commit
+        orig_fast = engine._admit_fast  # the one-pass admission of the common case
+
+        def admit_fast(ticket: Any, states: Any, now: float) -> bool:
+            admitted = bool(orig_fast(ticket, states, now))
+            if admitted:
+                probe.commit_at[ticket.call_id] = engine.clock()
+            return admitted
+
+        engine._admit_fast = admit_fast
         orig_pre = limiter.log_pre_api_call
 
         def log_pre_api_call(model: Any, messages: Any, kwargs: dict[str, Any]) -> None:

@@ -224,9 +224,9 @@ def _md_e2e(r: dict[str, Any]) -> list[str]:
         f"{_us(ip['sync']['us_per_call_from_medians'])} per call, against an A/B difference of "
         f"{r['async']['overhead_us']:+.0f} µs (async) and {r['sync']['overhead_us']:+.0f} µs (sync)"
         + (f"; a do-nothing callback costs LiteLLM {noop_a - base_a:+.0f} µs per async call" if noop_a else "")
-        + ". Inside a real call the same methods cost two to three times what they cost in a tight loop "
-        "(`bench_instructions.py` below counts instructions instead of time: cold CPU caches between "
-        "LiteLLM's much larger code), and wall-time differences this small move with the machine's load.",
+        + ". The same methods cost about a third of that in a tight loop outside LiteLLM (warm CPU caches, "
+        "most likely), and wall-time differences this small move with the machine's load: section 2b counts "
+        "instructions instead.",
         "",
     ]
     tk = r["tokens"]
@@ -257,8 +257,9 @@ def _md_instructions(r: dict[str, Any]) -> list[str]:
         "`bench_instructions.py`. Each mode in its own process under Valgrind's `callgrind`, which counts the CPU "
         f"instructions executed whatever else the machine is doing; per call = (count after {hi} calls - count "
         f"after {lo} calls) / {hi - lo}, so start-up and first-call work cancel out (`PYTHONHASHSEED=0`). The call "
-        "is the async one above. LiteLLM's background logging thread makes counts vary by about 1 % between "
-        "identical runs.",
+        "is the async one above, with the same 6-level configuration and the status snapshot off (work done once "
+        "a second would be charged to ~50x fewer calls under callgrind's slowdown than natively). LiteLLM's "
+        "background logging thread makes counts vary by about 1 % between identical runs.",
         "",
         "| mode | instructions per call | vs no callback |",
         "|---|---:|---:|",
@@ -563,7 +564,7 @@ def _md_observations(results: dict[str, Any]) -> list[str]:
         e = mem["engine"]
         bd = e.get("one_scope_breakdown_bytes") or {}
         dq = next((v for k, v in bd.items() if "deque" in k), None)
-        if dq:
+        if dq and dq > e["bytes_per_key"] / 2:
             obs.append(
                 f"An idle-but-remembered key costs {e['bytes_per_key']:,.0f} bytes; {dq:,} of them are the two "
                 "empty-or-nearly-empty `collections.deque` objects of its sliding windows (CPython allocates "
