@@ -605,15 +605,7 @@ class Engine:
                             cw.adjust(now, at, -charged)
                         return False
                     push((metric, w, index, amount))
-        cost = ticket.cost
-        for st in states:
-            st.in_flight += 1
-            if st.budgets:
-                st.reserved_cost += cost
-                st.reserved_requests += 1
-        self._version += 1
-        self._leases[ticket.call_id] = _Reservation(ticket, states, charges, now + self.lease_seconds, now)
-        self.admitted_total += 1
+        self._open(ticket, states, charges, now)
         return True
 
     def _evaluate(self, ticket: Ticket, now: float) -> tuple[list[ScopeState], Blocked | None]:
@@ -815,6 +807,13 @@ class Engine:
                 charges.append(("in", w, w.add(now, tin), tin))
             for w in st.output:
                 charges.append(("out", w, w.add(now, tout), tout))
+        self._open(ticket, states, charges, now)
+
+    def _open(self, ticket: Ticket, states: list[ScopeState],
+              charges: list[tuple[str, SlidingWindow, int, float]], now: float) -> None:
+        """Open the reservation of an admitted call whose windows are charged: its slots, budget
+        reservations, pacing slot and circuit probe."""
+        for st in states:
             st.in_flight += 1
             if st.budgets:
                 st.reserved_cost += ticket.cost
