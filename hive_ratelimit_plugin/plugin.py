@@ -351,7 +351,9 @@ class HiveLimiter(CustomLogger):
         def resolve(t: Ticket) -> list[Any]:
             _, _, agent, user, team, run = t.dims
             ident = Identity(agent, user, team, run, t.priority)
-            return resolver.scopes(str(t.info.get("provider")), str(t.info.get("model")), ident)
+            provider = str(t.info.get("provider"))
+            t.choices = resolver.choices(provider)  # API keys too: their limits may have changed
+            return resolver.scopes(provider, str(t.info.get("model")), ident)
 
         eng.rescope(resolve)
         self._publish_status(cfg)

@@ -18,7 +18,7 @@ from hive_ratelimit_plugin import HiveLimiter, RateLimitQueueTimeout
 from hive_ratelimit_plugin.errors import CircuitOpenError, ConfigError, HiveRateLimitError
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import Recorder, Ticker, chat_kwargs, with_backend
+from .helpers import Recorder, Ticker, chat_kwargs, wait_until, with_backend
 
 # Contract: every test here runs against the in-memory and the Redis backend.
 pytestmark = pytest.mark.usefixtures("contract_backend")
@@ -322,6 +322,25 @@ async def test_api_keys_spread_load_and_429_cools_only_one_key(
     assert set(stats["levels"]["key"]) == {"key:openai/HIVE_TEST_KEY_A", "key:openai/HIVE_TEST_KEY_B"}
     text = repr(stats) + " ".join(r.getMessage() for r in caplog.records)
     assert "sk-key-" not in text
+
+
+async def test_a_reload_raising_an_api_key_limit_lets_a_waiting_call_in(
+    provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call waiting for an API key's room gets the key limits of a reload at once (its key
+    choices are re-resolved with the new configuration, not only its scopes)."""
+    _keys_env(monkeypatch)
+    cfg: dict[str, Any] = {"providers": {"openai": {"api_keys": [{"env": "HIVE_TEST_KEY_A", "requests_per_minute": 1}]}},
+                           "queue": {"max_wait_seconds": 600}}
+    limiter, _ = make(clock, cfg)
+    await litellm.acompletion(**chat_kwargs(provider))
+    waiting = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    cfg["providers"]["openai"]["api_keys"][0]["requests_per_minute"] = 2
+    limiter.reload(with_backend(cfg))
+    await asyncio.wait_for(waiting, 10)  # no clock move: only the raised limit can admit it
+    assert provider.state.count() == 2
+    assert [r.authorization for r in provider.state.log] == ["Bearer sk-key-AAAA-secret"] * 2
 
 
 def test_api_key_env_must_exist(monkeypatch: pytest.MonkeyPatch) -> None:
