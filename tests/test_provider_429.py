@@ -330,13 +330,13 @@ async def test_a_reload_raising_an_api_key_limit_lets_a_waiting_call_in(
     """A call waiting for an API key's room gets the key limits of a reload at once (its key
     choices are re-resolved with the new configuration, not only its scopes)."""
     _keys_env(monkeypatch)
-    cfg: dict[str, Any] = {"providers": {"openai": {"api_keys": [{"env": "HIVE_TEST_KEY_A", "requests_per_minute": 1}]}},
-                           "queue": {"max_wait_seconds": 600}}
+    key = {"env": "HIVE_TEST_KEY_A", "requests_per_minute": 1}
+    cfg: dict[str, Any] = {"providers": {"openai": {"api_keys": [key]}}, "queue": {"max_wait_seconds": 600}}
     limiter, _ = make(clock, cfg)
     await litellm.acompletion(**chat_kwargs(provider))
     waiting = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
     await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
-    cfg["providers"]["openai"]["api_keys"][0]["requests_per_minute"] = 2
+    key["requests_per_minute"] = 2
     limiter.reload(with_backend(cfg))
     await asyncio.wait_for(waiting, 10)  # no clock move: only the raised limit can admit it
     assert provider.state.count() == 2
