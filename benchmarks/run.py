@@ -563,7 +563,7 @@ def _md_observations(results: dict[str, Any]) -> list[str]:
     if mem:
         e = mem["engine"]
         bd = e.get("one_scope_breakdown_bytes") or {}
-        dq = next((v for k, v in bd.items() if "deque" in k), None)
+        dq = next((v for k, v in bd.items() if "deque" in k), None)  # older runs kept buckets in deques
         if dq and dq > e["bytes_per_key"] / 2:
             obs.append(
                 f"An idle-but-remembered key costs {e['bytes_per_key']:,.0f} bytes; {dq:,} of them are the two "
