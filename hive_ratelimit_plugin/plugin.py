@@ -981,35 +981,48 @@ def _active_limiters() -> list[HiveLimiter]:
     return out
 
 
+def _claim_call_id(limiter: HiveLimiter, kwargs: dict[str, Any]) -> None:
+    """Reservations are matched by call id: a caller reusing an id that another call in flight holds
+    gets one of its own. (Not when a hook before LiteLLM's entry point admitted this very call,
+    e.g. the proxy's pre-call hook: it is counted once.)"""
+    cid = kwargs.get("litellm_call_id")
+    if cid and limiter._engine.holds(cid) and not limiter._admitted_upstream(cid):
+        kwargs["litellm_call_id"] = new_call_id()
+
+
+def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any]) -> tuple[float, Any]:
+    """Prepare a guarded call's first attempt, which runs without the retry state (built only if it
+    fails, from what this returns: the start time and the caller's own call id, if any)."""
+    started = limiter._engine.clock()
+    user_call_id = kwargs.get("litellm_call_id")
+    if limiter._config.retry.take_over_sdk_retries and "max_retries" not in kwargs:
+        kwargs["max_retries"] = 0  # the openai SDK would retry 429s unseen, outside admission
+    _claim_call_id(limiter, kwargs)
+    return started, user_call_id
+
+
 class _Retrying:
     """The retry policy of one guarded call: provider 429s are retried, each attempt re-admitted."""
 
-    def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any], args: tuple[Any, ...] = (),
-                 started: float | None = None, attempt: int = 0, user_call_id: Any = _UNSET) -> None:
+    def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any], args: tuple[Any, ...], started: float,
+                 user_call_id: Any) -> None:
+        """Built after the first attempt failed (see :func:`_first_attempt`)."""
         cfg = limiter.config.retry
         self.limiter = limiter
         self.enabled = cfg.enabled
         self.max_attempts = cfg.max_attempts if cfg.enabled else 1
-        self.deadline = (limiter._engine.clock() if started is None else started) + cfg.max_wait_seconds
-        self.attempt = attempt
+        self.deadline = started + cfg.max_wait_seconds
+        self.attempt = 1
         self.last_429: BaseException | None = None
-        # The id the caller chose, if any (attempts after the first get fresh ids otherwise).
-        self.user_call_id = kwargs.get("litellm_call_id") if user_call_id is _UNSET else user_call_id
+        self.user_call_id = user_call_id  # the id the caller chose, if any (else each attempt gets a fresh one)
         self.kwargs = kwargs
         self.positional_model = args[0] if args and isinstance(args[0], str) else None
-        if cfg.take_over_sdk_retries and "max_retries" not in kwargs:
-            kwargs["max_retries"] = 0  # the openai SDK would retry 429s unseen, outside admission
 
     def begin(self, kwargs: dict[str, Any]) -> None:
         self.attempt += 1
-        if self.attempt > 1 and not self.user_call_id:
+        if not self.user_call_id:
             kwargs.pop("litellm_call_id", None)  # a fresh admission for each attempt
-        cid = kwargs.get("litellm_call_id")
-        if cid and self.limiter._engine.holds(cid) and not self.limiter._admitted_upstream(cid):
-            # The caller reuses an id that another call in flight holds: reservations are
-            # matched by id, so give this call its own. (Not when a hook before LiteLLM's entry
-            # point admitted this very call, e.g. the proxy's pre-call hook: it is counted once.)
-            kwargs["litellm_call_id"] = new_call_id()
+        _claim_call_id(self.limiter, kwargs)
 
     def budget(self) -> float | None:
         return self.deadline if self.attempt > 1 else None
@@ -1082,18 +1095,12 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         limiters = _active_limiters()
         if not limiters:
             return fn(*args, **kwargs)
-        # The first attempt runs without the retry state (built only if it fails; see _retry_async).
         first = limiters[0]
-        started = first._engine.clock()
-        user_call_id = kwargs.get("litellm_call_id")
-        if first._config.retry.take_over_sdk_retries and "max_retries" not in kwargs:
-            kwargs["max_retries"] = 0  # the openai SDK would retry 429s unseen, outside admission
-        if user_call_id and first._engine.holds(user_call_id) and not first._admitted_upstream(user_call_id):
-            kwargs["litellm_call_id"] = new_call_id()  # the id is in use by another call in flight
+        started, user_call_id = _first_attempt(first, kwargs)
         try:
             return attempt(limiters, args, kwargs)
         except Exception as exc:
-            retrying = _Retrying(first, kwargs, args, started=started, attempt=1, user_call_id=user_call_id)
+            retrying = _Retrying(first, kwargs, args, started, user_call_id)
             if not retrying.should_retry(exc):
                 raise
         while True:
@@ -1135,23 +1142,17 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
     # first attempt is the common case and runs without the retry state, which is built only
     # when an attempt fails (with the same start time, so the retry budget is unchanged).
     first = limiters[0]
-    started = first._engine.clock()
-    if first._config.retry.take_over_sdk_retries and "max_retries" not in kwargs:
-        kwargs["max_retries"] = 0  # the openai SDK would retry 429s unseen, outside admission
-    call_id = user_call_id = kwargs.get("litellm_call_id")
+    started, user_call_id = _first_attempt(first, kwargs)
+    call_id = kwargs.get("litellm_call_id")
     if not call_id:
         # Our own call id, so that a cancellation (which LiteLLM reports to no callback) can
         # still release the call's reservation.
-        call_id = kwargs["litellm_call_id"] = new_call_id()
-    elif first._engine.holds(call_id) and not first._admitted_upstream(call_id):
-        # The caller reuses an id that another call in flight holds: reservations are matched
-        # by id, so give this call its own (see _Retrying.begin).
         call_id = kwargs["litellm_call_id"] = new_call_id()
     try:
         return await fn(*args, **kwargs)
     except Exception as exc:
         _release_attempt(limiters, call_id, exc)
-        retrying = _Retrying(first, kwargs, args, started=started, attempt=1, user_call_id=user_call_id)
+        retrying = _Retrying(first, kwargs, args, started, user_call_id)
         if not retrying.should_retry(exc):
             raise
     except BaseException:  # cancelled (or interrupted) while admitted or in flight
