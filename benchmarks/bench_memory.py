@@ -48,9 +48,9 @@ def _deep_size(st: Any) -> dict[str, int]:
         out[f"{len(lists)} window lists"] = sum(sys.getsizeof(x) for x in lists)
         windows = list(st.windows())
         out[f"{len(windows)} SlidingWindow objects"] = sum(sys.getsizeof(w) for w in windows)
-        out[f"{len(windows)} bucket lists"] = sum(sys.getsizeof(w._buckets) for w in windows)
+        out[f"{len(windows)} bucket lists"] = sum(sys.getsizeof(w.buckets) for w in windows)
         out["buckets ([index, amount] lists + numbers)"] = sum(
-            sys.getsizeof(b) + sys.getsizeof(b[0]) + sys.getsizeof(b[1]) for w in windows for b in w._buckets
+            sys.getsizeof(b) + sys.getsizeof(b[0]) + sys.getsizeof(b[1]) for w in windows for b in w.buckets
         )
     except Exception as exc:  # internals changed
         out["error"] = 0

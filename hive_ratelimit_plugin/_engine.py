@@ -35,6 +35,8 @@ EVICTIONS_PER_TICK = 2000
 ADAPTIVE_MIN_RATE = 10  # requests per minute below which 429s say nothing about our rate
 ADAPTIVE_STEP = 0.05  # learned rate added per successful call while recovering from 429s
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+# What a window counts (ScopeState.prog): requests, all tokens, input tokens, output tokens.
+REQ, ALL, IN, OUT = 0, 1, 2, 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class ScopeState:
         "pace_interval",
         "pace_until",
         "probe",
+        "prog",
         "rate_limited_at",
         "requests",
         "reserved_cost",
@@ -103,6 +106,8 @@ class ScopeState:
         self.tokens: list[SlidingWindow] = []
         self.input: list[SlidingWindow] = []
         self.output: list[SlidingWindow] = []
+        # Every window with what it counts (REQ, ALL, IN or OUT): what admission charges.
+        self.prog: list[tuple[int, SlidingWindow]] = []
         self.budgets: list[tuple[str, str, float]] = []  # (limit field, window kind, value)
         self.concurrency: int | None = None
         self.in_flight = 0
@@ -161,6 +166,8 @@ class ScopeState:
             # Always counted; enforced only once a limit is learned (limit stays inf until then).
             self.requests.append(self.observed_requests)
             self.tokens.append(self.observed_tokens)
+        self.prog = [(code, w) for code, ws in ((REQ, self.requests), (ALL, self.tokens), (IN, self.input),
+                                                (OUT, self.output)) for w in ws]
         self.concurrency = lim.concurrent_requests
         budgets = []
         for name, kind in COST_FIELDS.items():
@@ -250,8 +257,8 @@ class Blocked:
 class _Reservation:
     ticket: Ticket
     states: list[ScopeState]
-    # (metric, window, bucket index, amount) per recorded usage
-    charges: list[tuple[str, SlidingWindow, int, float]]
+    # The bucket index each window of ``prog`` was charged in (settlement corrects it there).
+    charges: list[int]
     expires_at: float
     admitted_at: float = 0.0
     sent_at: float | None = None  # when LiteLLM reported sending its first HTTP attempt (note_attempt)
@@ -262,6 +269,29 @@ class _Reservation:
     record: bool = False  # the shared backend keeps a lease record of it
     local_at: float = 0.0  # the local clock at a shared backend's admission (admitted_at is its clock)
     spend_targets: str = ""  # the shared backend's spend keys of it, when it keeps no record
+    prog: list[tuple[int, SlidingWindow]] = field(default_factory=list)  # what was charged (REQ, ALL, ...)
+    signal_states: list[ScopeState] = field(default_factory=list)  # its model and API-key scopes
+
+
+class _Layout:
+    """What admitting a call of one plan (one list of scopes) needs, worked out once: the scopes'
+    states, every window to charge, and which states have slots, budgets or provider signals."""
+
+    __slots__ = ("budgeted", "groups", "prog", "scopes", "signals", "slots", "states")
+
+    def __init__(self, scopes: list[Scope], states: list[ScopeState]) -> None:
+        self.scopes = scopes  # held, so that the id() it is cached under is never reused
+        self.states = states
+        # Every window of every state, by what it counts: (REQ windows, ALL, IN, OUT), and the
+        # same as (code, window) pairs in that order (what a reservation's charges line up with).
+        pairs = [p for st in states for p in st.prog]
+        self.groups = tuple([w for c, w in pairs if c == code] for code in (REQ, ALL, IN, OUT))
+        self.prog = [(code, w) for code, ws in enumerate(self.groups) for w in ws]
+        # Model and API-key scopes: the only ones a provider's signals (cooldown, pacing,
+        # breaker) are ever applied to (see Engine._provider_outcome).
+        self.signals = [st for st in states if st.observed_requests is not None]
+        self.slots = [st for st in states if st.concurrency is not None]
+        self.budgeted = [st for st in states if st.budgets]
 
 
 class Waiter:
@@ -473,7 +503,7 @@ class Engine:
         # The states of a list of scopes (a plan: every call of one identity to one model shares
         # its list object), so an admission does not look each scope up again. Cleared whenever
         # a state leaves ``_states``; entries hold their list, so an ``id`` is never reused.
-        self._plan_states: dict[int, tuple[list[Scope], list[ScopeState]]] = {}
+        self._plan_states: dict[int, _Layout] = {}
         self._leases: dict[str, _Reservation] = {}
         # The queue (see _examine): every waiting call, and indexes by scope key.
         self._waiters: dict[Waiter, None] = {}  # every queued waiter
@@ -521,6 +551,7 @@ class Engine:
             if st.limits is not scope.limits and scope.generation >= st.generation:
                 st.generation = scope.generation
                 st.apply(scope.limits)  # the configuration changed: new limits, same usage
+                self._forget_states()  # cached layouts list its old windows
                 if self._waiters:
                     self._reconfigured.add(scope.key)  # who waits there is looked at again
         st.last_used = now
@@ -528,17 +559,20 @@ class Engine:
 
     def _states_of(self, scopes: list[Scope], now: float) -> list[ScopeState]:
         """The states of ``scopes`` (shared: callers must not modify the list)."""
-        entry = self._plan_states.get(id(scopes))
-        if entry is not None and entry[0] is scopes and len(entry[1]) == len(scopes):
-            states = entry[1]
-            for st in states:
+        return self._layout(scopes, now).states
+
+    def _layout(self, scopes: list[Scope], now: float) -> _Layout:
+        """The :class:`_Layout` of ``scopes``, cached per list (a plan shares one list object)."""
+        layout = self._plan_states.get(id(scopes))
+        if layout is not None and layout.scopes is scopes and len(layout.states) == len(scopes):
+            for st in layout.states:
                 st.last_used = now
-            return states
+            return layout
         states = [self._state(s, now) for s in scopes]
         if len(self._plan_states) >= 4096:
             self._plan_states.clear()
-        self._plan_states[id(scopes)] = (scopes, states)
-        return states
+        layout = self._plan_states[id(scopes)] = _Layout(scopes, states)
+        return layout
 
     def _forget_states(self) -> None:
         """A state left ``_states`` (eviction, reconfiguration): drop the per-plan cache."""
@@ -572,40 +606,50 @@ class Engine:
             self._forget_states()
 
     # -------------------------------------------------------------- admission
-    def _admit_fast(self, ticket: Ticket, states: list[ScopeState], now: float) -> bool:
+    def _admit_fast(self, ticket: Ticket, layout: _Layout, now: float) -> bool:
         """The common case in one pass: check each window and charge it as it fits (undoing the
         charges if a later one does not). Returns ``False``, having changed nothing, when any
         limit, slot, budget or provider signal (cooldown, pacing, breaker) needs a closer look:
         :meth:`_evaluate` then decides exactly and says why. Never admits what it would refuse."""
         share = 1.0 if ticket.priority >= HIGH_PRIORITY else self.low_priority_share
-        starts: dict[str, float] | None = None
-        for st in states:
+        for st in layout.signals:
             if st.cooldown_until > now or st.pace_until > now or st.circuit is not CLOSED:
                 return False
-            c = st.concurrency
-            if c is not None and st.in_flight >= max(c * share, 1 if share >= 1 else 0):
+        for st in layout.slots:
+            if st.in_flight >= max(st.concurrency * share, 1 if share >= 1 else 0):  # type: ignore[operator]
                 return False
-            if st.budgets:
-                if starts is None:
-                    starts = self.calendar.starts(self.wall())
+        if layout.budgeted:
+            starts = self.calendar.starts(self.wall())
+            for st in layout.budgeted:
                 if self._budget_blocked(st, ticket, starts):
                     return False
         tin = ticket.input_tokens
         tout = ticket.output_tokens
-        tall = tin + tout
-        charges: list[tuple[str, SlidingWindow, int, float]] = []
+        amounts = (1, tin + tout, tin, tout)
+        charges: list[int] = []
         push = charges.append
-        for st in states:
-            for metric, windows, amount in (("req", st.requests, 1), ("all", st.tokens, tall),
-                                            ("in", st.input, tin), ("out", st.output, tout)):
-                for w in windows:
-                    index = w.charge(now, amount, share)
-                    if index < 0:
-                        for _, cw, at, charged in charges:
-                            cw.adjust(now, at, -charged)
-                        return False
-                    push((metric, w, index, amount))
-        self._open(ticket, states, charges, now)
+        width = -1.0
+        index = -1
+        req, tall, inp, out = layout.groups
+        for windows, amount in ((req, 1), (tall, amounts[ALL]), (inp, tin), (out, tout)):
+            for w in windows:  # SlidingWindow.charge(), inlined: this runs ~10x per call
+                if now >= w.next_expiry:
+                    w.expire(now)
+                if w.total + amount > w.limit * share:
+                    for (code, cw), at in zip(layout.prog, charges, strict=False):
+                        cw.adjust(now, at, -amounts[code])
+                    return False
+                if w.width != width:  # most windows share a period: one division per period
+                    width = w.width
+                    index = int(now // width)
+                buckets = w.buckets
+                if buckets and buckets[-1][0] == index:
+                    buckets[-1][1] += amount
+                    w.total += amount
+                else:
+                    w.add(now, amount)
+                push(index)
+        self._open(ticket, layout.states, layout.prog, charges, now, layout.signals)
         return True
 
     def _evaluate(self, ticket: Ticket, now: float) -> tuple[list[ScopeState], Blocked | None]:
@@ -787,7 +831,7 @@ class Engine:
 
     def _try(self, ticket: Ticket, now: float) -> Blocked | None:
         """Admit ``ticket`` now (reserving everything it needs) or say why not."""
-        if not ticket.choices and self._admit_fast(ticket, self._states_of(ticket.scopes, now), now):
+        if not ticket.choices and self._admit_fast(ticket, self._layout(ticket.scopes, now), now):
             return None
         states, blocked = self._evaluate(ticket, now)
         if blocked is None:
@@ -796,21 +840,13 @@ class Engine:
 
     def _commit(self, ticket: Ticket, states: list[ScopeState], now: float) -> None:
         tin, tout = ticket.input_tokens, ticket.output_tokens
-        tall = tin + tout
-        charges: list[tuple[str, SlidingWindow, int, float]] = []
-        for st in states:
-            for w in st.requests:
-                charges.append(("req", w, w.add(now, 1), 1))
-            for w in st.tokens:
-                charges.append(("all", w, w.add(now, tall), tall))
-            for w in st.input:
-                charges.append(("in", w, w.add(now, tin), tin))
-            for w in st.output:
-                charges.append(("out", w, w.add(now, tout), tout))
-        self._open(ticket, states, charges, now)
+        amounts = (1, tin + tout, tin, tout)
+        prog = [p for st in states for p in st.prog]
+        charges = [w.add(now, amounts[code]) for code, w in prog]
+        self._open(ticket, states, prog, charges, now, [st for st in states if st.observed_requests is not None])
 
-    def _open(self, ticket: Ticket, states: list[ScopeState],
-              charges: list[tuple[str, SlidingWindow, int, float]], now: float) -> None:
+    def _open(self, ticket: Ticket, states: list[ScopeState], prog: list[tuple[int, SlidingWindow]],
+              charges: list[int], now: float, signals: list[ScopeState]) -> None:
         """Open the reservation of an admitted call whose windows are charged: its slots, budget
         reservations, pacing slot and circuit probe."""
         for st in states:
@@ -818,12 +854,14 @@ class Engine:
             if st.budgets:
                 st.reserved_cost += ticket.cost
                 st.reserved_requests += 1
+        for st in signals:  # only these are ever paced or probing (see _Layout.signals)
             if st.pace_until > now:
                 st.next_slot = max(st.next_slot, now) + st.pace_interval
             if st.circuit is HALF_OPEN and st.probe is None:
                 st.probe = ticket.call_id
         self._version += 1
-        self._leases[ticket.call_id] = _Reservation(ticket, states, charges, now + self.lease_seconds, now)
+        self._leases[ticket.call_id] = _Reservation(ticket, states, charges, now + self.lease_seconds, now,
+                                                    prog=prog, signal_states=signals)
         self.admitted_total += 1
 
     def _line_blocked(self, ticket: Ticket) -> Blocked | None:
@@ -1334,25 +1372,41 @@ class Engine:
         # work, a busy event loop) is then not mistaken for time on the wire.
         start = res.admitted_at if res.sent_at is None else res.sent_at
         elapsed = now - start
-        actual_all = actual_in + actual_out
-        for metric, window, index, amount in res.charges:
-            if metric == "req":
+        deltas = (0, actual_in + actual_out - t.input_tokens - t.output_tokens, actual_in - t.input_tokens,
+                  actual_out - t.output_tokens)
+        short = elapsed <= margin
+        width = -1.0
+        current = -1
+        for (code, window), index in zip(res.prog, res.charges, strict=True):
+            if code == REQ:
                 # Count the request from when it may have reached the provider, not from its
                 # admission: the HTTP request goes out (and lands) some time after admission,
                 # and a provider enforcing an exact window counts it from its arrival.
-                if margin:
-                    if elapsed <= margin and elapsed <= window.period / 2:
-                        # Done soon after the send: it had arrived by now, so count it from now.
-                        # (A stalled event loop can hold a fast call's bytes for 100+ ms.)
-                        to = now
-                    else:  # a long call (generation time): it arrived early on
-                        to = start + min(margin, window.period / 10)
-                    if int(to // window.width) != index:  # else: same bucket, nothing moves
-                        window.move(now, index, amount, to)
+                if not margin:
+                    continue
+                if short and elapsed <= window.period / 2:
+                    # Done soon after the send: it had arrived by now, so count it from now.
+                    # (A stalled event loop can hold a fast call's bytes for 100+ ms.)
+                    if window.width != width:  # most windows share a period: one division each
+                        width = window.width
+                        current = int(now // width)
+                    if current != index:  # else: same bucket, nothing moves
+                        window.move(now, index, 1, now)
+                else:  # a long call (generation time): it arrived early on
+                    to = start + min(margin, window.period / 10)
+                    if int(to // window.width) != index:
+                        window.move(now, index, 1, to)
                 continue
-            delta = (actual_all if metric == "all" else actual_in if metric == "in" else actual_out) - amount
+            delta = deltas[code]
             if delta:
-                window.adjust(now, index, delta)
+                buckets = window.buckets
+                if now < window.next_expiry and buckets and buckets[-1][0] == index:
+                    last = buckets[-1]  # SlidingWindow.adjust(), its usual case inlined
+                    applied = delta if delta > -last[1] else -last[1]
+                    last[1] += applied
+                    window.total += applied
+                else:
+                    window.adjust(now, index, delta)
         actual_cost = t.cost if cost is None else cost  # unknown: keep the worst case
         for st in res.states:
             if st.budgets:
@@ -1418,7 +1472,7 @@ class Engine:
             if not res.slot_freed:
                 for st in res.states:
                     st.in_flight -= 1
-            provider_states = [st for st in res.states if st.observed_requests is not None]
+            provider_states = res.signal_states
             if provider_states:
                 if outcome == "rate_limited" and any(st.level == "key" for st in provider_states):
                     # The provider limits per API key: cool that key only; the others carry on.
@@ -1660,13 +1714,10 @@ class Engine:
                     w.expire(now)
                     w.add(now, 1)
 
-    def ticket_info(self, call_id: str) -> tuple[str, str, int] | None:
-        """(provider, model, estimated input tokens) of an open call, for pricing its settlement."""
+    def ticket_of(self, call_id: str) -> Ticket | None:
+        """The ticket of an open call (``None`` if ``call_id`` holds no reservation)."""
         res = self._leases.get(call_id)
-        if res is None:
-            return None
-        t = res.ticket
-        return (str(t.info.get("provider", "")), str(t.info.get("model", "")), t.input_tokens)
+        return None if res is None else res.ticket
 
     def note_retry(self) -> None:
         """Count a provider 429 that is being retried for its caller."""

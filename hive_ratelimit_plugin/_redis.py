@@ -483,8 +483,8 @@ class RedisEngine(Engine):
     def holds(self, call_id: str) -> bool:
         return call_id in self._leases or call_id in self.fallback._leases
 
-    def ticket_info(self, call_id: str) -> tuple[str, str, int] | None:
-        return super().ticket_info(call_id) or self.fallback.ticket_info(call_id)
+    def ticket_of(self, call_id: str) -> Ticket | None:
+        return super().ticket_of(call_id) or self.fallback.ticket_of(call_id)
 
     def release(self, call_id: str, *, input_tokens: int | None = None, output_tokens: int | None = None,
                 cost: float | None = None, outcome: str = "success", wait: float | None = None,

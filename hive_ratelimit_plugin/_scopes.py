@@ -128,7 +128,8 @@ def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Id
                 run_id = run_id if run_id is not None else amb.get("run_id")
                 priority = priority if priority is not None else amb.get("priority")
     raw = (agent_id, user_id, team_id, run_id, priority)
-    if not (_plain(agent_id) and _plain(user_id) and _plain(team_id) and _plain(run_id)
+    if not ((agent_id is None or type(agent_id) is str) and (user_id is None or type(user_id) is str)
+            and (team_id is None or type(team_id) is str) and (run_id is None or type(run_id) is str)
             and (priority is None or type(priority) is str or type(priority) is int)):
         return _identity(*raw)  # other types (1 == 1.0 == True) would share a cache entry
     found = _identities.get(raw)
@@ -148,10 +149,6 @@ def _identity(agent_id: Any, user_id: Any, team_id: Any, run_id: Any, priority: 
         run_id=_clean(run_id),
         priority=parse_priority(priority),
     )
-
-
-def _plain(value: Any) -> bool:
-    return value is None or type(value) is str
 
 
 # Identity per raw (agent, user, team, run, priority), for str/None ids and str/int priorities

@@ -19,7 +19,7 @@ BUCKETS = 60
 class SlidingWindow:
     """Usage over a sliding period, with a limit."""
 
-    __slots__ = ("_buckets", "_next_expiry", "limit", "name", "period", "total", "width")
+    __slots__ = ("buckets", "limit", "name", "next_expiry", "period", "total", "width")
 
     def __init__(self, limit: float, period: float, name: str = "") -> None:
         self.name = name  # the config field, e.g. "tokens_per_minute"
@@ -28,8 +28,8 @@ class SlidingWindow:
         self.width = period / BUCKETS
         # [bucket_index, amount] for non-empty buckets, oldest first. A plain list: at most
         # BUCKETS + 1 entries, and far smaller than a deque for the usual one or two.
-        self._buckets: list[list[float]] = []
-        self._next_expiry = float("inf")  # when the oldest bucket leaves the window
+        self.buckets: list[list[float]] = []
+        self.next_expiry = float("inf")  # when the oldest bucket leaves the window
         self.total = 0.0
 
     def __repr__(self) -> str:
@@ -46,9 +46,9 @@ class SlidingWindow:
 
     def expire(self, now: float) -> None:
         """Drop buckets that have entirely left the window."""
-        if now < self._next_expiry:
+        if now < self.next_expiry:
             return
-        buckets = self._buckets
+        buckets = self.buckets
         n = 0
         for index, amount in buckets:
             if self._expiry_of(index) > now:
@@ -57,10 +57,10 @@ class SlidingWindow:
             n += 1
         del buckets[:n]
         if buckets:
-            self._next_expiry = self._expiry_of(buckets[0][0])
+            self.next_expiry = self._expiry_of(buckets[0][0])
         else:
             self.total = 0.0  # clear float drift
-            self._next_expiry = float("inf")
+            self.next_expiry = float("inf")
 
     def fits(self, amount: float) -> bool:
         """Whether ``amount`` more fits now (call :meth:`expire` first)."""
@@ -69,20 +69,20 @@ class SlidingWindow:
     def add(self, now: float, amount: float) -> int:
         """Record ``amount`` at ``now``; returns the bucket index (to adjust it later)."""
         index = int(now // self.width)  # bucket_of(), inlined: this runs for every window of every call
-        buckets = self._buckets
+        buckets = self.buckets
         if buckets and buckets[-1][0] == index:
             buckets[-1][1] += amount
         elif not buckets or buckets[-1][0] < index:
             buckets.append([index, amount])
             if len(buckets) == 1:
-                self._next_expiry = self._expiry_of(index)
+                self.next_expiry = self._expiry_of(index)
         else:  # an earlier time than the newest bucket (a moved hit): keep the order
             i = bisect_left(buckets, index, key=lambda b: int(b[0]))
             if i < len(buckets) and buckets[i][0] == index:
                 buckets[i][1] += amount
             else:
                 buckets.insert(i, [index, amount])
-                self._next_expiry = self._expiry_of(buckets[0][0])
+                self.next_expiry = self._expiry_of(buckets[0][0])
         self.total += amount
         return index
 
@@ -90,12 +90,12 @@ class SlidingWindow:
         """Record ``amount`` at ``now`` if it fits within ``share`` of the limit (the admission
         hot path: expire, check and add in one call). Returns the bucket index, or -1 (nothing
         recorded) if it does not fit."""
-        if now >= self._next_expiry:
+        if now >= self.next_expiry:
             self.expire(now)
         if self.total + amount > self.limit * share:
             return -1
         index = int(now // self.width)
-        buckets = self._buckets
+        buckets = self.buckets
         if buckets and buckets[-1][0] == index:
             buckets[-1][1] += amount
             self.total += amount
@@ -111,8 +111,8 @@ class SlidingWindow:
         """
         if delta == 0:
             return
-        buckets = self._buckets
-        if now < self._next_expiry and buckets and buckets[-1][0] == index:  # the usual case
+        buckets = self.buckets
+        if now < self.next_expiry and buckets and buckets[-1][0] == index:  # the usual case
             last = buckets[-1]
             applied = delta if delta > -last[1] else -last[1]
             last[1] += applied
@@ -155,7 +155,7 @@ class SlidingWindow:
         if excess <= 0:
             return now
         freed = 0.0
-        for index, used in self._buckets:
+        for index, used in self.buckets:
             freed += used
             if freed >= excess:
                 return self._expiry_of(index)
@@ -163,4 +163,4 @@ class SlidingWindow:
 
     def is_idle(self) -> bool:
         """True when the window holds no usage (after :meth:`expire`)."""
-        return not self._buckets
+        return not self.buckets

@@ -195,9 +195,21 @@ def _fingerprint(model: str, kwargs: Mapping[str, Any]) -> int:
     return hash((model, repr(kwargs.get("input")), repr(kwargs.get("prompt"))))
 
 
+_call_type_names: dict[Any, str] = {}
+
+
 def _call_type_name(call_type: Any) -> str:
-    value = getattr(call_type, "value", call_type)
-    return str(value)
+    """``"acompletion"`` for ``CallTypes.acompletion`` or the string itself (cached: an enum's
+    ``value`` is a slow descriptor)."""
+    try:
+        name = _call_type_names.get(call_type)
+    except TypeError:  # unhashable
+        return str(getattr(call_type, "value", call_type))
+    if name is None:
+        name = str(getattr(call_type, "value", call_type))
+        if len(_call_type_names) < 1024:
+            _call_type_names[call_type] = name
+    return name
 
 
 def _usage_of(response: Any) -> tuple[int | None, int | None]:
@@ -746,9 +758,11 @@ class HiveLimiter(CustomLogger):
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
                 exc: BaseException | None = None) -> None:
-        if not call_id or not self._engine.holds(call_id):
-            return  # not ours, or already settled (LiteLLM sends more than one end-of-call event)
         eng = self._engine
+        ticket = eng.ticket_of(call_id) if call_id else None
+        if ticket is None:
+            return  # not ours, or already settled (LiteLLM sends more than one end-of-call event)
+        assert call_id is not None
         if failed:
             # The prompt was sent but nothing was produced: providers do not bill failed calls.
             outcome, wait, signals = "error", None, None
@@ -766,13 +780,13 @@ class HiveLimiter(CustomLogger):
             return
         tin, tout = _usage_of(response)
         cost = None
-        info = self._engine.ticket_info(call_id)
-        if info is not None and (tin is not None or tout is not None):
-            provider, model, est_in = info
+        if tin is not None or tout is not None:
+            info = ticket.info
+            provider, model = str(info.get("provider", "")), str(info.get("model", ""))
             price = self._prices.price(provider, model)
             if not price.known:
                 self._prices.warn_unknown(provider, model, "LiteLLM reports no cost for it")
-            cost = price.cost(est_in if tin is None else tin, tout or 0)
+            cost = price.cost(ticket.input_tokens if tin is None else tin, tout or 0)
         headers = response_headers(response)
         signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)

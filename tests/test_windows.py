@@ -89,7 +89,7 @@ def test_memory_is_bounded_by_bucket_count() -> None:
         t = i * 0.01
         w.expire(t)
         w.add(t, 1)
-    assert len(w._buckets) <= BUCKETS + 1
+    assert len(w.buckets) <= BUCKETS + 1
 
 
 def test_waking_at_retry_at_always_finds_room() -> None:
