@@ -261,6 +261,8 @@ class _Reservation:
     charges: list[int]
     expires_at: float
     admitted_at: float = 0.0
+    prog: list[tuple[int, SlidingWindow]] = field(default_factory=list)  # what was charged (REQ, ALL, ...)
+    signal_states: list[ScopeState] = field(default_factory=list)  # its model and API-key scopes
     sent_at: float | None = None  # when LiteLLM reported sending its first HTTP attempt (note_attempt)
     attempts: int = 0
     settled: bool = False
@@ -269,8 +271,6 @@ class _Reservation:
     record: bool = False  # the shared backend keeps a lease record of it
     local_at: float = 0.0  # the local clock at a shared backend's admission (admitted_at is its clock)
     spend_targets: str = ""  # the shared backend's spend keys of it, when it keeps no record
-    prog: list[tuple[int, SlidingWindow]] = field(default_factory=list)  # what was charged (REQ, ALL, ...)
-    signal_states: list[ScopeState] = field(default_factory=list)  # its model and API-key scopes
 
 
 class _Layout:
@@ -860,8 +860,8 @@ class Engine:
             if st.circuit is HALF_OPEN and st.probe is None:
                 st.probe = ticket.call_id
         self._version += 1
-        self._leases[ticket.call_id] = _Reservation(ticket, states, charges, now + self.lease_seconds, now,
-                                                    prog=prog, signal_states=signals)
+        self._leases[ticket.call_id] = _Reservation(ticket, states, charges, now + self.lease_seconds, now, prog,
+                                                    signals)
         self.admitted_total += 1
 
     def _line_blocked(self, ticket: Ticket) -> Blocked | None:
@@ -1700,15 +1700,20 @@ class Engine:
     def note_attempt(self, call_id: str) -> None:
         """An HTTP attempt of an open call is about to be sent; attempts after the first are
         retries LiteLLM sends without re-admission, and count as requests."""
+        res = self._leases.get(call_id)
+        if res is None:
+            return
+        if res.attempts == 0:
+            # The first send (the usual case) changes only this call's own record: no lock. (A
+            # call's attempts are sent one after another, never concurrently.)
+            res.attempts = 1
+            res.sent_at = self.clock()
+            return
         with self._lock:
-            res = self._leases.get(call_id)
-            if res is None:
+            if self._leases.get(call_id) is not res:
                 return
             res.attempts += 1
             now = self.clock()
-            if res.attempts <= 1:
-                res.sent_at = now
-                return
             for st in res.states:
                 for w in st.requests:
                     w.expire(now)

@@ -231,7 +231,7 @@ def response_headers(obj: Any) -> Mapping[str, Any] | None:
     hidden = private.get("_hidden_params") if type(private) is dict else None
     if hidden is None:
         hidden = getattr(obj, "_hidden_params", None)
-    if isinstance(hidden, Mapping):
+    if type(hidden) is dict or isinstance(hidden, Mapping):  # (dict first: the ABC check is slow)
         h = hidden.get("additional_headers")
         return h if h else None
     return None

@@ -73,7 +73,7 @@ def count_messages(model: str, messages: Any, tools: Any = None) -> int:
     if not isinstance(messages, list):
         return total
     for m in messages:
-        if not isinstance(m, Mapping):
+        if type(m) is not dict and not isinstance(m, Mapping):  # (dict first: the ABC check is slow)
             continue
         role = str(m.get("role", ""))
         content = m.get("content")
@@ -102,6 +102,6 @@ def requested_output(kwargs: Mapping[str, Any], default: int) -> int:
     """The output tokens a call may produce: its cap if it set one, else ``default``."""
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         v = kwargs.get(name)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        if v is not None and isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return default

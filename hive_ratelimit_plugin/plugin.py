@@ -54,6 +54,7 @@ _status.PUBLISHER.tick_hooks.append(_observe.SUMMARY.flush)
 
 _EMBEDDING_TYPES = frozenset({"embedding", "aembedding"})
 _TEXT_TYPES = frozenset({"text_completion", "atext_completion"})
+_NEVER = float("inf")
 _SKIP_TYPES = frozenset({"moderation", "amoderation", "image_generation", "aimage_generation"})
 
 # Set while a sync guard is admitting/running a call on this thread, so nested LiteLLM entry
@@ -223,12 +224,15 @@ def _usage_of(response: Any) -> tuple[int | None, int | None]:
         usage = response.get("usage")
     if usage is None:
         return None, None
-    if isinstance(usage, Mapping):
+    if isinstance(usage, dict):
         pin = usage.get("prompt_tokens")
         pout = usage.get("completion_tokens")
-    else:
+    else:  # LiteLLM's Usage; attributes first (an ABC check on it is slow), then any other mapping
         pin = getattr(usage, "prompt_tokens", None)
         pout = getattr(usage, "completion_tokens", None)
+        if pin is None and pout is None and isinstance(usage, Mapping):
+            pin = usage.get("prompt_tokens")
+            pout = usage.get("completion_tokens")
     if pin is None and pout is None:
         total = usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None)
         return (int(total), 0) if isinstance(total, int) and total >= 0 else (None, None)
@@ -679,18 +683,9 @@ class HiveLimiter(CustomLogger):
             cost = price.cost(input_tokens, output_tokens)
         if self._ledger is not None:
             self._tail()
-        return Ticket(
-            call_id=call_id,
-            scopes=plan.scopes,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            priority=ident.priority,
-            info=plan.info,
-            cost=cost,
-            dims=plan.dims,
-            spend_keys=plan.spend_keys,
-            choices=plan.choices,
-        )
+        # (positional: keyword arguments cost more to pass, and this runs for every call)
+        return Ticket(call_id, plan.scopes, input_tokens, output_tokens, ident.priority, plan.info, cost,
+                      plan.choices, None, _NEVER, plan.dims, plan.spend_keys)
 
     def _plan(self, model: str, custom_llm_provider: Any, api_base: Any, ident: Identity) -> _Plan:
         """Everything about a call that depends only on its model and identity, cached: its
