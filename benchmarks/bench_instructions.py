@@ -11,6 +11,8 @@ per-call count is the difference divided by ``N_HI - N_LO`` (start-up, imports a
 work cancel out). ``PYTHONHASHSEED`` is fixed. Modes:
 
 * ``no callback``: LiteLLM alone;
+* ``CustomLogger overriding nothing``: what LiteLLM spends on any registered callback, whatever it
+  overrides (registration checks, hook loops, logging per callback on every call);
 * ``do-nothing CustomLogger``: a ``CustomLogger`` subclass that overrides the same hooks as
   ``HiveLimiter`` with empty bodies: what LiteLLM itself spends on a callback registered with
   these hooks (the floor for any plugin built on them);
@@ -49,6 +51,7 @@ except ImportError:  # run as a script
 HERE = Path(__file__).resolve()
 MODES = {
     "none": "no callback",
+    "empty": "CustomLogger overriding nothing",
     "noop": "do-nothing CustomLogger (same hooks)",
     "hive": "HiveLimiter, 6 levels",
     "hive2": "HiveLimiter, 2 levels (the specification's example limits)",
@@ -145,6 +148,13 @@ def _child(mode: str, n: int) -> None:
     else:
         if mode == "noop":
             litellm.callbacks[:] = [_noop_logger()]
+        elif mode == "empty":
+            from litellm.integrations.custom_logger import CustomLogger
+
+            class Empty(CustomLogger):
+                pass
+
+            litellm.callbacks[:] = [Empty()]
         elif mode in ("hive", "hive2"):
             litellm.callbacks[:] = [HiveLimiter(config=_config(6 if mode == "hive" else 2))]
         call = litellm.acompletion
@@ -170,20 +180,27 @@ def _count(mode: str, n: int) -> int:
     return int(m.group(1))
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, modes: list[str] | None = None) -> dict[str, Any]:
     if shutil.which("valgrind") is None:
         return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
+    from importlib.metadata import version
+
     lo, hi = (50, 150) if quick else (50, 350)
-    jobs = [(mode, n) for mode in MODES for n in (lo, hi)]
+    chosen = [m for m in MODES if modes is None or m in modes]
+    jobs = [(mode, n) for mode in chosen for n in (lo, hi)]
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         counts = dict(zip(jobs, pool.map(lambda j: _count(*j), jobs), strict=True))
-    per_call = {mode: (counts[(mode, hi)] - counts[(mode, lo)]) / (hi - lo) for mode in MODES}
+    per_call = {mode: (counts[(mode, hi)] - counts[(mode, lo)]) / (hi - lo) for mode in chosen}
+    if modes is not None:  # a partial run (to add a mode to an earlier one): raw counts only
+        return {"calls": [lo, hi], "per_call": per_call, "litellm": version("litellm")}
     base = per_call["none"]
     return {
         "calls": [lo, hi],
+        "litellm": version("litellm"),
         "per_call": per_call,
         "labels": MODES,
         "overhead_pct": {
+            "empty_vs_none": 100.0 * (per_call["empty"] / base - 1.0),
             "hive_vs_none": 100.0 * (per_call["hive"] / base - 1.0),
             "noop_vs_none": 100.0 * (per_call["noop"] / base - 1.0),
             "hive_vs_noop": 100.0 * (per_call["hive"] / per_call["noop"] - 1.0),
@@ -206,12 +223,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="PATH", help="also write the result there (for run.py --reuse)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), help="measure only these (raw counts)")
     args = parser.parse_args()
     if args.child:
         _child(args.child[0], int(args.child[1]))
         return
-    res = run(args.quick)
-    print(summary(res))
+    res = run(args.quick, args.modes)
+    print(summary(res) if args.modes is None else res)
     if args.json:
         import datetime
         import json

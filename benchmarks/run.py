@@ -246,13 +246,27 @@ def _md_e2e(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def _md_instructions(r: dict[str, Any]) -> list[str]:
+def _instruction_rows(r: dict[str, Any]) -> list[str]:
+    pc, base = r["per_call"], r["per_call"]["none"]
+    out = [
+        f"| mode (LiteLLM {r.get('litellm', '?')}) | instructions per call | vs no callback |",
+        "|---|---:|---:|",
+    ]
+    for mode, label in r["labels"].items():
+        if mode not in pc:
+            continue
+        rel = "" if mode == "none" else (f"{100.0 * pc[mode] / base:.1f} % of it" if mode == "hooks"
+                                         else f"{100.0 * (pc[mode] / base - 1.0):+.1f} %")
+        out.append(f"| {label} | {pc[mode]:,.0f} | {rel} |")
+    return out
+
+
+def _md_instructions(r: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
     out = ["### 2b. The same overhead in CPU instructions (noise-free)", ""]
     if "skipped" in r:
         return [*out, f"Skipped in this run: {r['skipped']}.", ""]
     lo, hi = r["calls"]
     pc, ov = r["per_call"], r["overhead_pct"]
-    base = pc["none"]
     out += [
         "`bench_instructions.py`. Each mode in its own process under Valgrind's `callgrind`, which counts the CPU "
         f"instructions executed whatever else the machine is doing; per call = (count after {hi} calls - count "
@@ -261,13 +275,8 @@ def _md_instructions(r: dict[str, Any]) -> list[str]:
         "a second would be charged to ~50x fewer calls under callgrind's slowdown than natively). LiteLLM's "
         "background logging thread makes counts vary by about 1 % between identical runs.",
         "",
-        "| mode | instructions per call | vs no callback |",
-        "|---|---:|---:|",
+        *_instruction_rows(r),
     ]
-    for mode, label in r["labels"].items():
-        rel = "" if mode == "none" else (f"{100.0 * pc[mode] / base:.1f} % of it" if mode == "hooks"
-                                         else f"{100.0 * (pc[mode] / base - 1.0):+.1f} %")
-        out.append(f"| {label} | {pc[mode]:,.0f} | {rel} |")
     out += [
         "",
         f"The plugin adds **{ov['hive_vs_none']:+.1f} %** instructions to the call with 6 levels and "
@@ -275,9 +284,25 @@ def _md_instructions(r: dict[str, Any]) -> list[str]:
         f"{_verdict(ov['hive_vs_none'] <= 2.0)} with 6, {_verdict(ov['hive2_vs_none'] <= 2.0)} with 2); "
         f"{ov['noop_vs_none']:+.1f} % of it is LiteLLM's own work for a "
         f"callback with these hooks (the do-nothing row), and the plugin's code itself is "
-        f"{ov['hooks_vs_none']:.1f} % of a call ({pc['hooks']:,.0f} instructions).",
+        f"{ov['hooks_vs_none']:.1f} % of a call ({pc['hooks']:,.0f} instructions)."
+        + (f" Merely registering a `CustomLogger` that overrides nothing costs LiteLLM {ov['empty_vs_none']:+.1f} %: "
+           "that much of the 2 % is gone before any plugin code runs." if "empty_vs_none" in ov else ""),
         "",
     ]
+    if old and "skipped" not in old:
+        ovo = old["overhead_pct"]
+        out += [
+            f"The same stage on LiteLLM {old.get('litellm', '?')} (the version Hive pins), from "
+            "`bench_instructions.py` run with that version installed:",
+            "",
+            *_instruction_rows(old),
+            "",
+            f"There a call is about half the work, so the same plugin code weighs twice as much: "
+            f"{ovo['hive_vs_none']:+.1f} % with 6 levels, {ovo['hive2_vs_none']:+.1f} % with 2"
+            + (f", of which {ovo['empty_vs_none']:+.1f} % is LiteLLM's cost of any registered callback"
+               if "empty_vs_none" in ovo else "") + ".",
+            "",
+        ]
     return out
 
 
@@ -556,7 +581,10 @@ def _md_observations(results: dict[str, Any]) -> list[str]:
             f"Counted in instructions, which the machine's load does not move: {ov['hive_vs_none']:+.1f} % with "
             f"6 levels, {ov['hive2_vs_none']:+.1f} % with 2; LiteLLM's own handling of a callback with the same "
             f"hooks is {ov['noop_vs_none']:+.1f} % of that, and the plugin's code alone {ov['hooks_vs_none']:.1f} % "
-            "of a call. Within the 2 % target there is no room for a 6-level admission, its settlement and the "
+            "of a call"
+            + (f"; LiteLLM charges {ov['empty_vs_none']:+.1f} % for any registered `CustomLogger`, even one "
+               "overriding nothing" if "empty_vs_none" in ov else "")
+            + ". Within the 2 % target there is no room for a 6-level admission, its settlement and the "
             "retry guard in Python on top of LiteLLM's own callback cost."
         )
     mem = results.get("memory")
@@ -914,7 +942,7 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     if "e2e" in results:
         lines += _md_e2e(results["e2e"])
     if "instructions" in results:
-        lines += _md_instructions(results["instructions"])
+        lines += _md_instructions(results["instructions"], results.get("instructions_old"))
     if "memory" in results:
         lines += _md_memory(results["memory"])
     if "throughput" in results:
