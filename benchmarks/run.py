@@ -297,8 +297,9 @@ def _md_instructions(r: dict[str, Any], old: dict[str, Any] | None = None) -> li
             "",
             *_instruction_rows(old),
             "",
-            f"There a call is about half the work, so the same plugin code weighs twice as much: "
-            f"{ovo['hive_vs_none']:+.1f} % with 6 levels, {ovo['hive2_vs_none']:+.1f} % with 2"
+            f"There a call without a callback is {old['per_call']['none']:,.0f} instructions "
+            f"({100.0 * old['per_call']['none'] / r['per_call']['none']:.0f} % of the one above), so the same plugin "
+            f"code weighs more: {ovo['hive_vs_none']:+.1f} % with 6 levels, {ovo['hive2_vs_none']:+.1f} % with 2"
             + (f", of which {ovo['empty_vs_none']:+.1f} % is LiteLLM's cost of any registered callback"
                if "empty_vs_none" in ovo else "") + ".",
             "",
