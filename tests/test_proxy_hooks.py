@@ -262,6 +262,10 @@ async def test_a_provider_429_retry_is_one_more_admission_not_a_free_ride(
     assert stats["levels"]["user"]["user:alice"]["in_flight"] == 0
     # Only LiteLLM's first attempt rides on the pre-call admission; a later one that finds its
     # failed predecessor still held (failure events run in the background) is re-admitted.
+    # (Past the 429's cooldown and pacing first: with the ticker stopped, fake time no longer
+    # moves, and a call paced behind the retry would wait forever. Under CPU load the ticker's
+    # thread may not have moved time past the pacing slot before the block above ended.)
+    clock.advance(10)
     await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-9"), "acompletion")
     assert lim._admitted_upstream("call-9") and not lim._admitted_upstream("call-9")
 
