@@ -35,7 +35,7 @@ EVICTIONS_PER_TICK = 2000
 ADAPTIVE_MIN_RATE = 10  # requests per minute below which 429s say nothing about our rate
 ADAPTIVE_STEP = 0.05  # learned rate added per successful call while recovering from 429s
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
-# What a window counts (ScopeState.prog): requests, all tokens, input tokens, output tokens.
+# What a window counts (see _charged): requests, all tokens, input tokens, output tokens.
 REQ, ALL, IN, OUT = 0, 1, 2, 3
 
 
@@ -91,7 +91,6 @@ class ScopeState:
         "pace_interval",
         "pace_until",
         "probe",
-        "prog",
         "rate_limited_at",
         "requests",
         "reserved_cost",
@@ -106,8 +105,6 @@ class ScopeState:
         self.tokens: list[SlidingWindow] = []
         self.input: list[SlidingWindow] = []
         self.output: list[SlidingWindow] = []
-        # Every window with what it counts (REQ, ALL, IN or OUT): what admission charges.
-        self.prog: list[tuple[int, SlidingWindow]] = []
         self.budgets: list[tuple[str, str, float]] = []  # (limit field, window kind, value)
         self.concurrency: int | None = None
         self.in_flight = 0
@@ -166,8 +163,6 @@ class ScopeState:
             # Always counted; enforced only once a limit is learned (limit stays inf until then).
             self.requests.append(self.observed_requests)
             self.tokens.append(self.observed_tokens)
-        self.prog = [(code, w) for code, ws in ((REQ, self.requests), (ALL, self.tokens), (IN, self.input),
-                                                (OUT, self.output)) for w in ws]
         self.concurrency = lim.concurrent_requests
         budgets = []
         for name, kind in COST_FIELDS.items():
@@ -273,6 +268,19 @@ class _Reservation:
     spend_targets: str = ""  # the shared backend's spend keys of it, when it keeps no record
 
 
+def _charged(states: list[ScopeState]) -> list[tuple[int, SlidingWindow]]:
+    """Every window of ``states`` with what it counts (REQ, ALL, IN, OUT), grouped by that: what an
+    admission charges, in the order its reservation's bucket indices line up with."""
+    return [(code, w) for code, metric in ((REQ, "requests"), (ALL, "tokens"), (IN, "input"), (OUT, "output"))
+            for st in states for w in getattr(st, metric)]
+
+
+def _signals_of(states: list[ScopeState]) -> list[ScopeState]:
+    """Model and API-key scopes: the only ones a provider's signals (cooldown, pacing, breaker)
+    are ever applied to (see Engine._provider_outcome)."""
+    return [st for st in states if st.observed_requests is not None]
+
+
 class _Layout:
     """What admitting a call of one plan (one list of scopes) needs, worked out once: the scopes'
     states, every window to charge, and which states have slots, budgets or provider signals."""
@@ -282,14 +290,10 @@ class _Layout:
     def __init__(self, scopes: list[Scope], states: list[ScopeState]) -> None:
         self.scopes = scopes  # held, so that the id() it is cached under is never reused
         self.states = states
-        # Every window of every state, by what it counts: (REQ windows, ALL, IN, OUT), and the
-        # same as (code, window) pairs in that order (what a reservation's charges line up with).
-        pairs = [p for st in states for p in st.prog]
-        self.groups = tuple([w for c, w in pairs if c == code] for code in (REQ, ALL, IN, OUT))
-        self.prog = [(code, w) for code, ws in enumerate(self.groups) for w in ws]
-        # Model and API-key scopes: the only ones a provider's signals (cooldown, pacing,
-        # breaker) are ever applied to (see Engine._provider_outcome).
-        self.signals = [st for st in states if st.observed_requests is not None]
+        self.prog = _charged(states)
+        # The same windows as one list per kind (REQ, ALL, IN, OUT), for admission's loop.
+        self.groups = tuple([w for c, w in self.prog if c == code] for code in (REQ, ALL, IN, OUT))
+        self.signals = _signals_of(states)
         self.slots = [st for st in states if st.concurrency is not None]
         self.budgeted = [st for st in states if st.budgets]
 
@@ -632,7 +636,7 @@ class Engine:
         index = -1
         req, tall, inp, out = layout.groups
         for windows, amount in ((req, 1), (tall, amounts[ALL]), (inp, tin), (out, tout)):
-            for w in windows:  # SlidingWindow.charge(), inlined: this runs ~10x per call
+            for w in windows:  # expire, check and SlidingWindow.add() inlined: this runs ~10x per call
                 if now >= w.next_expiry:
                     w.expire(now)
                 if w.total + amount > w.limit * share:
@@ -841,9 +845,9 @@ class Engine:
     def _commit(self, ticket: Ticket, states: list[ScopeState], now: float) -> None:
         tin, tout = ticket.input_tokens, ticket.output_tokens
         amounts = (1, tin + tout, tin, tout)
-        prog = [p for st in states for p in st.prog]
+        prog = _charged(states)
         charges = [w.add(now, amounts[code]) for code, w in prog]
-        self._open(ticket, states, prog, charges, now, [st for st in states if st.observed_requests is not None])
+        self._open(ticket, states, prog, charges, now, _signals_of(states))
 
     def _open(self, ticket: Ticket, states: list[ScopeState], prog: list[tuple[int, SlidingWindow]],
               charges: list[int], now: float, signals: list[ScopeState]) -> None:

@@ -86,22 +86,6 @@ class SlidingWindow:
         self.total += amount
         return index
 
-    def charge(self, now: float, amount: float, share: float = 1.0) -> int:
-        """Record ``amount`` at ``now`` if it fits within ``share`` of the limit (the admission
-        hot path: expire, check and add in one call). Returns the bucket index, or -1 (nothing
-        recorded) if it does not fit."""
-        if now >= self.next_expiry:
-            self.expire(now)
-        if self.total + amount > self.limit * share:
-            return -1
-        index = int(now // self.width)
-        buckets = self.buckets
-        if buckets and buckets[-1][0] == index:
-            buckets[-1][1] += amount
-            self.total += amount
-            return index
-        return self.add(now, amount)
-
     def adjust(self, now: float, index: int, delta: float) -> None:
         """Correct an earlier :meth:`add` made in bucket ``index`` by ``delta`` (settlement).
 

@@ -35,7 +35,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from . import _observe
 from . import status as _status
 from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys
-from ._engine import Engine, Ticket
+from ._engine import NEVER, Engine, Ticket
 from ._ledger import Ledger
 from ._pricing import PriceBook
 from ._retry import backoff, is_rate_limit, is_transient, read_signals, response_headers, suggested_wait
@@ -54,7 +54,6 @@ _status.PUBLISHER.tick_hooks.append(_observe.SUMMARY.flush)
 
 _EMBEDDING_TYPES = frozenset({"embedding", "aembedding"})
 _TEXT_TYPES = frozenset({"text_completion", "atext_completion"})
-_NEVER = float("inf")
 _SKIP_TYPES = frozenset({"moderation", "amoderation", "image_generation", "aimage_generation"})
 
 # Set while a sync guard is admitting/running a call on this thread, so nested LiteLLM entry
@@ -685,7 +684,7 @@ class HiveLimiter(CustomLogger):
             self._tail()
         # (positional: keyword arguments cost more to pass, and this runs for every call)
         return Ticket(call_id, plan.scopes, input_tokens, output_tokens, ident.priority, plan.info, cost,
-                      plan.choices, None, _NEVER, plan.dims, plan.spend_keys)
+                      plan.choices, None, NEVER, plan.dims, plan.spend_keys)
 
     def _plan(self, model: str, custom_llm_provider: Any, api_base: Any, ident: Identity) -> _Plan:
         """Everything about a call that depends only on its model and identity, cached: its
@@ -1106,22 +1105,22 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         first = limiters[0]
         started, user_call_id = _first_attempt(first, kwargs)
-        try:
-            return attempt(limiters, args, kwargs)
-        except Exception as exc:
-            retrying = _Retrying(first, kwargs, args, started, user_call_id)
-            if not retrying.should_retry(exc):
-                raise
+        retrying: _Retrying | None = None  # built once an attempt fails (see _first_attempt)
         while True:
-            retrying.begin(kwargs)
-            token = _wait_budget.set(retrying.budget())
+            token = None
+            if retrying is not None:
+                retrying.begin(kwargs)
+                token = _wait_budget.set(retrying.budget())
             try:
                 return attempt(limiters, args, kwargs)
             except Exception as exc:
+                if retrying is None:
+                    retrying = _Retrying(first, kwargs, args, started, user_call_id)
                 if not retrying.should_retry(exc):
                     raise
             finally:
-                _wait_budget.reset(token)
+                if token is not None:
+                    _wait_budget.reset(token)
 
     guard.__hive_ratelimit_guard__ = True  # type: ignore[attr-defined]
     return guard
@@ -1152,38 +1151,31 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
     # when an attempt fails (with the same start time, so the retry budget is unchanged).
     first = limiters[0]
     started, user_call_id = _first_attempt(first, kwargs)
-    call_id = kwargs.get("litellm_call_id")
-    if not call_id:
-        # Our own call id, so that a cancellation (which LiteLLM reports to no callback) can
-        # still release the call's reservation.
-        call_id = kwargs["litellm_call_id"] = new_call_id()
-    try:
-        return await fn(*args, **kwargs)
-    except Exception as exc:
-        _release_attempt(limiters, call_id, exc)
-        retrying = _Retrying(first, kwargs, args, started, user_call_id)
-        if not retrying.should_retry(exc):
-            raise
-    except BaseException:  # cancelled (or interrupted) while admitted or in flight
-        _release_attempt(limiters, call_id, None)
-        raise
+    retrying: _Retrying | None = None
     while True:
-        retrying.begin(kwargs)
+        token = None
+        if retrying is not None:
+            retrying.begin(kwargs)
+            token = _wait_budget.set(retrying.budget())
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
+            # Our own call id, so that a cancellation (which LiteLLM reports to no callback) can
+            # still release the call's reservation.
             call_id = kwargs["litellm_call_id"] = new_call_id()
-        token = _wait_budget.set(retrying.budget())
         try:
             return await fn(*args, **kwargs)
         except Exception as exc:
             _release_attempt(limiters, call_id, exc)
+            if retrying is None:
+                retrying = _Retrying(first, kwargs, args, started, user_call_id)
             if not retrying.should_retry(exc):
                 raise
-        except BaseException:
+        except BaseException:  # cancelled (or interrupted) while admitted or in flight
             _release_attempt(limiters, call_id, None)
             raise
         finally:
-            _wait_budget.reset(token)
+            if token is not None:
+                _wait_budget.reset(token)
 
 
 def _release_attempt(limiters: list[HiveLimiter], call_id: str, exc: BaseException | None) -> None:
