@@ -180,19 +180,16 @@ def _count(mode: str, n: int) -> int:
     return int(m.group(1))
 
 
-def run(quick: bool = False, modes: list[str] | None = None) -> dict[str, Any]:
+def run(quick: bool = False) -> dict[str, Any]:
     if shutil.which("valgrind") is None:
         return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
     from importlib.metadata import version
 
     lo, hi = (50, 150) if quick else (50, 350)
-    chosen = [m for m in MODES if modes is None or m in modes]
-    jobs = [(mode, n) for mode in chosen for n in (lo, hi)]
+    jobs = [(mode, n) for mode in MODES for n in (lo, hi)]
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         counts = dict(zip(jobs, pool.map(lambda j: _count(*j), jobs), strict=True))
-    per_call = {mode: (counts[(mode, hi)] - counts[(mode, lo)]) / (hi - lo) for mode in chosen}
-    if modes is not None:  # a partial run (to add a mode to an earlier one): raw counts only
-        return {"calls": [lo, hi], "per_call": per_call, "litellm": version("litellm")}
+    per_call = {mode: (counts[(mode, hi)] - counts[(mode, lo)]) / (hi - lo) for mode in MODES}
     base = per_call["none"]
     return {
         "calls": [lo, hi],
@@ -223,13 +220,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="PATH", help="also write the result there (for run.py --reuse)")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), help="measure only these (raw counts)")
     args = parser.parse_args()
     if args.child:
         _child(args.child[0], int(args.child[1]))
         return
-    res = run(args.quick, args.modes)
-    print(summary(res) if args.modes is None else res)
+    res = run(args.quick)
+    print(summary(res))
     if args.json:
         import datetime
         import json
