@@ -252,9 +252,8 @@ class Blocked:
 class _Reservation:
     ticket: Ticket
     states: list[ScopeState]
-    # The bucket index each window of ``prog`` was charged in (settlement corrects it there).
-    charges: list[int]
     expires_at: float
+    # Every window was charged in the bucket of this time: settlement corrects it there.
     admitted_at: float = 0.0
     prog: list[tuple[int, SlidingWindow]] = field(default_factory=list)  # what was charged (REQ, ALL, ...)
     signal_states: list[ScopeState] = field(default_factory=list)  # its model and API-key scopes
@@ -270,7 +269,7 @@ class _Reservation:
 
 def _charged(states: list[ScopeState]) -> list[tuple[int, SlidingWindow]]:
     """Every window of ``states`` with what it counts (REQ, ALL, IN, OUT), grouped by that: what an
-    admission charges, in the order its reservation's bucket indices line up with."""
+    admission charges, in the order it charges them."""
     return [(code, w) for code, metric in ((REQ, "requests"), (ALL, "tokens"), (IN, "input"), (OUT, "output"))
             for st in states for w in getattr(st, metric)]
 
@@ -285,7 +284,7 @@ class _Layout:
     """What admitting a call of one plan (one list of scopes) needs, worked out once: the scopes'
     states, every window to charge, and which states have slots, budgets or provider signals."""
 
-    __slots__ = ("budgeted", "groups", "prog", "scopes", "signals", "slots", "states")
+    __slots__ = ("budgeted", "fast", "groups", "prog", "scopes", "signals", "slots", "states")
 
     def __init__(self, scopes: list[Scope], states: list[ScopeState]) -> None:
         self.scopes = scopes  # held, so that the id() it is cached under is never reused
@@ -296,6 +295,8 @@ class _Layout:
         self.signals = _signals_of(states)
         self.slots = [st for st in states if st.concurrency is not None]
         self.budgeted = [st for st in states if st.budgets]
+        # Admission's fast path undoes a failed pass by position, so it needs each window once.
+        self.fast = len({id(w) for _, w in self.prog}) == len(self.prog)
 
 
 class Waiter:
@@ -629,32 +630,37 @@ class Engine:
                     return False
         tin = ticket.input_tokens
         tout = ticket.output_tokens
-        amounts = (1, tin + tout, tin, tout)
-        charges: list[int] = []
-        push = charges.append
         width = -1.0
         index = -1
         req, tall, inp, out = layout.groups
-        for windows, amount in ((req, 1), (tall, amounts[ALL]), (inp, tin), (out, tout)):
+        for windows, amount in ((req, 1), (tall, tin + tout), (inp, tin), (out, tout)):
             for w in windows:  # expire, check and SlidingWindow.add() inlined: this runs ~10x per call
                 if now >= w.next_expiry:
                     w.expire(now)
-                if w.total + amount > w.limit * share:
-                    for (code, cw), at in zip(layout.prog, charges, strict=False):
-                        cw.adjust(now, at, -amounts[code])
+                total = w.total + amount
+                if total > w.limit * share:
+                    self._undo(layout, w, ticket, now)
                     return False
                 if w.width != width:  # most windows share a period: one division per period
                     width = w.width
                     index = int(now // width)
-                buckets = w.buckets
-                if buckets and buckets[-1][0] == index:
-                    buckets[-1][1] += amount
-                    w.total += amount
+                if w.ci == index:  # the newest bucket: SlidingWindow.add()'s usual case
+                    w.cur += amount
+                    w.total = total
                 else:
                     w.add(now, amount)
-                push(index)
-        self._open(ticket, layout.states, layout.prog, charges, now, layout.signals)
+        self._open(ticket, layout.states, layout.prog, now, layout.signals)
         return True
+
+    @staticmethod
+    def _undo(layout: _Layout, failed: SlidingWindow, ticket: Ticket, now: float) -> None:
+        """Take back what :meth:`_admit_fast` charged before ``failed`` (in ``layout.prog``'s order)."""
+        tin, tout = ticket.input_tokens, ticket.output_tokens
+        amounts = (1, tin + tout, tin, tout)
+        for code, w in layout.prog:
+            if w is failed:
+                return
+            w.adjust(now, int(now // w.width), -amounts[code])
 
     def _evaluate(self, ticket: Ticket, now: float) -> tuple[list[ScopeState], Blocked | None]:
         states = list(self._states_of(ticket.scopes, now))
@@ -835,8 +841,10 @@ class Engine:
 
     def _try(self, ticket: Ticket, now: float) -> Blocked | None:
         """Admit ``ticket`` now (reserving everything it needs) or say why not."""
-        if not ticket.choices and self._admit_fast(ticket, self._layout(ticket.scopes, now), now):
-            return None
+        if not ticket.choices:
+            layout = self._layout(ticket.scopes, now)
+            if layout.fast and self._admit_fast(ticket, layout, now):
+                return None
         states, blocked = self._evaluate(ticket, now)
         if blocked is None:
             self._commit(ticket, states, now)
@@ -846,11 +854,12 @@ class Engine:
         tin, tout = ticket.input_tokens, ticket.output_tokens
         amounts = (1, tin + tout, tin, tout)
         prog = _charged(states)
-        charges = [w.add(now, amounts[code]) for code, w in prog]
-        self._open(ticket, states, prog, charges, now, _signals_of(states))
+        for code, w in prog:
+            w.add(now, amounts[code])
+        self._open(ticket, states, prog, now, _signals_of(states))
 
     def _open(self, ticket: Ticket, states: list[ScopeState], prog: list[tuple[int, SlidingWindow]],
-              charges: list[int], now: float, signals: list[ScopeState]) -> None:
+              now: float, signals: list[ScopeState]) -> None:
         """Open the reservation of an admitted call whose windows are charged: its slots, budget
         reservations, pacing slot and circuit probe."""
         for st in states:
@@ -864,7 +873,7 @@ class Engine:
             if st.circuit is HALF_OPEN and st.probe is None:
                 st.probe = ticket.call_id
         self._version += 1
-        self._leases[ticket.call_id] = _Reservation(ticket, states, charges, now + self.lease_seconds, now, prog,
+        self._leases[ticket.call_id] = _Reservation(ticket, states, now + self.lease_seconds, now, prog,
                                                     signals)
         self.admitted_total += 1
 
@@ -1379,9 +1388,14 @@ class Engine:
         deltas = (0, actual_in + actual_out - t.input_tokens - t.output_tokens, actual_in - t.input_tokens,
                   actual_out - t.output_tokens)
         short = elapsed <= margin
+        admitted = res.admitted_at
         width = -1.0
-        current = -1
-        for (code, window), index in zip(res.prog, res.charges, strict=True):
+        index = current = -1
+        for code, window in res.prog:
+            if window.width != width:  # most windows share a period: one division each
+                width = window.width
+                index = int(admitted // width)  # the bucket admission charged
+                current = int(now // width)
             if code == REQ:
                 # Count the request from when it may have reached the provider, not from its
                 # admission: the HTTP request goes out (and lands) some time after admission,
@@ -1391,23 +1405,19 @@ class Engine:
                 if short and elapsed <= window.period / 2:
                     # Done soon after the send: it had arrived by now, so count it from now.
                     # (A stalled event loop can hold a fast call's bytes for 100+ ms.)
-                    if window.width != width:  # most windows share a period: one division each
-                        width = window.width
-                        current = int(now // width)
                     if current != index:  # else: same bucket, nothing moves
                         window.move(now, index, 1, now)
                 else:  # a long call (generation time): it arrived early on
                     to = start + min(margin, window.period / 10)
-                    if int(to // window.width) != index:
+                    if int(to // width) != index:
                         window.move(now, index, 1, to)
                 continue
             delta = deltas[code]
             if delta:
-                buckets = window.buckets
-                if now < window.next_expiry and buckets and buckets[-1][0] == index:
-                    last = buckets[-1]  # SlidingWindow.adjust(), its usual case inlined
-                    applied = delta if delta > -last[1] else -last[1]
-                    last[1] += applied
+                if window.ci == index and now < window.next_expiry:
+                    cur = window.cur  # SlidingWindow.adjust(), its usual case inlined
+                    applied = delta if delta > -cur else -cur
+                    window.cur = cur + applied
                     window.total += applied
                 else:
                     window.adjust(now, index, delta)

@@ -14,21 +14,30 @@ from __future__ import annotations
 from bisect import bisect_left
 
 BUCKETS = 60
+#: ``SlidingWindow.ci`` when the window holds no bucket at all.
+NO_BUCKET = -(1 << 62)
 
 
 class SlidingWindow:
-    """Usage over a sliding period, with a limit."""
+    """Usage over a sliding period, with a limit.
 
-    __slots__ = ("buckets", "limit", "name", "next_expiry", "period", "total", "width")
+    The newest bucket is kept apart, as ``ci`` (its index) and ``cur`` (its amount), because
+    nearly every charge and settlement lands in it: the engine's hot path updates it in place
+    without touching the list of older buckets.
+    """
+
+    __slots__ = ("buckets", "ci", "cur", "limit", "name", "next_expiry", "period", "total", "width")
 
     def __init__(self, limit: float, period: float, name: str = "") -> None:
         self.name = name  # the config field, e.g. "tokens_per_minute"
         self.limit = limit
         self.period = period
         self.width = period / BUCKETS
-        # [bucket_index, amount] for non-empty buckets, oldest first. A plain list: at most
-        # BUCKETS + 1 entries, and far smaller than a deque for the usual one or two.
+        # [bucket_index, amount] for the buckets older than the newest one, oldest first. A plain
+        # list: at most BUCKETS entries, and far smaller than a deque for the usual one or two.
         self.buckets: list[list[float]] = []
+        self.ci = NO_BUCKET  # the newest bucket's index (NO_BUCKET: no bucket, and then no older one)
+        self.cur = 0.0  # the newest bucket's amount
         self.next_expiry = float("inf")  # when the oldest bucket leaves the window
         self.total = 0.0
 
@@ -55,10 +64,15 @@ class SlidingWindow:
                 break
             self.total -= amount
             n += 1
-        del buckets[:n]
+        if n:
+            del buckets[:n]
         if buckets:
             self.next_expiry = self._expiry_of(buckets[0][0])
+        elif self.ci != NO_BUCKET and self._expiry_of(self.ci) > now:
+            self.next_expiry = self._expiry_of(self.ci)
         else:
+            self.ci = NO_BUCKET
+            self.cur = 0.0
             self.total = 0.0  # clear float drift
             self.next_expiry = float("inf")
 
@@ -69,20 +83,25 @@ class SlidingWindow:
     def add(self, now: float, amount: float) -> int:
         """Record ``amount`` at ``now``; returns the bucket index (to adjust it later)."""
         index = int(now // self.width)  # bucket_of(), inlined: this runs for every window of every call
-        buckets = self.buckets
-        if buckets and buckets[-1][0] == index:
-            buckets[-1][1] += amount
-        elif not buckets or buckets[-1][0] < index:
-            buckets.append([index, amount])
-            if len(buckets) == 1:
+        ci = self.ci
+        if index == ci:
+            self.cur += amount
+        elif index > ci:  # a new newest bucket
+            if ci != NO_BUCKET:
+                self.buckets.append([ci, self.cur])
+            else:  # the window was empty
                 self.next_expiry = self._expiry_of(index)
+            self.ci = index
+            self.cur = amount
         else:  # an earlier time than the newest bucket (a moved hit): keep the order
+            buckets = self.buckets
             i = bisect_left(buckets, index, key=lambda b: int(b[0]))
             if i < len(buckets) and buckets[i][0] == index:
                 buckets[i][1] += amount
             else:
                 buckets.insert(i, [index, amount])
-                self.next_expiry = self._expiry_of(buckets[0][0])
+                if i == 0:
+                    self.next_expiry = self._expiry_of(index)
         self.total += amount
         return index
 
@@ -95,15 +114,19 @@ class SlidingWindow:
         """
         if delta == 0:
             return
-        buckets = self.buckets
-        if now < self.next_expiry and buckets and buckets[-1][0] == index:  # the usual case
-            last = buckets[-1]
-            applied = delta if delta > -last[1] else -last[1]
-            last[1] += applied
+        if index == self.ci and now < self.next_expiry:  # the usual case: the newest bucket, in the window
+            cur = self.cur
+            applied = delta if delta > -cur else -cur
+            self.cur = cur + applied
             self.total += applied
             return
         self.expire(now)
-        for bucket in reversed(buckets):  # settlements are usually for recent buckets
+        if index == self.ci:
+            applied = max(delta, -self.cur)
+            self.cur += applied
+            self.total += applied
+            return
+        for bucket in reversed(self.buckets):  # settlements are usually for recent buckets
             if bucket[0] == index:
                 applied = max(delta, -bucket[1])
                 bucket[1] += applied
@@ -143,8 +166,10 @@ class SlidingWindow:
             freed += used
             if freed >= excess:
                 return self._expiry_of(index)
+        if self.ci != NO_BUCKET:
+            return self._expiry_of(self.ci)
         return now + self.period  # unreachable while total is consistent
 
     def is_idle(self) -> bool:
         """True when the window holds no usage (after :meth:`expire`)."""
-        return not self.buckets
+        return self.ci == NO_BUCKET
