@@ -80,12 +80,33 @@ class Counter:
 
 
 class BudgetBook:
-    """Settled spend per (scope key, window kind), rolling over with the calendar."""
+    """Settled spend per (scope key, window kind), rolling over with the calendar.
+
+    Spend is added on every settled call, so :meth:`add` runs on the hot path. It only tallies
+    the call on a per-key-list tab; the tab goes into the counters before anything reads them
+    (any other method) and when the calendar moves on (a new ``starts``).
+    """
+
+    _TAB_SIZE = 64  # distinct key lists tallied before the tab goes into the counters
 
     def __init__(self) -> None:
         self._counters: dict[tuple[str, str], Counter] = {}
+        # id(keys) -> [keys, cost, requests, tokens], all tallied under _tab_starts
+        self._tab: dict[int, list] = {}  # type: ignore[type-arg]
+        self._tab_starts: dict[str, float] | None = None
+
+    def _flush(self) -> None:
+        tab = self._tab
+        if tab:
+            starts = self._tab_starts
+            assert starts is not None
+            self._tab = {}
+            for keys, cost, requests, tokens in tab.values():
+                self._add(keys, starts, cost, requests, tokens, None)
 
     def get(self, key: str, kind: str, start: float) -> Counter | None:
+        if self._tab:
+            self._flush()
         c = self._counters.get((key, kind))
         if c is None or c.start != start:
             return None
@@ -93,6 +114,8 @@ class BudgetBook:
 
     def counter(self, key: str, kind: str, start: float) -> Counter:
         """The live counter of ``key`` for the window starting at ``start`` (rolled over if needed)."""
+        if self._tab:
+            self._flush()
         c = self._counters.get((key, kind))
         if c is None or c.start != start:
             c = self._counters[(key, kind)] = Counter(start)
@@ -100,14 +123,39 @@ class BudgetBook:
 
     def add(self, keys: list[str], starts: dict[str, float], cost: float, requests: int, tokens: int,
             since: float | None = None) -> None:
-        """Add spend under every key; with ``since``, only to windows that started at or before it."""
+        """Add spend under every key; with ``since``, only to windows that started at or before it.
+
+        ``starts`` is :meth:`Calendar.starts`' dict, which stays the same object until the
+        calendar moves on: a call with the same ``keys`` list and the same ``starts`` only adds
+        to the tab.
+        """
+        if since is None:
+            if starts is self._tab_starts:
+                entry = self._tab.get(id(keys))
+                if entry is not None and entry[0] is keys:
+                    entry[1] += cost
+                    entry[2] += requests
+                    entry[3] += tokens
+                    return
+                if entry is None and len(self._tab) < self._TAB_SIZE:
+                    self._tab[id(keys)] = [keys, cost, requests, tokens]  # (the tab holds keys: its id stays unique)
+                    return
+            self._flush()
+            self._tab_starts = starts
+            self._tab[id(keys)] = [keys, cost, requests, tokens]
+            return
+        self._flush()
+        self._add(keys, starts, cost, requests, tokens, since)
+
+    def _add(self, keys: list[str], starts: dict[str, float], cost: float, requests: int, tokens: int,
+             since: float | None) -> None:
         counters = self._counters
         for key in keys:
             for kind in (RUN,) if key.startswith("run:") else KINDS:
                 start = starts[kind]
                 if since is not None and kind != RUN and since < start:
                     continue
-                c = counters.get((key, kind))  # counter(), inlined: this runs for every settled call
+                c = counters.get((key, kind))
                 if c is None or c.start != start:
                     c = counters[(key, kind)] = Counter(start)
                 c.cost += cost
@@ -115,23 +163,28 @@ class BudgetBook:
                 c.tokens += tokens
 
     def set(self, key: str, kind: str, start: float, cost: float, requests: int, tokens: int) -> None:
+        self._flush()
         c = self._counters[(key, kind)] = Counter(start)
         c.cost, c.requests, c.tokens = cost, requests, tokens
 
     def clear(self, key: str) -> None:
+        self._flush()
         for kind in (*KINDS, RUN):
             self._counters.pop((key, kind), None)
 
     def sweep(self, starts: dict[str, float]) -> None:
         """Drop counters of windows that have rolled over."""
+        self._flush()
         stale = [k for k, c in self._counters.items() if k[1] != RUN and c.start != starts[k[1]]]
         for k in stale:
             del self._counters[k]
 
     def items(self) -> list[tuple[tuple[str, str], Counter]]:
+        self._flush()
         return list(self._counters.items())
 
     def __len__(self) -> int:
+        self._flush()
         return len(self._counters)
 
 

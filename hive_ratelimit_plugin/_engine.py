@@ -248,23 +248,36 @@ class Blocked:
     eases_at: float | None = None
 
 
-@dataclass(slots=True)
 class _Reservation:
-    ticket: Ticket
-    states: list[ScopeState]
-    expires_at: float
-    # Every window was charged in the bucket of this time: settlement corrects it there.
-    admitted_at: float = 0.0
-    prog: list[tuple[int, SlidingWindow]] = field(default_factory=list)  # what was charged (REQ, ALL, ...)
-    signal_states: list[ScopeState] = field(default_factory=list)  # its model and API-key scopes
-    sent_at: float | None = None  # when LiteLLM reported sending its first HTTP attempt (note_attempt)
-    attempts: int = 0
-    settled: bool = False
-    slot_freed: bool = False
-    remote: bool = False  # admitted by a shared backend (see _redis.RedisEngine)
-    record: bool = False  # the shared backend keeps a lease record of it
-    local_at: float = 0.0  # the local clock at a shared backend's admission (admitted_at is its clock)
-    spend_targets: str = ""  # the shared backend's spend keys of it, when it keeps no record
+    """An admitted call's hold: what it charged (its plan's :class:`_Layout`) and its progress."""
+
+    __slots__ = ("admitted_at", "attempts", "expires_at", "layout", "local_at", "record", "remote", "sent_at",
+                 "settled", "slot_freed", "spend_targets", "ticket")
+
+    def __init__(self, ticket: Ticket, layout: _Layout, expires_at: float, admitted_at: float = 0.0, *,
+                 remote: bool = False, record: bool = False, spend_targets: str = "",
+                 local_at: float = 0.0) -> None:
+        self.ticket = ticket
+        self.layout = layout  # its scopes' states and every window it charged
+        self.expires_at = expires_at
+        self.admitted_at = admitted_at  # every window was charged in the bucket of this time
+        self.sent_at: float | None = None  # when LiteLLM reported sending its first HTTP attempt (note_attempt)
+        self.attempts = 0
+        self.settled = False
+        self.slot_freed = False
+        self.remote = remote  # admitted by a shared backend (see _redis.RedisEngine)
+        self.record = record  # the shared backend keeps a lease record of it
+        self.local_at = local_at  # the local clock at a shared backend's admission (admitted_at is its clock)
+        self.spend_targets = spend_targets  # the shared backend's spend keys of it, when it keeps no record
+
+    @property
+    def states(self) -> list[ScopeState]:
+        return self.layout.states
+
+    @property
+    def signal_states(self) -> list[ScopeState]:
+        """Its model and API-key scopes."""
+        return self.layout.signals
 
 
 def _charged(states: list[ScopeState]) -> list[tuple[int, SlidingWindow]]:
@@ -284,11 +297,12 @@ class _Layout:
     """What admitting a call of one plan (one list of scopes) needs, worked out once: the scopes'
     states, every window to charge, and which states have slots, budgets or provider signals."""
 
-    __slots__ = ("budgeted", "fast", "groups", "prog", "scopes", "signals", "slots", "states")
+    __slots__ = ("budgeted", "fast", "groups", "prog", "scopes", "signals", "slots", "stamped", "states")
 
-    def __init__(self, scopes: list[Scope], states: list[ScopeState]) -> None:
+    def __init__(self, scopes: list[Scope], states: list[ScopeState], now: float = 0.0) -> None:
         self.scopes = scopes  # held, so that the id() it is cached under is never reused
         self.states = states
+        self.stamped = now  # when its states' last_used were last set
         self.prog = _charged(states)
         # The same windows as one list per kind (REQ, ALL, IN, OUT), for admission's loop.
         self.groups = tuple([w for c, w in self.prog if c == code] for code in (REQ, ALL, IN, OUT))
@@ -297,6 +311,10 @@ class _Layout:
         self.budgeted = [st for st in states if st.budgets]
         # Admission's fast path undoes a failed pass by position, so it needs each window once.
         self.fast = len({id(w) for _, w in self.prog}) == len(self.prog)
+
+
+#: The layout of a reservation that charged nothing in this process (a shared backend's).
+NO_LAYOUT = _Layout([], [])
 
 
 class Waiter:
@@ -570,13 +588,15 @@ class Engine:
         """The :class:`_Layout` of ``scopes``, cached per list (a plan shares one list object)."""
         layout = self._plan_states.get(id(scopes))
         if layout is not None and layout.scopes is scopes and len(layout.states) == len(scopes):
-            for st in layout.states:
-                st.last_used = now
+            if now - layout.stamped > 1.0:  # last_used only needs to be about right (eviction's horizon)
+                layout.stamped = now
+                for st in layout.states:
+                    st.last_used = now
             return layout
         states = [self._state(s, now) for s in scopes]
         if len(self._plan_states) >= 4096:
             self._plan_states.clear()
-        layout = self._plan_states[id(scopes)] = _Layout(scopes, states)
+        layout = self._plan_states[id(scopes)] = _Layout(scopes, states, now)
         return layout
 
     def _forget_states(self) -> None:
@@ -620,9 +640,14 @@ class Engine:
         for st in layout.signals:
             if st.cooldown_until > now or st.pace_until > now or st.circuit is not CLOSED:
                 return False
-        for st in layout.slots:
-            if st.in_flight >= max(st.concurrency * share, 1 if share >= 1 else 0):  # type: ignore[operator]
-                return False
+        if share == 1.0:
+            for st in layout.slots:
+                if st.in_flight >= st.concurrency:  # type: ignore[operator]
+                    return False
+        else:
+            for st in layout.slots:
+                if st.in_flight >= max(st.concurrency * share, 1 if share >= 1 else 0):  # type: ignore[operator]
+                    return False
         if layout.budgeted:
             starts = self.calendar.starts(self.wall())
             for st in layout.budgeted:
@@ -649,7 +674,7 @@ class Engine:
                     w.total = total
                 else:
                     w.add(now, amount)
-        self._open(ticket, layout.states, layout.prog, now, layout.signals)
+        self._open(ticket, layout, now)
         return True
 
     @staticmethod
@@ -853,28 +878,26 @@ class Engine:
     def _commit(self, ticket: Ticket, states: list[ScopeState], now: float) -> None:
         tin, tout = ticket.input_tokens, ticket.output_tokens
         amounts = (1, tin + tout, tin, tout)
-        prog = _charged(states)
-        for code, w in prog:
+        layout = _Layout(ticket.scopes, states)  # (not cached: its states may include a chosen API key's)
+        for code, w in layout.prog:
             w.add(now, amounts[code])
-        self._open(ticket, states, prog, now, _signals_of(states))
+        self._open(ticket, layout, now)
 
-    def _open(self, ticket: Ticket, states: list[ScopeState], prog: list[tuple[int, SlidingWindow]],
-              now: float, signals: list[ScopeState]) -> None:
+    def _open(self, ticket: Ticket, layout: _Layout, now: float) -> None:
         """Open the reservation of an admitted call whose windows are charged: its slots, budget
         reservations, pacing slot and circuit probe."""
-        for st in states:
+        for st in layout.states:
             st.in_flight += 1
-            if st.budgets:
-                st.reserved_cost += ticket.cost
-                st.reserved_requests += 1
-        for st in signals:  # only these are ever paced or probing (see _Layout.signals)
+        for st in layout.budgeted:
+            st.reserved_cost += ticket.cost
+            st.reserved_requests += 1
+        for st in layout.signals:  # only these are ever paced or probing (see _Layout.signals)
             if st.pace_until > now:
                 st.next_slot = max(st.next_slot, now) + st.pace_interval
             if st.circuit is HALF_OPEN and st.probe is None:
                 st.probe = ticket.call_id
         self._version += 1
-        self._leases[ticket.call_id] = _Reservation(ticket, states, now + self.lease_seconds, now, prog,
-                                                    signals)
+        self._leases[ticket.call_id] = _Reservation(ticket, layout, now + self.lease_seconds, now)
         self.admitted_total += 1
 
     def _line_blocked(self, ticket: Ticket) -> Blocked | None:
@@ -1391,7 +1414,8 @@ class Engine:
         admitted = res.admitted_at
         width = -1.0
         index = current = -1
-        for code, window in res.prog:
+        layout = res.layout
+        for code, window in layout.prog:
             if window.width != width:  # most windows share a period: one division each
                 width = window.width
                 index = int(admitted // width)  # the bucket admission charged
@@ -1422,10 +1446,9 @@ class Engine:
                 else:
                     window.adjust(now, index, delta)
         actual_cost = t.cost if cost is None else cost  # unknown: keep the worst case
-        for st in res.states:
-            if st.budgets:
-                st.reserved_cost = max(st.reserved_cost - t.cost, 0.0)
-                st.reserved_requests = max(st.reserved_requests - 1, 0)
+        for st in layout.budgeted:
+            st.reserved_cost = max(st.reserved_cost - t.cost, 0.0)
+            st.reserved_requests = max(st.reserved_requests - 1, 0)
         wall = self.wall()
         starts = self.calendar.starts(wall)
         self.book.add(t.spend_keys, starts, actual_cost, 1, actual_in + actual_out)
@@ -1433,9 +1456,8 @@ class Engine:
             provider, model, agent, user, team, run = t.dims
             self._out_rows.append(SpendRow(wall, t.call_id, provider, model, agent, user, team, run, 1,
                                            actual_in, actual_out, actual_cost))
-        for st in res.states:
-            if st.budgets:
-                self._check_thresholds(st, starts, wall)
+        for st in layout.budgeted:
+            self._check_thresholds(st, starts, wall)
 
     def _check_thresholds(self, st: ScopeState, starts: dict[str, float], wall: float) -> None:
         for name, kind, limit in st.budgets:
@@ -1483,10 +1505,11 @@ class Engine:
             now = self.clock()
             if not res.settled:
                 self._settle(res, input_tokens, output_tokens, cost, now)
+            layout = res.layout
             if not res.slot_freed:
-                for st in res.states:
+                for st in layout.states:
                     st.in_flight -= 1
-            provider_states = res.signal_states
+            provider_states = layout.signals
             if provider_states:
                 if outcome == "rate_limited" and any(st.level == "key" for st in provider_states):
                     # The provider limits per API key: cool that key only; the others carry on.

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import _lua
 from ._budget import KINDS, RUN, SpendRow
-from ._engine import NEVER, Blocked, Engine, ScopeState, Ticket, _Reservation
+from ._engine import NEVER, NO_LAYOUT, Blocked, Engine, ScopeState, Ticket, _Reservation
 from .config import LimitSet
 from .errors import BackendUnavailableError, ConfigError, HiveRateLimitError, RequestTooLargeError
 
@@ -329,7 +329,7 @@ class RedisEngine(Engine):
         if code == 1:
             chosen = _unwire(_dec(out[2]))
             ticket.chosen = chosen or None
-            self._leases[ticket.call_id] = _Reservation(ticket, [], local + self.lease_seconds, rnow,
+            self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, local + self.lease_seconds, rnow,
                                                         remote=True, record=int(out[3]) == 1,
                                                         spend_targets=args[-1], local_at=local)
             self._version += 1
@@ -400,7 +400,7 @@ class RedisEngine(Engine):
                 f"calls are refused rather than sent uncounted. No request was sent; retry in "
                 f"{self.retry_interval:g}s.", retry_after=self.retry_interval)
         if self.on_error == "open":
-            self._leases[ticket.call_id] = _Reservation(ticket, [], now + self.lease_seconds, now)
+            self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, now + self.lease_seconds, now)
             self.admitted_total += 1
             return None
         fb = self.fallback

@@ -319,6 +319,7 @@ class HiveLimiter(CustomLogger):
         self._runaway = RunawayDetector(cfg.runaway.max_identical_requests, cfg.runaway.window_seconds,
                                         cfg.runaway.cooldown_seconds)
         self._provider_cache: dict[tuple[str, str | None], str] = {}
+        self._repr: tuple[Any, Any, str] = (None, None, "")
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._next_tail = 0.0
         self._configure_engine(cfg)
@@ -630,7 +631,10 @@ class HiveLimiter(CustomLogger):
     def __repr__(self) -> str:
         # LiteLLM formats its callback list into a debug string on every call: keep this cheap
         # (live figures are in get_usage_stats()).
-        return f"HiveLimiter(enabled={self._config.enabled}, backend={type(self._engine).__name__})"
+        cfg, eng = self._config, self._engine
+        if self._repr[0] is not cfg or self._repr[1] is not eng:
+            self._repr = (cfg, eng, f"HiveLimiter(enabled={cfg.enabled}, backend={type(eng).__name__})")
+        return self._repr[2]
 
     # ------------------------------------------------------------- tickets
     def _provider_of(self, model: str, custom_llm_provider: str | None, api_base: str | None) -> str:
