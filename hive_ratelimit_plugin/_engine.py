@@ -929,6 +929,29 @@ class Engine:
         finally:
             self._drain()
 
+    def admit_now(self, ticket: Ticket) -> bool:
+        """Admit ``ticket`` if it fits at once with nothing else to do (no maintenance due, no
+        line ahead of it, no API key to choose): the usual case, without :meth:`acquire`'s
+        set-up. ``False`` changes nothing; :meth:`acquire` then decides."""
+        if ticket.choices:
+            return False
+        try:
+            with self._lock:
+                now = self.clock()
+                if now >= self._next_sweep or self._front:
+                    return False
+                layout = self._layout(ticket.scopes, now)
+                if not layout.fast or not self._admit_fast(ticket, layout, now):
+                    return False
+                if self._heads and self._keyed_dispatch:
+                    self._took_room(ticket)
+                    if self._reconfigured:
+                        self._dispatch(now, ())
+            return True
+        finally:  # (a budget breaker raises, with its event queued)
+            if self._out_rows or self._out_events:
+                self._drain()
+
     def _acquire(self, ticket: Ticket, notify: Callable[[], None] | None) -> Waiter | None:
         now = self.clock()
         if now >= self._next_sweep:

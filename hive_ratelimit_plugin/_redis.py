@@ -277,6 +277,9 @@ class RedisEngine(Engine):
                 del seen[next(iter(seen))]
 
     # ------------------------------------------------------------ admission
+    def admit_now(self, ticket: Ticket) -> bool:
+        return False  # every admission is decided by the shared backend (see _try)
+
     def _try(self, ticket: Ticket, now: float) -> Blocked | None:
         cached = self._last_block.get(ticket.call_id)
         if cached is not None:

@@ -91,6 +91,8 @@ def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
         RateLimitQueueTimeout: not admitted within ``max_wait`` seconds, or the queue is full.
         RequestTooLargeError: the call can never fit.
     """
+    if engine.admit_now(ticket):
+        return 0.0
     event = _thread_event()
     start = engine.clock()
     ticket.deadline = start + max_wait
@@ -124,6 +126,8 @@ async def acquire_async(engine: Engine, ticket: Ticket, max_wait: float) -> floa
         RequestTooLargeError: the call can never fit.
         asyncio.CancelledError: the caller was cancelled; nothing stays reserved.
     """
+    if engine.admit_now(ticket):
+        return 0.0
     box: list[asyncio.Future[None]] = []
 
     def wake() -> None:
