@@ -1446,14 +1446,15 @@ class Engine:
             if code == REQ:
                 # Count the request from when it may have reached the provider, not from its
                 # admission: the HTTP request goes out (and lands) some time after admission,
-                # and a provider enforcing an exact window counts it from its arrival.
-                if not margin:
+                # and a provider enforcing an exact window counts it from its arrival. It can
+                # only move if it was admitted in an earlier bucket than now's (the time it
+                # moves to lies between its admission and now).
+                if current == index or not margin:
                     continue
                 if short and elapsed <= window.period / 2:
                     # Done soon after the send: it had arrived by now, so count it from now.
                     # (A stalled event loop can hold a fast call's bytes for 100+ ms.)
-                    if current != index:  # else: same bucket, nothing moves
-                        window.move(now, index, 1, now)
+                    window.move(now, index, 1, now)
                 else:  # a long call (generation time): it arrived early on
                     to = start + min(margin, window.period / 10)
                     if int(to // width) != index:
