@@ -1,0 +1,128 @@
+"""What LiteLLM itself charges for the keyword arguments the plugin may add to a call.
+
+The async guard adds ``max_retries=0`` to every call unless ``retry.take_over_sdk_retries`` is
+off (the openai SDK would otherwise retry 429s unseen, outside admission). This counts, under
+Valgrind's ``callgrind`` like ``bench_instructions.py``, the CPU instructions of
+``litellm.acompletion(..., mock_response="ok")`` with a do-nothing ``CustomLogger`` registered,
+with and without such an argument: the difference is LiteLLM's work, not the plugin's.
+
+Run: ``python benchmarks/bench_litellm_kwargs.py`` (needs valgrind; ~4 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+try:
+    from . import _common as common
+except ImportError:  # run as a script
+    import _common as common  # type: ignore[no-redef]
+
+HERE = Path(__file__).resolve()
+VARIANTS = {
+    "plain": "no extra argument",
+    "max_retries": "max_retries=0 (what the guard adds by default)",
+    "litellm_call_id": "litellm_call_id=<a fresh uuid> (what the guard passed before 2026-11-29)",
+}
+
+
+def _child(variant: str, n: int) -> None:
+    try:
+        from . import bench_e2e, bench_instructions
+    except ImportError:
+        import bench_e2e  # type: ignore[no-redef]
+        import bench_instructions  # type: ignore[no-redef]
+    litellm = common.quiet_litellm()
+    from hive_ratelimit_plugin import plugin as plugin_mod
+
+    plugin_mod.install_sync_guard()  # as in bench_instructions: it passes calls through without a limiter
+    litellm.callbacks[:] = [bench_instructions._noop_logger()]
+
+    def kwargs() -> dict[str, Any]:
+        kw = bench_e2e._kwargs()
+        if variant == "max_retries":
+            kw["max_retries"] = 0
+        elif variant == "litellm_call_id":
+            kw["litellm_call_id"] = str(uuid.uuid4())
+        return kw
+
+    async def run(k: int) -> None:
+        for _ in range(k):
+            await litellm.acompletion(**kwargs())
+
+    asyncio.run(run(30 + n))
+
+
+def _count(variant: str, n: int) -> int:
+    env = dict(os.environ, PYTHONHASHSEED="0", LITELLM_LOCAL_MODEL_COST_MAP="True")
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(HERE),
+         "--child", variant, str(n)],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
+    if out.returncode != 0 or m is None:
+        raise RuntimeError(f"callgrind run of {variant} x{n} failed (exit {out.returncode}): {out.stderr[-2000:]}")
+    return int(m.group(1))
+
+
+def run() -> dict[str, Any]:
+    if shutil.which("valgrind") is None:
+        return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
+    from importlib.metadata import version
+
+    lo, hi = 50, 250
+    jobs = [(v, n) for v in VARIANTS for n in (lo, hi)]
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        counts = dict(zip(jobs, pool.map(lambda j: _count(*j), jobs), strict=True))
+    per_call = {v: (counts[(v, hi)] - counts[(v, lo)]) / (hi - lo) for v in VARIANTS}
+    return {"calls": [lo, hi], "litellm": version("litellm"), "per_call": per_call,
+            "added": {v: per_call[v] - per_call["plain"] for v in VARIANTS if v != "plain"}}
+
+
+def summary(res: dict[str, Any]) -> str:
+    if "skipped" in res:
+        return f"skipped: {res['skipped']}"
+    lines = [f"LiteLLM {res['litellm']}, instructions per call ({res['calls'][1] - res['calls'][0]} calls):"]
+    for v, label in VARIANTS.items():
+        extra = "" if v == "plain" else \
+            f"  {res['added'][v]:+,.0f} ({100.0 * res['added'][v] / res['per_call']['plain']:+.2f} %)"
+        lines.append(f"  {label:70s} {res['per_call'][v]:>14,.0f}{extra}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        _child(sys.argv[2], int(sys.argv[3]))
+        return
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the result there (for run.py --reuse)")
+    args = parser.parse_args()
+    res = run()
+    print(summary(res))
+    if args.json:
+        import datetime
+        import json
+        import shlex
+
+        Path(args.json).write_text(json.dumps({
+            "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_litellm_kwargs.py", *sys.argv[1:]]),
+            "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "package": str(common.PACKAGE_ROOT),
+            "result": res,
+        }, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
