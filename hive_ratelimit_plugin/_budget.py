@@ -147,6 +147,12 @@ class BudgetBook:
         self._flush()
         self._add(keys, starts, cost, requests, tokens, since)
 
+    def add_now(self, keys: list[str], starts: dict[str, float], cost: float, requests: int, tokens: int) -> None:
+        """:meth:`add` straight into the counters, for spend that is read at once (budget checks)."""
+        if self._tab:
+            self._flush()
+        self._add(keys, starts, cost, requests, tokens, None)
+
     def _add(self, keys: list[str], starts: dict[str, float], cost: float, requests: int, tokens: int,
              since: float | None) -> None:
         counters = self._counters

@@ -1475,7 +1475,10 @@ class Engine:
             st.reserved_requests = max(st.reserved_requests - 1, 0)
         wall = self.wall()
         starts = self.calendar.starts(wall)
-        self.book.add(t.spend_keys, starts, actual_cost, 1, actual_in + actual_out)
+        if layout.budgeted:  # its budgets are checked right after: no tab
+            self.book.add_now(t.spend_keys, starts, actual_cost, 1, actual_in + actual_out)
+        else:
+            self.book.add(t.spend_keys, starts, actual_cost, 1, actual_in + actual_out)
         if self.record_spend:
             provider, model, agent, user, team, run = t.dims
             self._out_rows.append(SpendRow(wall, t.call_id, provider, model, agent, user, team, run, 1,
