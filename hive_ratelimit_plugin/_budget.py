@@ -94,6 +94,8 @@ class BudgetBook:
         # id(keys) -> [keys, cost, requests, tokens], all tallied under _tab_starts
         self._tab: dict[int, list] = {}  # type: ignore[type-arg]
         self._tab_starts: dict[str, float] | None = None
+        # id(keys) -> (keys, [(key, window kind), ...]): the counters a key list's spend goes to
+        self._pairs: dict[int, tuple[list[str], list[tuple[str, str]]]] = {}
 
     def _flush(self) -> None:
         tab = self._tab
@@ -156,17 +158,23 @@ class BudgetBook:
     def _add(self, keys: list[str], starts: dict[str, float], cost: float, requests: int, tokens: int,
              since: float | None) -> None:
         counters = self._counters
-        for key in keys:
-            for kind in (RUN,) if key.startswith("run:") else KINDS:
-                start = starts[kind]
-                if since is not None and kind != RUN and since < start:
-                    continue
-                c = counters.get((key, kind))
-                if c is None or c.start != start:
-                    c = counters[(key, kind)] = Counter(start)
-                c.cost += cost
-                c.requests += requests
-                c.tokens += tokens
+        pairs = self._pairs.get(id(keys))
+        if pairs is None or pairs[0] is not keys:
+            if len(self._pairs) > 4096:
+                self._pairs.clear()
+            pairs = self._pairs[id(keys)] = (keys, [(key, kind) for key in keys
+                                                    for kind in ((RUN,) if key.startswith("run:") else KINDS)])
+        for pair in pairs[1]:
+            kind = pair[1]
+            start = starts[kind]
+            if since is not None and kind != RUN and since < start:
+                continue
+            c = counters.get(pair)
+            if c is None or c.start != start:
+                c = counters[pair] = Counter(start)
+            c.cost += cost
+            c.requests += requests
+            c.tokens += tokens
 
     def set(self, key: str, kind: str, start: float, cost: float, requests: int, tokens: int) -> None:
         self._flush()
