@@ -178,3 +178,33 @@ def fmt_us(v: float) -> str:
     if v >= 10:
         return f"{v:.1f} µs"
     return f"{v:.2f} µs"
+
+
+def callgrind_instructions(script: str | Path, *args: str) -> int:
+    """CPU instructions a run of ``python script args...`` executes under Valgrind's callgrind
+    (``PYTHONHASHSEED=0``, no price-map download)."""
+    import re
+    import subprocess
+
+    env = dict(os.environ, PYTHONHASHSEED="0", LITELLM_LOCAL_MODEL_COST_MAP="True")
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(script), *args],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
+    if out.returncode != 0 or m is None:
+        raise RuntimeError(f"callgrind run of {' '.join(args)} failed (exit {out.returncode}): {out.stderr[-2000:]}")
+    return int(m.group(1))
+
+
+def write_result_json(path: str, script: str, result: dict[str, Any]) -> None:
+    """Write a stage's result with the command that produced it (what ``run.py --reuse`` reads)."""
+    import json
+    import shlex
+
+    Path(path).write_text(json.dumps({
+        "command": "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]]),
+        "when": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "package": str(PACKAGE_ROOT),
+        "result": result,
+    }, indent=1), encoding="utf-8")

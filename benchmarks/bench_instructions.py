@@ -35,10 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -168,16 +165,7 @@ def _child(mode: str, n: int) -> None:
 
 # ----------------------------------------------------------------------------- driver
 def _count(mode: str, n: int) -> int:
-    env = dict(os.environ, PYTHONHASHSEED="0", LITELLM_LOCAL_MODEL_COST_MAP="True")
-    out = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(HERE),
-         "--child", mode, str(n)],
-        capture_output=True, text=True, env=env, check=False,
-    )
-    m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
-    if out.returncode != 0 or m is None:
-        raise RuntimeError(f"callgrind run of {mode} x{n} failed (exit {out.returncode}): {out.stderr[-2000:]}")
-    return int(m.group(1))
+    return common.callgrind_instructions(HERE, "--child", mode, str(n))
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -227,16 +215,7 @@ def main() -> None:
     res = run(args.quick)
     print(summary(res))
     if args.json:
-        import datetime
-        import json
-        import shlex
-
-        Path(args.json).write_text(json.dumps({
-            "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_instructions.py", *sys.argv[1:]]),
-            "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "package": str(common.PACKAGE_ROOT),
-            "result": res,
-        }, indent=1), encoding="utf-8")
+        common.write_result_json(args.json, "benchmarks/bench_instructions.py", res)
 
 
 if __name__ == "__main__":

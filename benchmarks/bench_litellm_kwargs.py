@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
-import subprocess
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -63,16 +61,7 @@ def _child(variant: str, n: int) -> None:
 
 
 def _count(variant: str, n: int) -> int:
-    env = dict(os.environ, PYTHONHASHSEED="0", LITELLM_LOCAL_MODEL_COST_MAP="True")
-    out = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(HERE),
-         "--child", variant, str(n)],
-        capture_output=True, text=True, env=env, check=False,
-    )
-    m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
-    if out.returncode != 0 or m is None:
-        raise RuntimeError(f"callgrind run of {variant} x{n} failed (exit {out.returncode}): {out.stderr[-2000:]}")
-    return int(m.group(1))
+    return common.callgrind_instructions(HERE, "--child", variant, str(n))
 
 
 def run() -> dict[str, Any]:
@@ -112,16 +101,7 @@ def main() -> None:
     res = run()
     print(summary(res))
     if args.json:
-        import datetime
-        import json
-        import shlex
-
-        Path(args.json).write_text(json.dumps({
-            "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_litellm_kwargs.py", *sys.argv[1:]]),
-            "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "package": str(common.PACKAGE_ROOT),
-            "result": res,
-        }, indent=1), encoding="utf-8")
+        common.write_result_json(args.json, "benchmarks/bench_litellm_kwargs.py", res)
 
 
 if __name__ == "__main__":
