@@ -866,14 +866,24 @@ class Engine:
 
     def _try(self, ticket: Ticket, now: float) -> Blocked | None:
         """Admit ``ticket`` now (reserving everything it needs) or say why not."""
-        if not ticket.choices:
-            layout = self._layout(ticket.scopes, now)
-            if layout.fast and self._admit_fast(ticket, layout, now):
-                return None
+        if not ticket.choices and self._try_fast(ticket, now):
+            return None
         states, blocked = self._evaluate(ticket, now)
         if blocked is None:
             self._commit(ticket, states, now)
         return blocked
+
+    def _try_fast(self, ticket: Ticket, now: float) -> bool:
+        """Admit through :meth:`_admit_fast` if the plan's layout allows it (``False``: nothing changed)."""
+        layout = self._layout(ticket.scopes, now)
+        return layout.fast and self._admit_fast(ticket, layout, now)
+
+    def _took_room_now(self, ticket: Ticket, now: float) -> None:
+        """After an admission at once: the keyed queue learns which scopes lost room."""
+        if self._heads and self._keyed_dispatch:
+            self._took_room(ticket)
+            if self._reconfigured:  # it brought new limits (API-key choices after a reload)
+                self._dispatch(now, ())
 
     def _commit(self, ticket: Ticket, states: list[ScopeState], now: float) -> None:
         tin, tout = ticket.input_tokens, ticket.output_tokens
@@ -940,13 +950,9 @@ class Engine:
                 now = self.clock()
                 if now >= self._next_sweep or self._front:
                     return False
-                layout = self._layout(ticket.scopes, now)
-                if not layout.fast or not self._admit_fast(ticket, layout, now):
+                if not self._try_fast(ticket, now):
                     return False
-                if self._heads and self._keyed_dispatch:
-                    self._took_room(ticket)
-                    if self._reconfigured:
-                        self._dispatch(now, ())
+                self._took_room_now(ticket, now)
             return True
         finally:  # (a budget breaker raises, with its event queued)
             if self._out_rows or self._out_events:
@@ -961,10 +967,7 @@ class Engine:
         if blocked is None:
             blocked = self._try(ticket, now)
             if blocked is None:
-                if self._heads and self._keyed_dispatch:
-                    self._took_room(ticket)
-                    if self._reconfigured:  # it brought new limits (API-key choices after a reload)
-                        self._dispatch(now, ())
+                self._took_room_now(ticket, now)
                 return None
         else:
             # Still validate that the call could ever fit, so it fails fast if not.
