@@ -1174,24 +1174,20 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         try:
             return await fn(*args, **kwargs)
         except Exception as exc:
-            call_id = admitted[0] or kwargs.get("litellm_call_id")
-            if call_id:
-                _release_attempt(limiters, call_id, exc)
+            _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), exc)
             if retrying is None:
                 retrying = _Retrying(first, kwargs, args, started, user_call_id)
             if not retrying.should_retry(exc):
                 raise
         except BaseException:  # cancelled (or interrupted) while admitted or in flight
-            call_id = admitted[0] or kwargs.get("litellm_call_id")
-            if call_id:
-                _release_attempt(limiters, call_id, None)
+            _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), None)
             raise
         finally:
             if token is not None:
                 _wait_budget.reset(token)
 
 
-def _release_attempt(limiters: list[HiveLimiter], call_id: str, exc: BaseException | None) -> None:
+def _release_attempt(limiters: list[HiveLimiter], call_id: str | None, exc: BaseException | None) -> None:
     """Settle a failed (``exc``) or cancelled (``None``) attempt now rather than wait for LiteLLM's
     failure event, which can come late (or, after an earlier event loop was closed, not at all)
     and would hold the slot meanwhile. The event, when it comes, finds nothing left to release."""
