@@ -362,6 +362,8 @@ class _Handler(BaseHTTPRequestHandler):
             n = len(inputs) if isinstance(inputs, list) else 1
             data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(n)]
             self._send_json(200, {"object": "list", "data": data, "model": model, "usage": usage}, headers)
+        elif path.endswith("/completions") and not path.endswith("chat/completions") and stream:
+            self._stream(body, model, usage, headers, completion_tokens, text=True)
         elif path.endswith("/completions") and not path.endswith("chat/completions"):
             self._send_json(200, {
                 "id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": model,
@@ -369,7 +371,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "usage": usage,
             }, headers)
         elif stream:
-            self._stream_chat(body, model, usage, headers, completion_tokens)
+            self._stream(body, model, usage, headers, completion_tokens)
         else:
             self._send_json(200, {
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -403,18 +405,28 @@ class _Handler(BaseHTTPRequestHandler):
         }}
         self._send_json(status, payload, headers)
 
-    def _stream_chat(self, body: dict[str, Any], model: str, usage: dict[str, int],
-                     headers: dict[str, str], completion_tokens: int) -> None:
+    def _stream(self, body: dict[str, Any], model: str, usage: dict[str, int],
+                headers: dict[str, str], completion_tokens: int, text: bool = False) -> None:
+        """Server-sent events: one chunk per output token, a final chunk with ``finish_reason``,
+        then the usage chunk if the request asked for it (``stream_options.include_usage``)."""
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
-        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-        chunks = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": "ok "},
-                                       "finish_reason": None}]) for _ in range(max(completion_tokens, 1))]
-        chunks.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        n = max(completion_tokens, 1)
+        if text:
+            base = {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": model}
+            chunks = [dict(base, choices=[{"index": 0, "text": "ok ", "finish_reason": None, "logprobs": None}])
+                      for _ in range(n)]
+            chunks.append(dict(base, choices=[{"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}]))
+        else:
+            base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": model}
+            chunks = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": "ok "},
+                                           "finish_reason": None}]) for _ in range(n)]
+            chunks.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
         if (body.get("stream_options") or {}).get("include_usage"):
             chunks.append(dict(base, choices=[], usage=usage))
         try:
