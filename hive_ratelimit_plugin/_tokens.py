@@ -98,11 +98,6 @@ def count_input(model: str, value: Any) -> int:
     return _count_text(model, json.dumps(value, default=str))
 
 
-def count_text(model: str, text: str) -> int:
-    """Tokens of a piece of generated text (a stream's output when the provider sent no usage)."""
-    return _count_text(model, text) if text else 0
-
-
 def requested_output(kwargs: Mapping[str, Any], default: int) -> int:
     """The output tokens a call may produce: its cap if it set one, else ``default``."""
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):

@@ -9,11 +9,9 @@ How a call is held (see docs/architecture.md for the verified LiteLLM facts):
   swallows exceptions from every sync pre-call hook, so a guard around ``litellm.completion``,
   ``litellm.embedding`` and ``litellm.text_completion`` (installed once per process, active only
   while a ``HiveLimiter`` is registered) admits the call on the caller's thread.
-* usage is settled from the response inline (success deployment hook / the guard); a stream the
-  guard hands back settles itself when the caller exhausts it (see :func:`_settle_when_exhausted`);
-  failures and cancellations release; a stream the caller abandons is reclaimed when its lease
-  expires. ``HiveLimiter`` overrides neither success *event*: LiteLLM then schedules no success
-  logging work for us on every call (~57k CPU instructions per call on LiteLLM 1.110).
+* usage is settled from the response inline (success deployment hook / the guard), or for
+  streams from the final event; failures and cancellations release; a stream the caller abandons
+  is reclaimed when its lease expires.
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ from ._pricing import PriceBook
 from ._retry import backoff, is_rate_limit, is_transient, read_signals, response_headers, suggested_wait
 from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
-from ._tokens import count_input, count_messages, count_text, requested_output
+from ._tokens import count_input, count_messages, requested_output
 from ._waiting import acquire_async, acquire_sync
 from .config import RateLimitingConfig, load_config
 from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
@@ -794,20 +792,6 @@ class HiveLimiter(CustomLogger):
         signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
 
-    def _finish_stream(self, call_id: str, last_chunk: Any, text: str) -> None:
-        """Settle a stream its caller read to the end: with the usage its last chunk carries, or
-        else with its prompt estimate plus the generated text's tokens (LiteLLM's own estimate
-        for a stream without usage is the same count)."""
-        ticket = self._engine.ticket_of(call_id)
-        if ticket is None:
-            return  # settled already (the async streaming hook saw the usage chunk), or not ours
-        # (LiteLLM 1.83 puts an all-zero placeholder usage on text-completion chunks: not usage)
-        if last_chunk is not None and _usage_of(last_chunk)[0]:
-            self._finish(call_id, last_chunk)
-            return
-        out = count_text(str(ticket.info.get("model", "")), text)
-        self._finish(call_id, {"usage": {"prompt_tokens": None, "completion_tokens": out}})
-
     def _note_429(self, model_arg: Any, kwargs: Mapping[str, Any], wait: float | None, retried: bool) -> None:
         """Count and log a provider 429 (the retry loop sees every one, sync or async)."""
         model = str(model_arg or "")
@@ -895,12 +879,15 @@ class HiveLimiter(CustomLogger):
                 return response_chunk
         choices = getattr(response_chunk, "choices", None) or ()
         if any(getattr(c, "finish_reason", None) for c in choices):
-            # Generation is over. The usage chunk may still follow; the call settles when the
-            # caller has read the stream to its end (_StreamTally.done) or its lease expires.
+            # Generation is over; usage (exact or LiteLLM's estimate) comes with the success event.
             self._engine.free_slot(call_id)
         else:
             self._engine.renew(call_id)
         return response_chunk
+
+    async def async_log_success_event(self, kwargs: dict[str, Any], response_obj: Any,
+                                      start_time: Any, end_time: Any) -> None:
+        self._finish(kwargs.get("litellm_call_id"), response_obj)
 
     async def async_log_failure_event(self, kwargs: dict[str, Any], response_obj: Any,
                                       start_time: Any, end_time: Any) -> None:
@@ -912,6 +899,9 @@ class HiveLimiter(CustomLogger):
         call_id = kwargs.get("litellm_call_id")
         if call_id:
             self._engine.note_attempt(call_id)
+
+    def log_success_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
+        self._finish(kwargs.get("litellm_call_id"), response_obj)
 
     def log_failure_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
         self._finish(kwargs.get("litellm_call_id"), failed=True, exc=_exception_of(kwargs, response_obj))
@@ -1109,10 +1099,10 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         finally:
             _guarded_call.reset(token)
-        if view.get("stream"):
-            return _settle_when_exhausted(result, held)
-        for lim, cid in held:
-            lim._finish(cid, result)
+        if not view.get("stream"):
+            for lim, cid in held:
+                lim._finish(cid, result)
+        # A stream settles from its success event when exhausted, or when its lease expires.
         return result
 
     @functools.wraps(fn)
@@ -1182,11 +1172,7 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         # a cancellation (which LiteLLM reports to no callback) can still release its reservation.
         admitted[0] = None
         try:
-            result = await fn(*args, **kwargs)
-            if kwargs.get("stream"):
-                cid = admitted[0] or kwargs.get("litellm_call_id")
-                return _settle_when_exhausted(result, [(lim, cid) for lim in limiters] if cid else [])
-            return result
+            return await fn(*args, **kwargs)
         except Exception as exc:
             _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), exc)
             if retrying is None:
@@ -1207,114 +1193,6 @@ def _release_attempt(limiters: list[HiveLimiter], call_id: str | None, exc: Base
     and would hold the slot meanwhile. The event, when it comes, finds nothing left to release."""
     for lim in limiters:
         lim._finish(call_id, failed=True, exc=exc)
-
-
-class _StreamTally:
-    """What a guarded stream has produced so far, and whom to settle with at its end."""
-
-    __slots__ = ("held", "last", "open", "parts")
-
-    def __init__(self, held: list[tuple[HiveLimiter, str]]) -> None:
-        self.held = held
-        self.parts: list[str] = []
-        self.last: Any = None
-        self.open = True
-
-    def see(self, chunk: Any) -> None:
-        self.last = chunk
-        for choice in getattr(chunk, "choices", None) or ():
-            delta = getattr(choice, "delta", None)
-            if delta is None:  # a text-completion chunk
-                text = getattr(choice, "text", None)
-                if isinstance(text, str) and text:
-                    self.parts.append(text)
-                continue
-            text = getattr(delta, "content", None)
-            if isinstance(text, str) and text:
-                self.parts.append(text)
-            for call in getattr(delta, "tool_calls", None) or ():
-                args = getattr(getattr(call, "function", None), "arguments", None)
-                if isinstance(args, str) and args:
-                    self.parts.append(args)
-
-    def done(self) -> None:
-        if not self.open:
-            return
-        self.open = False
-        text = "".join(self.parts)
-        for lim, cid in self.held:
-            try:
-                lim._finish_stream(cid, self.last, text)
-            except Exception:  # never break the caller's loop over its stream
-                logger.exception("settling a finished stream failed; its lease will reclaim it")
-
-
-_SETTLING_CLASSES: dict[type, type] = {}
-
-
-def _settling_class(base: type) -> type:
-    """A subclass of LiteLLM's stream wrapper ``base`` whose iteration reports each chunk and the
-    end of the stream to the instance's ``_StreamTally`` (created once per wrapper class)."""
-    cls = _SETTLING_CLASSES.get(base)
-    if cls is not None:
-        return cls
-    ns: dict[str, Any] = {"__module__": base.__module__, "__qualname__": base.__qualname__}
-    if hasattr(base, "__next__"):
-        base_next = base.__next__
-
-        def __next__(self: Any) -> Any:  # noqa: N807 (becomes the subclass's __next__)
-            try:
-                chunk = base_next(self)
-            except StopIteration:
-                self._hive_ratelimit_tally.done()
-                raise
-            self._hive_ratelimit_tally.see(chunk)
-            return chunk
-
-        ns["__next__"] = __next__
-    if hasattr(base, "__anext__"):
-        base_anext = base.__anext__
-
-        async def __anext__(self: Any) -> Any:  # noqa: N807
-            try:
-                chunk = await base_anext(self)
-            except StopAsyncIteration:
-                self._hive_ratelimit_tally.done()
-                raise
-            self._hive_ratelimit_tally.see(chunk)
-            return chunk
-
-        ns["__anext__"] = __anext__
-    cls = type(base.__name__, (base,), ns)
-    _SETTLING_CLASSES[base] = cls
-    return cls
-
-
-def _settle_when_exhausted(result: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
-    """Make a stream settle its call when the caller has read it to the end.
-
-    LiteLLM reports a finished stream only through its success *events*, and overriding those
-    makes LiteLLM schedule success-logging work on every call, streamed or not. Instead the
-    stream object LiteLLM returns becomes an instance of a subclass of its own class (same name,
-    same behaviour, ``isinstance`` unchanged) whose ``__next__`` / ``__anext__`` note the output
-    and settle at ``StopIteration``. A stream that cannot be re-classed (an unknown wrapper with
-    ``__slots__``) is left as it is: its lease reclaims it.
-    """
-    if not held:
-        return result
-    base = type(result)
-    if not (hasattr(base, "__next__") or hasattr(base, "__anext__")):
-        for lim, cid in held:  # not a stream after all (e.g. served from a cache)
-            lim._finish(cid, result)
-        return result
-    try:
-        tally = _StreamTally(held)
-        cls = _settling_class(base) if base not in _SETTLING_CLASSES.values() else base
-        result.__class__ = cls
-        result._hive_ratelimit_tally = tally
-    except (TypeError, AttributeError):
-        logger.debug("stream of type %s cannot settle itself; its lease will", base.__name__)
-    return result
 
 
 def install_sync_guard() -> None:
