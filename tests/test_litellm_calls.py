@@ -432,3 +432,30 @@ def test_sync_stream_settles_after_it_is_read(usage: bool, provider: FakeProvide
     else:
         _wait_for(lambda: _global(limiter)["tokens_per_minute"]["used"] < 100)
     _wait_for(lambda: _global(limiter)["in_flight"] == 0)
+
+
+@pytest.mark.parametrize("usage", [True, False], ids=["with-usage", "without-usage"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_text_completion_stream_settles_after_it_is_read(mode: str, usage: bool, provider: FakeProvider,
+                                                               clock: FakeClock) -> None:
+    """A text-completion stream (server-sent events) settles once read: exactly with include_usage."""
+    limiter = make_limiter(clock, {"global": {"tokens_per_minute": 100000, "concurrent_requests": 2}})
+    provider.state.completion_tokens = 12
+    kw: dict[str, Any] = {"model": "openai/gpt-3.5-turbo-instruct", "api_base": provider.url, "api_key": SECRET,
+                          "prompt": "say ok", "max_tokens": 2000, "stream": True, "max_retries": 0}
+    if usage:
+        kw["stream_options"] = {"include_usage": True}
+    if mode == "sync":
+        for _ in litellm.text_completion(**kw):
+            pass
+    else:
+        async for _ in await litellm.atext_completion(**kw):
+            pass
+    sent = provider.state.log[-1]
+    assert sent.stream and sent.path.endswith("/completions")
+    if usage:
+        await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"]
+                         == sent.prompt_tokens + sent.completion_tokens)
+    else:
+        await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"] < 100)
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
