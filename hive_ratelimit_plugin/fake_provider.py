@@ -362,9 +362,10 @@ class _Handler(BaseHTTPRequestHandler):
             n = len(inputs) if isinstance(inputs, list) else 1
             data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(n)]
             self._send_json(200, {"object": "list", "data": data, "model": model, "usage": usage}, headers)
-        elif path.endswith("/completions") and not path.endswith("chat/completions") and stream:
-            self._stream(body, model, usage, headers, completion_tokens, text=True)
         elif path.endswith("/completions") and not path.endswith("chat/completions"):
+            if stream:
+                self._stream(body, model, usage, headers, completion_tokens, text=True)
+                return
             self._send_json(200, {
                 "id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": model,
                 "choices": [{"text": " ok" * completion_tokens, "index": 0, "finish_reason": "stop", "logprobs": None}],
@@ -415,18 +416,17 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
-        n = max(completion_tokens, 1)
-        if text:
-            base = {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": model}
-            chunks = [dict(base, choices=[{"index": 0, "text": "ok ", "finish_reason": None, "logprobs": None}])
-                      for _ in range(n)]
-            chunks.append(dict(base, choices=[{"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}]))
-        else:
-            base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": model}
-            chunks = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": "ok "},
-                                           "finish_reason": None}]) for _ in range(n)]
-            chunks.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        kind = ("cmpl-fake", "text_completion") if text else ("chatcmpl-fake", "chat.completion.chunk")
+        base = {"id": kind[0], "object": kind[1], "created": int(time.time()), "model": model}
+
+        def choice(piece: str, finish: str | None) -> dict[str, Any]:
+            if text:
+                return {"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}
+            return {"index": 0, "delta": {"role": "assistant", "content": piece} if piece else {},
+                    "finish_reason": finish}
+
+        chunks = [dict(base, choices=[choice("ok ", None)]) for _ in range(max(completion_tokens, 1))]
+        chunks.append(dict(base, choices=[choice("", "stop")]))
         if (body.get("stream_options") or {}).get("include_usage"):
             chunks.append(dict(base, choices=[], usage=usage))
         try:
