@@ -358,6 +358,15 @@ def _global(limiter: Any) -> dict[str, Any]:
     return limiter.get_usage_stats()["levels"]["global"]["global"]  # type: ignore[no-any-return]
 
 
+def _settled(limiter: Any, sent: Any, usage: bool) -> Callable[[], bool]:
+    """Whether the last call's tokens are settled: to the provider's usage when the stream carried
+    it, else to LiteLLM's estimate (far below the 2,000 ``max_tokens`` reserved)."""
+    def check() -> bool:
+        used = _global(limiter)["tokens_per_minute"]["used"]
+        return bool(used == sent.prompt_tokens + sent.completion_tokens if usage else used < 100)
+    return check
+
+
 async def test_async_cache_hit_is_settled(provider: FakeProvider, clock: FakeClock) -> None:
     """A cached answer comes back after the pre-call hook but without the success deployment hook:
     it still gives its slot back and settles its estimate."""
@@ -410,11 +419,7 @@ async def test_async_stream_settles_after_it_is_read(entry: str, usage: bool, pr
     async for _ in resp:
         pass
     sent = provider.state.log[-1]
-    if usage:
-        await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"]
-                         == sent.prompt_tokens + sent.completion_tokens)
-    else:
-        await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"] < 100)
+    await wait_until(_settled(limiter, sent, usage))
     assert _global(limiter)["in_flight"] == 0
 
 
@@ -427,10 +432,7 @@ def test_sync_stream_settles_after_it_is_read(usage: bool, provider: FakeProvide
     for _ in litellm.completion(**chat_kwargs(provider, max_tokens=2000), stream=True, **extra):
         pass
     sent = provider.state.log[-1]
-    if usage:
-        _wait_for(lambda: _global(limiter)["tokens_per_minute"]["used"] == sent.prompt_tokens + sent.completion_tokens)
-    else:
-        _wait_for(lambda: _global(limiter)["tokens_per_minute"]["used"] < 100)
+    _wait_for(_settled(limiter, sent, usage))
     _wait_for(lambda: _global(limiter)["in_flight"] == 0)
 
 
@@ -453,9 +455,5 @@ async def test_text_completion_stream_settles_after_it_is_read(mode: str, usage:
             pass
     sent = provider.state.log[-1]
     assert sent.stream and sent.path.endswith("/completions")
-    if usage:
-        await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"]
-                         == sent.prompt_tokens + sent.completion_tokens)
-    else:
-        await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"] < 100)
+    await wait_until(_settled(limiter, sent, usage))
     await wait_until(lambda: _global(limiter)["in_flight"] == 0)
