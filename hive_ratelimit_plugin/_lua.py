@@ -19,6 +19,8 @@ Layout (``P`` is ``{prefix}``, ``S`` a scope key such as ``model:openai/gpt-4o``
 * ``P:l:<call id>``   hash: what an open call reserved, so that an abandoned call (its process
   died) is reclaimed when its lease expires; ``P:leases`` orders them by expiry.
 * ``P:mark:...``      budget warnings already sent this window (once across all processes).
+* ``P:once:<process>`` sorted set: the numbers of the writes of one process that Redis applied and
+  that process may still send again (a lost answer), so that each is applied once (see ``first_time``).
 
 Every key has a TTL: windows twice their period, spend a little longer than its calendar window,
 lease records (and the reservation hashes holding them) twice their lease and a day. Nothing
@@ -60,6 +62,20 @@ local BUCKETS = 60
 local INF = math.huge
 -- Numbers go back to the client at full precision (tostring keeps only 14 digits).
 local function fmt(x) return string.format('%.17g', x) end
+-- A write that a process may send twice (Redis ran it, but its answer was lost to a socket
+-- timeout, so the process keeps it and sends it again) is numbered by that process: sid names
+-- the process, seq the write. Redis keeps, per process, the numbers it applied from low on (the
+-- oldest write whose answer that process has not seen yet; it never sends an older one again),
+-- so the set stays as small as the writes in doubt. True when this write was not applied yet.
+local function first_time(sid, seq, low)
+  if not sid or sid == '' then return true end
+  local k = P .. ':once:' .. sid
+  if redis.call('ZSCORE', k, seq) then return false end
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. low)
+  redis.call('ZADD', k, seq, seq)
+  redis.call('PEXPIRE', k, 604800000)  -- a week: a process gone for good leaves it behind
+  return true
+end
 
 -- A window hash: bucket index -> usage, plus 'T' (the total of its live buckets) and 'O' (the
 -- oldest bucket that may still hold usage). A look at a window reads those two fields and drops
@@ -463,7 +479,9 @@ return out
 #:   pace_default, circuit threshold, cooldown, max cooldown, adaptive(0/1), decrease, adaptive min,
 #:   nthr, [threshold]*, nscopes, then per scope:  (outcome 'void': an admission whose answer was lost)
 #:     key, provider(0/1), rate(''=none), nwin, [name, period, amount(estimated), actual, isreq(0/1)]*,
-#:     nbud, [name, kind, start, limit, isreq, ttl]*
+#:     nbud, [name, kind, start, limit, isreq, ttl]*,
+#:   then sid, seq, low ('' = none; see first_time): numbers a settlement without a lease record, which
+#:   a replay would otherwise apply twice
 #: Returns {settled(0/1), now, events...} where each event is a '\0'-joined string.
 SETTLE = _COMMON + r"""
 local call_id = arg()
@@ -496,6 +514,10 @@ for s = 1, nscopes do
     sc.buds[b] = {name = arg(), kind = arg(), start = arg(), limit = num(), isreq = arg() == '1', ttl = num()}
   end
   scopes[s] = sc
+end
+local once_sid, once_seq, once_low = arg(), arg(), arg()
+if not has_record and not freeing and not first_time(once_sid, once_seq, once_low) then
+  return {0, fmt(now)}  -- written before: its answer was lost, this is the replay
 end
 local events = {}
 local admitted_at, expired, sp_str = at_arg, false, sp_arg
@@ -770,12 +792,16 @@ redis.call('PEXPIRE', lk, ms)
 return 1
 """
 
-#: ARGV: prefix, now|'', n, [scope, kind, start, ttl, cost, requests, tokens]*  -- replay spend
-#: settled while Redis was unreachable
+#: ARGV: prefix, now|'', n, [scope, kind, start, ttl, cost, requests, tokens]*, sid, seq, low  -- spend
+#: of calls Redis did not admit (settled while it was unreachable, or admitted uncounted)
 CHARGE = _COMMON + r"""
+local rows = {}
 for j = 1, num() do
   local scope, kind, start, ttl = arg(), arg(), arg(), num()
-  charge(scope, kind, start, ttl, num(), num(), num())
+  local cost, req, tok = num(), num(), num()
+  rows[j] = {scope, kind, start, ttl, cost, req, tok}
 end
+if not first_time(arg(), arg(), arg()) then return 0 end
+for _, r in ipairs(rows) do charge(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) end
 return 1
 """

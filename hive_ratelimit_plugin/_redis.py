@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import re
+import secrets
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -161,6 +162,12 @@ class RedisEngine(Engine):
         self._pending_settle: list[list[str]] = []  # SETTLE args of calls that Redis admitted
         self._voids: dict[str, str] = {}  # call id -> reserved cost, of admissions whose answer was lost
         self._replay_lock = threading.Lock()  # one thread replays; stats threads call Redis unlocked too
+        # Writes this process may send twice (see _number): their numbers, and those whose answer
+        # has not come back yet (in increasing order: the first is the oldest).
+        self._sid = secrets.token_hex(8)
+        self._seq = 0
+        self._unsure: dict[int, None] = {}
+        self._seq_lock = threading.Lock()
         self._last_block: dict[str, tuple[Blocked, int]] = {}
         self._renewed: dict[str, float] = {}
         self._spend_seen: dict[str, None] = {}  # spend keys seen (for stats), bounded
@@ -220,6 +227,28 @@ class RedisEngine(Engine):
                                      "replayed": replayed, "time": self.wall()})
         return out
 
+    def _number(self, args: list[str], once: bool = True) -> list[str]:
+        """Append ``sid, seq, low`` to the arguments of a settlement or charge (see ``first_time`` in
+        :mod:`._lua`): a write whose answer is lost is kept and sent again, and Redis, which may have
+        run it, must apply it once. ``once=False`` (a settlement with a lease record, which makes a
+        second write do nothing anyway) appends blanks."""
+        if not once:
+            args += ["", "", ""]
+            return args
+        with self._seq_lock:
+            self._seq += 1
+            seq = self._seq
+            self._unsure[seq] = None
+            low = next(iter(self._unsure))
+        args += [self._sid, str(seq), str(low)]
+        return args
+
+    def _answered(self, args: list[str]) -> None:
+        """The write ``args`` was applied (or dropped): this process will not send it again."""
+        if args[-3]:
+            with self._seq_lock:
+                self._unsure.pop(int(args[-2]), None)
+
     def _replay(self) -> int:
         """Write the settlements and spend kept while Redis was down. Each is taken off the pending
         lists once written, so a new failure midway (raised) leaves only the rest for next time."""
@@ -254,11 +283,13 @@ class RedisEngine(Engine):
             for args in settles:
                 out = self._replay_one(self._settle_script, args)
                 done_settles += 1
+                self._answered(args)
                 for raw in out[2:]:  # warnings crossed now: their marks are set, so now or never
                     self._remote_event(_dec(raw), wall)
             for args in spend:
                 self._replay_one(self._charge, args)
                 done_spend += 1
+                self._answered(args)
         finally:
             del settles[:done_settles]
             del spend[:done_spend]
@@ -538,19 +569,19 @@ class RedisEngine(Engine):
         if not res.remote:  # admitted uncounted (policy "open"): only its spend is owed
             self._owe_spend(t, starts, actual_cost, tin + tout)
             return
-        args = self._settle_args(res, tin, tout, actual_cost, outcome, wait, signals, starts)
+        args = self._number(self._settle_args(res, tin, tout, actual_cost, outcome, wait, signals, starts),
+                            once=not res.record)
         try:
             out = self._call(self._settle_script, args)
         except _Down:
-            if len(self._pending_settle) < _MAX_PENDING:
-                if self.server_time:
-                    args[1] = ""  # replayed later: Redis' time then
-                self._pending_settle.append(args)
-            else:
+            if self.server_time:
+                args[1] = ""  # replayed later: Redis' time then
+            if len(self._pending_settle) >= _MAX_PENDING:
                 logger.error("redis backend %s: too many settlements pending; dropping the oldest", self.url)
-                self._pending_settle.pop(0)
-                self._pending_settle.append(args)
+                self._answered(self._pending_settle.pop(0))
+            self._pending_settle.append(args)
             return
+        self._answered(args)
         for raw in out[2:]:
             self._remote_event(raw.decode() if isinstance(raw, bytes) else str(raw), wall)
 
@@ -632,14 +663,17 @@ class RedisEngine(Engine):
                 args += [_wire(key), kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind]), _num(cost), "1", str(tokens)]
                 n += 1
         args[2] = str(n)
+        self._number(args)
         try:
             self._call(self._charge, args)
         except _Down:
             if len(self._pending_spend) >= _MAX_PENDING:
                 logger.error("redis backend %s: too much spend pending; merging is not possible, dropping the "
                              "oldest row", self.url)
-                self._pending_spend.pop(0)
+                self._answered(self._pending_spend.pop(0))
             self._pending_spend.append(args)
+            return
+        self._answered(args)
 
     def _fallback_spend(self, rows: list[SpendRow]) -> None:
         # Spend settled by the outage engine: keep it for Redis, and for the local ledger.
@@ -895,7 +929,8 @@ class RedisEngine(Engine):
                 elif kind in ("c", "rv", "s"):
                     scope = _unwire(rest)
                 else:
-                    scope = "(" + {"l": "leases", "leases": "leases", "mark": "warnings"}.get(kind, kind) + ")"
+                    names = {"l": "leases", "leases": "leases", "mark": "warnings", "once": "replays"}
+                    scope = "(" + names.get(kind, kind) + ")"
                 out[scope] = out.get(scope, 0) + int(self.r.memory_usage(raw) or 0)
         except self._errors as exc:
             logger.error("redis backend %s: could not measure memory (%s)", self.url, _clean(exc))

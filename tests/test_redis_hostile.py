@@ -336,12 +336,6 @@ def test_an_admission_whose_reply_was_lost_gives_back_what_redis_holds(clock: Fa
     assert b.spend("global", "day") == (pytest.approx(0.3), 3, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN LIMITATION: a settlement whose reply is lost (Redis slower than socket_timeout) is kept and "
-    "written again once Redis answers. Calls holding a lease record (concurrency, budget or circuit probe "
-    "scopes) are safe: the record is gone, the second write does nothing. A call with plain rate windows "
-    "only has no record, so its spend and token corrections count twice. Making those idempotent needs a "
-    "marker key per settled call (memory at thousands of calls per second)."))
 def test_a_settlement_whose_reply_was_lost_counts_once(clock: FakeClock, redis_prefix: str) -> None:
     eng = engine(clock, redis_prefix)
     switch = Switch(eng)
@@ -352,6 +346,72 @@ def test_a_settlement_whose_reply_was_lost_counts_once(clock: FakeClock, redis_p
     switch.mode = None
     clock.advance(eng.retry_interval + 0.1)
     assert eng.spend("global", "day")[0] == pytest.approx(0.25)
+    assert eng.spend("global", "day")[1] == 1
+
+
+def test_a_charge_whose_reply_was_lost_counts_once(clock: FakeClock, redis_prefix: str) -> None:
+    """The spend of a call admitted uncounted (policy open) is charged on its own; a charge whose
+    answer was lost is kept and sent again, and counts once."""
+    eng = engine(clock, redis_prefix, on_error="open")
+    switch = Switch(eng)
+    g = sc(requests_per_minute=100)
+    switch.mode = "refuse"
+    assert eng.acquire(tk(1, g), nothing) is None  # admitted uncounted
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    switch.mode = "lost_reply"
+    assert eng.release("1", cost=0.25)  # Redis charged it; the answer was lost
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.spend("global", "day")[:2] == (pytest.approx(0.25), 1)
+
+
+def test_writes_in_doubt_are_remembered_only_while_in_doubt(clock: FakeClock, redis_prefix: str) -> None:
+    """What Redis keeps to apply a resent write once holds only the writes whose answer this
+    process has not seen: after a lost answer and its replay, and hundreds of settlements, it is
+    down to one entry (the last write), not one per settlement."""
+    eng = engine(clock, redis_prefix)
+    switch = Switch(eng)
+    g = sc(requests_per_minute=10_000)
+    client: Any = redis_client()
+    key = f"{{{redis_prefix}}}:once:{eng._sid}"
+    for n in range(300):
+        assert eng.acquire(tk(n, g), nothing) is None
+        if n == 100:
+            switch.mode = "lost_reply"
+        assert eng.release(str(n), cost=0.01)
+        if n == 100:
+            switch.mode = None
+            clock.advance(eng.retry_interval + 0.1)
+    assert eng.spend("global", "day")[:2] == (pytest.approx(3.0), 300)
+    assert client.zcard(key) == 1
+    assert 0 < client.pttl(key) <= 7 * 86400 * 1000
+    assert eng._unsure == {}
+
+
+def test_a_dropped_pending_write_does_not_hold_the_replay_guard(clock: FakeClock, redis_prefix: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the cap on pending settlements the oldest is dropped (logged): it will never be sent
+    again, so it stops holding back what Redis forgets."""
+    from hive_ratelimit_plugin import _redis
+
+    monkeypatch.setattr(_redis, "_MAX_PENDING", 2)
+    eng = engine(clock, redis_prefix)
+    switch = Switch(eng)
+    g = sc(requests_per_minute=10_000)
+    assert eng.acquire(tk(0, g), nothing) is None
+    assert eng.acquire(tk(1, g), nothing) is None
+    assert eng.acquire(tk(2, g), nothing) is None
+    switch.mode = "lost_reply"
+    assert eng.release("0", cost=0.5)  # lost, pending
+    switch.mode = "refuse"
+    assert eng.release("1", cost=0.25)
+    assert eng.release("2", cost=0.125)  # the cap: "0" is dropped
+    assert sorted(eng._unsure) == [2, 3]
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.spend("global", "day")[0] == pytest.approx(0.875)  # "0" did reach Redis; the rest replayed
+    assert eng._unsure == {}
 
 
 def test_local_policy_does_not_reopen_a_spent_budget(clock: FakeClock, redis_prefix: str) -> None:
