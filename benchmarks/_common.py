@@ -183,18 +183,37 @@ def fmt_us(v: float) -> str:
 def callgrind_instructions(script: str | Path, *args: str) -> int:
     """CPU instructions a run of ``python script args...`` executes under Valgrind's callgrind
     (``PYTHONHASHSEED=0``, no price-map download)."""
+    return callgrind_threads(script, *args)[1]
+
+
+def callgrind_threads(script: str | Path, *args: str) -> tuple[int, int]:
+    """Like :func:`callgrind_instructions`, counted per thread (``--separate-threads=yes``): the
+    instructions of the main thread (the caller's) and of all threads together. Work in other
+    threads (LiteLLM's background logging) depends on wall time, so the main thread's count is the
+    steadier of the two."""
     import re
     import subprocess
+    import tempfile
 
     env = dict(os.environ, PYTHONHASHSEED="0", LITELLM_LOCAL_MODEL_COST_MAP="True")
-    out = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(script), *args],
-        capture_output=True, text=True, env=env, check=False,
-    )
-    m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
-    if out.returncode != 0 or m is None:
-        raise RuntimeError(f"callgrind run of {' '.join(args)} failed (exit {out.returncode}): {out.stderr[-2000:]}")
-    return int(m.group(1))
+    with tempfile.TemporaryDirectory(prefix="callgrind") as tmp:
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={tmp}/cg",
+             sys.executable, str(script), *args],
+            capture_output=True, text=True, env=env, check=False,
+        )
+        m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
+        if out.returncode != 0 or m is None:
+            raise RuntimeError(f"callgrind run of {' '.join(args)} failed (exit {out.returncode}): {out.stderr[-2000:]}")
+        main = None
+        for f in Path(tmp).glob("cg-*"):  # one file per thread: cg-01 is the main thread
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if re.search(r"^thread: 1$", text, re.M):
+                found = re.search(r"^summary: (\d+)$", text, re.M)
+                main = int(found.group(1)) if found else None
+        if main is None:
+            raise RuntimeError(f"callgrind run of {' '.join(args)} wrote no count for the main thread")
+    return main, int(m.group(1))
 
 
 def write_result_json(path: str, script: str, result: dict[str, Any]) -> None:

@@ -158,8 +158,8 @@ def _child(mode: str, n: int) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def _count(mode: str, n: int) -> int:
-    return common.callgrind_instructions(HERE, "--child", mode, str(n))
+def _count(mode: str, n: int) -> tuple[int, int]:
+    return common.callgrind_threads(HERE, "--child", mode, str(n))
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -171,12 +171,14 @@ def run(quick: bool = False) -> dict[str, Any]:
     jobs = [(mode, n) for mode in MODES for n in (lo, hi)]
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         counts = dict(zip(jobs, pool.map(lambda j: _count(*j), jobs), strict=True))
-    per_call = {mode: (counts[(mode, hi)] - counts[(mode, lo)]) / (hi - lo) for mode in MODES}
+    per_call = {mode: (counts[(mode, hi)][1] - counts[(mode, lo)][1]) / (hi - lo) for mode in MODES}
+    per_call_main = {mode: (counts[(mode, hi)][0] - counts[(mode, lo)][0]) / (hi - lo) for mode in MODES}
     base = per_call["none"]
     return {
         "calls": [lo, hi],
         "litellm": version("litellm"),
         "per_call": per_call,
+        "per_call_main": per_call_main,
         "labels": MODES,
         "overhead_pct": {
             "empty_vs_none": 100.0 * (per_call["empty"] / base - 1.0),
@@ -192,7 +194,8 @@ def run(quick: bool = False) -> dict[str, Any]:
 def summary(res: dict[str, Any]) -> str:
     if "skipped" in res:
         return f"skipped: {res['skipped']}"
-    lines = [f"{label:58s} {res['per_call'][mode]:>14,.0f} instructions per call" for mode, label in MODES.items()]
+    lines = [f"{label:58s} {res['per_call'][mode]:>14,.0f} instructions per call "
+             f"({res['per_call_main'][mode]:,.0f} on the caller's thread)" for mode, label in MODES.items()]
     lines += [f"{name:20s} {pct:+.2f} %" for name, pct in res["overhead_pct"].items()]
     return "\n".join(lines)
 

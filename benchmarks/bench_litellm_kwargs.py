@@ -60,8 +60,8 @@ def _child(variant: str, n: int) -> None:
     asyncio.run(run(30 + n))
 
 
-def _count(variant: str, n: int) -> int:
-    return common.callgrind_instructions(HERE, "--child", variant, str(n))
+def _count(variant: str, n: int) -> tuple[int, int]:
+    return common.callgrind_threads(HERE, "--child", variant, str(n))
 
 
 def run() -> dict[str, Any]:
@@ -73,9 +73,11 @@ def run() -> dict[str, Any]:
     jobs = [(v, n) for v in VARIANTS for n in (lo, hi)]
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         counts = dict(zip(jobs, pool.map(lambda j: _count(*j), jobs), strict=True))
-    per_call = {v: (counts[(v, hi)] - counts[(v, lo)]) / (hi - lo) for v in VARIANTS}
-    return {"calls": [lo, hi], "litellm": version("litellm"), "per_call": per_call,
-            "added": {v: per_call[v] - per_call["plain"] for v in VARIANTS if v != "plain"}}
+    per_call = {v: (counts[(v, hi)][1] - counts[(v, lo)][1]) / (hi - lo) for v in VARIANTS}
+    main = {v: (counts[(v, hi)][0] - counts[(v, lo)][0]) / (hi - lo) for v in VARIANTS}
+    return {"calls": [lo, hi], "litellm": version("litellm"), "per_call": per_call, "per_call_main": main,
+            "added": {v: per_call[v] - per_call["plain"] for v in VARIANTS if v != "plain"},
+            "added_main": {v: main[v] - main["plain"] for v in VARIANTS if v != "plain"}}
 
 
 def summary(res: dict[str, Any]) -> str:
@@ -84,7 +86,8 @@ def summary(res: dict[str, Any]) -> str:
     lines = [f"LiteLLM {res['litellm']}, instructions per call ({res['calls'][1] - res['calls'][0]} calls):"]
     for v, label in VARIANTS.items():
         extra = "" if v == "plain" else \
-            f"  {res['added'][v]:+,.0f} ({100.0 * res['added'][v] / res['per_call']['plain']:+.2f} %)"
+            f"  {res['added'][v]:+,.0f} ({100.0 * res['added'][v] / res['per_call']['plain']:+.2f} %); " \
+            f"caller's thread {res['added_main'][v]:+,.0f}"
         lines.append(f"  {label:70s} {res['per_call'][v]:>14,.0f}{extra}")
     return "\n".join(lines)
 

@@ -248,17 +248,39 @@ def _md_e2e(r: dict[str, Any]) -> list[str]:
 
 def _instruction_rows(r: dict[str, Any]) -> list[str]:
     pc, base = r["per_call"], r["per_call"]["none"]
+    main = r.get("per_call_main")  # (runs before the per-thread count have none)
     out = [
-        f"| mode (LiteLLM {r.get('litellm', '?')}) | instructions per call | vs no callback |",
-        "|---|---:|---:|",
+        f"| mode (LiteLLM {r.get('litellm', '?')}) | instructions per call | vs no callback |"
+        + (" on the caller's thread | added there |" if main else ""),
+        "|---|---:|---:|" + ("---:|---:|" if main else ""),
     ]
     for mode, label in r["labels"].items():
         if mode not in pc:
             continue
         rel = "" if mode == "none" else (f"{100.0 * pc[mode] / base:.1f} % of it" if mode == "hooks"
                                          else f"{100.0 * (pc[mode] / base - 1.0):+.1f} %")
-        out.append(f"| {label} | {pc[mode]:,.0f} | {rel} |")
+        row = f"| {label} | {pc[mode]:,.0f} | {rel} |"
+        if main:
+            added = "" if mode in ("none", "hooks") else f"{main[mode] - main['none']:+,.0f}"
+            row += f" {main[mode]:,.0f} | {added} |"
+        out.append(row)
     return out
+
+
+def _main_thread_note(r: dict[str, Any]) -> str:
+    """What the caller's-thread column says about the plugin's overhead (runs that counted it)."""
+    main = r.get("per_call_main")
+    if not main:
+        return ""
+    base = r["per_call"]["none"]
+    six, two, noop = (main[m] - main["none"] for m in ("hive", "hive2", "noop"))
+    return (
+        f" Counted on the caller's thread alone (where the plugin runs, and {100.0 * main['none'] / base:.0f} % of "
+        "LiteLLM's own call; the rest is LiteLLM's background logging, whose count moves with wall time), the "
+        f"plugin adds {six:+,.0f} instructions with 6 levels and {two:+,.0f} with 2, that is "
+        f"{100.0 * six / base:+.1f} % and {100.0 * two / base:+.1f} % of the whole call, of which {noop:+,.0f} "
+        "is LiteLLM's handling of a callback with these hooks (the do-nothing row)."
+    )
 
 
 def _md_kwargs(kw: dict[str, Any] | None) -> list[str]:
@@ -274,7 +296,10 @@ def _md_kwargs(kw: dict[str, Any] | None) -> list[str]:
         f"does not retry 429s unseen), costs {added['max_retries']:+,.0f} instructions "
         f"({100.0 * added['max_retries'] / plain:+.2f} %) per call; a caller-supplied `litellm_call_id` "
         f"{added['litellm_call_id']:+,.0f} ({100.0 * added['litellm_call_id'] / plain:+.2f} %), which is why the "
-        "guard no longer passes one. Both are inside the HiveLimiter rows above.",
+        "guard no longer passes one"
+        + (f" (on the caller's thread alone: {kw['added_main']['max_retries']:+,.0f} and "
+           f"{kw['added_main']['litellm_call_id']:+,.0f})" if "added_main" in kw else "")
+        + ". Both are inside the HiveLimiter rows above.",
         "",
     ]
 
@@ -292,7 +317,9 @@ def _md_instructions(r: dict[str, Any], old: dict[str, Any] | None = None,
         f"after {lo} calls) / {hi - lo}, so start-up and first-call work cancel out (`PYTHONHASHSEED=0`). The call "
         "is the async one above, with the same 6-level configuration and the status snapshot off (work done once "
         "a second would be charged to ~50x fewer calls under callgrind's slowdown than natively). LiteLLM's "
-        "background logging thread makes counts vary by about 1 % between identical runs.",
+        "background logging thread makes counts vary by about 1 % between identical runs"
+        + ("; each thread is also counted on its own (`--separate-threads=yes`), and the caller's thread, which "
+           "runs all of the plugin's code, varies far less." if "per_call_main" in r else "."),
         "",
         *_instruction_rows(r),
     ]
@@ -305,7 +332,8 @@ def _md_instructions(r: dict[str, Any], old: dict[str, Any] | None = None,
         f"callback with these hooks (the do-nothing row), and the plugin's code itself is "
         f"{ov['hooks_vs_none']:.1f} % of a call ({pc['hooks']:,.0f} instructions)."
         + (f" Merely registering a `CustomLogger` that overrides nothing costs LiteLLM {ov['empty_vs_none']:+.1f} %: "
-           "that much of the 2 % is gone before any plugin code runs." if "empty_vs_none" in ov else ""),
+           "that much of the 2 % is gone before any plugin code runs." if "empty_vs_none" in ov else "")
+        + _main_thread_note(r),
         "",
     ]
     out += _md_kwargs(kw)
@@ -321,7 +349,7 @@ def _md_instructions(r: dict[str, Any], old: dict[str, Any] | None = None,
             f"({100.0 * old['per_call']['none'] / r['per_call']['none']:.0f} % of the one above), so the same plugin "
             f"code weighs more: {ovo['hive_vs_none']:+.1f} % with 6 levels, {ovo['hive2_vs_none']:+.1f} % with 2"
             + (f", of which {ovo['empty_vs_none']:+.1f} % is LiteLLM's cost of any registered callback"
-               if "empty_vs_none" in ovo else "") + ".",
+               if "empty_vs_none" in ovo else "") + "." + _main_thread_note(old),
             "",
         ]
     return out
