@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import re
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -45,6 +47,19 @@ SEP = "\0"
 POLL_MIN, POLL_MAX = 0.02, 0.1  # re-ask interval while waiting for another process' release
 _SPEND_TTL = {"hour": 2 * 3600, "day": 2 * 86400, "month": 40 * 86400, RUN: 14 * 86400}
 _MAX_PENDING = 100_000
+# Error codes of a Redis that refuses for now (it will run the script later): a write kept for it
+# stays kept. (Their messages may name a script too: "BUSY Redis is busy running a script".)
+_NOT_BACK_YET = frozenset({"BUSY", "OOM", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS"})
+_ENGINES: weakref.WeakSet[RedisEngine] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for eng in list(_ENGINES):
+        eng._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def safe_url(url: str) -> str:
@@ -145,6 +160,11 @@ class RedisEngine(Engine):
         self.retry_interval = retry_interval
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._refused: type[BaseException] = redis.ResponseError
+        # Refusals of a Redis that is not back yet (redis-py strips their code from the message)
+        self._not_back: tuple[type[BaseException], ...] = tuple(
+            getattr(redis.exceptions, name) for name in ("OutOfMemoryError", "ReadOnlyError", "TryAgainError",
+                                                         "ClusterDownError", "MasterDownError", "BusyLoadingError")
+            if hasattr(redis.exceptions, name))
         if client is None:
             client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
                                           health_check_interval=30)
@@ -163,11 +183,13 @@ class RedisEngine(Engine):
         self._voids: dict[str, str] = {}  # call id -> reserved cost, of admissions whose answer was lost
         self._replay_lock = threading.Lock()  # one thread replays; stats threads call Redis unlocked too
         # Writes this process may send twice (see _number): their numbers, and those whose answer
-        # has not come back yet (in increasing order: the first is the oldest).
+        # has not come back yet; _low is at or below the oldest of those.
         self._sid = secrets.token_hex(8)
         self._seq = 0
+        self._low = 1
         self._unsure: dict[int, None] = {}
         self._seq_lock = threading.Lock()
+        _ENGINES.add(self)
         self._last_block: dict[str, tuple[Blocked, int]] = {}
         self._renewed: dict[str, float] = {}
         self._spend_seen: dict[str, None] = {}  # spend keys seen (for stats), bounded
@@ -238,10 +260,28 @@ class RedisEngine(Engine):
         with self._seq_lock:
             self._seq += 1
             seq = self._seq
-            self._unsure[seq] = None
-            low = next(iter(self._unsure))
+            unsure = self._unsure
+            unsure[seq] = None
+            low = self._low
+            while low not in unsure:  # (stops at seq at the latest; each number is passed once)
+                low += 1
+            self._low = low
         args += [self._sid, str(seq), str(low)]
         return args
+
+    def _after_fork(self) -> None:
+        """In a forked child: a process of its own. Its writes get a new process id (the parent's
+        numbers would collide with the parent's and be skipped as replays), and what the parent
+        kept for Redis stays the parent's to write (written by both, it would count twice)."""
+        self._sid = secrets.token_hex(8)
+        self._seq = 0
+        self._low = 1
+        self._unsure = {}
+        self._seq_lock = threading.Lock()
+        self._replay_lock = threading.Lock()
+        self._pending_settle = []
+        self._pending_spend = []
+        self._voids = {}
 
     def _answered(self, args: list[str]) -> None:
         """The write ``args`` was applied (or dropped): this process will not send it again."""
@@ -259,8 +299,9 @@ class RedisEngine(Engine):
         try:
             return script(keys=self._route, args=_pack(args))
         except self._refused as exc:
-            if "script" not in str(exc).lower():
-                raise  # (OOM, READONLY during a failover...: Redis is not back yet)
+            text = str(exc)
+            if isinstance(exc, self._not_back) or "user_script" not in text or text.split(" ", 1)[0] in _NOT_BACK_YET:
+                raise  # (BUSY with another script, OOM, READONLY during a failover...: Redis is not back yet)
             # the script itself failed on this one: retrying it would fail at every recovery
             logger.error("redis backend %s refused a settlement kept during the outage; it is dropped (%s)",
                          self.url, _clean(exc))

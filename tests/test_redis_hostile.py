@@ -7,6 +7,7 @@ have to run out in real time, the test removes the key itself and says so.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -412,6 +413,68 @@ def test_a_dropped_pending_write_does_not_hold_the_replay_guard(clock: FakeClock
     clock.advance(eng.retry_interval + 0.1)
     assert eng.spend("global", "day")[0] == pytest.approx(0.875)  # "0" did reach Redis; the rest replayed
     assert eng._unsure == {}
+
+
+@pytest.mark.parametrize("refusal", ["busy", "oom"])
+def test_a_kept_settlement_survives_a_redis_that_is_busy_or_out_of_memory(clock: FakeClock, redis_prefix: str,
+                                                                          refusal: str) -> None:
+    """Redis answering BUSY (another script runs too long: the usual reason it was slower than
+    socket_timeout) or OOM to a replay is not back yet: the settlements kept for it stay kept and
+    are written, once, when it runs scripts again (not dropped as a faulty script)."""
+    import redis
+
+    eng = engine(clock, redis_prefix)
+    switch = Switch(eng)
+    g = sc(requests_per_minute=100)
+    for n in range(2):
+        assert eng.acquire(tk(n, g), nothing) is None
+    switch.mode = "lost_reply"
+    assert eng.release("0", cost=0.25)  # written; the answer was lost
+    switch.mode = "refuse"
+    assert eng.release("1", cost=0.5)  # not written
+    switch.mode = None
+    settle = eng._settle_script
+
+    def not_back(*args: Any, **kwargs: Any) -> Any:
+        if refusal == "busy":
+            raise redis.ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL or "
+                                      "SHUTDOWN NOSCRIPT.")
+        raise redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'. script: "
+                                                "0123abcd, on @user_script:1.")
+
+    eng._settle_script = not_back
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.acquire(tk(2, g), nothing) is None  # (admitted under the outage policy: Redis is not back)
+    assert eng.backend_info()["pending_settlements"] == 2
+    eng._settle_script = settle
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.spend("global", "day")[:2] == (pytest.approx(0.75), 2)
+    assert eng.backend_info()["pending_settlements"] == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_workers_forked_from_one_process_do_not_take_each_others_settlements_for_replays(
+        clock: FakeClock, redis_prefix: str) -> None:
+    """A limiter created before the fork (gunicorn --preload, multiprocessing): each worker numbers
+    its writes as a process of its own, so Redis applies both workers' settlements."""
+    eng = engine(clock, redis_prefix)
+    g = sc(requests_per_minute=1000)
+    kids = []
+    for n in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                assert eng.acquire(tk(f"child-{n}", g), nothing) is None
+                assert eng.release(f"child-{n}", cost=0.25)
+                code = 0
+            finally:
+                os._exit(code)
+        kids.append(pid)
+    assert [os.waitpid(pid, 0)[1] for pid in kids] == [0, 0]
+    assert eng.acquire(tk("parent", g), nothing) is None
+    assert eng.release("parent", cost=0.25)
+    assert eng.spend("global", "day")[:2] == (pytest.approx(0.75), 3)
 
 
 def test_local_policy_does_not_reopen_a_spent_budget(clock: FakeClock, redis_prefix: str) -> None:
