@@ -220,10 +220,14 @@ def write_result_json(path: str, script: str, result: dict[str, Any]) -> None:
     """Write a stage's result with the command that produced it (what ``run.py --reuse`` reads)."""
     import json
     import shlex
+    import subprocess
 
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PACKAGE_ROOT, capture_output=True,
+                          text=True, check=False).stdout.strip()
     Path(path).write_text(json.dumps({
         "command": "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]]),
         "when": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "package": str(PACKAGE_ROOT),
+        "commit": head or None,  # (the package's checkout; it may hold uncommitted changes)
         "result": result,
     }, indent=1), encoding="utf-8")

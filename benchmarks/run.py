@@ -45,6 +45,21 @@ def _export_commit(rev: str) -> Path:
     return dest
 
 
+def _reused_code(stage: str, commit: str | None) -> str:
+    """Which code a reused stage ran: this run's, or an older commit's (and which package files differ)."""
+    if not commit:
+        return "the same code"
+    if not _git("rev-parse", "--verify", "--quiet", commit + "^{commit}"):
+        return f"commit {commit}"
+    changed = _git("diff", "--name-only", commit, "HEAD", "--", "hive_ratelimit_plugin").split()
+    if not changed:
+        return f"commit {commit}, whose package is the same as this run's"
+    names = ", ".join(f"`{c.rsplit('/', 1)[-1]}`" for c in changed)
+    redis_only = stage != "redis" and all(c.endswith(("/_redis.py", "/_lua.py")) for c in changed)
+    return (f"commit {commit}; the package files changed since then ({names}) are the Redis backend's, which "
+            "that stage does not run" if redis_only else f"commit {commit}; package files changed since: {names}")
+
+
 def _code_state(package_root: Path, rev: str | None) -> dict[str, Any]:
     pkg = package_root / "hive_ratelimit_plugin"
     h = hashlib.sha256()
@@ -1136,8 +1151,8 @@ def main() -> None:
         results[name] = saved["result"]
         reused.add(name)
         meta.setdefault("notes", []).append(
-            f"The `{name}` figures come from a separate run, `{saved['command']}`, at {saved['when']}, of the "
-            "same code; every other figure comes from the run above."
+            f"The `{name}` figures come from a separate run, `{saved['command']}`, at {saved['when']}, of "
+            + _reused_code(name, saved.get("commit")) + "; every other figure comes from the run above."
         )
     for name, fn, summ in stages:
         if name in reused:
