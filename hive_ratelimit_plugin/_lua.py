@@ -66,14 +66,19 @@ local function fmt(x) return string.format('%.17g', x) end
 -- timeout, so the process keeps it and sends it again) is numbered by that process: sid names
 -- the process, seq the write. Redis keeps, per process, the numbers it applied from low on (the
 -- oldest write whose answer that process has not seen yet; it never sends an older one again),
--- so the set stays as small as the writes in doubt. True when this write was not applied yet.
+-- so the set holds the writes in doubt and at most 16 others. True when this write was not
+-- applied yet.
 local function first_time(sid, seq, low)
   if not sid or sid == '' then return true end
   local k = P .. ':once:' .. sid
-  if redis.call('ZSCORE', k, seq) then return false end
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. low)
-  redis.call('ZADD', k, seq, seq)
-  redis.call('PEXPIRE', k, 604800000)  -- a week: a process gone for good leaves it behind
+  if redis.call('ZADD', k, 'NX', seq, seq) == 0 then return false end
+  -- Forget, every 16th write, what the process will not send again (low <= seq: the set is never
+  -- emptied, so it keeps its TTL); refresh the TTL every 64th (the first write sets it).
+  local n = tonumber(seq)
+  if n % 16 == 0 then redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. low) end
+  if n % 64 == 1 then
+    redis.call('PEXPIRE', k, 604800000)  -- a week: a process gone for good leaves it behind
+  end
   return true
 end
 

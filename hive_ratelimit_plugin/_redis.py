@@ -182,11 +182,12 @@ class RedisEngine(Engine):
         self._pending_settle: list[list[str]] = []  # SETTLE args of calls that Redis admitted
         self._voids: dict[str, str] = {}  # call id -> reserved cost, of admissions whose answer was lost
         self._replay_lock = threading.Lock()  # one thread replays; stats threads call Redis unlocked too
-        # Writes this process may send twice (see _number): their numbers, and those whose answer
-        # has not come back yet; _low is at or below the oldest of those.
+        # Writes this process may send twice (see _number): the last number given (_wseq; the base
+        # class' _seq numbers waiters), those whose answer has not come back yet (_unsure), and a
+        # number at or below the oldest of those (_wlow).
         self._sid = secrets.token_hex(8)
-        self._seq = 0
-        self._low = 1
+        self._wseq = 0
+        self._wlow = 1
         self._unsure: dict[int, None] = {}
         self._seq_lock = threading.Lock()
         _ENGINES.add(self)
@@ -258,14 +259,14 @@ class RedisEngine(Engine):
             args += ["", "", ""]
             return args
         with self._seq_lock:
-            self._seq += 1
-            seq = self._seq
+            self._wseq += 1
+            seq = self._wseq
             unsure = self._unsure
             unsure[seq] = None
-            low = self._low
+            low = self._wlow
             while low not in unsure:  # (stops at seq at the latest; each number is passed once)
                 low += 1
-            self._low = low
+            self._wlow = low
         args += [self._sid, str(seq), str(low)]
         return args
 
@@ -274,8 +275,8 @@ class RedisEngine(Engine):
         numbers would collide with the parent's and be skipped as replays), and what the parent
         kept for Redis stays the parent's to write (written by both, it would count twice)."""
         self._sid = secrets.token_hex(8)
-        self._seq = 0
-        self._low = 1
+        self._wseq = 0
+        self._wlow = 1
         self._unsure = {}
         self._seq_lock = threading.Lock()
         self._replay_lock = threading.Lock()

@@ -369,8 +369,8 @@ def test_a_charge_whose_reply_was_lost_counts_once(clock: FakeClock, redis_prefi
 
 def test_writes_in_doubt_are_remembered_only_while_in_doubt(clock: FakeClock, redis_prefix: str) -> None:
     """What Redis keeps to apply a resent write once holds only the writes whose answer this
-    process has not seen: after a lost answer and its replay, and hundreds of settlements, it is
-    down to one entry (the last write), not one per settlement."""
+    process has not seen: after a lost answer and its replay, and hundreds of settlements, it
+    holds a few entries (it forgets every 16th write), not one per settlement."""
     eng = engine(clock, redis_prefix)
     switch = Switch(eng)
     g = sc(requests_per_minute=10_000)
@@ -385,7 +385,7 @@ def test_writes_in_doubt_are_remembered_only_while_in_doubt(clock: FakeClock, re
             switch.mode = None
             clock.advance(eng.retry_interval + 0.1)
     assert eng.spend("global", "day")[:2] == (pytest.approx(3.0), 300)
-    assert client.zcard(key) == 1
+    assert 1 <= client.zcard(key) <= 16
     assert 0 < client.pttl(key) <= 7 * 86400 * 1000
     assert eng._unsure == {}
 
