@@ -180,16 +180,11 @@ def fmt_us(v: float) -> str:
     return f"{v:.2f} µs"
 
 
-def callgrind_instructions(script: str | Path, *args: str) -> int:
-    """CPU instructions a run of ``python script args...`` executes under Valgrind's callgrind
-    (``PYTHONHASHSEED=0``, no price-map download)."""
-    return callgrind_threads(script, *args)[1]
-
-
 def callgrind_threads(script: str | Path, *args: str) -> tuple[int, int]:
-    """Like :func:`callgrind_instructions`, counted per thread (``--separate-threads=yes``): the
-    instructions of the main thread (the caller's) and of all threads together. Work in other
-    threads (LiteLLM's background logging) depends on wall time, so the main thread's count is the
+    """CPU instructions a run of ``python script args...`` executes under Valgrind's callgrind
+    (``PYTHONHASHSEED=0``, no price-map download), counted per thread (``--separate-threads=yes``):
+    those of the main thread (the caller's) and of all threads together. Work in other threads
+    (LiteLLM's background logging) depends on wall time, so the main thread's count is the
     steadier of the two."""
     import re
     import subprocess

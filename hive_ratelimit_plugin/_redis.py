@@ -138,6 +138,12 @@ class RedisEngine(Engine):
     # Other processes change the shared state unseen: every dispatch re-examines the first waiter
     # of each blocked scope (whose answer _try keeps until the local state or its retry time moves).
     _keyed_dispatch = False
+    # The numbering of writes that may be sent twice (set by _new_numbering)
+    _sid: str
+    _wseq: int
+    _wlow: int
+    _unsure: dict[int, None]
+    _seq_lock: threading.Lock
 
     def __init__(self, clock: Callable[[], float], *, url: str, prefix: str = "hive-rl", on_error: str = "local",
                  local_share: float = 0.5, server_time: bool = True, socket_timeout: float = 0.5,
@@ -182,14 +188,7 @@ class RedisEngine(Engine):
         self._pending_settle: list[list[str]] = []  # SETTLE args of calls that Redis admitted
         self._voids: dict[str, str] = {}  # call id -> reserved cost, of admissions whose answer was lost
         self._replay_lock = threading.Lock()  # one thread replays; stats threads call Redis unlocked too
-        # Writes this process may send twice (see _number): the last number given (_wseq; the base
-        # class' _seq numbers waiters), those whose answer has not come back yet (_unsure), and a
-        # number at or below the oldest of those (_wlow).
-        self._sid = secrets.token_hex(8)
-        self._wseq = 0
-        self._wlow = 1
-        self._unsure: dict[int, None] = {}
-        self._seq_lock = threading.Lock()
+        self._new_numbering()
         _ENGINES.add(self)
         self._last_block: dict[str, tuple[Blocked, int]] = {}
         self._renewed: dict[str, float] = {}
@@ -270,15 +269,21 @@ class RedisEngine(Engine):
         args += [self._sid, str(seq), str(low)]
         return args
 
-    def _after_fork(self) -> None:
-        """In a forked child: a process of its own. Its writes get a new process id (the parent's
-        numbers would collide with the parent's and be skipped as replays), and what the parent
-        kept for Redis stays the parent's to write (written by both, it would count twice)."""
+    def _new_numbering(self) -> None:
+        """Number writes that may be sent twice (see _number) as a new process: its id, the last
+        number given (_wseq; the base class' _seq numbers waiters), those whose answer has not come
+        back yet (_unsure), and a number at or below the oldest of those (_wlow)."""
         self._sid = secrets.token_hex(8)
         self._wseq = 0
         self._wlow = 1
         self._unsure = {}
         self._seq_lock = threading.Lock()
+
+    def _after_fork(self) -> None:
+        """In a forked child: a process of its own. Its writes get a new process id (the parent's
+        numbers would collide with the parent's and be skipped as replays), and what the parent
+        kept for Redis stays the parent's to write (written by both, it would count twice)."""
+        self._new_numbering()
         self._replay_lock = threading.Lock()
         self._pending_settle = []
         self._pending_spend = []
