@@ -190,6 +190,8 @@ class EstimationConfig(_Strict):
 
     default_output_tokens: PositiveInt = 256
     lease_seconds: PositiveFloat = 300.0
+    """How long a call's reservation lives without news: a call that never ends (an abandoned
+    stream) gives its slot back this long after it was admitted or its last chunk was read."""
     arrival_margin_seconds: float = Field(default=1.0, ge=0)
     """A request counts in request windows from when it may have reached the provider: when it
     completed, if that was within this long (and half the window) of LiteLLM sending it; a longer

@@ -867,7 +867,10 @@ class HiveLimiter(CustomLogger):
     async def async_post_call_streaming_deployment_hook(
         self, request_data: dict[str, Any], response_chunk: Any, call_type: Any
     ) -> Any:
-        """Keep a live stream's lease; settle as soon as the usage chunk passes."""
+        """Settle as soon as the usage chunk passes; free the slot at the chunk that ends generation.
+
+        LiteLLM (1.83 to 1.110) calls this with the last chunk only, so it is not what keeps a live
+        stream's lease: the stream object renews it as it is read (see :func:`_keep_alive`)."""
         call_id = request_data.get("litellm_call_id")
         if not call_id:
             return response_chunk
@@ -1102,7 +1105,8 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if not view.get("stream"):
             for lim, cid in held:
                 lim._finish(cid, result)
-        # A stream settles from its success event when exhausted, or when its lease expires.
+        else:  # settles from its success event when exhausted; its lease lasts while it is read
+            _keep_alive(result, held)
         return result
 
     @functools.wraps(fn)
@@ -1172,7 +1176,7 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         # a cancellation (which LiteLLM reports to no callback) can still release its reservation.
         admitted[0] = None
         try:
-            return await fn(*args, **kwargs)
+            result = await fn(*args, **kwargs)
         except Exception as exc:
             _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), exc)
             if retrying is None:
@@ -1182,6 +1186,12 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         except BaseException:  # cancelled (or interrupted) while admitted or in flight
             _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), None)
             raise
+        else:
+            if kwargs.get("stream"):
+                call_id = admitted[0] or kwargs.get("litellm_call_id")
+                if call_id:
+                    _keep_alive(result, [(lim, call_id) for lim in limiters])
+            return result
         finally:
             if token is not None:
                 _wait_budget.reset(token)
@@ -1193,6 +1203,74 @@ def _release_attempt(limiters: list[HiveLimiter], call_id: str | None, exc: Base
     and would hold the slot meanwhile. The event, when it comes, finds nothing left to release."""
     for lim in limiters:
         lim._finish(call_id, failed=True, exc=exc)
+
+
+# ------------------------------------------------------------ stream leases
+# LiteLLM runs no hook per chunk (its streaming deployment hook sees only the last one), so a
+# stream's lease is renewed by the stream itself: the guard gives the stream object a subclass of
+# its own class whose ``__next__`` / ``__anext__`` renew the call's lease before reading on. A
+# stream that is still being read thus keeps its slot however long it runs; one the caller
+# abandons is reclaimed ``lease_seconds`` after its last chunk was read.
+_LEASES = "_hive_ratelimit_leases"
+_renewing: dict[type, type | None] = {}  # a stream class -> its renewing subclass (None: cannot have one)
+_renewing_classes: set[type] = set()
+
+
+def _renew_leases(stream: Any) -> None:
+    for lim, call_id in stream.__dict__.get(_LEASES, ()):
+        try:
+            lim._engine.renew(call_id)
+        except Exception as exc:  # never break the caller's stream over a lease
+            logger.warning("could not renew the lease of a live stream: %s", exc,
+                           extra={"hive_repeat_key": ("renew",)})
+
+
+def _renewing_class(cls: type) -> type | None:
+    """``cls`` with a ``__next__`` / ``__anext__`` that renews the stream's leases first (cached)."""
+    if cls in _renewing:
+        return _renewing[cls]
+    ns: dict[str, Any] = {"__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                          "__doc__": cls.__doc__}
+    base_next = getattr(cls, "__next__", None)
+    base_anext = getattr(cls, "__anext__", None)
+    if base_next is not None:
+        def next_chunk(self: Any) -> Any:
+            _renew_leases(self)
+            return base_next(self)
+        ns["__next__"] = next_chunk
+    if base_anext is not None:
+        async def next_chunk_async(self: Any) -> Any:
+            _renew_leases(self)
+            return await base_anext(self)
+        ns["__anext__"] = next_chunk_async
+    sub: type | None = None
+    if base_next is not None or base_anext is not None:
+        with contextlib.suppress(TypeError):  # a class that cannot be subclassed
+            sub = type(cls.__name__, (cls,), ns)
+    if len(_renewing) < 256:
+        _renewing[cls] = sub
+        if sub is not None:
+            _renewing_classes.add(sub)
+    return sub
+
+
+def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> None:
+    """Make ``stream`` renew the leases in ``held`` each time a chunk is read from it."""
+    if not held or not isinstance(getattr(stream, "__dict__", None), dict):
+        return
+    if type(stream) in _renewing_classes:  # already renewing: add these leases
+        stream.__dict__.setdefault(_LEASES, []).extend(held)
+        return
+    sub = _renewing_class(type(stream))
+    if sub is None:
+        return  # not an iterator we can extend: its lease alone bounds it
+    try:
+        stream.__dict__[_LEASES] = list(held)
+        stream.__class__ = sub
+    except TypeError:  # an incompatible instance layout
+        stream.__dict__.pop(_LEASES, None)
+        logger.debug("a stream of type %s cannot renew its lease; it is reclaimed after lease_seconds",
+                     type(stream).__name__)
 
 
 def install_sync_guard() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -262,6 +263,98 @@ async def test_abandoned_stream_is_reclaimed_after_lease(provider: FakeProvider,
     clock.advance(31)
     await litellm.acompletion(**chat_kwargs(provider))
     assert limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"] == 0
+
+
+async def _open_stream(entry: str, provider: FakeProvider) -> tuple[Any, Callable[[], Awaitable[Any]]]:
+    """Start a stream through ``entry``; returns it and a coroutine function that reads one chunk."""
+    text = {"model": "openai/gpt-3.5-turbo-instruct", "api_base": provider.url, "api_key": SECRET,
+            "prompt": "say ok", "stream": True, "max_retries": 0}
+    if entry == "completion":
+        resp = litellm.completion(**chat_kwargs(provider), stream=True)
+    elif entry == "text_completion":
+        resp = litellm.text_completion(**text)
+    elif entry == "acompletion":
+        resp = await litellm.acompletion(**chat_kwargs(provider), stream=True)
+    elif entry == "atext_completion":
+        resp = await litellm.atext_completion(**text)
+    else:
+        resp = await _router(provider).acompletion(model="fast", messages=[{"role": "user", "content": "hi"}],
+                                                   stream=True)
+    if entry in ("completion", "text_completion"):
+        it = iter(resp)
+
+        async def read() -> Any:
+            try:
+                return next(it)
+            except StopIteration:
+                raise StopAsyncIteration from None
+    else:
+        async def read() -> Any:
+            return await resp.__anext__()
+    return resp, read
+
+
+@pytest.mark.parametrize("entry", ["completion", "text_completion", "acompletion", "atext_completion",
+                                   "router.acompletion"])
+async def test_a_stream_still_being_read_keeps_its_slot_past_the_lease(entry: str, provider: FakeProvider,
+                                                                        clock: FakeClock) -> None:
+    """LiteLLM runs no hook per chunk: the stream itself renews its lease as it is read, so a stream
+    that lasts longer than ``lease_seconds`` keeps its concurrency slot (and settles at the end)."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1, "tokens_per_minute": 100000},
+                                   "queue": {"max_wait_seconds": 0}, "estimation": {"lease_seconds": 30}})
+    provider.state.completion_tokens = 20
+    resp, read = await _open_stream(entry, provider)
+    for _ in range(4):
+        await read()
+        clock.advance(20)  # 80 s in all, 20 s between chunks: past the lease, never past a renewal
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert _global(limiter)["in_flight"] == 1
+    if entry in ("completion", "acompletion"):
+        assert isinstance(resp, litellm.CustomStreamWrapper)  # still LiteLLM's stream to its reader
+    with contextlib.suppress(StopAsyncIteration):
+        while True:
+            await read()
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"] < 2000)  # settled, not the estimate
+    await litellm.acompletion(**chat_kwargs(provider))  # the slot is back
+
+
+async def test_an_abandoned_stream_is_reclaimed_one_lease_after_its_last_chunk(provider: FakeProvider,
+                                                                               clock: FakeClock) -> None:
+    """Renewal happens only on reads: a stream read for a while and then dropped still gives its
+    slot back one lease after the last chunk it delivered."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0},
+                                   "estimation": {"lease_seconds": 30}})
+    provider.state.completion_tokens = 20
+    _, read = await _open_stream("acompletion", provider)
+    await read()
+    clock.advance(25)
+    await read()  # renewed at +25 s: held until +55 s
+    clock.advance(25)
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**chat_kwargs(provider))
+    clock.advance(6)
+    await litellm.acompletion(**chat_kwargs(provider))
+    assert _global(limiter)["in_flight"] == 0
+
+
+async def test_a_failing_lease_renewal_does_not_break_the_stream(provider: FakeProvider, clock: FakeClock,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A renewal that raises (a backend outage) is logged; the caller's stream reads on."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 2}})
+    provider.state.completion_tokens = 5
+
+    def broken(call_id: str) -> None:
+        raise ConnectionError("backend down")
+
+    limiter._engine.renew = broken  # type: ignore[method-assign]
+    resp = await litellm.acompletion(**chat_kwargs(provider), stream=True)
+    with caplog.at_level(logging.WARNING, logger="hive_ratelimit_plugin"):
+        chunks = [c async for c in resp]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip()
+    assert any("could not renew the lease" in r.getMessage() for r in caplog.records)
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
