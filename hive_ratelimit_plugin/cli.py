@@ -50,7 +50,6 @@ def _demo(args: argparse.Namespace) -> int:
     litellm.suppress_debug_info = True
     litellm.token_counter(model="gpt-4o-mini", text="warm up")  # load the tokenizer before timing
     limiter = HiveLimiter(DEMO_CONFIG)
-    litellm.callbacks.append(limiter)
     print("hive-ratelimit demo: simulated agents calling a fake provider on 127.0.0.1 (no key, no network)")
     print("limits: " + yaml.safe_dump(DEMO_CONFIG, default_flow_style=True, width=400).strip())
     print()
@@ -87,6 +86,15 @@ def _demo(args: argparse.Namespace) -> int:
                              f"{agent:<12} ({priority:<6}) call {n}: not sent: {type(exc).__name__}: {exc}"))
 
         async def run() -> None:
+            # One call before the limiter is registered: LiteLLM's first call in a process is slow
+            # (clients, lazy imports), and that time is not a wait in the queue.
+            await litellm.acompletion(model="openai/gpt-4o-mini", api_base=provider.url,
+                                      api_key="sk-demo-not-a-real-key",
+                                      messages=[{"role": "user", "content": "warm up"}], max_tokens=5)
+            provider.state.reset()
+            litellm.callbacks.append(limiter)
+            nonlocal start
+            start = time.monotonic()
             await asyncio.gather(*(one(a, p, i) for a, p, k in agents for i in range(1, k + 1)))
 
         asyncio.run(run())

@@ -365,7 +365,10 @@ def _shown(name: str, value: Any) -> Any:
 def _format_validation_error(exc: ValidationError, root: str) -> list[str]:
     lines = []
     for err in exc.errors():
-        path = ".".join([root, *("global" if p == "global_" else str(p) for p in err["loc"])])
+        loc = list(err["loc"])
+        if len(loc) > 2 and loc[0] == "providers" and loc[2] == "models":
+            del loc[2]  # a model's limits sit right under its provider, as the configuration is written
+        path = ".".join([root, *("global" if p == "global_" else str(p) for p in loc)])
         value = _shown(str(err["loc"][-1]) if err["loc"] else "", err.get("input"))
         kind = err["type"]
         if kind == "extra_forbidden":

@@ -65,7 +65,7 @@ def test_env_enabled_flag(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"global": {"requests_per_minute": 0}}, ["rate_limiting.global.requests_per_minute", "0"]),
         ({"global": {"requests_per_minut": 5}}, ["rate_limiting.global.requests_per_minut", "unknown key"]),
         ({"global": {"tokens_per_minute": "lots"}}, ["rate_limiting.global.tokens_per_minute", "'lots'"]),
-        ({"providers": {"openai": {"gpt-4": {"rpm": 5}}}}, ["rate_limiting.providers.openai.models.gpt-4.rpm"]),
+        ({"providers": {"openai": {"gpt-4": {"rpm": 5}}}}, ["rate_limiting.providers.openai.gpt-4.rpm"]),
         ({"providers": {"openai": {"requets_per_minute": 5}}}, ["rate_limiting.providers.openai.requets_per_minute"]),
         ({"queue": {"max_wait_seconds": -1}}, ["rate_limiting.queue.max_wait_seconds"]),
         ({"colour": "blue"}, ["rate_limiting.colour", "unknown key"]),

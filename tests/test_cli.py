@@ -1,0 +1,65 @@
+"""The ``hive-ratelimit`` command: the README's demo and ``check-config``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import litellm
+import pytest
+
+from hive_ratelimit_plugin import HiveLimiter
+from hive_ratelimit_plugin.cli import main
+
+
+def test_demo_runs_offline_and_shows_queueing_by_priority(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's first command: simulated agents against the built-in fake provider. It prints
+    what was sent after how long, what timed out, the provider's view and live usage per level;
+    high priority goes first, nothing gets a 429, concurrency stays within its limit of 3."""
+    assert main(["demo", "--calls", "3"]) == 0
+    out = capsys.readouterr().out
+    sent = re.findall(r"t=\s*([\d.]+)s\s+(\S+)\s+\((\w+)\s*\) call \d: sent after waiting ([\d.]+)s", out)
+    assert {agent for _, agent, _, _ in sent} >= {"researcher", "writer"}
+    first = {agent: min(float(t) for t, a, _, _ in sent if a == agent) for _, agent, _, _ in sent}
+    assert first["researcher"] < first["writer"]
+    assert all(float(t) < first["writer"] for t, a, _, _ in sent if a == "researcher")
+    # The first high-priority call is not held: the demo's timings are queue waits, not start-up.
+    assert min(float(w) for _, a, _, w in sent if a == "researcher") < 0.5
+    m = re.search(r"provider received (\d+) requests, (\d+) answered 429; at most (\d+) at once", out)
+    assert m is not None, out
+    assert int(m.group(1)) == len(sent) and int(m.group(2)) == 0 and 1 <= int(m.group(3)) <= 3
+    assert "live usage per level:" in out and "concurrent_requests 0/3" in out
+    assert "sk-demo" not in out
+    assert not any(isinstance(cb, HiveLimiter) for cb in litellm.callbacks)  # it cleans up after itself
+
+
+def test_check_config_prints_the_effective_configuration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "limits.yaml"
+    path.write_text("rate_limiting:\n  global:\n    requests_per_minute: 60\n"
+                    "  providers:\n    openai:\n      gpt-4:\n        tokens_per_minute: 40000\n")
+    assert main(["check-config", str(path), "--no-env"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# effective configuration of {path}")
+    assert "requests_per_minute: 60" in out and "tokens_per_minute: 40000" in out
+    assert "max_wait_seconds: 60.0" in out  # defaults are shown too
+
+
+def test_check_config_lists_every_error_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("rate_limiting:\n  global:\n    requests_per_minute: -5\n    tokens_per_mnute: 100\n"
+                    "  providers:\n    openai:\n      gpt-4:\n        concurrent_requests: many\n")
+    assert main(["check-config", str(path), "--no-env"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err
+    assert "rate_limiting.global.requests_per_minute: -5 is not allowed" in err
+    assert "rate_limiting.global.tokens_per_mnute: unknown key" in err
+    assert "rate_limiting.providers.openai.gpt-4.concurrent_requests: 'many' is not allowed" in err
+
+
+def test_check_config_reports_a_yaml_syntax_error_with_its_line(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("rate_limiting:\n  global:\n    requests_per_minute: 5\n  queue: [1,\n")
+    assert main(["check-config", str(path)]) == 1
+    assert re.search(r"YAML syntax error at line \d+", capsys.readouterr().err)
