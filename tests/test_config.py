@@ -165,3 +165,19 @@ def test_agent_user_team_levels_and_wildcards() -> None:
     ]
     assert _keys(r, "openai", "gpt-4", agent_id="batch-7") == ["agent:batch-7"]
     assert _keys(r, "openai", "gpt-4", agent_id="other", team_id="other") == []
+
+
+def test_limiter_from_a_yaml_path(tmp_path: Path) -> None:
+    """``HiveLimiter.from_yaml(path)`` and ``HiveLimiter("limits.yaml")`` read the same file; a bad
+    file fails at construction with ConfigError."""
+    from hive_ratelimit_plugin import HiveLimiter
+
+    f = tmp_path / "limits.yaml"
+    f.write_text("rate_limiting:\n  global:\n    requests_per_minute: 42\n  queue:\n    max_wait_seconds: 3\n"
+                 "  status:\n    enabled: false\n")
+    for lim in (HiveLimiter.from_yaml(str(f)), HiveLimiter(str(f)), HiveLimiter(f)):  # type: ignore[arg-type]
+        assert lim.config.global_.requests_per_minute == 42
+        assert lim.config.queue.max_wait_seconds == 3
+    f.write_text("rate_limiting:\n  global:\n    requests_per_minute: 0\n")
+    with pytest.raises(ConfigError, match=r"rate_limiting\.global\.requests_per_minute"):
+        HiveLimiter.from_yaml(str(f))

@@ -91,6 +91,34 @@ def test_concurrency_slot_comes_back_on_release(clock: FakeClock, make_engine: A
     assert w.granted
 
 
+@pytest.mark.parametrize(("field", "period"), [
+    ("requests_per_second", 1.0), ("requests_per_minute", 60.0), ("requests_per_hour", 3600.0),
+    ("requests_per_day", 86400.0), ("tokens_per_second", 1.0), ("tokens_per_minute", 60.0),
+    ("tokens_per_hour", 3600.0), ("tokens_per_day", 86400.0), ("input_tokens_per_minute", 60.0),
+    ("output_tokens_per_minute", 60.0),
+])
+def test_every_rate_field_holds_for_its_own_period(field: str, period: float, clock: FakeClock,
+                                                    make_engine: Any) -> None:
+    """Each limit field counts what it names (requests, all tokens, input or output tokens) over
+    its own period: room for two calls, the third waits until the window has slid past them,
+    not before 90 % of the period and no later than one bucket (1/60) after it."""
+    per_call = {"requests": 1, "tokens": 100, "input": 60, "output": 40}[field.split("_")[0]]
+    eng = make_engine(clock)
+    g = scope(**{field: 2 * per_call})
+    for i in range(2):
+        assert eng.acquire(ticket(i, g, tin=60, tout=40), Woken()) is None
+        eng.release(str(i), input_tokens=60, output_tokens=40)
+    w = eng.acquire(ticket(2, g, tin=60, tout=40), Woken())
+    assert w is not None and not w.granted
+    assert w.blocked is not None and w.blocked.limit == field
+    clock.advance(period * 0.9)
+    eng.dispatch()
+    assert not w.granted
+    clock.advance(period * (0.1 + 1 / 60) + 0.01)
+    eng.dispatch()
+    assert w.granted
+
+
 def test_every_level_must_have_room(clock: FakeClock, make_engine: Any) -> None:
     """A call is admitted only if every scope it counts against has room."""
     eng = make_engine(clock)
