@@ -374,6 +374,31 @@ async def test_provider_failure_releases_slot(mode: str, provider: FakeProvider,
     await litellm.acompletion(**chat_kwargs(provider))
 
 
+@pytest.mark.parametrize(("cap", "default", "fits"), [
+    ({"max_tokens": 900}, 256, False),
+    ({"max_tokens": 100}, 256, True),
+    ({"max_completion_tokens": 900}, 256, False),
+    ({"max_completion_tokens": 100, "max_tokens": 5000}, 256, True),  # the completion cap wins
+    ({}, 900, False),  # no cap: the configured default output estimate
+    ({}, 100, True),
+])
+async def test_output_estimate_is_the_requested_cap_or_the_configured_default(
+        cap: dict[str, int], default: int, fits: bool, provider: FakeProvider, clock: FakeClock) -> None:
+    """A call reserves its prompt plus ``max_completion_tokens`` / ``max_tokens``, or
+    ``estimation.default_output_tokens`` without a cap: against 500 tokens per minute, a call that
+    may produce 900 can never fit (no request is sent), one capped at 100 is admitted."""
+    limiter = make_limiter(clock, {"global": {"tokens_per_minute": 500},
+                                   "estimation": {"default_output_tokens": default}})
+    if fits:
+        await litellm.acompletion(**chat_kwargs(provider, **cap))
+        assert provider.state.count() == 1
+        await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"] < 100)  # settled to the usage
+    else:
+        with pytest.raises(RequestTooLargeError, match="tokens_per_minute"):
+            await litellm.acompletion(**chat_kwargs(provider, **cap))
+        assert provider.state.count() == 0
+
+
 def test_request_larger_than_limit_fails_fast(provider: FakeProvider, clock: FakeClock) -> None:
     """A call that can never fit raises RequestTooLargeError at once, with no request sent."""
     make_limiter(clock, {"global": {"tokens_per_minute": 1000}})
