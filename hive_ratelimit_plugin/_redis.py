@@ -595,6 +595,7 @@ class RedisEngine(Engine):
     def _settle(self, res: _Reservation, input_tokens: int | None, output_tokens: int | None,
                 cost: float | None, now: float) -> None:
         if res.remote or not res.states:  # an expired remote (or uncounted) lease
+            self._renewed.pop(res.ticket.call_id, None)
             self._remote_settle(res, input_tokens, output_tokens, cost, "error", None, None)
             return
         super()._settle(res, input_tokens, output_tokens, cost, now)
@@ -785,15 +786,20 @@ class RedisEngine(Engine):
             return
         now = self.clock()
         res.expires_at = now + self.lease_seconds
+        if not res.remote:
+            return
+        # Redis keeps its own copy of the lease, which another process may reclaim. A RENEW sets
+        # it to 1.25 leases and is sent at most once per quarter lease, so Redis never reclaims a
+        # stream within one lease of its last chunk. The first read always sends one: admission
+        # set a single lease.
         last = self._renewed.get(call_id)
-        if last is None:
-            self._renewed[call_id] = now
-        elif res.remote and now - last > self.lease_seconds / 4:  # one round trip per quarter lease
-            self._renewed[call_id] = now
-            try:
-                self._call(self._renew, [self.prefix, self._now_arg(), call_id, _num(self.lease_seconds)])
-            except _Down:
-                pass
+        if last is not None and now - last <= self.lease_seconds / 4:
+            return
+        self._renewed[call_id] = now
+        try:
+            self._call(self._renew, [self.prefix, self._now_arg(), call_id, _num(self.lease_seconds * 1.25)])
+        except _Down:
+            pass
 
     def consecutive_failures(self, call_id: str) -> int:
         return 0 if call_id in self._leases else self.fallback.consecutive_failures(call_id)

@@ -108,6 +108,43 @@ def test_renew_keeps_the_slot_and_reservation_keys_alive(clock: FakeClock, redis
     assert r.pttl(p + ":c:global") > 40_000 and r.pttl(p + ":rv:global") > 40_000
 
 
+@pytest.mark.parametrize("reads", [[24.0], [10.0, 15.0], [0.5, 3.0, 6.0], [5.0, 14.0, 20.0, 25.0]],
+                         ids=["late-first-read", "two-close-reads", "reads-at-once", "steady"])
+def test_a_stream_keeps_its_redis_slot_for_a_lease_after_its_last_read(
+        reads: list[float], clock: FakeClock, redis_prefix: str) -> None:
+    """Another process must not reclaim a stream within one lease of its last chunk, whenever the
+    reads came (a RENEW reaches Redis at most once per quarter lease), and reclaims it within
+    1.25 leases once reading stops."""
+    a, b = engine(clock, redis_prefix, lease_seconds=30), engine(clock, redis_prefix, lease_seconds=30)
+    g = sc(concurrent_requests=1)
+    assert a.acquire(tk("s1", g), nothing) is None
+    start = clock()
+    for at in reads:
+        clock.advance(start + at - clock())
+        a.renew("s1")
+    clock.advance(29.0)  # just under a lease since the last read
+    w = b.acquire(tk("b1", g), None)
+    assert w is not None and not w.granted, "another process took the slot of a stream read 29 s ago"
+    clock.advance(8.6)  # 1.25 leases since the last read, and a little more
+    assert b.acquire(tk("b2", g), None) is None
+
+
+def test_an_abandoned_streams_renewal_record_goes_with_its_lease(clock: FakeClock, redis_prefix: str) -> None:
+    """A stream read a few times and then dropped: when its lease is reclaimed, nothing about it
+    stays in the process (50 such streams used to leave 50 renewal records behind)."""
+    a = engine(clock, redis_prefix, lease_seconds=30)
+    g = sc(concurrent_requests=100)
+    for i in range(50):
+        assert a.acquire(tk(f"s{i}", g), nothing) is None
+    clock.advance(10)
+    for i in range(50):
+        a.renew(f"s{i}")
+    clock.advance(45)
+    assert a.acquire(tk("next", g), nothing) is None  # runs the sweep that reclaims them
+    assert not any(cid.startswith("s") for cid in a._leases)
+    assert a._renewed == {}
+
+
 # ------------------------------------------------------------------ secrets
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?password=hunter2-secret",
                                  "rediss://h:6380/0?username=u&password=hunter2-secret",
