@@ -79,6 +79,7 @@ def _seed_call_ids() -> None:
 
 _id_prefix = ""
 _id_counter = itertools.count()
+_limiter_ids = itertools.count(1)
 _seed_call_ids()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_seed_call_ids)  # a forked worker must not repeat the parent's ids
@@ -288,6 +289,11 @@ class HiveLimiter(CustomLogger):
     ) -> None:
         super().__init__()
         cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
+        # LiteLLM treats two callbacks of one class with equal public str/int/bool attributes as
+        # the same logger and leaves the later one out of its success and failure lists: a
+        # limiter that replaced another (``litellm.callbacks = [HiveLimiter()]`` again) would then
+        # never hear of a stream's end. A public id unique to each instance tells them apart.
+        self.limiter_id = f"{_id_prefix[:8]}-{next(_limiter_ids)}"
         self._config = cfg
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._obs = _observe.Observations()

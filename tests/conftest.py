@@ -56,12 +56,18 @@ def provider(provider_server: FakeProvider) -> collections.abc.Iterator[FakeProv
 
 @pytest.fixture(autouse=True)
 def clean_callbacks() -> collections.abc.Iterator[None]:
-    """Every test starts and ends with no registered callbacks."""
+    """Every test starts and ends with no registered callbacks, in ``litellm.callbacks`` and in the
+    lists LiteLLM copies them into (a test that clears ``litellm.callbacks`` leaves its limiters
+    there, where they would still receive every later test's events)."""
+    lists = ("callbacks", "success_callback", "failure_callback", "input_callback", "_async_success_callback",
+             "_async_failure_callback", "_async_input_callback")
+    before = {id(cb) for name in lists for cb in getattr(litellm, name, [])}
     saved = list(litellm.callbacks)
     yield
-    for cb in list(litellm.callbacks):
-        if cb not in saved:
-            unregister(cb)
+    for name in lists:
+        for cb in list(getattr(litellm, name, [])):
+            if id(cb) not in before and not isinstance(cb, str):
+                unregister(cb)
     litellm.callbacks[:] = saved
 
 

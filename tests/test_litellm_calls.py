@@ -128,6 +128,28 @@ async def test_async_calls_release_concurrency(name: str, provider: FakeProvider
     assert limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"] == 0
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_limiter_that_replaces_another_still_hears_when_a_stream_ends(
+        mode: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """``litellm.callbacks = [HiveLimiter()]`` run a second time (a reload, a notebook cell):
+    LiteLLM keeps the first limiter in its own success lists and told two limiters apart by their
+    public attributes only, so it left the second one out and the second never heard that a
+    stream had ended: its slot stayed held until the lease ran out."""
+    make_limiter(clock, {"global": {"concurrent_requests": 5}})
+    litellm.completion(**chat_kwargs(provider))
+    litellm.callbacks[:] = []  # replaced the plain way, without unregister()
+    second = make_limiter(clock, {"global": {"concurrent_requests": 1, "tokens_per_minute": 100000},
+                                  "queue": {"max_wait_seconds": 0}})
+    if mode == "sync":
+        for _ in litellm.completion(**chat_kwargs(provider, max_tokens=2000), stream=True):
+            pass
+    else:
+        async for _ in await litellm.acompletion(**chat_kwargs(provider, max_tokens=2000), stream=True):
+            pass
+    await wait_until(lambda: _global(second)["in_flight"] == 0)
+    await wait_until(lambda: _global(second)["tokens_per_minute"]["used"] < 2000)  # settled, not the estimate
+
+
 def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     # Sync streams settle from LiteLLM's logging thread; give it a moment (bounded).
     done = threading.Event()
