@@ -150,8 +150,11 @@ class RetryConfig(_Strict):
     max_delay: PositiveFloat = 60.0
     """Cap on one wait, whatever Retry-After says."""
     take_over_sdk_retries: bool = True
-    """Set ``max_retries=0`` on calls that do not set it, so the openai SDK does not retry 429s
-    behind the limiter's back (the limiter retries them instead, through admission)."""
+    """Set ``max_retries=0`` on every call (a Router's deployment calls excepted: LiteLLM already
+    does), so the openai SDK does not retry behind the limiter's back. The limiter retries 429s
+    itself (the settings above), and makes the retries of 5xx and timeouts that a call asked for
+    with ``num_retries`` or ``max_retries`` itself too, after a jittered backoff
+    (``base_delay``, ``max_delay``): each attempt is admitted and counted."""
 
 
 class CircuitBreakerConfig(_Strict):
@@ -446,15 +449,33 @@ def load_config(
     else:
         origin = str(source)
         data = _unwrap(_read_yaml(source), origin)
+    env_problems = _unknown_env_names() if use_env else []
     try:
-        if use_env:
-            return RateLimitingConfig(**data)
-        return RateLimitingConfig.model_validate(data) if not data else _no_env(data)
+        cfg = RateLimitingConfig(**data) if use_env else (
+            RateLimitingConfig.model_validate(data) if not data else _no_env(data))
     except ValidationError as exc:
-        problems = _format_validation_error(exc, "rate_limiting")
+        problems = env_problems + _format_validation_error(exc, "rate_limiting")
         raise ConfigError(
             f"invalid configuration ({origin}):\n  " + "\n  ".join(problems), errors=problems
         ) from None
+    if env_problems:
+        raise ConfigError(f"invalid configuration ({origin}):\n  " + "\n  ".join(env_problems), errors=env_problems)
+    return cfg
+
+
+def _unknown_env_names() -> list[str]:
+    """``HIVE_RATELIMIT_*`` variables that name no field: pydantic-settings would ignore them, and a
+    misspelt section (``HIVE_RATELIMIT_GLOBL__REQUESTS_PER_MINUTE``) would leave a limit off."""
+    known = {name.upper() for name in RateLimitingConfig.model_fields} | {"GLOBAL", "CONFIG"}
+    problems = []
+    for key in sorted(os.environ):
+        if key.upper().startswith(ENV_PREFIX):
+            head = key[len(ENV_PREFIX):].split("__", 1)[0].upper()
+            if head not in known:
+                problems.append(f"{key}: unknown key {head.lower()!r} (environment); sections are "
+                                f"{', '.join(sorted(n.lower() for n in known - {'GLOBAL_', 'CONFIG'}))}; "
+                                "nest with __, as in HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE")
+    return problems
 
 
 def _no_env(data: dict[str, Any]) -> RateLimitingConfig:

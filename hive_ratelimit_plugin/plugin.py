@@ -16,6 +16,7 @@ How a call is held (see docs/architecture.md for the verified LiteLLM facts):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import itertools
@@ -1017,22 +1018,52 @@ def _claim_call_id(limiter: HiveLimiter, kwargs: dict[str, Any]) -> None:
         kwargs["litellm_call_id"] = new_call_id()
 
 
-def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any]) -> tuple[float, Any]:
+def _retries_asked(kwargs: Mapping[str, Any]) -> int:
+    """How many retries the caller asked LiteLLM for (``num_retries``, or the SDK's ``max_retries``)."""
+    asked = 0
+    for name in ("num_retries", "max_retries"):
+        v = kwargs.get(name)
+        if type(v) is int and v > asked:
+            asked = v
+    return asked
+
+
+def _is_router_call(kwargs: Mapping[str, Any]) -> bool:
+    """A Router's call to one of its deployments (LiteLLM's own test: ``model_group`` in its metadata)."""
+    for name in ("metadata", "litellm_metadata"):
+        meta = kwargs.get(name)
+        if meta and (type(meta) is dict or isinstance(meta, Mapping)) and "model_group" in meta:
+            return True
+    return False
+
+
+def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any]) -> tuple[float, Any, int]:
     """Prepare a guarded call's first attempt, which runs without the retry state (built only if it
-    fails, from what this returns: the start time and the caller's own call id, if any)."""
+    fails, from what this returns: the start time, the caller's own call id if any, and how many
+    retries of failed attempts the caller asked for).
+
+    The openai SDK would retry 429s, 5xx and timeouts itself, inside one attempt: unseen, never
+    admitted and never counted (LiteLLM hands it ``num_retries`` as its ``max_retries``). So the SDK
+    gets ``max_retries=0``, and retries the caller asked for are made here instead, each one
+    admitted and counted. A Router's deployment call is left alone: the Router retries itself,
+    through this guard, and LiteLLM already turns the SDK's retries off for it."""
     started = limiter._engine.clock()
     user_call_id = kwargs.get("litellm_call_id")
-    if limiter._config.retry.take_over_sdk_retries and "max_retries" not in kwargs:
-        kwargs["max_retries"] = 0  # the openai SDK would retry 429s unseen, outside admission
+    asked = 0
+    if limiter._config.retry.take_over_sdk_retries and not _is_router_call(kwargs):
+        asked = _retries_asked(kwargs)
+        if asked:
+            kwargs.pop("num_retries", None)
+        kwargs["max_retries"] = 0
     _claim_call_id(limiter, kwargs)
-    return started, user_call_id
+    return started, user_call_id, asked
 
 
 class _Retrying:
     """The retry policy of one guarded call: provider 429s are retried, each attempt re-admitted."""
 
     def __init__(self, limiter: HiveLimiter, kwargs: dict[str, Any], args: tuple[Any, ...], started: float,
-                 user_call_id: Any) -> None:
+                 user_call_id: Any, asked: int = 0) -> None:
         """Built after the first attempt failed (see :func:`_first_attempt`)."""
         cfg = limiter.config.retry
         self.limiter = limiter
@@ -1044,6 +1075,9 @@ class _Retrying:
         self.user_call_id = user_call_id  # the id the caller chose, if any (else each attempt gets a fresh one)
         self.kwargs = kwargs
         self.positional_model = args[0] if args and isinstance(args[0], str) else None
+        self.failures_left = asked  # retries of 5xx / timeouts the caller asked for
+        self.failures = 0
+        self.delay = 0.0  # how long to wait before the next attempt (after a 5xx or timeout)
 
     def begin(self, kwargs: dict[str, Any]) -> None:
         self.attempt += 1
@@ -1060,8 +1094,9 @@ class _Retrying:
         if isinstance(exc, RateLimitQueueTimeout) and self.last_429 is not None:
             # Waiting for the provider's cooldown would outlast the retry budget.
             raise self.last_429 from None
+        self.delay = 0.0
         if not is_rate_limit(exc):
-            return False
+            return self._retry_failure(exc)
         self.last_429 = exc
         now = lim._engine.clock()
         headers = response_headers(exc)
@@ -1075,6 +1110,22 @@ class _Retrying:
         if retry:
             lim._engine.note_retry()
         return retry
+
+    def _retry_failure(self, exc: BaseException) -> bool:
+        """A 5xx or a timeout: retried (after a jittered backoff) only as often as the caller asked."""
+        if self.failures_left <= 0 or not is_transient(exc):
+            return False
+        cfg = self.limiter.config.retry
+        delay = backoff(self.failures, cfg.base_delay, cfg.max_delay)
+        if self.limiter._engine.clock() + delay > self.deadline:
+            return False
+        self.failures_left -= 1
+        self.failures += 1
+        self.delay = delay
+        self.limiter._engine.note_retry()
+        logger.debug("retrying a call after %s (%d retr%s left), in %.2fs", type(exc).__name__,
+                     self.failures_left, "y" if self.failures_left == 1 else "ies", delay)
+        return True
 
 
 def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -1124,18 +1175,20 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if not limiters:
             return fn(*args, **kwargs)
         first = limiters[0]
-        started, user_call_id = _first_attempt(first, kwargs)
+        started, user_call_id, asked = _first_attempt(first, kwargs)
         retrying: _Retrying | None = None  # built once an attempt fails (see _first_attempt)
         while True:
             token = None
             if retrying is not None:
+                if retrying.delay:
+                    time.sleep(retrying.delay)
                 retrying.begin(kwargs)
                 token = _wait_budget.set(retrying.budget())
             try:
                 return attempt(limiters, args, kwargs)
             except Exception as exc:
                 if retrying is None:
-                    retrying = _Retrying(first, kwargs, args, started, user_call_id)
+                    retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
                 if not retrying.should_retry(exc):
                     raise
             finally:
@@ -1171,11 +1224,13 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
     # first attempt is the common case and runs without the retry state, which is built only
     # when an attempt fails (with the same start time, so the retry budget is unchanged).
     first = limiters[0]
-    started, user_call_id = _first_attempt(first, kwargs)
+    started, user_call_id, asked = _first_attempt(first, kwargs)
     retrying: _Retrying | None = None
     while True:
         token = None
         if retrying is not None:
+            if retrying.delay:
+                await asyncio.sleep(retrying.delay)
             retrying.begin(kwargs)
             token = _wait_budget.set(retrying.budget())
         # The pre-call hook notes the id it admits this attempt under (LiteLLM assigns it), so that
@@ -1186,7 +1241,7 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         except Exception as exc:
             _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), exc)
             if retrying is None:
-                retrying = _Retrying(first, kwargs, args, started, user_call_id)
+                retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
             if not retrying.should_retry(exc):
                 raise
         except BaseException:  # cancelled (or interrupted) while admitted or in flight
@@ -1292,3 +1347,9 @@ def install_sync_guard() -> None:
             if not getattr(current, "__hive_ratelimit_guard__", False):
                 wrap = _wrap_async if name in _ASYNC_NAMES else _wrap_sync
                 setattr(litellm, name, wrap(name, current))
+
+
+# Wrapped at import, not only when the first limiter is built: code that binds
+# ``from litellm import completion`` after importing this package then holds the guard, which
+# does nothing until a HiveLimiter is registered.
+install_sync_guard()

@@ -96,7 +96,7 @@ def recorder(clock: FakeClock) -> Recorder:
 
 
 # ----------------------------------------------------------------- backends
-REDIS_URL = os.environ.get("HIVE_RATELIMIT_TEST_REDIS", "redis://127.0.0.1:6379/15")
+REDIS_URL = os.environ.get("HIVE_RL_TEST_REDIS", "redis://127.0.0.1:6379/15")
 
 
 def redis_client() -> object:

@@ -102,6 +102,17 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml", use_env=False)
 
 
+@pytest.mark.parametrize("name", ["HIVE_RATELIMIT_GLOBL__REQUESTS_PER_MINUTE",
+                                  "HIVE_RATELIMIT_GLOBAL_REQUESTS_PER_MINUTE", "HIVE_RATELIMIT_REQUESTS_PER_MINUTE"])
+def test_an_environment_variable_that_names_no_field_is_an_error(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelt section or a missing ``__`` used to be ignored, leaving the limit off unnoticed."""
+    monkeypatch.setenv(name, "5")
+    with pytest.raises(ConfigError) as info:
+        load_config({"global": {"requests_per_minute": 60}})
+    assert name in str(info.value) and "unknown key" in str(info.value)
+    assert load_config({"global": {"requests_per_minute": 60}}, use_env=False).global_.requests_per_minute == 60
+
+
 def test_bad_env_value_is_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A bad environment value is reported like a bad file value."""
     monkeypatch.setenv("HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE", "-3")

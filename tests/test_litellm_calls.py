@@ -15,7 +15,7 @@ import pytest
 from hive_ratelimit_plugin import RateLimitQueueTimeout, RequestTooLargeError
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import chat_kwargs, make_limiter, wait_until
+from .helpers import Ticker, chat_kwargs, make_limiter, wait_until
 
 # Contract: every test here runs against the in-memory and the Redis backend.
 pytestmark = pytest.mark.usefixtures("contract_backend")
@@ -430,13 +430,54 @@ def test_request_larger_than_limit_fails_fast(provider: FakeProvider, clock: Fak
 
 
 def test_retries_without_readmission_are_counted(provider: FakeProvider, clock: FakeClock) -> None:
-    """Retries LiteLLM sends itself (the openai SDK on a 429) still count as requests."""
+    """A caller's ``max_retries`` on a 429: the openai SDK would retry inside one attempt, unseen;
+    the guard retries instead, and the provider's two requests are two admitted requests."""
     limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}})
     provider.state.push(Scripted(status=429, headers={"retry-after-ms": "1"}))
-    litellm.completion(**chat_kwargs(provider, max_retries=1))
+    with Ticker(clock, step=0.01):
+        litellm.completion(**chat_kwargs(provider, max_retries=1))
     assert provider.state.count() == 2
-    used = limiter.get_usage_stats()["levels"]["global"]["global"]["requests_per_minute"]["used"]
-    assert used >= 1
+    stats = limiter.get_usage_stats()
+    assert stats["levels"]["global"]["global"]["requests_per_minute"]["used"] == 2
+    assert stats["admitted_total"] == 2
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(("asked", "script", "sent", "ok"), [
+    ({"num_retries": 2}, [500, 500], 3, True),
+    ({"max_retries": 2}, [503, 429, 500], 4, True),  # a 429 follows the limiter's retry policy
+    ({"max_retries": 1}, [503, 500], 2, False),  # one retry asked: the second failure is final
+    ({"num_retries": 1}, [500, 500], 2, False),
+    ({}, [500], 1, False),  # none asked: none made
+])
+async def test_the_retries_a_caller_asked_for_are_each_admitted_and_counted(
+        mode: str, asked: dict[str, int], script: list[int], sent: int, ok: bool, provider: FakeProvider,
+        clock: FakeClock) -> None:
+    """``num_retries`` / ``max_retries``: LiteLLM hands them to the openai SDK, which would resend
+    5xx and 429s inside one attempt, never admitted and never counted. The guard turns the SDK's
+    retries off and makes the retries the caller asked for itself: each one admitted, counted,
+    and visible to the limits, after a jittered backoff for a 5xx."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}, "retry": {"base_delay": 0.001}})
+    for status in script:
+        provider.state.push(Scripted(status=status, headers={"retry-after-ms": "1"} if status == 429 else {}))
+    kw = chat_kwargs(provider)
+    kw.pop("max_retries")
+    kw.update(asked)
+    with Ticker(clock, step=0.01):
+        try:
+            if mode == "sync":
+                litellm.completion(**kw)
+            else:
+                await litellm.acompletion(**kw)
+            succeeded = True
+        except (litellm.InternalServerError, litellm.ServiceUnavailableError, litellm.RateLimitError):
+            succeeded = False
+    assert succeeded is ok
+    assert provider.state.count() == sent
+    stats = limiter.get_usage_stats()
+    assert stats["levels"]["global"]["global"]["requests_per_minute"]["used"] == sent
+    assert stats["admitted_total"] == sent
+    assert stats["levels"]["global"]["global"]["in_flight"] == 0
 
 
 def test_disabled_limiter_does_nothing(provider: FakeProvider, clock: FakeClock) -> None:

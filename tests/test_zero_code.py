@@ -431,3 +431,22 @@ def test_disable_cancels_a_pending_autoload(monkeypatch: pytest.MonkeyPatch) -> 
     assert _autoload.installed()
     disable()
     assert not _autoload.installed() and hook not in sys.meta_path
+
+
+@pytest.mark.parametrize("first", ["from hive_ratelimit_plugin import HiveLimiter",
+                                   "import hive_ratelimit_plugin.plugin"])
+def test_importing_the_limiter_wraps_litellms_entry_points_before_any_limiter_exists(first: str) -> None:
+    """docs/architecture.md: code that binds ``from litellm import completion`` after importing the
+    limiter (before it builds one) must still get the guard, or its sync calls go unlimited."""
+    import subprocess
+    import sys
+
+    code = (f"{first}\n"
+            "from litellm import completion, acompletion, embedding, text_completion\n"
+            "print(all(getattr(f, '__hive_ratelimit_guard__', False) for f in "
+            "(completion, acompletion, embedding, text_completion)))\n")
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    env = {k: v for k, v in env.items() if not k.startswith("HIVE_RATELIMIT_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True"
