@@ -1018,9 +1018,16 @@ def _claim_call_id(limiter: HiveLimiter, kwargs: dict[str, Any]) -> None:
         kwargs["litellm_call_id"] = new_call_id()
 
 
+def _module_retries(kwargs: Mapping[str, Any]) -> int:
+    """``litellm.num_retries``, when it applies to this call (the call sets no ``num_retries``)."""
+    g = litellm.num_retries
+    return g if type(g) is int and g > 0 and "num_retries" not in kwargs else 0
+
+
 def _retries_asked(kwargs: Mapping[str, Any]) -> int:
-    """How many retries the caller asked LiteLLM for (``num_retries``, or the SDK's ``max_retries``)."""
-    asked = 0
+    """How many retries the caller asked LiteLLM for: ``num_retries`` or the SDK's ``max_retries``
+    on the call, else the module-wide ``litellm.num_retries``."""
+    asked = _module_retries(kwargs)
     for name in ("num_retries", "max_retries"):
         v = kwargs.get(name)
         if type(v) is int and v > asked:
@@ -1037,23 +1044,35 @@ def _is_router_call(kwargs: Mapping[str, Any]) -> bool:
     return False
 
 
-def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any]) -> tuple[float, Any, int]:
+def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = False) -> tuple[float, Any, int]:
     """Prepare a guarded call's first attempt, which runs without the retry state (built only if it
     fails, from what this returns: the start time, the caller's own call id if any, and how many
     retries of failed attempts the caller asked for).
 
     The openai SDK would retry 429s, 5xx and timeouts itself, inside one attempt: unseen, never
-    admitted and never counted (LiteLLM hands it ``num_retries`` as its ``max_retries``). So the SDK
-    gets ``max_retries=0``, and retries the caller asked for are made here instead, each one
-    admitted and counted. A Router's deployment call is left alone: the Router retries itself,
-    through this guard, and LiteLLM already turns the SDK's retries off for it."""
+    admitted and never counted (LiteLLM hands it ``num_retries`` as its ``max_retries``), and so
+    would LiteLLM's own retry loop (``litellm.num_retries``). So both get 0, and the retries the
+    caller asked for are made here instead, each one admitted and counted. A Router's deployment
+    call gets 0 too but no retries here: the Router retries itself, through this guard.
+
+    One exception: a sync call under a module-wide ``litellm.num_retries`` is left as it is.
+    LiteLLM's sync retry loop reads that setting even when the call says ``num_retries=0``, and
+    it needs ``tenacity``; taking the SDK's retries away there would turn a retried success into
+    an error. Its retries stay with the SDK, unseen (docs/troubleshooting.md)."""
     started = limiter._engine.clock()
     user_call_id = kwargs.get("litellm_call_id")
     asked = 0
-    if limiter._config.retry.take_over_sdk_retries and not _is_router_call(kwargs):
-        asked = _retries_asked(kwargs)
-        if asked:
-            kwargs.pop("num_retries", None)
+    if limiter._config.retry.take_over_sdk_retries and not (sync and _module_retries(kwargs)):
+        if _is_router_call(kwargs):
+            # The Router retries through this guard. LiteLLM 1.110 turns the SDK's retries off for
+            # its deployment calls; 1.83 hands them a deployment's num_retries as max_retries.
+            if "num_retries" in kwargs:
+                kwargs["num_retries"] = 0
+        else:
+            asked = _retries_asked(kwargs)
+            if asked or "num_retries" in kwargs:
+                # 0, not absent: LiteLLM's own retry loop would fall back to litellm.num_retries
+                kwargs["num_retries"] = 0
         kwargs["max_retries"] = 0
     _claim_call_id(limiter, kwargs)
     return started, user_call_id, asked
@@ -1175,7 +1194,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if not limiters:
             return fn(*args, **kwargs)
         first = limiters[0]
-        started, user_call_id, asked = _first_attempt(first, kwargs)
+        started, user_call_id, asked = _first_attempt(first, kwargs, sync=True)
         retrying: _Retrying | None = None  # built once an attempt fails (see _first_attempt)
         while True:
             token = None

@@ -480,6 +480,49 @@ async def test_the_retries_a_caller_asked_for_are_each_admitted_and_counted(
     assert stats["levels"]["global"]["global"]["in_flight"] == 0
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_module_wide_num_retries_are_made_by_the_guard_and_counted(
+        mode: str, provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``litellm.num_retries`` set for the whole program: async, LiteLLM's own retry loop (or the
+    SDK) would resend unseen, so the guard makes those retries itself, each admitted and counted.
+    Sync, LiteLLM's retry loop reads the setting whatever the call says and needs ``tenacity``:
+    the guard leaves the SDK's retries alone so the call still succeeds (its retries unseen)."""
+    monkeypatch.setattr(litellm, "num_retries", 2)
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}, "retry": {"base_delay": 0.001}})
+    for _ in range(2):
+        provider.state.push(Scripted(status=500))
+    kw = chat_kwargs(provider)
+    kw.pop("max_retries")
+    with Ticker(clock, step=0.01):
+        if mode == "sync":
+            litellm.completion(**kw)
+        else:
+            await litellm.acompletion(**kw)
+    assert provider.state.count() == 3
+    assert limiter.get_usage_stats()["admitted_total"] == (1 if mode == "sync" else 3)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_router_deployments_num_retries_never_reach_the_sdk_unseen(
+        mode: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """LiteLLM 1.83 hands a deployment's ``num_retries`` to the openai SDK even under a Router;
+    every request the provider sees must be one the limiter admitted."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}})
+    router = litellm.Router(model_list=[{"model_name": "fast", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": provider.url, "api_key": SECRET, "num_retries": 2}}],
+        num_retries=0)
+    for _ in range(2):
+        provider.state.push(Scripted(status=500))
+    messages = [{"role": "user", "content": "hi"}]
+    with Ticker(clock, step=0.01), contextlib.suppress(litellm.InternalServerError):
+        if mode == "sync":
+            router.completion(model="fast", messages=messages)
+        else:
+            await router.acompletion(model="fast", messages=messages)
+    assert provider.state.count() >= 1
+    assert limiter.get_usage_stats()["admitted_total"] == provider.state.count()
+
+
 def test_disabled_limiter_does_nothing(provider: FakeProvider, clock: FakeClock) -> None:
     """enabled: false lets every call through uncounted."""
     make_limiter(clock, {"enabled": False, "global": {"requests_per_minute": 1}})
