@@ -150,11 +150,14 @@ class RetryConfig(_Strict):
     max_delay: PositiveFloat = 60.0
     """Cap on one wait, whatever Retry-After says."""
     take_over_sdk_retries: bool = True
-    """Set ``max_retries=0`` on every call (a Router's deployment calls excepted: LiteLLM already
-    does), so the openai SDK does not retry behind the limiter's back. The limiter retries 429s
-    itself (the settings above), and makes the retries of 5xx and timeouts that a call asked for
-    with ``num_retries`` or ``max_retries`` itself too, after a jittered backoff
-    (``base_delay``, ``max_delay``): each attempt is admitted and counted."""
+    """Set ``max_retries=0`` (and ``num_retries=0`` where one applies) on every call, so neither
+    the openai SDK nor LiteLLM's own retry loop resends behind the limiter's back. The limiter
+    retries 429s itself (the settings above), and makes the retries of 5xx and timeouts that a
+    call asked for (``num_retries``, ``max_retries``, or ``litellm.num_retries`` on async calls)
+    itself too, after a jittered backoff (``base_delay``, ``max_delay``): each attempt is admitted
+    and counted. A Router's deployment calls get the zeros but no retries (the Router retries
+    through the guard); sync calls under ``litellm.num_retries`` are left alone
+    (docs/troubleshooting.md)."""
 
 
 class CircuitBreakerConfig(_Strict):
@@ -449,17 +452,15 @@ def load_config(
     else:
         origin = str(source)
         data = _unwrap(_read_yaml(source), origin)
-    env_problems = _unknown_env_names() if use_env else []
+    problems = _unknown_env_names() if use_env else []
+    cfg: RateLimitingConfig | None = None
     try:
         cfg = RateLimitingConfig(**data) if use_env else (
             RateLimitingConfig.model_validate(data) if not data else _no_env(data))
     except ValidationError as exc:
-        problems = env_problems + _format_validation_error(exc, "rate_limiting")
-        raise ConfigError(
-            f"invalid configuration ({origin}):\n  " + "\n  ".join(problems), errors=problems
-        ) from None
-    if env_problems:
-        raise ConfigError(f"invalid configuration ({origin}):\n  " + "\n  ".join(env_problems), errors=env_problems)
+        problems += _format_validation_error(exc, "rate_limiting")
+    if problems or cfg is None:
+        raise ConfigError(f"invalid configuration ({origin}):\n  " + "\n  ".join(problems), errors=problems)
     return cfg
 
 

@@ -891,8 +891,6 @@ class HiveLimiter(CustomLogger):
         if any(getattr(c, "finish_reason", None) for c in choices):
             # Generation is over; usage (exact or LiteLLM's estimate) comes with the success event.
             self._engine.free_slot(call_id)
-        else:
-            self._engine.renew(call_id)
         return response_chunk
 
     async def async_log_success_event(self, kwargs: dict[str, Any], response_obj: Any,
@@ -1094,8 +1092,8 @@ class _Retrying:
         self.user_call_id = user_call_id  # the id the caller chose, if any (else each attempt gets a fresh one)
         self.kwargs = kwargs
         self.positional_model = args[0] if args and isinstance(args[0], str) else None
-        self.failures_left = asked  # retries of 5xx / timeouts the caller asked for
-        self.failures = 0
+        self.asked = asked  # retries of 5xx / timeouts the caller asked for
+        self.failures = 0  # of which made so far
         self.delay = 0.0  # how long to wait before the next attempt (after a 5xx or timeout)
 
     def begin(self, kwargs: dict[str, Any]) -> None:
@@ -1132,18 +1130,17 @@ class _Retrying:
 
     def _retry_failure(self, exc: BaseException) -> bool:
         """A 5xx or a timeout: retried (after a jittered backoff) only as often as the caller asked."""
-        if self.failures_left <= 0 or not is_transient(exc):
+        if self.failures >= self.asked or not is_transient(exc):
             return False
         cfg = self.limiter.config.retry
         delay = backoff(self.failures, cfg.base_delay, cfg.max_delay)
         if self.limiter._engine.clock() + delay > self.deadline:
             return False
-        self.failures_left -= 1
         self.failures += 1
         self.delay = delay
         self.limiter._engine.note_retry()
-        logger.debug("retrying a call after %s (%d retr%s left), in %.2fs", type(exc).__name__,
-                     self.failures_left, "y" if self.failures_left == 1 else "ies", delay)
+        logger.debug("retrying a call after %s (retry %d of %d), in %.2fs", type(exc).__name__,
+                     self.failures, self.asked, delay)
         return True
 
 
