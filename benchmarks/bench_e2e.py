@@ -176,11 +176,11 @@ def _instrumented_class() -> Any:
     for n in (
         "async_pre_call_deployment_hook",
         "async_post_call_success_deployment_hook",
-        "async_log_success_event",
+        "async_logging_hook",
         "async_log_failure_event",
     ):
         wrap_async(n)
-    for n in ("log_pre_api_call", "log_success_event", "log_failure_event", "_guard_sync", "_finish"):
+    for n in ("log_pre_api_call", "logging_hook", "log_failure_event", "_guard_sync", "_finish"):
         wrap_sync(n)
     return Instrumented, samples
 

@@ -73,9 +73,8 @@ def _noop_logger() -> Any:
                                                             call_type: Any) -> Any:
             return response_chunk
 
-        async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any,
-                                          end_time: Any) -> None:
-            return None
+        async def async_logging_hook(self, kwargs: Any, result: Any, call_type: Any) -> Any:
+            return kwargs, result
 
         async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any,
                                           end_time: Any) -> None:
@@ -84,8 +83,8 @@ def _noop_logger() -> Any:
         def log_pre_api_call(self, model: Any, messages: Any, kwargs: Any) -> None:
             return None
 
-        def log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-            return None
+        def logging_hook(self, kwargs: Any, result: Any, call_type: Any) -> Any:
+            return kwargs, result
 
         def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
             return None
@@ -132,7 +131,7 @@ def _child(mode: str, n: int) -> None:
             await lim.async_pre_call_deployment_hook(kwargs, "acompletion")
             lim.log_pre_api_call(kwargs["model"], kwargs["messages"], kwargs)
             await lim.async_post_call_success_deployment_hook(kwargs, response, "acompletion")
-            await lim.async_log_success_event(kwargs, response, None, None)
+            await lim.async_logging_hook(kwargs, response, "acompletion")
             return response
 
         call = plugin_mod._wrap_async("acompletion", inner)

@@ -893,9 +893,33 @@ class HiveLimiter(CustomLogger):
             self._engine.free_slot(call_id)
         return response_chunk
 
-    async def async_log_success_event(self, kwargs: dict[str, Any], response_obj: Any,
-                                      start_time: Any, end_time: Any) -> None:
-        self._finish(kwargs.get("litellm_call_id"), response_obj)
+    # The success events: LiteLLM runs its logging hooks for every registered CustomLogger, then
+    # delivers ``(async_)log_success_event`` to those that override it. The delivery (1.110 copies
+    # and redacts the call's details per callback) costs ~50k CPU instructions per call, so the
+    # limiter settles from the hooks and overrides neither success event.
+    async def async_logging_hook(self, kwargs: dict[str, Any], result: Any, call_type: Any) -> tuple[Any, Any]:
+        """Settle a finished call from LiteLLM's async success handler (streams: once assembled)."""
+        self._settle_logged(kwargs, result)
+        return kwargs, result
+
+    def logging_hook(self, kwargs: dict[str, Any], result: Any, call_type: Any) -> tuple[Any, Any]:
+        """Settle a finished call from LiteLLM's sync success handler (streams: once assembled)."""
+        self._settle_logged(kwargs, result)
+        return kwargs, result
+
+    def _settle_logged(self, kwargs: Mapping[str, Any], result: Any) -> None:
+        call_id = kwargs.get("litellm_call_id")
+        if not call_id or not self._engine.holds(call_id):
+            return  # not ours, or already settled (by the success deployment hook or the guard)
+        if kwargs.get("stream"):
+            # The handler runs per chunk too; the call is over once LiteLLM has assembled it.
+            result = kwargs.get("async_complete_streaming_response") or kwargs.get("complete_streaming_response")
+            if result is None:
+                return
+        try:
+            self._finish(call_id, result)
+        except Exception:  # LiteLLM 1.83 does not guard these hooks: never break its logging
+            logger.exception("hive-ratelimit: settling a finished call failed; its lease will release it")
 
     async def async_log_failure_event(self, kwargs: dict[str, Any], response_obj: Any,
                                       start_time: Any, end_time: Any) -> None:
@@ -907,9 +931,6 @@ class HiveLimiter(CustomLogger):
         call_id = kwargs.get("litellm_call_id")
         if call_id:
             self._engine.note_attempt(call_id)
-
-    def log_success_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
-        self._finish(kwargs.get("litellm_call_id"), response_obj)
 
     def log_failure_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
         self._finish(kwargs.get("litellm_call_id"), failed=True, exc=_exception_of(kwargs, response_obj))
