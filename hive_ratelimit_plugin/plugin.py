@@ -1081,7 +1081,11 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
     started = limiter._engine.clock()
     user_call_id = kwargs.get("litellm_call_id")
     asked = 0
-    if limiter._config.retry.take_over_sdk_retries and not (sync and _module_retries(kwargs)):
+    if not litellm.num_retries and "num_retries" not in kwargs and "max_retries" not in kwargs:
+        # The usual call asks for no retries anywhere: it only needs the SDK's own turned off.
+        if limiter._config.retry.take_over_sdk_retries:
+            kwargs["max_retries"] = 0
+    elif limiter._config.retry.take_over_sdk_retries and not (sync and _module_retries(kwargs)):
         if _is_router_call(kwargs):
             # The Router retries through this guard. LiteLLM 1.110 turns the SDK's retries off for
             # its deployment calls; 1.83 hands them a deployment's num_retries as max_retries.
