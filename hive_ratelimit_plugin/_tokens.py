@@ -98,6 +98,28 @@ def count_input(model: str, value: Any) -> int:
     return _count_text(model, json.dumps(value, default=str))
 
 
+def count_response_input(model: str, value: Any, instructions: Any = None, tools: Any = None) -> int:
+    """Prompt tokens of a Responses API request: its ``input`` (a string, or a list of items:
+    messages with string or part-list content, tool calls and their outputs), its
+    ``instructions`` and its tool definitions."""
+    items: list[Any] = []
+    if isinstance(instructions, str) and instructions:
+        items.append({"role": "system", "content": instructions})
+    if isinstance(value, str):
+        items.append({"role": "user", "content": value})
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, Mapping) and "content" in item:
+                items.append(item)
+            elif isinstance(item, str):
+                items.append({"role": "user", "content": item})
+            else:  # a function call, its output, a reasoning item...: counted as its JSON
+                items.append({"role": "item", "content": json.dumps(item, default=str, sort_keys=True)})
+    elif value is not None:
+        items.append({"role": "user", "content": json.dumps(value, default=str)})
+    return count_messages(model, items, tools)
+
+
 def requested_output(kwargs: Mapping[str, Any], default: int) -> int:
     """The output tokens a call may produce: its cap if it set one, else ``default``."""
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):

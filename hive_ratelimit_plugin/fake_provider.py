@@ -274,7 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
         model = str(body.get("model", ""))
         stream = bool(body.get("stream"))
         prompt_tokens = _rough_tokens(body)
-        max_out = body.get("max_tokens") or body.get("max_completion_tokens")
+        max_out = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
         completion_tokens = min(state.completion_tokens, int(max_out)) if max_out else state.completion_tokens
         if path.endswith("/embeddings"):
             completion_tokens = 0
@@ -357,6 +357,8 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if path.endswith("/messages"):
             self._anthropic(body, model, usage, headers, stream)
+        elif path.endswith("/responses"):
+            self._responses(model, usage, headers, stream, completion_tokens)
         elif path.endswith("/embeddings"):
             inputs = body.get("input")
             n = len(inputs) if isinstance(inputs, list) else 1
@@ -442,6 +444,55 @@ class _Handler(BaseHTTPRequestHandler):
             self._leave(self.server.state)
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
+
+    def _responses(self, model: str, usage: dict[str, int], headers: dict[str, str], stream: bool,
+                   completion_tokens: int) -> None:
+        """OpenAI's Responses API (``/v1/responses``): a response object, or its server-sent events
+        (one ``response.output_text.delta`` per output token; usage in ``response.completed``)."""
+        pieces = ["ok "] * max(completion_tokens, 1)
+        created = int(time.time())
+        message = {"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+                   "content": [{"type": "output_text", "text": "".join(pieces), "annotations": []}]}
+        done = {
+            "id": "resp_fake", "object": "response", "created_at": created, "status": "completed",
+            "model": model, "output": [message], "parallel_tool_calls": True, "tool_choice": "auto",
+            "tools": [], "text": {"format": {"type": "text"}}, "error": None, "incomplete_details": None,
+            "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                      "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}},
+        }
+        if not stream:
+            self._send_json(200, done, headers)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        started = dict(done, status="in_progress", output=[], usage=None)
+        item = dict(message, status="in_progress", content=[])
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": started},
+            {"type": "response.output_item.added", "output_index": 0, "item": item},
+            {"type": "response.content_part.added", "item_id": "msg_fake", "output_index": 0, "content_index": 0,
+             "part": {"type": "output_text", "text": "", "annotations": []}},
+        ]
+        events += [{"type": "response.output_text.delta", "item_id": "msg_fake", "output_index": 0,
+                    "content_index": 0, "delta": piece} for piece in pieces]
+        events += [
+            {"type": "response.output_text.done", "item_id": "msg_fake", "output_index": 0, "content_index": 0,
+             "text": "".join(pieces)},
+            {"type": "response.output_item.done", "output_index": 0, "item": message},
+            {"type": "response.completed", "response": done},
+        ]
+        try:
+            for n, event in enumerate(events):
+                event["sequence_number"] = n
+                self._chunk(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+            self._chunk(b"")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
 
     def _anthropic(self, body: dict[str, Any], model: str, usage: dict[str, int],
                    headers: dict[str, str], stream: bool) -> None:

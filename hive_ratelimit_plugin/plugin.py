@@ -42,7 +42,7 @@ from ._pricing import PriceBook
 from ._retry import backoff, is_rate_limit, is_transient, read_signals, response_headers, suggested_wait
 from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
-from ._tokens import count_input, count_messages, requested_output
+from ._tokens import count_input, count_messages, count_response_input, requested_output
 from ._waiting import acquire_async, acquire_sync
 from .config import RateLimitingConfig, load_config
 from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
@@ -55,6 +55,7 @@ _status.PUBLISHER.tick_hooks.append(_observe.SUMMARY.flush)
 
 _EMBEDDING_TYPES = frozenset({"embedding", "aembedding"})
 _TEXT_TYPES = frozenset({"text_completion", "atext_completion"})
+_RESPONSES_TYPES = frozenset({"responses", "aresponses"})
 _SKIP_TYPES = frozenset({"moderation", "amoderation", "image_generation", "aimage_generation"})
 
 # Set while a sync guard is admitting/running a call on this thread, so nested LiteLLM entry
@@ -231,12 +232,19 @@ def _usage_of(response: Any) -> tuple[int | None, int | None]:
     if isinstance(usage, dict):
         pin = usage.get("prompt_tokens")
         pout = usage.get("completion_tokens")
+        if pin is None and pout is None:  # the Responses API's names
+            pin = usage.get("input_tokens")
+            pout = usage.get("output_tokens")
     else:  # LiteLLM's Usage; attributes first (an ABC check on it is slow), then any other mapping
         pin = getattr(usage, "prompt_tokens", None)
         pout = getattr(usage, "completion_tokens", None)
-        if pin is None and pout is None and isinstance(usage, Mapping):
-            pin = usage.get("prompt_tokens")
-            pout = usage.get("completion_tokens")
+        if pin is None and pout is None:
+            if isinstance(usage, Mapping):
+                pin = usage.get("prompt_tokens")
+                pout = usage.get("completion_tokens")
+            if pin is None and pout is None:  # the Responses API's names
+                pin = getattr(usage, "input_tokens", None)
+                pout = getattr(usage, "output_tokens", None)
     if pin is None and pout is None:
         total = usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None)
         return (int(total), 0) if isinstance(total, int) and total >= 0 else (None, None)
@@ -682,6 +690,10 @@ class HiveLimiter(CustomLogger):
             elif call_type in _TEXT_TYPES:
                 input_tokens = count_input(model, kwargs.get("prompt"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
+            elif call_type in _RESPONSES_TYPES:
+                input_tokens = count_response_input(model, kwargs.get("input"), kwargs.get("instructions"),
+                                                    kwargs.get("tools"))
+                output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
             else:
                 input_tokens = count_messages(model, kwargs.get("messages"), kwargs.get("tools"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
@@ -1014,8 +1026,10 @@ _POSITIONAL = {
     "acompletion": ("model", "messages"),
     "aembedding": ("model", "input"),
     "atext_completion": ("prompt",),
+    "responses": ("input", "model"),
+    "aresponses": ("input", "model"),
 }
-_ASYNC_NAMES = ("acompletion", "aembedding", "atext_completion")
+_ASYNC_NAMES = ("acompletion", "aembedding", "atext_completion", "aresponses")
 _guard_lock = threading.Lock()
 
 
@@ -1210,7 +1224,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def guard(*args: Any, **kwargs: Any) -> Any:
         if _guarded_call.get() is not None or kwargs.get("acompletion") or kwargs.get("aembedding") \
-                or kwargs.get("atext_completion"):
+                or kwargs.get("atext_completion") or kwargs.get("aresponses"):
             return fn(*args, **kwargs)
         limiters = _active_limiters()
         if not limiters:

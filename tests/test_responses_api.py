@@ -1,0 +1,187 @@
+"""The Responses API (``litellm.responses`` / ``litellm.aresponses``) through the limiter, against the
+fake provider's ``/v1/responses`` (JSON and server-sent events): held, counted, queued, settled to
+the provider's usage, retried on a 429, and a stream keeps its slot while it is read."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import litellm
+import pytest
+
+from hive_ratelimit_plugin import RateLimitQueueTimeout, RequestTooLargeError
+from hive_ratelimit_plugin._tokens import count_messages, count_response_input
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
+
+from .helpers import Ticker, chat_kwargs, make_limiter, wait_until
+
+# Contract: every test here runs against the in-memory and the Redis backend.
+pytestmark = pytest.mark.usefixtures("contract_backend")
+
+SECRET = "sk-test-SECRET-0123456789"
+PROMPT = "summarise the quarterly report in three bullet points " * 20
+
+
+def responses_kwargs(provider: FakeProvider, **extra: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = {"model": "openai/gpt-4o-mini", "input": PROMPT, "api_base": provider.url,
+                          "api_key": SECRET}
+    kw.update(extra)
+    return kw
+
+
+def _global(limiter: Any) -> dict[str, Any]:
+    return limiter.get_usage_stats()["levels"]["global"]["global"]  # type: ignore[no-any-return]
+
+
+async def _call(mode: str, **kw: Any) -> Any:
+    """One Responses API call through ``mode``; a stream is read to its end. Returns the usage."""
+    if mode == "sync":
+        return litellm.responses(**kw).usage
+    if mode == "async":
+        return (await litellm.aresponses(**kw)).usage
+    if mode == "sync-stream":
+        events = list(litellm.responses(**kw, stream=True))
+    else:
+        events = [e async for e in await litellm.aresponses(**kw, stream=True)]
+    assert events[-1].type == "response.completed"
+    return events[-1].response.usage
+
+
+MODES = ["sync", "async", "sync-stream", "async-stream"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_responses_call_is_counted_and_settled_to_the_providers_usage(
+        mode: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """Admitted with its prompt counted from ``input`` plus ``max_output_tokens`` reserved, then
+    settled to the usage the provider reported (``input_tokens`` / ``output_tokens``)."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 100, "tokens_per_minute": 100000,
+                                              "input_tokens_per_minute": 100000,
+                                              "output_tokens_per_minute": 100000, "concurrent_requests": 1}})
+    provider.state.completion_tokens = 7
+    usage = await _call(mode, **responses_kwargs(provider, max_output_tokens=3000))
+    assert (usage.input_tokens, usage.output_tokens) == (provider.state.log[0].prompt_tokens, 7)
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"] < 3000)  # not the estimate
+    stats = _global(limiter)
+    assert stats["tokens_per_minute"]["used"] == usage.input_tokens + usage.output_tokens
+    assert stats["input_tokens_per_minute"]["used"] == usage.input_tokens
+    assert stats["output_tokens_per_minute"]["used"] == usage.output_tokens
+    assert stats["requests_per_minute"]["used"] == 1
+    assert provider.state.count() == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_responses_prompt_too_large_for_the_limit_is_refused_unsent(
+        mode: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """The prompt is estimated from ``input``: one larger than the input-token limit can never fit."""
+    make_limiter(clock, {"global": {"input_tokens_per_minute": 100}})
+    with pytest.raises(RequestTooLargeError, match="input_tokens_per_minute"):
+        await _call(mode, **responses_kwargs(provider))
+    assert provider.state.count() == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_responses_call_that_cannot_get_a_slot_times_out_unsent(
+        mode: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """With the only slot held by an open stream, the next call waits and then gets
+    ``RateLimitQueueTimeout`` itself (not wrapped in another error), and nothing is sent."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0}})
+    stream = litellm.responses(**responses_kwargs(provider), stream=True)
+    assert _global(limiter)["in_flight"] == 1
+    with pytest.raises(RateLimitQueueTimeout):
+        if mode == "sync":
+            litellm.responses(**responses_kwargs(provider))
+        else:
+            await litellm.aresponses(**responses_kwargs(provider))
+    assert provider.state.count() == 1
+    for _ in stream:
+        pass
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await _call(mode, **responses_kwargs(provider))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_responses_429_is_retried_and_each_attempt_counted(
+        mode: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """A provider 429 is retried after its ``retry-after``; both requests are admitted and counted."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}})
+    provider.state.push(Scripted(status=429, headers={"retry-after-ms": "1"}))
+    with Ticker(clock, step=0.01):
+        await _call(mode, **responses_kwargs(provider))
+    assert provider.state.count() == 2
+    assert [r.status for r in provider.state.log] == [429, 200]
+    stats = limiter.get_usage_stats()
+    assert stats["admitted_total"] == 2
+    assert stats["levels"]["global"]["global"]["requests_per_minute"]["used"] == 2
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+
+
+@pytest.mark.parametrize("mode", ["sync-stream", "async-stream"])
+async def test_a_responses_stream_still_being_read_keeps_its_slot_past_the_lease(
+        mode: str, provider: FakeProvider, clock: FakeClock) -> None:
+    """The stream renews its lease as it is read: 80 s of reading with a 30 s lease keeps the
+    slot; the stream settles at its end and the slot comes back."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1, "tokens_per_minute": 100000},
+                                   "queue": {"max_wait_seconds": 0}, "estimation": {"lease_seconds": 30}})
+    provider.state.completion_tokens = 20
+    if mode == "sync-stream":
+        it = iter(litellm.responses(**responses_kwargs(provider), stream=True))
+
+        async def read() -> Any:
+            try:
+                return next(it)
+            except StopIteration:
+                raise StopAsyncIteration from None
+    else:
+        resp = await litellm.aresponses(**responses_kwargs(provider), stream=True)
+
+        async def read() -> Any:
+            return await resp.__anext__()
+    for _ in range(4):
+        await read()
+        clock.advance(20)
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert _global(limiter)["in_flight"] == 1
+    with contextlib.suppress(StopAsyncIteration):
+        while True:
+            await read()
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await litellm.aresponses(**responses_kwargs(provider))  # the slot is back
+
+
+async def test_cancelling_an_aresponses_call_in_flight_frees_its_slot(provider: FakeProvider,
+                                                                      clock: FakeClock) -> None:
+    """A task cancelled while its request is in flight gives its slot back at once, not after a lease."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0}})
+    provider.state.latency = 0.3
+    task = asyncio.create_task(litellm.aresponses(**responses_kwargs(provider)))
+    await wait_until(lambda: provider.state.in_flight == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    provider.state.latency = 0.0
+    await litellm.aresponses(**responses_kwargs(provider))
+
+
+def test_the_prompt_estimate_counts_every_kind_of_input_item() -> None:
+    """``input`` as a string or as items (messages with text parts, tool calls and their outputs),
+    plus ``instructions`` and tools: each adds to the estimate."""
+    model = "gpt-4o-mini"
+    text = "what is the weather in Paris today?"
+    as_string = count_response_input(model, text)
+    assert as_string == count_messages(model, [{"role": "user", "content": text}])
+    parts = [{"role": "user", "content": [{"type": "input_text", "text": text}]}]
+    assert count_response_input(model, parts) == as_string
+    call = {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": '{"city": "Paris"}'}
+    output = {"type": "function_call_output", "call_id": "c1", "output": "18 C and sunny " * 20}
+    with_tools = count_response_input(model, [*parts, call, output])
+    assert with_tools > as_string + 60  # the tool output's text is counted, not just its envelope
+    assert count_response_input(model, text, instructions="Answer in French. " * 10) > as_string + 30
+    tools = [{"type": "function", "name": "weather", "parameters": {"type": "object"}}]
+    assert count_response_input(model, text, tools=tools) > as_string
+    assert count_response_input(model, None) == count_messages(model, [])
