@@ -166,6 +166,7 @@ class ProviderState:
         tokens_per_window: prompt + completion tokens allowed per ``window_seconds``.
         window_seconds: the window (sliding log) or the time a bucket takes to refill from empty.
         latency: seconds each successful request takes to answer.
+        chunk_delay: seconds between two events of a streamed answer (generation time).
         algorithm: ``"sliding_window"`` (exact log, the default) or ``"token_bucket"``.
         clock: monotonic time source (tests may pass a fake clock).
     """
@@ -180,6 +181,7 @@ class ProviderState:
         cost_model: str = "gpt-4o-mini",
         algorithm: str = SLIDING_WINDOW,
         clock: Callable[[], float] = time.monotonic,
+        chunk_delay: float = 0.0,
     ) -> None:
         self._enforcer = make_algorithm(algorithm)
         self._algorithm = algorithm
@@ -188,6 +190,7 @@ class ProviderState:
         self.tokens_per_window = tokens_per_window
         self.window_seconds = window_seconds
         self.latency = latency
+        self.chunk_delay = chunk_delay
         self.completion_tokens = completion_tokens
         self.cost_model = cost_model
         self.lock = threading.Lock()
@@ -442,6 +445,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _chunk(self, data: bytes) -> None:
         if not data:  # the terminating chunk: the client may send its next request right after it
             self._leave(self.server.state)
+        elif self.server.state.chunk_delay:
+            time.sleep(self.server.state.chunk_delay)
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
@@ -517,8 +522,9 @@ class _Handler(BaseHTTPRequestHandler):
                 "usage": {"input_tokens": au["input_tokens"], "output_tokens": 1}}}),
             ("content_block_start", {"type": "content_block_start", "index": 0,
                                      "content_block": {"type": "text", "text": ""}}),
-            ("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                     "delta": {"type": "text_delta", "text": "ok"}}),
+            *[("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": "ok "}})
+              for _ in range(max(au["output_tokens"], 1))],
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
             ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                                "usage": {"output_tokens": au["output_tokens"]}}),

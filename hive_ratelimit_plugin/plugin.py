@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -56,6 +57,7 @@ _status.PUBLISHER.tick_hooks.append(_observe.SUMMARY.flush)
 _EMBEDDING_TYPES = frozenset({"embedding", "aembedding"})
 _TEXT_TYPES = frozenset({"text_completion", "atext_completion"})
 _RESPONSES_TYPES = frozenset({"responses", "aresponses"})
+_ANTHROPIC_TYPES = frozenset({"anthropic_messages"})
 _SKIP_TYPES = frozenset({"moderation", "amoderation", "image_generation", "aimage_generation"})
 
 # Set while a sync guard is admitting/running a call on this thread, so nested LiteLLM entry
@@ -690,6 +692,13 @@ class HiveLimiter(CustomLogger):
             elif call_type in _TEXT_TYPES:
                 input_tokens = count_input(model, kwargs.get("prompt"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
+            elif call_type in _ANTHROPIC_TYPES:  # the system prompt is a parameter of its own there
+                system = kwargs.get("system")
+                messages = kwargs.get("messages")
+                if system and isinstance(messages, list):
+                    messages = [{"role": "system", "content": system}, *messages]
+                input_tokens = count_messages(model, messages, kwargs.get("tools"))
+                output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
             elif call_type in _RESPONSES_TYPES:
                 input_tokens = count_response_input(model, kwargs.get("input"), kwargs.get("instructions"),
                                                     kwargs.get("tools"))
@@ -1218,7 +1227,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             for lim, cid in held:
                 lim._finish(cid, result)
         else:  # settles from its success event when exhausted; its lease lasts while it is read
-            _keep_alive(result, held)
+            result = _keep_alive(result, held)
         return result
 
     @functools.wraps(fn)
@@ -1306,7 +1315,7 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
             if kwargs.get("stream"):
                 call_id = admitted[0] or kwargs.get("litellm_call_id")
                 if call_id:
-                    _keep_alive(result, [(lim, call_id) for lim in limiters])
+                    result = _keep_alive(result, [(lim, call_id) for lim in limiters])
             return result
         finally:
             if token is not None:
@@ -1370,16 +1379,21 @@ def _renewing_class(cls: type) -> type | None:
     return sub
 
 
-def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> None:
-    """Make ``stream`` renew the leases in ``held`` each time a chunk is read from it."""
-    if not held or not isinstance(getattr(stream, "__dict__", None), dict):
-        return
+def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
+    """Make ``stream`` renew the leases in ``held`` each time a chunk is read from it; returns the
+    stream to hand to the caller (the same object, or a generator around an async generator)."""
+    if not held:
+        return stream
+    if not isinstance(getattr(stream, "__dict__", None), dict):
+        if inspect.isasyncgen(stream):  # (LiteLLM 1.83's Anthropic messages stream)
+            return _renewing_agen(stream, list(held))
+        return stream
     if type(stream) in _renewing_classes:  # already renewing: add these leases
         stream.__dict__.setdefault(_LEASES, []).extend(held)
-        return
+        return stream
     sub = _renewing_class(type(stream))
     if sub is None:
-        return  # not an iterator we can extend: its lease alone bounds it
+        return stream  # not an iterator we can extend: its lease alone bounds it
     try:
         stream.__dict__[_LEASES] = list(held)
         stream.__class__ = sub
@@ -1387,6 +1401,27 @@ def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> None:
         stream.__dict__.pop(_LEASES, None)
         logger.debug("a stream of type %s cannot renew its lease; it is reclaimed after lease_seconds",
                      type(stream).__name__)
+    return stream
+
+
+class _Leases:
+    __slots__ = ("__dict__",)
+
+
+async def _renewing_agen(agen: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
+    """``agen``'s items, renewing the leases in ``held`` before each read."""
+    leases = _Leases()
+    leases.__dict__[_LEASES] = held
+    try:
+        while True:
+            _renew_leases(leases)
+            try:
+                item = await agen.__anext__()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await agen.aclose()
 
 
 def install_sync_guard() -> None:
@@ -1402,6 +1437,14 @@ def install_sync_guard() -> None:
             if not getattr(current, "__hive_ratelimit_guard__", False):
                 wrap = _wrap_async if name in _ASYNC_NAMES else _wrap_sync
                 setattr(litellm, name, wrap(name, current))
+        # Anthropic's messages API, async (LiteLLM implements no sync path for it): the SDK's
+        # ``litellm.anthropic.messages.acreate``, and ``litellm.anthropic_messages``, which a
+        # Router's ``aanthropic_messages`` (and the proxy's /v1/messages) calls.
+        messages_api = getattr(getattr(litellm, "anthropic", None), "messages", None)
+        for owner, attr in ((messages_api, "acreate"), (litellm, "anthropic_messages")):
+            current = getattr(owner, attr, None)
+            if inspect.iscoroutinefunction(current) and not getattr(current, "__hive_ratelimit_guard__", False):
+                setattr(owner, attr, _wrap_async("anthropic_messages", current))
 
 
 # Wrapped at import, not only when the first limiter is built: code that binds

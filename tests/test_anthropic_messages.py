@@ -1,0 +1,136 @@
+"""Anthropic's messages API (``litellm.anthropic.messages.acreate``) through the limiter, against the
+fake provider's ``/v1/messages`` (JSON and server-sent events): counted with its system prompt,
+settled to the provider's usage, retried on a 429, released on cancellation, and a stream keeps its
+slot while it is read. (LiteLLM implements no sync path for this API.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import litellm
+import pytest
+
+from hive_ratelimit_plugin import RateLimitQueueTimeout, RequestTooLargeError
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
+
+from .helpers import Ticker, chat_kwargs, make_limiter, wait_until
+
+# Contract: every test here runs against the in-memory and the Redis backend.
+pytestmark = pytest.mark.usefixtures("contract_backend")
+
+SECRET = "sk-ant-test-SECRET-0123456789"
+SYSTEM = "You are a meticulous analyst. Answer with numbered steps and cite every figure. " * 20
+
+
+def messages_kwargs(provider: FakeProvider, **extra: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = {"model": "anthropic/claude-sonnet-4-5", "max_tokens": 3000,
+                          "messages": [{"role": "user", "content": "summarise the report"}],
+                          "api_base": provider.root, "api_key": SECRET}
+    kw.update(extra)
+    return kw
+
+
+def _global(limiter: Any) -> dict[str, Any]:
+    return limiter.get_usage_stats()["levels"]["global"]["global"]  # type: ignore[no-any-return]
+
+
+async def _call(stream: bool, **kw: Any) -> None:
+    if not stream:
+        await litellm.anthropic.messages.acreate(**kw)
+        return
+    chunks = [c async for c in await litellm.anthropic.messages.acreate(**kw, stream=True)]
+    assert chunks
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_messages_call_is_counted_and_settled_to_the_providers_usage(
+        stream: bool, provider: FakeProvider, clock: FakeClock) -> None:
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 100, "input_tokens_per_minute": 100000,
+                                              "output_tokens_per_minute": 100000, "concurrent_requests": 1}})
+    provider.state.completion_tokens = 7
+    await _call(stream, **messages_kwargs(provider, system=SYSTEM))
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await wait_until(lambda: _global(limiter)["output_tokens_per_minute"]["used"] < 3000)  # not the estimate
+    stats = _global(limiter)
+    sent = provider.state.log[0]
+    assert stats["input_tokens_per_minute"]["used"] == sent.prompt_tokens
+    assert stats["output_tokens_per_minute"]["used"] == 7
+    assert stats["requests_per_minute"]["used"] == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_the_system_prompt_is_part_of_the_estimate(stream: bool, provider: FakeProvider,
+                                                         clock: FakeClock) -> None:
+    """``system`` is a parameter of its own in this API: a long one alone can exceed the limit."""
+    make_limiter(clock, {"global": {"input_tokens_per_minute": 300}})
+    await _call(stream, **messages_kwargs(provider))  # the short message alone fits
+    with pytest.raises(RequestTooLargeError, match="input_tokens_per_minute"):
+        await _call(stream, **messages_kwargs(provider, system=SYSTEM))
+    assert provider.state.count() == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_messages_429_is_retried_and_each_attempt_counted(stream: bool, provider: FakeProvider,
+                                                                  clock: FakeClock) -> None:
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}})
+    provider.state.push(Scripted(status=429, headers={"retry-after-ms": "1"}))
+    with Ticker(clock, step=0.01):
+        await _call(stream, **messages_kwargs(provider))
+    assert [r.status for r in provider.state.log] == [429, 200]
+    stats = limiter.get_usage_stats()
+    assert stats["admitted_total"] == 2
+    assert stats["levels"]["global"]["global"]["requests_per_minute"]["used"] == 2
+
+
+async def test_a_messages_stream_still_being_read_keeps_its_slot_past_the_lease(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0},
+                                   "estimation": {"lease_seconds": 30}})
+    provider.state.completion_tokens = 20
+    provider.state.chunk_delay = 0.005  # events apart, as a model generates them (not read in one piece)
+    stream = await litellm.anthropic.messages.acreate(**messages_kwargs(provider), stream=True)
+    it = stream.__aiter__()
+    for _ in range(4):
+        await it.__anext__()
+        clock.advance(20)  # 80 s in all, 20 s between reads: past the lease, never past a renewal
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert _global(limiter)["in_flight"] == 1
+    with contextlib.suppress(StopAsyncIteration):
+        while True:
+            await it.__anext__()
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await litellm.anthropic.messages.acreate(**messages_kwargs(provider))  # the slot is back
+
+
+async def test_cancelling_a_messages_call_in_flight_frees_its_slot(provider: FakeProvider,
+                                                                   clock: FakeClock) -> None:
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0}})
+    provider.state.latency = 0.3
+    task = asyncio.create_task(litellm.anthropic.messages.acreate(**messages_kwargs(provider)))
+    await wait_until(lambda: provider.state.in_flight == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    provider.state.latency = 0.0
+    await litellm.anthropic.messages.acreate(**messages_kwargs(provider))
+    # the abandoned request is still answered (into the log): let it finish inside this test
+    await wait_until(lambda: provider.state.in_flight == 0)
+
+
+async def test_a_routers_messages_call_is_retried_on_a_429_and_counted(provider: FakeProvider,
+                                                                       clock: FakeClock) -> None:
+    """``Router.aanthropic_messages`` (what the proxy's /v1/messages runs) goes through the guard."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 100, "concurrent_requests": 1}})
+    router = litellm.Router(model_list=[{"model_name": "claude", "litellm_params": {
+        "model": "anthropic/claude-sonnet-4-5", "api_base": provider.root, "api_key": SECRET}}], num_retries=0)
+    provider.state.push(Scripted(status=429, headers={"retry-after-ms": "1"}))
+    with Ticker(clock, step=0.01):
+        await router.aanthropic_messages(model="claude", max_tokens=100,
+                                         messages=[{"role": "user", "content": "hi"}])
+    assert [r.status for r in provider.state.log] == [429, 200]
+    assert limiter.get_usage_stats()["admitted_total"] == 2
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
