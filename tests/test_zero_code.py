@@ -442,9 +442,11 @@ def test_importing_the_limiter_wraps_litellms_entry_points_before_any_limiter_ex
     import sys
 
     code = (f"{first}\n"
-            "from litellm import completion, acompletion, embedding, text_completion\n"
+            "import litellm\n"
+            "from litellm import completion, acompletion, embedding, text_completion, responses, aresponses\n"
             "print(all(getattr(f, '__hive_ratelimit_guard__', False) for f in "
-            "(completion, acompletion, embedding, text_completion)))\n")
+            "(completion, acompletion, embedding, text_completion, responses, aresponses, "
+            "litellm.anthropic.messages.acreate, litellm.anthropic_messages)))\n")
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     env = {k: v for k, v in env.items() if not k.startswith("HIVE_RATELIMIT_")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
