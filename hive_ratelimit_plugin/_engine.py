@@ -1807,6 +1807,17 @@ class Engine:
         """Whether ``call_id`` has an open reservation."""
         return call_id in self._leases
 
+    def next_reclaim(self) -> float | None:
+        """When :meth:`dispatch` may next take back an expired lease (``None``: no lease is open).
+
+        A call that waits for a concurrency slot has no retry time of its own: without this, the
+        slot of an abandoned stream would come back only at the next release or admission."""
+        with self._lock:
+            if not self._leases:
+                return None
+            soonest = min(r.expires_at for r in self._leases.values())
+            return max(soonest, self._next_sweep)
+
     def renew(self, call_id: str) -> None:
         """Extend a call's lease (a stream is still delivering chunks)."""
         res = self._leases.get(call_id)

@@ -550,6 +550,10 @@ class RedisEngine(Engine):
         self._last_block.pop(waiter.ticket.call_id, None)
         return super().cancel(waiter)
 
+    def next_reclaim(self) -> float | None:
+        """Waiters here poll Redis (their retry time includes a poll), which also reclaims leases."""
+        return None
+
     def dispatch(self) -> int:
         with self._lock:
             if not self._waiters:

@@ -39,6 +39,8 @@ _LONGEST_SLEEP = 3600.0  # re-check at least hourly (threading's timeout overflo
 
 def _sleep_for(engine: Engine, waiter: Waiter, deadline: float) -> float:
     retry_at = waiter.retry_at
+    if retry_at is None:  # waiting for a release: an expiring lease is one too
+        retry_at = engine.next_reclaim()
     until = deadline if retry_at is None else min(deadline, retry_at)
     return min(max(until - engine.clock(), 0.0), _LONGEST_SLEEP)
 

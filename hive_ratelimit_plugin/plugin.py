@@ -54,10 +54,12 @@ logger = logging.getLogger("hive_ratelimit_plugin")
 _observe.install(logger)  # repeated lines summarised, secrets redacted
 _status.PUBLISHER.tick_hooks.append(_observe.SUMMARY.flush)
 
+_CHAT_TYPES = frozenset({"completion", "acompletion"})
 _EMBEDDING_TYPES = frozenset({"embedding", "aembedding"})
 _TEXT_TYPES = frozenset({"text_completion", "atext_completion"})
 _RESPONSES_TYPES = frozenset({"responses", "aresponses"})
 _ANTHROPIC_TYPES = frozenset({"anthropic_messages"})
+_ASYNC_CALL_TYPES = frozenset({"acompletion", "aembedding", "atext_completion", "aresponses", "anthropic_messages"})
 _SKIP_TYPES = frozenset({"moderation", "amoderation", "image_generation", "aimage_generation"})
 
 # Set while a sync guard is admitting/running a call on this thread, so nested LiteLLM entry
@@ -200,7 +202,9 @@ def _fingerprint(model: str, kwargs: Mapping[str, Any]) -> int:
             else:
                 parts.append(repr(m))
         return hash(tuple(parts))
-    return hash((model, repr(kwargs.get("input")), repr(kwargs.get("prompt"))))
+    # (A Responses API turn is its input *after* the conversation it continues.)
+    return hash((model, repr(kwargs.get("input")), repr(kwargs.get("prompt")), kwargs.get("previous_response_id"),
+                 repr(kwargs.get("instructions"))))
 
 
 _call_type_names: dict[Any, str] = {}
@@ -687,7 +691,10 @@ class HiveLimiter(CustomLogger):
         plan = self._plan(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"), ident)
         input_tokens = output_tokens = 0
         if plan.budgeted or plan.counts_tokens:
-            if call_type in _EMBEDDING_TYPES:
+            if call_type in _CHAT_TYPES:  # (the usual call: one test)
+                input_tokens = count_messages(model, kwargs.get("messages"), kwargs.get("tools"))
+                output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
+            elif call_type in _EMBEDDING_TYPES:
                 input_tokens = count_input(model, kwargs.get("input"))
             elif call_type in _TEXT_TYPES:
                 input_tokens = count_input(model, kwargs.get("prompt"))
@@ -924,8 +931,11 @@ class HiveLimiter(CustomLogger):
         return kwargs, result
 
     def logging_hook(self, kwargs: dict[str, Any], result: Any, call_type: Any) -> tuple[Any, Any]:
-        """Settle a finished call from LiteLLM's sync success handler (streams: once assembled)."""
-        self._settle_logged(kwargs, result)
+        """Settle a finished sync call from LiteLLM's sync success handler (streams: once assembled).
+        LiteLLM 1.83 also runs this handler, in a worker thread, for async streams: those settle from
+        the async handler, on the caller's loop, as ``log_success_event`` never saw them."""
+        if _call_type_name(call_type) not in _ASYNC_CALL_TYPES:
+            self._settle_logged(kwargs, result)
         return kwargs, result
 
     def _settle_logged(self, kwargs: Mapping[str, Any], result: Any) -> None:
@@ -1038,6 +1048,8 @@ _POSITIONAL = {
     "responses": ("input", "model"),
     "aresponses": ("input", "model"),
 }
+# Positional parameters of the other guarded functions (Anthropic's messages API).
+_ARG_NAMES = {**_POSITIONAL, "anthropic_messages": ("max_tokens", "messages", "model")}
 _ASYNC_NAMES = ("acompletion", "aembedding", "atext_completion", "aresponses")
 _guard_lock = threading.Lock()
 
@@ -1086,7 +1098,8 @@ def _is_router_call(kwargs: Mapping[str, Any]) -> bool:
     return False
 
 
-def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = False) -> tuple[float, Any, int]:
+def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = False,
+                   router_retries: bool = True) -> tuple[float, Any, int]:
     """Prepare a guarded call's first attempt, which runs without the retry state (built only if it
     fails, from what this returns: the start time, the caller's own call id if any, and how many
     retries of failed attempts the caller asked for).
@@ -1109,7 +1122,7 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
         if limiter._config.retry.take_over_sdk_retries:
             kwargs["max_retries"] = 0
     elif limiter._config.retry.take_over_sdk_retries and not (sync and _module_retries(kwargs)):
-        if _is_router_call(kwargs):
+        if router_retries and _is_router_call(kwargs):
             # The Router retries through this guard. LiteLLM 1.110 turns the SDK's retries off for
             # its deployment calls; 1.83 hands them a deployment's num_retries as max_retries.
             if "num_retries" in kwargs:
@@ -1239,7 +1252,8 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if not limiters:
             return fn(*args, **kwargs)
         first = limiters[0]
-        started, user_call_id, asked = _first_attempt(first, kwargs, sync=True)
+        # (A Router's sync ``responses`` does not retry itself: LiteLLM's own loop did.)
+        started, user_call_id, asked = _first_attempt(first, kwargs, sync=True, router_retries=name != "responses")
         retrying: _Retrying | None = None  # built once an attempt fails (see _first_attempt)
         while True:
             token = None
@@ -1264,6 +1278,8 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    names = _ARG_NAMES.get(name, ())
+
     @functools.wraps(fn)
     async def guard(*args: Any, **kwargs: Any) -> Any:
         if _in_async_guard.get() is not None:
@@ -1271,6 +1287,11 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         limiters = _active_limiters()
         if not limiters or _guarded_call.get() is not None:
             return await fn(*args, **kwargs)
+        if args and len(args) <= len(names):
+            # The deployment hook sees only keyword arguments: name the positional ones.
+            for pname, value in zip(names, args, strict=False):
+                kwargs.setdefault(pname, value)
+            args = ()
         admitted: list[str | None] = [None]
         outer = _in_async_guard.set(admitted)
         try:

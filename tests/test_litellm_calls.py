@@ -702,3 +702,20 @@ async def test_text_completion_stream_settles_after_it_is_read(mode: str, usage:
     assert sent.stream and sent.path.endswith("/completions")
     await wait_until(_settled(limiter, sent, usage))
     await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+
+
+async def test_the_sync_success_handler_leaves_async_calls_to_the_async_one(provider: FakeProvider,
+                                                                             clock: FakeClock) -> None:
+    """LiteLLM 1.83 also runs its sync success handler, in a worker thread, for async streams: a
+    late one must not settle whatever call holds that id by then (a caller reusing its call id)."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 2}})
+    stream = await litellm.acompletion(**chat_kwargs(provider, litellm_call_id="reused-id"), stream=True)
+    assert limiter._engine.holds("reused-id")
+    done = litellm.ModelResponse(usage=litellm.Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2))
+    kwargs = {"litellm_call_id": "reused-id", "stream": False}
+    assert limiter.logging_hook(kwargs, done, "acompletion") == (kwargs, done)
+    assert limiter._engine.holds("reused-id")  # left to the async handler
+    limiter.logging_hook(kwargs, done, "completion")
+    assert not limiter._engine.holds("reused-id")  # a sync call's handler does settle it
+    async for _ in stream:
+        pass

@@ -497,3 +497,22 @@ def test_random_workload_keeps_the_invariants(clock: FakeClock, seed: int) -> No
         check_queue(eng)
         assert eng.queue_length == len(queued)
     assert granted_later > 10  # (the workload did queue calls, and granted them later)
+
+
+def test_a_call_waiting_for_a_slot_wakes_when_an_abandoned_lease_can_be_reclaimed(clock: FakeClock) -> None:
+    """A stream nobody reads gives no callback: its slot comes back when its lease expires. A call
+    waiting for that slot has no retry time of its own, so it must still wake then (not sleep
+    until its deadline and time out), and the dispatch it runs on waking must grant it."""
+    from hive_ratelimit_plugin._waiting import _sleep_for
+
+    eng = Engine(clock, lease_seconds=30)
+    g = scope(concurrent_requests=1)
+    assert eng.acquire(ticket("abandoned", g), nop) is None
+    clock.advance(2)  # past the engine's once-a-second sweep of expired leases
+    waiter = eng.acquire(ticket("next", g), nop)
+    assert waiter is not None and waiter.retry_at is None  # waits for a release
+    assert _sleep_for(eng, waiter, deadline=clock() + 60) == pytest.approx(28)
+    clock._now += 28  # (no advance(): it would dispatch by itself)
+    eng.dispatch()
+    assert waiter.granted
+    assert not eng.holds("abandoned")

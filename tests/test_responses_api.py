@@ -187,3 +187,55 @@ def test_the_prompt_estimate_counts_every_kind_of_input_item() -> None:
     tools = [{"type": "function", "name": "weather", "parameters": {"type": "object"}}]
     assert count_response_input(model, text, tools=tools) > as_string
     assert count_response_input(model, None) == count_messages(model, [])
+
+
+async def test_positional_arguments_are_seen_by_the_limiter(provider: FakeProvider, clock: FakeClock) -> None:
+    """``aresponses(input, model)`` and ``acompletion(model, messages)`` called positionally are
+    estimated and scoped like keyword calls (the deployment hook sees keyword arguments only)."""
+    limiter = make_limiter(clock, {"global": {"input_tokens_per_minute": 100},
+                                   "providers": {"openai": {"gpt-4o-mini": {"requests_per_minute": 100}}}})
+    with pytest.raises(RequestTooLargeError, match="input_tokens_per_minute"):
+        await litellm.aresponses(PROMPT, "openai/gpt-4o-mini", api_base=provider.url, api_key=SECRET)
+    with pytest.raises(RequestTooLargeError, match="input_tokens_per_minute"):
+        await litellm.acompletion("openai/gpt-4o-mini", [{"role": "user", "content": PROMPT}],
+                                  api_base=provider.url, api_key=SECRET)
+    assert provider.state.count() == 0
+    await litellm.aresponses("hi", "openai/gpt-4o-mini", api_base=provider.url, api_key=SECRET)
+    levels = limiter.get_usage_stats()["levels"]
+    assert levels["model"]["model:openai/gpt-4o-mini"]["requests_per_minute"]["used"] == 1
+
+
+async def test_a_conversation_chained_by_previous_response_id_is_not_a_loop(provider: FakeProvider,
+                                                                            clock: FakeClock) -> None:
+    """The same short ``input`` ("continue") after a different previous response each time is a
+    conversation going on, not an agent repeating itself: the runaway detector must not trip."""
+    make_limiter(clock, {"runaway": {"max_identical_requests": 3}})
+    previous = None
+    for _ in range(6):
+        resp = await litellm.aresponses(**responses_kwargs(provider, input="continue",
+                                                           previous_response_id=previous,
+                                                           metadata={"agent_id": "writer"}))
+        previous = f"{resp.id}-{provider.state.count()}"
+    assert provider.state.count() == 6
+
+
+def test_a_routers_sync_responses_call_gets_the_retries_it_was_configured_with(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """LiteLLM 1.83.4's Router leaves a sync ``responses`` call's retries to LiteLLM's own loop,
+    which the guard turns off: the guard makes them instead, each admitted. (1.110's Router
+    retries no sync ``responses`` call, with or without the limiter.)"""
+    from importlib.metadata import version
+
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}, "retry": {"base_delay": 0.001}})
+    router = litellm.Router(model_list=[{"model_name": "m", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": provider.url, "api_key": SECRET}}], num_retries=2, retry_after=0)
+    provider.state.push(Scripted(status=500), Scripted(status=500))
+    retried = tuple(int(p) for p in version("litellm").split(".")[:2]) < (1, 100)
+    with Ticker(clock, step=0.01):
+        if retried:
+            router.responses(model="m", input="hi")
+        else:
+            with pytest.raises(litellm.InternalServerError):
+                router.responses(model="m", input="hi")
+    assert [r.status for r in provider.state.log] == ([500, 500, 200] if retried else [500])
+    assert limiter.get_usage_stats()["admitted_total"] == provider.state.count()
