@@ -167,6 +167,8 @@ class ProviderState:
         window_seconds: the window (sliding log) or the time a bucket takes to refill from empty.
         latency: seconds each successful request takes to answer.
         chunk_delay: seconds between two events of a streamed answer (generation time).
+        cached_prompt_tokens: prompt tokens an Anthropic-style answer reports as read from the
+            prompt cache (``cache_read_input_tokens``, left out of its ``input_tokens``).
         algorithm: ``"sliding_window"`` (exact log, the default) or ``"token_bucket"``.
         clock: monotonic time source (tests may pass a fake clock).
     """
@@ -182,6 +184,7 @@ class ProviderState:
         algorithm: str = SLIDING_WINDOW,
         clock: Callable[[], float] = time.monotonic,
         chunk_delay: float = 0.0,
+        cached_prompt_tokens: int = 0,
     ) -> None:
         self._enforcer = make_algorithm(algorithm)
         self._algorithm = algorithm
@@ -191,6 +194,7 @@ class ProviderState:
         self.window_seconds = window_seconds
         self.latency = latency
         self.chunk_delay = chunk_delay
+        self.cached_prompt_tokens = cached_prompt_tokens
         self.completion_tokens = completion_tokens
         self.cost_model = cost_model
         self.lock = threading.Lock()
@@ -252,6 +256,9 @@ def _rough_tokens(body: dict[str, Any]) -> int:
         text += c if isinstance(c, str) else json.dumps(c)
     inp = body.get("input") or body.get("prompt") or ""
     text += inp if isinstance(inp, str) else json.dumps(inp)
+    for name in ("system", "instructions"):  # Anthropic's system prompt, the Responses API's instructions
+        extra = body.get(name) or ""
+        text += extra if isinstance(extra, str) else json.dumps(extra)
     return max(1, math.ceil(len(text) / 4))
 
 
@@ -501,7 +508,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _anthropic(self, body: dict[str, Any], model: str, usage: dict[str, int],
                    headers: dict[str, str], stream: bool) -> None:
-        au = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
+        cached = min(self.server.state.cached_prompt_tokens, usage["prompt_tokens"])
+        au = {"input_tokens": usage["prompt_tokens"] - cached, "output_tokens": usage["completion_tokens"],
+              "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
         if not stream:
             self._send_json(200, {
                 "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
@@ -519,7 +528,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("message_start", {"type": "message_start", "message": {
                 "id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
                 "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": au["input_tokens"], "output_tokens": 1}}}),
+                "usage": {**au, "output_tokens": 1}}}),
             ("content_block_start", {"type": "content_block_start", "index": 0,
                                      "content_block": {"type": "text", "text": ""}}),
             *[("content_block_delta", {"type": "content_block_delta", "index": 0,

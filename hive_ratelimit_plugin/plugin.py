@@ -238,9 +238,14 @@ def _usage_of(response: Any) -> tuple[int | None, int | None]:
     if isinstance(usage, dict):
         pin = usage.get("prompt_tokens")
         pout = usage.get("completion_tokens")
-        if pin is None and pout is None:  # the Responses API's names
+        if pin is None and pout is None:  # the Responses and Anthropic messages APIs' names
             pin = usage.get("input_tokens")
             pout = usage.get("output_tokens")
+            if type(pin) is int:  # Anthropic's input_tokens leave out the prompt cache's (OpenAI's do not)
+                for name in ("cache_creation_input_tokens", "cache_read_input_tokens"):
+                    cached = usage.get(name)
+                    if type(cached) is int and cached > 0:
+                        pin += cached
     else:  # LiteLLM's Usage; attributes first (an ABC check on it is slow), then any other mapping
         pin = getattr(usage, "prompt_tokens", None)
         pout = getattr(usage, "completion_tokens", None)

@@ -46,6 +46,7 @@ def provider(provider_server: FakeProvider) -> collections.abc.Iterator[FakeProv
     state.window_seconds = 60.0
     state.latency = 0.0
     state.chunk_delay = 0.0
+    state.cached_prompt_tokens = 0
     state.completion_tokens = 5
     state.algorithm = "sliding_window"
     state.clock = time.monotonic

@@ -134,3 +134,18 @@ async def test_a_routers_messages_call_is_retried_on_a_429_and_counted(provider:
     assert [r.status for r in provider.state.log] == [429, 200]
     assert limiter.get_usage_stats()["admitted_total"] == 2
     await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_prompt_cache_reads_are_settled_as_prompt_tokens(stream: bool, provider: FakeProvider,
+                                                              clock: FakeClock) -> None:
+    """Anthropic's ``input_tokens`` leave out the tokens read from (or written to) the prompt
+    cache; the prompt the call sent, and was estimated at, includes them: settled as such, like
+    LiteLLM's ``prompt_tokens`` for the same call through ``acompletion``."""
+    limiter = make_limiter(clock, {"global": {"input_tokens_per_minute": 100000}})
+    provider.state.cached_prompt_tokens = 200
+    await _call(stream, **messages_kwargs(provider, system=SYSTEM))
+    sent = provider.state.log[0]
+    assert sent.prompt_tokens > 200
+    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await wait_until(lambda: _global(limiter)["input_tokens_per_minute"]["used"] == sent.prompt_tokens)
