@@ -201,6 +201,9 @@ def _fingerprint(model: str, kwargs: Mapping[str, Any]) -> int:
                 parts.append((m.get("role"), c if isinstance(c, str) else repr(c)))
             else:
                 parts.append(repr(m))
+        system = kwargs.get("system")  # (Anthropic's messages API: the system prompt apart)
+        if system:
+            parts.append(repr(system))
         return hash(tuple(parts))
     # (A Responses API turn is its input *after* the conversation it continues.)
     return hash((model, repr(kwargs.get("input")), repr(kwargs.get("prompt")), kwargs.get("previous_response_id"),
@@ -1282,8 +1285,23 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return guard
 
 
+def _keyword_names(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """The leading parameters of ``fn`` that positional arguments fill and that can be passed by
+    keyword (up to the first that cannot: ``*args``, positional-only)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    names: list[str] = []
+    for p in params:
+        if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break
+        names.append(p.name)
+    return tuple(names)
+
+
 def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    names = _ARG_NAMES.get(name, ())
+    names = _keyword_names(fn) or _ARG_NAMES.get(name, ())
 
     @functools.wraps(fn)
     async def guard(*args: Any, **kwargs: Any) -> Any:
@@ -1292,10 +1310,15 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         limiters = _active_limiters()
         if not limiters or _guarded_call.get() is not None:
             return await fn(*args, **kwargs)
-        if args and len(args) <= len(names):
-            # The deployment hook sees only keyword arguments: name the positional ones.
-            for pname, value in zip(names, args, strict=False):
-                kwargs.setdefault(pname, value)
+        if args:
+            # The deployment hook sees only keyword arguments: name the positional ones (all of
+            # them or none; an argument given twice is left for Python to refuse, nothing sent).
+            if len(args) > len(names):
+                return await fn(*args, **kwargs)
+            for pname in names[:len(args)]:
+                if pname in kwargs:
+                    return await fn(*args, **kwargs)
+            kwargs.update(zip(names, args, strict=False))
             args = ()
         admitted: list[str | None] = [None]
         outer = _in_async_guard.set(admitted)

@@ -149,3 +149,18 @@ async def test_prompt_cache_reads_are_settled_as_prompt_tokens(stream: bool, pro
     assert sent.prompt_tokens > 200
     await wait_until(lambda: _global(limiter)["in_flight"] == 0)
     await wait_until(lambda: _global(limiter)["input_tokens_per_minute"]["used"] == sent.prompt_tokens)
+
+
+async def test_the_same_question_under_different_system_prompts_is_not_a_loop(provider: FakeProvider,
+                                                                             clock: FakeClock) -> None:
+    """The runaway detector's fingerprint includes ``system``, a parameter of its own in this API."""
+    limiter = make_limiter(clock, {"runaway": {"max_identical_requests": 3}})
+    with limiter.scope(agent_id="writer"):
+        for n in range(6):
+            await litellm.anthropic.messages.acreate(**messages_kwargs(provider, system=f"You are reviewer {n}."))
+        assert provider.state.count() == 6
+        from hive_ratelimit_plugin.errors import HiveRateLimitError
+
+        with pytest.raises(HiveRateLimitError, match="loop"):  # the same system prompt each time is one
+            for _ in range(4):
+                await litellm.anthropic.messages.acreate(**messages_kwargs(provider, system="You are reviewer 0."))

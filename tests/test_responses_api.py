@@ -199,6 +199,12 @@ async def test_positional_arguments_are_seen_by_the_limiter(provider: FakeProvid
     with pytest.raises(RequestTooLargeError, match="input_tokens_per_minute"):
         await litellm.acompletion("openai/gpt-4o-mini", [{"role": "user", "content": PROMPT}],
                                   api_base=provider.url, api_key=SECRET)
+    with pytest.raises(RequestTooLargeError, match="input_tokens_per_minute"):  # past the first two
+        await litellm.acompletion("openai/gpt-4o-mini", [{"role": "user", "content": PROMPT}], None,
+                                  api_base=provider.url, api_key=SECRET)
+    with pytest.raises(TypeError, match="multiple values"):  # as without the limiter
+        await litellm.acompletion("openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                  model="openai/gpt-4o", api_base=provider.url, api_key=SECRET)
     assert provider.state.count() == 0
     await litellm.aresponses("hi", "openai/gpt-4o-mini", api_base=provider.url, api_key=SECRET)
     levels = limiter.get_usage_stats()["levels"]
