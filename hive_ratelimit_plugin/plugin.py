@@ -54,12 +54,11 @@ logger = logging.getLogger("hive_ratelimit_plugin")
 _observe.install(logger)  # repeated lines summarised, secrets redacted
 _status.PUBLISHER.tick_hooks.append(_observe.SUMMARY.flush)
 
-_CHAT_TYPES = frozenset({"completion", "acompletion"})
 _EMBEDDING_TYPES = frozenset({"embedding", "aembedding"})
 _TEXT_TYPES = frozenset({"text_completion", "atext_completion"})
 _RESPONSES_TYPES = frozenset({"responses", "aresponses"})
 _ANTHROPIC_TYPES = frozenset({"anthropic_messages"})
-_ASYNC_CALL_TYPES = frozenset({"acompletion", "aembedding", "atext_completion", "aresponses", "anthropic_messages"})
+_NOT_CHAT_TYPES = _EMBEDDING_TYPES | _TEXT_TYPES | _RESPONSES_TYPES | _ANTHROPIC_TYPES  # counted otherwise
 _SKIP_TYPES = frozenset({"moderation", "amoderation", "image_generation", "aimage_generation"})
 
 # Set while a sync guard is admitting/running a call on this thread, so nested LiteLLM entry
@@ -699,7 +698,7 @@ class HiveLimiter(CustomLogger):
         plan = self._plan(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"), ident)
         input_tokens = output_tokens = 0
         if plan.budgeted or plan.counts_tokens:
-            if call_type in _CHAT_TYPES:  # (the usual call: one test)
+            if call_type not in _NOT_CHAT_TYPES:  # (the usual call: one test)
                 input_tokens = count_messages(model, kwargs.get("messages"), kwargs.get("tools"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
             elif call_type in _EMBEDDING_TYPES:
@@ -714,12 +713,9 @@ class HiveLimiter(CustomLogger):
                     messages = [{"role": "system", "content": system}, *messages]
                 input_tokens = count_messages(model, messages, kwargs.get("tools"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
-            elif call_type in _RESPONSES_TYPES:
+            else:  # the Responses API
                 input_tokens = count_response_input(model, kwargs.get("input"), kwargs.get("instructions"),
                                                     kwargs.get("tools"))
-                output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
-            else:
-                input_tokens = count_messages(model, kwargs.get("messages"), kwargs.get("tools"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
         cost = 0.0
         if plan.budgeted:
@@ -1056,9 +1052,8 @@ _POSITIONAL = {
     "responses": ("input", "model"),
     "aresponses": ("input", "model"),
 }
-# Positional parameters of the other guarded functions (Anthropic's messages API).
-_ARG_NAMES = {**_POSITIONAL, "anthropic_messages": ("max_tokens", "messages", "model")}
 _ASYNC_NAMES = ("acompletion", "aembedding", "atext_completion", "aresponses")
+_ASYNC_CALL_TYPES = frozenset({*_ASYNC_NAMES, "anthropic_messages"})  # (LiteLLM's call types)
 _guard_lock = threading.Lock()
 
 
@@ -1125,21 +1120,19 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
     started = limiter._engine.clock()
     user_call_id = kwargs.get("litellm_call_id")
     asked = 0
-    if not litellm.num_retries and "num_retries" not in kwargs and "max_retries" not in kwargs:
-        # The usual call asks for no retries anywhere: it only needs the SDK's own turned off.
-        if limiter._config.retry.take_over_sdk_retries:
-            kwargs["max_retries"] = 0
-    elif limiter._config.retry.take_over_sdk_retries and not (sync and _module_retries(kwargs)):
-        if router_retries and _is_router_call(kwargs):
-            # The Router retries through this guard. LiteLLM 1.110 turns the SDK's retries off for
-            # its deployment calls; 1.83 hands them a deployment's num_retries as max_retries.
-            if "num_retries" in kwargs:
-                kwargs["num_retries"] = 0
-        else:
-            asked = _retries_asked(kwargs)
-            if asked or "num_retries" in kwargs:
-                # 0, not absent: LiteLLM's own retry loop would fall back to litellm.num_retries
-                kwargs["num_retries"] = 0
+    if limiter._config.retry.take_over_sdk_retries and not (sync and _module_retries(kwargs)):
+        if litellm.num_retries or "num_retries" in kwargs or "max_retries" in kwargs:
+            # Retries asked for somewhere (the usual call asks for none: it skips this).
+            if router_retries and _is_router_call(kwargs):
+                # The Router retries through this guard. LiteLLM 1.110 turns the SDK's retries off
+                # for its deployment calls; 1.83 hands them a deployment's num_retries as max_retries.
+                if "num_retries" in kwargs:
+                    kwargs["num_retries"] = 0
+            else:
+                asked = _retries_asked(kwargs)
+                if asked or "num_retries" in kwargs:
+                    # 0, not absent: LiteLLM's own retry loop would fall back to litellm.num_retries
+                    kwargs["num_retries"] = 0
         kwargs["max_retries"] = 0
     _claim_call_id(limiter, kwargs)
     return started, user_call_id, asked
@@ -1301,7 +1294,7 @@ def _keyword_names(fn: Callable[..., Any]) -> tuple[str, ...]:
 
 
 def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    names = _keyword_names(fn) or _ARG_NAMES.get(name, ())
+    names = _keyword_names(fn) or _POSITIONAL.get(name, ())  # (the latter for ``def f(*args, **kwargs)``)
 
     @functools.wraps(fn)
     async def guard(*args: Any, **kwargs: Any) -> Any:
@@ -1313,11 +1306,8 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if args:
             # The deployment hook sees only keyword arguments: name the positional ones (all of
             # them or none; an argument given twice is left for Python to refuse, nothing sent).
-            if len(args) > len(names):
+            if len(args) > len(names) or not kwargs.keys().isdisjoint(names[:len(args)]):
                 return await fn(*args, **kwargs)
-            for pname in names[:len(args)]:
-                if pname in kwargs:
-                    return await fn(*args, **kwargs)
             kwargs.update(zip(names, args, strict=False))
             args = ()
         admitted: list[str | None] = [None]
@@ -1391,7 +1381,11 @@ _renewing_classes: set[type] = set()
 
 
 def _renew_leases(stream: Any) -> None:
-    for lim, call_id in stream.__dict__.get(_LEASES, ()):
+    _renew(stream.__dict__.get(_LEASES, ()))
+
+
+def _renew(held: list[tuple[HiveLimiter, str]]) -> None:
+    for lim, call_id in held:
         try:
             lim._engine.renew(call_id)
         except Exception as exc:  # never break the caller's stream over a lease
@@ -1453,17 +1447,11 @@ def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
     return stream
 
 
-class _Leases:
-    __slots__ = ("__dict__",)
-
-
 async def _renewing_agen(agen: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
     """``agen``'s items, renewing the leases in ``held`` before each read."""
-    leases = _Leases()
-    leases.__dict__[_LEASES] = held
     try:
         while True:
-            _renew_leases(leases)
+            _renew(held)
             try:
                 item = await agen.__anext__()
             except StopAsyncIteration:
