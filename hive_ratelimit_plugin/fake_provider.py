@@ -422,12 +422,7 @@ class _Handler(BaseHTTPRequestHandler):
                 headers: dict[str, str], completion_tokens: int, text: bool = False) -> None:
         """Server-sent events: one chunk per output token, a final chunk with ``finish_reason``,
         then the usage chunk if the request asked for it (``stream_options.include_usage``)."""
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
+        self._begin_events(headers)
         kind = ("cmpl-fake", "text_completion") if text else ("chatcmpl-fake", "chat.completion.chunk")
         base = {"id": kind[0], "object": kind[1], "created": int(time.time()), "model": model}
 
@@ -445,6 +440,25 @@ class _Handler(BaseHTTPRequestHandler):
             for c in chunks:
                 self._chunk(f"data: {json.dumps(c)}\n\n".encode())
             self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _begin_events(self, headers: dict[str, str]) -> None:
+        """The headers of a server-sent-events answer (its body follows in chunks)."""
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def _send_named_events(self, events: list[dict[str, Any]]) -> None:
+        """``event: <type>`` / ``data: <json>`` pairs (Anthropic's and the Responses API's form),
+        then the end of the body."""
+        try:
+            for event in events:
+                self._chunk(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
             self._chunk(b"")
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
@@ -476,12 +490,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not stream:
             self._send_json(200, done, headers)
             return
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
+        self._begin_events(headers)
         started = dict(done, status="in_progress", output=[], usage=None)
         item = dict(message, status="in_progress", content=[])
         events: list[dict[str, Any]] = [
@@ -498,13 +507,9 @@ class _Handler(BaseHTTPRequestHandler):
             {"type": "response.output_item.done", "output_index": 0, "item": message},
             {"type": "response.completed", "response": done},
         ]
-        try:
-            for n, event in enumerate(events):
-                event["sequence_number"] = n
-                self._chunk(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
-            self._chunk(b"")
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+        for n, event in enumerate(events):
+            event["sequence_number"] = n
+        self._send_named_events(events)
 
     def _anthropic(self, body: dict[str, Any], model: str, usage: dict[str, int],
                    headers: dict[str, str], stream: bool) -> None:
@@ -518,30 +523,19 @@ class _Handler(BaseHTTPRequestHandler):
                 "stop_sequence": None, "usage": au,
             }, headers)
             return
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        events = [
-            ("message_start", {"type": "message_start", "message": {
+        self._begin_events(headers)
+        self._send_named_events([
+            {"type": "message_start", "message": {
                 "id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
-                "stop_reason": None, "stop_sequence": None,
-                "usage": {**au, "output_tokens": 1}}}),
-            ("content_block_start", {"type": "content_block_start", "index": 0,
-                                     "content_block": {"type": "text", "text": ""}}),
-            *[("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                       "delta": {"type": "text_delta", "text": "ok "}})
+                "stop_reason": None, "stop_sequence": None, "usage": {**au, "output_tokens": 1}}},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            *[{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok "}}
               for _ in range(max(au["output_tokens"], 1))],
-            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                               "usage": {"output_tokens": au["output_tokens"]}}),
-            ("message_stop", {"type": "message_stop"}),
-        ]
-        for name, data in events:
-            self._chunk(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
-        self._chunk(b"")
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+             "usage": {"output_tokens": au["output_tokens"]}},
+            {"type": "message_stop"},
+        ])
 
 
 class _Server(ThreadingHTTPServer):

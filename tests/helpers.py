@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import litellm
@@ -106,3 +106,46 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
         if loop.time() > end:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.005)
+
+
+def chunk_reader(stream: Any, sync: bool) -> Callable[[], Awaitable[Any]]:
+    """A coroutine function that reads one chunk of ``stream`` (a sync or an async iterator),
+    raising ``StopAsyncIteration`` at its end either way."""
+    if sync:
+        it = iter(stream)
+
+        async def read() -> Any:
+            try:
+                return next(it)
+            except StopIteration:
+                raise StopAsyncIteration from None
+        return read
+    ait = aiter(stream)
+
+    async def read_async() -> Any:
+        return await anext(ait)
+    return read_async
+
+
+async def assert_cancelling_in_flight_frees_the_slot(limiter: HiveLimiter, provider: FakeProvider,
+                                                     call: Callable[[], Awaitable[Any]]) -> None:
+    """Cancel ``call()`` while its request is in flight (the limiter allowing one at a time): its
+    slot comes back at once, not after a lease, and the next call gets it."""
+    def in_flight() -> int:
+        return int(limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"])
+
+    provider.state.latency = 0.3
+    task = asyncio.ensure_future(call())
+    await wait_until(lambda: provider.state.in_flight == 1)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    else:
+        raise AssertionError("the call was not cancelled")
+    await wait_until(lambda: in_flight() == 0)
+    provider.state.latency = 0.0
+    await call()
+    # the abandoned request is still answered (into the log): let it finish inside this test
+    await wait_until(lambda: provider.state.in_flight == 0)

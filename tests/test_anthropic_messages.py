@@ -5,7 +5,6 @@ slot while it is read. (LiteLLM implements no sync path for this API.)"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
@@ -15,7 +14,14 @@ import pytest
 from hive_ratelimit_plugin import RateLimitQueueTimeout, RequestTooLargeError
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import Ticker, chat_kwargs, make_limiter, wait_until
+from .helpers import (
+    Ticker,
+    assert_cancelling_in_flight_frees_the_slot,
+    chat_kwargs,
+    chunk_reader,
+    make_limiter,
+    wait_until,
+)
 
 # Contract: every test here runs against the in-memory and the Redis backend.
 pytestmark = pytest.mark.usefixtures("contract_backend")
@@ -90,17 +96,17 @@ async def test_a_messages_stream_still_being_read_keeps_its_slot_past_the_lease(
                                    "estimation": {"lease_seconds": 30}})
     provider.state.completion_tokens = 20
     provider.state.chunk_delay = 0.005  # events apart, as a model generates them (not read in one piece)
-    stream = await litellm.anthropic.messages.acreate(**messages_kwargs(provider), stream=True)
-    it = stream.__aiter__()
+    read = chunk_reader(await litellm.anthropic.messages.acreate(**messages_kwargs(provider), stream=True),
+                        sync=False)
     for _ in range(4):
-        await it.__anext__()
+        await read()
         clock.advance(20)  # 80 s in all, 20 s between reads: past the lease, never past a renewal
     with pytest.raises(RateLimitQueueTimeout):
         await litellm.acompletion(**chat_kwargs(provider))
     assert _global(limiter)["in_flight"] == 1
     with contextlib.suppress(StopAsyncIteration):
         while True:
-            await it.__anext__()
+            await read()
     await wait_until(lambda: _global(limiter)["in_flight"] == 0)
     await litellm.anthropic.messages.acreate(**messages_kwargs(provider))  # the slot is back
 
@@ -108,17 +114,8 @@ async def test_a_messages_stream_still_being_read_keeps_its_slot_past_the_lease(
 async def test_cancelling_a_messages_call_in_flight_frees_its_slot(provider: FakeProvider,
                                                                    clock: FakeClock) -> None:
     limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0}})
-    provider.state.latency = 0.3
-    task = asyncio.create_task(litellm.anthropic.messages.acreate(**messages_kwargs(provider)))
-    await wait_until(lambda: provider.state.in_flight == 1)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
-    provider.state.latency = 0.0
-    await litellm.anthropic.messages.acreate(**messages_kwargs(provider))
-    # the abandoned request is still answered (into the log): let it finish inside this test
-    await wait_until(lambda: provider.state.in_flight == 0)
+    await assert_cancelling_in_flight_frees_the_slot(
+        limiter, provider, lambda: litellm.anthropic.messages.acreate(**messages_kwargs(provider)))
 
 
 async def test_a_routers_messages_call_is_retried_on_a_429_and_counted(provider: FakeProvider,

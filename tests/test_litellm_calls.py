@@ -15,7 +15,7 @@ import pytest
 from hive_ratelimit_plugin import RateLimitQueueTimeout, RequestTooLargeError
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import Ticker, chat_kwargs, make_limiter, wait_until
+from .helpers import Ticker, chat_kwargs, chunk_reader, make_limiter, wait_until
 
 # Contract: every test here runs against the in-memory and the Redis backend.
 pytestmark = pytest.mark.usefixtures("contract_backend")
@@ -302,18 +302,7 @@ async def _open_stream(entry: str, provider: FakeProvider) -> tuple[Any, Callabl
     else:
         resp = await _router(provider).acompletion(model="fast", messages=[{"role": "user", "content": "hi"}],
                                                    stream=True)
-    if entry in ("completion", "text_completion"):
-        it = iter(resp)
-
-        async def read() -> Any:
-            try:
-                return next(it)
-            except StopIteration:
-                raise StopAsyncIteration from None
-    else:
-        async def read() -> Any:
-            return await resp.__anext__()
-    return resp, read
+    return resp, chunk_reader(resp, sync=entry in ("completion", "text_completion"))
 
 
 @pytest.mark.parametrize("entry", ["completion", "text_completion", "acompletion", "atext_completion",

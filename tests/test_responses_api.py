@@ -4,7 +4,6 @@ the provider's usage, retried on a 429, and a stream keeps its slot while it is 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
@@ -15,7 +14,14 @@ from hive_ratelimit_plugin import RateLimitQueueTimeout, RequestTooLargeError
 from hive_ratelimit_plugin._tokens import count_messages, count_response_input
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import Ticker, chat_kwargs, make_limiter, wait_until
+from .helpers import (
+    Ticker,
+    assert_cancelling_in_flight_frees_the_slot,
+    chat_kwargs,
+    chunk_reader,
+    make_limiter,
+    wait_until,
+)
 
 # Contract: every test here runs against the in-memory and the Redis backend.
 pytestmark = pytest.mark.usefixtures("contract_backend")
@@ -128,18 +134,9 @@ async def test_a_responses_stream_still_being_read_keeps_its_slot_past_the_lease
                                    "queue": {"max_wait_seconds": 0}, "estimation": {"lease_seconds": 30}})
     provider.state.completion_tokens = 20
     if mode == "sync-stream":
-        it = iter(litellm.responses(**responses_kwargs(provider), stream=True))
-
-        async def read() -> Any:
-            try:
-                return next(it)
-            except StopIteration:
-                raise StopAsyncIteration from None
+        read = chunk_reader(litellm.responses(**responses_kwargs(provider), stream=True), sync=True)
     else:
-        resp = await litellm.aresponses(**responses_kwargs(provider), stream=True)
-
-        async def read() -> Any:
-            return await resp.__anext__()
+        read = chunk_reader(await litellm.aresponses(**responses_kwargs(provider), stream=True), sync=False)
     for _ in range(4):
         await read()
         clock.advance(20)
@@ -157,17 +154,8 @@ async def test_cancelling_an_aresponses_call_in_flight_frees_its_slot(provider: 
                                                                       clock: FakeClock) -> None:
     """A task cancelled while its request is in flight gives its slot back at once, not after a lease."""
     limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0}})
-    provider.state.latency = 0.3
-    task = asyncio.create_task(litellm.aresponses(**responses_kwargs(provider)))
-    await wait_until(lambda: provider.state.in_flight == 1)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
-    provider.state.latency = 0.0
-    await litellm.aresponses(**responses_kwargs(provider))
-    # the abandoned request is still answered (into the log): let it finish inside this test
-    await wait_until(lambda: provider.state.in_flight == 0)
+    await assert_cancelling_in_flight_frees_the_slot(
+        limiter, provider, lambda: litellm.aresponses(**responses_kwargs(provider)))
 
 
 def test_the_prompt_estimate_counts_every_kind_of_input_item() -> None:
