@@ -249,17 +249,40 @@ class ProviderState:
         return d
 
 
+#: What the fake bills per image, document, file or audio part: providers bill media by its pixels,
+#: pages or seconds, never by the length of its base64.
+MEDIA_PART_TOKENS = 1000
+_MEDIA_PARTS = frozenset(("image_url", "image", "input_image", "file", "input_file", "document", "input_audio"))
+
+
 def _rough_tokens(body: dict[str, Any]) -> int:
+    media = 0
+
+    def text_of(value: Any) -> str:
+        nonlocal media
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            parts = []
+            for part in value:
+                if isinstance(part, dict) and part.get("type") in _MEDIA_PARTS:
+                    media += 1
+                elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                elif isinstance(part, dict) and "content" in part:  # a Responses input item, a tool result
+                    parts.append(text_of(part["content"]))
+                else:
+                    parts.append(text_of(part))
+            return "\n".join(parts)
+        return json.dumps(value)
+
     text = ""
     for m in body.get("messages") or []:
-        c = m.get("content")
-        text += c if isinstance(c, str) else json.dumps(c)
-    inp = body.get("input") or body.get("prompt") or ""
-    text += inp if isinstance(inp, str) else json.dumps(inp)
+        text += text_of(m.get("content"))
+    text += text_of(body.get("input") or body.get("prompt") or "")
     for name in ("system", "instructions"):  # Anthropic's system prompt, the Responses API's instructions
-        extra = body.get(name) or ""
-        text += extra if isinstance(extra, str) else json.dumps(extra)
-    return max(1, math.ceil(len(text) / 4))
+        text += text_of(body.get(name) or "")
+    return max(1, math.ceil(len(text) / 4)) + media * MEDIA_PART_TOKENS
 
 
 class _Handler(BaseHTTPRequestHandler):
