@@ -18,6 +18,7 @@ import json
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -202,6 +203,9 @@ class ProviderState:
         self.log: list[Received] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        #: Responses API conversations stored by response id: the tokens a turn continuing one
+        #: (``previous_response_id``) is billed as input on top of its own, as OpenAI bills them.
+        self.conversations: dict[str, int] = {}
         self._last_reset = 0.0  # full_reset of the latest decision (read under the lock)
 
     # -- configuration -------------------------------------------------
@@ -307,6 +311,8 @@ class _Handler(BaseHTTPRequestHandler):
         model = str(body.get("model", ""))
         stream = bool(body.get("stream"))
         prompt_tokens = _rough_tokens(body)
+        if body.get("previous_response_id"):
+            prompt_tokens += state.conversations.get(str(body["previous_response_id"]), 0)
         max_out = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
         completion_tokens = min(state.completion_tokens, int(max_out)) if max_out else state.completion_tokens
         if path.endswith("/embeddings"):
@@ -500,10 +506,12 @@ class _Handler(BaseHTTPRequestHandler):
         (one ``response.output_text.delta`` per output token; usage in ``response.completed``)."""
         pieces = ["ok "] * max(completion_tokens, 1)
         created = int(time.time())
+        rid = f"resp_fake_{uuid.uuid4().hex[:16]}"
+        self.server.state.conversations[rid] = usage["prompt_tokens"] + usage["completion_tokens"]
         message = {"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
                    "content": [{"type": "output_text", "text": "".join(pieces), "annotations": []}]}
         done = {
-            "id": "resp_fake", "object": "response", "created_at": created, "status": "completed",
+            "id": rid, "object": "response", "created_at": created, "status": "completed",
             "model": model, "output": [message], "parallel_tool_calls": True, "tool_choice": "auto",
             "tools": [], "text": {"format": {"type": "text"}}, "error": None, "incomplete_details": None,
             "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],

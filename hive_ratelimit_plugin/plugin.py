@@ -65,6 +65,8 @@ _SKIP_TYPES = frozenset({"moderation", "amoderation", "image_generation", "aimag
 # points (text_completion -> completion) and log_pre_api_call know the call is already held.
 _guarded_call: ContextVar[str | None] = ContextVar("hive_ratelimit_guarded_call", default=None)
 _MAX_PROVIDER_WAIT = 3600.0  # absurd Retry-After values are clamped to this
+#: Responses API turns remembered per limiter (~100 bytes each) for ``previous_response_id``.
+_MAX_TURNS = 10_000
 # While a call is being retried: the engine-clock time by which its admission must finish.
 _wait_budget: ContextVar[float | None] = ContextVar("hive_ratelimit_wait_budget", default=None)
 # Set while an async guard runs its call: a one-item list where the pre-call hook notes the id it
@@ -352,6 +354,9 @@ class HiveLimiter(CustomLogger):
         self._provider_cache: dict[tuple[str, str | None], str] = {}
         self._repr: tuple[Any, Any, str] = (None, None, "")
         self._plans: dict[tuple[Any, ...], _Plan] = {}
+        # Responses API turns by response id: the tokens a turn that continues it (with
+        # ``previous_response_id``) carries as its input on top of its own (see _remember_turn).
+        self._turns: dict[str, int] = {}
         self._next_tail = 0.0
         self._configure_engine(cfg)
         if self._ledger is not None:
@@ -716,6 +721,9 @@ class HiveLimiter(CustomLogger):
             else:  # the Responses API
                 input_tokens = count_response_input(model, kwargs.get("input"), kwargs.get("instructions"),
                                                     kwargs.get("tools"))
+                previous = kwargs.get("previous_response_id")
+                if previous and type(previous) is str:  # the provider bills the conversation so far too
+                    input_tokens += self._turns.get(previous, 0)
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
         cost = 0.0
         if plan.budgeted:
@@ -827,9 +835,28 @@ class HiveLimiter(CustomLogger):
             if not price.known:
                 self._prices.warn_unknown(provider, model, "LiteLLM reports no cost for it")
             cost = price.cost(ticket.input_tokens if tin is None else tin, tout or 0)
+            if getattr(response, "object", None) == "response":
+                self._remember_turn(response, tin, tout)
         headers = response_headers(response)
         signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
+
+    def _remember_turn(self, response: Any, tin: int | None, tout: int | None) -> None:
+        """Keep what a Responses API turn leaves in its conversation (its input, which held the
+        conversation before it, and its output), so that a turn continuing it is estimated with
+        it: the provider bills the stored conversation as input. Bounded: the oldest go first."""
+        rid = getattr(response, "id", None)
+        if not rid or type(rid) is not str:
+            return
+        turns = self._turns
+        if len(turns) >= _MAX_TURNS:
+            try:
+                oldest = list(itertools.islice(turns, _MAX_TURNS // 10))
+            except RuntimeError:  # another thread changed it meanwhile: start over
+                oldest = list(turns)
+            for old in oldest:
+                turns.pop(old, None)
+        turns[rid] = (tin or 0) + (tout or 0)
 
     def _note_429(self, model_arg: Any, kwargs: Mapping[str, Any], wait: float | None, retried: bool) -> None:
         """Count and log a provider 429 (the retry loop sees every one, sync or async)."""

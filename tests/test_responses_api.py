@@ -213,6 +213,44 @@ async def test_a_conversation_chained_by_previous_response_id_is_not_a_loop(prov
     assert provider.state.count() == 6
 
 
+async def _turn(mode: str, **kw: Any) -> str:
+    """One Responses API call through ``mode``; returns the id LiteLLM hands back."""
+    if mode == "sync":
+        return str(litellm.responses(**kw).id)
+    if mode == "async":
+        return str((await litellm.aresponses(**kw)).id)
+    if mode == "sync-stream":
+        events = list(litellm.responses(**kw, stream=True))
+    else:
+        events = [e async for e in await litellm.aresponses(**kw, stream=True)]
+    return str(events[-1].response.id)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_turn_continuing_a_conversation_is_estimated_with_it(mode: str, provider: FakeProvider,
+                                                                   clock: FakeClock) -> None:
+    """With ``previous_response_id`` the provider bills the stored conversation as input: a turn's
+    estimate includes the last turn's input and output, so a conversation grown past the limit is
+    refused unsent, not sent on the estimate of its two new words."""
+    limiter = make_limiter(clock, {"global": {"input_tokens_per_minute": 500}})
+    provider.state.completion_tokens = 150
+    r1 = await _turn(mode, **responses_kwargs(provider))  # ~270 tokens in, 150 out
+    # (LiteLLM 1.83 settles an async stream a moment after its last event; a turn sent before that
+    # is estimated without the one it continues.)
+    await wait_until(lambda: _global(limiter)["input_tokens_per_minute"]["used"] == provider.state.log[0].prompt_tokens)
+    clock.advance(61)
+    r2 = await _turn(mode, **responses_kwargs(provider, input="go on", previous_response_id=r1))
+    billed = provider.state.log[-1].prompt_tokens
+    assert billed > 400  # the provider billed the conversation so far ...
+    await wait_until(lambda: _global(limiter)["input_tokens_per_minute"]["used"] == billed)  # ... settled
+    clock.advance(61)
+    with pytest.raises(RequestTooLargeError, match="input_tokens_per_minute"):  # ~570 tokens now
+        await _turn(mode, **responses_kwargs(provider, input="go on", previous_response_id=r2))
+    assert provider.state.count() == 2
+    await _turn(mode, **responses_kwargs(provider, input="go on"))  # a new conversation fits
+    assert provider.state.count() == 3
+
+
 def test_a_routers_sync_responses_call_gets_the_retries_it_was_configured_with(
         provider: FakeProvider, clock: FakeClock) -> None:
     """LiteLLM 1.83.4's Router leaves a sync ``responses`` call's retries to LiteLLM's own loop,
