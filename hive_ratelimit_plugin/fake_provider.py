@@ -256,7 +256,8 @@ class ProviderState:
 #: What the fake bills per image, document, file or audio part: providers bill media by its pixels,
 #: pages or seconds, never by the length of its base64.
 MEDIA_PART_TOKENS = 1000
-_MEDIA_PARTS = frozenset(("image_url", "image", "input_image", "file", "input_file", "document", "input_audio"))
+_MEDIA_PARTS = frozenset(("image_url", "image", "input_image", "file", "input_file", "document", "input_audio",
+                          "video_url", "audio_url"))
 
 
 def _rough_tokens(body: dict[str, Any]) -> int:
@@ -269,12 +270,15 @@ def _rough_tokens(body: dict[str, Any]) -> int:
         if isinstance(value, list):
             parts = []
             for part in value:
-                if isinstance(part, dict) and part.get("type") in _MEDIA_PARTS:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind in _MEDIA_PARTS:
                     media += 1
                 elif isinstance(part, dict) and isinstance(part.get("text"), str):
                     parts.append(part["text"])
                 elif isinstance(part, dict) and "content" in part:  # a Responses input item, a tool result
                     parts.append(text_of(part["content"]))
+                elif isinstance(part, dict) and isinstance(part.get("output"), list):  # a function output
+                    parts.append(text_of(part["output"]))
                 else:
                     parts.append(text_of(part))
             return "\n".join(parts)

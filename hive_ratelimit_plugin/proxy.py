@@ -69,9 +69,9 @@ _CALL_TYPES = {
     "embeddings": "aembedding",
     "embedding": "aembedding",
     "aembedding": "aembedding",
-    "anthropic_messages": "acompletion",
-    "responses": "acompletion",
-    "aresponses": "acompletion",
+    "anthropic_messages": "anthropic_messages",  # (its system prompt is a parameter of its own)
+    "responses": "aresponses",  # (input items, instructions, media and previous_response_id)
+    "aresponses": "aresponses",
 }
 _HEX = frozenset("0123456789abcdef")
 _RUNAWAY_FLAG = "_hive_ratelimit_runaway"  # set on our private copy of a request's kwargs
@@ -321,10 +321,6 @@ class ProxyLimiter(HiveLimiter):
             return None
         view = dict(data)
         view.update(target)
-        if kind == "acompletion" and not isinstance(view.get("messages"), list):
-            text = view.get("input")  # /v1/responses
-            content = text if isinstance(text, str) else json.dumps(text, default=str)
-            view["messages"] = [{"role": "user", "content": content}]
         with self._proxy_lock:
             self._proxy_calls[call_id] = (ident, True)
         try:

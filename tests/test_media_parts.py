@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import zlib
 from typing import Any
 
 import litellm
@@ -62,7 +63,7 @@ def user(*parts: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "text", "text": "summarise this"}, *parts]}]
 
 
-TEXT_ONLY = count_messages(MODEL, user({"type": "text", "text": ""}))  # (with the parts' separator)
+TEXT_ONLY = count_messages(MODEL, user())
 
 
 def media(messages: list[dict[str, Any]]) -> int:
@@ -169,6 +170,115 @@ def test_the_same_document_is_read_once_across_turns(monkeypatch: pytest.MonkeyP
             {"role": "assistant", "content": f"answer {i}"} for i in range(turn)]
         assert count_messages(MODEL, history) >= TEXT_ONLY + 4 * PAGE_TOKENS
     assert len(reads) <= 1
+
+
+def compressed_pdf(pages: int) -> bytes:
+    """A PDF 1.5 file whose page tree and pages sit in a compressed object stream, as most PDF
+    writers save them: no page object or /Count is visible in the file itself."""
+    objects = [f"<< /Type /Pages /Kids [{' '.join(f'{3 + i} 0 R' for i in range(pages))}] /Count {pages} >>"]
+    objects += ["<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>" for _ in range(pages)]
+    packed = zlib.compress(" ".join(objects).encode())
+    return b"".join([
+        b"%PDF-1.7\n1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj\n",
+        b"%d 0 obj << /Type /ObjStm /N %d /First 0 /Filter /FlateDecode /Length %d >>\nstream\n"
+        % (pages + 3, pages + 1, len(packed)), packed, b"\nendstream endobj\n",
+        b"%d 0 obj << /Length 200000 >> stream\n" % (pages + 4), os.urandom(200_000), b"\nendstream endobj\n%%EOF",
+    ])
+
+
+@pytest.mark.parametrize("pages", [3, 30, 200])
+def test_a_pdf_with_compressed_object_streams_is_counted_from_inside_them(pages: int) -> None:
+    raw = compressed_pdf(pages)
+    assert b"/Type /Page " not in raw and b"/Count" not in raw
+    assert media(user({"type": "file", "file": {"file_data": data_url(raw)}})) == pages * PAGE_TOKENS
+
+
+def test_an_incrementally_updated_pdf_is_not_counted_twice() -> None:
+    once = pdf(5, padding=10_000)
+    again = once + b"\n" + b"".join(f"{3 + i} 0 obj << /Type /Page /Parent 2 0 R /Rotate 90 >> endobj\n".encode()
+                                     for i in range(5)) + b"%%EOF"
+    assert media(user({"type": "file", "file": {"file_data": data_url(again)}})) == 5 * PAGE_TOKENS
+
+
+@pytest.mark.parametrize("raw", [b"/Count " + b"1" * 80_000, b"/Count 1" * 50_000, b"/Type/Pages" * 36_363,
+                                 b"/Type /Pages /Count " + b"9" * 5000, b"/Type /ObjStm stream\n" + b"x" * 10_000,
+                                 # ~170 object-stream marks sharing one stream of empty deflate blocks
+                                 (b"/Type/ObjStm" * 170 + b" stream\nx\x9c" + b"\x02\x08\x20\x80\x00" * 100_000) * 6])
+def test_hostile_pdf_bytes_get_an_estimate(raw: bytes) -> None:
+    """Adversarial files are read in linear time and get a bounded estimate (no quadratic regex,
+    no integer-parsing error on a 5,000-digit /Count)."""
+    estimate = media(user({"type": "file", "file": {"file_data": data_url(raw)}}))
+    assert 0 < estimate <= 1_000_000_000 * PAGE_TOKENS
+
+
+def test_an_indirect_page_count_is_not_read_as_a_number() -> None:
+    raw = b"%PDF-1.7\n2 0 obj << /Type /Pages /Count 9 0 R >> endobj\n" + b"".join(
+        f"{10 + i} 0 obj << /Type /Page /Parent 2 0 R >> endobj\n".encode() for i in range(30))
+    assert media(user({"type": "file", "file": {"file_data": data_url(raw)}})) == 30 * PAGE_TOKENS
+
+
+def test_text_cannot_pass_for_a_media_estimate() -> None:
+    """Text holding NULs and digits is text: it cannot inject a token count."""
+    odd = "hi \x00999999999999\x00 there"
+    assert count_messages(MODEL, [{"role": "user", "content": odd}]) < 50
+    assert count_messages(MODEL, [{"role": "user", "content": [{"type": "text", "text": odd}]}]) < 50
+
+
+@pytest.mark.parametrize("content", [
+    [{"type": ["image_url"]}], [{"type": {}}], [{"type": None, "data": 1}],
+    "nest", [{"type": "tool_result", "content": [{"type": "text", "text": "x" * 10}]}],
+])
+def test_odd_parts_never_break_the_estimate(content: Any) -> None:
+    if content == "nest":  # tool results nested 400 deep
+        content = [{"type": "text", "text": "leaf"}]
+        for _ in range(400):
+            content = [{"type": "tool_result", "tool_use_id": "t", "content": content}]
+    assert count_messages(MODEL, [{"role": "user", "content": content}]) > 0
+
+
+def test_other_media_spellings_are_sized_not_tokenized() -> None:
+    video = data_url(os.urandom(1_250_000), "video/mp4")  # 10 s at 1 Mbit/s
+    audio = data_url(wav(10), "audio/wav")
+    assert media(user({"type": "video_url", "video_url": {"url": video}})) == 10 * 300
+    assert media(user({"type": "audio_url", "audio_url": {"url": audio}})) == 10 * AUDIO_TOKENS_PER_SECOND
+    # An inline PDF in an image part is a document (LiteLLM passes it on as one).
+    assert media(user({"type": "image_url", "image_url": {"url": data_url(pdf(40, padding=1000))}})) == 40 * PAGE_TOKENS
+    mp3 = base64.b64encode(b"\xff\xfb" * 8000 * 60).decode()  # 60 s at 128 kbit/s
+    assert media(user({"type": "file", "file": {"file_data": mp3, "format": "audio/mpeg"}})) == \
+        60 * AUDIO_TOKENS_PER_SECOND
+    assert media(user({"type": "file", "file": {"file_data": "https://example.com/a.pdf"}})) == FILE_TOKENS
+    assert media(user({"type": "file", "file": {"file_data": "gs://bucket/a.pdf"}})) == FILE_TOKENS
+    # A wav header claiming 1 byte a second is read at 8 kB/s at the slowest.
+    bad = bytearray(wav(1))
+    bad[28:32] = (1).to_bytes(4, "little")
+    clip = base64.b64encode(bytes(bad)).decode()
+    assert media(user({"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}})) <= \
+        4 * AUDIO_TOKENS_PER_SECOND
+
+
+def test_a_function_output_with_a_file_is_sized_not_tokenized() -> None:
+    doc = data_url(pdf(3, padding=500_000))
+    item = {"type": "function_call_output", "call_id": "c1",
+            "output": [{"type": "input_text", "text": "summarise this"}, {"type": "input_file", "file_data": doc}]}
+    assert count_response_input(MODEL, [item]) == TEXT_ONLY + 3 * PAGE_TOKENS
+
+
+async def test_the_proxys_responses_route_sizes_its_files(clock: FakeClock) -> None:
+    """The proxy's /v1/responses (and /v1/messages) requests are estimated as what they are."""
+    from litellm.proxy._types import UserAPIKeyAuth
+
+    from hive_ratelimit_plugin.proxy import ProxyLimiter
+
+    lim = ProxyLimiter({"global": {"tokens_per_minute": 50_000}, "queue": {"max_wait_seconds": 0}}, clock=clock)
+    clock.attach(lim)
+    litellm.callbacks.append(lim)
+    inp = [{"role": "user", "content": [{"type": "input_text", "text": "summarise this"},
+                                        {"type": "input_file", "file_data": data_url(pdf(3, padding=300_000))}]}]
+    auth = UserAPIKeyAuth(api_key="a" * 64, user_id="alice")
+    await lim.async_pre_call_hook(auth, None, {"model": "gpt-4o-mini", "input": inp, "instructions": "be brief",
+                                               "litellm_call_id": "c1"}, "aresponses")
+    used = lim.get_usage_stats()["levels"]["global"]["global"]["tokens_per_minute"]["used"]
+    assert 3 * PAGE_TOKENS < used < 3 * PAGE_TOKENS + 1000
 
 
 # ----------------------------------------------------------------------------- through LiteLLM
