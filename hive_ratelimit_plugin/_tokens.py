@@ -67,7 +67,7 @@ class _Parts:
         kind = part.get("type")
         kind = kind if isinstance(kind, str) else ""
         if kind in _IMAGE_TYPES:
-            url = _url_of(part.get(kind)) if kind != "image" else None
+            url = _url_of(part.get(kind))
             # An inline PDF in an image part is a document (LiteLLM passes it on as one).
             inline = url is not None and url.startswith("data:") and not url.startswith("data:image/")
             self.media += _data_tokens(url, None) if inline else IMAGE_TOKENS

@@ -850,11 +850,7 @@ class HiveLimiter(CustomLogger):
             return
         turns = self._turns
         if len(turns) >= _MAX_TURNS:
-            try:
-                oldest = list(itertools.islice(turns, _MAX_TURNS // 10))
-            except RuntimeError:  # another thread changed it meanwhile: start over
-                oldest = list(turns)
-            for old in oldest:
+            for old in list(turns)[:_MAX_TURNS // 10]:  # (list() of a dict: one step, whatever other threads do)
                 turns.pop(old, None)
         turns[rid] = (tin or 0) + (tout or 0)
 
