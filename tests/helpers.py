@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import litellm
+import pytest
 from litellm.integrations.custom_logger import CustomLogger
 
-from hive_ratelimit_plugin import HiveLimiter
+from hive_ratelimit_plugin import HiveLimiter, RateLimitQueueTimeout
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
 
@@ -127,13 +129,31 @@ def chunk_reader(stream: Any, sync: bool) -> Callable[[], Awaitable[Any]]:
     return read_async
 
 
+def global_usage(limiter: HiveLimiter) -> dict[str, Any]:
+    """The global level's usage (``get_usage_stats``)."""
+    return limiter.get_usage_stats()["levels"]["global"]["global"]  # type: ignore[no-any-return]
+
+
+async def assert_a_stream_being_read_keeps_its_slot(limiter: HiveLimiter, provider: FakeProvider, clock: FakeClock,
+                                                   read: Callable[[], Awaitable[Any]]) -> None:
+    """Read a stream (from ``chunk_reader``) for 80 s, 20 s between reads, its lease being 30 s: it
+    keeps its slot (the limiter allowing one at a time), then gives it back once read to its end."""
+    for _ in range(4):
+        await read()
+        clock.advance(20)  # past the lease, never past a renewal
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert global_usage(limiter)["in_flight"] == 1
+    with contextlib.suppress(StopAsyncIteration):
+        while True:
+            await read()
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
+
+
 async def assert_cancelling_in_flight_frees_the_slot(limiter: HiveLimiter, provider: FakeProvider,
                                                      call: Callable[[], Awaitable[Any]]) -> None:
     """Cancel ``call()`` while its request is in flight (the limiter allowing one at a time): its
     slot comes back at once, not after a lease, and the next call gets it."""
-    def in_flight() -> int:
-        return int(limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"])
-
     provider.state.latency = 0.3
     task = asyncio.ensure_future(call())
     await wait_until(lambda: provider.state.in_flight == 1)
@@ -144,7 +164,7 @@ async def assert_cancelling_in_flight_frees_the_slot(limiter: HiveLimiter, provi
         pass
     else:
         raise AssertionError("the call was not cancelled")
-    await wait_until(lambda: in_flight() == 0)
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
     provider.state.latency = 0.0
     await call()
     # the abandoned request is still answered (into the log): let it finish inside this test

@@ -5,20 +5,20 @@ slot while it is read. (LiteLLM implements no sync path for this API.)"""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import litellm
 import pytest
 
-from hive_ratelimit_plugin import RateLimitQueueTimeout, RequestTooLargeError
+from hive_ratelimit_plugin import RequestTooLargeError
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
 from .helpers import (
     Ticker,
+    assert_a_stream_being_read_keeps_its_slot,
     assert_cancelling_in_flight_frees_the_slot,
-    chat_kwargs,
     chunk_reader,
+    global_usage,
     make_limiter,
     wait_until,
 )
@@ -38,10 +38,6 @@ def messages_kwargs(provider: FakeProvider, **extra: Any) -> dict[str, Any]:
     return kw
 
 
-def _global(limiter: Any) -> dict[str, Any]:
-    return limiter.get_usage_stats()["levels"]["global"]["global"]  # type: ignore[no-any-return]
-
-
 async def _call(stream: bool, **kw: Any) -> None:
     if not stream:
         await litellm.anthropic.messages.acreate(**kw)
@@ -57,9 +53,9 @@ async def test_a_messages_call_is_counted_and_settled_to_the_providers_usage(
                                               "output_tokens_per_minute": 100000, "concurrent_requests": 1}})
     provider.state.completion_tokens = 7
     await _call(stream, **messages_kwargs(provider, system=SYSTEM))
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
-    await wait_until(lambda: _global(limiter)["output_tokens_per_minute"]["used"] < 3000)  # not the estimate
-    stats = _global(limiter)
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
+    await wait_until(lambda: global_usage(limiter)["output_tokens_per_minute"]["used"] < 3000)  # not the estimate
+    stats = global_usage(limiter)
     sent = provider.state.log[0]
     assert stats["input_tokens_per_minute"]["used"] == sent.prompt_tokens
     assert stats["output_tokens_per_minute"]["used"] == 7
@@ -98,16 +94,7 @@ async def test_a_messages_stream_still_being_read_keeps_its_slot_past_the_lease(
     provider.state.chunk_delay = 0.005  # events apart, as a model generates them (not read in one piece)
     read = chunk_reader(await litellm.anthropic.messages.acreate(**messages_kwargs(provider), stream=True),
                         sync=False)
-    for _ in range(4):
-        await read()
-        clock.advance(20)  # 80 s in all, 20 s between reads: past the lease, never past a renewal
-    with pytest.raises(RateLimitQueueTimeout):
-        await litellm.acompletion(**chat_kwargs(provider))
-    assert _global(limiter)["in_flight"] == 1
-    with contextlib.suppress(StopAsyncIteration):
-        while True:
-            await read()
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await assert_a_stream_being_read_keeps_its_slot(limiter, provider, clock, read)
     await litellm.anthropic.messages.acreate(**messages_kwargs(provider))  # the slot is back
 
 
@@ -130,7 +117,7 @@ async def test_a_routers_messages_call_is_retried_on_a_429_and_counted(provider:
                                          messages=[{"role": "user", "content": "hi"}])
     assert [r.status for r in provider.state.log] == [429, 200]
     assert limiter.get_usage_stats()["admitted_total"] == 2
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -144,8 +131,8 @@ async def test_prompt_cache_reads_are_settled_as_prompt_tokens(stream: bool, pro
     await _call(stream, **messages_kwargs(provider, system=SYSTEM))
     sent = provider.state.log[0]
     assert sent.prompt_tokens > 200
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
-    await wait_until(lambda: _global(limiter)["input_tokens_per_minute"]["used"] == sent.prompt_tokens)
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
+    await wait_until(lambda: global_usage(limiter)["input_tokens_per_minute"]["used"] == sent.prompt_tokens)
 
 
 async def test_the_same_question_under_different_system_prompts_is_not_a_loop(provider: FakeProvider,

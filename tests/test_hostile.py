@@ -31,13 +31,9 @@ from hive_ratelimit_plugin._waiting import acquire_async
 from hive_ratelimit_plugin.config import LimitSet
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import Recorder, chat_kwargs, make_limiter, max_in_any_window, wait_until
+from .helpers import Recorder, chat_kwargs, global_usage, make_limiter, max_in_any_window, wait_until
 
 SECRET = "sk-test-SECRET-0123456789"
-
-
-def glob(limiter: HiveLimiter) -> dict[str, Any]:
-    return limiter.get_usage_stats()["levels"]["global"]["global"]
 
 
 def assert_nothing_left(limiter: HiveLimiter) -> None:
@@ -107,7 +103,7 @@ async def test_reload_applies_to_scope_with_call_in_flight(provider: FakeProvide
     await litellm.acompletion(**chat_kwargs(provider))
     with pytest.raises(RateLimitQueueTimeout):
         await litellm.acompletion(**chat_kwargs(provider))
-    assert glob(limiter)["requests_per_minute"]["limit"] == 2
+    assert global_usage(limiter)["requests_per_minute"]["limit"] == 2
     async for _ in stream:
         pass
 
@@ -128,7 +124,7 @@ async def test_lowered_limit_applies_to_calls_already_waiting(provider: FakeProv
         await settle_loop()
         await asyncio.sleep(0.05)
         assert provider.state.count() == 4, "rpm is 1 now: one waiting call per minute"
-        assert glob(limiter)["requests_per_minute"]["limit"] == 1
+        assert global_usage(limiter)["requests_per_minute"]["limit"] == 1
         assert max_in_any_window([t for t, _ in recorder.sent if t > 1000.0], 60.0) <= 1
     finally:
         for t in tasks:
@@ -317,7 +313,7 @@ async def test_cancel_half_of_500_queued_calls_leaks_nothing(provider: FakeProvi
         for i in range(500)
     }
     await wait_until(lambda: provider.state.count() == 50 and limiter.get_usage_stats()["queued"] == 450
-                     and glob(limiter)["in_flight"] == 0, 30)
+                     and global_usage(limiter)["in_flight"] == 0, 30)
 
     sent = set(recorder.ids)
     pending = [cid for cid in tasks if cid not in sent]
@@ -365,7 +361,7 @@ async def test_cancelling_an_async_call_in_flight_frees_its_slot(provider: FakeP
         await task
     await settle_loop()
     await asyncio.sleep(0.05)  # bounded grace for any callback LiteLLM schedules
-    assert glob(limiter)["in_flight"] == 0
+    assert global_usage(limiter)["in_flight"] == 0
     provider.state.latency = 0.0
     await litellm.acompletion(**chat_kwargs(provider))  # would raise: the only slot is still taken
 
@@ -376,7 +372,7 @@ def test_sync_stream_never_consumed_returns_slot_at_lease_expiry(provider: FakeP
     limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0},
                                    "estimation": {"lease_seconds": 30}})
     stream = litellm.completion(**chat_kwargs(provider), stream=True)
-    assert glob(limiter)["in_flight"] == 1
+    assert global_usage(limiter)["in_flight"] == 1
     with pytest.raises(RateLimitQueueTimeout):
         litellm.completion(**chat_kwargs(provider))
     clock.advance(29)
@@ -415,14 +411,14 @@ async def test_exception_between_chunks_returns_slot_at_lease_expiry(
                 if seen == 2:
                     raise BoomError
     assert seen == 2
-    assert glob(limiter)["in_flight"] == 1
+    assert global_usage(limiter)["in_flight"] == 1
     with pytest.raises(RateLimitQueueTimeout):
         await litellm.acompletion(**chat_kwargs(provider))
     clock.advance(31)
     await litellm.acompletion(**chat_kwargs(provider))
     assert_nothing_left(limiter)
     # The abandoned call's estimate (prompt + 100) stays counted: the conservative choice.
-    assert glob(limiter)["tokens_per_minute"]["used"] >= 100
+    assert global_usage(limiter)["tokens_per_minute"]["used"] >= 100
 
 
 def test_abandoned_stream_leaves_no_bookkeeping_behind(provider: FakeProvider, clock: FakeClock) -> None:
@@ -522,11 +518,11 @@ async def test_negative_reported_usage_cannot_erase_other_calls(provider: FakePr
     limiter = make_limiter(clock, {"global": {"tokens_per_minute": 100_000}})
     provider.state.completion_tokens = 200
     first = await litellm.acompletion(**chat_kwargs(provider, max_tokens=200))
-    before = glob(limiter)["tokens_per_minute"]["used"]
+    before = global_usage(limiter)["tokens_per_minute"]["used"]
     assert before == first.usage.total_tokens
     await litellm.acompletion(**chat_kwargs(provider, max_tokens=-1000))
     assert provider.state.log[-1].completion_tokens == -1000
-    assert glob(limiter)["tokens_per_minute"]["used"] >= before
+    assert global_usage(limiter)["tokens_per_minute"]["used"] >= before
 
 
 def test_image_part_is_estimated_at_about_1k_tokens(provider: FakeProvider, clock: FakeClock) -> None:
@@ -555,7 +551,7 @@ async def test_huge_prompt_within_limits_is_settled(provider: FakeProvider, cloc
     limiter = make_limiter(clock, {"global": {"tokens_per_minute": 10**7, "concurrent_requests": 1}})
     huge = "lorem ipsum dolor sit amet " * 15_000
     resp = await litellm.acompletion(**chat_kwargs(provider, messages=[{"role": "user", "content": huge}]))
-    assert glob(limiter)["tokens_per_minute"]["used"] == resp.usage.total_tokens
+    assert global_usage(limiter)["tokens_per_minute"]["used"] == resp.usage.total_tokens
     assert_nothing_left(limiter)
 
 
@@ -660,7 +656,7 @@ def test_sync_calls_sharing_a_litellm_call_id_leak_no_slot(provider: FakeProvide
         t.join(10)
     assert provider.state.count() == 2
     clock.advance(31)  # even lease expiry must have nothing left to reclaim
-    assert glob(limiter)["in_flight"] == 0
+    assert global_usage(limiter)["in_flight"] == 0
 
 
 async def test_async_calls_sharing_a_litellm_call_id_respect_concurrency(
@@ -687,8 +683,8 @@ async def test_limiter_registered_twice_counts_each_call_once(mode: str, provide
     else:
         await litellm.acompletion(**chat_kwargs(provider))
     assert provider.state.count() == 1
-    assert glob(limiter)["requests_per_minute"]["used"] == 1
-    assert glob(limiter)["in_flight"] == 0
+    assert global_usage(limiter)["requests_per_minute"]["used"] == 1
+    assert global_usage(limiter)["in_flight"] == 0
 
 
 async def test_provider_errors_mid_storm_release_every_slot(provider: FakeProvider, clock: FakeClock) -> None:

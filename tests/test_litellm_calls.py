@@ -15,7 +15,15 @@ import pytest
 from hive_ratelimit_plugin import RateLimitQueueTimeout, RequestTooLargeError
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import Ticker, chat_kwargs, chunk_reader, make_limiter, wait_until
+from .helpers import (
+    Ticker,
+    assert_a_stream_being_read_keeps_its_slot,
+    chat_kwargs,
+    chunk_reader,
+    global_usage,
+    make_limiter,
+    wait_until,
+)
 
 # Contract: every test here runs against the in-memory and the Redis backend.
 pytestmark = pytest.mark.usefixtures("contract_backend")
@@ -146,8 +154,8 @@ async def test_a_limiter_that_replaces_another_still_hears_when_a_stream_ends(
     else:
         async for _ in await litellm.acompletion(**chat_kwargs(provider, max_tokens=2000), stream=True):
             pass
-    await wait_until(lambda: _global(second)["in_flight"] == 0)
-    await wait_until(lambda: _global(second)["tokens_per_minute"]["used"] < 2000)  # settled, not the estimate
+    await wait_until(lambda: global_usage(second)["in_flight"] == 0)
+    await wait_until(lambda: global_usage(second)["tokens_per_minute"]["used"] < 2000)  # settled, not the estimate
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -315,19 +323,10 @@ async def test_a_stream_still_being_read_keeps_its_slot_past_the_lease(entry: st
                                    "queue": {"max_wait_seconds": 0}, "estimation": {"lease_seconds": 30}})
     provider.state.completion_tokens = 20
     resp, read = await _open_stream(entry, provider)
-    for _ in range(4):
-        await read()
-        clock.advance(20)  # 80 s in all, 20 s between chunks: past the lease, never past a renewal
-    with pytest.raises(RateLimitQueueTimeout):
-        await litellm.acompletion(**chat_kwargs(provider))
-    assert _global(limiter)["in_flight"] == 1
     if entry in ("completion", "acompletion"):
         assert isinstance(resp, litellm.CustomStreamWrapper)  # still LiteLLM's stream to its reader
-    with contextlib.suppress(StopAsyncIteration):
-        while True:
-            await read()
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
-    await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"] < 2000)  # settled, not the estimate
+    await assert_a_stream_being_read_keeps_its_slot(limiter, provider, clock, read)
+    await wait_until(lambda: global_usage(limiter)["tokens_per_minute"]["used"] < 2000)  # settled, not the estimate
     await litellm.acompletion(**chat_kwargs(provider))  # the slot is back
 
 
@@ -347,7 +346,7 @@ async def test_an_abandoned_stream_is_reclaimed_one_lease_after_its_last_chunk(p
         await litellm.acompletion(**chat_kwargs(provider))
     clock.advance(6)
     await litellm.acompletion(**chat_kwargs(provider))
-    assert _global(limiter)["in_flight"] == 0
+    assert global_usage(limiter)["in_flight"] == 0
 
 
 async def test_a_failing_lease_renewal_does_not_break_the_stream(provider: FakeProvider, clock: FakeClock,
@@ -365,7 +364,7 @@ async def test_a_failing_lease_renewal_does_not_break_the_stream(provider: FakeP
         chunks = [c async for c in resp]
     assert "".join(c.choices[0].delta.content or "" for c in chunks).strip()
     assert any("could not renew the lease" in r.getMessage() for r in caplog.records)
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -403,7 +402,7 @@ async def test_output_estimate_is_the_requested_cap_or_the_configured_default(
     if fits:
         await litellm.acompletion(**chat_kwargs(provider, **cap))
         assert provider.state.count() == 1
-        await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"] < 100)  # settled to the usage
+        await wait_until(lambda: global_usage(limiter)["tokens_per_minute"]["used"] < 100)  # settled to the usage
     else:
         with pytest.raises(RequestTooLargeError, match="tokens_per_minute"):
             await litellm.acompletion(**chat_kwargs(provider, **cap))
@@ -570,15 +569,11 @@ def test_the_sync_success_event_is_never_overridden_without_the_async_one(cls_pa
 # event. These tests fail if HiveLimiter stops overriding the success events (a review of such a
 # change on 2026-11-29 found each of these leaking a slot until the lease expired).
 
-def _global(limiter: Any) -> dict[str, Any]:
-    return limiter.get_usage_stats()["levels"]["global"]["global"]  # type: ignore[no-any-return]
-
-
 def _settled(limiter: Any, sent: Any, usage: bool) -> Callable[[], bool]:
     """Whether the last call's tokens are settled: to the provider's usage when the stream carried
     it, else to LiteLLM's estimate (far below the 2,000 ``max_tokens`` reserved)."""
     def check() -> bool:
-        used = _global(limiter)["tokens_per_minute"]["used"]
+        used = global_usage(limiter)["tokens_per_minute"]["used"]
         return bool(used == sent.prompt_tokens + sent.completion_tokens if usage else used < 100)
     return check
 
@@ -593,14 +588,14 @@ async def test_async_cache_hit_is_settled(provider: FakeProvider, clock: FakeClo
     try:
         kw = chat_kwargs(provider, messages=[{"role": "user", "content": "cache me"}], max_tokens=2000)
         first = await litellm.acompletion(**kw, caching=True)
-        await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+        await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
         # LiteLLM writes the cache from its background logging work
         await wait_until(lambda: bool(litellm.cache.cache.cache_dict))  # type: ignore[union-attr]
         await litellm.acompletion(**kw, caching=True)
         assert provider.state.count() == 1, "the second call must be a cache hit"
-        await wait_until(lambda: _global(limiter)["in_flight"] == 0)
-        await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"] < 2000)
-        assert _global(limiter)["tokens_per_minute"]["used"] == 2 * first.usage.total_tokens
+        await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
+        await wait_until(lambda: global_usage(limiter)["tokens_per_minute"]["used"] < 2000)
+        assert global_usage(limiter)["tokens_per_minute"]["used"] == 2 * first.usage.total_tokens
     finally:
         litellm.cache = None
 
@@ -614,8 +609,8 @@ async def test_a_callback_ahead_of_the_limiter_does_not_stop_its_settlement(prov
     limiter = make_limiter(clock, {"global": {"tokens_per_minute": 100000, "concurrent_requests": 5}})
     litellm.callbacks.insert(0, CustomGuardrail())
     resp = await litellm.acompletion(**chat_kwargs(provider, max_tokens=2000))
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
-    await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"] == resp.usage.total_tokens)
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
+    await wait_until(lambda: global_usage(limiter)["tokens_per_minute"]["used"] == resp.usage.total_tokens)
 
 
 async def test_a_failing_settlement_never_reaches_litellms_success_handler(
@@ -649,12 +644,12 @@ async def test_async_stream_settles_after_it_is_read(entry: str, usage: bool, pr
     else:
         resp = await _router(provider).acompletion(model="fast", messages=[{"role": "user", "content": "hello there"}],
                                                    max_tokens=2000, stream=True, **extra)
-    assert _global(limiter)["tokens_per_minute"]["used"] > 2000  # prompt + max_tokens reserved
+    assert global_usage(limiter)["tokens_per_minute"]["used"] > 2000  # prompt + max_tokens reserved
     async for _ in resp:
         pass
     sent = provider.state.log[-1]
     await wait_until(_settled(limiter, sent, usage))
-    assert _global(limiter)["in_flight"] == 0
+    assert global_usage(limiter)["in_flight"] == 0
 
 
 @pytest.mark.parametrize("usage", [True, False], ids=["with-usage", "without-usage"])
@@ -667,7 +662,7 @@ def test_sync_stream_settles_after_it_is_read(usage: bool, provider: FakeProvide
         pass
     sent = provider.state.log[-1]
     _wait_for(_settled(limiter, sent, usage))
-    _wait_for(lambda: _global(limiter)["in_flight"] == 0)
+    _wait_for(lambda: global_usage(limiter)["in_flight"] == 0)
 
 
 @pytest.mark.parametrize("usage", [True, False], ids=["with-usage", "without-usage"])
@@ -690,7 +685,7 @@ async def test_text_completion_stream_settles_after_it_is_read(mode: str, usage:
     sent = provider.state.log[-1]
     assert sent.stream and sent.path.endswith("/completions")
     await wait_until(_settled(limiter, sent, usage))
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
 
 
 async def test_the_sync_success_handler_leaves_async_calls_to_the_async_one(provider: FakeProvider,

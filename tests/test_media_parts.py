@@ -24,7 +24,7 @@ from hive_ratelimit_plugin._tokens import (
 )
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
-from .helpers import chat_kwargs, make_limiter, wait_until
+from .helpers import chat_kwargs, global_usage, make_limiter, wait_until
 
 MODEL = "gpt-4o-mini"
 
@@ -277,7 +277,7 @@ async def test_the_proxys_responses_route_sizes_its_files(clock: FakeClock) -> N
     auth = UserAPIKeyAuth(api_key="a" * 64, user_id="alice")
     await lim.async_pre_call_hook(auth, None, {"model": "gpt-4o-mini", "input": inp, "instructions": "be brief",
                                                "litellm_call_id": "c1"}, "aresponses")
-    used = lim.get_usage_stats()["levels"]["global"]["global"]["tokens_per_minute"]["used"]
+    used = global_usage(lim)["tokens_per_minute"]["used"]
     assert 3 * PAGE_TOKENS < used < 3 * PAGE_TOKENS + 1000
 
 
@@ -296,9 +296,8 @@ async def test_a_three_page_pdf_is_admitted_under_a_small_token_limit(
     else:
         await litellm.acompletion(**kw)
     assert provider.state.count() == 1
-    stats = limiter.get_usage_stats()["levels"]["global"]["global"]
-    await wait_until(lambda: limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"] == 0)
-    stats = limiter.get_usage_stats()["levels"]["global"]["global"]
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
+    stats = global_usage(limiter)
     sent = provider.state.log[0]
     assert stats["tokens_per_minute"]["used"] == sent.prompt_tokens + sent.completion_tokens  # settled
     with pytest.raises(RequestTooLargeError):

@@ -4,7 +4,6 @@ the provider's usage, retried on a 429, and a stream keeps its slot while it is 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import litellm
@@ -16,9 +15,10 @@ from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
 from .helpers import (
     Ticker,
+    assert_a_stream_being_read_keeps_its_slot,
     assert_cancelling_in_flight_frees_the_slot,
-    chat_kwargs,
     chunk_reader,
+    global_usage,
     make_limiter,
     wait_until,
 )
@@ -35,10 +35,6 @@ def responses_kwargs(provider: FakeProvider, **extra: Any) -> dict[str, Any]:
                           "api_key": SECRET}
     kw.update(extra)
     return kw
-
-
-def _global(limiter: Any) -> dict[str, Any]:
-    return limiter.get_usage_stats()["levels"]["global"]["global"]  # type: ignore[no-any-return]
 
 
 async def _call(mode: str, **kw: Any) -> Any:
@@ -69,9 +65,9 @@ async def test_a_responses_call_is_counted_and_settled_to_the_providers_usage(
     provider.state.completion_tokens = 7
     usage = await _call(mode, **responses_kwargs(provider, max_output_tokens=3000))
     assert (usage.input_tokens, usage.output_tokens) == (provider.state.log[0].prompt_tokens, 7)
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
-    await wait_until(lambda: _global(limiter)["tokens_per_minute"]["used"] < 3000)  # not the estimate
-    stats = _global(limiter)
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
+    await wait_until(lambda: global_usage(limiter)["tokens_per_minute"]["used"] < 3000)  # not the estimate
+    stats = global_usage(limiter)
     assert stats["tokens_per_minute"]["used"] == usage.input_tokens + usage.output_tokens
     assert stats["input_tokens_per_minute"]["used"] == usage.input_tokens
     assert stats["output_tokens_per_minute"]["used"] == usage.output_tokens
@@ -96,7 +92,7 @@ async def test_a_responses_call_that_cannot_get_a_slot_times_out_unsent(
     ``RateLimitQueueTimeout`` itself (not wrapped in another error), and nothing is sent."""
     limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0}})
     stream = litellm.responses(**responses_kwargs(provider), stream=True)
-    assert _global(limiter)["in_flight"] == 1
+    assert global_usage(limiter)["in_flight"] == 1
     with pytest.raises(RateLimitQueueTimeout):
         if mode == "sync":
             litellm.responses(**responses_kwargs(provider))
@@ -105,7 +101,7 @@ async def test_a_responses_call_that_cannot_get_a_slot_times_out_unsent(
     assert provider.state.count() == 1
     for _ in stream:
         pass
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
     await _call(mode, **responses_kwargs(provider))
 
 
@@ -122,7 +118,7 @@ async def test_a_responses_429_is_retried_and_each_attempt_counted(
     stats = limiter.get_usage_stats()
     assert stats["admitted_total"] == 2
     assert stats["levels"]["global"]["global"]["requests_per_minute"]["used"] == 2
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
 
 
 @pytest.mark.parametrize("mode", ["sync-stream", "async-stream"])
@@ -137,16 +133,7 @@ async def test_a_responses_stream_still_being_read_keeps_its_slot_past_the_lease
         read = chunk_reader(litellm.responses(**responses_kwargs(provider), stream=True), sync=True)
     else:
         read = chunk_reader(await litellm.aresponses(**responses_kwargs(provider), stream=True), sync=False)
-    for _ in range(4):
-        await read()
-        clock.advance(20)
-    with pytest.raises(RateLimitQueueTimeout):
-        await litellm.acompletion(**chat_kwargs(provider))
-    assert _global(limiter)["in_flight"] == 1
-    with contextlib.suppress(StopAsyncIteration):
-        while True:
-            await read()
-    await wait_until(lambda: _global(limiter)["in_flight"] == 0)
+    await assert_a_stream_being_read_keeps_its_slot(limiter, provider, clock, read)
     await litellm.aresponses(**responses_kwargs(provider))  # the slot is back
 
 
@@ -237,12 +224,13 @@ async def test_a_turn_continuing_a_conversation_is_estimated_with_it(mode: str, 
     r1 = await _turn(mode, **responses_kwargs(provider))  # ~270 tokens in, 150 out
     # (LiteLLM 1.83 settles an async stream a moment after its last event; a turn sent before that
     # is estimated without the one it continues.)
-    await wait_until(lambda: _global(limiter)["input_tokens_per_minute"]["used"] == provider.state.log[0].prompt_tokens)
+    first_billed = provider.state.log[0].prompt_tokens
+    await wait_until(lambda: global_usage(limiter)["input_tokens_per_minute"]["used"] == first_billed)
     clock.advance(61)
     r2 = await _turn(mode, **responses_kwargs(provider, input="go on", previous_response_id=r1))
     billed = provider.state.log[-1].prompt_tokens
     assert billed > 400  # the provider billed the conversation so far ...
-    await wait_until(lambda: _global(limiter)["input_tokens_per_minute"]["used"] == billed)  # ... settled
+    await wait_until(lambda: global_usage(limiter)["input_tokens_per_minute"]["used"] == billed)  # ... settled
     clock.advance(61)
     with pytest.raises(RequestTooLargeError, match="input_tokens_per_minute"):  # ~570 tokens now
         await _turn(mode, **responses_kwargs(provider, input="go on", previous_response_id=r2))
