@@ -20,19 +20,31 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from ._budget_errors import BudgetExceededError, RunawayDetectedError
     from ._enable import disable, enable
     from ._scopes import scope
     from .config import RateLimitingConfig, load_config
-    from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout, RequestTooLargeError
+    from .errors import (
+        BackendUnavailableError,
+        CircuitOpenError,
+        ConfigError,
+        HiveRateLimitError,
+        RateLimitQueueTimeout,
+        RequestTooLargeError,
+    )
     from .plugin import HiveLimiter
 
 __all__ = [
+    "BackendUnavailableError",
+    "BudgetExceededError",
+    "CircuitOpenError",
     "ConfigError",
     "HiveLimiter",
     "HiveRateLimitError",
     "RateLimitQueueTimeout",
     "RateLimitingConfig",
     "RequestTooLargeError",
+    "RunawayDetectedError",
     "disable",
     "enable",
     "load_config",
@@ -43,6 +55,10 @@ __version__ = "0.1.0"
 
 # export name -> the submodule that defines it
 _EXPORTS = {
+    "BackendUnavailableError": "errors",
+    "BudgetExceededError": "errors",  # (imports LiteLLM: it subclasses litellm.BudgetExceededError)
+    "CircuitOpenError": "errors",
+    "RunawayDetectedError": "errors",
     "ConfigError": "errors",
     "HiveRateLimitError": "errors",
     "RateLimitQueueTimeout": "errors",

@@ -24,7 +24,8 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._budget import COST_FIELDS, RUN, WINDOW_ADJECTIVE, BudgetBook, Calendar, SpendRow
+from . import _fork
+from ._budget import COST_FIELDS, RUN, WINDOW_ADJECTIVE, BudgetBook, Calendar, SpendRow, money_text
 from ._windows import SlidingWindow
 from .config import PERIODS, LimitSet
 from .errors import HiveRateLimitError, RequestTooLargeError
@@ -550,6 +551,31 @@ class Engine:
         self.admitted_total = 0
         self.queued_total = 0
         self.retried_total = 0
+        _fork.track(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (see :mod:`._fork`): a lock of its own, and nothing in flight or
+        waiting. The parent's calls and waiters stay the parent's: their slots and budget
+        reservations are zeroed here, not settled (the parent settles and records them), and what
+        the parent had not yet handed to its ledger or event sinks stays the parent's to write.
+        The windows keep what was charged before the fork (those requests were made)."""
+        self._lock = threading.RLock()
+        self._leases.clear()
+        for st in self._states.values():
+            st.in_flight = 0
+            st.reserved_cost = 0.0
+            st.reserved_requests = 0
+            st.probe = None
+        for line in (self._waiters, self._heads, self._blocking, self._front, self._parked, self._by_scope,
+                     self._sized):
+            line.clear()
+        self._due = []
+        self._pending = []
+        self._reconfigured = set()
+        self._committed = set()
+        self._out_rows = []
+        self._out_events = []
+        self._version += 1
 
     def configure(self, cfg: Any) -> None:
         """Take the engine-level settings of a :class:`~.config.RateLimitingConfig`: arrival margin,
@@ -602,6 +628,26 @@ class Engine:
     def _forget_states(self) -> None:
         """A state left ``_states`` (eviction, reconfiguration): drop the per-plan cache."""
         self._plan_states.clear()
+
+    def relimit(self, limits_for: Callable[[str, str], LimitSet | None], generation: int) -> None:
+        """After a configuration change: give every scope the limits it now has, used or not.
+        (A scope a call no longer counts against, such as a budget removed, would otherwise keep
+        showing its old limits in the stats, and a spent budget as tripped.)"""
+        with self._lock:
+            changed = False
+            for st in self._states.values():
+                if st.generation >= generation:
+                    continue
+                lim = limits_for(st.level, st.key)
+                if lim is None:
+                    continue
+                st.generation = generation
+                if lim != st.limits:
+                    st.apply(lim)
+                    changed = True
+            if changed:
+                self._forget_states()
+                self._version += 1
 
     def rescope(self, resolve: Callable[[Ticket], list[Scope]]) -> None:
         """After a configuration change: re-resolve waiting calls' scopes and apply the new
@@ -847,15 +893,15 @@ class Engine:
             msg = (f"{who} reached its cap of {limit:g} requests per run ({spent:g} made); "
                    "the call was stopped and not sent. Start a new run or raise max_requests_per_run.")
         elif spent >= limit:
-            msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} is spent: {self.currency} {spent:.2f} of "
-                   f"{self.currency} {limit:.2f} ({label}); calls in this scope are stopped until "
+            msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} is spent: {self.currency} {money_text(spent)} of "
+                   f"{self.currency} {money_text(limit)} ({label}); calls in this scope are stopped until "
                    + ("the run ends" if kind == RUN else "the window rolls over")
                    + " or the budget is raised or reset. The call was not sent.")
         else:
             msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} cannot cover this call: {self.currency} "
-                   f"{limit - spent:.4f} left of {self.currency} {limit:.2f} ({label}), and the call may cost "
-                   f"up to {self.currency} {amount:.4f} (prompt plus max_tokens). Lower max_tokens or raise the "
-                   "budget. The call was not sent.")
+                   f"{money_text(limit - spent)} left of {self.currency} {money_text(limit)} ({label}), and the call "
+                   f"may cost up to {self.currency} {money_text(amount)} (prompt plus max_tokens). Lower max_tokens or "
+                   "raise the budget. The call was not sent.")
         trip = (st.key, kind, starts[kind], 1.0)
         if spent >= limit and trip not in self._fired:
             self._fired.add(trip)
@@ -1675,6 +1721,13 @@ class Engine:
     def load_spend(self, totals: Iterable[tuple[str, str, float, float, int, int]]) -> None:
         """Seed budget counters (from the ledger at start-up)."""
         with self._lock:
+            for key, kind, start, cost, requests, tokens in totals:
+                self.book.set(key, kind, start, cost, requests, tokens)
+
+    def replace_spend(self, totals: Iterable[tuple[str, str, float, float, int, int]]) -> None:
+        """Forget every budget counter, then seed them from ``totals`` (see :meth:`load_spend`)."""
+        with self._lock:
+            self.book = BudgetBook()
             for key, kind, start, cost, requests, tokens in totals:
                 self.book.set(key, kind, start, cost, requests, tokens)
 

@@ -23,7 +23,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from . import _fork
 from ._budget import KINDS, RUN, SpendRow, dim_keys
+from .errors import ConfigError
 
 logger = logging.getLogger("hive_ratelimit_plugin")
 
@@ -75,15 +77,41 @@ class Ledger:
             path = default_state_path()
         self.path = os.path.expanduser(str(path))
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"rate_limiting.state_path: cannot create the directory of {self.path!r}: {exc}",
+                                  errors=[f"rate_limiting.state_path: {exc}"]) from None
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
-        self.writer = uuid.uuid4().hex
-        self._last_seen = self._max_id()
+        try:
+            self._conn = self._connect()
+            self.writer = uuid.uuid4().hex
+            self._last_seen = self._max_id()
+        except (sqlite3.Error, OSError) as exc:  # a directory, not a database, no permission
+            raise ConfigError(f"rate_limiting.state_path: cannot use {self.path!r} as the state file (an SQLite "
+                              f"database): {exc}", errors=[f"rate_limiting.state_path: {exc}"]) from None
         self.host = socket.gethostname()
+        self._inherited: list[sqlite3.Connection] = []
+        _fork.track(self)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        return conn
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (see :mod:`._fork`): a connection of its own (SQLite's must not be
+        used on both sides of a fork) and a writer id of its own, so that the parent and the child
+        each read the other's spend as another process'. The parent's connection is kept, unused
+        and unclosed: closing it here could release locks that are the parent's."""
+        self._lock = threading.Lock()
+        if self.path == ":memory:":
+            return  # a copy of its own already, the parent's rows included
+        self._inherited.append(self._conn)
+        self._conn = self._connect()
+        self.writer = uuid.uuid4().hex
 
     def _max_id(self) -> int:
         row = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM spend").fetchone()

@@ -437,7 +437,7 @@ for _, sc in ipairs(scopes) do
     end
     if sc.conc >= 0 then
       redis.call('ZADD', P .. ':c:' .. sc.key, now + lease, call_id)
-      redis.call('PEXPIRE', P .. ':c:' .. sc.key, math.ceil(lease * 2000))
+      keep(P .. ':c:' .. sc.key, math.ceil(lease * 2000))  -- never shortened: other processes' leases may be longer
       cs[#cs + 1] = sc.key
     end
     if #sc.buds > 0 then

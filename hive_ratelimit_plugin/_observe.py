@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import _fork
+
 #: Upper bounds (seconds) of the queue-wait histogram.
 WAIT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                                    120.0, 300.0)
@@ -49,6 +51,7 @@ class Observations:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        _fork.track(self)
         self.rejections: dict[tuple[str, str], int] = {}
         self.wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)  # the last one is +Inf
         self.wait_sum = 0.0
@@ -59,6 +62,9 @@ class Observations:
         self.settled: dict[tuple[str, str], list[float]] = {}
         self.events: dict[str, int] = {}
         self.wants_rows = False
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # (see _fork)
 
     def rejected(self, exc: BaseException) -> None:
         key = rejection_reason(exc)
@@ -140,6 +146,10 @@ class RepeatSummary(logging.Filter):
         self._lock = threading.Lock()
         # key -> [window start, lines passed, lines suppressed, last suppressed record]
         self._seen: dict[Any, list[Any]] = {}
+        _fork.track(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # (see _fork)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "hive_summary", False):

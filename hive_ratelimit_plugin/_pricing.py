@@ -12,6 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from . import _fork
 from .config import RateLimitingConfig, match_name
 
 logger = logging.getLogger("hive_ratelimit_plugin")
@@ -41,6 +42,10 @@ class PriceBook:
         self._cache: dict[tuple[str, str], Price] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
+        _fork.track(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # (see _fork)
 
     def price(self, provider: str, model: str) -> Price:
         """The price of ``model`` (with or without its provider prefix)."""

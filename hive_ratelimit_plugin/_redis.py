@@ -30,7 +30,6 @@ import random
 import re
 import secrets
 import threading
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -45,21 +44,16 @@ logger = logging.getLogger("hive_ratelimit_plugin")
 
 SEP = "\0"
 POLL_MIN, POLL_MAX = 0.02, 0.1  # re-ask interval while waiting for another process' release
+# Re-ask interval while waiting for a token window: another process' settlement may give tokens
+# back (its estimate was above its usage) long before the window would free them.
+REFUND_POLL_MIN, REFUND_POLL_MAX = 0.25, 0.5
 _SPEND_TTL = {"hour": 2 * 3600, "day": 2 * 86400, "month": 40 * 86400, RUN: 14 * 86400}
 _MAX_PENDING = 100_000
+# Call id prefix of the outage engine's copies of this process' calls Redis admitted (see _hold_in_flight)
+_HELD = "\0held:"
 # Error codes of a Redis that refuses for now (it will run the script later): a write kept for it
 # stays kept. (Their messages may name a script too: "BUSY Redis is busy running a script".)
 _NOT_BACK_YET = frozenset({"BUSY", "OOM", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS"})
-_ENGINES: weakref.WeakSet[RedisEngine] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for eng in list(_ENGINES):
-        eng._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def safe_url(url: str) -> str:
@@ -189,7 +183,6 @@ class RedisEngine(Engine):
         self._voids: dict[str, str] = {}  # call id -> reserved cost, of admissions whose answer was lost
         self._replay_lock = threading.Lock()  # one thread replays; stats threads call Redis unlocked too
         self._new_numbering()
-        _ENGINES.add(self)
         self._last_block: dict[str, tuple[Blocked, int]] = {}
         self._renewed: dict[str, float] = {}
         self._spend_seen: dict[str, None] = {}  # spend keys seen (for stats), bounded
@@ -202,6 +195,8 @@ class RedisEngine(Engine):
                                on_event=self._fallback_events)
         self._scaled: dict[tuple[str, int, int, float], Any] = {}
         self._fb_keys: dict[str, list[str]] = {}  # spend keys of calls the outage engine admitted
+        self._held: dict[str, str] = {}  # call id -> its copy in the outage engine (see _hold_in_flight)
+        self._based: set[tuple[str, str, float]] = set()  # outage budgets seeded from Redis' spend (see _scale)
         # Settled spend Redis last reported per (scope, window kind, window start): where the
         # outage engine's budgets start from (policy "local").
         self._known_spend: dict[tuple[str, str, str], tuple[float, float]] = {}
@@ -236,6 +231,7 @@ class RedisEngine(Engine):
                              "answers again", self.url, type(exc).__name__, _clean(exc), self.on_error)
                 self._out_events.append({"type": "backend_down", "backend": self.url, "policy": self.on_error,
                                          "time": self.wall()})
+                self._outage_begins()
             raise _Down from None
         if self._down_since is not None:
             with self._replay_lock:
@@ -279,15 +275,21 @@ class RedisEngine(Engine):
         self._unsure = {}
         self._seq_lock = threading.Lock()
 
-    def _after_fork(self) -> None:
-        """In a forked child: a process of its own. Its writes get a new process id (the parent's
-        numbers would collide with the parent's and be skipped as replays), and what the parent
-        kept for Redis stays the parent's to write (written by both, it would count twice)."""
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: a process of its own (see :mod:`._fork`). Its writes get a new
+        process id (the parent's numbers would collide with the parent's and be skipped as
+        replays), and what the parent kept for Redis stays the parent's to write (written by both,
+        it would count twice). The parent's leases stay in Redis, the parent's to release."""
+        super()._after_fork_in_child()
         self._new_numbering()
         self._replay_lock = threading.Lock()
         self._pending_settle = []
         self._pending_spend = []
         self._voids = {}
+        self._last_block = {}
+        self._renewed = {}
+        self._fb_keys = {}
+        self._held = {}
 
     def _answered(self, args: list[str]) -> None:
         """The write ``args`` was applied (or dropped): this process will not send it again."""
@@ -428,6 +430,8 @@ class RedisEngine(Engine):
             if release:  # waits for another call (maybe in another process) to finish: re-ask soon
                 poll = local + random.uniform(POLL_MIN, POLL_MAX)
                 retry_at = poll if retry_at is None else min(retry_at, poll)
+            elif retry_at is not None and "tokens" in why:
+                retry_at = min(retry_at, local + random.uniform(REFUND_POLL_MIN, REFUND_POLL_MAX))
             return Blocked(scope, why, remaining, retry_at, frozenset(map(_unwire, text[7:])) or frozenset({scope}))
         if code == 2:
             scope, name, kind = text[2], text[3], text[4]
@@ -486,13 +490,7 @@ class RedisEngine(Engine):
             return None
         fb = self.fallback
         if self._fb_outage != self.outages:
-            # A new outage: the in-process budgets start from the spend Redis last reported.
-            from ._budget import BudgetBook
-
-            self._fb_outage = self.outages
-            with fb._lock:
-                fb.book = BudgetBook()
-            self._scaled.clear()
+            self._outage_begins()
         starts = self.calendar.starts(self.wall())
         scaled = Ticket(ticket.call_id, [self._scale(s, starts, now) for s in ticket.scopes], ticket.input_tokens,
                         ticket.output_tokens, ticket.priority, ticket.info, ticket.cost,
@@ -510,6 +508,56 @@ class RedisEngine(Engine):
         if blocked is not None and blocked.retry_at is None:
             blocked.retry_at = now + random.uniform(POLL_MIN, POLL_MAX)
         return blocked
+
+    def _outage_begins(self) -> None:
+        """A new outage (policy ``local``): the outage engine's budgets start afresh from the spend
+        Redis last reported (see :meth:`_scale`), and it holds this process' calls in flight
+        (see :meth:`_hold_in_flight`)."""
+        if self.on_error != "local":
+            return
+        from ._budget import BudgetBook
+
+        with self._lock:
+            if self._fb_outage == self.outages:
+                return
+            self._fb_outage = self.outages
+            fb = self.fallback
+            with fb._lock:
+                fb.book = BudgetBook()
+            self._scaled.clear()
+            self._based = set()
+            try:
+                self._hold_in_flight(self.clock())
+            except Exception as exc:  # never let this turn an outage into a crash
+                logger.error("redis backend %s: could not hold the calls in flight for the outage: %s", self.url, exc)
+
+    def _hold_in_flight(self, now: float) -> None:
+        """At the start of an outage, copy this process' calls in flight that Redis admitted into
+        the outage engine: their concurrency slots, window usage and budget reservations count
+        against this process' ``local_share`` as its own outage-time calls do, and their spend
+        counts against its outage allowance when they settle. (Without this, a process starting an
+        outage with calls in flight was allowed its whole share on top of them.) Their settlement
+        still goes to Redis, replayed once it answers; the copies only hold room here."""
+        fb = self.fallback
+        starts = self.calendar.starts(self.wall())
+        for cid, res in list(self._leases.items()):
+            if not res.remote or res.settled or cid in self._held:
+                continue
+            t = res.ticket
+            scopes = list(t.scopes)
+            if t.choices and t.chosen:
+                scopes += [s for s in t.choices if s.key == t.chosen]
+            try:
+                scaled = [self._scale(s, starts, now) for s in scopes]
+            except HiveRateLimitError:
+                continue  # a budget this process cannot keep on its own: its next admission says so
+            held = Ticket(_HELD + cid, scaled, t.input_tokens, t.output_tokens, t.priority, t.info, t.cost, None,
+                          None, NEVER, t.dims, t.spend_keys)
+            with fb._lock:
+                fb._commit(held, [fb._state(s, now) for s in scaled], now)
+            if res.slot_freed:
+                fb.free_slot(held.call_id)
+            self._held[cid] = held.call_id
 
     def _scale(self, scope: Any, starts: dict[str, float], now: float) -> Any:
         """``scope`` as the outage engine enforces it: ``local_share`` of every rate and concurrency
@@ -538,8 +586,12 @@ class RedisEngine(Engine):
             update[name] = int(allowance) if name == "max_requests_per_run" else allowance
             fb = self.fallback
             with fb._lock:
-                if fb.book.get(scope.key, kind, start) is None:
-                    fb.book.set(scope.key, kind, start, cost0, int(requests0), 0)
+                mark = (scope.key, kind, start)
+                if mark not in self._based:  # on top of what this outage already counted there
+                    self._based.add(mark)
+                    c = fb.book.get(scope.key, kind, start)
+                    fb.book.set(scope.key, kind, start, cost0 + (c.cost if c else 0.0),
+                                int(requests0) + (c.requests if c else 0), c.tokens if c else 0)
         limits = _scaled(scope.limits, self.local_share)
         if update:
             limits = limits.model_copy(update=update)
@@ -590,6 +642,9 @@ class RedisEngine(Engine):
             self._renewed.pop(call_id, None)
             now = self.clock()
             self._remote_settle(res, input_tokens, output_tokens, cost, outcome, wait, signals)
+            held = self._held.pop(call_id, None)
+            if held is not None:  # its copy in the outage engine: its spend counts there too
+                self.fallback.release(held, input_tokens=input_tokens, output_tokens=output_tokens, cost=cost)
             self._version += 1
             if self._waiters:
                 self._dispatch(now)
@@ -626,6 +681,12 @@ class RedisEngine(Engine):
         try:
             out = self._call(self._settle_script, args)
         except _Down:
+            if self._fb_outage == self.outages and self.on_error == "local" and t.call_id not in self._held:
+                # Its spend counts against this outage's allowance now (a held copy's release
+                # counts it otherwise); Redis gets it with the replay.
+                fb = self.fallback
+                with fb._lock:
+                    fb.book.add_now(t.spend_keys, starts, actual_cost, 1, tin + tout)
             if self.server_time:
                 args[1] = ""  # replayed later: Redis' time then
             if len(self._pending_settle) >= _MAX_PENDING:
@@ -728,11 +789,13 @@ class RedisEngine(Engine):
         self._answered(args)
 
     def _fallback_spend(self, rows: list[SpendRow]) -> None:
-        # Spend settled by the outage engine: keep it for Redis, and for the local ledger.
+        # Spend settled by the outage engine: keep it for Redis, and for the local ledger. (Not
+        # that of the copies of calls Redis admitted: their own settlement records it.)
+        rows = [r for r in rows if not r.call_id.startswith(_HELD)]
         for r in rows:
             res_ticket = Ticket(r.call_id, [], spend_keys=self._fb_keys.pop(r.call_id, ["global"]))
             self._owe_spend(res_ticket, self.calendar.starts(r.ts), r.cost, r.input_tokens + r.output_tokens)
-        if self.on_spend is not None and self.record_spend:
+        if self.on_spend is not None and self.record_spend and rows:
             self.on_spend(rows)
 
     def _fallback_events(self, events: list[dict[str, Any]]) -> None:
@@ -748,6 +811,9 @@ class RedisEngine(Engine):
             if res is None or res.slot_freed or not res.remote:
                 return
             res.slot_freed = True
+            held = self._held.get(call_id)
+            if held is not None:
+                self.fallback.free_slot(held)
             args = self._settle_args(res, 0, 0, 0.0, "success", None, None, self.calendar.starts(self.wall()))
             args[11] = "1"
             try:
@@ -960,7 +1026,6 @@ class RedisEngine(Engine):
         """Publish this process' status snapshot (``hive-ratelimit status`` on any host reads it)."""
         if not self.available:
             return
-        import os
         import socket
 
         try:

@@ -62,13 +62,15 @@ def scope(**identity: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+_warned_priorities: set[str] = set()
+
+
 def parse_priority(value: Any) -> int:
-    """``high``/``normal``/``low`` or an int (larger runs first); anything else is normal."""
+    """``high``/``normal``/``low`` or an int (larger runs first); anything else is normal (with a
+    warning, once per value: a misspelt ``"urgent"`` would otherwise pass unnoticed)."""
     if value is None:
         return 0
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
         name = value.strip().lower()
@@ -77,7 +79,12 @@ def parse_priority(value: Any) -> int:
         try:
             return int(name)
         except ValueError:
-            return 0
+            pass
+    shown = repr(value)[:40]
+    if shown not in _warned_priorities and len(_warned_priorities) < 100:
+        _warned_priorities.add(shown)
+        logger.warning("hive-ratelimit: priority %s is not high, normal, low or an integer; the call runs at "
+                       "normal priority", shown)
     return 0
 
 
@@ -234,6 +241,33 @@ class ScopeResolver:
                         out.append(run_scope)
         self._cache[cache_key] = out
         return out
+
+    def limits_for(self, level: str, key: str) -> LimitSet | None:
+        """The limits this configuration gives the scope ``key`` (of ``level``); ``None`` where
+        that cannot be told from the key alone (per-run caps and API keys)."""
+        cfg = self.config
+        if level == "global":
+            return self.global_limits
+        name = key.split(":", 1)[1] if ":" in key else key
+        if level == "provider":
+            pconf = cfg.providers.get(name)
+            if pconf is None:
+                return _NO_LIMITS
+            return LimitSet.model_validate({k: getattr(pconf, k) for k in LimitSet.model_fields})
+        if level == "model":
+            provider, _, model = name.partition("/")
+            found = self._model_limits(provider, model)
+            return found[1] if found is not None else _NO_LIMITS
+        tables: dict[str, dict[str, Any]] = {"agent": cfg.agents, "user": cfg.users, "team": cfg.teams}
+        table = tables.get(level)
+        if table is None:
+            return None
+        hit = match_name(table, name)
+        if hit is None:
+            hit = match_name(table, "*") if "*" in table else None
+        if hit is None:
+            return _NO_LIMITS
+        return LimitSet.model_validate({k: getattr(hit[1], k) for k in LimitSet.model_fields})
 
     def choices(self, provider: str) -> list[Scope] | None:
         """The provider's API keys as scopes to choose from (``None`` if it has none configured)."""

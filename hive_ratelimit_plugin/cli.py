@@ -49,7 +49,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     litellm.suppress_debug_info = True
     litellm.token_counter(model="gpt-4o-mini", text="warm up")  # load the tokenizer before timing
-    limiter = HiveLimiter(DEMO_CONFIG)
+    limiter = HiveLimiter(load_config(DEMO_CONFIG, use_env=False))  # the demo's own limits, whatever the environment
     print("hive-ratelimit demo: simulated agents calling a fake provider on 127.0.0.1 (no key, no network)")
     print("limits: " + yaml.safe_dump(DEMO_CONFIG, default_flow_style=True, width=400).strip())
     print()
@@ -334,7 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(sim)
     sim.set_defaults(func=_simulate)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:  # (a state file that is not one, an environment variable naming no field)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

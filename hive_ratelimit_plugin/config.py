@@ -8,6 +8,7 @@ nesting (``HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE=60``). Every problem is re
 
 from __future__ import annotations
 
+import contextvars
 import fnmatch
 import os
 import re
@@ -87,6 +88,21 @@ class AgentLimits(LimitSet):
 
     max_requests_per_run: PositiveInt | None = None
     max_cost_per_run: PositiveFloat | None = None
+
+
+class ApiKeyConfig(LimitSet):
+    """One of several API keys of a provider: the key is read from the environment variable ``env``."""
+
+    env: str
+
+    @field_validator("env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c == "_" for c in value):
+            raise ValueError("must be the NAME of an environment variable (letters, digits, _), not a key")
+        if value not in os.environ:
+            raise ValueError(f"environment variable {value} is not set")
+        return value
 
 
 class ProviderConfig(LimitSet):
@@ -176,21 +192,6 @@ class AdaptiveConfig(_Strict):
     decrease_factor: float = Field(default=0.7, gt=0, lt=1)
 
 
-class ApiKeyConfig(LimitSet):
-    """One of several API keys of a provider: the key is read from the environment variable ``env``."""
-
-    env: str
-
-    @field_validator("env")
-    @classmethod
-    def _env_name(cls, value: str) -> str:
-        if not value or not all(c.isalnum() or c == "_" for c in value):
-            raise ValueError("must be the NAME of an environment variable (letters, digits, _), not a key")
-        if value not in os.environ:
-            raise ValueError(f"environment variable {value} is not set")
-        return value
-
-
 class EstimationConfig(_Strict):
     """How a call's usage is estimated before it runs."""
 
@@ -274,6 +275,9 @@ class StatusConfig(_Strict):
     interval_seconds: PositiveFloat = 1.0
 
 
+_ENV_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("hive_ratelimit_env_off", default=False)
+
+
 class RateLimitingConfig(BaseSettings):
     """The whole ``rate_limiting:`` block."""
 
@@ -311,6 +315,14 @@ class RateLimitingConfig(BaseSettings):
     redis: RedisConfig = Field(default_factory=lambda: RedisConfig())
     status: StatusConfig = Field(default_factory=StatusConfig)
 
+    @field_validator("state_path")
+    @classmethod
+    def _check_state_path(cls, v: str | None) -> str | None:
+        if v is not None and v != ":memory:" and os.path.isdir(os.path.expanduser(v)):
+            raise ValueError("is a directory; give the path of a file in it, such as "
+                             f"{os.path.join(v, 'state.sqlite')}")
+        return v
+
     @field_validator("backend")
     @classmethod
     def _check_backend(cls, v: str) -> str:
@@ -346,7 +358,9 @@ class RateLimitingConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment overrides the file/dict given at construction.
+        # Environment overrides the file/dict given at construction (unless load_config(use_env=False)).
+        if _ENV_OFF.get():
+            return (init_settings,)
         return (env_settings, init_settings)
 
 
@@ -377,10 +391,14 @@ def _format_validation_error(exc: ValidationError, root: str) -> list[str]:
         path = ".".join([root, *("global" if p == "global_" else str(p) for p in loc)])
         value = _shown(str(err["loc"][-1]) if err["loc"] else "", err.get("input"))
         kind = err["type"]
+        # The environment overrides the file: name the variable a bad value came from.
+        var = ENV_PREFIX + "__".join("GLOBAL" if p == "global_" else str(p).upper() for p in loc)
+        source = f" (from the environment variable {var})" if loc and var in os.environ else ""
         if kind == "extra_forbidden":
-            lines.append(f"{path}: unknown key (value {value!r}); check the spelling against the documented fields")
+            lines.append(f"{path}: unknown key (value {value!r}){source}; check the spelling against the "
+                         "documented fields")
         else:
-            lines.append(f"{path}: {value!r} is not allowed: {err['msg']}")
+            lines.append(f"{path}: {value!r}{source} is not allowed: {err['msg']}")
     return lines
 
 
@@ -455,8 +473,7 @@ def load_config(
     problems = _unknown_env_names() if use_env else []
     cfg: RateLimitingConfig | None = None
     try:
-        cfg = RateLimitingConfig(**data) if use_env else (
-            RateLimitingConfig.model_validate(data) if not data else _no_env(data))
+        cfg = RateLimitingConfig(**data) if use_env else _no_env(data)
     except ValidationError as exc:
         problems += _format_validation_error(exc, "rate_limiting")
     if problems or cfg is None:
@@ -480,9 +497,13 @@ def _unknown_env_names() -> list[str]:
 
 
 def _no_env(data: dict[str, Any]) -> RateLimitingConfig:
-    # BaseSettings always reads the environment; validate as a plain model by constructing
-    # without the settings machinery.
-    return RateLimitingConfig.model_validate(data)
+    # BaseSettings reads the environment on any construction, model_validate() included: its
+    # sources say not to for this one.
+    token = _ENV_OFF.set(True)
+    try:
+        return RateLimitingConfig(**data)
+    finally:
+        _ENV_OFF.reset(token)
 
 
 def match_name(patterns: dict[str, Any], name: str) -> tuple[str, Any] | None:

@@ -85,6 +85,10 @@ def __getattr__(name: str) -> type[HiveRateLimitError]:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
 class CircuitOpenError(HiveRateLimitError):
     """The circuit breaker of a provider/model is open after repeated failures; no request was sent.
 

@@ -34,9 +34,9 @@ from typing import Any
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
-from . import _observe
+from . import _fork, _observe
 from . import status as _status
-from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys
+from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys, money_text
 from ._engine import NEVER, Engine, Ticket
 from ._ledger import Ledger
 from ._pricing import PriceBook
@@ -145,7 +145,8 @@ def _strip_none(value: Any) -> Any:
 
 
 def _money(amount: float, currency: str) -> str:
-    return f"${amount:,.2f}" if currency == "USD" else f"{amount:,.2f} {currency}"
+    text = money_text(amount)
+    return f"${text}" if currency == "USD" else f"{text} {currency}"
 
 
 def _who(scope: str) -> str:
@@ -313,6 +314,12 @@ class HiveLimiter(CustomLogger):
     ) -> None:
         super().__init__()
         cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
+        if not cfg.enabled and "HIVE_RATELIMIT_ENABLED" in os.environ:
+            # The variable is also the autoload's switch: someone setting it to 0 to keep the
+            # autoload off may not expect it to switch this limiter off as well.
+            logger.warning("hive-ratelimit: HIVE_RATELIMIT_ENABLED=%r switches this limiter off: calls pass "
+                           "unlimited. Unset it to use the configuration's 'enabled'.",
+                           os.environ["HIVE_RATELIMIT_ENABLED"][:20])
         # LiteLLM treats two callbacks of one class with equal public str/int/bool attributes as
         # the same logger and leaves the later one out of its success and failure lists: a
         # limiter that replaced another (``litellm.callbacks = [HiveLimiter()]`` again) would then
@@ -358,9 +365,11 @@ class HiveLimiter(CustomLogger):
         # ``previous_response_id``) carries as its input on top of its own (see _remember_turn).
         self._turns: dict[str, int] = {}
         self._next_tail = 0.0
+        self._reload_spend = False  # set in a forked child (see _after_fork_in_child)
         self._configure_engine(cfg)
         if self._ledger is not None:
             self._engine.load_spend(self._ledger.load(self._engine.calendar.starts(self._engine.wall())))
+        _fork.track(self)
         install_sync_guard()
         self._publish_status(cfg)
 
@@ -408,6 +417,7 @@ class HiveLimiter(CustomLogger):
             return resolver.scopes(provider, str(t.info.get("model")), ident)
 
         eng.rescope(resolve)
+        eng.relimit(resolver.limits_for, resolver.generation)
         self._publish_status(cfg)
         if eng.calendar.tz.key != cfg.budget.timezone:
             from ._budget import Calendar
@@ -648,6 +658,15 @@ class HiveLimiter(CustomLogger):
         measure = getattr(self._engine, "redis_memory", None)
         return dict(measure()) if measure is not None else {}
 
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (see :mod:`._fork`): the budget counters copied from the parent may
+        include spend the parent had not written to the state file yet; the parent writes it later
+        and this process would then read it as another's and count it twice. So the counters are
+        read again from the file, at the next look at it."""
+        if self._ledger is not None and self._engine.backend_info().get("type") == "memory":
+            self._reload_spend = True
+            self._next_tail = 0.0
+
     def _tail(self) -> None:
         """Pick up spend other processes wrote to the shared state file (about once a second)."""
         if self._ledger is None:
@@ -656,6 +675,13 @@ class HiveLimiter(CustomLogger):
         if now < self._next_tail:
             return
         self._next_tail = now + 1.0
+        if self._reload_spend:
+            self._reload_spend = False
+            try:
+                self._engine.replace_spend(self._ledger.load(self._engine.calendar.starts(self._engine.wall())))
+            except Exception as exc:
+                logger.error("could not read spend from %s after a fork: %s", self._ledger.path, exc)
+            return
         try:
             rows = self._ledger.tail()
         except Exception as exc:
@@ -1124,8 +1150,26 @@ def _is_router_call(kwargs: Mapping[str, Any]) -> bool:
     return False
 
 
+class _NoSdkRetries(int):
+    """A ``max_retries=0`` that LiteLLM's OpenAI embedding handler keeps at 0: it reads
+    ``max_retries or DEFAULT_MAX_RETRIES`` (1.83.4 through 1.110.2), which turns a plain 0 into 2
+    hidden SDK retries. This 0 is truthy; as a number it is 0 everywhere (the SDK, JSON, logs).
+    Given to embedding calls only."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "0"
+
+
+_EMBEDDING_NO_RETRIES = _NoSdkRetries(0)
+
+
 def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = False,
-                   router_retries: bool = True) -> tuple[float, Any, int]:
+                   router_retries: bool = True, embedding: bool = False) -> tuple[float, Any, int]:
     """Prepare a guarded call's first attempt, which runs without the retry state (built only if it
     fails, from what this returns: the start time, the caller's own call id if any, and how many
     retries of failed attempts the caller asked for).
@@ -1139,7 +1183,9 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
     One exception: a sync call under a module-wide ``litellm.num_retries`` is left as it is.
     LiteLLM's sync retry loop reads that setting even when the call says ``num_retries=0``, and
     it needs ``tenacity``; taking the SDK's retries away there would turn a retried success into
-    an error. Its retries stay with the SDK, unseen (docs/troubleshooting.md)."""
+    an error. Its retries stay with the SDK, unseen (docs/troubleshooting.md).
+
+    Embeddings get a 0 that survives LiteLLM's embedding handler (:class:`_NoSdkRetries`)."""
     started = limiter._engine.clock()
     user_call_id = kwargs.get("litellm_call_id")
     asked = 0
@@ -1156,7 +1202,7 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
                 if asked or "num_retries" in kwargs:
                     # 0, not absent: LiteLLM's own retry loop would fall back to litellm.num_retries
                     kwargs["num_retries"] = 0
-        kwargs["max_retries"] = 0
+        kwargs["max_retries"] = _EMBEDDING_NO_RETRIES if embedding else 0
     _claim_call_id(limiter, kwargs)
     return started, user_call_id, asked
 
@@ -1277,7 +1323,8 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         first = limiters[0]
         # (A Router's sync ``responses`` does not retry itself: LiteLLM's own loop did.)
-        started, user_call_id, asked = _first_attempt(first, kwargs, sync=True, router_retries=name != "responses")
+        started, user_call_id, asked = _first_attempt(first, kwargs, sync=True, router_retries=name != "responses",
+                                                 embedding=name == "embedding")
         retrying: _Retrying | None = None  # built once an attempt fails (see _first_attempt)
         while True:
             token = None
@@ -1318,6 +1365,7 @@ def _keyword_names(fn: Callable[..., Any]) -> tuple[str, ...]:
 
 def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     names = _keyword_names(fn) or _POSITIONAL.get(name, ())  # (the latter for ``def f(*args, **kwargs)``)
+    embedding = name == "aembedding"
 
     @functools.wraps(fn)
     async def guard(*args: Any, **kwargs: Any) -> Any:
@@ -1336,7 +1384,7 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         admitted: list[str | None] = [None]
         outer = _in_async_guard.set(admitted)
         try:
-            return await _retry_async(fn, limiters, args, kwargs, admitted)
+            return await _retry_async(fn, limiters, args, kwargs, admitted, embedding)
         finally:
             _in_async_guard.reset(outer)
 
@@ -1345,12 +1393,12 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
-                       kwargs: dict[str, Any], admitted: list[str | None]) -> Any:
+                       kwargs: dict[str, Any], admitted: list[str | None], embedding: bool = False) -> Any:
     # Admission happens in the deployment hook; this loop only retries provider 429s. The
     # first attempt is the common case and runs without the retry state, which is built only
     # when an attempt fails (with the same start time, so the retry budget is unchanged).
     first = limiters[0]
-    started, user_call_id, asked = _first_attempt(first, kwargs)
+    started, user_call_id, asked = _first_attempt(first, kwargs, embedding=embedding)
     retrying: _Retrying | None = None
     while True:
         token = None

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import _fork
+
 __all__ = [
     "LedgerStatusSource",
     "ProcessStatusSource",
@@ -393,7 +395,9 @@ def _num(value: float) -> str:
 
 
 def _money(amount: float, currency: str) -> str:
-    text = f"{amount:,.4f}" if 0 < abs(amount) < 0.005 else f"{amount:,.2f}"  # never a misleading $0.00
+    from ._budget import money_text
+
+    text = money_text(amount)  # never a misleading $0.00
     return f"${text}" if currency == "USD" else f"{text} {currency}"
 
 
@@ -451,10 +455,19 @@ def render_dashboard(state: Mapping[str, Any], *, levels: Iterable[str] = DEFAUL
     procs = state.get("processes", [])
     when = dt.datetime.fromtimestamp(float(state.get("generated_at", 0.0)), dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     source = state.get("source")
-    if source == "processes":
+    live = source == "processes" or (source == "redis" and bool(procs))
+    if live:
         n = len(procs)
-        pids = ", ".join(str(p.get("pid")) for p in procs[:4]) + (", ..." if n > 4 else "")
-        header = f"Rate Limit Status · {n} process{'es' if n != 1 else ''} (pid {pids})"
+        if source == "redis":  # (processes on several hosts: the host says which one)
+            who = "host:pid " + ", ".join(f"{p.get('host')}:{p.get('pid')}" for p in procs[:3])
+            who += ", ..." if n > 3 else ""
+        else:
+            who = "pid " + ", ".join(str(p.get("pid")) for p in procs[:4]) + (", ..." if n > 4 else "")
+        header = f"Rate Limit Status · {n} process{'es' if n != 1 else ''} ({who})"
+        if source == "redis":
+            header += " · redis"
+    elif source == "redis":
+        header = "Rate Limit Status · nothing running · redis"
     elif source == "ledger":
         header = "Rate Limit Status · nothing running · persisted budgets"
     else:
@@ -535,7 +548,7 @@ def render_dashboard(state: Mapping[str, Any], *, levels: Iterable[str] = DEFAUL
             body.append(f"{WARN}  WARNING: Approaching {adj} limit")
 
     totals = state.get("totals", {})
-    if source == "processes":
+    if live:
         rejected = sum(int(v) for v in totals.get("rejected", {}).values())
         if body:
             body.append("")
@@ -621,6 +634,14 @@ class StatusPublisher:
         self._stopped = False
         self._pid = os.getpid()
         self.tick_hooks: list[Callable[[], None]] = []
+        _fork.track(self)
+
+    def _after_fork_in_child(self) -> None:
+        """(See :mod:`._fork`.) The publishing thread is the parent's: :meth:`register` starts
+        one here when a limiter registers."""
+        self._lock = threading.Lock()
+        self._publishing = threading.Lock()
+        self._wake = threading.Event()
 
     def register(self, limiter: Any, directory: Path, interval: float) -> None:
         with self._lock:

@@ -161,6 +161,26 @@ async def test_set_and_reset_budget_take_effect_on_next_call(
         await litellm.acompletion(**small(provider))
 
 
+async def test_a_removed_budget_leaves_the_stats(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """A budget removed (``set_budget(...=None)``, or a reload without it) is gone from the stats
+    and the dashboard at once, not shown as spent and tripped while calls go through; the limits
+    that stay are shown as they now are."""
+    limiter = make(clock, wall, {"agents": {"bot": {"max_cost_per_day": 20, "requests_per_minute": 50}}})
+    limiter.set_budget(max_daily_spend=20)
+    bot = {"metadata": {"agent_id": "bot"}}
+    await litellm.acompletion(**small(provider, **bot))  # 8 spent
+    stats = limiter.get_usage_stats()
+    assert set(stats["budgets"]) == {"global", "agent:bot"} and stats["remaining_budget"] == 12
+    limiter.set_budget(max_daily_spend=None)
+    limiter.reload({"pricing": UNIT_PRICE, "agents": {"bot": {"requests_per_minute": 40}},
+                    **with_backend({}), "state_path": ":memory:"})
+    for _ in range(2):
+        await litellm.acompletion(**small(provider, metadata={"agent_id": "other"}))  # (no agent limits)
+    stats = limiter.get_usage_stats()
+    assert stats["budgets"] == {} and stats["remaining_budget"] is None
+    assert stats["levels"]["agent"]["agent:bot"]["requests_per_minute"]["limit"] == 40
+
+
 async def test_levels_have_their_own_budgets(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
     """An agent's budget stops that agent only; set_budget works per level too."""
     limiter = make(clock, wall, {"agents": {"looper": {"max_cost_per_hour": 15}}})

@@ -33,6 +33,34 @@ def test_demo_runs_offline_and_shows_queueing_by_priority(capsys: pytest.Capture
     assert not any(isinstance(cb, HiveLimiter) for cb in litellm.callbacks)  # it cleans up after itself
 
 
+def test_the_demo_keeps_its_own_limits_whatever_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A user's HIVE_RATELIMIT_* variables (even a misspelt one, an error for their own limiter)
+    neither break the demo nor change its limits."""
+    monkeypatch.setenv("HIVE_RATELIMIT_GLOBL__REQUESTS_PER_MINUTE", "1")
+    monkeypatch.setenv("HIVE_RATELIMIT_GLOBAL__CONCURRENT_REQUESTS", "1")
+    assert main(["demo", "--calls", "1"]) == 0
+    assert "concurrent_requests 0/3" in capsys.readouterr().out
+
+
+def test_a_state_file_that_is_not_one_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A YAML file given as the state file (mixed up with --config), or a directory as state_path:
+    one line naming the path and the key, exit 1, no traceback; a limiter raises ConfigError."""
+    from hive_ratelimit_plugin.errors import ConfigError
+
+    yaml_file = tmp_path / "limits.yaml"
+    yaml_file.write_text("rate_limiting:\n  budget: {max_daily_spend: 5}\n")
+    for argv in (["audit", "--state-path", str(yaml_file)], ["status", "--state-path", str(yaml_file)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: rate_limiting.state_path: cannot use") and str(yaml_file) in err
+        assert "Traceback" not in err
+    with pytest.raises(ConfigError, match="state_path: cannot use"):
+        HiveLimiter({"budget": {"max_daily_spend": 5}, "state_path": str(yaml_file)})
+    with pytest.raises(ConfigError, match="is a directory"):
+        HiveLimiter({"budget": {"max_daily_spend": 5}, "state_path": str(tmp_path)})
+
+
 def test_check_config_prints_the_effective_configuration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "limits.yaml"
     path.write_text("rate_limiting:\n  global:\n    requests_per_minute: 60\n"

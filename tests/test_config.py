@@ -52,10 +52,61 @@ def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert cfg.queue.max_wait_seconds == 2.5
 
 
+def test_use_env_false_ignores_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``load_config(..., use_env=False)`` and ``check-config --no-env`` show the file alone."""
+    from hive_ratelimit_plugin.cli import main
+
+    f = tmp_path / "limits.yaml"
+    f.write_text("rate_limiting:\n  global:\n    requests_per_minute: 60\n")
+    monkeypatch.setenv("HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE", "7")
+    monkeypatch.setenv("HIVE_RATELIMIT_QUEUE__MAX_WAIT_SECONDS", "2.5")
+    for source in (f, {"global": {"requests_per_minute": 60}}):
+        cfg = load_config(source, use_env=False)
+        assert cfg.global_.requests_per_minute == 60 and cfg.queue.max_wait_seconds == 60.0
+    assert load_config({}, use_env=False).global_.requests_per_minute is None
+    assert load_config(f).global_.requests_per_minute == 7  # (and with the environment, it applies)
+    assert main(["check-config", str(f), "--no-env"]) == 0
+    out = capsys.readouterr().out
+    assert "requests_per_minute: 60" in out and "max_wait_seconds: 60.0" in out
+
+
+def test_provider_api_keys_and_model_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every field can be set with HIVE_RATELIMIT_<PATH>, a provider's API keys (a JSON list)
+    and a model's limits included, without pydantic-settings warnings."""
+    import warnings
+
+    monkeypatch.setenv("OPENAI_KEY_A", "sk-test-a")
+    monkeypatch.setenv("HIVE_RATELIMIT_PROVIDERS__OPENAI__API_KEYS",
+                       '[{"env": "OPENAI_KEY_A", "requests_per_minute": 5}]')
+    monkeypatch.setenv("HIVE_RATELIMIT_PROVIDERS__OPENAI__GPT-4O__REQUESTS_PER_MINUTE", "7")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config({})
+    openai = cfg.providers["openai"]
+    assert [(k.env, k.requests_per_minute) for k in openai.api_keys] == [("OPENAI_KEY_A", 5)]
+    assert openai.models["gpt-4o"].requests_per_minute == 7
+
+
 def test_env_enabled_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     """HIVE_RATELIMIT_ENABLED=false turns the limiter off."""
     monkeypatch.setenv("HIVE_RATELIMIT_ENABLED", "false")
     assert load_config({"global": {"requests_per_minute": 1}}).enabled is False
+
+
+def test_a_limiter_switched_off_by_the_environment_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """HIVE_RATELIMIT_ENABLED is also the autoload's switch: setting it to 0 to keep the autoload
+    off also switches off a limiter built in code, which is logged (not silent)."""
+    import logging
+
+    from hive_ratelimit_plugin import HiveLimiter
+
+    monkeypatch.setenv("HIVE_RATELIMIT_ENABLED", "0")
+    with caplog.at_level(logging.WARNING, logger="hive_ratelimit_plugin"):
+        limiter = HiveLimiter({"global": {"requests_per_minute": 1}, "status": {"enabled": False}})
+    assert limiter.config.enabled is False
+    assert any("HIVE_RATELIMIT_ENABLED='0' switches this limiter off" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(
@@ -116,8 +167,10 @@ def test_an_environment_variable_that_names_no_field_is_an_error(name: str, monk
 def test_bad_env_value_is_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A bad environment value is reported like a bad file value."""
     monkeypatch.setenv("HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE", "-3")
-    with pytest.raises(ConfigError, match="requests_per_minute"):
-        load_config({})
+    with pytest.raises(ConfigError, match="requests_per_minute") as info:
+        load_config({"global": {"requests_per_minute": 60}})
+    # the file says 60: the message names the variable the bad value came from
+    assert "from the environment variable HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE" in str(info.value)
 
 
 def _keys(resolver: ScopeResolver, provider: str, model: str, **ident: str) -> list[str]:
@@ -192,3 +245,14 @@ def test_limiter_from_a_yaml_path(tmp_path: Path) -> None:
     f.write_text("rate_limiting:\n  global:\n    requests_per_minute: 0\n")
     with pytest.raises(ConfigError, match=r"rate_limiting\.global\.requests_per_minute"):
         HiveLimiter.from_yaml(str(f))
+
+
+def test_every_error_is_importable_from_the_package() -> None:
+    """The README's error table names them as ``hive_ratelimit_plugin.<Name>``."""
+    import hive_ratelimit_plugin as pkg
+    from hive_ratelimit_plugin import errors
+
+    for name in errors.__all__:
+        cls = getattr(pkg, name)
+        assert cls is getattr(errors, name) and issubclass(cls, pkg.HiveRateLimitError)
+        assert name in pkg.__all__ and name in dir(pkg) and name in dir(errors)

@@ -289,3 +289,16 @@ async def test_reload_adds_a_level_to_an_identity_already_seen(provider: FakePro
     assert used(limiter, "team", "team:t1") == 1
     with pytest.raises(hive_ratelimit_plugin.RateLimitQueueTimeout):
         await litellm.acompletion(**chat_kwargs(provider, metadata=dict(md)))
+
+
+def test_an_unknown_priority_runs_normal_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from hive_ratelimit_plugin._scopes import parse_priority
+
+    assert parse_priority("HIGH") == 10 and parse_priority(" 5 ") == 5 and parse_priority(-3) == -3
+    with caplog.at_level(logging.WARNING, logger="hive_ratelimit_plugin"):
+        assert parse_priority("urgent-test") == 0 and parse_priority("urgent-test") == 0
+        assert parse_priority(b"urgent-bytes-test") == 0
+    warned = [r.getMessage() for r in caplog.records if "priority" in r.getMessage()]
+    assert len([m for m in warned if "'urgent-test'" in m]) == 1 and any("urgent-bytes-test" in m for m in warned)

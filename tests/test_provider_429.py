@@ -118,6 +118,57 @@ def test_sync_429_is_retried(provider: FakeProvider, clock: FakeClock) -> None:
     assert rec.sent[1][0] - rec.sent[0][0] >= 3.0
 
 
+def _embedding_kwargs(provider: FakeProvider) -> dict[str, Any]:
+    # No max_retries: left to the limiter, as a user would.
+    return {"model": "openai/text-embedding-3-small", "api_base": provider.url,
+            "api_key": "sk-test-SECRET-0123456789", "input": ["a b c"]}
+
+
+def _assert_embedding_429_retried_by_the_limiter(limiter: HiveLimiter, rec: Recorder, provider: FakeProvider,
+                                                 resp: Any) -> None:
+    assert resp.data and resp.data[0]["embedding"]
+    # One 429, one retry, both sent by the limiter: the second attempt waited out Retry-After on
+    # the limiter's (fake) clock and was admitted like any call. The SDK's own retry would have
+    # slept 3 real seconds, unseen: admitted_total 1, retried_total 0, one pre-call record.
+    assert provider.state.count() == 2 and provider.state.count(429) == 1
+    stats = limiter.get_usage_stats()
+    assert stats["admitted_total"] == 2 and stats["retried_total"] == 1
+    assert len(rec.sent) == 2 and rec.sent[1][0] - rec.sent[0][0] >= 3.0
+    assert stats["levels"]["model"]["model:openai/text-embedding-3-small"]["in_flight"] == 0
+
+
+def test_sync_embedding_429_is_retried_by_the_limiter_not_the_sdk(provider: FakeProvider, clock: FakeClock) -> None:
+    """LiteLLM's OpenAI embedding handler reads ``max_retries or 2``: a plain ``max_retries=0``
+    would become two hidden SDK retries. The guard's 0 survives it."""
+    limiter, rec = make(clock)
+    provider.state.push(too_many("3"))
+    with Ticker(clock, step=0.05):
+        resp = litellm.embedding(**_embedding_kwargs(provider))
+    _assert_embedding_429_retried_by_the_limiter(limiter, rec, provider, resp)
+
+
+async def test_async_embedding_429_is_retried_by_the_limiter_not_the_sdk(provider: FakeProvider,
+                                                                         clock: FakeClock) -> None:
+    limiter, rec = make(clock)
+    provider.state.push(too_many("3"))
+    with Ticker(clock, step=0.05):
+        resp = await litellm.aembedding(**_embedding_kwargs(provider))
+    _assert_embedding_429_retried_by_the_limiter(limiter, rec, provider, resp)
+
+
+def test_the_embedding_zero_is_zero() -> None:
+    """The truthy 0 handed to embeddings is 0 wherever it is used as a number or written out."""
+    import json
+
+    from hive_ratelimit_plugin import plugin
+
+    zero = plugin._EMBEDDING_NO_RETRIES
+
+    assert zero == 0 and zero + 2 == 2 and int(zero) == 0 and list(range(zero)) == []
+    assert (zero or 2) == 0  # what LiteLLM's embedding handler computes
+    assert json.dumps({"max_retries": zero}) == '{"max_retries": 0}' and repr(zero) == "0"
+
+
 async def test_stream_429_before_first_chunk_is_retried(provider: FakeProvider, clock: FakeClock) -> None:
     """A stream refused with 429 is retried, then streams normally."""
     make(clock)

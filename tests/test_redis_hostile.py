@@ -129,6 +129,24 @@ def test_a_stream_keeps_its_redis_slot_for_a_lease_after_its_last_read(
     assert b.acquire(tk("b2", g), None) is None
 
 
+def test_a_shorter_lease_in_another_process_does_not_shorten_the_slots_of_longer_ones(
+        clock: FakeClock, redis_prefix: str) -> None:
+    """Processes may run with different ``lease_seconds`` (a rolling configuration change). An
+    admission with a short lease must not cut the TTL of the slot set that holds longer-leased
+    slots: the set would expire with them live, and the limit be exceeded."""
+    a = engine(clock, redis_prefix, lease_seconds=600)
+    b = engine(clock, redis_prefix, lease_seconds=4)
+    g = sc(concurrent_requests=3)
+    assert a.acquire(tk("a1", g), nothing) is None
+    assert a.acquire(tk("a2", g), nothing) is None
+    assert b.acquire(tk("b1", g), nothing) is None
+    assert b.release("b1")
+    slot_ttls = [ttl for key, ttl in all_keys(redis_prefix).items() if ":c:" in key]
+    assert len(slot_ttls) == 1 and slot_ttls[0] >= 600 * 2 - 60  # (seconds) a's leases, not b's
+    assert b.acquire(tk("b2", g), nothing) is None
+    assert b.acquire(tk("b3", g), nothing) is not None  # a's two slots still count
+
+
 def test_an_abandoned_streams_renewal_record_goes_with_its_lease(clock: FakeClock, redis_prefix: str) -> None:
     """A stream read a few times and then dropped: when its lease is reclaimed, nothing about it
     stays in the process (50 such streams used to leave 50 renewal records behind)."""
@@ -514,6 +532,43 @@ def test_workers_forked_from_one_process_do_not_take_each_others_settlements_for
     assert eng.spend("global", "day")[:2] == (pytest.approx(0.75), 3)
 
 
+def test_an_outage_counts_the_calls_redis_admitted_against_this_process_allowance(
+        clock: FakeClock, redis_prefix: str) -> None:
+    """Calls in flight when Redis goes away were admitted by Redis; they still cost money and
+    hold slots. The outage engine counts them: their reservations against the budget allowance,
+    their slots against the scaled concurrency limit, and their spend when they settle (once:
+    Redis gets it with the replay, not as outage spend as well)."""
+    from hive_ratelimit_plugin.errors import BudgetExceededError
+
+    eng = engine(clock, redis_prefix, local_share=0.5)
+    switch = Switch(eng)
+    g = sc(max_cost_per_day=2.0, concurrent_requests=4)
+    for n in range(4):
+        assert eng.acquire(tk(f"r{n}", g, cost=0.2), nothing) is None  # 0.8 reserved, 4 slots
+    switch.mode = "refuse"
+    assert eng.release("r0", cost=0.1)  # settled as the outage begins: its spend counts
+    # The outage allows local_share of each limit: 2 slots (3 held), $1.00 of the budget.
+    w = eng.acquire(tk("o1", g, cost=0.3), nothing)
+    assert w is not None and not w.granted and w.blocked is not None
+    assert w.blocked.limit == "concurrent_requests"
+    eng.cancel(w)
+    assert eng.release("r1", cost=0.1)
+    assert eng.release("r2", cost=0.1)  # one held slot left
+    assert eng.acquire(tk("o1", g, cost=0.5), nothing) is None  # 0.3 spent + 0.2 held + 0.5 = 1.0
+    w = eng.acquire(tk("o2", g, cost=0.01), nothing)  # fits only if a call in flight costs less
+    assert w is not None and not w.granted and w.blocked is not None and w.blocked.limit == "budget_reservations"
+    eng.cancel(w)
+    assert eng.release("r3", cost=0.1)
+    assert eng.release("o1", cost=0.55)  # more than reserved: 0.95 spent of 1.00
+    with pytest.raises(BudgetExceededError):
+        eng.acquire(tk("o3", g, cost=0.1), nothing)
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.acquire(tk("after", g), nothing) is None  # Redis again: the replay runs first
+    assert eng.release("after", cost=0.0)
+    assert eng.spend("global", "day")[:2] == (pytest.approx(0.95), 6)
+
+
 def test_local_policy_does_not_reopen_a_spent_budget(clock: FakeClock, redis_prefix: str) -> None:
     """During an outage (policy local) a process keeps each budget from the spend Redis last
     reported, allowing itself local_share of what was left; a budget it never saw is refused."""
@@ -587,6 +642,24 @@ def test_stats_and_memory_never_raise_while_redis_is_down(clock: FakeClock, poli
     limiter.reset_budget()
     text = repr(stats) + repr(limiter) + repr(limiter._engine)
     assert "hunter2" not in text
+
+
+def test_tokens_another_process_gives_back_reach_this_ones_waiters_soon(clock: FakeClock, redis_prefix: str) -> None:
+    """A call reserves its estimate and gives back what it did not use when it settles. When that
+    happens in another process, a caller waiting here for the token window hears nothing of it:
+    it re-asks within half a second instead of sleeping until the window frees the tokens."""
+    a, b = engine(clock, redis_prefix), engine(clock, redis_prefix)
+    g = sc(tokens_per_minute=30)
+    assert a.acquire(tk(1, g, tin=4, tout=10), nothing) is None
+    assert a.acquire(tk(2, g, tin=4, tout=10), nothing) is None
+    w = b.acquire(tk(3, g, tin=4, tout=10), nothing)
+    assert w is not None and not w.granted and w.blocked is not None
+    assert w.blocked.retry_at is not None and w.blocked.retry_at <= clock() + 0.5
+    assert a.release("1", input_tokens=4, output_tokens=4)
+    assert a.release("2", input_tokens=4, output_tokens=4)  # 16 of 30 used now
+    clock.advance(0.5)
+    b.dispatch()
+    assert w.granted
 
 
 def test_cooldown_circuit_and_learned_limits_are_shared(clock: FakeClock, redis_prefix: str) -> None:

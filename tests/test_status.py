@@ -122,6 +122,20 @@ def test_dashboard_is_pure_and_handles_an_empty_state() -> None:
     assert "nothing running · no state recorded" in text and "no usage recorded" in text
 
 
+def test_dashboard_of_processes_read_from_redis_says_they_run() -> None:
+    """With the Redis backend the snapshots come from Redis (any host): the header names the
+    running processes and the totals line is drawn, as for local snapshots."""
+    state = json.loads(json.dumps(KNOWN_STATE))
+    state["source"] = "redis"
+    state["processes"] = [{"pid": 4242, "host": "build-1"}, {"pid": 77, "host": "build-2"}]
+    state["totals"] = {"admitted_total": 12, "queued": 1, "queued_total": 3, "rejected": {"x": 2}}
+    text = render_dashboard(state)
+    assert "2 processes (host:pid build-1:4242, build-2:77) · redis" in text
+    assert "admitted 12 · queued now 1 (total 3) · rejected 2" in text and "nothing running" not in text
+    state["processes"] = []
+    assert "nothing running · redis" in render_dashboard(state)
+
+
 def test_dashboard_below_threshold_has_no_marker_and_tiny_values_read_well() -> None:
     state = {"source": "processes", "generated_at": 0.0, "processes": [{"pid": 1}], "warning_thresholds": [0.9],
              "scopes": {"global": {"level": "global", "limits": {
@@ -440,3 +454,15 @@ async def test_processes_sharing_redis_publish_there_and_are_not_double_counted(
     cfg_file.write_text(json.dumps({"rate_limiting": config}))  # JSON is YAML
     assert main(["status", "--json", "--config", str(cfg_file)]) == 0
     assert json.loads(capsys.readouterr().out)["source"] == "redis"
+
+
+def test_small_amounts_of_money_keep_their_digits() -> None:
+    """A $0.0005 budget reads as such, not as $0.00 (in warnings, errors and the dashboard)."""
+    from hive_ratelimit_plugin._budget import money_text
+
+    cases = {0: "0.00", 1234.5: "1,234.50", 0.01: "0.01", 0.0099: "0.0099", 0.0005: "0.00050",
+             0.00002: "0.000020", -0.0004: "-0.00040"}
+    assert {x: money_text(x) for x in cases} == cases
+    state = {"source": "processes", "generated_at": 0.0, "processes": [{"pid": 1}],
+             "budgets": {"global": {"max_cost_per_day": {"window": "day", "spent": 0.0003, "limit": 0.0005}}}}
+    assert "$0.00030/$0.00050 (60%)" in render_dashboard(state)
