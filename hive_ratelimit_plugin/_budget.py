@@ -20,14 +20,14 @@ COST_FIELDS = {"max_cost_per_hour": "hour", "max_cost_per_day": "day", "max_cost
 WINDOW_ADJECTIVE = {"hour": "hourly", "day": "daily", "month": "monthly", "run": "per-run"}
 
 
-def money_text(amount: float) -> str:
-    """An amount of money with the decimals it needs: two from a cent up, else two significant
-    digits (at most 8 decimals), so that a small budget never reads as a misleading 0.00."""
+def money_text(amount: float, decimals: int = 2) -> str:
+    """An amount of money with ``decimals`` decimals, more below one unit of the last one (two
+    significant digits, at most 8 decimals), so that a small budget never reads as a misleading
+    0.00."""
     size = abs(amount)
-    if size >= 0.01 or size == 0 or size != size or size == float("inf"):
-        return f"{amount:,.2f}"
-    decimals = 2
-    while size < 0.1 ** (decimals - 1) and decimals < 8:  # (no math import: this module loads at start-up)
+    if size >= 10.0 ** -decimals or size == 0 or size != size or size == float("inf"):
+        return f"{amount:,.{decimals}f}"
+    while size < 0.1 ** (decimals - 1) and decimals < 8:
         decimals += 1
     return f"{amount:,.{decimals}f}"
 

@@ -247,13 +247,16 @@ class Blocked:
     # The earliest time one of those keys may stop blocking (<= retry_at): the queue looks at the
     # call again then, so that it no longer holds the line where it would fit.
     eases_at: float | None = None
+    # When retry_at is only when to ask a shared backend again: when the window itself frees the
+    # room (what a caller told to come back later is told).
+    frees_at: float | None = None
 
 
 class _Reservation:
     """An admitted call's hold: what it charged (its plan's :class:`_Layout`) and its progress."""
 
-    __slots__ = ("admitted_at", "attempts", "expires_at", "layout", "local_at", "record", "remote", "sent_at",
-                 "settled", "slot_freed", "spend_targets", "ticket")
+    __slots__ = ("admitted_at", "attempts", "boot", "expires_at", "layout", "local_at", "record", "remote",
+                 "sent_at", "settled", "slot_freed", "spend_targets", "ticket")
 
     def __init__(self, ticket: Ticket, layout: _Layout, expires_at: float, admitted_at: float = 0.0, *,
                  remote: bool = False, record: bool = False, spend_targets: str = "",
@@ -270,6 +273,7 @@ class _Reservation:
         self.record = record  # the shared backend keeps a lease record of it
         self.local_at = local_at  # the local clock at a shared backend's admission (admitted_at is its clock)
         self.spend_targets = spend_targets  # the shared backend's spend keys of it, when it keeps no record
+        self.boot = ""  # the shared backend's dataset its lease record is in
 
     @property
     def states(self) -> list[ScopeState]:
@@ -629,25 +633,28 @@ class Engine:
         """A state left ``_states`` (eviction, reconfiguration): drop the per-plan cache."""
         self._plan_states.clear()
 
-    def relimit(self, limits_for: Callable[[str, str], LimitSet | None], generation: int) -> None:
-        """After a configuration change: give every scope the limits it now has, used or not.
-        (A scope a call no longer counts against, such as a budget removed, would otherwise keep
-        showing its old limits in the stats, and a spent budget as tripped.)"""
+    def relimit(self, limits_for: Callable[[str, str], LimitSet | None], generation: int,
+                levels: Collection[str]) -> None:
+        """After a configuration change: give every scope of ``levels`` the limits it now has,
+        used or not. (A scope a call no longer counts against, such as a budget removed, would
+        otherwise keep showing its old limits in the stats, and a spent budget as tripped.) The
+        new limits are worked out outside the lock: 100,000 agents must not stall admissions."""
         with self._lock:
-            changed = False
-            for st in self._states.values():
-                if st.generation >= generation:
-                    continue
-                lim = limits_for(st.level, st.key)
-                if lim is None:
-                    continue
-                st.generation = generation
-                if lim != st.limits:
+            todo = [st for st in self._states.values() if st.generation < generation and st.level in levels]
+        changes = []
+        for st in todo:
+            lim = limits_for(st.level, st.key)
+            if lim is not None and lim != st.limits:
+                changes.append((st, lim))
+        if not changes:
+            return
+        with self._lock:
+            for st, lim in changes:
+                if st.generation < generation:  # (a call since has given it the new limits already)
+                    st.generation = generation
                     st.apply(lim)
-                    changed = True
-            if changed:
-                self._forget_states()
-                self._version += 1
+            self._forget_states()
+            self._version += 1
 
     def rescope(self, resolve: Callable[[Ticket], list[Scope]]) -> None:
         """After a configuration change: re-resolve waiting calls' scopes and apply the new
@@ -899,9 +906,9 @@ class Engine:
                    + " or the budget is raised or reset. The call was not sent.")
         else:
             msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} cannot cover this call: {self.currency} "
-                   f"{money_text(limit - spent)} left of {self.currency} {money_text(limit)} ({label}), and the call "
-                   f"may cost up to {self.currency} {money_text(amount)} (prompt plus max_tokens). Lower max_tokens or "
-                   "raise the budget. The call was not sent.")
+                   f"{money_text(limit - spent, 4)} left of {self.currency} {money_text(limit)} ({label}), and the "
+                   f"call may cost up to {self.currency} {money_text(amount, 4)} (prompt plus max_tokens). Lower "
+                   "max_tokens or raise the budget. The call was not sent.")
         trip = (st.key, kind, starts[kind], 1.0)
         if spent >= limit and trip not in self._fired:
             self._fired.add(trip)

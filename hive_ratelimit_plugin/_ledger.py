@@ -110,8 +110,14 @@ class Ledger:
         if self.path == ":memory:":
             return  # a copy of its own already, the parent's rows included
         self._inherited.append(self._conn)
-        self._conn = self._connect()
         self.writer = uuid.uuid4().hex
+        try:
+            self._conn = self._connect()
+        except (sqlite3.Error, OSError) as exc:  # (out of file descriptors, say)
+            logger.error("hive-ratelimit: a forked process cannot open the state file %s (%s); its spend is "
+                         "counted in this process only, not recorded there", self.path, exc)
+            self._conn = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+            self._conn.executescript(_SCHEMA)
 
     def _max_id(self) -> int:
         row = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM spend").fetchone()

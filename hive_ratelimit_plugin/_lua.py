@@ -213,6 +213,24 @@ local function keep(key, ms)
   if t ~= -2 and t < ms then redis.call('PEXPIRE', key, ms) end
 end
 
+-- The id of this Redis dataset, made when the dataset is: after a restart that lost the data,
+-- another one. A settlement whose lease record is gone tells by it whether the record was settled
+-- or reclaimed (same dataset: nothing more to do) or lost with the data (its spend still counts).
+-- It lives as long as the lease records made with it (ms); a record that outlived it unclaimed
+-- was never charged either.
+local function boot_id(ms)
+  local k = P .. ':boot'
+  local b = redis.call('GET', k)
+  if not b then
+    local t = redis.call('TIME')
+    b = t[1] .. '.' .. t[2]
+    redis.call('SET', k, b, 'PX', ms)
+  else
+    keep(k, ms)
+  end
+  return b
+end
+
 -- Give back one call's reservation of cost in scope s. A reservation hash that expired is not
 -- brought back (negative and without a TTL, it would let later calls over-reserve).
 local function unreserve(s, cost)
@@ -472,7 +490,7 @@ if record then
   redis.call('ZADD', P .. ':leases', now + lease, call_id)
   keep(P .. ':leases', record_ms(lease))
 end
-local out = {1, fmt(now), chosen and chosen.key or '', record and 1 or 0}
+local out = {1, fmt(now), chosen and chosen.key or '', record and 1 or 0, record and boot_id(record_ms(lease)) or ''}
 for _, k in ipairs(known) do out[#out + 1] = k end
 return out
 """
@@ -485,6 +503,7 @@ return out
 #:   nthr, [threshold]*, nscopes, then per scope:  (outcome 'void': an admission whose answer was lost)
 #:     key, provider(0/1), rate(''=none), nwin, [name, period, amount(estimated), actual, isreq(0/1)]*,
 #:     nbud, [name, kind, start, limit, isreq, ttl]*,
+#:   boot (the dataset id the admission returned with its lease record; '' = none),
 #:   then sid, seq, low ('' = none; see first_time): numbers a settlement without a lease record, which
 #:   a replay would otherwise apply twice
 #: Returns {settled(0/1), now, events...} where each event is a '\0'-joined string.
@@ -520,16 +539,25 @@ for s = 1, nscopes do
   end
   scopes[s] = sc
 end
+local boot = arg() or ''
 local once_sid, once_seq, once_low = arg(), arg(), arg()
 if not has_record and not freeing and not first_time(once_sid, once_seq, once_low) then
   return {0, fmt(now)}  -- written before: its answer was lost, this is the replay
 end
 local events = {}
 local admitted_at, expired, sp_str = at_arg, false, sp_arg
+local lost, rec = false, nil
 if has_record then
+  rec = redis.call('HMGET', P .. ':l:' .. call_id, 'at', 'done', 'cost', 'bs', 'cs', 'sp', 'pr')
+  if not rec[1] or rec[2] == 'settled' then
+    if rec[1] or freeing or boot == '' or redis.call('GET', P .. ':boot') == boot then
+      return {0, fmt(now)}  -- settled before, or reclaimed (its worst case charged)
+    end
+    lost = true  -- gone with the data it was in (a restart without persistence): charged below
+  end
+end
+if has_record and not lost then
   local lk = P .. ':l:' .. call_id
-  local rec = redis.call('HMGET', lk, 'at', 'done', 'cost', 'bs', 'cs', 'sp', 'pr')
-  if not rec[1] or rec[2] == 'settled' then return {0, fmt(now)} end
   if outcome == 'void' then  -- an admission whose answer was lost: the caller never had it
     for _, s in ipairs(split(rec[7])) do
       if redis.call('HGET', P .. ':s:' .. s, 'probe') == call_id then redis.call('HDEL', P .. ':s:' .. s, 'probe') end
@@ -554,7 +582,8 @@ elseif freeing then
 end
 
 for _, sc in ipairs(scopes) do
-  for _, win in ipairs(sc.wins) do
+  -- (a lost record's windows went with it: nothing there to correct)
+  for _, win in ipairs(lost and {} or sc.wins) do
     local key = P .. ':w:' .. sc.key .. ':' .. win.name
     local width = win.period / BUCKETS
     local idx = fdiv(admitted_at, width)

@@ -23,6 +23,7 @@ recovery. Redis is tried again every ``redis.retry_interval`` seconds.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -181,6 +182,9 @@ class RedisEngine(Engine):
         self._pending_spend: list[list[str]] = []  # CHARGE args of spend settled while Redis was down
         self._pending_settle: list[list[str]] = []  # SETTLE args of calls that Redis admitted
         self._voids: dict[str, str] = {}  # call id -> reserved cost, of admissions whose answer was lost
+        # (time, windows) of the outage engine's admissions, for Redis once it answers (_replay_hits)
+        self._pending_hits: collections.deque[tuple[float, list[tuple[str, str, float, float]]]] = \
+            collections.deque(maxlen=_MAX_PENDING)
         self._replay_lock = threading.Lock()  # one thread replays; stats threads call Redis unlocked too
         self._new_numbering()
         self._last_block: dict[str, tuple[Blocked, int]] = {}
@@ -239,6 +243,7 @@ class RedisEngine(Engine):
             if since is None:  # another thread found it back first
                 return out
             down = mono - since
+            self._drop_held()
             logger.warning("redis backend %s answers again after %.1fs; wrote %d settlements made meanwhile",
                            self.url, down, replayed)
             self._out_events.append({"type": "backend_up", "backend": self.url, "down_seconds": down,
@@ -285,6 +290,7 @@ class RedisEngine(Engine):
         self._replay_lock = threading.Lock()
         self._pending_settle = []
         self._pending_spend = []
+        self._pending_hits = collections.deque(maxlen=_MAX_PENDING)
         self._voids = {}
         self._last_block = {}
         self._renewed = {}
@@ -326,7 +332,7 @@ class RedisEngine(Engine):
         for call_id, cost in list(self._voids.items()):
             self._settle_script(keys=self._route, args=_pack([
                 self.prefix, "", call_id, "1", "0", "", "", cost, "0", "0", "0", "0", "void",
-                "", "", "", "", "", "", "", "0", "0", "0", "0", "0", "0", "0", "0", "0"]))
+                "", "", "", "", "", "", "", "0", "0", "0", "0", "0", "0", "0", "0", "0", ""]))
             del self._voids[call_id]
         try:
             for args in settles:
@@ -342,7 +348,46 @@ class RedisEngine(Engine):
         finally:
             del settles[:done_settles]
             del spend[:done_spend]
+        self._replay_hits()
         return done_settles + done_spend
+
+    def _replay_hits(self) -> None:
+        """Charge the windows in Redis with what this process admitted during the outage (each
+        window only with the calls still inside it), so that the processes do not admit a full
+        window's worth on top of it once Redis answers again. Charged as of now: conservative."""
+        hits = self._pending_hits
+        if not hits:
+            return
+        now = self.clock()
+        taken = len(hits)
+        sums: dict[tuple[str, str, float], float] = {}
+        for at, windows in list(hits)[:taken]:
+            for key, name, period, amount in windows:
+                if now - at < period:
+                    sums[(key, name, period)] = sums.get((key, name, period), 0.0) + amount
+        if sums:
+            args = [self.prefix, self._now_arg(), str(len(sums))]
+            for (key, name, period), amount in sums.items():
+                args += [key, name, _num(period), _num(amount)]
+            self._replay_one(self._hit, args)  # (raises if Redis is not back: kept for next time)
+        for _ in range(taken):
+            hits.popleft()
+
+    def _owe_hits(self, ticket: Ticket, now: float) -> None:
+        """An admission by the outage engine: the windows it charged there, for Redis later."""
+        scopes = list(ticket.scopes)
+        if ticket.choices and ticket.chosen:
+            scopes += [s for s in ticket.choices if s.key == ticket.chosen]
+        tin, tout = ticket.input_tokens, ticket.output_tokens
+        windows = []
+        for scope in scopes:
+            st = self._state(scope, now)
+            for ws, amount in ((st.requests, 1), (st.tokens, tin + tout), (st.input, tin), (st.output, tout)):
+                for w in ws:
+                    if amount and w.limit != NEVER and not w.name.startswith("learned"):
+                        windows.append((_wire(scope.key), w.name, w.period, float(amount)))
+        if windows:
+            self._pending_hits.append((now, windows))
 
     @property
     def available(self) -> bool:
@@ -412,12 +457,13 @@ class RedisEngine(Engine):
         if code == 1:
             chosen = _unwire(_dec(out[2]))
             ticket.chosen = chosen or None
-            self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, local + self.lease_seconds, rnow,
-                                                        remote=True, record=int(out[3]) == 1,
-                                                        spend_targets=args[-1], local_at=local)
+            res = self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, local + self.lease_seconds, rnow,
+                                                              remote=True, record=int(out[3]) == 1,
+                                                              spend_targets=args[-1], local_at=local)
+            res.boot = _dec(out[4])  # (the dataset its lease record is in: see boot_id in _lua)
             self._version += 1
             self.admitted_total += 1
-            for raw in out[4:]:
+            for raw in out[5:]:
                 self._note_spend(_dec(raw).split(SEP))
             return None
         text = [x.decode() if isinstance(x, bytes) else str(x) for x in out]
@@ -427,12 +473,15 @@ class RedisEngine(Engine):
             retry_at = to_local(float(retry)) if retry else None
             if why == "provider_cooldown" and retry_at is not None and retry_at > ticket.deadline:
                 raise self._timeout(states[scope], "the provider asked to wait", retry_at - local)
+            frees_at = None
             if release:  # waits for another call (maybe in another process) to finish: re-ask soon
                 poll = local + random.uniform(POLL_MIN, POLL_MAX)
                 retry_at = poll if retry_at is None else min(retry_at, poll)
             elif retry_at is not None and "tokens" in why:
+                frees_at = retry_at
                 retry_at = min(retry_at, local + random.uniform(REFUND_POLL_MIN, REFUND_POLL_MAX))
-            return Blocked(scope, why, remaining, retry_at, frozenset(map(_unwire, text[7:])) or frozenset({scope}))
+            return Blocked(scope, why, remaining, retry_at, frozenset(map(_unwire, text[7:])) or frozenset({scope}),
+                           frees_at=frees_at)
         if code == 2:
             scope, name, kind = text[2], text[3], text[4]
             cap, spent, amount = float(text[5]), float(text[6]), float(text[7])
@@ -505,6 +554,8 @@ class RedisEngine(Engine):
                 self._fb_keys[ticket.call_id] = ticket.spend_keys
                 ticket.chosen = scaled.chosen
                 self.admitted_total += 1
+        if blocked is None:
+            self._owe_hits(ticket, now)
         if blocked is not None and blocked.retry_at is None:
             blocked.retry_at = now + random.uniform(POLL_MIN, POLL_MAX)
         return blocked
@@ -530,6 +581,14 @@ class RedisEngine(Engine):
                 self._hold_in_flight(self.clock())
             except Exception as exc:  # never let this turn an outage into a crash
                 logger.error("redis backend %s: could not hold the calls in flight for the outage: %s", self.url, exc)
+
+    def _drop_held(self) -> None:
+        """Redis answers again: the outage engine's copies of the calls Redis admitted have done
+        their part (a later outage holds the calls then in flight afresh)."""
+        with self._lock:
+            held, self._held = self._held, {}
+        for copy_id in held.values():
+            self.fallback.release(copy_id)
 
     def _hold_in_flight(self, now: float) -> None:
         """At the start of an outage, copy this process' calls in flight that Redis admitted into
@@ -642,9 +701,6 @@ class RedisEngine(Engine):
             self._renewed.pop(call_id, None)
             now = self.clock()
             self._remote_settle(res, input_tokens, output_tokens, cost, outcome, wait, signals)
-            held = self._held.pop(call_id, None)
-            if held is not None:  # its copy in the outage engine: its spend counts there too
-                self.fallback.release(held, input_tokens=input_tokens, output_tokens=output_tokens, cost=cost)
             self._version += 1
             if self._waiters:
                 self._dispatch(now)
@@ -663,6 +719,9 @@ class RedisEngine(Engine):
                        cost: float | None, outcome: str, wait: float | None, signals: Any) -> None:
         res.settled = True
         t = res.ticket
+        held = self._held.pop(t.call_id, None)
+        if held is not None:  # its copy in the outage engine (see _hold_in_flight): its spend counts there
+            self.fallback.release(held, input_tokens=input_tokens, output_tokens=output_tokens, cost=cost)
         tin = t.input_tokens if input_tokens is None else input_tokens
         tout = t.output_tokens if output_tokens is None else output_tokens
         # unknown, or not a number (Redis would refuse it, for good): keep the worst case
@@ -681,7 +740,9 @@ class RedisEngine(Engine):
         try:
             out = self._call(self._settle_script, args)
         except _Down:
-            if self._fb_outage == self.outages and self.on_error == "local" and t.call_id not in self._held:
+            if self._fb_outage != self.outages:
+                self._outage_begins()  # (another thread may have found Redis gone and not set it up yet)
+            if self._fb_outage == self.outages and self.on_error == "local" and held is None:
                 # Its spend counts against this outage's allowance now (a held copy's release
                 # counts it otherwise); Redis gets it with the replay.
                 fb = self.fallback
@@ -738,6 +799,7 @@ class RedisEngine(Engine):
             for name, kind, limit in st.budgets:
                 args += [name, kind, f"{starts[kind]:.0f}", _num(limit),
                          "1" if name == "max_requests_per_run" else "0", str(_SPEND_TTL[kind])]
+        args.append(res.boot)
         return args
 
     def _note_spend(self, parts: list[str]) -> None:
@@ -858,6 +920,9 @@ class RedisEngine(Engine):
         res.expires_at = now + self.lease_seconds
         if not res.remote:
             return
+        held = self._held.get(call_id)
+        if held is not None:  # a stream read through an outage: its copy there lives on too
+            self.fallback.renew(held)
         # Redis keeps its own copy of the lease, which another process may reclaim. A RENEW sets
         # it to 1.25 leases and is sent at most once per quarter lease, so Redis never reclaims a
         # stream within one lease of its last chunk. The first read always sends one: admission

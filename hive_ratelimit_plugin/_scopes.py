@@ -177,6 +177,7 @@ class ScopeResolver:
         self._cache: LRUCache[tuple[Any, ...], list[Scope]] = LRUCache(maxsize=8192)
         self._choices: dict[str, list[Scope] | None] = {}
         self._warned_no_run: set[str] = set()
+        self._table_limits: dict[tuple[str, str], LimitSet] = {}  # (level, block name) -> its limits
         self.generation = next(_generations)
         g, b = config.global_, config.budget
 
@@ -267,7 +268,11 @@ class ScopeResolver:
             hit = match_name(table, "*") if "*" in table else None
         if hit is None:
             return _NO_LIMITS
-        return LimitSet.model_validate({k: getattr(hit[1], k) for k in LimitSet.model_fields})
+        limits = self._table_limits.get((level, hit[0]))
+        if limits is None:  # (one per block, however many names it matches)
+            limits = LimitSet.model_validate({k: getattr(hit[1], k) for k in LimitSet.model_fields})
+            self._table_limits[(level, hit[0])] = limits
+        return limits
 
     def choices(self, provider: str) -> list[Scope] | None:
         """The provider's API keys as scopes to choose from (``None`` if it has none configured)."""

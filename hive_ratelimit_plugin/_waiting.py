@@ -19,8 +19,9 @@ def _timeout_error(engine: Engine, waiter: Waiter | None, waited: float, reason:
     blocked = waiter.blocked if waiter is not None else None
     now = engine.clock()
     retry_after = None
-    if blocked is not None and blocked.retry_at is not None and blocked.retry_at != NEVER:
-        retry_after = max(blocked.retry_at - now, 0.0)
+    at = None if blocked is None else blocked.frees_at if blocked.frees_at is not None else blocked.retry_at
+    if at is not None and at != NEVER:
+        retry_after = max(at - now, 0.0)
     scope = blocked.scope if blocked else None
     limit = blocked.limit if blocked else None
     where = f" by {limit} of {scope}" if scope else ""

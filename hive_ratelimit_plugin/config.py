@@ -382,18 +382,31 @@ def _shown(name: str, value: Any) -> Any:
     return value
 
 
-def _format_validation_error(exc: ValidationError, root: str) -> list[str]:
+def _env_var_of(locs: list[list[Any]]) -> str | None:
+    """The ``HIVE_RATELIMIT_*`` variable set for one of these field paths, if any (as written,
+    any case: pydantic-settings reads them so)."""
+    names = {k.upper(): k for k in os.environ if k.upper().startswith(ENV_PREFIX)}
+    for loc in locs:
+        var = ENV_PREFIX + "__".join("GLOBAL" if p == "global_" else str(p).upper() for p in loc)
+        if loc and var in names:
+            return names[var]
+    return None
+
+
+def _format_validation_error(exc: ValidationError, root: str, env: bool = True) -> list[str]:
     lines = []
     for err in exc.errors():
         loc = list(err["loc"])
+        locs = [list(loc)]
         if len(loc) > 2 and loc[0] == "providers" and loc[2] == "models":
             del loc[2]  # a model's limits sit right under its provider, as the configuration is written
+            locs.append(list(loc))
         path = ".".join([root, *("global" if p == "global_" else str(p) for p in loc)])
         value = _shown(str(err["loc"][-1]) if err["loc"] else "", err.get("input"))
         kind = err["type"]
         # The environment overrides the file: name the variable a bad value came from.
-        var = ENV_PREFIX + "__".join("GLOBAL" if p == "global_" else str(p).upper() for p in loc)
-        source = f" (from the environment variable {var})" if loc and var in os.environ else ""
+        var = _env_var_of(locs) if env else None
+        source = f" (from the environment variable {var})" if var else ""
         if kind == "extra_forbidden":
             lines.append(f"{path}: unknown key (value {value!r}){source}; check the spelling against the "
                          "documented fields")
@@ -475,7 +488,7 @@ def load_config(
     try:
         cfg = RateLimitingConfig(**data) if use_env else _no_env(data)
     except ValidationError as exc:
-        problems += _format_validation_error(exc, "rate_limiting")
+        problems += _format_validation_error(exc, "rate_limiting", env=use_env)
     if problems or cfg is None:
         raise ConfigError(f"invalid configuration ({origin}):\n  " + "\n  ".join(problems), errors=problems)
     return cfg

@@ -396,7 +396,8 @@ class HiveLimiter(CustomLogger):
         self._apply_config(cfg, action="reload")
 
     def _apply_config(self, cfg: RateLimitingConfig, *, action: str, scope: str = "config") -> None:
-        old_budgets = _budget_view(self._config)
+        old_cfg = self._config
+        old_budgets = _budget_view(old_cfg)
         self._config = cfg
         self._resolver = ScopeResolver(cfg)
         self._prices = PriceBook(cfg)
@@ -417,7 +418,11 @@ class HiveLimiter(CustomLogger):
             return resolver.scopes(provider, str(t.info.get("model")), ident)
 
         eng.rescope(resolve)
-        eng.relimit(resolver.limits_for, resolver.generation)
+        # (agents, users and teams may number 100,000s: only the levels whose table changed)
+        levels = {"global", "provider", "model"} | {
+            level for level, table in (("agent", "agents"), ("user", "users"), ("team", "teams"))
+            if getattr(old_cfg, table) != getattr(cfg, table)}
+        eng.relimit(resolver.limits_for, resolver.generation, levels)
         self._publish_status(cfg)
         if eng.calendar.tz.key != cfg.budget.timezone:
             from ._budget import Calendar

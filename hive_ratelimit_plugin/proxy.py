@@ -204,6 +204,11 @@ class ProxyLimiter(HiveLimiter):
         self._proxy_calls: LRUCache[str, tuple[dict[str, Any], bool]] = LRUCache(maxsize=65536)
         self._proxy_lock = threading.Lock()
 
+    def _after_fork_in_child(self) -> None:
+        super()._after_fork_in_child()
+        self._proxy_lock = threading.Lock()  # (see _fork: the parent's requests are the parent's)
+        self._proxy_calls = LRUCache(maxsize=65536)
+
     # ------------------------------------------------------------ identity
     def identity(self, user_api_key_dict: Any, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The identity a request counts against; override to map keys differently."""

@@ -642,6 +642,8 @@ class StatusPublisher:
         self._lock = threading.Lock()
         self._publishing = threading.Lock()
         self._wake = threading.Event()
+        # The parent's files are the parent's: this process must not remove them when it exits.
+        self._pid, self._thread, self._written = os.getpid(), None, set()
 
     def register(self, limiter: Any, directory: Path, interval: float) -> None:
         with self._lock:

@@ -171,6 +171,18 @@ def test_bad_env_value_is_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
         load_config({"global": {"requests_per_minute": 60}})
     # the file says 60: the message names the variable the bad value came from
     assert "from the environment variable HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE" in str(info.value)
+    # ... but not when the environment is not read, and the value is the file's
+    with pytest.raises(ConfigError) as info:
+        load_config({"global": {"requests_per_minute": -1}}, use_env=False)
+    assert "environment variable" not in str(info.value)
+    monkeypatch.delenv("HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE")
+    for var in ("hive_ratelimit_providers__openai__gpt-4o__requests_per_minute",  # any case
+                "HIVE_RATELIMIT_PROVIDERS__OPENAI__MODELS__GPT-4O__REQUESTS_PER_MINUTE"):
+        monkeypatch.setenv(var, "abc")
+        with pytest.raises(ConfigError) as info:
+            load_config({})
+        assert f"from the environment variable {var}" in str(info.value)
+        monkeypatch.delenv(var)
 
 
 def _keys(resolver: ScopeResolver, provider: str, model: str, **ident: str) -> list[str]:

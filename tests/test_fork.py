@@ -214,3 +214,24 @@ def test_a_multiprocessing_worker_forked_mid_call_calls_through_litellm(tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"worker": "ok", "exitcode": 0, "provider": 2, "spend_requests": 2, "in_flight": 0}
+
+
+def test_a_forked_child_exiting_leaves_the_parents_status_file(tmp_path: Any) -> None:
+    """A gunicorn or Celery worker exits through atexit, which removes the snapshot files its
+    publisher wrote: the child has written none, so the parent's stays."""
+    import litellm
+
+    from hive_ratelimit_plugin import HiveLimiter
+    from hive_ratelimit_plugin.status import PUBLISHER, status_dir
+
+    state = str(tmp_path / "state.sqlite")
+    limiter = HiveLimiter({"state_path": state})
+    litellm.callbacks.append(limiter)
+    try:
+        PUBLISHER.publish_once()
+        mine = status_dir(state) / f"{os.getpid()}.json"
+        assert mine.exists()
+        assert _in_child(PUBLISHER.stop) == 0  # what the child's atexit runs
+        assert mine.exists()
+    finally:
+        litellm.callbacks.remove(limiter)

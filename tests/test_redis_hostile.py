@@ -326,7 +326,7 @@ def test_memory_per_scope_with_a_prefix_holding_colons_and_glob_characters(clock
         a = sc("agent:a\0b", "agent", requests_per_minute=5, concurrent_requests=2)
         assert eng.acquire(tk(1, sc(requests_per_minute=5), a), nothing) is None
         memory = eng.redis_memory()
-        assert memory.keys() == {"global", "agent:a\0b", "(leases)"}
+        assert memory.keys() == {"global", "agent:a\0b", "(leases)", "(boot)"}
         assert all(v > 0 for v in memory.values())
     finally:
         keys = [k for k in r.scan_iter(count=1000) if k.startswith(("{" + prefix + "}").encode())]
@@ -569,6 +569,102 @@ def test_an_outage_counts_the_calls_redis_admitted_against_this_process_allowanc
     assert eng.spend("global", "day")[:2] == (pytest.approx(0.95), 6)
 
 
+def test_a_settlement_whose_record_a_restart_lost_still_counts_once(clock: FakeClock, redis_prefix: str) -> None:
+    """Redis restarted without persistence: the lease records of calls in flight are gone, and so
+    is the spend so far. A settlement that finds no record used to do nothing (as after a
+    settlement or a reclaim in the same dataset); its spend now counts, once."""
+    eng = engine(clock, redis_prefix)
+    g = sc(max_cost_per_day=10.0, concurrent_requests=5)
+    assert eng.acquire(tk(1, g, cost=0.5), nothing) is None
+    assert eng.acquire(tk(2, g, cost=0.5), nothing) is None
+    assert eng.release("1", cost=0.3)
+    client: Any = redis_client()
+    client.delete(*client.scan_iter(match="{" + redis_prefix + "}*", count=1000))  # the restart
+    assert eng.acquire(tk(3, g, cost=0.5), nothing) is None  # (a new dataset, a new id)
+    assert eng.release("2", cost=0.4)
+    assert eng.release("3", cost=0.2)
+    assert eng.spend("global", "day")[:2] == (pytest.approx(0.6), 2)
+    # In the same dataset a record that is gone was settled or reclaimed: nothing more is charged.
+    assert eng.acquire(tk(4, g, cost=0.5), nothing) is None
+    res = eng._leases["4"]
+    assert eng.release("4", cost=0.1)
+    eng._leases["4"] = res  # its settlement sent again
+    res.settled = False
+    assert eng.release("4", cost=0.1)
+    assert eng.spend("global", "day")[:2] == (pytest.approx(0.7), 3)
+
+
+def test_a_stream_read_through_an_outage_keeps_its_hold_there(clock: FakeClock, redis_prefix: str) -> None:
+    """The outage engine's copy of a call Redis admitted lives as long as the call: a stream read
+    past the lease keeps its slot there, and its settlement counts once; after the outage the
+    copy is gone (a later outage holds the calls then in flight afresh)."""
+    eng = engine(clock, redis_prefix, local_share=0.5, lease_seconds=30)
+    switch = Switch(eng)
+    g = sc(max_cost_per_day=2.0, concurrent_requests=2)
+    assert eng.acquire(tk("s", g, cost=0.5), nothing) is None
+    switch.mode = "refuse"
+    w = eng.acquire(tk("o0", g, cost=0.1), nothing)  # one slot in the outage: the stream's
+    assert w is not None and not w.granted
+    eng.cancel(w)
+    for _ in range(4):  # 60 s of reading, past the 30 s lease
+        clock.advance(15)
+        eng.renew("s")
+    w = eng.acquire(tk("o1", g, cost=0.1), nothing)
+    assert w is not None and not w.granted, "the stream's slot was reclaimed while it was read"
+    eng.cancel(w)
+    assert eng.release("s", cost=0.2)
+    assert eng.fallback.spend("global", "day")[:2] == (pytest.approx(0.2), 1)
+    assert eng.acquire(tk("o2", g, cost=0.1), nothing) is None
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.release("o2", cost=0.1)
+    assert not eng._held and not eng.fallback._leases
+    assert eng.spend("global", "day")[:2] == (pytest.approx(0.3), 2)
+
+
+def test_a_settlement_as_another_thread_finds_redis_gone_still_counts(clock: FakeClock, redis_prefix: str) -> None:
+    """Another thread (the status snapshot, a renewal) may find Redis gone first; a settlement
+    right after still counts against the outage allowance."""
+    eng = engine(clock, redis_prefix, local_share=1.0)
+    switch = Switch(eng)
+    g = sc(max_cost_per_day=1.0)
+    assert eng.acquire(tk("a", g, cost=0.7), nothing) is None
+    switch.mode = "refuse"
+    eng.outages += 1  # what that thread's _call did before this one's settlement
+    eng._down_since, eng._next_try = clock(), clock() + 10
+    assert eng.release("a", cost=0.6)
+    w = None
+    try:
+        w = eng.acquire(tk("b", g, cost=0.5), nothing)
+    except Exception as exc:
+        assert type(exc).__name__ == "BudgetExceededError"
+    else:
+        raise AssertionError(f"admitted on top of the spend settled as the outage began: {w}")
+
+
+def test_what_an_outage_admitted_counts_in_redis_windows_once_it_is_back(clock: FakeClock,
+                                                                           redis_prefix: str) -> None:
+    """Calls admitted by the outage engine were sent: when Redis answers again its windows learn
+    them, so the processes do not admit a whole window's worth on top (5 sent during the outage
+    out of 10 a minute: 5 more, not 10)."""
+    eng = engine(clock, redis_prefix, local_share=0.5)
+    switch = Switch(eng)
+    g = sc(requests_per_minute=10)
+    assert eng.acquire(tk("before", g), nothing) is None  # (Redis has seen this scope)
+    assert eng.release("before")
+    switch.mode = "refuse"
+    clock.advance(120)  # the first call is out of the window
+    outage = [eng.acquire(tk(f"o{n}", g), nothing) for n in range(6)]
+    assert [w is None for w in outage] == [True] * 5 + [False]  # local_share: 5 of 10
+    eng.cancel(outage[5])  # type: ignore[arg-type]
+    for n in range(5):
+        assert eng.release(f"o{n}")
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    after = [eng.acquire(tk(f"a{n}", g), nothing) for n in range(6)]
+    assert [w is None for w in after] == [True] * 5 + [False]
+
+
 def test_local_policy_does_not_reopen_a_spent_budget(clock: FakeClock, redis_prefix: str) -> None:
     """During an outage (policy local) a process keeps each budget from the spend Redis last
     reported, allowing itself local_share of what was left; a budget it never saw is refused."""
@@ -655,6 +751,10 @@ def test_tokens_another_process_gives_back_reach_this_ones_waiters_soon(clock: F
     w = b.acquire(tk(3, g, tin=4, tout=10), nothing)
     assert w is not None and not w.granted and w.blocked is not None
     assert w.blocked.retry_at is not None and w.blocked.retry_at <= clock() + 0.5
+    # (a caller told to come back later is still told when the window frees the tokens)
+    from hive_ratelimit_plugin._waiting import _timeout_error
+
+    assert _timeout_error(b, w, 0.0, "timeout").retry_after == pytest.approx(61.0, abs=1.0)
     assert a.release("1", input_tokens=4, output_tokens=4)
     assert a.release("2", input_tokens=4, output_tokens=4)  # 16 of 30 used now
     clock.advance(0.5)
