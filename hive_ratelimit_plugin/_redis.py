@@ -345,6 +345,7 @@ class RedisEngine(Engine):
                 self._replay_one(self._charge, args)
                 done_spend += 1
                 self._answered(args)
+                self._note_charged(args)
         finally:
             del settles[:done_settles]
             del spend[:done_spend]
@@ -809,6 +810,17 @@ class RedisEngine(Engine):
             known.clear()
         known[(_unwire(scope), kind, start)] = (float(cost), float(requests))
 
+    def _note_charged(self, args: list[str]) -> None:
+        """A CHARGE Redis applied (see :meth:`_owe_spend`): the spend it last reported grows by it,
+        so that an outage starting before Redis reports again does not start from less."""
+        known = self._known_spend
+        for i in range(int(args[2])):
+            scope, kind, start, _ttl, cost, requests, _tokens = args[3 + 7 * i: 10 + 7 * i]
+            k = (_unwire(scope), kind, start)
+            if k in known:
+                c, r = known[k]
+                known[k] = (c + float(cost), r + float(requests))
+
     def _remote_event(self, raw: str, wall: float) -> None:
         parts = raw.split(SEP)
         kind = parts[0]
@@ -841,6 +853,7 @@ class RedisEngine(Engine):
         self._number(args)
         try:
             self._call(self._charge, args)
+            self._note_charged(args)
         except _Down:
             if len(self._pending_spend) >= _MAX_PENDING:
                 logger.error("redis backend %s: too much spend pending; merging is not possible, dropping the "

@@ -665,6 +665,29 @@ def test_what_an_outage_admitted_counts_in_redis_windows_once_it_is_back(clock: 
     assert [w is None for w in after] == [True] * 5 + [False]
 
 
+def test_back_to_back_outages_keep_the_first_ones_spend(clock: FakeClock, redis_prefix: str) -> None:
+    """Redis back for a moment (noticed by a stats read, with no admission to report the spend)
+    and gone again: the second outage starts from the spend the first one wrote back."""
+    from hive_ratelimit_plugin.errors import BudgetExceededError
+
+    eng = engine(clock, redis_prefix, local_share=1.0)
+    switch = Switch(eng)
+    g = sc(max_cost_per_day=2.0)
+    assert eng.acquire(tk("a", g, cost=0.1), nothing) is None
+    assert eng.release("a", cost=0.0)
+    switch.mode = "refuse"
+    assert eng.acquire(tk("o1", g, cost=1.2), nothing) is None
+    assert eng.release("o1", cost=1.2)
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.spend("global", "day")[:2] == (pytest.approx(1.2), 2)  # the replay, on a stats read
+    switch.mode = "refuse"
+    clock.advance(eng.retry_interval + 0.1)
+    eng.spend("global", "day")  # gone again
+    with pytest.raises(BudgetExceededError):
+        eng.acquire(tk("o2", g, cost=1.5), nothing)  # 1.2 + 1.5 > 2.0
+
+
 def test_local_policy_does_not_reopen_a_spent_budget(clock: FakeClock, redis_prefix: str) -> None:
     """During an outage (policy local) a process keeps each budget from the spend Redis last
     reported, allowing itself local_share of what was left; a budget it never saw is refused."""
