@@ -285,8 +285,8 @@ end
 #: ARGV: prefix, now|'', call_id, lease_seconds, cost, share, nscopes, then per scope:
 #:   key, choice(0/1), provider(0/1), conc(-1 none), nwin, [name, limit(-1 learned), period, amount]*,
 #:   nbud, [name, kind, start, limit, isreq(0/1)]*
-#: and at the end the spend targets of the call, '\0'-joined: scope, kind, start, ttl, ...
-#: Returns {1, now, chosen, has_record(0/1), settled spend seen: 'scope\0kind\0start\0cost\0requests'...}
+#: and at the end the spend targets of the call, '\0'-joined: scope, kind, start, ttl, ...; then its priority
+#: Returns {1, now, chosen, has_record(0/1), dataset id|'', settled spend seen: 'scope\0kind\0start\0cost\0requests'...}
 #:       | {0, now, scope, limit, remaining, retry_at|'', release(0/1), failing keys...}
 #:       | {2, now, scope, budget name, kind, limit, spent, amount}     budget exceeded
 #:       | {3, now, scope, limit name, limit, amount}                    can never fit
@@ -313,6 +313,25 @@ for s = 1, nscopes do
   scopes[s] = sc
 end
 local sp = arg()
+local prio = num() or 0
+
+-- The line across processes, per scope with a concurrency limit ({P}:q:<scope>, a sorted set of
+-- call ids by rank; {P}:qa:<call id> says the call still waits: its process re-asks every
+-- 20-100 ms while a slot is what it waits for). Without it, a process whose call ends hands the
+-- slot to its own next caller at once, while callers in other processes only re-ask now and then:
+-- a busy process could keep a slot from them until it ran out of work.
+local WAIT_ALIVE_MS = 1500
+local function ahead_in_line(sc)
+  local qk = P .. ':q:' .. sc.key
+  local rank = tonumber(redis.call('ZSCORE', qk, call_id)) or (now - prio * 1e6)
+  for _ = 1, 8 do  -- (a few entries of callers gone are cleared per call)
+    local head = redis.call('ZRANGE', qk, 0, 0, 'WITHSCORES')
+    if #head == 0 or head[1] == call_id or tonumber(head[2]) >= rank then return false end
+    if redis.call('EXISTS', P .. ':qa:' .. head[1]) == 1 then return true end
+    redis.call('ZREM', qk, head[1])  -- gave up, was cancelled, or its process is gone
+  end
+  return false
+end
 
 local known = {}  -- settled spend seen by the budget checks, for the caller's outage fallback
 local function check(sc)
@@ -399,9 +418,15 @@ local function check(sc)
     local n = redis.call('ZCARD', ck)
     local cap = sc.conc * share
     if share >= 1 then cap = math.max(cap, 1) end
+    sc.waits = false
     if n >= cap then
       release = true
       first = first or {sc.key, 'concurrent_requests', 0}
+      sc.waits = not sc.choice
+    elseif not sc.choice and ahead_in_line(sc) then
+      release = true
+      first = first or {sc.key, 'queue', 0}
+      sc.waits = true
     end
     if sc.conc > 0 and n / sc.conc > util then util = n / sc.conc end
   end
@@ -440,6 +465,21 @@ if (alt_any or alt_err) and chosen == nil then
   elseif retry == nil or alt_retry > retry then retry = alt_retry end
 end
 if first ~= nil then
+  -- In line where a slot is what it waits for (keeping its place); out of the line elsewhere.
+  local waits = false
+  for _, sc in ipairs(scopes) do
+    if sc.conc >= 0 and not sc.choice then
+      local qk = P .. ':q:' .. sc.key
+      if sc.waits then
+        redis.call('ZADD', qk, 'NX', now - prio * 1e6, call_id)
+        keep(qk, 60000)
+        waits = true
+      else
+        redis.call('ZREM', qk, call_id)
+      end
+    end
+  end
+  if waits then redis.call('SET', P .. ':qa:' .. call_id, '1', 'PX', WAIT_ALIVE_MS) end
   local out = {0, fmt(now), first[1], first[2], fmt(first[3]), retry and fmt(retry) or '',
     release and 1 or 0}
   for _, k in ipairs(failing) do out[#out + 1] = k end
@@ -454,6 +494,7 @@ for _, sc in ipairs(scopes) do
       add(P .. ':w:' .. sc.key .. ':' .. win.name, win.period, now, win.amount)
     end
     if sc.conc >= 0 then
+      if not sc.choice then redis.call('ZREM', P .. ':q:' .. sc.key, call_id) end  -- (out of the line)
       redis.call('ZADD', P .. ':c:' .. sc.key, now + lease, call_id)
       keep(P .. ':c:' .. sc.key, math.ceil(lease * 2000))  -- never shortened: other processes' leases may be longer
       cs[#cs + 1] = sc.key
@@ -805,6 +846,14 @@ for _, scope in ipairs(scopes) do
   end
 end
 return n
+"""
+
+#: ARGV: prefix, now|'', call_id, nscopes, [scope]*  -- a caller stopped waiting: out of those lines
+LEAVE = _COMMON + r"""
+local call_id = arg()
+for _ = 1, num() do redis.call('ZREM', P .. ':q:' .. arg(), call_id) end
+redis.call('DEL', P .. ':qa:' .. call_id)
+return 1
 """
 
 #: ARGV: prefix, now|'', call_id, lease_seconds  -- a stream is still delivering: extend its lease

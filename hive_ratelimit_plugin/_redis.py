@@ -176,6 +176,7 @@ class RedisEngine(Engine):
         self._peek_s = client.register_script(_lua.PEEK)
         self._reset = client.register_script(_lua.RESET)
         self._renew = client.register_script(_lua.RENEW)
+        self._leave = client.register_script(_lua.LEAVE)
         self._charge = client.register_script(_lua.CHARGE)
         self._down_since: float | None = None
         self._next_try = 0.0
@@ -200,6 +201,8 @@ class RedisEngine(Engine):
         self._scaled: dict[tuple[str, int, int, float], Any] = {}
         self._fb_keys: dict[str, list[str]] = {}  # spend keys of calls the outage engine admitted
         self._held: dict[str, str] = {}  # call id -> its copy in the outage engine (see _hold_in_flight)
+        # waiting call id -> the scopes whose line across processes it may be in (see ahead_in_line in _lua)
+        self._in_line: dict[str, list[str]] = {}
         self._based: set[tuple[str, str, float]] = set()  # outage budgets seeded from Redis' spend (see _scale)
         # Settled spend Redis last reported per (scope, window kind, window start): where the
         # outage engine's budgets start from (policy "local").
@@ -296,6 +299,7 @@ class RedisEngine(Engine):
         self._renewed = {}
         self._fb_keys = {}
         self._held = {}
+        self._in_line = {}
 
     def _answered(self, args: list[str]) -> None:
         """The write ``args`` was applied (or dropped): this process will not send it again."""
@@ -420,6 +424,7 @@ class RedisEngine(Engine):
                 blocked = self._outage_try(ticket, now)
         except BaseException:
             self._last_block.pop(ticket.call_id, None)
+            self._in_line.pop(ticket.call_id, None)  # (it stops asking: its place goes after a moment)
             raise
         if blocked is None:
             self._last_block.pop(ticket.call_id, None)
@@ -446,7 +451,8 @@ class RedisEngine(Engine):
         args[6] = str(n)
         for key in ticket.spend_keys:
             self._remember_spend_key(key)
-        args.append(self._spend_targets(ticket, starts))
+        targets = self._spend_targets(ticket, starts)
+        args += [targets, str(int(ticket.priority))]
         out = self._call(self._admit, args)
         code = int(out[0])
         rnow = float(out[1])
@@ -456,11 +462,12 @@ class RedisEngine(Engine):
             return t if not self.server_time else local + (t - rnow)
 
         if code == 1:
+            self._in_line.pop(ticket.call_id, None)
             chosen = _unwire(_dec(out[2]))
             ticket.chosen = chosen or None
             res = self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, local + self.lease_seconds, rnow,
                                                               remote=True, record=int(out[3]) == 1,
-                                                              spend_targets=args[-1], local_at=local)
+                                                              spend_targets=targets, local_at=local)
             res.boot = _dec(out[4])  # (the dataset its lease record is in: see boot_id in _lua)
             self._version += 1
             self.admitted_total += 1
@@ -471,6 +478,10 @@ class RedisEngine(Engine):
         text[2:3] = [_unwire(text[2])] if len(text) > 2 else []
         if code == 0:
             scope, why, remaining, retry, release = text[2], text[3], float(text[4]), text[5], text[6] == "1"
+            if release and ticket.call_id not in self._in_line:
+                lines = [_wire(sc.key) for sc in ticket.scopes if states[sc.key].concurrency is not None]
+                if lines:
+                    self._in_line[ticket.call_id] = lines
             retry_at = to_local(float(retry)) if retry else None
             if why == "provider_cooldown" and retry_at is not None and retry_at > ticket.deadline:
                 raise self._timeout(states[scope], "the provider asked to wait", retry_at - local)
@@ -659,8 +670,16 @@ class RedisEngine(Engine):
         return found
 
     def cancel(self, waiter: Any) -> bool:
-        self._last_block.pop(waiter.ticket.call_id, None)
-        return super().cancel(waiter)
+        call_id = waiter.ticket.call_id
+        self._last_block.pop(call_id, None)
+        granted = super().cancel(waiter)
+        lines = self._in_line.pop(call_id, None)
+        if lines and not granted:  # out of the lines across processes at once, not when it stops re-asking
+            try:
+                self._call(self._leave, [self.prefix, "", call_id, str(len(lines)), *lines])
+            except _Down:
+                pass
+        return granted
 
     def next_reclaim(self) -> float | None:
         """Waiters here poll Redis (their retry time includes a poll), which also reclaims leases."""

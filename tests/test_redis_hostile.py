@@ -125,6 +125,7 @@ def test_a_stream_keeps_its_redis_slot_for_a_lease_after_its_last_read(
     clock.advance(29.0)  # just under a lease since the last read
     w = b.acquire(tk("b1", g), None)
     assert w is not None and not w.granted, "another process took the slot of a stream read 29 s ago"
+    b.cancel(w)
     clock.advance(8.6)  # 1.25 leases since the last read, and a little more
     assert b.acquire(tk("b2", g), None) is None
 
@@ -782,6 +783,69 @@ def test_tokens_another_process_gives_back_reach_this_ones_waiters_soon(clock: F
     assert a.release("2", input_tokens=4, output_tokens=4)  # 16 of 30 used now
     clock.advance(0.5)
     b.dispatch()
+    assert w.granted
+
+
+def test_a_busy_process_does_not_keep_a_shared_slot_from_another(clock: FakeClock, redis_prefix: str) -> None:
+    """One slot, process A with a line of callers, process B with one. When A's call ends, A's
+    next caller asks at once while B's only re-asks now and then; B's caller was waiting first,
+    so the slot is B's: the line holds across processes (it used to wait until A ran out of work)."""
+    a, b = engine(clock, redis_prefix), engine(clock, redis_prefix)
+    g = sc(concurrent_requests=1)
+    assert a.acquire(tk("a1", g), nothing) is None
+    wa2 = a.acquire(tk("a2", g), nothing)
+    assert wa2 is not None and not wa2.granted
+    clock.advance(0.01)
+    wb1 = b.acquire(tk("b1", g), nothing)  # behind a2, ahead of what A queues later
+    assert wb1 is not None and not wb1.granted
+    assert a.release("a1")
+    assert wa2.granted  # first in line
+    clock.advance(0.01)
+    wa3 = a.acquire(tk("a3", g), nothing)
+    assert wa3 is not None and not wa3.granted
+    assert a.release("a2")
+    assert not wa3.granted and wa3.blocked is not None and wa3.blocked.limit == "queue"
+    clock.advance(0.1)
+    b.dispatch()  # B re-asks
+    assert wb1.granted
+    assert b.release("b1")
+    clock.advance(0.1)
+    a.dispatch()
+    assert wa3.granted
+    assert a.release("a3")
+
+
+def test_a_caller_that_stops_waiting_leaves_the_line_at_once(clock: FakeClock, redis_prefix: str) -> None:
+    a, b = engine(clock, redis_prefix), engine(clock, redis_prefix)
+    g = sc(concurrent_requests=1)
+    assert a.acquire(tk("a1", g), nothing) is None
+    wb = b.acquire(tk("b1", g), nothing)
+    assert wb is not None and not wb.granted
+    b.cancel(wb)  # a timeout or a cancellation
+    assert a.release("a1")
+    clock.advance(0.01)
+    assert a.acquire(tk("a2", g), nothing) is None
+
+
+def test_a_caller_gone_from_the_line_does_not_hold_it(clock: FakeClock, redis_prefix: str) -> None:
+    """A caller that stopped waiting (timed out, cancelled, its process gone) stops re-asking; its
+    place goes once it has not asked for a moment, and the next caller gets the slot."""
+    import time
+
+    a, b = engine(clock, redis_prefix), engine(clock, redis_prefix)
+    g = sc(concurrent_requests=1)
+    assert a.acquire(tk("a1", g), nothing) is None
+    wb = b.acquire(tk("b1", g), nothing)
+    assert wb is not None and not wb.granted
+    b._in_line.clear()  # as if B's process were gone: nothing tells Redis
+    b.cancel(wb)
+    assert a.release("a1")
+    clock.advance(0.01)
+    w = a.acquire(tk("a2", g), nothing)
+    assert w is not None and w.blocked is not None and w.blocked.limit == "queue"  # b1 may still ask
+    time.sleep(1.6)  # (Redis' own clock: b1 has not asked for longer than a caller waiting does)
+    clock.advance(0.1)
+    a.dispatch()
     assert w.granted
 
 
