@@ -633,6 +633,25 @@ class Engine:
         """A state left ``_states`` (eviction, reconfiguration): drop the per-plan cache."""
         self._plan_states.clear()
 
+    def forget(self, call_id: str) -> None:
+        """Drop a reservation without settling it (no spend, no events): its slots and budget
+        reservation come back. For a copy of a call that is counted elsewhere."""
+        with self._lock:
+            res = self._leases.pop(call_id, None)
+            if res is None:
+                return
+            if not res.slot_freed:
+                for st in res.states:
+                    st.in_flight = max(st.in_flight - 1, 0)
+            cost = res.ticket.cost
+            for st in res.layout.budgeted:
+                st.reserved_cost = max(st.reserved_cost - cost, 0.0)
+                st.reserved_requests = max(st.reserved_requests - 1, 0)
+            for st in res.states:
+                if st.probe == call_id:
+                    st.probe = None
+            self._version += 1
+
     def relimit(self, limits_for: Callable[[str, str], LimitSet | None], generation: int,
                 levels: Collection[str]) -> None:
         """After a configuration change: give every scope of ``levels`` the limits it now has,

@@ -595,6 +595,9 @@ if has_record then
       return {0, fmt(now)}  -- settled before, or reclaimed (its worst case charged)
     end
     lost = true  -- gone with the data it was in (a restart without persistence): charged below
+    -- and marked settled, so that this settlement sent again (its answer lost) charges nothing
+    redis.call('HSET', P .. ':l:' .. call_id, 'at', fmt(at_arg or now), 'done', 'settled')
+    redis.call('PEXPIRE', P .. ':l:' .. call_id, 2 * 86400 * 1000)
   end
 end
 if has_record and not lost then

@@ -424,7 +424,7 @@ class RedisEngine(Engine):
                 blocked = self._outage_try(ticket, now)
         except BaseException:
             self._last_block.pop(ticket.call_id, None)
-            self._in_line.pop(ticket.call_id, None)  # (it stops asking: its place goes after a moment)
+            self._leave_lines(ticket.call_id)  # (refused for good: it will not ask again)
             raise
         if blocked is None:
             self._last_block.pop(ticket.call_id, None)
@@ -485,12 +485,11 @@ class RedisEngine(Engine):
             retry_at = to_local(float(retry)) if retry else None
             if why == "provider_cooldown" and retry_at is not None and retry_at > ticket.deadline:
                 raise self._timeout(states[scope], "the provider asked to wait", retry_at - local)
-            frees_at = None
+            frees_at = retry_at  # (what a caller told to come back later is told, whatever the polls)
             if release:  # waits for another call (maybe in another process) to finish: re-ask soon
                 poll = local + random.uniform(POLL_MIN, POLL_MAX)
                 retry_at = poll if retry_at is None else min(retry_at, poll)
             elif retry_at is not None and "tokens" in why:
-                frees_at = retry_at
                 retry_at = min(retry_at, local + random.uniform(REFUND_POLL_MIN, REFUND_POLL_MAX))
             return Blocked(scope, why, remaining, retry_at, frozenset(map(_unwire, text[7:])) or frozenset({scope}),
                            frees_at=frees_at)
@@ -568,6 +567,7 @@ class RedisEngine(Engine):
                 self.admitted_total += 1
         if blocked is None:
             self._owe_hits(ticket, now)
+            self._in_line.pop(ticket.call_id, None)
         if blocked is not None and blocked.retry_at is None:
             blocked.retry_at = now + random.uniform(POLL_MIN, POLL_MAX)
         return blocked
@@ -600,7 +600,7 @@ class RedisEngine(Engine):
         with self._lock:
             held, self._held = self._held, {}
         for copy_id in held.values():
-            self.fallback.release(copy_id)
+            self.fallback.forget(copy_id)  # (not settled: the call's own settlement goes to Redis)
 
     def _hold_in_flight(self, now: float) -> None:
         """At the start of an outage, copy this process' calls in flight that Redis admitted into
@@ -673,13 +673,20 @@ class RedisEngine(Engine):
         call_id = waiter.ticket.call_id
         self._last_block.pop(call_id, None)
         granted = super().cancel(waiter)
+        if granted:
+            self._in_line.pop(call_id, None)
+        else:
+            self._leave_lines(call_id)
+        return granted
+
+    def _leave_lines(self, call_id: str) -> None:
+        """Out of the lines across processes at once, not when it has stopped asking for a while."""
         lines = self._in_line.pop(call_id, None)
-        if lines and not granted:  # out of the lines across processes at once, not when it stops re-asking
+        if lines:
             try:
                 self._call(self._leave, [self.prefix, "", call_id, str(len(lines)), *lines])
-            except _Down:
+            except Exception:  # (Redis gone: the place goes by itself)
                 pass
-        return granted
 
     def next_reclaim(self) -> float | None:
         """Waiters here poll Redis (their retry time includes a poll), which also reclaims leases."""

@@ -689,6 +689,64 @@ def test_back_to_back_outages_keep_the_first_ones_spend(clock: FakeClock, redis_
         eng.acquire(tk("o2", g, cost=1.5), nothing)  # 1.2 + 1.5 > 2.0
 
 
+def test_a_lost_records_settlement_sent_again_counts_once(clock: FakeClock, redis_prefix: str) -> None:
+    """The settlement of a record a restart lost runs, but its answer is lost: sent again, it
+    charges nothing more."""
+    eng = engine(clock, redis_prefix)
+    switch = Switch(eng)
+    g = sc(max_cost_per_day=10.0, concurrent_requests=5)
+    assert eng.acquire(tk(1, g, cost=0.5), nothing) is None
+    client: Any = redis_client()
+    client.delete(*client.scan_iter(match="{" + redis_prefix + "}*", count=1000))  # the restart
+    switch.mode = "lost_reply"
+    assert eng.release("1", cost=0.3)
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.spend("global", "day")[:2] == (pytest.approx(0.3), 1)
+
+
+def test_recovery_announces_no_budget_warning_for_calls_still_in_flight(clock: FakeClock, redis_prefix: str) -> None:
+    """The outage engine's copies of calls Redis admitted are dropped when Redis answers again,
+    not settled at their worst case (which crossed warning thresholds that were never crossed)."""
+    events: list[dict[str, Any]] = []
+    eng = engine(clock, redis_prefix, local_share=1.0, warning_thresholds=(0.5, 0.8), on_event=events.extend)
+    switch = Switch(eng)
+    g = sc(max_cost_per_day=1.0)
+    assert eng.acquire(tk("seen", g, cost=0.4), nothing) is None
+    assert eng.release("seen", cost=0.4)
+    assert eng.acquire(tk("long", g, cost=0.6), nothing) is None
+    switch.mode = "refuse"
+    eng.spend("global", "day")  # the outage, noticed: "long" is held there
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    eng.spend("global", "day")  # Redis again
+    assert not eng._held and not eng.fallback._leases
+    assert eng.release("long", cost=0.01)
+    assert not [e for e in events if e["type"].startswith("budget")]
+    assert eng.spend("global", "day")[:2] == (pytest.approx(0.41), 2)
+
+
+def test_a_line_head_refused_for_good_leaves_the_line_at_once(clock: FakeClock, redis_prefix: str) -> None:
+    """A caller first in line for a slot that is then refused for good (its budget is spent)
+    takes its place with it: the next caller gets the free slot at once, not 1.5 s later."""
+    from hive_ratelimit_plugin.errors import BudgetExceededError
+
+    a, b = engine(clock, redis_prefix), engine(clock, redis_prefix)
+    g = sc(concurrent_requests=1)
+    agent = sc("agent:b", "agent", max_cost_per_day=1.0)
+    assert a.acquire(tk("a1", g), nothing) is None
+    wb = b.acquire(tk("b1", g, agent, cost=0.5), nothing)
+    assert wb is not None and not wb.granted
+    assert b.acquire(tk("b0", agent, cost=0.9), nothing) is None
+    assert b.release("b0", cost=0.9)  # the agent's budget is spent now
+    clock.advance(0.1)
+    b.dispatch()  # b1 asks again: refused for good
+    assert isinstance(wb.error, BudgetExceededError)
+    assert a.release("a1")
+    clock.advance(0.01)
+    assert a.acquire(tk("a2", g), nothing) is None
+
+
 def test_local_policy_does_not_reopen_a_spent_budget(clock: FakeClock, redis_prefix: str) -> None:
     """During an outage (policy local) a process keeps each budget from the spend Redis last
     reported, allowing itself local_share of what was left; a budget it never saw is refused."""
