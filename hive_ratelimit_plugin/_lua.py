@@ -423,6 +423,7 @@ local function check(sc)
       release = true
       first = first or {sc.key, 'concurrent_requests', 0}
       sc.waits = not sc.choice
+      sc.full = true
     elseif not sc.choice and ahead_in_line(sc) then
       release = true
       first = first or {sc.key, 'queue', 0}
@@ -457,6 +458,28 @@ for _, sc in ipairs(scopes) do
     if r ~= nil and (retry == nil or r > retry) then retry = r end
   end
 end
+-- API keys with concurrency limits: one line for the provider's keys (a slot on any of them will do).
+local keyline = nil
+for _, sc in ipairs(scopes) do
+  if sc.choice and sc.conc >= 0 then
+    for _, c in ipairs(scopes) do
+      if c.choice then keyline = {key = c.key .. ':keys', waits = false}; break end
+    end
+    break
+  end
+end
+if keyline then
+  if chosen ~= nil then
+    if ahead_in_line(keyline) then
+      keyline.waits = true
+      failing[#failing + 1] = chosen.key
+      first = first or {chosen.key, 'queue', 0}
+      release = true
+    end
+  else
+    for _, sc in ipairs(scopes) do if sc.choice and sc.full then keyline.waits = true end end
+  end
+end
 if (alt_any or alt_err) and chosen == nil then
   if alt_err and not alt_first then return alt_err end
   for _, sc in ipairs(scopes) do if sc.choice then failing[#failing + 1] = sc.key end end
@@ -467,16 +490,19 @@ end
 if first ~= nil then
   -- In line where a slot is what it waits for (keeping its place); out of the line elsewhere.
   local waits = false
+  local lines = {}
   for _, sc in ipairs(scopes) do
-    if sc.conc >= 0 and not sc.choice then
-      local qk = P .. ':q:' .. sc.key
-      if sc.waits then
-        redis.call('ZADD', qk, 'NX', now - prio * 1e6, call_id)
-        keep(qk, 60000)
-        waits = true
-      else
-        redis.call('ZREM', qk, call_id)
-      end
+    if sc.conc >= 0 and not sc.choice then lines[#lines + 1] = sc end
+  end
+  if keyline then lines[#lines + 1] = keyline end
+  for _, sc in ipairs(lines) do
+    local qk = P .. ':q:' .. sc.key
+    if sc.waits then
+      redis.call('ZADD', qk, 'NX', now - prio * 1e6, call_id)
+      keep(qk, 60000)
+      waits = true
+    else
+      redis.call('ZREM', qk, call_id)
     end
   end
   if waits then redis.call('SET', P .. ':qa:' .. call_id, '1', 'PX', WAIT_ALIVE_MS) end
@@ -487,6 +513,7 @@ if first ~= nil then
 end
 
 -- Admit: record usage and reservations in every scope, in one step.
+if keyline then redis.call('ZREM', P .. ':q:' .. keyline.key, call_id) end
 local bs, cs, pr = {}, {}, {}
 for _, sc in ipairs(scopes) do
   if (not sc.choice) or sc == chosen then

@@ -480,6 +480,8 @@ class RedisEngine(Engine):
             scope, why, remaining, retry, release = text[2], text[3], float(text[4]), text[5], text[6] == "1"
             if release and ticket.call_id not in self._in_line:
                 lines = [_wire(sc.key) for sc in ticket.scopes if states[sc.key].concurrency is not None]
+                if ticket.choices and any(states[c.key].concurrency is not None for c in ticket.choices):
+                    lines.append(_wire(ticket.choices[0].key) + ":keys")  # (the keys' line: see _lua)
                 if lines:
                     self._in_line[ticket.call_id] = lines
             retry_at = to_local(float(retry)) if retry else None

@@ -873,6 +873,36 @@ def test_a_busy_process_does_not_keep_a_shared_slot_from_another(clock: FakeCloc
     assert a.release("a3")
 
 
+def test_a_busy_process_does_not_keep_an_api_keys_slot_from_another(clock: FakeClock, redis_prefix: str) -> None:
+    """The same with the slot on an API key (a provider's keys share one line: a slot on any of
+    them will do)."""
+    def kt(n: str) -> Ticket:
+        return Ticket(n, [sc()], choices=[sc("key:openai/K1", "key", concurrent_requests=1)], spend_keys=["global"])
+
+    a, b = engine(clock, redis_prefix), engine(clock, redis_prefix)
+    assert a.acquire(kt("a1"), nothing) is None
+    wa2 = a.acquire(kt("a2"), nothing)
+    assert wa2 is not None and not wa2.granted
+    clock.advance(0.01)
+    wb1 = b.acquire(kt("b1"), nothing)
+    assert wb1 is not None and not wb1.granted
+    assert a.release("a1")
+    assert wa2.granted
+    clock.advance(0.01)
+    wa3 = a.acquire(kt("a3"), nothing)
+    assert wa3 is not None and not wa3.granted
+    assert a.release("a2")
+    assert not wa3.granted and wa3.blocked is not None and wa3.blocked.limit == "queue"
+    clock.advance(0.1)
+    b.dispatch()
+    assert wb1.granted and wb1.ticket.chosen == "key:openai/K1"
+    assert b.release("b1")
+    clock.advance(0.1)
+    a.dispatch()
+    assert wa3.granted
+    assert a.release("a3")
+
+
 def test_a_caller_that_stops_waiting_leaves_the_line_at_once(clock: FakeClock, redis_prefix: str) -> None:
     a, b = engine(clock, redis_prefix), engine(clock, redis_prefix)
     g = sc(concurrent_requests=1)
