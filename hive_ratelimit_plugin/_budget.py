@@ -32,6 +32,12 @@ def money_text(amount: float, decimals: int = 2) -> str:
     return f"{amount:,.{decimals}f}"
 
 
+def money(amount: float, currency: str) -> str:
+    """``$1.25`` in US dollars, ``1.25 EUR`` otherwise (see :func:`money_text`)."""
+    text = money_text(amount)
+    return f"${text}" if currency == "USD" else f"{text} {currency}"
+
+
 class Calendar:
     """Start and end of the current hour, day and month in a time zone, cached until the hour ends."""
 

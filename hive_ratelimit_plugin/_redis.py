@@ -57,6 +57,13 @@ _HELD = "\0held:"
 _NOT_BACK_YET = frozenset({"BUSY", "OOM", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS"})
 
 
+def _charged_scopes(t: Ticket) -> list[Any]:
+    """The scopes an admitted call counts against: its own, and the API key it was given."""
+    if t.chosen is None or not t.choices:
+        return list(t.scopes)
+    return [*t.scopes, *(c for c in t.choices if c.key == t.chosen)]
+
+
 def safe_url(url: str) -> str:
     """A Redis URL without its password (for logs and errors)."""
     import re
@@ -380,12 +387,9 @@ class RedisEngine(Engine):
 
     def _owe_hits(self, ticket: Ticket, now: float) -> None:
         """An admission by the outage engine: the windows it charged there, for Redis later."""
-        scopes = list(ticket.scopes)
-        if ticket.choices and ticket.chosen:
-            scopes += [s for s in ticket.choices if s.key == ticket.chosen]
         tin, tout = ticket.input_tokens, ticket.output_tokens
         windows = []
-        for scope in scopes:
+        for scope in _charged_scopes(ticket):
             st = self._state(scope, now)
             for ws, amount in ((st.requests, 1), (st.tokens, tin + tout), (st.input, tin), (st.output, tout)):
                 for w in ws:
@@ -617,11 +621,8 @@ class RedisEngine(Engine):
             if not res.remote or res.settled or cid in self._held:
                 continue
             t = res.ticket
-            scopes = list(t.scopes)
-            if t.choices and t.chosen:
-                scopes += [s for s in t.choices if s.key == t.chosen]
             try:
-                scaled = [self._scale(s, starts, now) for s in scopes]
+                scaled = [self._scale(s, starts, now) for s in _charged_scopes(t)]
             except HiveRateLimitError:
                 continue  # a budget this process cannot keep on its own: its next admission says so
             held = Ticket(_HELD + cid, scaled, t.input_tokens, t.output_tokens, t.priority, t.info, t.cost, None,
@@ -804,9 +805,7 @@ class RedisEngine(Engine):
                 _num(self.pace_default), str(self.circuit_threshold), _num(self.circuit_cooldown),
                 _num(self.circuit_max_cooldown), "1" if self.adaptive else "0", _num(self.adaptive_decrease),
                 "10", str(len(self.thresholds)), *(_num(x) for x in self.thresholds)]
-        scopes = list(t.scopes)
-        if t.chosen is not None and t.choices:
-            scopes += [c for c in t.choices if c.key == t.chosen]
+        scopes = _charged_scopes(t)
         now = self.clock()
         args.append(str(len(scopes)))
         # The provider limits per API key: a 429 cools that key only; the others carry on.
@@ -940,9 +939,7 @@ class RedisEngine(Engine):
                 return
             args = [self.prefix, self._now_arg(), ""]
             n = 0
-            t = res.ticket
-            chosen = [c for c in t.choices or () if c.key == t.chosen]  # the API key it was given counts too
-            for scope in [*t.scopes, *chosen]:
+            for scope in _charged_scopes(res.ticket):  # the API key it was given counts too
                 for w in self._state(scope, now).requests:
                     args += [_wire(scope.key), w.name, _num(w.period), "1"]
                     n += 1

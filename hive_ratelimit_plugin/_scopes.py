@@ -211,11 +211,9 @@ class ScopeResolver:
         out: list[Scope] = []
         if not self.global_limits.is_empty():
             out.append(Scope("global", "global", self.global_limits, self.generation))
-        pconf = cfg.providers.get(provider)
-        if pconf is not None:
-            own = LimitSet.model_validate({k: getattr(pconf, k) for k in LimitSet.model_fields})
-            if not own.is_empty():
-                out.append(Scope("provider", f"provider:{provider}", own, self.generation))
+        own = self._provider_limits(provider)
+        if not own.is_empty():
+            out.append(Scope("provider", f"provider:{provider}", own, self.generation))
         found = self._model_limits(provider, model)
         bare = split_model(model, provider)
         # The model scope is always there, limits or not: it carries the provider's signals
@@ -229,15 +227,13 @@ class ScopeResolver:
         ):
             if name is None:
                 continue
-            hit = match_name(table, name)
-            if hit is None:
-                hit = match_name(table, "*") if "*" in table else None
-            if hit is not None:
-                limits = LimitSet.model_validate({k: getattr(hit[1], k) for k in LimitSet.model_fields})
+            found_block = self._block(level, table, name)
+            if found_block is not None:
+                block, limits = found_block
                 if not limits.is_empty():
                     out.append(Scope(level, f"{level}:{name}", limits, self.generation))
-                if level == "agent" and isinstance(hit[1], AgentLimits):
-                    run_scope = self._run_scope(name, ident.run_id, hit[1])
+                if level == "agent" and isinstance(block, AgentLimits):
+                    run_scope = self._run_scope(name, ident.run_id, block)
                     if run_scope is not None:
                         out.append(run_scope)
         self._cache[cache_key] = out
@@ -251,10 +247,7 @@ class ScopeResolver:
             return self.global_limits
         name = key.split(":", 1)[1] if ":" in key else key
         if level == "provider":
-            pconf = cfg.providers.get(name)
-            if pconf is None:
-                return _NO_LIMITS
-            return LimitSet.model_validate({k: getattr(pconf, k) for k in LimitSet.model_fields})
+            return self._provider_limits(name)
         if level == "model":
             provider, _, model = name.partition("/")
             found = self._model_limits(provider, model)
@@ -263,16 +256,29 @@ class ScopeResolver:
         table = tables.get(level)
         if table is None:
             return None
+        found_block = self._block(level, table, name)
+        return found_block[1] if found_block is not None else _NO_LIMITS
+
+    def _provider_limits(self, provider: str) -> LimitSet:
+        """A provider block's own (provider-wide) limits; none without a block."""
+        pconf = self.config.providers.get(provider)
+        if pconf is None:
+            return _NO_LIMITS
+        return LimitSet.model_validate({k: getattr(pconf, k) for k in LimitSet.model_fields})
+
+    def _block(self, level: str, table: dict[str, Any], name: str) -> tuple[Any, LimitSet] | None:
+        """The block of an agents/users/teams ``table`` that ``name`` falls under (its own key, a
+        glob, else ``*``) and that block's limits (one object per block, however many names)."""
         hit = match_name(table, name)
         if hit is None:
             hit = match_name(table, "*") if "*" in table else None
         if hit is None:
-            return _NO_LIMITS
+            return None
         limits = self._table_limits.get((level, hit[0]))
-        if limits is None:  # (one per block, however many names it matches)
+        if limits is None:
             limits = LimitSet.model_validate({k: getattr(hit[1], k) for k in LimitSet.model_fields})
             self._table_limits[(level, hit[0])] = limits
-        return limits
+        return hit[1], limits
 
     def choices(self, provider: str) -> list[Scope] | None:
         """The provider's API keys as scopes to choose from (``None`` if it has none configured)."""

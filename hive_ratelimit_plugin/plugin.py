@@ -36,7 +36,7 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from . import _fork, _observe
 from . import status as _status
-from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys, money_text
+from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys, money
 from ._engine import NEVER, Engine, Ticket
 from ._ledger import Ledger
 from ._pricing import PriceBook
@@ -144,11 +144,6 @@ def _strip_none(value: Any) -> Any:
     return value
 
 
-def _money(amount: float, currency: str) -> str:
-    text = money_text(amount)
-    return f"${text}" if currency == "USD" else f"{text} {currency}"
-
-
 def _who(scope: str) -> str:
     level, _, name = scope.partition(":")
     return "global" if level == "global" else f"{level} {name}"
@@ -160,7 +155,7 @@ def _log_event(event: dict[str, Any]) -> None:
         logger.warning(
             "%d%% of %s budget consumed: %s of %s (%s)",
             round(event["threshold"] * 100), WINDOW_ADJECTIVE.get(event["window"], event["window"]),
-            _money(event["spent"], event["currency"]), _money(event["limit"], event["currency"]),
+            money(event["spent"], event["currency"]), money(event["limit"], event["currency"]),
             _who(event["scope"]),
         )
     elif kind == "budget_exceeded":
@@ -168,7 +163,7 @@ def _log_event(event: dict[str, Any]) -> None:
             "%s budget spent: %s of %s (%s); calls there are stopped until the window rolls over or "
             "the budget is raised or reset",
             WINDOW_ADJECTIVE.get(event["window"], event["window"]).capitalize(),
-            _money(event["spent"], event["currency"]), _money(event["limit"], event["currency"]),
+            money(event["spent"], event["currency"]), money(event["limit"], event["currency"]),
             _who(event["scope"]),
         )
     elif kind == "runaway_detected":

@@ -395,10 +395,9 @@ def _num(value: float) -> str:
 
 
 def _money(amount: float, currency: str) -> str:
-    from ._budget import money_text
+    from ._budget import money
 
-    text = money_text(amount)  # never a misleading $0.00
-    return f"${text}" if currency == "USD" else f"{text} {currency}"
+    return money(amount, currency)  # (never a misleading $0.00)
 
 
 def _pct_text(pct: float) -> str:

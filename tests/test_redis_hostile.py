@@ -844,58 +844,36 @@ def test_tokens_another_process_gives_back_reach_this_ones_waiters_soon(clock: F
     assert w.granted
 
 
-def test_a_busy_process_does_not_keep_a_shared_slot_from_another(clock: FakeClock, redis_prefix: str) -> None:
+@pytest.mark.parametrize("slot_on", ["scope", "api_key"])
+def test_a_busy_process_does_not_keep_a_shared_slot_from_another(slot_on: str, clock: FakeClock,
+                                                                 redis_prefix: str) -> None:
     """One slot, process A with a line of callers, process B with one. When A's call ends, A's
     next caller asks at once while B's only re-asks now and then; B's caller was waiting first,
-    so the slot is B's: the line holds across processes (it used to wait until A ran out of work)."""
+    so the slot is B's: the line holds across processes (it used to wait until A ran out of work).
+    The same with the slot on an API key (a provider's keys share one line: a slot on any of
+    them will do)."""
+    def ticket(n: str) -> Ticket:
+        if slot_on == "scope":
+            return tk(n, sc(concurrent_requests=1))
+        return Ticket(n, [sc()], choices=[sc("key:openai/K1", "key", concurrent_requests=1)], spend_keys=["global"])
+
     a, b = engine(clock, redis_prefix), engine(clock, redis_prefix)
-    g = sc(concurrent_requests=1)
-    assert a.acquire(tk("a1", g), nothing) is None
-    wa2 = a.acquire(tk("a2", g), nothing)
+    assert a.acquire(ticket("a1"), nothing) is None
+    wa2 = a.acquire(ticket("a2"), nothing)
     assert wa2 is not None and not wa2.granted
     clock.advance(0.01)
-    wb1 = b.acquire(tk("b1", g), nothing)  # behind a2, ahead of what A queues later
+    wb1 = b.acquire(ticket("b1"), nothing)  # behind a2, ahead of what A queues later
     assert wb1 is not None and not wb1.granted
     assert a.release("a1")
     assert wa2.granted  # first in line
     clock.advance(0.01)
-    wa3 = a.acquire(tk("a3", g), nothing)
+    wa3 = a.acquire(ticket("a3"), nothing)
     assert wa3 is not None and not wa3.granted
     assert a.release("a2")
     assert not wa3.granted and wa3.blocked is not None and wa3.blocked.limit == "queue"
     clock.advance(0.1)
     b.dispatch()  # B re-asks
-    assert wb1.granted
-    assert b.release("b1")
-    clock.advance(0.1)
-    a.dispatch()
-    assert wa3.granted
-    assert a.release("a3")
-
-
-def test_a_busy_process_does_not_keep_an_api_keys_slot_from_another(clock: FakeClock, redis_prefix: str) -> None:
-    """The same with the slot on an API key (a provider's keys share one line: a slot on any of
-    them will do)."""
-    def kt(n: str) -> Ticket:
-        return Ticket(n, [sc()], choices=[sc("key:openai/K1", "key", concurrent_requests=1)], spend_keys=["global"])
-
-    a, b = engine(clock, redis_prefix), engine(clock, redis_prefix)
-    assert a.acquire(kt("a1"), nothing) is None
-    wa2 = a.acquire(kt("a2"), nothing)
-    assert wa2 is not None and not wa2.granted
-    clock.advance(0.01)
-    wb1 = b.acquire(kt("b1"), nothing)
-    assert wb1 is not None and not wb1.granted
-    assert a.release("a1")
-    assert wa2.granted
-    clock.advance(0.01)
-    wa3 = a.acquire(kt("a3"), nothing)
-    assert wa3 is not None and not wa3.granted
-    assert a.release("a2")
-    assert not wa3.granted and wa3.blocked is not None and wa3.blocked.limit == "queue"
-    clock.advance(0.1)
-    b.dispatch()
-    assert wb1.granted and wb1.ticket.chosen == "key:openai/K1"
+    assert wb1.granted and wb1.ticket.chosen == (None if slot_on == "scope" else "key:openai/K1")
     assert b.release("b1")
     clock.advance(0.1)
     a.dispatch()
