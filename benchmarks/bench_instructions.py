@@ -54,6 +54,7 @@ MODES = {
     "hive": "HiveLimiter, 6 levels",
     "hive2": "HiveLimiter, 2 levels (the specification's example limits)",
     "hooks": "HiveLimiter's code alone (guard + hooks, no LiteLLM call)",
+    "hooks2": "HiveLimiter's code alone, 2 levels",
 }
 
 
@@ -115,7 +116,7 @@ def _child(mode: str, n: int) -> None:
 
     plugin_mod.install_sync_guard()  # installed in every mode; it passes calls through without a limiter
     warm = 30
-    if mode == "hooks":
+    if mode in ("hooks", "hooks2"):
         # A response like the mock call's, built without a LiteLLM call: LiteLLM's background
         # threads would otherwise keep working during this mode, in proportion to its wall time.
         response = litellm.ModelResponse(
@@ -123,7 +124,7 @@ def _child(mode: str, n: int) -> None:
             choices=[{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
             usage=litellm.Usage(prompt_tokens=10, completion_tokens=1, total_tokens=11),
         )
-        lim = HiveLimiter(config=_config())
+        lim = HiveLimiter(config=_config(6 if mode == "hooks" else 2))
         litellm.callbacks[:] = [lim]
 
         async def inner(**kwargs: Any) -> Any:

@@ -286,10 +286,27 @@ class _Reservation:
 
 
 def _charged(states: list[ScopeState]) -> list[tuple[int, SlidingWindow]]:
-    """Every window of ``states`` with what it counts (REQ, ALL, IN, OUT), grouped by that: what an
-    admission charges, in the order it charges them."""
-    return [(code, w) for code, metric in ((REQ, "requests"), (ALL, "tokens"), (IN, "input"), (OUT, "output"))
+    """Every window of ``states`` with what it counts (REQ, ALL, IN, OUT): what an admission
+    charges, in the order it charges them (by kind, then by bucket width, so that each run of
+    windows of one kind and width is contiguous: see :func:`_runs`)."""
+    prog = [(code, w) for code, metric in ((REQ, "requests"), (ALL, "tokens"), (IN, "input"), (OUT, "output"))
             for st in states for w in getattr(st, metric)]
+    widths: dict[float, int] = {}
+    for _, w in prog:
+        widths.setdefault(w.width, len(widths))
+    return sorted(prog, key=lambda cw: (cw[0], widths[cw[1].width]))  # (stable: states keep their order)
+
+
+def _runs(prog: list[tuple[int, SlidingWindow]]) -> tuple[tuple[int, float, list[SlidingWindow]], ...]:
+    """``prog`` as runs of (kind, bucket width, windows), in its order: the hot loops work out a
+    run's bucket index once rather than per window."""
+    runs: list[tuple[int, float, list[SlidingWindow]]] = []
+    for code, w in prog:
+        if runs and runs[-1][0] == code and runs[-1][1] == w.width:
+            runs[-1][2].append(w)
+        else:
+            runs.append((code, w.width, [w]))
+    return tuple(runs)
 
 
 def _signals_of(states: list[ScopeState]) -> list[ScopeState]:
@@ -302,15 +319,15 @@ class _Layout:
     """What admitting a call of one plan (one list of scopes) needs, worked out once: the scopes'
     states, every window to charge, and which states have slots, budgets or provider signals."""
 
-    __slots__ = ("budgeted", "fast", "groups", "prog", "scopes", "signals", "slots", "stamped", "states")
+    __slots__ = ("budgeted", "fast", "prog", "runs", "scopes", "signals", "slots", "stamped", "states")
 
     def __init__(self, scopes: list[Scope], states: list[ScopeState], now: float = 0.0) -> None:
         self.scopes = scopes  # held, so that the id() it is cached under is never reused
         self.states = states
         self.stamped = now  # when its states' last_used were last set
         self.prog = _charged(states)
-        # The same windows as one list per kind (REQ, ALL, IN, OUT), for admission's loop.
-        self.groups = tuple([w for c, w in self.prog if c == code] for code in (REQ, ALL, IN, OUT))
+        # The same windows as runs of one kind and bucket width, for the hot loops.
+        self.runs = _runs(self.prog)
         self.signals = _signals_of(states)
         self.slots = [st for st in states if st.concurrency is not None]
         self.budgeted = [st for st in states if st.budgets]
@@ -727,10 +744,10 @@ class Engine:
                     return False
         tin = ticket.input_tokens
         tout = ticket.output_tokens
-        width = -1.0
-        index = -1
-        req, tall, inp, out = layout.groups
-        for windows, amount in ((req, 1), (tall, tin + tout), (inp, tin), (out, tout)):
+        amounts = (1, tin + tout, tin, tout)
+        for code, width, windows in layout.runs:
+            amount = amounts[code]
+            index = int(now // width)
             for w in windows:  # expire, check and SlidingWindow.add() inlined: this runs ~10x per call
                 if now >= w.next_expiry:
                     w.expire(now)
@@ -738,9 +755,6 @@ class Engine:
                 if total > w.limit * share:
                     self._undo(layout, w, ticket, now)
                     return False
-                if w.width != width:  # most windows share a period: one division per period
-                    width = w.width
-                    index = int(now // width)
                 if w.ci == index:  # the newest bucket: SlidingWindow.add()'s usual case
                     w.cur += amount
                     w.total = total
@@ -1022,9 +1036,11 @@ class Engine:
                 now = self.clock()
                 if now >= self._next_sweep or self._front:
                     return False
-                if not self._try_fast(ticket, now):
+                layout = self._layout(ticket.scopes, now)  # (_try_fast, inlined)
+                if not layout.fast or not self._admit_fast(ticket, layout, now):
                     return False
-                self._took_room_now(ticket, now)
+                if self._heads:
+                    self._took_room_now(ticket, now)
             return True
         finally:  # (a budget breaker raises, with its event queued)
             if self._out_rows or self._out_events:
@@ -1510,33 +1526,31 @@ class Engine:
                   actual_out - t.output_tokens)
         short = elapsed <= margin
         admitted = res.admitted_at
-        width = -1.0
-        index = current = -1
         layout = res.layout
-        for code, window in layout.prog:
-            if window.width != width:  # most windows share a period: one division each
-                width = window.width
-                index = int(admitted // width)  # the bucket admission charged
-                current = int(now // width)
+        for code, width, windows in layout.runs:
+            index = int(admitted // width)  # the bucket admission charged
             if code == REQ:
                 # Count the request from when it may have reached the provider, not from its
                 # admission: the HTTP request goes out (and lands) some time after admission,
                 # and a provider enforcing an exact window counts it from its arrival. It can
                 # only move if it was admitted in an earlier bucket than now's (the time it
                 # moves to lies between its admission and now).
-                if current == index or not margin:
+                if not margin or int(now // width) == index:
                     continue
-                if short and elapsed <= window.period / 2:
-                    # Done soon after the send: it had arrived by now, so count it from now.
-                    # (A stalled event loop can hold a fast call's bytes for 100+ ms.)
-                    window.move(now, index, 1, now)
-                else:  # a long call (generation time): it arrived early on
-                    to = start + min(margin, window.period / 10)
-                    if int(to // width) != index:
-                        window.move(now, index, 1, to)
+                for window in windows:
+                    if short and elapsed <= window.period / 2:
+                        # Done soon after the send: it had arrived by now, so count it from now.
+                        # (A stalled event loop can hold a fast call's bytes for 100+ ms.)
+                        window.move(now, index, 1, now)
+                    else:  # a long call (generation time): it arrived early on
+                        to = start + min(margin, window.period / 10)
+                        if int(to // width) != index:
+                            window.move(now, index, 1, to)
                 continue
             delta = deltas[code]
-            if delta:
+            if not delta:
+                continue
+            for window in windows:
                 if window.ci == index and now < window.next_expiry:
                     cur = window.cur  # SlidingWindow.adjust(), its usual case inlined
                     applied = delta if delta > -cur else -cur

@@ -131,6 +131,12 @@ async def acquire_async(engine: Engine, ticket: Ticket, max_wait: float) -> floa
     """
     if engine.admit_now(ticket):
         return 0.0
+    return await queue_async(engine, ticket, max_wait)
+
+
+async def queue_async(engine: Engine, ticket: Ticket, max_wait: float) -> float:
+    """:func:`acquire_async` for a ticket that :meth:`Engine.admit_now` has just turned down (the
+    hot path calls that first itself, and awaits this only when it must wait)."""
     box: list[asyncio.Future[None]] = []
 
     def wake() -> None:

@@ -44,7 +44,7 @@ from ._retry import backoff, is_rate_limit, is_transient, read_signals, response
 from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
 from ._tokens import count_input, count_messages, count_response_input, requested_output
-from ._waiting import acquire_async, acquire_sync
+from ._waiting import acquire_sync, queue_async
 from .config import RateLimitingConfig, load_config
 from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
 
@@ -911,7 +911,9 @@ class HiveLimiter(CustomLogger):
             if ticket is None:
                 return None
             try:
-                waited = await acquire_async(self._engine, ticket, self._max_wait())
+                eng = self._engine
+                # (admitted at once, the usual case: no coroutine for the wait)
+                waited = 0.0 if eng.admit_now(ticket) else await queue_async(eng, ticket, self._max_wait())
             except RateLimitQueueTimeout as exc:
                 self._emit(_timeout_event(ticket, exc, self._engine.wall()))
                 raise

@@ -360,3 +360,38 @@ def test_long_cooldown_outlives_idle_eviction(clock: FakeClock, make_engine: Any
     w = eng.acquire(ticket("c", m), Woken())
     assert w is not None and w.blocked is not None and w.blocked.limit == "provider_cooldown"
     assert w.retry_at == pytest.approx(1000.0 + 300.0)
+
+
+@pytest.mark.parametrize("full", ["requests_per_day", "tokens_per_second", "input_tokens_per_minute",
+                                  "output_tokens_per_minute"])
+def test_a_refusal_leaves_every_window_as_it_was(full: str, clock: FakeClock) -> None:
+    """Admission charges windows kind by kind and period by period, and takes its charges back
+    when a later window has no room: whichever window is full, every other one is left exactly
+    as it was (and the call, once it fits, is charged in every window once)."""
+    eng = Engine(clock=clock)
+    limits = dict(requests_per_second=100, requests_per_minute=100, requests_per_day=100, tokens_per_second=10**6,
+                  tokens_per_minute=10**6, input_tokens_per_minute=10**6, output_tokens_per_minute=10**6)
+    a = scope("global", **limits)
+    b = scope("agent:x", "agent", **limits)
+    assert eng.acquire(ticket(0, a, b, tin=5, tout=5), Woken()) is None
+    eng.release("0", input_tokens=5, output_tokens=5)
+    clock.advance(0.5)
+    # Fill one window of the second scope (the last one charged of its kind) to its limit.
+    st_b = eng._states["agent:x"]
+    windows = [w for metric in ("requests", "tokens", "input", "output") for w in getattr(st_b, metric)]
+    target = next(w for w in windows if w.name == full)
+    target.add(clock(), target.limit - target.total)
+
+    def usage(w: Any) -> tuple[float, dict[float, float]]:  # what each bucket holds (empty ones aside)
+        held = {index: amount for index, amount in [*w.buckets, [w.ci, w.cur]] if amount}
+        return w.total, held
+
+    def snapshot() -> list[tuple[float, dict[float, float]]]:
+        return [usage(w) for st in eng._states.values() for metric in ("requests", "tokens", "input", "output")
+                for w in getattr(st, metric)]
+
+    before = snapshot()
+    w = eng.acquire(ticket(1, a, b, tin=7, tout=3), None)
+    assert w is not None and not w.granted and w.blocked is not None and w.blocked.limit == full
+    assert snapshot() == before
+    assert all(st.in_flight == 0 for st in eng._states.values())
