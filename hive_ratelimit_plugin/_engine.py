@@ -255,8 +255,8 @@ class Blocked:
 class _Reservation:
     """An admitted call's hold: what it charged (its plan's :class:`_Layout`) and its progress."""
 
-    __slots__ = ("admitted_at", "attempts", "boot", "expires_at", "layout", "local_at", "record", "remote",
-                 "sent_at", "settled", "slot_freed", "spend_targets", "ticket")
+    __slots__ = ("admitted_at", "answered", "attempts", "boot", "expires_at", "layout", "local_at", "record",
+                 "remote", "sent_at", "settled", "slot_freed", "spend_targets", "ticket")
 
     def __init__(self, ticket: Ticket, layout: _Layout, expires_at: float, admitted_at: float = 0.0, *,
                  remote: bool = False, record: bool = False, spend_targets: str = "",
@@ -267,6 +267,7 @@ class _Reservation:
         self.admitted_at = admitted_at  # every window was charged in the bucket of this time
         self.sent_at: float | None = None  # when LiteLLM reported sending its first HTTP attempt (note_attempt)
         self.attempts = 0
+        self.answered = False  # the provider has begun to answer (a stream was handed to the caller)
         self.settled = False
         self.slot_freed = False
         self.remote = remote  # admitted by a shared backend (see _redis.RedisEngine)
@@ -737,11 +738,8 @@ class Engine:
             for st in layout.slots:
                 if st.in_flight >= max(st.concurrency * share, 1 if share >= 1 else 0):  # type: ignore[operator]
                     return False
-        if layout.budgeted:
-            starts = self.calendar.starts(self.wall())
-            for st in layout.budgeted:
-                if self._budget_blocked(st, ticket, starts):
-                    return False
+        if layout.budgeted and self._budgets_blocked(layout.budgeted, ticket, self.calendar.starts(self.wall())):
+            return False
         tin = ticket.input_tokens
         tout = ticket.output_tokens
         amounts = (1, tin + tout, tin, tout)
@@ -775,6 +773,9 @@ class Engine:
 
     def _evaluate(self, ticket: Ticket, now: float) -> tuple[list[ScopeState], Blocked | None]:
         states = list(self._states_of(ticket.scopes, now))
+        budgeted = [st for st in states if st.budgets]
+        if budgeted:  # (refused by the budget that frees last: see _budgets_blocked)
+            self._budgets_blocked(budgeted, ticket, self.calendar.starts(self.wall()))
         share = 1.0 if ticket.priority >= HIGH_PRIORITY else self.low_priority_share
         first: Blocked | None = None
         retry: float | None = None
@@ -904,19 +905,33 @@ class Engine:
         )
 
     def _budget_blocked(self, st: ScopeState, ticket: Ticket, starts: dict[str, float]) -> bool:
-        """Raise if a budget of ``st`` is spent or cannot fit this call's worst case; return True
-        if it fits only once calls in flight settle (then the call waits)."""
+        """:meth:`_budgets_blocked` for one scope."""
+        return self._budgets_blocked((st,), ticket, starts)
+
+    def _budgets_blocked(self, states: Iterable[ScopeState], ticket: Ticket, starts: dict[str, float]) -> bool:
+        """Raise if a budget of ``states`` is spent or cannot fit this call's worst case; return
+        True if it fits only once calls in flight settle (then the call waits).
+
+        When several budgets refuse the call, the error is that of the one that frees last (a call
+        that no budget window can ever hold, before any other): its ``retry_after`` is then the
+        earliest time the call may go, not a time at which another budget refuses it again."""
         wait = False
-        for name, kind, limit in st.budgets:
-            c = self.book.get(st.key, kind, starts[kind])
-            if name == "max_requests_per_run":
-                spent, reserved, amount = float(c.requests if c else 0), float(st.reserved_requests), 1.0
-            else:
-                spent, reserved, amount = (c.cost if c else 0.0), st.reserved_cost, ticket.cost
-            if spent >= limit or spent + amount > limit:
-                raise self._budget_error(st, name, kind, limit, spent, amount, starts)
-            if spent + reserved + amount > limit:
-                wait = True
+        worst: tuple[float, ScopeState, str, str, float, float, float] | None = None
+        for st in states:
+            for name, kind, limit in st.budgets:
+                c = self.book.get(st.key, kind, starts[kind])
+                if name == "max_requests_per_run":
+                    spent, reserved, amount = float(c.requests if c else 0), float(st.reserved_requests), 1.0
+                else:
+                    spent, reserved, amount = (c.cost if c else 0.0), st.reserved_cost, ticket.cost
+                if spent >= limit or spent + amount > limit:
+                    frees = NEVER if amount > limit else self.calendar.end(kind, self.wall())
+                    if worst is None or frees > worst[0]:
+                        worst = (frees, st, name, kind, limit, spent, amount)
+                elif spent + reserved + amount > limit:
+                    wait = True
+        if worst is not None:
+            raise self._budget_error(*worst[1:], starts)
         return wait
 
     def _budget_error(self, st: ScopeState, name: str, kind: str, limit: float, spent: float, amount: float,
@@ -924,7 +939,7 @@ class Engine:
         from ._budget_errors import BudgetExceededError
 
         wall = self.wall()
-        end = self.calendar.end(kind, wall)
+        end = NEVER if amount > limit else self.calendar.end(kind, wall)  # (too big for the whole budget)
         retry_after = None if end == NEVER else max(end - wall, 0.0)
         who = st.key.replace(":", " ", 1)
         label = self.calendar.label(kind, wall)
@@ -937,6 +952,10 @@ class Engine:
                    f"{self.currency} {money_text(limit)} ({label}); calls in this scope are stopped until "
                    + ("the run ends" if kind == RUN else "the window rolls over")
                    + " or the budget is raised or reset. The call was not sent.")
+        elif amount > limit:
+            msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} ({self.currency} {money_text(limit)}) is smaller than "
+                   f"what this call may cost ({self.currency} {money_text(amount, 4)}, prompt plus max_tokens): it "
+                   "can never fit. Lower max_tokens or raise the budget. The call was not sent.")
         else:
             msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} cannot cover this call: {self.currency} "
                    f"{money_text(limit - spent, 4)} left of {self.currency} {money_text(limit)} ({label}), and the "
@@ -1878,6 +1897,34 @@ class Engine:
                 for w in st.requests:
                     w.expire(now)
                     w.add(now, 1)
+
+    def _open_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._leases)
+
+    def settle_open(self) -> int:
+        """Settle every call still open, at its estimates and worst-case cost, as an expired lease
+        is (at exit: a stream abandoned unread, a call in a thread the exit cuts off). Returns how
+        many there were."""
+        ids = self._open_ids()
+        for call_id in ids:
+            self.release(call_id, outcome="error")
+        return len(ids)
+
+    def progress(self, call_id: str) -> int:
+        """How far an open call got: 0 not sent (or not open), 1 sent to the provider, 2 answered
+        (its stream was handed to the caller). A call that ends in error after 1 or 2 may have
+        been served, and billed."""
+        res = self._leases.get(call_id)
+        if res is None:
+            return 0
+        return 2 if res.answered else 1 if res.attempts else 0
+
+    def note_answered(self, call_id: str) -> None:
+        """The provider has begun to answer an open call (its stream is being read)."""
+        res = self._leases.get(call_id)
+        if res is not None:
+            res.answered = True
 
     def ticket_of(self, call_id: str) -> Ticket | None:
         """The ticket of an open call (``None`` if ``call_id`` holds no reservation)."""

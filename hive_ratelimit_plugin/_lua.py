@@ -284,11 +284,12 @@ end
 
 #: ARGV: prefix, now|'', call_id, lease_seconds, cost, share, nscopes, then per scope:
 #:   key, choice(0/1), provider(0/1), conc(-1 none), nwin, [name, limit(-1 learned), period, amount]*,
-#:   nbud, [name, kind, start, limit, isreq(0/1)]*
+#:   nbud, [name, kind, start, limit, isreq(0/1), frees]*   (frees: when its window rolls over; -1 never)
 #: and at the end the spend targets of the call, '\0'-joined: scope, kind, start, ttl, ...; then its priority
 #: Returns {1, now, chosen, has_record(0/1), dataset id|'', settled spend seen: 'scope\0kind\0start\0cost\0requests'...}
 #:       | {0, now, scope, limit, remaining, retry_at|'', release(0/1), failing keys...}
-#:       | {2, now, scope, budget name, kind, limit, spent, amount}     budget exceeded
+#:       | {2, now, scope, budget name, kind, limit, spent, amount, frees}  budget exceeded (the one
+#:                                                                   that frees last, of all scopes)
 #:       | {3, now, scope, limit name, limit, amount}                    can never fit
 #:       | {4, now, scope, open_until, failures}                         circuit open
 ADMIT = _COMMON + r"""
@@ -308,7 +309,7 @@ for s = 1, nscopes do
   end
   local nbud = num()
   for b = 1, nbud do
-    sc.buds[b] = {name = arg(), kind = arg(), start = arg(), limit = num(), isreq = arg() == '1'}
+    sc.buds[b] = {name = arg(), kind = arg(), start = arg(), limit = num(), isreq = arg() == '1', frees = num()}
   end
   scopes[s] = sc
 end
@@ -368,20 +369,25 @@ local function check(sc)
   if #sc.buds > 0 then
     local rv = redis.call('HMGET', P .. ':rv:' .. sc.key, 'cost', 'req')
     local rcost, rreq = tonumber(rv[1]) or 0, tonumber(rv[2]) or 0
+    local refused, frees = nil, nil
     for _, b in ipairs(sc.buds) do
       local c, r = spent(sc.key, b.kind, b.start)
       known[#known + 1] = table.concat({sc.key, b.kind, b.start, fmt(c), fmt(r)}, SEP)
       local used, reserved, amount = c, rcost, cost
       if b.isreq then used, reserved, amount = r, rreq, 1 end
       if used >= b.limit or used + amount > b.limit then
-        return nil, nil, nil, nil, {2, fmt(now), sc.key, b.name, b.kind, fmt(b.limit), fmt(used),
-          fmt(amount)}
-      end
-      if used + reserved + amount > b.limit then
+        -- Of several budgets that refuse, the one that frees last (never: a call it can never hold).
+        local f = b.frees
+        if f < 0 or amount > b.limit then f = 1e300 end
+        if refused == nil or f > frees then
+          refused, frees = {2, fmt(now), sc.key, b.name, b.kind, fmt(b.limit), fmt(used), fmt(amount), fmt(f)}, f
+        end
+      elseif used + reserved + amount > b.limit then
         release = true
         first = first or {sc.key, 'budget_reservations', 0}
       end
     end
+    if refused then return nil, nil, nil, nil, refused end
   end
   sc.totals = {}
   for w, win in ipairs(sc.wins) do
@@ -438,9 +444,12 @@ local retry, release, first = nil, false, nil
 local failing = {}
 local chosen, best = nil, nil
 local alt_retry, alt_first, alt_any, alt_err = nil, nil, false, nil
+local budget_err = nil  -- the budget refusal that frees last, of all scopes
 for _, sc in ipairs(scopes) do
   local r, rel, b, util, err = check(sc)
-  if err then
+  if err and err[1] == 2 and not sc.choice then
+    if budget_err == nil or tonumber(err[9]) > tonumber(budget_err[9]) then budget_err = err end
+  elseif err then
     if not sc.choice then return err end
     alt_err = alt_err or err
   elseif sc.choice then
@@ -458,6 +467,7 @@ for _, sc in ipairs(scopes) do
     if r ~= nil and (retry == nil or r > retry) then retry = r end
   end
 end
+if budget_err then return budget_err end
 -- API keys with concurrency limits: one line for the provider's keys (a slot on any of them will do).
 local keyline = nil
 for _, sc in ipairs(scopes) do

@@ -9,6 +9,7 @@ how to add its price.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass
 
@@ -18,20 +19,99 @@ from .config import RateLimitingConfig, match_name
 logger = logging.getLogger("hive_ratelimit_plugin")
 
 
+#: ``input_cost_per_token_above_200k_tokens``: LiteLLM's price-map keys of long-context tiers.
+_TIER = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """The prices of a call whose prompt is longer than ``above`` tokens (long-context pricing)."""
+
+    above: int
+    input_per_token: float
+    output_per_token: float
+    cache_read_per_token: float | None
+    cache_write_per_token: float | None
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
-    """Per-token prices and where they came from."""
+    """Per-token prices and where they came from. From LiteLLM's price map also the prices of
+    prompt-cache reads and writes (5-minute and 1-hour) and of long-context tiers, where it has
+    them; a ``pricing`` override is one flat price per input and output token."""
 
     input_per_token: float
     output_per_token: float
     source: str  # "config", "litellm" or "fallback"
+    cache_read_per_token: float | None = None
+    cache_write_per_token: float | None = None
+    cache_write_1h_per_token: float | None = None
+    tiers: tuple[Tier, ...] = ()  # longest threshold first
 
     @property
     def known(self) -> bool:
         return self.source != "fallback"
 
+    @property
+    def detailed(self) -> bool:
+        """Whether a call's cost depends on more than its input and output token counts."""
+        return (self.cache_read_per_token is not None or self.cache_write_per_token is not None
+                or self.cache_write_1h_per_token is not None or bool(self.tiers))
+
     def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """The cost of a call with no prompt-cache tokens (a reservation's worst case: caching
+        only makes it cheaper, but for writes, which the settlement then prices)."""
+        if self.tiers:
+            for t in self.tiers:
+                if input_tokens > t.above:
+                    return input_tokens * t.input_per_token + output_tokens * t.output_per_token
         return input_tokens * self.input_per_token + output_tokens * self.output_per_token
+
+    def billed(self, prompt: int, output: int, cached: int = 0, written: int = 0, written_1h: int = 0) -> float:
+        """What a provider bills for a call whose prompt of ``prompt`` tokens (all of them, as
+        LiteLLM reports them) held ``cached`` tokens read from its prompt cache and ``written``
+        written to it (``written_1h`` of them for an hour)."""
+        inp, out, read, write = self.input_per_token, self.output_per_token, self.cache_read_per_token, \
+            self.cache_write_per_token
+        for t in self.tiers:
+            if prompt > t.above:
+                inp, out = t.input_per_token, t.output_per_token
+                read = t.cache_read_per_token if t.cache_read_per_token is not None else read
+                write = t.cache_write_per_token if t.cache_write_per_token is not None else write
+                break
+        cached = min(max(cached, 0), prompt)
+        written = min(max(written, 0), prompt - cached)
+        written_1h = min(max(written_1h, 0), written)
+        write = inp if write is None else write
+        write_1h = self.cache_write_1h_per_token
+        if write_1h is None:  # (older price maps): Anthropic's price, twice the input's
+            write_1h = max(write, 2 * inp)
+        return ((prompt - cached - written) * inp + cached * (inp if read is None else read)
+                + (written - written_1h) * write + written_1h * write_1h + output * out)
+
+
+def _from_map(info: dict[str, object]) -> Price:
+    """A :class:`Price` from one entry of LiteLLM's price map."""
+
+    def num(key: str) -> float | None:
+        v = info.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
+
+    tiers = []
+    for key in info:
+        m = _TIER.match(key)
+        tier_in = num(key) if m else None
+        if m and tier_in is not None:
+            k = m.group(1)
+            tier_out = num(f"output_cost_per_token_above_{k}k_tokens")
+            tiers.append(Tier(int(k) * 1000, tier_in,
+                              tier_out if tier_out is not None else float(num("output_cost_per_token") or 0.0),
+                              num(f"cache_read_input_token_cost_above_{k}k_tokens"),
+                              num(f"cache_creation_input_token_cost_above_{k}k_tokens")))
+    return Price(float(num("input_cost_per_token") or 0.0), float(num("output_cost_per_token") or 0.0), "litellm",
+                 num("cache_read_input_token_cost"), num("cache_creation_input_token_cost"),
+                 num("cache_creation_input_token_cost_above_1hr"),
+                 tuple(sorted(tiers, key=lambda t: -t.above)))
 
 
 class PriceBook:
@@ -79,7 +159,7 @@ class PriceBook:
                 inp = info.get("input_cost_per_token")
                 out = info.get("output_cost_per_token")
                 if inp is not None and (inp > 0 or (out or 0) > 0):
-                    return Price(float(inp), float(out or 0.0), "litellm")
+                    return _from_map(info)
         fb = self.config.fallback_price
         return Price(fb.input_per_million / 1e6, fb.output_per_million / 1e6, "fallback")
 

@@ -533,8 +533,11 @@ class RedisEngine(Engine):
         args += [_wire(st.key), "1" if choice else "0", "1" if st.observed_requests is not None else "0",
                  str(st.concurrency) if st.concurrency is not None else "-1", str(nwin), *wins]
         args.append(str(len(st.budgets)))
+        wall = self.wall() if st.budgets else 0.0
         for name, kind, limit in st.budgets:
-            args += [name, kind, f"{starts[kind]:.0f}", _num(limit), "1" if name == "max_requests_per_run" else "0"]
+            frees = self.calendar.end(kind, wall)  # (of several budgets that refuse, the one freeing last says so)
+            args += [name, kind, f"{starts[kind]:.0f}", _num(limit), "1" if name == "max_requests_per_run" else "0",
+                     "-1" if frees == NEVER else f"{frees:.0f}"]
 
     def _spend_targets(self, ticket: Ticket, starts: dict[str, float]) -> str:
         """Where a call's spend goes: scope, window, window start, TTL, ... ('\0'-joined)."""
@@ -711,6 +714,16 @@ class RedisEngine(Engine):
 
     def ticket_of(self, call_id: str) -> Ticket | None:
         return super().ticket_of(call_id) or self.fallback.ticket_of(call_id)
+
+    def _open_ids(self) -> list[str]:
+        return super()._open_ids() + self.fallback._open_ids()
+
+    def progress(self, call_id: str) -> int:
+        return max(super().progress(call_id), self.fallback.progress(call_id))
+
+    def note_answered(self, call_id: str) -> None:
+        super().note_answered(call_id)
+        self.fallback.note_answered(call_id)
 
     def release(self, call_id: str, *, input_tokens: int | None = None, output_tokens: int | None = None,
                 cost: float | None = None, outcome: str = "success", wait: float | None = None,

@@ -216,6 +216,35 @@ def is_transient(exc: BaseException) -> bool:
                     "InternalServerError", "TimeoutError")
 
 
+# Errors after which a sent request may still have been served (and billed): the answer was not
+# seen, not refused. (LiteLLM gives a timeout status 408 and a lost connection 500 of its own.)
+_UNSEEN = frozenset({"Timeout", "APITimeoutError", "APIConnectionError", "ReadTimeout", "WriteTimeout",
+                     "PoolTimeout", "ReadError", "WriteError", "RemoteProtocolError", "MidStreamFallbackError",
+                     "TimeoutError", "CancelledError"})
+# Errors that show the request never reached the provider.
+_NOT_SENT = frozenset({"ConnectError", "ConnectTimeout"})
+
+
+def outcome_unseen(exc: BaseException | None) -> bool:
+    """Whether a call that was sent and ended with ``exc`` may have been served all the same:
+    cancelled (``None``, or an interruption) or cut off by a timeout or a lost connection, unless
+    the error shows the connection was never made."""
+    if exc is None or not isinstance(exc, Exception):
+        return True
+    seen: set[int] = set()
+    unseen = False
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and len(seen) < 16:  # LiteLLM wraps the transport's error
+        seen.add(id(e))
+        name = type(e).__name__
+        if name in _NOT_SENT:
+            return False
+        if name in _UNSEEN or isinstance(e, TimeoutError):
+            unseen = True
+        e = e.__cause__ or e.__context__
+    return unseen
+
+
 def response_headers(obj: Any) -> Mapping[str, Any] | None:
     """Headers of a LiteLLM exception or response, wherever LiteLLM put them."""
     if isinstance(obj, BaseException):

@@ -338,9 +338,17 @@ def count_response_input(model: str, value: Any, instructions: Any = None, tools
 
 
 def requested_output(kwargs: Mapping[str, Any], default: int) -> int:
-    """The output tokens a call may produce: its cap if it set one, else ``default``."""
+    """The output tokens a call may produce: its cap if it set one, else ``default``; times the
+    completions it asks for (``n``, or ``best_of``, which the provider generates and bills all of)."""
+    out = default
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         v = kwargs.get(name)
         if v is not None and isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return default
+            out = v
+            break
+    n = kwargs.get("n")
+    best_of = kwargs.get("best_of")
+    if n is not None or best_of is not None:
+        choices = max((c for c in (n, best_of) if type(c) is int and c > 1), default=1)
+        out *= choices
+    return out

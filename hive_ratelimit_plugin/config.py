@@ -98,10 +98,11 @@ class ApiKeyConfig(LimitSet):
     @field_validator("env")
     @classmethod
     def _env_name(cls, value: str) -> str:
-        if not value or not all(c.isalnum() or c == "_" for c in value):
+        # (The messages never repeat the value: it may be the key itself, written by mistake.)
+        if not value or not all(c.isalnum() or c == "_" for c in value) or looks_like_key(value):
             raise ValueError("must be the NAME of an environment variable (letters, digits, _), not a key")
         if value not in os.environ:
-            raise ValueError(f"environment variable {value} is not set")
+            raise ValueError("no environment variable of this name is set")
         return value
 
 
@@ -365,6 +366,18 @@ class RateLimitingConfig(BaseSettings):
 
 
 _SECRET_NAMES = ("key", "secret", "password", "credential")
+# How providers' API keys begin (OpenAI, Anthropic, Groq, xAI, Google, Hugging Face, Perplexity,
+# Replicate, and LiteLLM's own virtual keys).
+KEY_PREFIXES = ("sk-", "sk_", "gsk_", "xai-", "AIza", "hf_", "pplx-", "r8_")
+
+
+def looks_like_key(value: str) -> bool:
+    """Whether ``value`` looks like an API key rather than a name: a known prefix, or a long
+    token mixing lower-case letters and digits (environment variable names are upper case)."""
+    if value.startswith(KEY_PREFIXES) or value.startswith("Bearer "):
+        return True
+    return (len(value) >= 20 and " " not in value and any(c.islower() for c in value)
+            and any(c.isdigit() for c in value) and not any(c in value for c in "-./:"))
 
 
 def _shown(name: str, value: Any) -> Any:
@@ -374,7 +387,7 @@ def _shown(name: str, value: Any) -> Any:
         return re.sub(r"(?i)(password|username)=[^&]*", r"\1=***", re.sub(r"[^/@]*@", "***@", value))
     if any(s in lowered for s in _SECRET_NAMES) and not lowered.endswith("api_keys"):
         return "<redacted>"
-    if isinstance(value, str) and (value.startswith(("sk-", "sk_", "Bearer ")) or
+    if isinstance(value, str) and (looks_like_key(value) or
                                    (len(value) >= 32 and " " not in value and not value.isalpha())):
         return "<redacted>"
     if isinstance(value, dict):

@@ -38,6 +38,7 @@ class Scripted:
     body: dict[str, Any] | None = None
     delay: float = 0.0
     drop: bool = False  # close the connection without answering
+    cut_after: int | None = None  # a streamed answer: close the connection after this many chunks
 
 
 @dataclass
@@ -168,8 +169,12 @@ class ProviderState:
         window_seconds: the window (sliding log) or the time a bucket takes to refill from empty.
         latency: seconds each successful request takes to answer.
         chunk_delay: seconds between two events of a streamed answer (generation time).
-        cached_prompt_tokens: prompt tokens an Anthropic-style answer reports as read from the
-            prompt cache (``cache_read_input_tokens``, left out of its ``input_tokens``).
+        cached_prompt_tokens: prompt tokens an answer reports as read from the prompt cache
+            (Anthropic-style: ``cache_read_input_tokens``, left out of its ``input_tokens``;
+            OpenAI-style: ``prompt_tokens_details.cached_tokens``, part of ``prompt_tokens``).
+        cache_written_tokens: prompt tokens an Anthropic-style answer reports as written to the
+            prompt cache (``cache_creation_input_tokens``, left out of its ``input_tokens``), for
+            ``cache_write_ttl`` (``"5m"`` or ``"1h"``).
         algorithm: ``"sliding_window"`` (exact log, the default) or ``"token_bucket"``.
         clock: monotonic time source (tests may pass a fake clock).
     """
@@ -186,6 +191,8 @@ class ProviderState:
         clock: Callable[[], float] = time.monotonic,
         chunk_delay: float = 0.0,
         cached_prompt_tokens: int = 0,
+        cache_written_tokens: int = 0,
+        cache_write_ttl: str = "5m",
     ) -> None:
         self._enforcer = make_algorithm(algorithm)
         self._algorithm = algorithm
@@ -196,6 +203,8 @@ class ProviderState:
         self.latency = latency
         self.chunk_delay = chunk_delay
         self.cached_prompt_tokens = cached_prompt_tokens
+        self.cache_written_tokens = cache_written_tokens
+        self.cache_write_ttl = cache_write_ttl
         self.completion_tokens = completion_tokens
         self.cost_model = cost_model
         self.lock = threading.Lock()
@@ -328,6 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
             scripted = state.script.popleft() if state.script else None
         self._in_flight = True
+        self._cut_after: int | None = None
         try:
             self._respond(state, path, body, model, stream, prompt_tokens, completion_tokens, auth, scripted)
         finally:
@@ -369,6 +379,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_error(scripted.status, scripted.headers, scripted.body)
                 return
             headers.update(scripted.headers)
+            self._cut_after = scripted.cut_after
         with state.lock:
             ok, retry, rem_req, rem_tok = state._admit(now, prompt_tokens + completion_tokens)
             full_reset = state._last_reset
@@ -393,11 +404,13 @@ class _Handler(BaseHTTPRequestHandler):
         if state.latency:
             time.sleep(state.latency)
         self._record(state, now, path, model, stream, auth, status, prompt_tokens, completion_tokens)
-        usage = {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
+        if state.cached_prompt_tokens and not path.endswith("/messages"):
+            usage["prompt_tokens_details"] = {"cached_tokens": min(state.cached_prompt_tokens, prompt_tokens)}
         if path.endswith("/messages"):
             self._anthropic(body, model, usage, headers, stream)
         elif path.endswith("/responses"):
@@ -451,7 +464,7 @@ class _Handler(BaseHTTPRequestHandler):
         }}
         self._send_json(status, payload, headers)
 
-    def _stream(self, body: dict[str, Any], model: str, usage: dict[str, int],
+    def _stream(self, body: dict[str, Any], model: str, usage: dict[str, Any],
                 headers: dict[str, str], completion_tokens: int, text: bool = False) -> None:
         """Server-sent events: one chunk per output token, a final chunk with ``finish_reason``,
         then the usage chunk if the request asked for it (``stream_options.include_usage``)."""
@@ -469,8 +482,14 @@ class _Handler(BaseHTTPRequestHandler):
         chunks.append(dict(base, choices=[choice("", "stop")]))
         if (body.get("stream_options") or {}).get("include_usage"):
             chunks.append(dict(base, choices=[], usage=usage))
+        cut = self._cut_after
         try:
-            for c in chunks:
+            for i, c in enumerate(chunks):
+                if cut is not None and i >= cut:  # scripted: the connection is lost mid-stream
+                    self._leave(self.server.state)
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 self._chunk(f"data: {json.dumps(c)}\n\n".encode())
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
@@ -504,7 +523,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
-    def _responses(self, model: str, usage: dict[str, int], headers: dict[str, str], stream: bool,
+    def _responses(self, model: str, usage: dict[str, Any], headers: dict[str, str], stream: bool,
                    completion_tokens: int) -> None:
         """OpenAI's Responses API (``/v1/responses``): a response object, or its server-sent events
         (one ``response.output_text.delta`` per output token; usage in ``response.completed``)."""
@@ -546,11 +565,18 @@ class _Handler(BaseHTTPRequestHandler):
             event["sequence_number"] = n
         self._send_named_events(events)
 
-    def _anthropic(self, body: dict[str, Any], model: str, usage: dict[str, int],
+    def _anthropic(self, body: dict[str, Any], model: str, usage: dict[str, Any],
                    headers: dict[str, str], stream: bool) -> None:
-        cached = min(self.server.state.cached_prompt_tokens, usage["prompt_tokens"])
-        au = {"input_tokens": usage["prompt_tokens"] - cached, "output_tokens": usage["completion_tokens"],
-              "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+        state = self.server.state
+        cached = min(state.cached_prompt_tokens, usage["prompt_tokens"])
+        written = min(state.cache_written_tokens, usage["prompt_tokens"] - cached)
+        au: dict[str, Any] = {"input_tokens": usage["prompt_tokens"] - cached - written,
+                              "output_tokens": usage["completion_tokens"],
+                              "cache_creation_input_tokens": written, "cache_read_input_tokens": cached}
+        if written:
+            one_hour = state.cache_write_ttl == "1h"
+            au["cache_creation"] = {"ephemeral_5m_input_tokens": 0 if one_hour else written,
+                                    "ephemeral_1h_input_tokens": written if one_hour else 0}
         if not stream:
             self._send_json(200, {
                 "id": "msg_fake", "type": "message", "role": "assistant", "model": model,

@@ -17,6 +17,7 @@ How a call is held (see docs/architecture.md for the verified LiteLLM facts):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import inspect
@@ -26,6 +27,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -40,7 +42,15 @@ from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys, mone
 from ._engine import NEVER, Engine, Ticket
 from ._ledger import Ledger
 from ._pricing import PriceBook
-from ._retry import backoff, is_rate_limit, is_transient, read_signals, response_headers, suggested_wait
+from ._retry import (
+    backoff,
+    is_rate_limit,
+    is_transient,
+    outcome_unseen,
+    read_signals,
+    response_headers,
+    suggested_wait,
+)
 from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
 from ._tokens import count_input, count_messages, count_response_input, requested_output
@@ -224,7 +234,7 @@ def _call_type_name(call_type: Any) -> str:
     return name
 
 
-def _usage_of(response: Any) -> tuple[int | None, int | None]:
+def _usage_obj(response: Any) -> Any:
     # LiteLLM's responses keep ``usage`` as a pydantic extra field: read it from
     # __pydantic_extra__ first (the attribute lookup falls back to a slow __getattr__).
     extra = getattr(response, "__pydantic_extra__", None)
@@ -233,6 +243,57 @@ def _usage_of(response: Any) -> tuple[int | None, int | None]:
         usage = getattr(response, "usage", None)
     if usage is None and isinstance(response, Mapping):
         usage = response.get("usage")
+    return usage
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int and value > 0 else 0
+
+
+def _getter(obj: Any) -> Callable[[str], Any]:
+    """``get(name)`` for a mapping or an object's attributes (a pydantic model's fields and extras
+    read from its dicts: a missing attribute would go through its slow ``__getattr__``)."""
+    if isinstance(obj, Mapping):
+        return obj.get
+    fields = getattr(obj, "__dict__", None)
+    extra = getattr(obj, "__pydantic_extra__", None)
+    if type(fields) is dict and type(extra) is dict:
+        return lambda name: fields[name] if name in fields else extra.get(name)
+    if type(fields) is dict:
+        return fields.get
+    return lambda name: getattr(obj, name, None)
+
+
+def _prompt_cache(usage: Any) -> tuple[int, int, int] | None:
+    """The prompt-cache tokens a call's usage reports: (read from the cache, written to it, written
+    for an hour), in LiteLLM's form (``prompt_tokens_details``, Anthropic's ``cache_*_input_tokens``)
+    or the Responses API's (``input_tokens_details``). ``None`` when it reports none."""
+    fields = getattr(usage, "__dict__", None)
+    if type(fields) is dict and "prompt_tokens_details" in fields:  # LiteLLM's Usage: the usual case first
+        if (fields["prompt_tokens_details"] is None and not fields.get("cache_read_input_tokens")
+                and not fields.get("cache_creation_input_tokens")):
+            return None
+    get = _getter(usage)
+    read = _count(get("cache_read_input_tokens"))
+    written = _count(get("cache_creation_input_tokens"))
+    details = get("prompt_tokens_details") or get("input_tokens_details")
+    written_1h = 0
+    if details is not None:
+        dget = _getter(details)
+        read = max(read, _count(dget("cached_tokens")))
+        written = max(written, _count(dget("cache_creation_tokens")))
+        split = dget("cache_creation_token_details")
+        if split is not None:
+            written_1h = _count(_getter(split)("ephemeral_1h_input_tokens"))
+    if written and not written_1h:
+        split = get("cache_creation")  # (Anthropic's own usage)
+        if split is not None:
+            written_1h = _count(_getter(split)("ephemeral_1h_input_tokens"))
+    return (read, written, written_1h) if read or written else None
+
+
+def _usage_of(response: Any) -> tuple[int | None, int | None]:
+    usage = _usage_obj(response)
     if usage is None:
         return None, None
     if isinstance(usage, dict):
@@ -365,6 +426,7 @@ class HiveLimiter(CustomLogger):
         if self._ledger is not None:
             self._engine.load_spend(self._ledger.load(self._engine.calendar.starts(self._engine.wall())))
         _fork.track(self)
+        atexit.register(_settle_at_exit, weakref.ref(self))
         install_sync_guard()
         self._publish_status(cfg)
 
@@ -838,7 +900,6 @@ class HiveLimiter(CustomLogger):
             return  # not ours, or already settled (LiteLLM sends more than one end-of-call event)
         assert call_id is not None
         if failed:
-            # The prompt was sent but nothing was produced: providers do not bill failed calls.
             outcome, wait, signals = "error", None, None
             if exc is not None:
                 headers = response_headers(exc)
@@ -850,6 +911,14 @@ class HiveLimiter(CustomLogger):
                         wait = self._backoff(call_id)
                 elif is_transient(exc):
                     outcome = "failure"
+            progress = eng.progress(call_id)
+            if progress == 2 or (progress == 1 and outcome_unseen(exc)):
+                # Sent, and its answer not seen or cut off (cancelled, timed out, a connection or a
+                # stream lost): the provider may well have served it, and bill it. Counted at its
+                # estimate and worst-case cost, like a lease that runs out.
+                eng.release(call_id, outcome=outcome, wait=wait, signals=signals)
+                return
+            # Refused by the provider (an error status), or never sent: providers do not bill those.
             eng.release(call_id, output_tokens=0, cost=0.0, outcome=outcome, wait=wait, signals=signals)
             return
         tin, tout = _usage_of(response)
@@ -860,7 +929,11 @@ class HiveLimiter(CustomLogger):
             price = self._prices.price(provider, model)
             if not price.known:
                 self._prices.warn_unknown(provider, model, "LiteLLM reports no cost for it")
-            cost = price.cost(ticket.input_tokens if tin is None else tin, tout or 0)
+            cache = _prompt_cache(_usage_obj(response)) if tin and price.detailed else None
+            if cache is not None:  # tokens read from or written to the prompt cache: priced apart
+                cost = price.billed(tin or 0, tout or 0, *cache)
+            else:
+                cost = price.cost(ticket.input_tokens if tin is None else tin, tout or 0)
             if getattr(response, "object", None) == "response":
                 self._remember_turn(response, tin, tout)
         headers = response_headers(response)
@@ -1043,6 +1116,22 @@ class HiveLimiter(CustomLogger):
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
         return call_id
+
+
+def _settle_at_exit(ref: weakref.ref[HiveLimiter]) -> None:
+    """At interpreter exit: calls still open (a stream abandoned unread, a call in a daemon thread)
+    are settled at their worst case, as an expired lease would be, so that their spend reaches the
+    state file (or Redis) rather than vanish with the process."""
+    lim = ref()
+    if lim is None:
+        return
+    try:
+        n = lim._engine.settle_open()
+    except Exception:
+        logger.exception("hive-ratelimit: could not settle the calls still open at exit")
+        return
+    if n:
+        logger.info("hive-ratelimit: %d call(s) still open at exit counted at their worst case", n)
 
 
 def _has_rate_headers(headers: Any) -> bool:
@@ -1312,6 +1401,8 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             for lim, cid in held:
                 lim._finish(cid, result)
         else:  # settles from its success event when exhausted; its lease lasts while it is read
+            for lim, cid in held:
+                lim._engine.note_answered(cid)
             result = _keep_alive(result, held)
         return result
 
@@ -1427,6 +1518,8 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
             if kwargs.get("stream"):
                 call_id = admitted[0] or kwargs.get("litellm_call_id")
                 if call_id:
+                    for lim in limiters:
+                        lim._engine.note_answered(call_id)
                     result = _keep_alive(result, [(lim, call_id) for lim in limiters])
             return result
         finally:

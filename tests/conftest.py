@@ -47,6 +47,8 @@ def provider(provider_server: FakeProvider) -> collections.abc.Iterator[FakeProv
     state.latency = 0.0
     state.chunk_delay = 0.0
     state.cached_prompt_tokens = 0
+    state.cache_written_tokens = 0
+    state.cache_write_ttl = "5m"
     state.completion_tokens = 5
     state.algorithm = "sliding_window"
     state.clock = time.monotonic

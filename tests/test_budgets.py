@@ -12,9 +12,10 @@ import pytest
 
 from hive_ratelimit_plugin import HiveLimiter
 from hive_ratelimit_plugin.errors import BudgetExceededError, RunawayDetectedError
+from hive_ratelimit_plugin.fake_provider import Scripted
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
-from .helpers import chat_kwargs, with_backend
+from .helpers import chat_kwargs, wait_until, with_backend
 
 # Contract: every test here runs against the in-memory and the Redis backend.
 pytestmark = pytest.mark.usefixtures("contract_backend")
@@ -389,3 +390,152 @@ async def test_scenario_1_looping_agent_stops_at_hourly_budget(
     assert spent == pytest.approx(sum(reported), rel=1e-9)
     assert spent > 10.00 - 0.13  # it used the budget rather than stopping early
     assert provider.state.count() == len(reported)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "cancelled"])
+async def test_a_call_cut_off_after_its_send_counts_its_worst_case(mode: str, provider: FakeProvider,
+                                                                   clock: FakeClock, wall: FakeClock) -> None:
+    """A call that timed out or was cancelled after its request went out may still have been served,
+    and billed: it counts at its worst case (14), never at 0. One the provider refused with an error
+    status counts 0."""
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 1000}})
+    provider.state.push(Scripted(status=200, delay=0.6))  # answers, but after the caller gave up
+    with pytest.raises((litellm.Timeout, asyncio.TimeoutError)):
+        if mode == "sync":
+            litellm.completion(**small(provider, timeout=0.2))
+        elif mode == "async":
+            await litellm.acompletion(**small(provider, timeout=0.2))
+        else:
+            await asyncio.wait_for(litellm.acompletion(**small(provider)), 0.2)
+    stats = limiter.get_usage_stats()
+    assert stats["cost_today"] == 14
+    assert stats["levels"]["global"]["global"]["in_flight"] == 0
+    provider.state.push(Scripted(status=400))
+    with pytest.raises(litellm.BadRequestError):
+        if mode == "sync":
+            litellm.completion(**small(provider))
+        else:
+            await litellm.acompletion(**small(provider))
+    assert limiter.get_usage_stats()["cost_today"] == 14  # refused by the provider: not billed
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_call_that_never_connected_counts_nothing(mode: str, provider: FakeProvider, clock: FakeClock,
+                                                         wall: FakeClock) -> None:
+    """A connection refused: the request never reached a provider, so it costs nothing."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 1000}})
+    kw = small(provider, api_base=f"http://127.0.0.1:{port}/v1")
+    with pytest.raises((litellm.APIConnectionError, litellm.InternalServerError)):  # (LiteLLM says either)
+        if mode == "sync":
+            litellm.completion(**kw)
+        else:
+            await litellm.acompletion(**kw)
+    assert limiter.get_usage_stats()["cost_today"] == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_stream_cut_off_midway_counts_its_worst_case(mode: str, provider: FakeProvider, clock: FakeClock,
+                                                            wall: FakeClock) -> None:
+    """The provider began to answer (and bills what it generated): a stream that breaks part-way
+    counts at its worst case, not 0."""
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 1000}})
+    provider.state.push(Scripted(status=200, cut_after=2))
+    read = 0
+    with pytest.raises(Exception) as info:  # (LiteLLM raises a different type for it in each version)
+        if mode == "sync":
+            for _ in litellm.completion(**small(provider, stream=True)):
+                read += 1
+        else:
+            async for _ in await litellm.acompletion(**small(provider, stream=True)):
+                read += 1
+        raise AssertionError("the stream ended normally")  # (LiteLLM 1.83 ends a cut async stream quietly)
+    quiet = isinstance(info.value, AssertionError)
+    assert read >= 2 if quiet else read == 2
+    # (LiteLLM reports a stream's end or failure from a task or a worker thread)
+    await wait_until(lambda: limiter.get_usage_stats()["cost_today"] > 0)
+    if quiet:  # settled as a success, from LiteLLM's usage for what was read (prompt and 2 chunks at least)
+        assert limiter.get_usage_stats()["cost_today"] >= 5
+    else:
+        assert limiter.get_usage_stats()["cost_today"] == 14  # the worst case: it was billed 2 tokens and more
+
+
+def test_several_completions_reserve_each_output(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """``n=8`` asks the provider for eight completions, all billed: the worst case holds eight
+    outputs (9 + 8 x 5 = 49 > 40: refused, nothing sent; n=3: 9 + 15 = 24 fits)."""
+    make(clock, wall, {"budget": {"max_daily_spend": 40}})
+    with pytest.raises(BudgetExceededError, match="can never fit") as info:
+        litellm.completion(**small(provider, n=8))
+    assert info.value.retry_after is None  # no window roll-over helps it
+    assert provider.state.count() == 0
+    litellm.completion(**small(provider, n=3))
+    assert provider.state.count() == 1
+
+
+@pytest.mark.parametrize("where", ["one scope", "two scopes"])
+def test_a_refusal_names_the_budget_that_frees_last(where: str, provider: FakeProvider, clock: FakeClock,
+                                                     wall: FakeClock) -> None:
+    """An hourly and a monthly budget both unable to cover a call: waiting for the hour would not
+    help, so the error is the monthly budget's, with its retry_after (to 2027-02-01 00:00 UTC)."""
+    if where == "one scope":
+        make(clock, wall, {"budget": {"max_hourly_spend": 22, "max_monthly_spend": 22}})
+    else:
+        make(clock, wall, {"budget": {"max_hourly_spend": 22}, "agents": {"bot": {"max_cost_per_month": 22}}})
+    kw = small(provider, metadata={"agent_id": "bot"})
+    litellm.completion(**kw)
+    litellm.completion(**kw)  # 16 spent of both: the next worst case (14) fits neither
+    with pytest.raises(BudgetExceededError) as info:
+        litellm.completion(**kw)
+    err = info.value
+    assert (err.window, err.limit) == ("month", "max_cost_per_month")
+    assert err.scope == ("global" if where == "one scope" else "agent:bot")
+    month_end = 1_801_440_000.0  # 2027-02-01 00:00:00 UTC
+    assert err.retry_after == pytest.approx(month_end - WALL_START)
+    assert provider.state.count() == 2
+
+
+CLAUDE = "anthropic/claude-sonnet-4-5-20250929"  # LiteLLM's price map: cache reads 0.1x, writes 1.25x (1 h: 2x)
+
+
+@pytest.mark.parametrize(("case", "cached", "written", "ttl"), [
+    ("cache read", 1000, 0, "5m"), ("cache write, 5 minutes", 0, 1000, "5m"), ("cache write, 1 hour", 0, 1000, "1h"),
+])
+def test_prompt_cache_reads_and_writes_are_priced_as_billed(case: str, cached: int, written: int, ttl: str,
+                                                           provider: FakeProvider, clock: FakeClock,
+                                                           wall: FakeClock) -> None:
+    """Anthropic bills tokens read from its prompt cache at a tenth of the input price and tokens
+    written to it at 1.25x (2x for an hour): the settled cost is that, not every prompt token at
+    the input price (which stopped cache-heavy agents at a tenth of their budget, and let
+    cache-writing ones overspend)."""
+    limiter = make(clock, wall, {"pricing": {}, "budget": {"max_daily_spend": 100}})
+    provider.state.cached_prompt_tokens = cached
+    provider.state.cache_written_tokens = written
+    provider.state.cache_write_ttl = ttl
+    prompt = " ".join(["word"] * 1100)
+    resp = litellm.completion(model=CLAUDE, api_base=provider.root, api_key="sk-ant-test-0123456789", max_tokens=5,
+                              messages=[{"role": "user", "content": prompt}])
+    info = litellm.model_cost[CLAUDE.split("/", 1)[1]]
+    inp, out = info["input_cost_per_token"], info["output_cost_per_token"]
+    sent = provider.state.log[0].prompt_tokens
+    assert sent > 1000 and resp.usage.prompt_tokens == sent  # (LiteLLM's prompt_tokens hold the cache's)
+    rate = {"cache read": 0.1, "cache write, 5 minutes": 1.25, "cache write, 1 hour": 2.0}[case] * inp
+    billed = (sent - 1000) * inp + 1000 * rate + 5 * out
+    assert limiter.get_usage_stats()["cost_today"] == pytest.approx(billed, rel=1e-9)
+
+
+def test_long_prompts_are_priced_at_the_long_context_rate() -> None:
+    """Gemini 2.5 Pro bills a prompt over 200k tokens at twice the input price (and 1.5x output):
+    its reservation and its cost use that tier, as LiteLLM's own cost does."""
+    from hive_ratelimit_plugin._pricing import PriceBook
+    from hive_ratelimit_plugin.config import load_config
+
+    price = PriceBook(load_config({})).price("gemini", "gemini/gemini-2.5-pro")
+    for prompt in (1000, 300_000):
+        a, b = litellm.cost_per_token(model="gemini/gemini-2.5-pro", prompt_tokens=prompt, completion_tokens=2000)
+        assert price.cost(prompt, 2000) == pytest.approx(a + b, rel=1e-9)
+        assert price.billed(prompt, 2000) == pytest.approx(a + b, rel=1e-9)
+    assert price.cost(300_000, 0) == pytest.approx(300_000 * 2 * price.input_per_token, rel=1e-9)

@@ -145,3 +145,43 @@ def test_unwritable_ledger_is_logged_not_fatal(provider: FakeProvider, clock: Fa
     litellm.completion(**chat_kwargs(provider, max_tokens=5))
     assert lim.get_usage_stats()["cost_today"] == 8
     assert any("could not persist" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_left_unread_at_exit_is_recorded(mode: str, provider: FakeProvider, tmp_path: Path) -> None:
+    """A short-lived process (a cron agent) that stops reading a stream and exits: the provider bills
+    the call, so its worst case (9 + max_tokens 50 = 59) reaches the state file at exit, not nothing."""
+    path = tmp_path / "state.sqlite"
+    script = f"""
+import asyncio, os, sys
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+import litellm
+from hive_ratelimit_plugin import HiveLimiter
+litellm.callbacks.append(HiveLimiter({{"state_path": {str(path)!r}, "pricing": {UNIT_PRICE!r},
+                                       "budget": {{"max_daily_spend": 1000}}}}))
+kw = dict(model="openai/gpt-4o-mini", api_base={provider.url!r}, api_key="sk-x", max_tokens=50, stream=True,
+          messages=[{{"role": "user", "content": "hello there"}}], max_retries=0)
+if {mode!r} == "sync":
+    for i, _ in enumerate(litellm.completion(**kw)):
+        if i == 2:
+            break  # found what it needed
+else:
+    async def main():
+        stream = await litellm.acompletion(**kw)
+        async for i, _ in _enum(stream):
+            if i == 2:
+                break
+    async def _enum(stream):
+        i = 0
+        async for chunk in stream:
+            yield i, chunk
+            i += 1
+    asyncio.run(main())
+print("done", flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True"))
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
+    assert provider.state.count() == 1
+    assert ledger_total(path) == (1, 59.0)
