@@ -114,7 +114,7 @@ class Observations:
 # --------------------------------------------------------------------- logging
 _SECRET = re.compile(
     r"(?i)(sk-(?:ant-|proj-)?[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9._\-]{8,}|"
-    r"\b(?:gsk_|xai-|hf_|pplx-|r8_|sk_)[A-Za-z0-9_\-]{16,}|\bAIza[A-Za-z0-9_\-]{20,}|"
+    r"\b(?:gsk_|xai-|hf_|pplx-|r8_|sk_)[A-Za-z0-9_\-]{16,}|\bAIza[A-Za-z0-9_\-]{20,}|\bAKIA[A-Z0-9]{16}|"
     r"(?:api[_-]?key|x-api-key|authorization)[\"']?\s*[:=]\s*[\"']?(?:Bearer\s+)?[^\s\"',}]{4,})"
 )
 

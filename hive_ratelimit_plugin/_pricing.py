@@ -32,6 +32,7 @@ class Tier:
     output_per_token: float
     cache_read_per_token: float | None
     cache_write_per_token: float | None
+    cache_write_1h_per_token: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,17 +74,18 @@ class Price:
         written to it (``written_1h`` of them for an hour)."""
         inp, out, read, write = self.input_per_token, self.output_per_token, self.cache_read_per_token, \
             self.cache_write_per_token
+        write_1h = self.cache_write_1h_per_token
         for t in self.tiers:
             if prompt > t.above:
                 inp, out = t.input_per_token, t.output_per_token
                 read = t.cache_read_per_token if t.cache_read_per_token is not None else read
                 write = t.cache_write_per_token if t.cache_write_per_token is not None else write
+                write_1h = t.cache_write_1h_per_token if t.cache_write_1h_per_token is not None else write_1h
                 break
         cached = min(max(cached, 0), prompt)
         written = min(max(written, 0), prompt - cached)
         written_1h = min(max(written_1h, 0), written)
         write = inp if write is None else write
-        write_1h = self.cache_write_1h_per_token
         if write_1h is None:  # (older price maps): Anthropic's price, twice the input's
             write_1h = max(write, 2 * inp)
         return ((prompt - cached - written) * inp + cached * (inp if read is None else read)
@@ -107,7 +109,8 @@ def _from_map(info: dict[str, object]) -> Price:
             tiers.append(Tier(int(k) * 1000, tier_in,
                               tier_out if tier_out is not None else float(num("output_cost_per_token") or 0.0),
                               num(f"cache_read_input_token_cost_above_{k}k_tokens"),
-                              num(f"cache_creation_input_token_cost_above_{k}k_tokens")))
+                              num(f"cache_creation_input_token_cost_above_{k}k_tokens"),
+                              num(f"cache_creation_input_token_cost_above_1hr_above_{k}k_tokens")))
     return Price(float(num("input_cost_per_token") or 0.0), float(num("output_cost_per_token") or 0.0), "litellm",
                  num("cache_read_input_token_cost"), num("cache_creation_input_token_cost"),
                  num("cache_creation_input_token_cost_above_1hr"),

@@ -716,7 +716,8 @@ class RedisEngine(Engine):
         return super().ticket_of(call_id) or self.fallback.ticket_of(call_id)
 
     def _open_ids(self) -> list[str]:
-        return super()._open_ids() + self.fallback._open_ids()
+        held = set(self._held.values())  # (copies of calls listed already: see _hold_in_flight)
+        return super()._open_ids() + [cid for cid in self.fallback._open_ids() if cid not in held]
 
     def progress(self, call_id: str) -> int:
         return max(super().progress(call_id), self.fallback.progress(call_id))

@@ -219,27 +219,39 @@ def is_transient(exc: BaseException) -> bool:
 # Errors after which a sent request may still have been served (and billed): the answer was not
 # seen, not refused. (LiteLLM gives a timeout status 408 and a lost connection 500 of its own.)
 _UNSEEN = frozenset({"Timeout", "APITimeoutError", "APIConnectionError", "ReadTimeout", "WriteTimeout",
-                     "PoolTimeout", "ReadError", "WriteError", "RemoteProtocolError", "MidStreamFallbackError",
+                     "ReadError", "WriteError", "RemoteProtocolError", "MidStreamFallbackError",
                      "TimeoutError", "CancelledError"})
 # Errors that show the request never reached the provider.
-_NOT_SENT = frozenset({"ConnectError", "ConnectTimeout"})
+_NOT_SENT = frozenset({"ConnectError", "ConnectTimeout", "PoolTimeout"})
+# Errors that carry the provider's HTTP answer (an error status, 408 and 504 included): it was
+# seen, and providers do not bill those.
+_ANSWERED = frozenset({"HTTPStatusError", "APIStatusError"})
 
 
-def outcome_unseen(exc: BaseException | None) -> bool:
+def outcome_unseen(exc: BaseException | None, prior: BaseException | None = None) -> bool:
     """Whether a call that was sent and ended with ``exc`` may have been served all the same:
     cancelled (``None``, or an interruption) or cut off by a timeout or a lost connection, unless
-    the error shows the connection was never made."""
+    the error shows the connection was never made or carries the provider's answer.
+
+    The error's chain is read down to the transport's error, and no further: past it lie earlier
+    attempts' errors (a retry made inside an ``except`` block: ``prior``, the error being handled
+    when the attempt began, or a LiteLLM error below a transport one)."""
     if exc is None or not isinstance(exc, Exception):
         return True
     seen: set[int] = set()
-    unseen = False
+    unseen = transport = False
     e: BaseException | None = exc
-    while e is not None and id(e) not in seen and len(seen) < 16:  # LiteLLM wraps the transport's error
+    while e is not None and e is not prior and id(e) not in seen and len(seen) < 16:
         seen.add(id(e))
-        name = type(e).__name__
-        if name in _NOT_SENT:
+        cls = type(e)
+        if transport and cls.__module__ == "litellm.exceptions":
+            break  # an earlier attempt's
+        if cls.__module__.split(".", 1)[0] != "litellm":
+            transport = True
+        names = {c.__name__ for c in cls.__mro__}
+        if names & _NOT_SENT or names & _ANSWERED:
             return False
-        if name in _UNSEEN or isinstance(e, TimeoutError):
+        if cls.__name__ in _UNSEEN or isinstance(e, TimeoutError):
             unseen = True
         e = e.__cause__ or e.__context__
     return unseen

@@ -368,7 +368,8 @@ class RateLimitingConfig(BaseSettings):
 _SECRET_NAMES = ("key", "secret", "password", "credential")
 # How providers' API keys begin (OpenAI, Anthropic, Groq, xAI, Google, Hugging Face, Perplexity,
 # Replicate, and LiteLLM's own virtual keys).
-KEY_PREFIXES = ("sk-", "sk_", "gsk_", "xai-", "AIza", "hf_", "pplx-", "r8_")
+KEY_PREFIXES = ("sk-", "sk_", "gsk_", "xai-", "AIza", "hf_", "pplx-", "r8_", "AKIA")
+_VAR_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 def looks_like_key(value: str) -> bool:
@@ -387,6 +388,8 @@ def _shown(name: str, value: Any) -> Any:
         return re.sub(r"(?i)(password|username)=[^&]*", r"\1=***", re.sub(r"[^/@]*@", "***@", value))
     if any(s in lowered for s in _SECRET_NAMES) and not lowered.endswith("api_keys"):
         return "<redacted>"
+    if lowered == "env" and isinstance(value, str) and not (_VAR_NAME.fullmatch(value) and not looks_like_key(value)):
+        return "<redacted>"  # an API key's variable: shown only if it reads as a variable's name
     if isinstance(value, str) and (looks_like_key(value) or
                                    (len(value) >= 32 and " " not in value and not value.isalpha())):
         return "<redacted>"

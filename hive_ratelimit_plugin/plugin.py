@@ -24,6 +24,7 @@ import inspect
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -269,10 +270,10 @@ def _prompt_cache(usage: Any) -> tuple[int, int, int] | None:
     for an hour), in LiteLLM's form (``prompt_tokens_details``, Anthropic's ``cache_*_input_tokens``)
     or the Responses API's (``input_tokens_details``). ``None`` when it reports none."""
     fields = getattr(usage, "__dict__", None)
-    if type(fields) is dict and "prompt_tokens_details" in fields:  # LiteLLM's Usage: the usual case first
-        if (fields["prompt_tokens_details"] is None and not fields.get("cache_read_input_tokens")
-                and not fields.get("cache_creation_input_tokens")):
-            return None
+    if (type(fields) is dict and "prompt_tokens_details" in fields  # LiteLLM's Usage: the usual case first
+            and fields["prompt_tokens_details"] is None and not fields.get("cache_read_input_tokens")
+            and not fields.get("cache_creation_input_tokens")):
+        return None
     get = _getter(usage)
     read = _count(get("cache_read_input_tokens"))
     written = _count(get("cache_creation_input_tokens"))
@@ -893,7 +894,7 @@ class HiveLimiter(CustomLogger):
 
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
-                exc: BaseException | None = None) -> None:
+                exc: BaseException | None = None, prior: BaseException | None = None) -> None:
         eng = self._engine
         ticket = eng.ticket_of(call_id) if call_id else None
         if ticket is None:
@@ -912,7 +913,7 @@ class HiveLimiter(CustomLogger):
                 elif is_transient(exc):
                     outcome = "failure"
             progress = eng.progress(call_id)
-            if progress == 2 or (progress == 1 and outcome_unseen(exc)):
+            if progress == 2 or (progress == 1 and outcome_unseen(exc, prior)):
                 # Sent, and its answer not seen or cut off (cancelled, timed out, a connection or a
                 # stream lost): the provider may well have served it, and bill it. Counted at its
                 # estimate and worst-case cost, like a lease that runs out.
@@ -1369,7 +1370,8 @@ class _Retrying:
 def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     names = _POSITIONAL[name]
 
-    def attempt(limiters: list[HiveLimiter], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def attempt(limiters: list[HiveLimiter], args: tuple[Any, ...], kwargs: dict[str, Any],
+                prior: BaseException | None) -> Any:
         view = dict(kwargs)
         for pname, value in zip(names, args, strict=False):
             view.setdefault(pname, value)
@@ -1393,7 +1395,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             result = fn(*args, **kwargs)
         except BaseException as exc:
             for lim, cid in held:
-                lim._finish(cid, failed=True, exc=exc)
+                lim._finish(cid, failed=True, exc=exc, prior=prior)
             raise
         finally:
             _guarded_call.reset(token)
@@ -1414,6 +1416,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         limiters = _active_limiters()
         if not limiters:
             return fn(*args, **kwargs)
+        prior = sys.exc_info()[1]  # called while handling an error: an earlier attempt's, maybe
         first = limiters[0]
         # (A Router's sync ``responses`` does not retry itself: LiteLLM's own loop did.)
         started, user_call_id, asked = _first_attempt(first, kwargs, sync=True, router_retries=name != "responses",
@@ -1427,7 +1430,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
                 retrying.begin(kwargs)
                 token = _wait_budget.set(retrying.budget())
             try:
-                return attempt(limiters, args, kwargs)
+                return attempt(limiters, args, kwargs, prior)
             except Exception as exc:
                 if retrying is None:
                     retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
@@ -1475,9 +1478,10 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             kwargs.update(zip(names, args, strict=False))
             args = ()
         admitted: list[str | None] = [None]
+        prior = sys.exc_info()[1]  # called while handling an error: an earlier attempt's, maybe
         outer = _in_async_guard.set(admitted)
         try:
-            return await _retry_async(fn, limiters, args, kwargs, admitted, embedding)
+            return await _retry_async(fn, limiters, args, kwargs, admitted, embedding, prior)
         finally:
             _in_async_guard.reset(outer)
 
@@ -1486,7 +1490,8 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
-                       kwargs: dict[str, Any], admitted: list[str | None], embedding: bool = False) -> Any:
+                       kwargs: dict[str, Any], admitted: list[str | None], embedding: bool = False,
+                       prior: BaseException | None = None) -> Any:
     # Admission happens in the deployment hook; this loop only retries provider 429s. The
     # first attempt is the common case and runs without the retry state, which is built only
     # when an attempt fails (with the same start time, so the retry budget is unchanged).
@@ -1506,7 +1511,7 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         try:
             result = await fn(*args, **kwargs)
         except Exception as exc:
-            _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), exc)
+            _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), exc, prior)
             if retrying is None:
                 retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
             if not retrying.should_retry(exc):
@@ -1527,12 +1532,13 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
                 _wait_budget.reset(token)
 
 
-def _release_attempt(limiters: list[HiveLimiter], call_id: str | None, exc: BaseException | None) -> None:
+def _release_attempt(limiters: list[HiveLimiter], call_id: str | None, exc: BaseException | None,
+                     prior: BaseException | None = None) -> None:
     """Settle a failed (``exc``) or cancelled (``None``) attempt now rather than wait for LiteLLM's
     failure event, which can come late (or, after an earlier event loop was closed, not at all)
     and would hold the slot meanwhile. The event, when it comes, finds nothing left to release."""
     for lim in limiters:
-        lim._finish(call_id, failed=True, exc=exc)
+        lim._finish(call_id, failed=True, exc=exc, prior=prior)
 
 
 # ------------------------------------------------------------ stream leases

@@ -539,3 +539,71 @@ def test_long_prompts_are_priced_at_the_long_context_rate() -> None:
         assert price.cost(prompt, 2000) == pytest.approx(a + b, rel=1e-9)
         assert price.billed(prompt, 2000) == pytest.approx(a + b, rel=1e-9)
     assert price.cost(300_000, 0) == pytest.approx(300_000 * 2 * price.input_per_token, rel=1e-9)
+
+
+@pytest.mark.parametrize("status", [408, 504])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_timeout_status_from_the_provider_counts_nothing(status: int, mode: str, provider: FakeProvider,
+                                                                 clock: FakeClock, wall: FakeClock) -> None:
+    """LiteLLM raises its Timeout for a provider's 408 or 504 too; that call was answered, with an
+    error: not billed, so it counts nothing (unlike a timeout on the caller's side)."""
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 1000}, "retry": {"max_attempts": 1}})
+    provider.state.push(Scripted(status=status))
+    with pytest.raises(litellm.Timeout):
+        if mode == "sync":
+            litellm.completion(**small(provider))
+        else:
+            await litellm.acompletion(**small(provider))
+    assert limiter.get_usage_stats()["cost_today"] == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_retry_made_while_handling_an_error_is_judged_on_its_own(mode: str, provider: FakeProvider,
+                                                                         clock: FakeClock, wall: FakeClock) -> None:
+    """An agent that retries inside its ``except`` block: the retry's error carries the first
+    one in its context, which must not decide how the retry is counted (a refused retry after a
+    timeout costs nothing; a timed-out retry after a refused connection costs its worst case)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 1000}})
+
+    async def call(**extra: Any) -> None:
+        if mode == "sync":
+            litellm.completion(**small(provider, **extra))
+        else:
+            await litellm.acompletion(**small(provider, **extra))
+
+    provider.state.push(Scripted(status=200, delay=0.6))
+    provider.state.push(Scripted(status=400))
+    try:
+        await call(timeout=0.2)  # counts its worst case, 14
+    except litellm.Timeout:
+        with pytest.raises(litellm.BadRequestError):
+            await call()  # refused: nothing
+    assert limiter.get_usage_stats()["cost_today"] == 14
+    provider.state.script.clear()
+    provider.state.push(Scripted(status=200, delay=0.6))
+    try:
+        await call(api_base=dead)  # never connected: nothing
+    except (litellm.APIConnectionError, litellm.InternalServerError):
+        with pytest.raises(litellm.Timeout):
+            await call(timeout=0.2)  # counts its worst case
+    assert limiter.get_usage_stats()["cost_today"] == 28
+
+
+def test_a_one_hour_cache_write_in_a_long_prompt_uses_its_tier_price() -> None:
+    """The price map's one-hour write price for prompts over a tier
+    (``cache_creation_input_token_cost_above_1hr_above_200k_tokens``) applies to such a write."""
+    from hive_ratelimit_plugin._pricing import _from_map
+
+    price = _from_map({"input_cost_per_token": 3e-6, "output_cost_per_token": 1.5e-5,
+                       "cache_creation_input_token_cost": 3.75e-6, "cache_creation_input_token_cost_above_1hr": 6e-6,
+                       "input_cost_per_token_above_200k_tokens": 6e-6, "output_cost_per_token_above_200k_tokens": 2.25e-5,
+                       "cache_creation_input_token_cost_above_200k_tokens": 7.5e-6,
+                       "cache_creation_input_token_cost_above_1hr_above_200k_tokens": 1.2e-5})
+    assert price.billed(300_000, 0, 0, 100_000, 100_000) == pytest.approx(200_000 * 6e-6 + 100_000 * 1.2e-5)
+    assert price.billed(300_000, 0, 0, 100_000, 0) == pytest.approx(200_000 * 6e-6 + 100_000 * 7.5e-6)
+    assert price.billed(150_000, 0, 0, 100_000, 100_000) == pytest.approx(50_000 * 3e-6 + 100_000 * 6e-6)
