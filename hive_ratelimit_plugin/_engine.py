@@ -26,7 +26,7 @@ from typing import Any
 
 from . import _fork
 from ._budget import COST_FIELDS, RUN, WINDOW_ADJECTIVE, BudgetBook, Calendar, SpendRow, money_text
-from ._windows import SlidingWindow
+from ._windows import NO_BUCKET, SlidingWindow
 from .config import PERIODS, LimitSet
 from .errors import HiveRateLimitError, RequestTooLargeError
 
@@ -1702,15 +1702,23 @@ class Engine:
         # One 429 is handled by the cooldown alone; a second one within a minute means the
         # provider enforces less than we send: lower our rate (multiplicative decrease).
         if self.adaptive and st.observed_requests is not None and now - previous < 60.0:
-            st.observed_requests.expire(now)
-            seen = st.observed_requests.total
+            w = st.observed_requests
+            w.expire(now)
+            seen = w.total
             if seen < ADAPTIVE_MIN_RATE and st.adaptive_rpm is None:
                 return  # too few requests to learn a rate from; the cooldowns pace them
-            current = st.adaptive_rpm if st.adaptive_rpm is not None else seen
+            # The pace it was sent at, per minute: what the last minute holds, or, when its first
+            # request is more recent than that (a burst at start-up), that many over the time since
+            # (at least a second). Counting a 0.2 s burst as a minute's traffic cut a model to a
+            # handful of requests per minute after two brief 429s.
+            oldest = w.buckets[0][0] if w.buckets else w.ci
+            span = 60.0 if oldest == NO_BUCKET else min(max(now - oldest * w.width, 1.0), 60.0)
+            rate = seen * 60.0 / span
+            current = st.adaptive_rpm if st.adaptive_rpm is not None else rate
             if st.adaptive_rpm is None:
-                st.adaptive_ceiling = max(seen, 1.0) * 2.0
+                st.adaptive_ceiling = max(rate, 1.0) * 2.0
             st.adaptive_rpm = max(float(ADAPTIVE_MIN_RATE) * self.adaptive_decrease,
-                                  min(current, seen) * self.adaptive_decrease)
+                                  min(current, rate) * self.adaptive_decrease)
             self._apply_learned(st)
 
     def _rate(self, st: ScopeState) -> float | None:

@@ -787,9 +787,15 @@ for _, sc in ipairs(scopes) do
           local ow = P .. ':w:' .. sc.key .. ':learned_requests_per_minute'
           local total = window(ow, 60.0)
           if not (total < amin and st.arpm == nil) then
-            local current = st.arpm or total
-            if st.arpm == nil then redis.call('HSET', sk, 'adaptive_ceiling', math.max(total, 1.0) * 2.0) end
-            redis.call('HSET', sk, 'adaptive_rpm', math.max(amin * decrease, math.min(current, total) * decrease))
+            -- the pace it was sent at, per minute (a burst younger than a minute: over its age,
+            -- at least a second), as in _engine.Engine._cool_down
+            local o = tonumber(redis.call('HGET', ow, 'O'))
+            local span = 60.0
+            if o then span = math.min(math.max(now - o * (60.0 / BUCKETS), 1.0), 60.0) end
+            local rate = total * 60.0 / span
+            local current = st.arpm or rate
+            if st.arpm == nil then redis.call('HSET', sk, 'adaptive_ceiling', math.max(rate, 1.0) * 2.0) end
+            redis.call('HSET', sk, 'adaptive_rpm', math.max(amin * decrease, math.min(current, rate) * decrease))
           end
         end
       end

@@ -1565,6 +1565,17 @@ def _renew(held: list[tuple[HiveLimiter, str]]) -> None:
                            extra={"hive_repeat_key": ("renew",)})
 
 
+def _free_slots(held: list[tuple[HiveLimiter, str]]) -> None:
+    """A stream closed by its caller: its concurrency slots come back now. What it cost is
+    settled as before (its success event, or its lease at the worst case)."""
+    for lim, call_id in held:
+        try:
+            lim._engine.free_slot(call_id)
+        except Exception as exc:  # never break the caller's close
+            logger.warning("could not free the slot of a closed stream: %s", exc,
+                           extra={"hive_repeat_key": ("free_slot",)})
+
+
 def _renewing_class(cls: type) -> type | None:
     """``cls`` with a ``__next__`` / ``__anext__`` that renews the stream's leases first (cached)."""
     if cls in _renewing:
@@ -1583,6 +1594,22 @@ def _renewing_class(cls: type) -> type | None:
             _renew_leases(self)
             return await base_anext(self)
         ns["__anext__"] = next_chunk_async
+    base_close = getattr(cls, "close", None)
+    if base_next is not None and callable(base_close):
+        def close(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return base_close(self, *args, **kwargs)
+            finally:
+                _free_slots(self.__dict__.get(_LEASES, ()))
+        ns["close"] = close
+    base_aclose = getattr(cls, "aclose", None)
+    if base_anext is not None and callable(base_aclose):
+        async def aclose(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await base_aclose(self, *args, **kwargs)
+            finally:
+                _free_slots(self.__dict__.get(_LEASES, ()))
+        ns["aclose"] = aclose
     sub: type | None = None
     if base_next is not None or base_anext is not None:
         with contextlib.suppress(TypeError):  # a class that cannot be subclassed
@@ -1630,7 +1657,10 @@ async def _renewing_agen(agen: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
                 return
             yield item
     finally:
-        await agen.aclose()
+        try:
+            await agen.aclose()
+        finally:
+            _free_slots(held)  # (closed, read to the end or dropped: no longer generating)
 
 
 def install_sync_guard() -> None:

@@ -601,7 +601,8 @@ def test_a_one_hour_cache_write_in_a_long_prompt_uses_its_tier_price() -> None:
 
     price = _from_map({"input_cost_per_token": 3e-6, "output_cost_per_token": 1.5e-5,
                        "cache_creation_input_token_cost": 3.75e-6, "cache_creation_input_token_cost_above_1hr": 6e-6,
-                       "input_cost_per_token_above_200k_tokens": 6e-6, "output_cost_per_token_above_200k_tokens": 2.25e-5,
+                       "input_cost_per_token_above_200k_tokens": 6e-6,
+                       "output_cost_per_token_above_200k_tokens": 2.25e-5,
                        "cache_creation_input_token_cost_above_200k_tokens": 7.5e-6,
                        "cache_creation_input_token_cost_above_1hr_above_200k_tokens": 1.2e-5})
     assert price.billed(300_000, 0, 0, 100_000, 100_000) == pytest.approx(200_000 * 6e-6 + 100_000 * 1.2e-5)

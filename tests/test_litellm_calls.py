@@ -703,3 +703,27 @@ async def test_the_sync_success_handler_leaves_async_calls_to_the_async_one(prov
     assert not limiter._engine.holds("reused-id")  # a sync call's handler does settle it
     async for _ in stream:
         pass
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_a_stream_closed_by_its_caller_gives_its_slot_back(mode: str, provider: FakeProvider,
+                                                                 clock: FakeClock) -> None:
+    """``aclose()`` / ``close()`` on a stream read part-way: its concurrency slot comes back at once
+    (it used to wait for the lease, 300 s, with every other caller queued behind it)."""
+    limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}})
+    provider.state.completion_tokens = 20
+    if mode == "async":
+        stream = await litellm.acompletion(**chat_kwargs(provider, stream=True))
+        async for _ in stream:
+            break
+        await stream.aclose()
+    else:
+        stream = litellm.completion(**chat_kwargs(provider, stream=True))
+        for _ in stream:
+            break
+        if not hasattr(stream, "close"):
+            pytest.skip("this LiteLLM's sync stream has no close()")
+        stream.close()
+    assert global_usage(limiter)["in_flight"] == 0
+    await litellm.acompletion(**chat_kwargs(provider))  # not queued behind the closed stream
+    assert provider.state.count() == 2
