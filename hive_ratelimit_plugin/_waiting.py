@@ -24,13 +24,16 @@ def _timeout_error(engine: Engine, waiter: Waiter | None, waited: float, reason:
         retry_after = max(at - now, 0.0)
     scope = blocked.scope if blocked else None
     limit = blocked.limit if blocked else None
+    remaining = blocked.remaining if blocked else None
+    if waiter is None:  # refused at the door: the queue itself is full
+        scope, limit, remaining = "queue", "max_size", 0.0
     where = f" by {limit} of {scope}" if scope else ""
     hint = f"; retry in {retry_after:.1f}s" if retry_after is not None else ""
     return RateLimitQueueTimeout(
         f"call held{where}: {reason} after waiting {waited:.1f}s; no request was sent{hint}",
         scope=scope,
         limit=limit,
-        remaining=blocked.remaining if blocked else None,
+        remaining=remaining,
         retry_after=retry_after,
     )
 

@@ -225,8 +225,9 @@ async def test_full_queue_rejects_at_once(provider: FakeProvider, clock: FakeClo
     await litellm.acompletion(**chat_kwargs(provider))
     waiting = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
     await asyncio.sleep(0.01)
-    with pytest.raises(RateLimitQueueTimeout, match="queue is full"):
+    with pytest.raises(RateLimitQueueTimeout, match="queue is full") as info:
         await litellm.acompletion(**chat_kwargs(provider))
+    assert (info.value.scope, info.value.limit, info.value.remaining) == ("queue", "max_size", 0.0)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
