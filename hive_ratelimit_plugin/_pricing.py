@@ -63,9 +63,7 @@ class Price:
         """The cost of a call with no prompt-cache tokens (a reservation's worst case: caching
         only makes it cheaper, but for writes, which the settlement then prices)."""
         if self.tiers:
-            for t in self.tiers:
-                if input_tokens > t.above:
-                    return input_tokens * t.input_per_token + output_tokens * t.output_per_token
+            return self.billed(input_tokens, output_tokens)
         return input_tokens * self.input_per_token + output_tokens * self.output_per_token
 
     def billed(self, prompt: int, output: int, cached: int = 0, written: int = 0, written_1h: int = 0) -> float:

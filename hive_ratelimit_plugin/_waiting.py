@@ -15,8 +15,15 @@ from ._engine import NEVER, Engine, QueueFull, Ticket, Waiter
 from .errors import RateLimitQueueTimeout
 
 
-def _timeout_error(engine: Engine, waiter: Waiter | None, waited: float, reason: str) -> RateLimitQueueTimeout:
-    blocked = waiter.blocked if waiter is not None else None
+def _queue_full(engine: Engine) -> RateLimitQueueTimeout:
+    """Refused at the door: ``queue.max_size`` calls are already waiting."""
+    return RateLimitQueueTimeout(f"call held by max_size of queue: queue is full ({engine.max_queue} waiting) "
+                                 "after waiting 0.0s; no request was sent", scope="queue", limit="max_size",
+                                 remaining=0.0, retry_after=None)
+
+
+def _timeout_error(engine: Engine, waiter: Waiter, waited: float, reason: str) -> RateLimitQueueTimeout:
+    blocked = waiter.blocked
     now = engine.clock()
     retry_after = None
     at = None if blocked is None else blocked.frees_at if blocked.frees_at is not None else blocked.retry_at
@@ -24,16 +31,13 @@ def _timeout_error(engine: Engine, waiter: Waiter | None, waited: float, reason:
         retry_after = max(at - now, 0.0)
     scope = blocked.scope if blocked else None
     limit = blocked.limit if blocked else None
-    remaining = blocked.remaining if blocked else None
-    if waiter is None:  # refused at the door: the queue itself is full
-        scope, limit, remaining = "queue", "max_size", 0.0
     where = f" by {limit} of {scope}" if scope else ""
     hint = f"; retry in {retry_after:.1f}s" if retry_after is not None else ""
     return RateLimitQueueTimeout(
         f"call held{where}: {reason} after waiting {waited:.1f}s; no request was sent{hint}",
         scope=scope,
         limit=limit,
-        remaining=remaining,
+        remaining=blocked.remaining if blocked else None,
         retry_after=retry_after,
     )
 
@@ -105,7 +109,7 @@ def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
     try:
         waiter = engine.acquire(ticket, event.set)
     except QueueFull:
-        raise _timeout_error(engine, None, 0.0, f"queue is full ({engine.max_queue} waiting)") from None
+        raise _queue_full(engine) from None
     if waiter is None:
         return 0.0
     deadline = start + max_wait
@@ -162,7 +166,7 @@ async def queue_async(engine: Engine, ticket: Ticket, max_wait: float) -> float:
     try:
         waiter = engine.acquire(ticket, wake)
     except QueueFull:
-        raise _timeout_error(engine, None, 0.0, f"queue is full ({engine.max_queue} waiting)") from None
+        raise _queue_full(engine) from None
     if waiter is None:
         return 0.0
     loop = asyncio.get_running_loop()

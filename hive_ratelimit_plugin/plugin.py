@@ -294,7 +294,10 @@ def _prompt_cache(usage: Any) -> tuple[int, int, int] | None:
 
 
 def _usage_of(response: Any) -> tuple[int | None, int | None]:
-    usage = _usage_obj(response)
+    return _usage_counts(_usage_obj(response))
+
+
+def _usage_counts(usage: Any) -> tuple[int | None, int | None]:
     if usage is None:
         return None, None
     if isinstance(usage, dict):
@@ -922,7 +925,8 @@ class HiveLimiter(CustomLogger):
             # Refused by the provider (an error status), or never sent: providers do not bill those.
             eng.release(call_id, output_tokens=0, cost=0.0, outcome=outcome, wait=wait, signals=signals)
             return
-        tin, tout = _usage_of(response)
+        usage = _usage_obj(response)
+        tin, tout = _usage_counts(usage)
         cost = None
         if tin is not None or tout is not None:
             info = ticket.info
@@ -930,7 +934,7 @@ class HiveLimiter(CustomLogger):
             price = self._prices.price(provider, model)
             if not price.known:
                 self._prices.warn_unknown(provider, model, "LiteLLM reports no cost for it")
-            cache = _prompt_cache(_usage_obj(response)) if tin and price.detailed else None
+            cache = _prompt_cache(usage) if tin and price.detailed else None
             if cache is not None:  # tokens read from or written to the prompt cache: priced apart
                 cost = price.billed(tin or 0, tout or 0, *cache)
             else:
@@ -1403,8 +1407,6 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             for lim, cid in held:
                 lim._finish(cid, result)
         else:  # settles from its success event when exhausted; its lease lasts while it is read
-            for lim, cid in held:
-                lim._engine.note_answered(cid)
             result = _keep_alive(result, held)
         return result
 
@@ -1523,8 +1525,6 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
             if kwargs.get("stream"):
                 call_id = admitted[0] or kwargs.get("litellm_call_id")
                 if call_id:
-                    for lim in limiters:
-                        lim._engine.note_answered(call_id)
                     result = _keep_alive(result, [(lim, call_id) for lim in limiters])
             return result
         finally:
@@ -1553,27 +1553,19 @@ _renewing_classes: set[type] = set()
 
 
 def _renew_leases(stream: Any) -> None:
-    _renew(stream.__dict__.get(_LEASES, ()))
+    _on_leases(stream.__dict__.get(_LEASES, ()), "renew")
 
 
-def _renew(held: list[tuple[HiveLimiter, str]]) -> None:
+def _on_leases(held: list[tuple[HiveLimiter, str]], action: str) -> None:
+    """Call ``Engine.<action>(call_id)`` for each lease a stream holds; never break the caller's
+    stream over it. ``renew``: a chunk is being read; ``free_slot``: the caller closed the stream
+    (its slots come back now; what it cost is settled as before, by its success event or lease)."""
     for lim, call_id in held:
         try:
-            lim._engine.renew(call_id)
-        except Exception as exc:  # never break the caller's stream over a lease
-            logger.warning("could not renew the lease of a live stream: %s", exc,
-                           extra={"hive_repeat_key": ("renew",)})
-
-
-def _free_slots(held: list[tuple[HiveLimiter, str]]) -> None:
-    """A stream closed by its caller: its concurrency slots come back now. What it cost is
-    settled as before (its success event, or its lease at the worst case)."""
-    for lim, call_id in held:
-        try:
-            lim._engine.free_slot(call_id)
-        except Exception as exc:  # never break the caller's close
-            logger.warning("could not free the slot of a closed stream: %s", exc,
-                           extra={"hive_repeat_key": ("free_slot",)})
+            getattr(lim._engine, action)(call_id)
+        except Exception as exc:
+            logger.warning("could not %s the lease of a stream: %s", action, exc,
+                           extra={"hive_repeat_key": (action,)})
 
 
 def _renewing_class(cls: type) -> type | None:
@@ -1600,7 +1592,7 @@ def _renewing_class(cls: type) -> type | None:
             try:
                 return base_close(self, *args, **kwargs)
             finally:
-                _free_slots(self.__dict__.get(_LEASES, ()))
+                _on_leases(self.__dict__.get(_LEASES, ()), "free_slot")
         ns["close"] = close
     base_aclose = getattr(cls, "aclose", None)
     if base_anext is not None and callable(base_aclose):
@@ -1608,7 +1600,7 @@ def _renewing_class(cls: type) -> type | None:
             try:
                 return await base_aclose(self, *args, **kwargs)
             finally:
-                _free_slots(self.__dict__.get(_LEASES, ()))
+                _on_leases(self.__dict__.get(_LEASES, ()), "free_slot")
         ns["aclose"] = aclose
     sub: type | None = None
     if base_next is not None or base_anext is not None:
@@ -1626,6 +1618,8 @@ def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
     stream to hand to the caller (the same object, or a generator around an async generator)."""
     if not held:
         return stream
+    for lim, call_id in held:  # the provider has begun to answer: a failure now may still be billed
+        lim._engine.note_answered(call_id)
     if not isinstance(getattr(stream, "__dict__", None), dict):
         if inspect.isasyncgen(stream):  # (LiteLLM 1.83's Anthropic messages stream)
             return _renewing_agen(stream, list(held))
@@ -1650,7 +1644,7 @@ async def _renewing_agen(agen: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
     """``agen``'s items, renewing the leases in ``held`` before each read."""
     try:
         while True:
-            _renew(held)
+            _on_leases(held, "renew")
             try:
                 item = await agen.__anext__()
             except StopAsyncIteration:
@@ -1660,7 +1654,7 @@ async def _renewing_agen(agen: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
         try:
             await agen.aclose()
         finally:
-            _free_slots(held)  # (closed, read to the end or dropped: no longer generating)
+            _on_leases(held, "free_slot")  # (closed, read to the end or dropped: no longer generating)
 
 
 def install_sync_guard() -> None:
