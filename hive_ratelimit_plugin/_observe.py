@@ -31,7 +31,7 @@ def rejection_reason(exc: BaseException) -> tuple[str, str]:
     name = type(exc).__name__
     limit = getattr(exc, "limit", None)
     if name == "RateLimitQueueTimeout":
-        if scope is None and "queue is full" in str(exc):
+        if scope == "queue" and limit == "max_size":  # (see _waiting._queue_full)
             return "queue", "queue_full"
         return level, "provider_cooldown" if limit == "provider_cooldown" else "queue_timeout"
     if name == "RunawayDetectedError":

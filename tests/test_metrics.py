@@ -130,3 +130,13 @@ def test_one_limiter_per_registry(clock: FakeClock) -> None:
         instrument(make_limiter(clock, {}), registry)
     first.close()
     instrument(make_limiter(clock, {}), registry).close()  # free again after close
+
+
+def test_a_full_queue_is_counted_as_such() -> None:
+    """A call refused because the queue is full is a ``queue_full`` rejection at level ``queue``,
+    not a queue timeout (the error names its scope and limit: queue, max_size)."""
+    from hive_ratelimit_plugin._engine import Engine
+    from hive_ratelimit_plugin._observe import rejection_reason
+    from hive_ratelimit_plugin._waiting import _queue_full
+
+    assert rejection_reason(_queue_full(Engine(lambda: 0.0, max_queue=3))) == ("queue", "queue_full")
