@@ -59,9 +59,14 @@ class Price:
         return (self.cache_read_per_token is not None or self.cache_write_per_token is not None
                 or self.cache_write_1h_per_token is not None or bool(self.tiers))
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        """The cost of a call with no prompt-cache tokens (a reservation's worst case: caching
-        only makes it cheaper, but for writes, which the settlement then prices)."""
+    def cost(self, input_tokens: int, output_tokens: int, writes: int = 0) -> float:
+        """A reservation's worst case: the cost of a call with no prompt-cache reads (which only
+        make it cheaper) and, when it asks for prompt-cache writes (``writes``: 1 for 5 minutes,
+        2 for an hour, see ``_tokens.cache_writes``) on a model with a write price, its whole
+        prompt written at that price."""
+        if writes and (self.cache_write_per_token is not None or self.cache_write_1h_per_token is not None):
+            return max(self.billed(input_tokens, output_tokens),
+                       self.billed(input_tokens, output_tokens, 0, input_tokens, input_tokens if writes > 1 else 0))
         if self.tiers:
             return self.billed(input_tokens, output_tokens)
         return input_tokens * self.input_per_token + output_tokens * self.output_per_token

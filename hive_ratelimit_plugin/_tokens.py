@@ -352,3 +352,70 @@ def requested_output(kwargs: Mapping[str, Any], default: int) -> int:
         choices = max((c for c in (n, best_of) if type(c) is int and c > 1), default=1)
         out *= choices
     return out
+
+
+#: What :func:`cache_writes` returns: no prompt-cache write asked for, a 5-minute one, a 1-hour one.
+NO_WRITE, WRITE_5M, WRITE_1H = 0, 1, 2
+
+
+def _mark(value: Any) -> int:
+    """The write a ``cache_control`` value asks for (Anthropic's ``{"type": "ephemeral", "ttl": "1h"}``)."""
+    if not isinstance(value, Mapping):
+        return WRITE_5M if value else NO_WRITE
+    ttl = value.get("ttl")
+    return WRITE_1H if isinstance(ttl, str) and ttl.strip().lower() in ("1h", "60m", "3600s") else WRITE_5M
+
+
+def _marks_in(items: Any) -> int:
+    """The longest write the ``cache_control`` marks in a list of messages, blocks or tools ask for."""
+    found = NO_WRITE
+    if not isinstance(items, list):
+        return found
+    for item in items:
+        if not isinstance(item, Mapping):
+            continue
+        mark = item.get("cache_control")
+        if mark is not None:
+            found = max(found, _mark(mark))
+        content = item.get("content")
+        if isinstance(content, list):
+            for block in content:
+                if isinstance(block, Mapping) and block.get("cache_control") is not None:
+                    found = max(found, _mark(block["cache_control"]))
+        if found == WRITE_1H:
+            break
+    return found
+
+
+def cache_writes(kwargs: Mapping[str, Any]) -> int:
+    """Whether a request may make its provider write its prompt to the prompt cache, and for how
+    long: Anthropic-style ``cache_control`` marks on messages, their content blocks, the system
+    prompt or tools (``function.cache_control`` too), a top-level ``cache_control``, LiteLLM's
+    ``cache_control_injection_points``, or LiteLLM's automatic breakpoints
+    (``litellm.enable_anthropic_prompt_caching`` or a request's ``enable_prompt_caching``, newer
+    LiteLLM). Such a call may be billed its prompt at the cache-write price (1.25x the input
+    price for 5 minutes, 2x for an hour), so its reservation is priced that way."""
+    found = max(_marks_in(kwargs.get("messages")), _marks_in(kwargs.get("tools")))
+    if found == WRITE_1H:
+        return found
+    system = kwargs.get("system")
+    if isinstance(system, list):
+        found = max(found, _marks_in(system))
+    tools = kwargs.get("tools")
+    if isinstance(tools, list):
+        found = max(found, _marks_in([t.get("function") for t in tools if isinstance(t, Mapping)]))
+    top = kwargs.get("cache_control")
+    if top is not None:
+        found = max(found, _mark(top))
+    points = kwargs.get("cache_control_injection_points")
+    if isinstance(points, list):
+        for point in points:
+            if isinstance(point, Mapping):
+                found = max(found, _mark(point.get("control") or point))
+    if found == NO_WRITE:
+        import litellm
+
+        auto = getattr(litellm, "enable_anthropic_prompt_caching", None)
+        if auto is True or kwargs.get("enable_prompt_caching") is True:
+            found = WRITE_1H if getattr(litellm, "anthropic_prompt_caching_ttl", None) == "1h" else WRITE_5M
+    return found

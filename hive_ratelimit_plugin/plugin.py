@@ -54,7 +54,7 @@ from ._retry import (
 )
 from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
-from ._tokens import count_input, count_messages, count_response_input, requested_output
+from ._tokens import cache_writes, count_input, count_messages, count_response_input, requested_output
 from ._waiting import acquire_sync, queue_async
 from .config import RateLimitingConfig, load_config
 from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
@@ -825,7 +825,10 @@ class HiveLimiter(CustomLogger):
                 self._prices.warn_unknown(provider, model, "not in LiteLLM's price map or rate_limiting.pricing")
                 if cfg.unknown_price == "block":
                     raise _unknown_price_error(provider, model)
-            cost = price.cost(input_tokens, output_tokens)
+            if price.cache_write_per_token is None and price.cache_write_1h_per_token is None:
+                cost = price.cost(input_tokens, output_tokens)
+            else:  # (a model with a prompt-cache write price: Anthropic's, mostly)
+                cost = price.cost(input_tokens, output_tokens, cache_writes(kwargs))
         if self._ledger is not None:
             self._tail()
         # (positional: keyword arguments cost more to pass, and this runs for every call)

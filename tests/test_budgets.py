@@ -527,6 +527,66 @@ def test_prompt_cache_reads_and_writes_are_priced_as_billed(case: str, cached: i
     assert limiter.get_usage_stats()["cost_today"] == pytest.approx(billed, rel=1e-9)
 
 
+def _claude_call(provider: FakeProvider, mark: dict[str, Any] | None) -> dict[str, Any]:
+    block: dict[str, Any] = {"type": "text", "text": " ".join(["word"] * 1100)}
+    if mark is not None:
+        block["cache_control"] = mark
+    return {"model": CLAUDE, "api_base": provider.root, "api_key": "sk-ant-test-0123456789", "max_tokens": 5,
+            "messages": [{"role": "user", "content": [block]}]}
+
+
+@pytest.mark.parametrize("ttl", ["5m", "1h"])
+def test_a_call_that_asks_for_a_cache_write_reserves_the_write_price(ttl: str, provider: FakeProvider,
+                                                                      clock: FakeClock, wall: FakeClock) -> None:
+    """A prompt marked with ``cache_control`` may be billed at the cache-write price (1.25x the
+    input price; 2x for an hour): its worst case is that, so concurrent cache-writing calls
+    cannot together overshoot a budget by the write premium. Here a budget between the two worst
+    cases refuses the marked call before it is sent and admits the same call with a shorter (or
+    no) write."""
+    from hive_ratelimit_plugin._pricing import PriceBook
+    from hive_ratelimit_plugin._tokens import count_messages
+    from hive_ratelimit_plugin.config import load_config
+
+    price = PriceBook(load_config({})).price("anthropic", CLAUDE)
+    five, hour = {"type": "ephemeral"}, {"type": "ephemeral", "ttl": "1h"}
+    tin = count_messages(CLAUDE, _claude_call(provider, None)["messages"])
+    plain, w5, w1 = price.cost(tin, 5), price.billed(tin, 5, 0, tin), price.billed(tin, 5, 0, tin, tin)
+    assert plain < w5 < w1
+    lower, upper, marked, shorter = (plain, w5, five, None) if ttl == "5m" else (w5, w1, hour, five)
+    make(clock, wall, {"budget": {"max_daily_spend": (lower + upper) / 2}})
+    with pytest.raises(BudgetExceededError, match="can never fit"):
+        litellm.completion(**_claude_call(provider, marked))
+    assert provider.state.count() == 0
+    litellm.completion(**_claude_call(provider, shorter))
+    assert provider.state.count() == 1
+
+
+def test_cache_write_marks_are_found_wherever_litellm_takes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hive_ratelimit_plugin._tokens import WRITE_1H, WRITE_5M, cache_writes
+
+    five, hour = {"type": "ephemeral"}, {"type": "ephemeral", "ttl": "1h"}
+    text = [{"role": "user", "content": "hi"}]
+    assert cache_writes({"messages": text}) == 0
+    assert cache_writes({"messages": [{"role": "system", "content": "s", "cache_control": five}]}) == WRITE_5M
+    assert cache_writes({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                   {"type": "text", "text": "b",
+                                                                    "cache_control": hour}]}]}) == WRITE_1H
+    assert cache_writes({"messages": text, "system": [{"type": "text", "text": "s", "cache_control": five}]}) == 1
+    assert cache_writes({"messages": text, "tools": [{"name": "t", "cache_control": hour}]}) == WRITE_1H
+    assert cache_writes({"messages": text, "tools": [{"type": "function",
+                                                      "function": {"name": "t", "cache_control": five}}]}) == 1
+    assert cache_writes({"messages": text, "cache_control": five}) == WRITE_5M
+    assert cache_writes({"messages": text, "cache_control_injection_points": [
+        {"location": "message", "role": "system"}]}) == WRITE_5M
+    assert cache_writes({"messages": text, "cache_control_injection_points": [
+        {"location": "message", "index": -1, "control": hour}]}) == WRITE_1H
+    assert cache_writes({"messages": text, "enable_prompt_caching": True}) == WRITE_5M
+    monkeypatch.setattr(litellm, "enable_anthropic_prompt_caching", True, raising=False)
+    monkeypatch.setattr(litellm, "anthropic_prompt_caching_ttl", "1h", raising=False)
+    assert cache_writes({"messages": text}) == WRITE_1H
+    assert cache_writes({"messages": "not a list", "tools": 3, "system": None}) == WRITE_1H  # (odd input: no error)
+
+
 def test_long_prompts_are_priced_at_the_long_context_rate() -> None:
     """Gemini 2.5 Pro bills a prompt over 200k tokens at twice the input price (and 1.5x output):
     its reservation and its cost use that tier, as LiteLLM's own cost does."""
