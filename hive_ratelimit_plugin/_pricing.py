@@ -39,7 +39,7 @@ class Tier:
 class Price:
     """Per-token prices and where they came from. From LiteLLM's price map also the prices of
     prompt-cache reads and writes (5-minute and 1-hour) and of long-context tiers, where it has
-    them; a ``pricing`` override is one flat price per input and output token."""
+    them; a ``pricing`` override has input and output prices and, optionally, cache prices."""
 
     input_per_token: float
     output_per_token: float
@@ -152,7 +152,13 @@ class PriceBook:
             hit = match_name(self.config.pricing, name)
             if hit is not None:
                 p = hit[1]
-                return Price(p.input_per_million / 1e6, p.output_per_million / 1e6, "config")
+
+                def per_token(v: float | None) -> float | None:
+                    return None if v is None else v / 1e6
+
+                return Price(p.input_per_million / 1e6, p.output_per_million / 1e6, "config",
+                             per_token(p.cache_read_per_million), per_token(p.cache_write_per_million),
+                             per_token(p.cache_write_1h_per_million))
         try:
             import litellm
 

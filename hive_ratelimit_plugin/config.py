@@ -248,6 +248,10 @@ class PriceConfig(_Strict):
 
     input_per_million: float = Field(ge=0)
     output_per_million: float = Field(ge=0)
+    #: Prompt-cache prices (optional; without them cached and written tokens cost the input price).
+    cache_read_per_million: float | None = Field(default=None, ge=0)
+    cache_write_per_million: float | None = Field(default=None, ge=0)
+    cache_write_1h_per_million: float | None = Field(default=None, ge=0)
 
 
 class RunawayConfig(_Strict):

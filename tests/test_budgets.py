@@ -527,6 +527,27 @@ def test_prompt_cache_reads_and_writes_are_priced_as_billed(case: str, cached: i
     assert limiter.get_usage_stats()["cost_today"] == pytest.approx(billed, rel=1e-9)
 
 
+@pytest.mark.parametrize("with_cache_prices", [True, False])
+def test_a_pricing_override_can_price_the_prompt_cache(with_cache_prices: bool, provider: FakeProvider,
+                                                      clock: FakeClock, wall: FakeClock) -> None:
+    """``rate_limiting.pricing`` takes optional cache prices (a model missing from LiteLLM's map,
+    or negotiated prices); without them every prompt token costs the input price."""
+    price: dict[str, float] = {"input_per_million": 4.0, "output_per_million": 20.0}
+    if with_cache_prices:
+        price.update(cache_read_per_million=0.4, cache_write_per_million=5.0, cache_write_1h_per_million=8.0)
+    limiter = make(clock, wall, {"pricing": {"claude-sonnet-4-5*": price}, "budget": {"max_daily_spend": 100}})
+    provider.state.cached_prompt_tokens = 600
+    provider.state.cache_written_tokens = 400
+    provider.state.cache_write_ttl = "1h"
+    litellm.completion(**_claude_call(provider, None))
+    sent = provider.state.log[0].prompt_tokens
+    if with_cache_prices:
+        billed = (sent - 1000) * 4e-6 + 600 * 0.4e-6 + 400 * 8e-6 + 5 * 20e-6
+    else:
+        billed = sent * 4e-6 + 5 * 20e-6
+    assert limiter.get_usage_stats()["cost_today"] == pytest.approx(billed, rel=1e-9)
+
+
 def _claude_call(provider: FakeProvider, mark: dict[str, Any] | None) -> dict[str, Any]:
     block: dict[str, Any] = {"type": "text", "text": " ".join(["word"] * 1100)}
     if mark is not None:
