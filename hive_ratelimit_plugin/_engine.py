@@ -31,6 +31,8 @@ from .config import PERIODS, LimitSet
 from .errors import HiveRateLimitError, RequestTooLargeError
 
 NEVER = float("inf")
+#: Money compared with a budget: a sum off by float rounding (0.04 + 0.01 = 0.05000000000000001) still fits.
+MONEY_SLACK = 1e-9
 HIGH_PRIORITY = 10
 EVICTIONS_PER_TICK = 2000
 ADAPTIVE_MIN_RATE = 10  # requests per minute below which 429s say nothing about our rate
@@ -924,11 +926,12 @@ class Engine:
                     spent, reserved, amount = float(c.requests if c else 0), float(st.reserved_requests), 1.0
                 else:
                     spent, reserved, amount = (c.cost if c else 0.0), st.reserved_cost, ticket.cost
-                if spent >= limit or spent + amount > limit:
-                    frees = NEVER if amount > limit else self.calendar.end(kind, self.wall())
+                room = limit + MONEY_SLACK  # (0.04 + 0.01 > 0.05 in floats: a call that just fits, fits)
+                if spent >= limit or spent + amount > room:
+                    frees = NEVER if amount > room else self.calendar.end(kind, self.wall())
                     if worst is None or frees > worst[0]:
                         worst = (frees, st, name, kind, limit, spent, amount)
-                elif spent + reserved + amount > limit:
+                elif spent + reserved + amount > room:
                     wait = True
         if worst is not None:
             raise self._budget_error(*worst[1:], starts)
@@ -939,7 +942,7 @@ class Engine:
         from ._budget_errors import BudgetExceededError
 
         wall = self.wall()
-        end = NEVER if amount > limit else self.calendar.end(kind, wall)  # (too big for the whole budget)
+        end = NEVER if amount > limit + MONEY_SLACK else self.calendar.end(kind, wall)  # (too big for the budget)
         retry_after = None if end == NEVER else max(end - wall, 0.0)
         who = st.key.replace(":", " ", 1)
         label = self.calendar.label(kind, wall)
@@ -952,7 +955,7 @@ class Engine:
                    f"{self.currency} {money_text(limit)} ({label}); calls in this scope are stopped until "
                    + ("the run ends" if kind == RUN else "the window rolls over")
                    + " or the budget is raised or reset. The call was not sent.")
-        elif amount > limit:
+        elif amount > limit + MONEY_SLACK:
             msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} ({self.currency} {money_text(limit)}) is smaller than "
                    f"what this call may cost ({self.currency} {money_text(amount, 4)}, prompt plus max_tokens): it "
                    "can never fit. Lower max_tokens or raise the budget. The call was not sent.")

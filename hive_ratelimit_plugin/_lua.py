@@ -375,14 +375,15 @@ local function check(sc)
       known[#known + 1] = table.concat({sc.key, b.kind, b.start, fmt(c), fmt(r)}, SEP)
       local used, reserved, amount = c, rcost, cost
       if b.isreq then used, reserved, amount = r, rreq, 1 end
-      if used >= b.limit or used + amount > b.limit then
+      local room = b.limit + 1e-9  -- (float rounding: a call that just fits, fits; as the engine's MONEY_SLACK)
+      if used >= b.limit or used + amount > room then
         -- Of several budgets that refuse, the one that frees last (never: a call it can never hold).
         local f = b.frees
-        if f < 0 or amount > b.limit then f = 1e300 end
+        if f < 0 or amount > room then f = 1e300 end
         if refused == nil or f > frees then
           refused, frees = {2, fmt(now), sc.key, b.name, b.kind, fmt(b.limit), fmt(used), fmt(amount), fmt(f)}, f
         end
-      elseif used + reserved + amount > b.limit then
+      elseif used + reserved + amount > room then
         release = true
         first = first or {sc.key, 'budget_reservations', 0}
       end

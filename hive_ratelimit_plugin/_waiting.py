@@ -60,12 +60,13 @@ def _settled_after_wake(engine: Engine, waiter: Waiter, start: float, deadline: 
         return True
     if waiter.error is not None:
         raise waiter.error
-    if engine.clock() < deadline:
-        engine.dispatch()
-        if waiter.granted:
-            return True
-        if waiter.error is not None:
-            raise waiter.error
+    # A last try at the deadline too: a wait that ends just before it (a breaker's probe, a
+    # provider's cooldown) may wake a moment after it, and must not then time out for nothing.
+    engine.dispatch()
+    if waiter.granted:
+        return True
+    if waiter.error is not None:
+        raise waiter.error
     if engine.clock() >= deadline:
         if engine.cancel(waiter):
             return True  # granted at the last moment

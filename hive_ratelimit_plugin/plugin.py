@@ -194,6 +194,9 @@ def _log_event(event: dict[str, Any]) -> None:
                        extra={"hive_repeat_key": ("circuit", event["scope"])})
     elif kind == "circuit_closed":
         logger.info("circuit breaker of %s closed: the probe succeeded", event["scope"])
+    elif kind == "queue_timeout" and event["scope"] == "queue" and event["limit"] == "max_size":
+        logger.warning("call refused: the queue is full (queue.max_size calls waiting; no request sent)",
+                       extra={"hive_repeat_key": ("queue_timeout", "queue")})
     elif kind == "queue_timeout":
         logger.warning("call held by %s of %s timed out in the queue (no request sent)", event["limit"],
                        event["scope"], extra={"hive_repeat_key": ("queue_timeout", event["scope"])})

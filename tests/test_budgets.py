@@ -476,6 +476,20 @@ def test_several_completions_reserve_each_output(provider: FakeProvider, clock: 
     assert provider.state.count() == 1
 
 
+def test_a_call_that_exactly_fits_the_budget_left_is_admitted(provider: FakeProvider, clock: FakeClock,
+                                                               wall: FakeClock) -> None:
+    """Costs summed in floats drift (0.0024 + 0.0014 = 0.0038000000000000004): a call whose worst
+    case is exactly what is left of the budget still fits; the next one does not."""
+    make(clock, wall, {"pricing": {"gpt-4o-mini": {"input_per_million": 100, "output_per_million": 100}},
+                       "budget": {"max_daily_spend": 0.0038}})
+    for _ in range(3):
+        litellm.completion(**small(provider))  # 0.0008 each
+    litellm.completion(**small(provider))  # 0.0024 spent, worst case 0.0014: exactly the 0.0038
+    with pytest.raises(BudgetExceededError):
+        litellm.completion(**small(provider))
+    assert provider.state.count() == 4
+
+
 @pytest.mark.parametrize("where", ["one scope", "two scopes"])
 def test_a_refusal_names_the_budget_that_frees_last(where: str, provider: FakeProvider, clock: FakeClock,
                                                      wall: FakeClock) -> None:

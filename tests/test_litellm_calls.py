@@ -219,8 +219,11 @@ async def test_queue_timeout_after_max_wait(provider: FakeProvider, clock: FakeC
     assert provider.state.count() == 1
 
 
-async def test_full_queue_rejects_at_once(provider: FakeProvider, clock: FakeClock) -> None:
-    """With the queue full, a new call fails at once instead of waiting."""
+async def test_full_queue_rejects_at_once(provider: FakeProvider, clock: FakeClock,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """With the queue full, a new call fails at once instead of waiting (and the log says so,
+    not that it timed out)."""
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
     limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_size": 1}})
     await litellm.acompletion(**chat_kwargs(provider))
     waiting = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
@@ -228,6 +231,8 @@ async def test_full_queue_rejects_at_once(provider: FakeProvider, clock: FakeClo
     with pytest.raises(RateLimitQueueTimeout, match="queue is full") as info:
         await litellm.acompletion(**chat_kwargs(provider))
     assert (info.value.scope, info.value.limit, info.value.remaining) == ("queue", "max_size", 0.0)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("the queue is full" in m for m in logged) and not any("timed out" in m for m in logged)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting

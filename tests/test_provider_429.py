@@ -348,6 +348,28 @@ async def test_open_circuit_within_max_wait_waits(provider: FakeProvider, clock:
     assert provider.state.count() == 2
 
 
+@pytest.mark.parametrize("reopens_after", [2.0, 3.0])
+async def test_a_call_due_by_its_deadline_goes_when_it_wakes_late(reopens_after: float, provider: FakeProvider,
+                                                                  clock: FakeClock) -> None:
+    """A waiting call whose breaker reopens before or at its deadline (with the defaults, a
+    failed probe's 60 s is the 60 s wait), but which wakes just after it (a busy event loop, a
+    late timer), is still given its chance: it goes as the probe instead of timing out with
+    "retry in 0.0s"."""
+    limiter, _ = make(clock, {"circuit_breaker": {"failure_threshold": 1, "cooldown_seconds": reopens_after},
+                              "queue": {"max_wait_seconds": 3}})
+    provider.state.push(Scripted(status=500))
+    with pytest.raises(litellm.InternalServerError):
+        await litellm.acompletion(**chat_kwargs(provider))
+    task = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
+    await wait_until(lambda: limiter._engine.queue_length == 1)
+    with clock._lock:  # time passes the reopening and the deadline before the waiter runs again
+        clock._now += 3.5
+    limiter._engine.wake_all()
+    resp = await asyncio.wait_for(task, 10)
+    assert resp.choices[0].message.content
+    assert provider.state.count() == 2
+
+
 def _keys_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIVE_TEST_KEY_A", "sk-key-AAAA-secret")
     monkeypatch.setenv("HIVE_TEST_KEY_B", "sk-key-BBBB-secret")
