@@ -12,8 +12,9 @@ import contextvars
 import fnmatch
 import os
 import re
+import reprlib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -28,7 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from .errors import ConfigError
 
@@ -47,6 +48,11 @@ ENV_PREFIX = "HIVE_RATELIMIT_"
 
 #: Seconds in each period name used by limit fields.
 PERIODS: dict[str, float] = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+#: Seconds and the like that must be a real number (``.inf`` would crash a timer or freeze a
+#: model for ever; only waits, ``max_wait_seconds``, may be infinite). At most 1e9 (31 years).
+FinitePositive = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -163,8 +169,8 @@ class RetryConfig(_Strict):
     """Attempts in all, the first included (5 = up to 4 retries)."""
     max_wait_seconds: float = Field(default=120.0, ge=0)
     """Total time a call may spend waiting for retries; past it the caller gets the RateLimitError."""
-    base_delay: PositiveFloat = 1.0
-    max_delay: PositiveFloat = 60.0
+    base_delay: FinitePositive = 1.0
+    max_delay: FinitePositive = 60.0
     """Cap on one wait, whatever Retry-After says."""
     take_over_sdk_retries: bool = True
     """Set ``max_retries=0`` (and ``num_retries=0`` where one applies) on every call, so neither
@@ -182,8 +188,8 @@ class CircuitBreakerConfig(_Strict):
 
     enabled: bool = True
     failure_threshold: PositiveInt = 5
-    cooldown_seconds: PositiveFloat = 30.0
-    max_cooldown_seconds: PositiveFloat = 300.0
+    cooldown_seconds: FinitePositive = 30.0
+    max_cooldown_seconds: FinitePositive = 300.0
 
 
 class AdaptiveConfig(_Strict):
@@ -197,10 +203,10 @@ class EstimationConfig(_Strict):
     """How a call's usage is estimated before it runs."""
 
     default_output_tokens: PositiveInt = 256
-    lease_seconds: PositiveFloat = 300.0
+    lease_seconds: FinitePositive = 300.0
     """How long a call's reservation lives without news: a call that never ends (an abandoned
     stream) gives its slot back this long after it was admitted or its last chunk was read."""
-    arrival_margin_seconds: float = Field(default=1.0, ge=0)
+    arrival_margin_seconds: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     """A request counts in request windows from when it may have reached the provider: when it
     completed, if that was within this long (and half the window) of LiteLLM sending it; a longer
     call counts from its send plus this margin (at most a tenth of the window). The send is the
@@ -246,12 +252,12 @@ class BudgetConfig(_Strict):
 class PriceConfig(_Strict):
     """A model's price in the budget currency per million tokens."""
 
-    input_per_million: float = Field(ge=0)
-    output_per_million: float = Field(ge=0)
+    input_per_million: float = Field(ge=0, allow_inf_nan=False)
+    output_per_million: float = Field(ge=0, allow_inf_nan=False)
     #: Prompt-cache prices (optional; without them cached and written tokens cost the input price).
-    cache_read_per_million: float | None = Field(default=None, ge=0)
-    cache_write_per_million: float | None = Field(default=None, ge=0)
-    cache_write_1h_per_million: float | None = Field(default=None, ge=0)
+    cache_read_per_million: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cache_write_per_million: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cache_write_1h_per_million: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class RunawayConfig(_Strict):
@@ -259,8 +265,8 @@ class RunawayConfig(_Strict):
 
     enabled: bool = True
     max_identical_requests: PositiveInt = 20
-    window_seconds: PositiveFloat = 60.0
-    cooldown_seconds: PositiveFloat = 600.0
+    window_seconds: FinitePositive = 60.0
+    cooldown_seconds: FinitePositive = 600.0
 
 
 class RedisConfig(_Strict):
@@ -269,15 +275,15 @@ class RedisConfig(_Strict):
     key_prefix: str = Field(default="hive-rl", min_length=1, max_length=64, pattern=r"^[^{}\s]+$")
     on_backend_error: Literal["open", "closed", "local"] = "local"
     local_share: float = Field(default=0.5, gt=0, le=1)  # of each limit a process may use during an outage
-    socket_timeout: PositiveFloat = 0.5
-    retry_interval: PositiveFloat = 1.0  # how often to try Redis again during an outage
+    socket_timeout: FinitePositive = 0.5
+    retry_interval: FinitePositive = 1.0  # how often to try Redis again during an outage
 
 
 class StatusConfig(_Strict):
     """Live status snapshots for ``hive-ratelimit status`` (``status/<pid>.json`` next to the state file)."""
 
     enabled: bool = True
-    interval_seconds: PositiveFloat = 1.0
+    interval_seconds: FinitePositive = 1.0
 
 
 _ENV_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("hive_ratelimit_env_off", default=False)
@@ -385,6 +391,16 @@ def looks_like_key(value: str) -> bool:
             and any(c.isdigit() for c in value) and not any(c in value for c in "-./:"))
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 2, 6, 6, 6, 6
+_REPR.maxstring = _REPR.maxother = 160
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short (a few-hundred-byte YAML file of aliases expands to megabytes)."""
+    return _REPR.repr(value)
+
+
 def _shown(name: str, value: Any) -> Any:
     """A value as it may appear in an error: secrets (by key name or by look) are redacted."""
     lowered = name.lower()
@@ -428,11 +444,34 @@ def _format_validation_error(exc: ValidationError, root: str, env: bool = True) 
         var = _env_var_of(locs) if env else None
         source = f" (from the environment variable {var})" if var else ""
         if kind == "extra_forbidden":
-            lines.append(f"{path}: unknown key (value {value!r}){source}; check the spelling against the "
+            lines.append(f"{path}: unknown key (value {_short(value)}){source}; check the spelling against the "
                          "documented fields")
         else:
-            lines.append(f"{path}: {value!r}{source} is not allowed: {err['msg']}")
+            lines.append(f"{path}: {_short(value)}{source} is not allowed: {err['msg']}")
     return lines
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (two ``global:`` blocks:
+    the second would silently replace the first, and its limits with it)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice (the second would "
+                    "replace the first)", key_node.start_mark)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -441,8 +480,11 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {str(p)!r}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+                          "a configuration file is YAML text") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # (a SafeLoader subclass)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -509,9 +551,24 @@ def load_config(
         cfg = RateLimitingConfig(**data) if use_env else _no_env(data)
     except ValidationError as exc:
         problems += _format_validation_error(exc, "rate_limiting", env=use_env)
+    except SettingsError as exc:  # a section's variable that is not JSON (HIVE_RATELIMIT_GLOBAL=garbage)
+        problems.append(_settings_problem(exc))
     if problems or cfg is None:
         raise ConfigError(f"invalid configuration ({origin}):\n  " + "\n  ".join(problems), errors=problems)
     return cfg
+
+
+def _settings_problem(exc: Exception) -> str:
+    """What pydantic-settings could not parse, named by its environment variable (it names only
+    the field: 'error parsing value for field "global_" from source "EnvSettingsSource"')."""
+    m = re.search(r'field "([^"]+)"', str(exc))
+    field = m.group(1) if m else ""
+    section = "GLOBAL" if field == "global_" else field.upper()
+    names = sorted(k for k in os.environ if section and k.upper() == ENV_PREFIX + section)
+    var = names[0] if names else ENV_PREFIX + (section or "<section>")
+    return (f"{var}: not valid JSON (environment); a whole section is given as a JSON object, as in "
+            f"{ENV_PREFIX}GLOBAL='{{\"requests_per_minute\": 60}}', or one field at a time with __, as in "
+            f"{ENV_PREFIX}GLOBAL__REQUESTS_PER_MINUTE=60")
 
 
 def _unknown_env_names() -> list[str]:

@@ -453,15 +453,33 @@ class HiveLimiter(CustomLogger):
 
         Usage already counted is kept. A change of budgets is recorded in the audit log.
 
+        The backend (``backend``, ``redis``) and, once the limiter keeps one, the state file
+        (``state_path``) are fixed for a limiter's life: build a new ``HiveLimiter`` to change them.
+
         Raises:
-            ConfigError: the new configuration is invalid (the old one stays in force).
+            ConfigError: the new configuration is invalid, or changes what cannot change (the old
+                one stays in force, wholly).
         """
         cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
+        old = self._config
+        fixed = [name for name, now, then in (
+            ("backend", cfg.backend, old.backend), ("redis", cfg.redis, old.redis),
+            ("state_path", cfg.state_path, old.state_path if self._ledger is not None else cfg.state_path))
+            if now != then]
+        if fixed:
+            names = ", ".join(f"rate_limiting.{n}" for n in fixed)
+            raise ConfigError(f"{names}: cannot change on reload (the limiter keeps its backend and state file "
+                              "for its life); build a new HiveLimiter to change them. The old configuration stays "
+                              "in force.", errors=[f"rate_limiting.{n}: cannot change on reload" for n in fixed])
         self._apply_config(cfg, action="reload")
 
     def _apply_config(self, cfg: RateLimitingConfig, *, action: str, scope: str = "config") -> None:
         old_cfg = self._config
         old_budgets = _budget_view(old_cfg)
+        new_budgets = _budget_view(cfg)
+        ledger = None
+        if new_budgets != old_budgets and self._ledger is None and (cfg.has_budgets() or cfg.state_path is not None):
+            ledger = Ledger(cfg.state_path)  # first: if it cannot be opened, nothing has changed yet
         self._config = cfg
         self._resolver = ScopeResolver(cfg)
         self._prices = PriceBook(cfg)
@@ -495,10 +513,9 @@ class HiveLimiter(CustomLogger):
         self._runaway.max_identical = cfg.runaway.max_identical_requests
         self._runaway.window = cfg.runaway.window_seconds
         self._runaway.cooldown = cfg.runaway.cooldown_seconds
-        new_budgets = _budget_view(cfg)
         if new_budgets != old_budgets:
-            if self._ledger is None and (cfg.has_budgets() or cfg.state_path is not None):
-                self._ledger = Ledger(cfg.state_path)
+            if ledger is not None:
+                self._ledger = ledger
                 eng.record_spend = True
                 eng.load_spend(self._ledger.load(eng.calendar.starts(eng.wall())))
             changed = {k: new_budgets.get(k) for k in set(old_budgets) | set(new_budgets)

@@ -147,6 +147,57 @@ def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
     assert "bad.yaml" in str(info.value) and "line" in str(info.value)
 
 
+def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    """Two ``global:`` blocks: YAML would keep the second and drop the first's limits unnoticed."""
+    f = tmp_path / "dup.yaml"
+    f.write_text("rate_limiting:\n  global:\n    requests_per_minute: 5\n  global:\n    tokens_per_minute: 10\n")
+    with pytest.raises(ConfigError, match=r"line 4.*'global' twice"):
+        load_config(f, use_env=False)
+    f.write_text("rate_limiting:\n  global: &b {requests_per_minute: 5}\n  agents:\n"
+                 "    bot: {<<: *b, tokens_per_minute: 9}\n")
+    merged = load_config(f, use_env=False).agents["bot"]  # (YAML merge keys still work)
+    assert (merged.requests_per_minute, merged.tokens_per_minute) == (5, 9)
+
+
+def test_a_file_that_is_not_utf8_text_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "limits.yaml"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ConfigError, match=r"limits\.yaml: not a UTF-8 text file"):
+        load_config(f, use_env=False)
+
+
+def test_a_huge_bad_value_is_shown_short(tmp_path: Path) -> None:
+    """A few hundred bytes of YAML aliases expand to megabytes: the error shows a cut-down value."""
+    f = tmp_path / "bomb.yaml"
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdef", "bcdefg", strict=True)]
+    lines += ["rate_limiting:", "  global: {requests_per_minute: *g}"]
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(f, use_env=False)
+    assert "rate_limiting.global.requests_per_minute" in str(info.value) and len(str(info.value)) < 2000
+
+
+@pytest.mark.parametrize("value", ["garbage", "{not json"])
+def test_a_section_variable_that_is_not_json_is_named(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_RATELIMIT_GLOBAL", value)
+    with pytest.raises(ConfigError, match="HIVE_RATELIMIT_GLOBAL: not valid JSON"):
+        load_config({})
+
+
+@pytest.mark.parametrize("path", ["retry.base_delay", "retry.max_delay", "circuit_breaker.cooldown_seconds",
+                                  "estimation.lease_seconds", "estimation.arrival_margin_seconds",
+                                  "status.interval_seconds", "redis.socket_timeout", "redis.retry_interval",
+                                  "runaway.cooldown_seconds"])
+def test_seconds_that_must_end_cannot_be_infinite(path: str) -> None:
+    """``.inf`` there crashed every call (Redis' socket timeout), killed the status thread, or
+    froze a model after one 429 for ever; a queue wait may still be infinite."""
+    section, field = path.split(".")
+    with pytest.raises(ConfigError, match=f"rate_limiting.{path}: inf is not allowed"):
+        load_config({section: {field: float("inf")}}, use_env=False)
+    assert load_config({"queue": {"max_wait_seconds": float("inf")}}, use_env=False).queue.max_wait_seconds > 1e300
+
+
 def test_missing_file(tmp_path: Path) -> None:
     """A missing file is a ConfigError, not an OSError."""
     with pytest.raises(ConfigError, match="cannot read"):

@@ -94,6 +94,37 @@ async def test_reload_keeps_usage_already_counted(provider: FakeProvider, clock:
     assert provider.state.count() == 3
 
 
+async def test_a_reload_that_fails_changes_nothing(provider: FakeProvider, clock: FakeClock,
+                                                   tmp_path: Any) -> None:
+    """A reload whose state file cannot be opened raises ConfigError and leaves the old
+    configuration wholly in force (it once applied the new limits and budgets first, unaudited)."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 3}, "queue": {"max_wait_seconds": 0}})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="state_path"):
+        limiter.reload({"global": {"requests_per_minute": 1}, "budget": {"max_daily_spend": 0.5},
+                        "state_path": str(blocker / "sub" / "state.sqlite"), "queue": {"max_wait_seconds": 0}})
+    assert limiter.config.global_.requests_per_minute == 3 and not limiter.config.has_budgets()
+    for _ in range(3):
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert provider.state.count() == 3
+
+
+@pytest.mark.parametrize("change", ["backend", "state_path"])
+def test_a_reload_cannot_switch_backend_or_state_file(change: str, clock: FakeClock, tmp_path: Any) -> None:
+    """The backend and an open state file are fixed for a limiter's life: a reload changing them
+    is refused, not accepted and ignored (Redis sharing silently never starting)."""
+    base = {"global": {"requests_per_minute": 3}, "state_path": str(tmp_path / "a.sqlite")}
+    limiter = make_limiter(clock, base)
+    new = dict(base, **({"backend": "redis://127.0.0.1:6379/15"} if change == "backend"
+                        else {"state_path": str(tmp_path / "b.sqlite")}))
+    with pytest.raises(ConfigError, match=f"rate_limiting.{change}: cannot change on reload"):
+        limiter.reload(new)
+    assert limiter.config.backend == "memory" and limiter.config.state_path == base["state_path"]
+    limiter.reload(dict(base, **{"global": {"requests_per_minute": 5}}))  # the rest still reloads
+    assert limiter.config.global_.requests_per_minute == 5
+
+
 async def test_reload_applies_to_scope_with_call_in_flight(provider: FakeProvider, clock: FakeClock) -> None:
     """A lowered limit applies at once even to a scope that has a call in flight during the reload."""
     limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}, "queue": {"max_wait_seconds": 0}})
