@@ -238,6 +238,14 @@ class SpendRow:
     cost: float
 
 
+def run_key(agent: str, run_id: str) -> str:
+    """The scope key of an agent's run. A ``/`` in the agent id is escaped (``%2F``), so that agent
+    ``team/a`` in run ``r1`` and agent ``team`` in run ``a/r1`` do not share one run."""
+    if "/" in agent or "%" in agent:
+        agent = agent.replace("%", "%25").replace("/", "%2F")
+    return f"run:{agent}/{run_id}"
+
+
 def dim_keys(provider: str | None, model: str | None, agent: str | None, user: str | None,
              team: str | None, run: str | None) -> list[str]:
     """The scope keys a call's spend is counted under (the same keys rate scopes use)."""
@@ -253,7 +261,7 @@ def dim_keys(provider: str | None, model: str | None, agent: str | None, user: s
     if team:
         keys.append(f"team:{team}")
     if agent and run:
-        keys.append(f"run:{agent}/{run}")
+        keys.append(run_key(agent, run))
     return keys
 
 

@@ -143,7 +143,7 @@ def read_signals(raw_headers: Any, now: float, cap: float = 600.0) -> RateSignal
     ms = h.get("retry-after-ms")
     if ms is not None:
         x = parse_seconds(ms)
-        if x is not None:
+        if x is not None and x >= 0:  # (a negative one is malformed: retry-after, if any, decides)
             waits.append(x / 1000)
     ra = h.get("retry-after")
     if ra is not None and not waits:

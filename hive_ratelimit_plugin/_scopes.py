@@ -11,8 +11,10 @@ over the framework.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -20,8 +22,9 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from ._budget import run_key
 from ._engine import Scope
-from .config import AgentLimits, LimitSet, RateLimitingConfig, match_name
+from .config import KEY_PREFIXES, AgentLimits, LimitSet, RateLimitingConfig, match_name
 from .integrations.hive import hive_identity
 
 logger = logging.getLogger("hive_ratelimit_plugin")
@@ -72,6 +75,11 @@ def parse_priority(value: Any) -> int:
         return 0
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if not isinstance(value, (bool, str, float)):
+        try:
+            return operator.index(value)  # (numpy's integers)
+        except TypeError:
+            pass
     if isinstance(value, str):
         name = value.strip().lower()
         if name in PRIORITY_NAMES:
@@ -99,10 +107,45 @@ class Identity:
     priority: int = 0
 
 
-def _clean(value: Any) -> str | None:
-    if value is None or value == "":
+#: Longest id kept as given; a longer one keeps its start and a hash of the whole (one agent id
+#: of a megabyte would otherwise be held by every cache it is a key of).
+MAX_ID = 200
+
+
+def clean_id(value: Any) -> str | None:
+    """An agent, user, team or run id as the limiter counts it: ``None`` for none or ``""``;
+    otherwise its text, with control characters escaped (a newline in an id would forge log
+    lines), cut to :data:`MAX_ID` characters plus a hash, and an id that is an API key (a caller
+    passing its key as ``user=``) replaced by a hash of it: ids end up in stats, logs, state
+    files and Redis keys, which must never hold a key."""
+    if value is None:
         return None
-    return str(value)
+    text: str
+    if type(value) is str:
+        text = value
+    else:
+        try:
+            text = str(value)
+        except Exception:  # an object whose str() fails still gets a (shared) name
+            text = f"<{type(value).__name__}>"
+    if not text:
+        return None
+    if len(text) <= MAX_ID and text.isprintable() and not _is_key(text):
+        return text
+    value = text
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    if _is_key(value):
+        return f"key#{digest}"
+    if not value.isprintable():
+        value = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+    return value if len(value) <= MAX_ID else f"{value[:MAX_ID - 17]}#{digest}"
+
+
+def _is_key(value: str) -> bool:
+    return len(value) >= 20 and value.startswith(KEY_PREFIXES) and " " not in value
+
+
+_clean = clean_id
 
 
 def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Identity:
@@ -142,6 +185,8 @@ def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Id
     found = _identities.get(raw)
     if found is None:
         found = _identity(*raw)
+        if sum(len(v) for v in raw[:4] if v is not None) > 4 * MAX_ID:
+            return found  # (not cached: the cache would hold the long ids themselves)
         if len(_identities) > 8192:
             _identities.clear()
         _identities[raw] = found
@@ -305,4 +350,4 @@ class ScopeResolver:
             return None
         run_limits = AgentLimits(max_requests_per_run=limits.max_requests_per_run,
                                  max_cost_per_run=limits.max_cost_per_run)
-        return Scope("run", f"run:{agent}/{run_id}", run_limits, self.generation)
+        return Scope("run", run_key(agent, run_id), run_limits, self.generation)

@@ -351,7 +351,12 @@ def requested_output(kwargs: Mapping[str, Any], default: int) -> int:
     if n is not None or best_of is not None:
         choices = max((c for c in (n, best_of) if type(c) is int and c > 1), default=1)
         out *= choices
-    return out
+    return out if out <= _MAX_OUTPUT else _MAX_OUTPUT
+
+
+#: A cap on the output a call is taken to ask for: ``max_tokens=10**400`` would overflow the
+#: float arithmetic of its cost; any real limit refuses this much anyway.
+_MAX_OUTPUT = 10**12
 
 
 #: What :func:`cache_writes` returns: no prompt-cache write asked for, a 5-minute one, a 1-hour one.

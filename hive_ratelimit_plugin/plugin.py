@@ -39,7 +39,7 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from . import _fork, _observe
 from . import status as _status
-from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys, money
+from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys, money, run_key
 from ._engine import NEVER, Engine, Ticket
 from ._ledger import Ledger
 from ._pricing import PriceBook
@@ -52,7 +52,7 @@ from ._retry import (
     response_headers,
     suggested_wait,
 )
-from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
+from ._scopes import Identity, ScopeResolver, clean_id, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
 from ._tokens import cache_writes, count_input, count_messages, count_response_input, requested_output
 from ._waiting import acquire_sync, queue_async
@@ -612,8 +612,9 @@ class HiveLimiter(CustomLogger):
         The calls it made stay in the ledger; they no longer count toward this level's current
         budget windows. An agent's runaway breaker is closed too. Recorded in the audit log.
         """
+        agent_id, user_id, team_id, run_id = (clean_id(v) for v in (agent_id, user_id, team_id, run_id))
         if run_id and agent_id:
-            key = f"run:{agent_id}/{run_id}"
+            key = run_key(agent_id, run_id)
         elif agent_id:
             key = f"agent:{agent_id}"
         elif user_id:

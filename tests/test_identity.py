@@ -302,3 +302,66 @@ def test_an_unknown_priority_runs_normal_and_says_so_once(caplog: pytest.LogCapt
         assert parse_priority(b"urgent-bytes-test") == 0
     warned = [r.getMessage() for r in caplog.records if "priority" in r.getMessage()]
     assert len([m for m in warned if "'urgent-test'" in m]) == 1 and any("urgent-bytes-test" in m for m in warned)
+
+
+def test_ids_are_counted_safely_whatever_they_hold() -> None:
+    """Ids reach stats, logs, state files and Redis keys: a newline is escaped (no forged log
+    lines), a megabyte id is cut to a bounded one that stays distinct, an API key passed as an id
+    is hashed, and objects whose ``==`` or ``str`` misbehave get a name instead of an error."""
+    from hive_ratelimit_plugin._scopes import MAX_ID, clean_id, parse_priority, resolve_identity
+
+    assert clean_id("a\nWARNING forged") == "a\\nWARNING forged"
+    big_a, big_b = "x" * 1_000_000 + "a", "x" * 1_000_000 + "b"
+    assert len(clean_id(big_a) or "") == MAX_ID and clean_id(big_a) != clean_id(big_b)
+    assert clean_id(big_a) == clean_id(big_a)  # (stable: the same agent across calls)
+    key = "sk-proj-LEAKCHECK0123456789abcdef"
+    assert clean_id(key) is not None and key not in str(clean_id(key)) and clean_id(key).startswith("key#")
+    assert resolve_identity({}, user=key).user_id == clean_id(key)
+    assert clean_id("hf_downloader") == "hf_downloader"  # (a name with a key-like prefix, too short for a key)
+
+    class NoEq:
+        def __eq__(self, other: object) -> bool:
+            raise ValueError("ambiguous")
+
+        __hash__ = object.__hash__
+
+        def __str__(self) -> str:
+            return "no-eq"
+
+    class NoStr:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    assert resolve_identity({"run_id": NoEq(), "agent_id": NoStr()}).run_id == "no-eq"
+    assert clean_id(NoStr()) == "<NoStr>"
+
+    class NumpyLikeInt:  # numpy.int64 and the like
+        def __index__(self) -> int:
+            return 10
+
+    assert parse_priority(NumpyLikeInt()) == 10
+
+
+def test_run_ids_of_agents_with_a_slash_do_not_collide(provider: FakeProvider, clock: FakeClock) -> None:
+    """Agent ``team/a`` in run ``r1`` and agent ``team`` in run ``a/r1`` once shared one run
+    (``run:team/a/r1``) and one per-run cap."""
+    limiter = make_limiter(clock, {"agents": {"*": {"max_requests_per_run": 2}}, "queue": {"max_wait_seconds": 0}})
+    for md in ({"agent_id": "team/a", "run_id": "r1"}, {"agent_id": "team/a", "run_id": "r1"},
+               {"agent_id": "team", "run_id": "a/r1"}, {"agent_id": "team", "run_id": "a/r1"}):
+        litellm.completion(**chat_kwargs(provider, metadata=dict(md)))
+    assert provider.state.count() == 4
+    with pytest.raises(hive_ratelimit_plugin.BudgetExceededError):
+        litellm.completion(**chat_kwargs(provider, metadata={"agent_id": "team/a", "run_id": "r1"}))
+    limiter.reset_budget(agent_id="team/a", run_id="r1")
+    litellm.completion(**chat_kwargs(provider, metadata={"agent_id": "team/a", "run_id": "r1"}))
+    assert provider.state.count() == 5
+
+
+def test_a_huge_max_tokens_is_refused_not_crashed(provider: FakeProvider, clock: FakeClock) -> None:
+    """``max_tokens=10**400`` overflowed the cost's float arithmetic (a raw OverflowError in the
+    agent); it now meets the limits like any too-large call."""
+    make_limiter(clock, {"global": {"tokens_per_minute": 1000}, "budget": {"max_daily_spend": 100}})
+    for extra in ({"max_tokens": 10**400}, {"max_tokens": 10, "n": 10**400}):
+        with pytest.raises(hive_ratelimit_plugin.HiveRateLimitError):
+            litellm.completion(**chat_kwargs(provider, **extra))
+    assert provider.state.count() == 0

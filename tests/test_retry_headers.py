@@ -63,6 +63,8 @@ def test_anthropic_headers() -> None:
         ({"retry-after": "Mon, 01 Jan 2001 00:00:00 GMT"}, 0.0),  # a date in the past: now
         ({"retry-after": "tomorrow"}, None),
         ({"retry-after-ms": "abc", "retry-after": "2"}, 2.0),
+        ({"retry-after-ms": "-1", "retry-after": "5"}, 5.0),  # (a negative -ms once won: a retry storm)
+        ({"retry-after-ms": "-1"}, None),
         ({"x-ratelimit-reset-requests": "-1s"}, None),
     ],
 )
