@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
@@ -20,6 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,12 @@ def _os_user() -> str:
         return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
 
 
+#: Seconds a settlement waits for the state file's write lock before keeping its rows for later.
+RECORD_WAIT = 0.25
+#: Settled calls kept in memory while the state file cannot be written (~150 bytes each).
+MAX_UNSAVED = 100_000
+
+
 class Ledger:
     """The SQLite file behind budgets. Thread-safe; one connection per instance."""
 
@@ -92,6 +100,8 @@ class Ledger:
                               f"database): {exc}", errors=[f"rate_limiting.state_path: {exc}"]) from None
         self.host = socket.gethostname()
         self._inherited: list[sqlite3.Connection] = []
+        self._unsaved: list[tuple[Any, ...]] = []  # rows a write could not store, to retry
+        self.dropped = 0  # rows given up past MAX_UNSAVED
         _fork.track(self)
 
     def _connect(self) -> sqlite3.Connection:
@@ -99,7 +109,19 @@ class Ledger:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        conn.execute(f"PRAGMA busy_timeout = {int(RECORD_WAIT * 1000)}")  # (see record; _patient for the rest)
         return conn
+
+    @contextlib.contextmanager
+    def _patient(self) -> Iterator[sqlite3.Connection]:
+        """The connection, waiting up to 10 s for a lock (budget changes, loading, pruning: rare,
+        and not on a call's path), under the instance lock."""
+        with self._lock:
+            self._conn.execute("PRAGMA busy_timeout = 10000")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute(f"PRAGMA busy_timeout = {int(RECORD_WAIT * 1000)}")
 
     def _after_fork_in_child(self) -> None:
         """In a forked child (see :mod:`._fork`): a connection of its own (SQLite's must not be
@@ -107,6 +129,7 @@ class Ledger:
         each read the other's spend as another process'. The parent's connection is kept, unused
         and unclosed: closing it here could release locks that are the parent's."""
         self._lock = threading.Lock()
+        self._unsaved = []  # (the parent writes its own; a copy here would write them twice)
         if self.path == ":memory:":
             return  # a copy of its own already, the parent's rows included
         self._inherited.append(self._conn)
@@ -128,18 +151,56 @@ class Ledger:
             self._conn.close()
 
     # ---------------------------------------------------------------- spend
-    def record(self, rows: list[SpendRow]) -> None:
-        """Append settled calls; returns once they are committed."""
-        if not rows:
-            return
+    def record(self, rows: list[SpendRow], wait: float = RECORD_WAIT) -> None:
+        """Append settled calls, with any an earlier write could not store, in one transaction.
+
+        Waits at most ``wait`` seconds for the file's write lock (this runs on the path of the
+        call being settled: another process holding the lock must not stall an agent). When the
+        write fails the rows are kept, in memory, for the next write (or :meth:`flush` at exit),
+        and the error is raised to be logged; past :data:`MAX_UNSAVED` rows the oldest are given up.
+        """
         data = [(r.ts, self.writer, r.call_id, r.provider, r.model, r.agent, r.user, r.team, r.run,
                  r.requests, r.input_tokens, r.output_tokens, r.cost) for r in rows]
         with self._lock:
-            self._conn.executemany(
-                "INSERT INTO spend (ts, writer, call_id, provider, model, agent, user, team, run, requests,"
-                " input_tokens, output_tokens, cost) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                data,
-            )
+            if self._unsaved:
+                data = self._unsaved + data
+                self._unsaved = []
+            if not data:
+                return
+            conn = self._conn
+            try:
+                if wait != RECORD_WAIT:
+                    conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                finally:
+                    if wait != RECORD_WAIT:
+                        conn.execute(f"PRAGMA busy_timeout = {int(RECORD_WAIT * 1000)}")
+                try:
+                    conn.executemany(
+                        "INSERT INTO spend (ts, writer, call_id, provider, model, agent, user, team, run, requests,"
+                        " input_tokens, output_tokens, cost) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        data,
+                    )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except Exception:
+                self.dropped += max(len(data) - MAX_UNSAVED, 0)
+                self._unsaved = data[-MAX_UNSAVED:]
+                raise
+
+    @property
+    def unsaved(self) -> int:
+        """Settled calls waiting to be written (an earlier write failed)."""
+        return len(self._unsaved)
+
+    def flush(self, wait: float = 5.0) -> None:
+        """Write what earlier writes could not (at exit: waiting longer for the lock is fine)."""
+        if self._unsaved:
+            self.record([], wait=wait)
 
     def tail(self) -> list[SpendRow]:
         """Rows other writers (processes) appended since the last call."""
@@ -165,11 +226,11 @@ class Ledger:
             ``(scope key, kind, window start, cost, requests, tokens)`` tuples.
         """
         out: list[tuple[str, str, float, float, int, int]] = []
-        with self._lock:
-            resets = dict(self._conn.execute("SELECT scope, ts FROM resets").fetchall())
+        with self._patient() as conn:
+            resets = dict(conn.execute("SELECT scope, ts FROM resets").fetchall())
             self._last_seen = self._max_id()
             oldest = min(starts[k] for k in KINDS)
-            rows = self._conn.execute(
+            rows = conn.execute(
                 "SELECT ts, provider, model, agent, user, team, run, requests, input_tokens + output_tokens, cost"
                 " FROM spend WHERE ts >= ? OR (run IS NOT NULL AND ts >= ?)",
                 (oldest, oldest - 31 * 86400),
@@ -192,20 +253,20 @@ class Ledger:
 
     def mark_reset(self, scope: str, ts: float) -> None:
         """Spend of ``scope`` before ``ts`` no longer counts toward its budgets."""
-        with self._lock:
-            self._conn.execute("INSERT OR REPLACE INTO resets (scope, ts) VALUES (?, ?)", (scope, ts))
+        with self._patient() as conn:
+            conn.execute("INSERT OR REPLACE INTO resets (scope, ts) VALUES (?, ?)", (scope, ts))
 
     def prune(self, before: float) -> int:
         """Delete spend rows older than ``before`` (they are outside every window)."""
-        with self._lock:
-            cur = self._conn.execute("DELETE FROM spend WHERE ts < ?", (before,))
+        with self._patient() as conn:
+            cur = conn.execute("DELETE FROM spend WHERE ts < ?", (before,))
             return cur.rowcount
 
     # ---------------------------------------------------------------- audit
     def audit(self, action: str, scope: str, old: Any, new: Any) -> None:
         """Record a budget change."""
-        with self._lock:
-            self._conn.execute(
+        with self._patient() as conn:
+            conn.execute(
                 "INSERT INTO audit (ts, host, pid, os_user, action, scope, old, new) VALUES (?,?,?,?,?,?,?,?)",
                 (time.time(), self.host, os.getpid(), _os_user(), action, scope,
                  json.dumps(old, sort_keys=True, default=str), json.dumps(new, sort_keys=True, default=str)),

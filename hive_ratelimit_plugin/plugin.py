@@ -41,7 +41,7 @@ from . import _fork, _observe
 from . import status as _status
 from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys, money, run_key
 from ._engine import NEVER, Engine, Ticket
-from ._ledger import Ledger
+from ._ledger import MAX_UNSAVED, Ledger
 from ._pricing import PriceBook
 from ._retry import (
     backoff,
@@ -659,9 +659,13 @@ class HiveLimiter(CustomLogger):
             return
         try:
             self._ledger.record(rows)
-        except Exception as exc:  # disk full, file locked too long...: keep counting in memory, say so
-            logger.error("could not persist %d settled call(s) to %s: %s; spend is still counted in this "
-                         "process", len(rows), self._ledger.path, exc)
+        except Exception as exc:  # disk full, file locked by another process...: kept, retried, said
+            ledger = self._ledger
+            logger.error("could not write settled calls to %s: %s; %d kept in memory to be written with the next "
+                         "settlement or at exit%s (their spend is counted in this process meanwhile)",
+                         ledger.path, exc, ledger.unsaved,
+                         f"; {ledger.dropped} given up past {MAX_UNSAVED}" if ledger.dropped else "",
+                         extra={"hive_repeat_key": ("persist", ledger.path)})
 
     def _emit(self, event: dict[str, Any]) -> None:
         self._emit_all([event])
@@ -769,6 +773,8 @@ class HiveLimiter(CustomLogger):
             except Exception as exc:
                 logger.error("could not read spend from %s after a fork: %s", self._ledger.path, exc)
             return
+        if self._ledger.unsaved:  # an earlier write failed (the file was locked): try again now
+            self._persist([])
         try:
             rows = self._ledger.tail()
         except Exception as exc:
@@ -1161,6 +1167,13 @@ def _settle_at_exit(ref: weakref.ref[HiveLimiter]) -> None:
         return
     if n:
         logger.info("hive-ratelimit: %d call(s) still open at exit counted at their worst case", n)
+    ledger = lim._ledger
+    if ledger is not None and ledger.unsaved:
+        try:
+            ledger.flush()
+        except Exception as exc:
+            logger.error("hive-ratelimit: %d settled call(s) could not be written to %s at exit (%s): their "
+                         "spend is lost to the next process", ledger.unsaved, ledger.path, exc)
 
 
 def _has_rate_headers(headers: Any) -> bool:
