@@ -314,6 +314,15 @@ class RunawayDetector:
             return (now + self.cooldown, count, True)
         return None
 
+    def uncount(self, agent: str, fingerprint: int) -> None:
+        """Take back a request :meth:`check` counted that was then refused before being sent (by a
+        limit, a budget, an open breaker): an agent retrying a refused call sends nothing, and is
+        not a runaway loop for it."""
+        per_agent = self._seen.get(agent)
+        entry = per_agent.get(fingerprint) if per_agent is not None else None
+        if entry is not None and entry[1] > 0:
+            entry[1] -= 1
+
     def reset(self, agent: str) -> None:
         self.tripped.pop(agent, None)
         self._seen.pop(agent, None)

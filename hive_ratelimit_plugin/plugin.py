@@ -903,6 +903,21 @@ class HiveLimiter(CustomLogger):
         keys.extend(s.key for s in scopes if s.budgeted and s.key != "global")
         return keys
 
+    def _not_sent(self, kwargs: Mapping[str, Any], exc: HiveRateLimitError, agent: str | None = None) -> None:
+        """A call refused before it was sent: the runaway detector does not count it (an agent that
+        retries after a refusal sent nothing; counting it blocked such agents for 10 minutes).
+        ``agent``: the caller's agent id when it does not come from the request (the proxy's)."""
+        if exc.limit == "runaway" or not self._config.runaway.enabled:
+            return
+        try:
+            if agent is None:
+                agent = resolve_identity(kwargs.get("metadata"), kwargs.get("user")).agent_id
+            if agent is not None:
+                model = kwargs.get("model")
+                self._runaway.uncount(agent, _fingerprint(model if type(model) is str else str(model or ""), kwargs))
+        except Exception:  # (bookkeeping only: never in the way of the refusal itself)
+            logger.debug("runaway bookkeeping failed for a refused call", exc_info=True)
+
     def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
         trip = self._runaway.check(agent_id, _fingerprint(model, kwargs), self._engine.clock())
         if trip is None:
@@ -1027,6 +1042,7 @@ class HiveLimiter(CustomLogger):
                 raise
         except HiveRateLimitError as exc:
             self._obs.rejected(exc)
+            self._not_sent(kwargs, exc)
             raise
         admitted = _in_async_guard.get()
         if admitted is not None:
@@ -1145,6 +1161,7 @@ class HiveLimiter(CustomLogger):
                 raise
         except HiveRateLimitError as exc:
             self._obs.rejected(exc)
+            self._not_sent(kwargs, exc)
             raise
         if waited:
             self._obs.queue_wait(waited)

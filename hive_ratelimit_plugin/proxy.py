@@ -42,7 +42,7 @@ from typing import Any
 from cachetools import LRUCache
 
 from ._engine import Ticket
-from ._scopes import IDENTITY_FIELDS, split_model
+from ._scopes import IDENTITY_FIELDS, clean_id, split_model
 from ._waiting import acquire_async
 from .config import RateLimitingConfig
 from .errors import (
@@ -340,6 +340,9 @@ class ProxyLimiter(HiveLimiter):
         except HiveRateLimitError as exc:
             with self._proxy_lock:
                 self._proxy_calls.pop(call_id, None)
+            agent = ident.get("agent_id")
+            if agent is not None and ident.get("runaway", True) is not False:
+                self._not_sent(view, exc, clean_id(agent))
             raise _as_http_exception(exc) from exc
         except BaseException:
             with self._proxy_lock:

@@ -11,7 +11,7 @@ import litellm
 import pytest
 
 from hive_ratelimit_plugin import HiveLimiter
-from hive_ratelimit_plugin.errors import BudgetExceededError, RunawayDetectedError
+from hive_ratelimit_plugin.errors import BudgetExceededError, RateLimitQueueTimeout, RunawayDetectedError
 from hive_ratelimit_plugin.fake_provider import Scripted
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
@@ -327,6 +327,30 @@ async def test_runaway_loop_trips_the_agents_breaker(
     limiter.reset_budget(agent_id="looper")
     await litellm.acompletion(**small(provider, **md))
     assert provider.state.count() == 5
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_calls_refused_before_sending_are_not_a_loop(mode: str, provider: FakeProvider, clock: FakeClock,
+                                                           wall: FakeClock) -> None:
+    """An agent retrying a call the limiter refused (a full window here; an open breaker alike)
+    sends nothing: it was counted as repeating its request and blocked for 10 minutes."""
+    make(clock, wall, {"runaway": {"max_identical_requests": 3, "window_seconds": 60},
+                       "global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 0}})
+    kw = small(provider, metadata={"agent_id": "patient"})
+
+    async def call() -> None:
+        if mode == "sync":
+            litellm.completion(**kw)
+        else:
+            await litellm.acompletion(**kw)
+
+    await call()
+    for _ in range(6):
+        with pytest.raises(RateLimitQueueTimeout):
+            await call()
+    clock.advance(61)
+    await call()
+    assert provider.state.count() == 2
 
 
 async def test_distinct_requests_are_not_a_loop(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
