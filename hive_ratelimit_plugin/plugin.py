@@ -76,6 +76,7 @@ _SKIP_TYPES = frozenset({"moderation", "amoderation", "image_generation", "aimag
 # points (text_completion -> completion) and log_pre_api_call know the call is already held.
 _guarded_call: ContextVar[str | None] = ContextVar("hive_ratelimit_guarded_call", default=None)
 _MAX_PROVIDER_WAIT = 3600.0  # absurd Retry-After values are clamped to this
+_LONG_PROVIDER_WAIT = 10.0  # a wait for a provider's reset this long is logged
 #: Responses API turns remembered per limiter (~100 bytes each) for ``previous_response_id``.
 _MAX_TURNS = 10_000
 # While a call is being retried: the engine-clock time by which its admission must finish.
@@ -427,6 +428,7 @@ class HiveLimiter(CustomLogger):
         # Responses API turns by response id: the tokens a turn that continues it (with
         # ``previous_response_id``) carries as its input on top of its own (see _remember_turn).
         self._turns: dict[str, int] = {}
+        self._told: dict[str, tuple[int | None, int | None]] = {}  # provider limits last logged, per model
         self._next_tail = 0.0
         self._reload_spend = False  # set in a forked child (see _after_fork_in_child)
         self._configure_engine(cfg)
@@ -988,7 +990,39 @@ class HiveLimiter(CustomLogger):
                 self._remember_turn(response, tin, tout)
         headers = response_headers(response)
         signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
+        if signals is not None:
+            self._note_limits(ticket.info, signals)
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
+
+    def _note_limits(self, info: Mapping[str, Any], sig: Any) -> None:
+        """Say what a provider's headers on a successful answer make the limiter do: the limits it
+        learns (which cap calls where lower than configured, until the provider says otherwise:
+        one wrong header would otherwise hold a model unnoticed) and a long wait for a reset."""
+        where = f"{info.get('provider')}/{split_model(str(info.get('model', '')), str(info.get('provider', '')))}"
+        if sig.limit_requests or sig.limit_tokens:
+            before = self._told.get(where, (None, None))
+            now = (sig.limit_requests or before[0], sig.limit_tokens or before[1])
+            if now != before:
+                if len(self._told) >= 1024:
+                    self._told.clear()
+                self._told[where] = now
+                lowered = any(b is not None and n is not None and n < b for n, b in zip(now, before, strict=True))
+                logger.log(logging.WARNING if lowered else logging.INFO,
+                           "%s: the provider's headers give its limits as %s%s; calls there are held to them where "
+                           "they are lower than configured", where,
+                           " and ".join(f"{v:g} {unit} per minute" for v, unit in zip(now, ("requests", "tokens"),
+                                                                                  strict=True) if v is not None),
+                           f" (was {' and '.join(str(b) for b in before if b is not None)})" if lowered else "",
+                           extra={"hive_repeat_key": ("limits", where)})
+        for left, reset, limit, unit in ((sig.remaining_requests, sig.reset_requests, sig.limit_requests, "requests"),
+                                         (sig.remaining_tokens, sig.reset_tokens, sig.limit_tokens, "tokens")):
+            if left == 0 and reset:
+                wait = reset / limit if limit else reset
+                if wait >= _LONG_PROVIDER_WAIT:
+                    logger.warning("%s: the provider reports no %s left until its reset in %.0fs; calls there wait "
+                                   "%.0fs%s", where, unit, reset, wait,
+                                   " (the most the limiter waits for a provider)" if wait >= _MAX_PROVIDER_WAIT else "",
+                                   extra={"hive_repeat_key": ("reset_wait", where, unit)})
 
     def _remember_turn(self, response: Any, tin: int | None, tout: int | None) -> None:
         """Keep what a Responses API turn leaves in its conversation (its input, which held the

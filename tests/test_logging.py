@@ -160,3 +160,27 @@ def test_pending_repeats_are_reported_on_a_forced_flush(
     assert handler.lines == ["queue timeout"]
     summary.flush(force=True)
     assert handler.lines == ["queue timeout", "queue timeout ... repeated 3 times in the last 4s"]
+
+
+def test_limits_a_provider_gives_in_its_headers_are_logged(provider: FakeProvider, clock: FakeClock,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Limits learned from a successful answer's headers cap calls where lower than configured,
+    and a long wait for a reset holds a model: both are said, so that one wrong header (a gateway
+    sending ``x-ratelimit-limit-requests: 1``) does not hold a model unnoticed."""
+    caplog.set_level(logging.INFO, logger="hive_ratelimit_plugin")
+    make_limiter(clock, {})
+    provider.state.push(Scripted(status=200, headers={"x-ratelimit-limit-requests": "300"}),
+                        Scripted(status=200, headers={"x-ratelimit-limit-requests": "300"}),
+                        Scripted(status=200, headers={"x-ratelimit-limit-requests": "2",
+                                                      "x-ratelimit-remaining-requests": "0",
+                                                      "x-ratelimit-reset-requests": "2m"}))
+    for _ in range(3):
+        litellm.completion(**chat_kwargs(provider))
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if "the provider" in r.getMessage()]
+    assert records[0] == (logging.INFO, "openai/gpt-4o-mini: the provider's headers give its limits as 300 requests "
+                                        "per minute; calls there are held to them where they are lower than configured")
+    assert sum("300 requests" in m for _, m in records) == 1  # (said when it changes, not on every answer)
+    assert (logging.WARNING, "openai/gpt-4o-mini: the provider's headers give its limits as 2 requests per minute "
+            "(was 300); calls there are held to them where they are lower than configured") in records
+    assert (logging.WARNING, "openai/gpt-4o-mini: the provider reports no requests left until its reset in 120s; "
+            "calls there wait 60s") in records
