@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import difflib
 import functools
 import inspect
 import itertools
@@ -438,6 +439,7 @@ class HiveLimiter(CustomLogger):
         atexit.register(_settle_at_exit, weakref.ref(self))
         install_sync_guard()
         self._publish_status(cfg)
+        _warn_unknown_providers(cfg)
 
     # ----------------------------------------------------------------- public
     @classmethod
@@ -528,6 +530,8 @@ class HiveLimiter(CustomLogger):
             self._emit({"type": "budget_changed", "action": action, "scope": scope, "old": old, "new": changed,
                         "time": eng.wall()})
         self._plans = {}  # again: a call may have planned while the configuration was being replaced
+        if cfg.providers != old_cfg.providers:
+            _warn_unknown_providers(cfg)
 
     def _publish_status(self, cfg: RateLimitingConfig) -> None:
         if cfg.status.enabled:
@@ -1202,6 +1206,25 @@ class HiveLimiter(CustomLogger):
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
         return call_id
+
+
+def _warn_unknown_providers(cfg: RateLimitingConfig) -> None:
+    """A ``providers`` key LiteLLM does not know (``opneai``, ``OpenAI``) is a block no call ever
+    counts against: its limits would silently never apply. Said once per configuration (not an
+    error: a custom provider name given as ``custom_llm_provider`` is legitimate)."""
+    if not cfg.providers:
+        return
+    try:
+        known = {str(getattr(p, "value", p)) for p in litellm.provider_list}
+    except Exception:  # pragma: no cover - every supported LiteLLM has provider_list
+        return
+    for name in cfg.providers:
+        if name not in known:
+            close = difflib.get_close_matches(name.lower(), sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            logger.warning("rate_limiting.providers.%s: LiteLLM knows no provider %r%s; its limits apply only to calls "
+                           "whose provider resolves to exactly that name (custom_llm_provider=%r)",
+                           name, name, hint, name)
 
 
 def _settle_at_exit(ref: weakref.ref[HiveLimiter]) -> None:

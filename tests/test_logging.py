@@ -184,3 +184,20 @@ def test_limits_a_provider_gives_in_its_headers_are_logged(provider: FakeProvide
             "(was 300); calls there are held to them where they are lower than configured") in records
     assert (logging.WARNING, "openai/gpt-4o-mini: the provider reports no requests left until its reset in 120s; "
             "calls there wait 60s") in records
+
+
+def test_a_provider_name_litellm_does_not_know_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """``providers: {opneai: ...}`` is a block no call counts against: its limits never apply."""
+    from hive_ratelimit_plugin import HiveLimiter
+
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    lim = HiveLimiter({"providers": {"opneai": {"gpt-4o-mini": {"requests_per_minute": 1}},
+                                     "anthropic": {"requests_per_minute": 5}}})
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("rate_limiting.providers.opneai: LiteLLM knows no provider 'opneai' (did you mean 'openai'?)" in m
+               for m in messages)
+    assert not any("providers.anthropic" in m for m in messages)
+    caplog.clear()
+    lim.reload({"providers": {"OpenAI": {"requests_per_minute": 1}}})
+    assert any("providers.OpenAI: LiteLLM knows no provider 'OpenAI' (did you mean 'openai'?)" in r.getMessage()
+               for r in caplog.records)
