@@ -210,6 +210,8 @@ class ProviderState:
         self.lock = threading.Lock()
         self.script: collections.deque[Scripted] = collections.deque()
         self.log: list[Received] = []
+        #: Requests being answered (a provider's concurrency): from arrival until the answer starts
+        #: (non-streaming) or until generation ends (a stream's ``finish_reason`` chunk).
         self.in_flight = 0
         self.max_in_flight = 0
         #: Responses API conversations stored by response id: the tokens a turn continuing one
@@ -483,6 +485,7 @@ class _Handler(BaseHTTPRequestHandler):
         if (body.get("stream_options") or {}).get("include_usage"):
             chunks.append(dict(base, choices=[], usage=usage))
         cut = self._cut_after
+        finish = max(completion_tokens, 1)  # the chunk with finish_reason
         try:
             for i, c in enumerate(chunks):
                 if cut is not None and i >= cut:  # scripted: the connection is lost mid-stream
@@ -490,6 +493,10 @@ class _Handler(BaseHTTPRequestHandler):
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
+                if i == finish:
+                    # Generation is over: what follows (usage, [DONE]) is bytes in transit, and a
+                    # client may take this chunk as the end (the limiter frees its slot here).
+                    self._leave(self.server.state)
                 self._chunk(f"data: {json.dumps(c)}\n\n".encode())
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
