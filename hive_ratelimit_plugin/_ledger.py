@@ -71,6 +71,31 @@ def _os_user() -> str:
         return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
 
 
+_INT64 = 2**63 - 1
+_INSERT = ("INSERT INTO spend (ts, writer, call_id, provider, model, agent, user, team, run, requests,"
+           " input_tokens, output_tokens, cost) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
+
+
+def _row(writer: str, r: SpendRow) -> tuple[Any, ...]:
+    """A spend row as SQLite takes it (an id given as another type, a count past 64 bits: a row
+    the file refused would be lost)."""
+    def count(v: Any) -> int:
+        return min(max(int(v or 0), 0), _INT64)
+
+    def text(v: Any) -> str | None:
+        return None if v is None else str(v)
+
+    return (float(r.ts), writer, text(r.call_id), text(r.provider), text(r.model), text(r.agent), text(r.user),
+            text(r.team), text(r.run), count(r.requests), count(r.input_tokens), count(r.output_tokens),
+            float(r.cost))
+
+
+def _waits(exc: sqlite3.OperationalError) -> bool:
+    """Whether a write failed for a lock another connection holds (worth trying again later)."""
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text or "full" in text
+
+
 #: Seconds a settlement waits for the state file's write lock before keeping its rows for later.
 RECORD_WAIT = 0.25
 #: Settled calls kept in memory while the state file cannot be written (~150 bytes each).
@@ -156,11 +181,12 @@ class Ledger:
 
         Waits at most ``wait`` seconds for the file's write lock (this runs on the path of the
         call being settled: another process holding the lock must not stall an agent). When the
-        write fails the rows are kept, in memory, for the next write (or :meth:`flush` at exit),
-        and the error is raised to be logged; past :data:`MAX_UNSAVED` rows the oldest are given up.
+        write fails because the file is locked the rows are kept, in memory, for the next write
+        (or :meth:`flush` at exit), and the error is raised to be logged; past :data:`MAX_UNSAVED`
+        rows the oldest are given up. Any other error (a full disk, a file gone) is raised and the
+        rows are not kept (they would block every later write).
         """
-        data = [(r.ts, self.writer, r.call_id, r.provider, r.model, r.agent, r.user, r.team, r.run,
-                 r.requests, r.input_tokens, r.output_tokens, r.cost) for r in rows]
+        data = [_row(self.writer, r) for r in rows]
         with self._lock:
             if self._unsaved:
                 data = self._unsaved + data
@@ -177,19 +203,29 @@ class Ledger:
                     if wait != RECORD_WAIT:
                         conn.execute(f"PRAGMA busy_timeout = {int(RECORD_WAIT * 1000)}")
                 try:
-                    conn.executemany(
-                        "INSERT INTO spend (ts, writer, call_id, provider, model, agent, user, team, run, requests,"
-                        " input_tokens, output_tokens, cost) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        data,
-                    )
+                    conn.executemany(_INSERT, data)
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
-            except Exception:
+            except sqlite3.OperationalError as exc:
+                if not _waits(exc):
+                    raise
+                # Locked by another process, busy, or a full disk: keep the rows for the next write.
                 self.dropped += max(len(data) - MAX_UNSAVED, 0)
                 self._unsaved = data[-MAX_UNSAVED:]
+                raise
+            except sqlite3.Error:
+                # A row this file will not take: write the others one by one; the bad one is not
+                # kept (it would block every later write). The caller logs the error.
+                bad = 0
+                for one in data:
+                    try:
+                        conn.execute(_INSERT, one)
+                    except sqlite3.Error:
+                        bad += 1
+                self.dropped += bad
                 raise
 
     @property

@@ -48,6 +48,9 @@ class Price:
     cache_write_per_token: float | None = None
     cache_write_1h_per_token: float | None = None
     tiers: tuple[Tier, ...] = ()  # longest threshold first
+    #: Bills one-hour cache writes at twice the input price where the map has no such price
+    #: (Anthropic's models, in older price maps); others bill any write at the write price.
+    anthropic: bool = False
 
     @property
     def known(self) -> bool:
@@ -65,8 +68,9 @@ class Price:
         2 for an hour, see ``_tokens.cache_writes``) on a model with a write price, its whole
         prompt written at that price."""
         if writes and (self.cache_write_per_token is not None or self.cache_write_1h_per_token is not None):
+            hour = writes > 1 and (self.cache_write_1h_per_token is not None or self.anthropic)
             return max(self.billed(input_tokens, output_tokens),
-                       self.billed(input_tokens, output_tokens, 0, input_tokens, input_tokens if writes > 1 else 0))
+                       self.billed(input_tokens, output_tokens, 0, input_tokens, input_tokens if hour else 0))
         if self.tiers:
             return self.billed(input_tokens, output_tokens)
         return input_tokens * self.input_per_token + output_tokens * self.output_per_token
@@ -89,13 +93,13 @@ class Price:
         written = min(max(written, 0), prompt - cached)
         written_1h = min(max(written_1h, 0), written)
         write = inp if write is None else write
-        if write_1h is None:  # (older price maps): Anthropic's price, twice the input's
-            write_1h = max(write, 2 * inp)
+        if write_1h is None:  # (older price maps): Anthropic's price, twice the input's; others: the write price
+            write_1h = max(write, 2 * inp) if self.anthropic else write
         return ((prompt - cached - written) * inp + cached * (inp if read is None else read)
                 + (written - written_1h) * write + written_1h * write_1h + output * out)
 
 
-def _from_map(info: dict[str, object]) -> Price:
+def _from_map(info: dict[str, object], name: str = "") -> Price:
     """A :class:`Price` from one entry of LiteLLM's price map."""
 
     def num(key: str) -> float | None:
@@ -117,7 +121,8 @@ def _from_map(info: dict[str, object]) -> Price:
     return Price(float(num("input_cost_per_token") or 0.0), float(num("output_cost_per_token") or 0.0), "litellm",
                  num("cache_read_input_token_cost"), num("cache_creation_input_token_cost"),
                  num("cache_creation_input_token_cost_above_1hr"),
-                 tuple(sorted(tiers, key=lambda t: -t.above)))
+                 tuple(sorted(tiers, key=lambda t: -t.above)),
+                 "claude" in name.lower() or info.get("litellm_provider") == "anthropic")
 
 
 class PriceBook:
@@ -171,7 +176,7 @@ class PriceBook:
                 inp = info.get("input_cost_per_token")
                 out = info.get("output_cost_per_token")
                 if inp is not None and (inp > 0 or (out or 0) > 0):
-                    return _from_map(info)
+                    return _from_map(info, name)
         fb = self.config.fallback_price
         return Price(fb.input_per_million / 1e6, fb.output_per_million / 1e6, "fallback")
 

@@ -11,7 +11,6 @@ over the framework.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import logging
 import operator
@@ -24,7 +23,7 @@ from cachetools import LRUCache
 
 from ._budget import run_key
 from ._engine import Scope
-from .config import KEY_PREFIXES, AgentLimits, LimitSet, RateLimitingConfig, match_name
+from .config import MAX_ID, AgentLimits, LimitSet, RateLimitingConfig, clean_id, match_name
 from .integrations.hive import hive_identity
 
 logger = logging.getLogger("hive_ratelimit_plugin")
@@ -105,44 +104,6 @@ class Identity:
     team_id: str | None = None
     run_id: str | None = None
     priority: int = 0
-
-
-#: Longest id kept as given; a longer one keeps its start and a hash of the whole (one agent id
-#: of a megabyte would otherwise be held by every cache it is a key of).
-MAX_ID = 200
-
-
-def clean_id(value: Any) -> str | None:
-    """An agent, user, team or run id as the limiter counts it: ``None`` for none or ``""``;
-    otherwise its text, with control characters escaped (a newline in an id would forge log
-    lines), cut to :data:`MAX_ID` characters plus a hash, and an id that is an API key (a caller
-    passing its key as ``user=``) replaced by a hash of it: ids end up in stats, logs, state
-    files and Redis keys, which must never hold a key."""
-    if value is None:
-        return None
-    text: str
-    if type(value) is str:
-        text = value
-    else:
-        try:
-            text = str(value)
-        except Exception:  # an object whose str() fails still gets a (shared) name
-            text = f"<{type(value).__name__}>"
-    if not text:
-        return None
-    if len(text) <= MAX_ID and text.isprintable() and not _is_key(text):
-        return text
-    value = text
-    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    if _is_key(value):
-        return f"key#{digest}"
-    if not value.isprintable():
-        value = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
-    return value if len(value) <= MAX_ID else f"{value[:MAX_ID - 17]}#{digest}"
-
-
-def _is_key(value: str) -> bool:
-    return len(value) >= 20 and value.startswith(KEY_PREFIXES) and " " not in value
 
 
 _clean = clean_id

@@ -366,7 +366,7 @@ NO_WRITE, WRITE_5M, WRITE_1H = 0, 1, 2
 def _mark(value: Any) -> int:
     """The write a ``cache_control`` value asks for (Anthropic's ``{"type": "ephemeral", "ttl": "1h"}``)."""
     if not isinstance(value, Mapping):
-        return WRITE_5M if value else NO_WRITE
+        return NO_WRITE if value is None or value is False else WRITE_5M  # (no truth test: a numpy array)
     ttl = value.get("ttl")
     return WRITE_1H if isinstance(ttl, str) and ttl.strip().lower() in ("1h", "60m", "3600s") else WRITE_5M
 
@@ -374,7 +374,7 @@ def _mark(value: Any) -> int:
 def _marks_in(items: Any) -> int:
     """The longest write the ``cache_control`` marks in a list of messages, blocks or tools ask for."""
     found = NO_WRITE
-    if not isinstance(items, list):
+    if not isinstance(items, (list, tuple)):
         return found
     for item in items:
         if not isinstance(item, Mapping):
@@ -383,7 +383,7 @@ def _marks_in(items: Any) -> int:
         if mark is not None:
             found = max(found, _mark(mark))
         content = item.get("content")
-        if isinstance(content, list):
+        if isinstance(content, (list, tuple)):
             for block in content:
                 if isinstance(block, Mapping) and block.get("cache_control") is not None:
                     found = max(found, _mark(block["cache_control"]))
@@ -404,16 +404,16 @@ def cache_writes(kwargs: Mapping[str, Any]) -> int:
     if found == WRITE_1H:
         return found
     system = kwargs.get("system")
-    if isinstance(system, list):
+    if isinstance(system, (list, tuple)):
         found = max(found, _marks_in(system))
     tools = kwargs.get("tools")
-    if isinstance(tools, list):
+    if isinstance(tools, (list, tuple)):
         found = max(found, _marks_in([t.get("function") for t in tools if isinstance(t, Mapping)]))
     top = kwargs.get("cache_control")
     if top is not None:
         found = max(found, _mark(top))
     points = kwargs.get("cache_control_injection_points")
-    if isinstance(points, list):
+    if isinstance(points, (list, tuple)):
         for point in points:
             if isinstance(point, Mapping):
                 found = max(found, _mark(point.get("control") or point))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import fnmatch
+import hashlib
 import os
 import re
 import reprlib
@@ -326,6 +327,14 @@ class RateLimitingConfig(BaseSettings):
     redis: RedisConfig = Field(default_factory=lambda: RedisConfig())
     status: StatusConfig = Field(default_factory=StatusConfig)
 
+    @field_validator("agents", "users", "teams")
+    @classmethod
+    def _clean_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # Names as calls' ids are counted (clean_id): a 300-character or multi-line name still matches.
+        if all(len(k) <= MAX_ID and k.isprintable() for k in v):
+            return v
+        return {(clean_id(k) or k): block for k, block in v.items()}
+
     @field_validator("state_path")
     @classmethod
     def _check_state_path(cls, v: str | None) -> str | None:
@@ -455,11 +464,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
     """``yaml.safe_load`` that refuses a key given twice in one mapping (two ``global:`` blocks:
     the second would silently replace the first, and its limits with it)."""
 
+    def _written_keys(self, node: yaml.MappingNode) -> list[Any]:
+        # The keys written in this mapping, before a merge (<<) rewrites it in place: merged keys
+        # that the mapping overrides are not duplicates.
+        written: dict[int, list[Any]] = self.__dict__.setdefault("_written", {})
+        keys = written.get(id(node))
+        if keys is None:
+            keys = written[id(node)] = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        return keys
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        self._written_keys(node)
+        super().flatten_mapping(node)
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
+        for key_node in self._written_keys(node):
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen
@@ -594,6 +614,37 @@ def _no_env(data: dict[str, Any]) -> RateLimitingConfig:
         return RateLimitingConfig(**data)
     finally:
         _ENV_OFF.reset(token)
+
+
+#: Longest id kept as given; a longer one keeps its start and a hash of the whole (one agent id
+#: of a megabyte would otherwise be held by every cache it is a key of).
+MAX_ID = 200
+
+
+def clean_id(value: Any) -> str | None:
+    """An agent, user, team or run id as the limiter counts it: ``None`` for none or ``""``;
+    otherwise its text, with control characters escaped (a newline in an id would forge log
+    lines) and cut to :data:`MAX_ID` characters plus a hash of the whole. The same cleaning
+    applies to the names of the ``agents``/``users``/``teams`` tables and to ``set_budget``'s
+    and ``reset_budget``'s ids, so a name matches however it is given."""
+    if value is None:
+        return None
+    text: str
+    if type(value) is str:
+        text = value
+    else:
+        try:
+            text = str(value)
+        except Exception:  # an object whose str() fails still gets a (shared) name
+            text = f"<{type(value).__name__}>"
+    if not text:
+        return None
+    if len(text) <= MAX_ID and text.isprintable():
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= MAX_ID else f"{text[:MAX_ID - 17]}#{digest}"
 
 
 def match_name(patterns: dict[str, Any], name: str) -> tuple[str, Any] | None:

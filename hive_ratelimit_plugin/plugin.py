@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import difflib
 import functools
+import hashlib
 import inspect
 import itertools
 import logging
@@ -42,7 +43,7 @@ from . import _fork, _observe
 from . import status as _status
 from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys, money, run_key
 from ._engine import NEVER, Engine, Ticket
-from ._ledger import MAX_UNSAVED, Ledger
+from ._ledger import MAX_UNSAVED, Ledger, default_state_path
 from ._pricing import PriceBook
 from ._retry import (
     backoff,
@@ -53,11 +54,11 @@ from ._retry import (
     response_headers,
     suggested_wait,
 )
-from ._scopes import Identity, ScopeResolver, clean_id, resolve_identity, split_model
+from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
 from ._tokens import cache_writes, count_input, count_messages, count_response_input, requested_output
 from ._waiting import acquire_sync, queue_async
-from .config import RateLimitingConfig, load_config
+from .config import RateLimitingConfig, clean_id, load_config
 from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
 
 __all__ = ["HiveLimiter"]
@@ -466,9 +467,12 @@ class HiveLimiter(CustomLogger):
         """
         cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
         old = self._config
+        ledger = self._ledger
+        path = _state_file(cfg.state_path)
         fixed = [name for name, now, then in (
-            ("backend", cfg.backend, old.backend), ("redis", cfg.redis, old.redis),
-            ("state_path", cfg.state_path, old.state_path if self._ledger is not None else cfg.state_path))
+            ("backend", cfg.backend, old.backend),
+            ("redis", cfg.redis, old.redis if old.backend != "memory" else cfg.redis),  # (unused in memory)
+            ("state_path", path, ledger.path if ledger is not None else path))
             if now != then]
         if fixed:
             names = ", ".join(f"rate_limiting.{n}" for n in fixed)
@@ -566,6 +570,7 @@ class HiveLimiter(CustomLogger):
             ConfigError: an amount is zero or negative.
             TypeError: more than one level was named.
         """
+        agent_id, user_id, team_id = clean_id(agent_id), clean_id(user_id), clean_id(team_id)
         levels = [k for k, v in (("agent_id", agent_id), ("user_id", user_id), ("team_id", team_id)) if v]
         if provider:
             levels.append("provider")
@@ -823,6 +828,9 @@ class HiveLimiter(CustomLogger):
         model = kwargs.get("model")
         model = model if type(model) is str else str(model or "")
         ident: Identity = resolve_identity(metadata, kwargs.get("user"))
+        api_key = kwargs.get("api_key")
+        if type(api_key) is str and api_key in (ident.user_id, ident.agent_id, ident.team_id, ident.run_id):
+            ident = _without_key(ident, api_key)  # (a caller passing its key as user=: never stored)
         if cfg.runaway.enabled and ident.agent_id is not None:
             self._check_runaway(ident.agent_id, model, kwargs)
         plan = self._plan(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"), ident)
@@ -1206,6 +1214,23 @@ class HiveLimiter(CustomLogger):
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
         return call_id
+
+
+def _state_file(path: str | None) -> str:
+    """The state file a ``state_path`` names (``None``: the default one)."""
+    return os.path.expanduser(str(path)) if path else str(default_state_path())
+
+
+def _without_key(ident: Identity, api_key: str) -> Identity:
+    """``ident`` with any id equal to the call's API key replaced by ``key#<hash>``: ids reach
+    stats, logs, state files and Redis keys, which must never hold a key."""
+    name = "key#" + hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+    def hidden(value: str | None) -> str | None:
+        return name if value == api_key else value
+
+    return Identity(hidden(ident.agent_id), hidden(ident.user_id), hidden(ident.team_id), hidden(ident.run_id),
+                    ident.priority)
 
 
 def _warn_unknown_providers(cfg: RateLimitingConfig) -> None:

@@ -42,9 +42,9 @@ from typing import Any
 from cachetools import LRUCache
 
 from ._engine import Ticket
-from ._scopes import IDENTITY_FIELDS, clean_id, split_model
+from ._scopes import IDENTITY_FIELDS, split_model
 from ._waiting import acquire_async
-from .config import RateLimitingConfig
+from .config import RateLimitingConfig, clean_id
 from .errors import (
     CircuitOpenError,
     ConfigError,
@@ -224,21 +224,31 @@ class ProxyLimiter(HiveLimiter):
             self._proxy_calls[call_id] = (entry[0], False)
             return True
 
-    def _ticket(self, call_id: str, call_type: str, kwargs: Mapping[str, Any],
-                metadata: Mapping[str, Any] | None) -> Ticket | None:
-        # In the proxy, identity is the authenticated key's, whatever the client sent.
+    def _trusted(self, call_id: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The identity of the authenticated key behind a call (in the proxy, whatever the client sent)."""
         with self._proxy_lock:
             entry = self._proxy_calls.get(call_id)
         if entry is not None:
-            trusted: dict[str, Any] = entry[0]
-        else:
-            trusted = {}
-            for name in ("metadata", "litellm_metadata"):
-                md = kwargs.get(name)
-                auth = _auth_from_metadata(md) if isinstance(md, Mapping) else None
-                if auth is not None:
-                    trusted = self.identity(auth, kwargs)
-                    break
+            return entry[0]
+        for name in ("metadata", "litellm_metadata"):
+            md = kwargs.get(name)
+            auth = _auth_from_metadata(md) if isinstance(md, Mapping) else None
+            if auth is not None:
+                return self.identity(auth, kwargs)
+        return {}
+
+    def _not_sent(self, kwargs: Mapping[str, Any], exc: HiveRateLimitError, agent: str | None = None) -> None:
+        if agent is None:  # (the deployment hook's refusal: the key's agent, never the client's metadata)
+            trusted = self._trusted(str(kwargs.get("litellm_call_id") or ""), kwargs)
+            agent = clean_id(trusted.get("agent_id"))
+            if agent is None or trusted.get("runaway", True) is False:
+                return
+        super()._not_sent(kwargs, exc, agent)
+
+    def _ticket(self, call_id: str, call_type: str, kwargs: Mapping[str, Any],
+                metadata: Mapping[str, Any] | None) -> Ticket | None:
+        # In the proxy, identity is the authenticated key's, whatever the client sent.
+        trusted = self._trusted(call_id, kwargs)
         view = dict(kwargs)
         view["user"] = None
         view[_RUNAWAY_FLAG] = trusted.get("runaway", True) is not False

@@ -620,6 +620,22 @@ def test_a_call_that_asks_for_a_cache_write_reserves_the_write_price(ttl: str, p
     assert provider.state.count() == 1
 
 
+def test_a_one_hour_mark_costs_no_more_where_the_provider_has_no_one_hour_price() -> None:
+    """Twice the input price for a one-hour write is Anthropic's (older price maps lack it);
+    other providers with a write price (an OpenAI fine-tune, Azure, DeepSeek) bill any write at
+    that price: a 1-h mark on their calls reserves no more, and a partial override too."""
+    from hive_ratelimit_plugin._pricing import Price, _from_map
+
+    other = _from_map({"input_cost_per_token": 3.75e-6, "output_cost_per_token": 1.5e-5,
+                       "cache_creation_input_token_cost": 1.875e-6, "litellm_provider": "openai"}, "ft:gpt-4o")
+    assert other.cost(1000, 0, 2) == other.cost(1000, 0, 1) == other.cost(1000, 0) == pytest.approx(3.75e-3)
+    claude = _from_map({"input_cost_per_token": 3e-6, "output_cost_per_token": 1.5e-5,
+                        "cache_creation_input_token_cost": 3.75e-6}, "claude-3-7-sonnet")
+    assert claude.cost(1000, 0, 2) == pytest.approx(6e-3) and claude.cost(1000, 0, 1) == pytest.approx(3.75e-3)
+    partial = Price(1e-6, 2e-6, "config", cache_read_per_token=1e-7)  # an override with a read price only
+    assert partial.billed(1000, 0, 0, 1000, 1000) == pytest.approx(1e-3)
+
+
 def test_cache_write_marks_are_found_wherever_litellm_takes_them(monkeypatch: pytest.MonkeyPatch) -> None:
     from hive_ratelimit_plugin._tokens import WRITE_1H, WRITE_5M, cache_writes
 
@@ -644,6 +660,14 @@ def test_cache_write_marks_are_found_wherever_litellm_takes_them(monkeypatch: py
     monkeypatch.setattr(litellm, "anthropic_prompt_caching_ttl", "1h", raising=False)
     assert cache_writes({"messages": text}) == WRITE_1H
     assert cache_writes({"messages": "not a list", "tools": 3, "system": None}) == WRITE_1H  # (odd input: no error)
+    monkeypatch.setattr(litellm, "enable_anthropic_prompt_caching", False, raising=False)
+
+    class ArrayLike:  # numpy's arrays refuse a truth test
+        def __bool__(self) -> bool:
+            raise ValueError("ambiguous")
+
+    assert cache_writes({"messages": ({"role": "user", "content": ({"type": "text", "text": "a",
+                                                                    "cache_control": ArrayLike()},)},)}) == WRITE_5M
 
 
 def test_long_prompts_are_priced_at_the_long_context_rate() -> None:

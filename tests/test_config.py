@@ -157,6 +157,13 @@ def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:
                  "    bot: {<<: *b, tokens_per_minute: 9}\n")
     merged = load_config(f, use_env=False).agents["bot"]  # (YAML merge keys still work)
     assert (merged.requests_per_minute, merged.tokens_per_minute) == (5, 9)
+    # An anchor that merges and overrides, itself merged from a node built before it: PyYAML
+    # rewrites the anchor in place, and its overridden key is not a duplicate.
+    f.write_text("x-base: &base {requests_per_minute: 10, tokens_per_minute: 1000}\nrate_limiting:\n"
+                 "  agents:\n    researcher: &r\n      <<: *base\n      requests_per_minute: 20\n"
+                 "  global:\n    <<: *r\n")
+    cfg = load_config(f, use_env=False)
+    assert cfg.global_.requests_per_minute == cfg.agents["researcher"].requests_per_minute == 20
 
 
 def test_a_file_that_is_not_utf8_text_is_a_config_error(tmp_path: Path) -> None:

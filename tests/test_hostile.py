@@ -123,6 +123,7 @@ def test_a_reload_cannot_switch_backend_or_state_file(change: str, clock: FakeCl
     assert limiter.config.backend == "memory" and limiter.config.state_path == base["state_path"]
     limiter.reload(dict(base, **{"global": {"requests_per_minute": 5}}))  # the rest still reloads
     assert limiter.config.global_.requests_per_minute == 5
+    limiter.reload(dict(base, redis={"key_prefix": "other"}))  # (the redis block: unused in memory)
 
 
 async def test_reload_applies_to_scope_with_call_in_flight(provider: FakeProvider, clock: FakeClock) -> None:

@@ -306,18 +306,16 @@ def test_an_unknown_priority_runs_normal_and_says_so_once(caplog: pytest.LogCapt
 
 def test_ids_are_counted_safely_whatever_they_hold() -> None:
     """Ids reach stats, logs, state files and Redis keys: a newline is escaped (no forged log
-    lines), a megabyte id is cut to a bounded one that stays distinct, an API key passed as an id
-    is hashed, and objects whose ``==`` or ``str`` misbehave get a name instead of an error."""
+    lines), a megabyte id is cut to a bounded one that stays distinct, and objects whose ``==`` or
+    ``str`` misbehave get a name instead of an error."""
     from hive_ratelimit_plugin._scopes import MAX_ID, clean_id, parse_priority, resolve_identity
 
     assert clean_id("a\nWARNING forged") == "a\\nWARNING forged"
     big_a, big_b = "x" * 1_000_000 + "a", "x" * 1_000_000 + "b"
     assert len(clean_id(big_a) or "") == MAX_ID and clean_id(big_a) != clean_id(big_b)
     assert clean_id(big_a) == clean_id(big_a)  # (stable: the same agent across calls)
-    key = "sk-proj-LEAKCHECK0123456789abcdef"
-    assert clean_id(key) is not None and key not in str(clean_id(key)) and clean_id(key).startswith("key#")
-    assert resolve_identity({}, user=key).user_id == clean_id(key)
-    assert clean_id("hf_downloader") == "hf_downloader"  # (a name with a key-like prefix, too short for a key)
+    for name in ("xai-grok-research-agent", "hf_dataset_curator_agent01", "sk_learn_pipeline_agent"):
+        assert clean_id(name) == name  # (names that start like keys are names)
 
     class NoEq:
         def __eq__(self, other: object) -> bool:
@@ -365,3 +363,37 @@ def test_a_huge_max_tokens_is_refused_not_crashed(provider: FakeProvider, clock:
         with pytest.raises(hive_ratelimit_plugin.HiveRateLimitError):
             litellm.completion(**chat_kwargs(provider, **extra))
     assert provider.state.count() == 0
+
+
+def test_an_api_key_passed_as_an_id_is_never_stored(provider: FakeProvider, clock: FakeClock, tmp_path: Any) -> None:
+    """A caller passing its API key as ``user=`` (or as an agent id): the id is counted as
+    ``key#<hash>``, so the key reaches no stats, status or state file."""
+    import sqlite3
+
+    key = "sk-proj-LEAKCHECK0123456789abcdef"
+    limiter = make_limiter(clock, {"users": {"*": {"requests_per_minute": 100}}, "budget": {"max_daily_spend": 10},
+                                   "state_path": str(tmp_path / "state.sqlite")})
+    litellm.completion(**dict(chat_kwargs(provider, user=key, metadata={"agent_id": key}), api_key=key))
+    stats = repr(limiter.get_usage_stats())
+    assert key not in stats and "user:key#" in stats and "agent:key#" in stats
+    with sqlite3.connect(tmp_path / "state.sqlite") as db:
+        assert key not in repr(db.execute("SELECT * FROM spend").fetchall())
+
+
+def test_long_and_multiline_names_match_their_config_and_set_budget(provider: FakeProvider,
+                                                                     clock: FakeClock) -> None:
+    """Table names and set_budget ids are cleaned as call ids are: a 300-character agent name or
+    one with a newline is limited by its own block, and set_budget reaches it."""
+    long_name, odd_name = "a" * 300, "two\nlines"
+    limiter = make_limiter(clock, {"agents": {long_name: {"requests_per_minute": 1},
+                                              odd_name: {"requests_per_minute": 1}},
+                                   "queue": {"max_wait_seconds": 0}})
+    for name in (long_name, odd_name):
+        litellm.completion(**chat_kwargs(provider, metadata={"agent_id": name}))
+        with pytest.raises(hive_ratelimit_plugin.RateLimitQueueTimeout):
+            litellm.completion(**chat_kwargs(provider, metadata={"agent_id": name}))
+    limiter.set_budget(max_daily_spend=1e-12, agent_id=long_name)
+    assert [len(k) for k in limiter.config.agents if k.startswith("a" * 150)] == [200]  # one block, set in place
+    clock.advance(61)
+    with pytest.raises(hive_ratelimit_plugin.BudgetExceededError):
+        litellm.completion(**chat_kwargs(provider, metadata={"agent_id": long_name}))

@@ -217,3 +217,18 @@ print("done", flush=True)
     assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
     assert provider.state.count() == 1
     assert ledger_total(path) == (1, 59.0)
+
+
+def test_a_row_of_odd_types_is_written_and_blocks_nothing(provider: FakeProvider, clock: FakeClock,
+                                                          tmp_path: Path) -> None:
+    """A call id given as a UUID object (SQLite cannot bind it) once failed its row and, kept for
+    the next write, every later write with it: nothing more reached the file."""
+    import uuid
+
+    path = tmp_path / "state.sqlite"
+    lim = limiter_for(path, clock)
+    litellm.completion(**chat_kwargs(provider, max_tokens=5, litellm_call_id=uuid.uuid4()))
+    for _ in range(3):
+        litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    assert ledger_total(path) == (4, 32)
+    assert lim._ledger is not None and lim._ledger.unsaved == 0
