@@ -122,6 +122,10 @@ def _scaled(limits: LimitSet, share: float) -> LimitSet:
     return limits.model_copy(update=update)
 
 
+#: A host clock this far from Redis' (seconds) is logged at start.
+_CLOCK_SKEW_WARN = 60.0
+
+
 class RedisEngine(Engine):
     """An :class:`Engine` whose windows, reservations, budgets and provider signals live in Redis.
 
@@ -215,6 +219,22 @@ class RedisEngine(Engine):
         # outage engine's budgets start from (policy "local").
         self._known_spend: dict[tuple[str, str, str], tuple[float, float]] = {}
         self._fb_outage = -1  # the outage the outage engine's budgets were set up for
+        if server_time:
+            self._check_clock()
+
+    def _check_clock(self) -> None:
+        """Say so when this host's wall clock is far from Redis' (budgets' calendar windows begin
+        at host times: a host ahead by more than SKEW in _lua counts in the window stored rather
+        than begin a new one for everyone; one behind counts in the newest)."""
+        try:
+            sec, usec = self.r.time()
+        except Exception:  # Redis not there yet: the outage policy speaks for it
+            return
+        skew = self.wall() - (float(sec) + float(usec) / 1e6)
+        if abs(skew) > _CLOCK_SKEW_WARN:
+            logger.warning("hive-ratelimit: this host's clock is %.0fs %s Redis' clock (%s): budgets' calendar windows "
+                           "follow host clocks; keep hosts on NTP", abs(skew), "ahead of" if skew > 0 else "behind",
+                           self.url)
 
     # ------------------------------------------------------------- plumbing
     def _now_arg(self) -> str:

@@ -1228,3 +1228,36 @@ def test_local_policy_budget_allowance_and_unknown_budgets(clock: FakeClock, red
     with pytest.raises(BackendUnavailableError) as info:
         eng.acquire(tk(4, other, cost=0.1), nothing)
     assert info.value.scope == "agent:new"
+
+
+def test_a_host_whose_clock_runs_ahead_does_not_reset_a_budget_for_all(provider: Any, redis_prefix: str,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Budgets' calendar windows begin at host times. A host whose wall clock is a day ahead
+    began "tomorrow" for everyone, wiping today's spend of a shared budget (the fleet then spent
+    the budget again); it now counts in the window stored, and says that its clock is off. Real
+    clocks here: the guard compares with Redis' own clock."""
+    import logging
+    import time
+
+    import litellm
+
+    from hive_ratelimit_plugin import BudgetExceededError, HiveLimiter
+
+    from .helpers import chat_kwargs
+
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    cfg = {"backend": REDIS_URL, "redis": {"key_prefix": redis_prefix}, "state_path": ":memory:",
+           "budget": {"max_daily_spend": 40}, "runaway": {"enabled": False}, "status": {"enabled": False},
+           "pricing": {"gpt-4o-mini": {"input_per_million": 1_000_000, "output_per_million": 1_000_000}}}
+    right = HiveLimiter(cfg)
+    ahead = HiveLimiter(cfg, wall_clock=lambda: time.time() + 86400)
+    assert any("clock is 86400s ahead of Redis' clock" in r.getMessage() for r in caplog.records)
+    litellm.callbacks.append(right)
+    for _ in range(3):
+        litellm.completion(**chat_kwargs(provider, max_tokens=5))  # 8 each: 24 of 40
+    litellm.callbacks[:] = [ahead]
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))  # 32
+    litellm.callbacks[:] = [right]
+    with pytest.raises(BudgetExceededError):
+        litellm.completion(**chat_kwargs(provider, max_tokens=5))  # 32 + 14 > 40
+    assert provider.state.count() == 4
