@@ -235,6 +235,7 @@ class Ticket:
     # (provider, model, agent, user, team, run) for spend accounting
     dims: tuple[str | None, ...] = (None, None, None, None, None, None)
     spend_keys: list[str] = field(default_factory=list)
+    lease: float = 0.0  # seconds its reservation lives unsettled (0: the engine's lease_seconds)
 
 
 @dataclass(slots=True)
@@ -1015,7 +1016,7 @@ class Engine:
             if st.circuit is HALF_OPEN and st.probe is None:
                 st.probe = ticket.call_id
         self._version += 1
-        self._leases[ticket.call_id] = _Reservation(ticket, layout, now + self.lease_seconds, now)
+        self._leases[ticket.call_id] = _Reservation(ticket, layout, now + (ticket.lease or self.lease_seconds), now)
         self.admitted_total += 1
 
     def _line_blocked(self, ticket: Ticket) -> Blocked | None:

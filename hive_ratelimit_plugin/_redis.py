@@ -460,8 +460,8 @@ class RedisEngine(Engine):
         wall = self.wall()
         starts = self.calendar.starts(wall)
         share = 1.0 if ticket.priority >= 10 else self.low_priority_share
-        args = [self.prefix, self._now_arg(), ticket.call_id, _num(self.lease_seconds), _num(ticket.cost),
-                _num(share), ""]
+        args = [self.prefix, self._now_arg(), ticket.call_id, _num(ticket.lease or self.lease_seconds),
+                _num(ticket.cost), _num(share), ""]
         states: dict[str, ScopeState] = {}
         n = 0
         for sc in ticket.scopes:
@@ -489,7 +489,8 @@ class RedisEngine(Engine):
             self._in_line.pop(ticket.call_id, None)
             chosen = _unwire(_dec(out[2]))
             ticket.chosen = chosen or None
-            res = self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, local + self.lease_seconds, rnow,
+            res = self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT,
+                                                              local + (ticket.lease or self.lease_seconds), rnow,
                                                               remote=True, record=int(out[3]) == 1,
                                                               spend_targets=targets, local_at=local)
             res.boot = _dec(out[4])  # (the dataset its lease record is in: see boot_id in _lua)
@@ -574,7 +575,8 @@ class RedisEngine(Engine):
                 f"calls are refused rather than sent uncounted. No request was sent; retry in "
                 f"{self.retry_interval:g}s.", retry_after=self.retry_interval)
         if self.on_error == "open":
-            self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, now + self.lease_seconds, now)
+            self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, now + (ticket.lease or self.lease_seconds),
+                                                        now)
             self.admitted_total += 1
             return None
         fb = self.fallback
@@ -584,7 +586,7 @@ class RedisEngine(Engine):
         scaled = Ticket(ticket.call_id, [self._scale(s, starts, now) for s in ticket.scopes], ticket.input_tokens,
                         ticket.output_tokens, ticket.priority, ticket.info, ticket.cost,
                         [self._scale(s, starts, now) for s in ticket.choices] if ticket.choices else None, None,
-                        ticket.deadline, ticket.dims, ticket.spend_keys)
+                        ticket.deadline, ticket.dims, ticket.spend_keys, ticket.lease)
         fb.low_priority_share = self.low_priority_share
         with fb._lock:
             fb._maintain(now)  # leases of outage-time calls expire there too
@@ -649,7 +651,7 @@ class RedisEngine(Engine):
             except HiveRateLimitError:
                 continue  # a budget this process cannot keep on its own: its next admission says so
             held = Ticket(_HELD + cid, scaled, t.input_tokens, t.output_tokens, t.priority, t.info, t.cost, None,
-                          None, NEVER, t.dims, t.spend_keys)
+                          None, NEVER, t.dims, t.spend_keys, t.lease)
             with fb._lock:
                 fb._commit(held, [fb._state(s, now) for s in scaled], now)
             if res.slot_freed:

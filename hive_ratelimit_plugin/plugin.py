@@ -872,9 +872,11 @@ class HiveLimiter(CustomLogger):
                 cost = price.cost(input_tokens, output_tokens, cache_writes(kwargs))
         if self._ledger is not None:
             self._tail()
+        # A call not streamed holds its lease until it returns: no shorter than LiteLLM may wait for it.
+        lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
         # (positional: keyword arguments cost more to pass, and this runs for every call)
         return Ticket(call_id, plan.scopes, input_tokens, output_tokens, ident.priority, plan.info, cost,
-                      plan.choices, None, NEVER, plan.dims, plan.spend_keys)
+                      plan.choices, None, NEVER, plan.dims, plan.spend_keys, lease)
 
     def _plan(self, model: str, custom_llm_provider: Any, api_base: Any, ident: Identity) -> _Plan:
         """Everything about a call that depends only on its model and identity, cached: its
@@ -1214,6 +1216,21 @@ class HiveLimiter(CustomLogger):
         if ticket.chosen is not None:
             kwargs["api_key"] = self._key_value(ticket.chosen)
         return call_id
+
+
+#: Seconds a call not streamed may outlive its timeout (LiteLLM's own handling, then settlement).
+_LEASE_MARGIN = 30.0
+
+
+def _call_lease(kwargs: Mapping[str, Any], lease_seconds: float) -> float:
+    """The lease of a call that is not streamed: a healthy call given a ``timeout=`` longer than
+    ``lease_seconds`` must not lose its slot while it runs, so its lease covers that timeout and a
+    margin; 0 (the engine's ``lease_seconds``) otherwise. (Not LiteLLM's default timeout, 6000 s:
+    a process that dies would hold its slots in Redis for that long.)"""
+    t = kwargs.get("timeout")
+    if (type(t) is int or type(t) is float) and 0 < t < 1e7 and t + _LEASE_MARGIN > lease_seconds:
+        return float(t) + _LEASE_MARGIN
+    return 0.0
 
 
 def _state_file(path: str | None) -> str:

@@ -733,3 +733,20 @@ async def test_a_stream_closed_by_its_caller_gives_its_slot_back(mode: str, prov
     assert global_usage(limiter)["in_flight"] == 0
     await litellm.acompletion(**chat_kwargs(provider))  # not queued behind the closed stream
     assert provider.state.count() == 2
+
+
+async def test_a_slow_call_given_a_timeout_keeps_its_slot_past_the_lease(provider: FakeProvider,
+                                                                         clock: FakeClock) -> None:
+    """A healthy call that is not streamed, slower than ``estimation.lease_seconds``, lost its
+    concurrency slot while still running (only streams renew their lease): a second call went out
+    beside it. A call given ``timeout=`` now holds its lease that long (plus a margin)."""
+    make_limiter(clock, {"global": {"concurrent_requests": 1}, "estimation": {"lease_seconds": 2},
+                         "queue": {"max_wait_seconds": 0}})
+    provider.state.push(Scripted(status=200, delay=0.5))
+    slow = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider, timeout=10)))
+    await wait_until(lambda: provider.state.in_flight == 1)
+    clock.advance(5)  # past the 2 s lease, within the call's 10 s
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**chat_kwargs(provider))
+    await slow
+    assert provider.state.count() == 1 and provider.state.max_in_flight == 1
