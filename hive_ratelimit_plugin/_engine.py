@@ -1837,6 +1837,13 @@ class Engine:
             c = self.book.get(key, kind, starts[kind])
             return (c.cost, c.requests, c.tokens) if c else (0.0, 0, 0)
 
+    def watch(self, scope: Scope) -> None:
+        """Keep ``scope`` in the stats though no call has counted against it yet (a process that
+        has made no call still shows the global budget, and what other processes spent of it)."""
+        with self._lock:
+            if scope.key not in self._states:
+                self._state(scope, self.clock())
+
     def budget_snapshot(self) -> dict[str, dict[str, Any]]:
         """Budgets of live scopes: spent, reserved, limit, remaining per window."""
         with self._lock:

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import _lua
 from ._budget import KINDS, RUN, SpendRow
-from ._engine import NEVER, NO_LAYOUT, Blocked, Engine, ScopeState, Ticket, _Reservation
+from ._engine import NEVER, NO_LAYOUT, Blocked, Engine, Scope, ScopeState, Ticket, _Reservation
 from .config import LimitSet
 from .errors import BackendUnavailableError, ConfigError, HiveRateLimitError, RequestTooLargeError
 
@@ -422,6 +422,10 @@ class RedisEngine(Engine):
     def available(self) -> bool:
         """False while Redis is unreachable."""
         return self._down_since is None
+
+    def watch(self, scope: Scope) -> None:
+        super().watch(scope)
+        self._remember_spend_key(scope.key)
 
     def _remember_spend_key(self, key: str) -> None:
         seen = self._spend_seen

@@ -42,7 +42,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from . import _fork, _observe
 from . import status as _status
 from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys, money, run_key
-from ._engine import NEVER, Engine, Ticket
+from ._engine import NEVER, Engine, Scope, Ticket
 from ._ledger import MAX_UNSAVED, Ledger, default_state_path
 from ._pricing import PriceBook
 from ._retry import (
@@ -719,6 +719,9 @@ class HiveLimiter(CustomLogger):
     def _usage_stats(self, chunk: int = 0) -> dict[str, Any]:
         """:meth:`get_usage_stats` without picking up other processes' spend first."""
         eng = self._engine
+        resolver = self._resolver
+        if not resolver.global_limits.is_empty():  # (shown before this process's first call too)
+            eng.watch(Scope("global", "global", resolver.global_limits, resolver.generation))
         levels: dict[str, dict[str, Any]] = {}
         for key, entry in eng.snapshot(chunk).items():
             levels.setdefault(entry.pop("level"), {})[key] = entry

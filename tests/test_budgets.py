@@ -55,6 +55,22 @@ def assert_budget_error(exc: BaseException) -> None:
         assert phrase not in text, phrase
 
 
+def test_a_process_that_has_made_no_call_shows_the_global_budget(provider: FakeProvider, clock: FakeClock,
+                                                                  wall: FakeClock) -> None:
+    """A monitoring process (or one just started) read ``remaining_budget: None`` ("no budget")
+    and no spend until it made a call itself; with Redis, other processes' spend is shown too."""
+    first = make(clock, wall, {"budget": {"max_daily_spend": 1000}})
+    litellm.completion(**small(provider))
+    litellm.callbacks.clear()
+    fresh = make(clock, wall, {"budget": {"max_daily_spend": 1000}})
+    stats = fresh.get_usage_stats()
+    assert stats["remaining_budget"] is not None and "global" in stats["budgets"]
+    if first.get_usage_stats()["backend"].get("type") == "redis":  # (shared spend)
+        assert stats["remaining_budget"] == 992 and stats["cost_today"] == 8
+    else:
+        assert stats["remaining_budget"] == 1000
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_spent_budget_stops_calls(mode: str, provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
     """Once the daily budget is spent, calls raise BudgetExceededError and nothing is sent."""
