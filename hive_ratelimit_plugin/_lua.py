@@ -36,11 +36,9 @@ from __future__ import annotations
 _COMMON = r"""
 local P = ARGV[1]
 local now = tonumber(ARGV[2])
-local redis_clock = false
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  redis_clock = true
 end
 -- The arguments after prefix and now come packed in ARGV[3], separated by \31 (packing them
 -- costs the client far less than thirty small arguments).
@@ -182,15 +180,9 @@ local function spend_key(scope, kind) return P .. ':b:' .. scope .. ':' .. kind 
 
 -- Settled spend of scope in the window of kind that started at start: cost, req, tok. A newer
 -- window already begun by another host (its wall clock a little ahead) is the current one.
--- A window that starts more than SKEW seconds after Redis' clock: the caller's wall clock runs
--- ahead. It must not begin a new window for everyone (it would wipe a budget's spend for the
--- whole fleet): the caller counts in the window stored.
-local SKEW = 300
-local function ahead(start) return redis_clock and tonumber(start) > now + SKEW end
-
 local function spent(scope, kind, start)
   local v = redis.call('HMGET', spend_key(scope, kind), 'start', 'cost', 'req', 'tok')
-  if v[1] ~= start and not (v[1] and (tonumber(v[1]) > tonumber(start) or ahead(start))) then return 0, 0, 0 end
+  if v[1] ~= start and not (v[1] and tonumber(v[1]) > tonumber(start)) then return 0, 0, 0 end
   return tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
 end
 
@@ -198,9 +190,8 @@ local function charge(scope, kind, start, ttl, cost, req, tok)
   local k = spend_key(scope, kind)
   local cur = redis.call('HGET', k, 'start')
   -- A call admitted in an earlier window settles late: its spend counts in the current one (as in
-  -- memory), and never wipes it. Only a newer window replaces the stored one (and not one from
-  -- a clock running ahead).
-  if cur ~= start and not (cur and (tonumber(cur) > tonumber(start) or ahead(start))) then
+  -- memory), and never wipes it. Only a newer window replaces the stored one.
+  if cur ~= start and not (cur and tonumber(cur) > tonumber(start)) then
     redis.call('DEL', k)
     redis.call('HSET', k, 'start', start)
   end

@@ -122,8 +122,10 @@ def _scaled(limits: LimitSet, share: float) -> LimitSet:
     return limits.model_copy(update=update)
 
 
-#: A host clock this far from Redis' (seconds) is logged at start.
+#: A host clock this far from Redis' (seconds) is corrected to it for budget windows, and logged.
 _CLOCK_SKEW_WARN = 60.0
+#: Seconds between measurements of this host's clock against Redis'.
+_CLOCK_RECHECK = 600.0
 
 
 class RedisEngine(Engine):
@@ -155,6 +157,12 @@ class RedisEngine(Engine):
                  local_share: float = 0.5, server_time: bool = True, socket_timeout: float = 0.5,
                  retry_interval: float = 1.0, client: Any = None, **kwargs: Any) -> None:
         super().__init__(clock, **kwargs)
+        # Budgets' calendar windows follow this host's wall clock, corrected by its measured offset
+        # from Redis' clock when that is large (see _check_clock).
+        self._host_wall = self.wall
+        self._skew = 0.0
+        self._next_clock_check = NEVER
+        self.wall = self._corrected_wall
         try:
             import redis
         except ImportError:  # pragma: no cover - exercised by the missing-extra test in a subprocess
@@ -222,19 +230,29 @@ class RedisEngine(Engine):
         if server_time:
             self._check_clock()
 
+    def _corrected_wall(self) -> float:
+        return self._host_wall() - self._skew
+
     def _check_clock(self) -> None:
-        """Say so when this host's wall clock is far from Redis' (budgets' calendar windows begin
-        at host times: a host ahead by more than SKEW in _lua counts in the window stored rather
-        than begin a new one for everyone; one behind counts in the newest)."""
+        """Measure this host's wall clock against Redis' (at start, then every ten minutes). Budgets'
+        calendar windows begin at host times, and the newest window any host began is everyone's:
+        a host a day ahead began "tomorrow" for the whole fleet, wiping a shared budget's spend. A
+        host more than a minute off Redis' clock therefore reckons windows by Redis' clock (and
+        says so); hosts a few seconds apart keep their own clocks (they share the newest window)."""
+        self._next_clock_check = self.clock() + _CLOCK_RECHECK
         try:
             sec, usec = self.r.time()
-        except Exception:  # Redis not there yet: the outage policy speaks for it
+        except Exception:  # Redis not there: the outage policy speaks for it; try again later
             return
-        skew = self.wall() - (float(sec) + float(usec) / 1e6)
-        if abs(skew) > _CLOCK_SKEW_WARN:
-            logger.warning("hive-ratelimit: this host's clock is %.0fs %s Redis' clock (%s): budgets' calendar windows "
-                           "follow host clocks; keep hosts on NTP", abs(skew), "ahead of" if skew > 0 else "behind",
+        skew = self._host_wall() - (float(sec) + float(usec) / 1e6)
+        if abs(skew) <= _CLOCK_SKEW_WARN:
+            self._skew = 0.0
+            return
+        if abs(skew - self._skew) > _CLOCK_SKEW_WARN:
+            logger.warning("hive-ratelimit: this host's clock is %.0fs %s Redis' clock (%s): budget windows here "
+                           "follow Redis' clock; keep hosts on NTP", abs(skew), "ahead of" if skew > 0 else "behind",
                            self.url)
+        self._skew = skew
 
     # ------------------------------------------------------------- plumbing
     def _now_arg(self) -> str:
@@ -245,6 +263,8 @@ class RedisEngine(Engine):
         mono = self.clock()
         if self._down_since is not None and mono < self._next_try:
             raise _Down
+        if mono >= self._next_clock_check:
+            self._check_clock()
         replayed = 0
         sent = False
         try:

@@ -1223,17 +1223,34 @@ class HiveLimiter(CustomLogger):
 
 #: Seconds a call not streamed may outlive its timeout (LiteLLM's own handling, then settlement).
 _LEASE_MARGIN = 30.0
+#: The longest lease a call's timeout gives it (seconds).
+_MAX_CALL_LEASE = 3600.0
 
 
 def _call_lease(kwargs: Mapping[str, Any], lease_seconds: float) -> float:
     """The lease of a call that is not streamed: a healthy call given a ``timeout=`` longer than
-    ``lease_seconds`` must not lose its slot while it runs, so its lease covers that timeout and a
-    margin; 0 (the engine's ``lease_seconds``) otherwise. (Not LiteLLM's default timeout, 6000 s:
-    a process that dies would hold its slots in Redis for that long.)"""
+    ``lease_seconds`` must not lose its slot while it runs, so its lease covers that timeout (a
+    number, a numeric string, or an ``httpx.Timeout``'s longest part) and a margin, up to an hour;
+    0 (the engine's ``lease_seconds``) otherwise. (Not LiteLLM's default timeout, 6000 s, nor more
+    than an hour: a process that dies would hold its slots in Redis for that long.)"""
     t = kwargs.get("timeout")
-    if (type(t) is int or type(t) is float) and 0 < t < 1e7 and t + _LEASE_MARGIN > lease_seconds:
-        return float(t) + _LEASE_MARGIN
-    return 0.0
+    if t is None:
+        return 0.0
+    if type(t) is not int and type(t) is not float:
+        try:
+            if isinstance(t, str):
+                t = float(t)
+            else:  # httpx.Timeout: connect, read, write, pool
+                parts = [float(v) for v in (getattr(t, n, None) for n in ("connect", "read", "write", "pool"))
+                         if type(v) is int or type(v) is float]
+                t = max(parts) if parts else None
+        except (TypeError, ValueError):
+            return 0.0
+        if t is None:
+            return 0.0
+    if not 0 < t < 1e7 or t + _LEASE_MARGIN <= lease_seconds:  # (NaN fails the first test)
+        return 0.0
+    return min(float(t) + _LEASE_MARGIN, max(_MAX_CALL_LEASE, lease_seconds))
 
 
 def _state_file(path: str | None) -> str:

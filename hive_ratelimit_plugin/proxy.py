@@ -251,6 +251,7 @@ class ProxyLimiter(HiveLimiter):
         trusted = self._trusted(call_id, kwargs)
         view = dict(kwargs)
         view["user"] = None
+        view.pop("timeout", None)  # (a client's body must not set how long its slot outlives a dead process)
         view[_RUNAWAY_FLAG] = trusted.get("runaway", True) is not False
         ticket = super()._ticket(call_id, call_type, view, {k: trusted.get(k) for k in IDENTITY_FIELDS})
         if ticket is not None:

@@ -735,7 +735,8 @@ async def test_a_stream_closed_by_its_caller_gives_its_slot_back(mode: str, prov
     assert provider.state.count() == 2
 
 
-async def test_a_slow_call_given_a_timeout_keeps_its_slot_past_the_lease(provider: FakeProvider,
+@pytest.mark.parametrize("timeout", ["number", "text", "httpx"])
+async def test_a_slow_call_given_a_timeout_keeps_its_slot_past_the_lease(timeout: str, provider: FakeProvider,
                                                                          clock: FakeClock) -> None:
     """A healthy call that is not streamed, slower than ``estimation.lease_seconds``, lost its
     concurrency slot while still running (only streams renew their lease): a second call went out
@@ -743,10 +744,23 @@ async def test_a_slow_call_given_a_timeout_keeps_its_slot_past_the_lease(provide
     make_limiter(clock, {"global": {"concurrent_requests": 1}, "estimation": {"lease_seconds": 2},
                          "queue": {"max_wait_seconds": 0}})
     provider.state.push(Scripted(status=200, delay=0.5))
-    slow = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider, timeout=10)))
+    import httpx
+
+    given = {"number": 10, "text": "10", "httpx": httpx.Timeout(10.0)}[timeout]
+    slow = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider, timeout=given)))
     await wait_until(lambda: provider.state.in_flight == 1)
     clock.advance(5)  # past the 2 s lease, within the call's 10 s
     with pytest.raises(RateLimitQueueTimeout):
         await litellm.acompletion(**chat_kwargs(provider))
     await slow
     assert provider.state.count() == 1 and provider.state.max_in_flight == 1
+
+
+def test_a_call_lease_is_capped() -> None:
+    """A timeout gives a call at most an hour of lease (a process that dies holds its slots in
+    Redis that long: ``timeout=9_999_000`` held them for 116 days)."""
+    from hive_ratelimit_plugin.plugin import _call_lease
+
+    assert _call_lease({"timeout": 9_999_000}, 300) == 3600
+    assert _call_lease({"timeout": 6000}, 7200) == 0  # (0: the configured lease, longer, applies)
+    assert _call_lease({"timeout": 100}, 300) == 0 and _call_lease({"timeout": "soon"}, 2) == 0

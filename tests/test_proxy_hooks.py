@@ -306,3 +306,19 @@ async def test_configured_api_keys_never_replace_the_deployments_key(
     await litellm.acompletion(**chat_kwargs(provider, metadata=md))  # admitted in the deployment hook
     assert provider.state.log[0].authorization == "Bearer sk-test-SECRET-0123456789"
     assert lim.get_usage_stats()["admitted_total"] == 1
+
+
+async def test_a_proxy_client_cannot_set_its_calls_lease(clock: FakeClock) -> None:
+    """A call's ``timeout=`` lengthens its lease (how long its slot outlives a dead process); in
+    the proxy the request body is the client's, so it does not."""
+    lim = _limiter(clock, {"global": {"concurrent_requests": 5}, "estimation": {"lease_seconds": 2}})
+    seen: list[float] = []
+    admit = lim._engine.admit_now
+
+    def spy(ticket: Any) -> Any:
+        seen.append(ticket.lease)
+        return admit(ticket)
+
+    lim._engine.admit_now = spy  # type: ignore[method-assign]
+    await lim.async_pre_call_hook(_auth(), None, _data(timeout=9_999_000), "acompletion")
+    assert seen == [0.0]
