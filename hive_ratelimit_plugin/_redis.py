@@ -126,6 +126,8 @@ def _scaled(limits: LimitSet, share: float) -> LimitSet:
 _CLOCK_SKEW_WARN = 60.0
 #: Seconds between measurements of this host's clock against Redis'.
 _CLOCK_RECHECK = 600.0
+#: A host wall clock that moved this much more (or less) than its monotonic clock has stepped: measured again.
+_CLOCK_STEP = 5.0
 
 
 class RedisEngine(Engine):
@@ -161,7 +163,8 @@ class RedisEngine(Engine):
         # from Redis' clock when that is large (see _check_clock).
         self._host_wall = self.wall
         self._skew = 0.0
-        self._next_clock_check = NEVER
+        self._next_clock_check = NEVER  # (due at once with server_time: see the end of __init__)
+        self._wall_minus_mono = 0.0  # at the last measurement: a change says the host clock stepped
         self.wall = self._corrected_wall
         try:
             import redis
@@ -228,6 +231,7 @@ class RedisEngine(Engine):
         self._known_spend: dict[tuple[str, str, str], tuple[float, float]] = {}
         self._fb_outage = -1  # the outage the outage engine's budgets were set up for
         if server_time:
+            self._next_clock_check = 0.0
             self._check_clock()
 
     def _corrected_wall(self) -> float:
@@ -239,11 +243,13 @@ class RedisEngine(Engine):
         a host a day ahead began "tomorrow" for the whole fleet, wiping a shared budget's spend. A
         host more than a minute off Redis' clock therefore reckons windows by Redis' clock (and
         says so); hosts a few seconds apart keep their own clocks (they share the newest window)."""
-        self._next_clock_check = self.clock() + _CLOCK_RECHECK
         try:
             sec, usec = self.r.time()
-        except Exception:  # Redis not there: the outage policy speaks for it; try again later
+        except Exception:  # Redis not there: still due, measured before the next call that reaches it
             return
+        mono = self.clock()
+        self._next_clock_check = mono + _CLOCK_RECHECK
+        self._wall_minus_mono = self._host_wall() - mono
         skew = self._host_wall() - (float(sec) + float(usec) / 1e6)
         if abs(skew) <= _CLOCK_SKEW_WARN:
             self._skew = 0.0
@@ -263,8 +269,9 @@ class RedisEngine(Engine):
         mono = self.clock()
         if self._down_since is not None and mono < self._next_try:
             raise _Down
-        if mono >= self._next_clock_check:
-            self._check_clock()
+        if self.server_time and (mono >= self._next_clock_check
+                                 or abs(self._host_wall() - mono - self._wall_minus_mono) > _CLOCK_STEP):
+            self._check_clock()  # (due, never measured, or the host's clock stepped: a VM resumed, NTP)
         replayed = 0
         sent = False
         try:

@@ -25,6 +25,8 @@ import hashlib
 import inspect
 import itertools
 import logging
+import math
+import numbers
 import os
 import sys
 import threading
@@ -366,6 +368,8 @@ class HiveLimiter(CustomLogger):
             ``HIVE_RATELIMIT_CONFIG`` and ``HIVE_RATELIMIT_*`` environment variables.
         clock: monotonic clock in seconds for rate windows (tests inject a fake one).
         wall_clock: epoch clock in seconds for calendar budget windows (tests inject a fake one).
+            With the Redis backend and no ``clock``, one more than a minute off Redis' clock is
+            corrected to it.
 
     Raises:
         ConfigError: the configuration is invalid; the message names each bad key.
@@ -1230,27 +1234,27 @@ _MAX_CALL_LEASE = 3600.0
 def _call_lease(kwargs: Mapping[str, Any], lease_seconds: float) -> float:
     """The lease of a call that is not streamed: a healthy call given a ``timeout=`` longer than
     ``lease_seconds`` must not lose its slot while it runs, so its lease covers that timeout (a
-    number, a numeric string, or an ``httpx.Timeout``'s longest part) and a margin, up to an hour;
-    0 (the engine's ``lease_seconds``) otherwise. (Not LiteLLM's default timeout, 6000 s, nor more
-    than an hour: a process that dies would hold its slots in Redis for that long.)"""
+    number, a numeric string, or an ``httpx.Timeout``'s longest part; ``None`` parts and infinite
+    values are unbounded) and a margin, up to an hour; 0 (the engine's ``lease_seconds``)
+    otherwise. (Not LiteLLM's default timeout, 6000 s, nor more than an hour: a process that dies
+    would hold its slots in Redis for that long.)"""
     t = kwargs.get("timeout")
-    if t is None:
+    if t is None or isinstance(t, bool):
         return 0.0
-    if type(t) is not int and type(t) is not float:
-        try:
-            if isinstance(t, str):
-                t = float(t)
-            else:  # httpx.Timeout: connect, read, write, pool
-                parts = [float(v) for v in (getattr(t, n, None) for n in ("connect", "read", "write", "pool"))
-                         if type(v) is int or type(v) is float]
-                t = max(parts) if parts else None
-        except (TypeError, ValueError):
+    seconds: float
+    try:
+        if isinstance(t, (numbers.Number, str)):
+            seconds = float(t)  # type: ignore[arg-type]
+        elif hasattr(t, "read") and hasattr(t, "connect"):  # httpx.Timeout
+            parts: list[Any] = [getattr(t, n, None) for n in ("connect", "read", "write", "pool")]
+            seconds = math.inf if any(v is None for v in parts) else max(float(v) for v in parts)
+        else:
             return 0.0
-        if t is None:
-            return 0.0
-    if not 0 < t < 1e7 or t + _LEASE_MARGIN <= lease_seconds:  # (NaN fails the first test)
+    except (TypeError, ValueError, OverflowError):
         return 0.0
-    return min(float(t) + _LEASE_MARGIN, max(_MAX_CALL_LEASE, lease_seconds))
+    if not seconds > 0 or seconds + _LEASE_MARGIN <= lease_seconds:  # (NaN fails the first test)
+        return 0.0
+    return min(seconds + _LEASE_MARGIN, max(_MAX_CALL_LEASE, lease_seconds))
 
 
 def _state_file(path: str | None) -> str:

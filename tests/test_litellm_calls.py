@@ -759,8 +759,16 @@ async def test_a_slow_call_given_a_timeout_keeps_its_slot_past_the_lease(timeout
 def test_a_call_lease_is_capped() -> None:
     """A timeout gives a call at most an hour of lease (a process that dies holds its slots in
     Redis that long: ``timeout=9_999_000`` held them for 116 days)."""
+    import decimal
+
+    import httpx
+
     from hive_ratelimit_plugin.plugin import _call_lease
 
     assert _call_lease({"timeout": 9_999_000}, 300) == 3600
+    for unbounded in (1e9, "1e9", float("inf"), httpx.Timeout(5.0, read=None), httpx.Timeout(None)):
+        assert _call_lease({"timeout": unbounded}, 300) == 3600, unbounded
+    assert _call_lease({"timeout": decimal.Decimal("120")}, 2) == 150
+    assert _call_lease({"timeout": True}, 2) == _call_lease({"timeout": float("nan")}, 2) == 0
     assert _call_lease({"timeout": 6000}, 7200) == 0  # (0: the configured lease, longer, applies)
     assert _call_lease({"timeout": 100}, 300) == 0 and _call_lease({"timeout": "soon"}, 2) == 0

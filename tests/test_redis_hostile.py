@@ -1261,3 +1261,43 @@ def test_a_host_whose_clock_runs_ahead_does_not_reset_a_budget_for_all(provider:
     with pytest.raises(BudgetExceededError):
         litellm.completion(**chat_kwargs(provider, max_tokens=5))  # 32 + 14 > 40
     assert provider.state.count() == 4
+
+
+
+@pytest.mark.parametrize("how", ["unmeasured at start", "stepped mid-run"])
+def test_a_host_clock_not_measured_or_stepped_is_corrected_before_it_counts(
+        how: str, provider: Any, redis_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host clock is corrected to Redis' before a call counts, not up to ten minutes later:
+    when Redis could not be asked at start (it was down) and when the host's clock steps (a VM
+    resumed a day later in its clock, a bad NTP step)."""
+    import time
+
+    import litellm
+    import redis
+
+    from hive_ratelimit_plugin import BudgetExceededError, HiveLimiter
+
+    from .helpers import chat_kwargs
+
+    cfg = {"backend": REDIS_URL, "redis": {"key_prefix": redis_prefix}, "state_path": ":memory:",
+           "budget": {"max_daily_spend": 40}, "runaway": {"enabled": False}, "status": {"enabled": False},
+           "pricing": {"gpt-4o-mini": {"input_per_million": 1_000_000, "output_per_million": 1_000_000}}}
+    right = HiveLimiter(cfg)
+    offset = [86400.0 if how == "unmeasured at start" else 0.0]
+    if how == "unmeasured at start":
+        def down(self: Any) -> Any:
+            raise redis.ConnectionError("not yet")
+
+        monkeypatch.setattr(redis.Redis, "time", down)
+    other = HiveLimiter(cfg, wall_clock=lambda: time.time() + offset[0])
+    monkeypatch.undo()
+    litellm.callbacks[:] = [right]
+    for _ in range(3):
+        litellm.completion(**chat_kwargs(provider, max_tokens=5))  # 24 of 40
+    offset[0] = 86400.0  # (stepped mid-run; already so for the other case)
+    litellm.callbacks[:] = [other]
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))  # 32: today, not "tomorrow"
+    litellm.callbacks[:] = [right]
+    with pytest.raises(BudgetExceededError):
+        litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    assert provider.state.count() == 4
