@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,21 @@ def _waits(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text or "full" in text
 
 
+def _write_unsaved(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], path: str) -> None:
+    """A collected ledger's last write (see ``Ledger._finalizer``): the rows it still held."""
+    if not rows:
+        return
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(_INSERT, rows)
+        conn.execute("COMMIT")
+        rows.clear()
+    except Exception as exc:
+        logger.error("hive-ratelimit: %d settled call(s) could not be written to %s (%s): their spend is lost to "
+                     "other processes and the next start", len(rows), path, exc)
+
+
 #: Seconds a settlement waits for the state file's write lock before keeping its rows for later.
 RECORD_WAIT = 0.25
 #: Settled calls kept in memory while the state file cannot be written (~150 bytes each).
@@ -125,9 +141,15 @@ class Ledger:
                               f"database): {exc}", errors=[f"rate_limiting.state_path: {exc}"]) from None
         self.host = socket.gethostname()
         self._inherited: list[sqlite3.Connection] = []
-        self._unsaved: list[tuple[Any, ...]] = []  # rows a write could not store, to retry
+        self._unsaved: list[tuple[Any, ...]] = []  # rows a write could not store, to retry (changed in place)
         self.dropped = 0  # rows given up past MAX_UNSAVED
+        self._last_write = self._finalizer()
         _fork.track(self)
+
+    def _finalizer(self) -> Any:  # (a weakref.finalize)
+        # A ledger dropped with rows still unsaved (its limiter replaced, then collected) writes
+        # them when collected, or at exit: without its limiter, nothing else would.
+        return weakref.finalize(self, _write_unsaved, self._conn, self._unsaved, self.path)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
@@ -154,8 +176,10 @@ class Ledger:
         each read the other's spend as another process'. The parent's connection is kept, unused
         and unclosed: closing it here could release locks that are the parent's."""
         self._lock = threading.Lock()
-        self._unsaved = []  # (the parent writes its own; a copy here would write them twice)
+        self._last_write.detach()  # (the parent writes its own rows; a copy here would write them twice)
+        self._unsaved = []
         if self.path == ":memory:":
+            self._last_write = self._finalizer()
             return  # a copy of its own already, the parent's rows included
         self._inherited.append(self._conn)
         self.writer = uuid.uuid4().hex
@@ -166,6 +190,7 @@ class Ledger:
                          "counted in this process only, not recorded there", self.path, exc)
             self._conn = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
             self._conn.executescript(_SCHEMA)
+        self._last_write = self._finalizer()
 
     def _max_id(self) -> int:
         row = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM spend").fetchone()
@@ -173,6 +198,9 @@ class Ledger:
 
     def close(self) -> None:
         with self._lock:
+            if self._unsaved:
+                _write_unsaved(self._conn, self._unsaved, self.path)
+            self._last_write.detach()
             self._conn.close()
 
     # ---------------------------------------------------------------- spend
@@ -190,7 +218,7 @@ class Ledger:
         with self._lock:
             if self._unsaved:
                 data = self._unsaved + data
-                self._unsaved = []
+                self._unsaved.clear()
             if not data:
                 return
             conn = self._conn
@@ -214,7 +242,7 @@ class Ledger:
                     raise
                 # Locked by another process, busy, or a full disk: keep the rows for the next write.
                 self.dropped += max(len(data) - MAX_UNSAVED, 0)
-                self._unsaved = data[-MAX_UNSAVED:]
+                self._unsaved[:] = data[-MAX_UNSAVED:]
                 raise
             except sqlite3.Error:
                 # A row this file will not take: write the others one by one; the bad one is not

@@ -232,3 +232,26 @@ def test_a_row_of_odd_types_is_written_and_blocks_nothing(provider: FakeProvider
         litellm.completion(**chat_kwargs(provider, max_tokens=5))
     assert ledger_total(path) == (4, 32)
     assert lim._ledger is not None and lim._ledger.unsaved == 0
+
+
+def test_a_ledger_dropped_with_unsaved_rows_still_writes_them(tmp_path: Path) -> None:
+    """Rows kept while the state file was locked are written by the next settlement or at exit;
+    a limiter replaced and collected before either (its exit hook holds it weakly) lost them: its
+    ledger now writes them when collected."""
+    import gc
+
+    from hive_ratelimit_plugin._budget import SpendRow
+    from hive_ratelimit_plugin._ledger import Ledger
+
+    path = tmp_path / "state.sqlite"
+    ledger = Ledger(path)
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(sqlite3.OperationalError):
+        ledger.record([SpendRow(1.0, "c1", "openai", "gpt-4o-mini", None, None, None, None, 1, 3, 5, 8.0)])
+    assert ledger.unsaved == 1
+    locker.execute("COMMIT")
+    locker.close()
+    del ledger
+    gc.collect()
+    assert ledger_total(path) == (1, 8)
