@@ -1016,8 +1016,12 @@ class Engine:
             if st.circuit is HALF_OPEN and st.probe is None:
                 st.probe = ticket.call_id
         self._version += 1
-        self._leases[ticket.call_id] = _Reservation(ticket, layout, now + (ticket.lease or self.lease_seconds), now)
+        self._leases[ticket.call_id] = _Reservation(ticket, layout, now + self._lease_of(ticket), now)
         self.admitted_total += 1
+
+    def _lease_of(self, ticket: Ticket) -> float:
+        """How long ``ticket``'s reservation lives unsettled: its own lease, else ``lease_seconds``."""
+        return ticket.lease or self.lease_seconds
 
     def _line_blocked(self, ticket: Ticket) -> Blocked | None:
         front = self._front
@@ -1739,11 +1743,7 @@ class Engine:
         # Out of requests (or tokens): wait instead of collecting a 429. The reset headers give
         # the time until the limit is back to its full value; providers refill continuously, so
         # with the limit known the next request is possible after reset / limit.
-        resets = []
-        if sig.remaining_requests == 0 and sig.reset_requests:
-            resets.append(sig.reset_requests / sig.limit_requests if sig.limit_requests else sig.reset_requests)
-        if sig.remaining_tokens == 0 and sig.reset_tokens:
-            resets.append(sig.reset_tokens / sig.limit_tokens if sig.limit_tokens else sig.reset_tokens)
+        resets = [wait for _, _, wait in sig.exhausted()]
         if resets and now + max(resets) > st.cooldown_until:
             st.cooldown_until = now + max(resets)
 

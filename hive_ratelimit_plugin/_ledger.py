@@ -97,15 +97,31 @@ def _waits(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text or "full" in text
 
 
+def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], wait: float) -> None:
+    """Append ``rows`` in one transaction, waiting at most ``wait`` seconds for the write lock
+    (the connection's usual wait is :data:`RECORD_WAIT`); nothing is written if it fails."""
+    if wait != RECORD_WAIT:
+        conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    finally:
+        if wait != RECORD_WAIT:
+            conn.execute(f"PRAGMA busy_timeout = {int(RECORD_WAIT * 1000)}")
+    try:
+        conn.executemany(_INSERT, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _write_unsaved(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], path: str) -> None:
-    """A collected ledger's last write (see ``Ledger._finalizer``): the rows it still held."""
+    """A ledger's last write (see ``Ledger._finalizer``): the rows it still held."""
     if not rows:
         return
     try:
-        conn.execute("PRAGMA busy_timeout = 5000")
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(_INSERT, rows)
-        conn.execute("COMMIT")
+        _insert(conn, rows, 5.0)
         rows.clear()
     except Exception as exc:
         logger.error("hive-ratelimit: %d settled call(s) could not be written to %s (%s): their spend is lost to "
@@ -198,9 +214,7 @@ class Ledger:
 
     def close(self) -> None:
         with self._lock:
-            if self._unsaved:
-                _write_unsaved(self._conn, self._unsaved, self.path)
-            self._last_write.detach()
+            self._last_write()  # (the rows still unsaved, if any: a last try)
             self._conn.close()
 
     # ---------------------------------------------------------------- spend
@@ -223,20 +237,7 @@ class Ledger:
                 return
             conn = self._conn
             try:
-                if wait != RECORD_WAIT:
-                    conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                finally:
-                    if wait != RECORD_WAIT:
-                        conn.execute(f"PRAGMA busy_timeout = {int(RECORD_WAIT * 1000)}")
-                try:
-                    conn.executemany(_INSERT, data)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
+                _insert(conn, data, wait)
             except sqlite3.OperationalError as exc:
                 if not _waits(exc):
                     raise

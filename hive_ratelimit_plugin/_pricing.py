@@ -62,12 +62,17 @@ class Price:
         return (self.cache_read_per_token is not None or self.cache_write_per_token is not None
                 or self.cache_write_1h_per_token is not None or bool(self.tiers))
 
+    @property
+    def prices_writes(self) -> bool:
+        """Whether a prompt-cache write costs more than the input price here (a write price is known)."""
+        return self.cache_write_per_token is not None or self.cache_write_1h_per_token is not None
+
     def cost(self, input_tokens: int, output_tokens: int, writes: int = 0) -> float:
         """A reservation's worst case: the cost of a call with no prompt-cache reads (which only
         make it cheaper) and, when it asks for prompt-cache writes (``writes``: 1 for 5 minutes,
         2 for an hour, see ``_tokens.cache_writes``) on a model with a write price, its whole
         prompt written at that price."""
-        if writes and (self.cache_write_per_token is not None or self.cache_write_1h_per_token is not None):
+        if writes and self.prices_writes:
             hour = writes > 1 and (self.cache_write_1h_per_token is not None or self.anthropic)
             return max(self.billed(input_tokens, output_tokens),
                        self.billed(input_tokens, output_tokens, 0, input_tokens, input_tokens if hour else 0))

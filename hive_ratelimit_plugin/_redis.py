@@ -491,7 +491,7 @@ class RedisEngine(Engine):
         wall = self.wall()
         starts = self.calendar.starts(wall)
         share = 1.0 if ticket.priority >= 10 else self.low_priority_share
-        args = [self.prefix, self._now_arg(), ticket.call_id, _num(ticket.lease or self.lease_seconds),
+        args = [self.prefix, self._now_arg(), ticket.call_id, _num(self._lease_of(ticket)),
                 _num(ticket.cost), _num(share), ""]
         states: dict[str, ScopeState] = {}
         n = 0
@@ -520,8 +520,7 @@ class RedisEngine(Engine):
             self._in_line.pop(ticket.call_id, None)
             chosen = _unwire(_dec(out[2]))
             ticket.chosen = chosen or None
-            res = self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT,
-                                                              local + (ticket.lease or self.lease_seconds), rnow,
+            res = self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, local + self._lease_of(ticket), rnow,
                                                               remote=True, record=int(out[3]) == 1,
                                                               spend_targets=targets, local_at=local)
             res.boot = _dec(out[4])  # (the dataset its lease record is in: see boot_id in _lua)
@@ -606,8 +605,7 @@ class RedisEngine(Engine):
                 f"calls are refused rather than sent uncounted. No request was sent; retry in "
                 f"{self.retry_interval:g}s.", retry_after=self.retry_interval)
         if self.on_error == "open":
-            self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, now + (ticket.lease or self.lease_seconds),
-                                                        now)
+            self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, now + self._lease_of(ticket), now)
             self.admitted_total += 1
             return None
         fb = self.fallback

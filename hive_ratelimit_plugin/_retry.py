@@ -122,6 +122,18 @@ class RateSignals:
     remaining_tokens: int | None = None
     reset_tokens: float | None = None
 
+    def exhausted(self) -> list[tuple[str, float, float]]:
+        """``(what, reset, wait)`` for each limit (``requests``, ``tokens``) the provider says is
+        used up: the time until it is back to its full value, and until the next request is
+        possible (reset / limit, providers refill continuously; the whole reset without a limit)."""
+        out = []
+        for what, left, reset, limit in (
+                ("requests", self.remaining_requests, self.reset_requests, self.limit_requests),
+                ("tokens", self.remaining_tokens, self.reset_tokens, self.limit_tokens)):
+            if left == 0 and reset:
+                out.append((what, reset, reset / limit if limit else reset))
+        return out
+
 
 def read_signals(raw_headers: Any, now: float, cap: float = 600.0) -> RateSignals:
     """Parse every rate-limit header we know. Never raises.

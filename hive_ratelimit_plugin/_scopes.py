@@ -106,7 +106,6 @@ class Identity:
     priority: int = 0
 
 
-_clean = clean_id
 
 
 def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Identity:
@@ -156,10 +155,10 @@ def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Id
 
 def _identity(agent_id: Any, user_id: Any, team_id: Any, run_id: Any, priority: Any) -> Identity:
     return Identity(
-        agent_id=_clean(agent_id),
-        user_id=_clean(user_id),
-        team_id=_clean(team_id),
-        run_id=_clean(run_id),
+        agent_id=clean_id(agent_id),
+        user_id=clean_id(user_id),
+        team_id=clean_id(team_id),
+        run_id=clean_id(run_id),
         priority=parse_priority(priority),
     )
 

@@ -371,8 +371,9 @@ def _mark(value: Any) -> int:
     return WRITE_1H if isinstance(ttl, str) and ttl.strip().lower() in ("1h", "60m", "3600s") else WRITE_5M
 
 
-def _marks_in(items: Any) -> int:
-    """The longest write the ``cache_control`` marks in a list of messages, blocks or tools ask for."""
+def _marks_in(items: Any, nested: bool = True) -> int:
+    """The longest write the ``cache_control`` marks in a list of messages, blocks or tools ask
+    for (with ``nested``, the marks of each item's content blocks too)."""
     found = NO_WRITE
     if not isinstance(items, (list, tuple)):
         return found
@@ -382,11 +383,8 @@ def _marks_in(items: Any) -> int:
         mark = item.get("cache_control")
         if mark is not None:
             found = max(found, _mark(mark))
-        content = item.get("content")
-        if isinstance(content, (list, tuple)):
-            for block in content:
-                if isinstance(block, Mapping) and block.get("cache_control") is not None:
-                    found = max(found, _mark(block["cache_control"]))
+        if nested:
+            found = max(found, _marks_in(item.get("content"), nested=False))
         if found == WRITE_1H:
             break
     return found
@@ -400,13 +398,8 @@ def cache_writes(kwargs: Mapping[str, Any]) -> int:
     (``litellm.enable_anthropic_prompt_caching`` or a request's ``enable_prompt_caching``, newer
     LiteLLM). Such a call may be billed its prompt at the cache-write price (1.25x the input
     price for 5 minutes, 2x for an hour), so its reservation is priced that way."""
-    found = max(_marks_in(kwargs.get("messages")), _marks_in(kwargs.get("tools")))
-    if found == WRITE_1H:
-        return found
-    system = kwargs.get("system")
-    if isinstance(system, (list, tuple)):
-        found = max(found, _marks_in(system))
     tools = kwargs.get("tools")
+    found = max(_marks_in(kwargs.get("messages")), _marks_in(kwargs.get("system")), _marks_in(tools))
     if isinstance(tools, (list, tuple)):
         found = max(found, _marks_in([t.get("function") for t in tools if isinstance(t, Mapping)]))
     top = kwargs.get("cache_control")

@@ -331,8 +331,6 @@ class RateLimitingConfig(BaseSettings):
     @classmethod
     def _clean_names(cls, v: dict[str, Any]) -> dict[str, Any]:
         # Names as calls' ids are counted (clean_id): a 300-character or multi-line name still matches.
-        if all(len(k) <= MAX_ID and k.isprintable() for k in v):
-            return v
         return {(clean_id(k) or k): block for k, block in v.items()}
 
     @field_validator("state_path")

@@ -873,10 +873,8 @@ class HiveLimiter(CustomLogger):
                 self._prices.warn_unknown(provider, model, "not in LiteLLM's price map or rate_limiting.pricing")
                 if cfg.unknown_price == "block":
                     raise _unknown_price_error(provider, model)
-            if price.cache_write_per_token is None and price.cache_write_1h_per_token is None:
-                cost = price.cost(input_tokens, output_tokens)
-            else:  # (a model with a prompt-cache write price: Anthropic's, mostly)
-                cost = price.cost(input_tokens, output_tokens, cache_writes(kwargs))
+            # (the request is scanned for cache marks only where a write has a price: Anthropic's, mostly)
+            cost = price.cost(input_tokens, output_tokens, cache_writes(kwargs) if price.prices_writes else 0)
         if self._ledger is not None:
             self._tail()
         # A call not streamed holds its lease until it returns: no shorter than LiteLLM may wait for it.
@@ -1035,15 +1033,12 @@ class HiveLimiter(CustomLogger):
                                                                                   strict=True) if v is not None),
                            f" (was {' and '.join(str(b) for b in before if b is not None)})" if lowered else "",
                            extra={"hive_repeat_key": ("limits", where)})
-        for left, reset, limit, unit in ((sig.remaining_requests, sig.reset_requests, sig.limit_requests, "requests"),
-                                         (sig.remaining_tokens, sig.reset_tokens, sig.limit_tokens, "tokens")):
-            if left == 0 and reset:
-                wait = reset / limit if limit else reset
-                if wait >= _LONG_PROVIDER_WAIT:
-                    logger.warning("%s: the provider reports no %s left until its reset in %.0fs; calls there wait "
-                                   "%.0fs%s", where, unit, reset, wait,
-                                   " (the most the limiter waits for a provider)" if wait >= _MAX_PROVIDER_WAIT else "",
-                                   extra={"hive_repeat_key": ("reset_wait", where, unit)})
+        for unit, reset, wait in sig.exhausted():
+            if wait >= _LONG_PROVIDER_WAIT:
+                logger.warning("%s: the provider reports no %s left until its reset in %.0fs; calls there wait "
+                               "%.0fs%s", where, unit, reset, wait,
+                               " (the most the limiter waits for a provider)" if wait >= _MAX_PROVIDER_WAIT else "",
+                               extra={"hive_repeat_key": ("reset_wait", where, unit)})
 
     def _remember_turn(self, response: Any, tin: int | None, tout: int | None) -> None:
         """Keep what a Responses API turn leaves in its conversation (its input, which held the

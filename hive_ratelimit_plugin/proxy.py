@@ -349,11 +349,9 @@ class ProxyLimiter(HiveLimiter):
                 self._emit(_timeout_event(ticket, exc, self._engine.wall()))
                 raise
         except HiveRateLimitError as exc:
+            self._not_sent(view, exc)  # (before the call's identity is dropped: _not_sent reads it)
             with self._proxy_lock:
                 self._proxy_calls.pop(call_id, None)
-            agent = ident.get("agent_id")
-            if agent is not None and ident.get("runaway", True) is not False:
-                self._not_sent(view, exc, clean_id(agent))
             raise _as_http_exception(exc) from exc
         except BaseException:
             with self._proxy_lock:
