@@ -1133,6 +1133,13 @@ class RedisEngine(Engine):
             for waiter in self._waiters:
                 for k in waiter.keys:
                     queued[k] = queued.get(k, 0) + 1
+            # Redis keeps calls in flight only where a concurrency limit counts them; elsewhere
+            # this process' own calls are what can be shown.
+            mine: dict[str, int] = {}
+            for res in self._leases.values():
+                if not res.slot_freed and not res.settled:
+                    for sc in _charged_scopes(res.ticket):
+                        mine[sc.key] = mine.get(sc.key, 0) + 1
             states = list(self._states.items())
         windows = [(k, w.name, w.period) for k, st in states for w in st.windows()]
         conc = [k for k, _ in states]
@@ -1157,10 +1164,12 @@ class RedisEngine(Engine):
                 limit = learned.get(key, {}).get(w.name, w.limit)
                 if limit != NEVER:
                     entry[w.name] = {"used": used, "limit": limit}
-            in_flight = int(got[1][j])
-            entry["in_flight"] = in_flight
             if st.concurrency is not None:
+                in_flight = int(got[1][j])
+                entry["in_flight"] = in_flight
                 entry["concurrent_requests"] = {"used": in_flight, "limit": st.concurrency}
+            else:
+                entry["in_flight"] = mine.get(key, 0)
             entry["queued"] = queued.get(key, 0)
             out[key] = entry
         return out

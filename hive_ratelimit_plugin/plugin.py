@@ -435,6 +435,7 @@ class HiveLimiter(CustomLogger):
         # ``previous_response_id``) carries as its input on top of its own (see _remember_turn).
         self._turns: dict[str, int] = {}
         self._told: dict[str, tuple[int | None, int | None]] = {}  # provider limits last logged, per model
+        self._tokens_learned = False  # a provider has given a token limit: estimate every call's tokens
         self._next_tail = 0.0
         self._reload_spend = False  # set in a forked child (see _after_fork_in_child)
         self._configure_engine(cfg)
@@ -842,7 +843,7 @@ class HiveLimiter(CustomLogger):
             self._check_runaway(ident.agent_id, model, kwargs)
         plan = self._plan(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"), ident)
         input_tokens = output_tokens = 0
-        if plan.budgeted or plan.counts_tokens:
+        if plan.budgeted or plan.counts_tokens or self._tokens_learned:
             if call_type not in _NOT_CHAT_TYPES:  # (the usual call: one test)
                 input_tokens = count_messages(model, kwargs.get("messages"), kwargs.get("tools"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
@@ -974,6 +975,8 @@ class HiveLimiter(CustomLogger):
             if exc is not None:
                 headers = response_headers(exc)
                 signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if headers else None
+                if signals is not None and signals.limit_tokens:
+                    self._tokens_learned = True
                 if is_rate_limit(exc):
                     outcome = "rate_limited"
                     wait = suggested_wait(signals) if signals is not None else None
@@ -1018,6 +1021,10 @@ class HiveLimiter(CustomLogger):
         learns (which cap calls where lower than configured, until the provider says otherwise:
         one wrong header would otherwise hold a model unnoticed) and a long wait for a reset."""
         where = f"{info.get('provider')}/{split_model(str(info.get('model', '')), str(info.get('provider', '')))}"
+        if sig.limit_tokens:
+            # A token limit learned here holds calls only if their tokens are estimated: from now
+            # on they are, as for a configured token limit (the provider counts max_tokens too).
+            self._tokens_learned = True
         if sig.limit_requests or sig.limit_tokens:
             before = self._told.get(where, (None, None))
             now = (sig.limit_requests or before[0], sig.limit_tokens or before[1])

@@ -125,6 +125,27 @@ async def test_budget_held_by_reservations_waits_instead_of_failing(
     assert limiter.get_usage_stats()["cost_today"] == 16
 
 
+async def test_raising_the_budget_admits_a_waiting_call_at_once(
+    provider: FakeProvider, clock: FakeClock, wall: FakeClock
+) -> None:
+    """A call waiting for in-flight reservations to settle is admitted as soon as the budget is
+    raised, without waiting for them."""
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 25}})
+    provider.state.push(Scripted(status=200, delay=2.0))
+    first = asyncio.create_task(litellm.acompletion(**small(provider)))  # reserves 14 for 2 s
+    def in_flight() -> int:
+        return int(limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"])
+
+    await wait_until(lambda: in_flight() == 1)
+    second = asyncio.create_task(litellm.acompletion(**small(provider)))  # 14 + 14 > 25: waits
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    limiter.set_budget(max_daily_spend=100)
+    await wait_until(lambda: in_flight() == 2, timeout=1.0)
+    assert not first.done()
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert limiter.get_usage_stats()["cost_today"] == 16
+
+
 async def test_fifty_concurrent_calls_racing_for_the_last_dollar(
     provider: FakeProvider, clock: FakeClock, wall: FakeClock
 ) -> None:

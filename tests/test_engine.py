@@ -348,6 +348,36 @@ def test_adaptive_rate_recovers_about_five_percent_per_minute(clock: FakeClock, 
     assert recovered >= lowered * 1.045
 
 
+def test_adaptive_rate_is_dropped_once_it_is_back_at_its_ceiling(clock: FakeClock, make_engine: Any) -> None:
+    """The cut rate recovers up to twice the pace that drew the 429s, and is then forgotten: the
+    model is limited by its configured and learned limits alone again (not by a rate frozen at
+    its ceiling)."""
+    eng = make_engine(clock)
+    m = scope("model:openai/x", "model")
+    for i in range(10):  # 10 calls a minute...
+        assert eng.acquire(ticket(f"a{i}", m), Woken()) is None
+        eng.release(f"a{i}")
+        clock.advance(6.0)
+    for i in range(2):  # ... then two 429s within the minute
+        assert eng.acquire(ticket(f"r{i}", m), Woken()) is None
+        eng.release(f"r{i}", outcome="rate_limited", wait=1.0)
+        clock.advance(2.0)
+    lowered = eng.provider_state()["model:openai/x"]["adaptive_requests_per_minute"]
+    assert lowered < 12
+    clock.advance(60.0)
+    rates = []
+    for i in range(400):  # successes at a steady 6 a minute: each adds 1/20 (or 1/rate)
+        assert eng.acquire(ticket(f"b{i}", m), Woken()) is None
+        eng.release(f"b{i}")
+        clock.advance(10.0)
+        rates.append(eng.provider_state()["model:openai/x"].get("adaptive_requests_per_minute"))
+    assert rates[0] is not None and rates[0] > lowered
+    assert None in rates  # back at the ceiling (~2 x 11 a minute): forgotten
+    gone = rates.index(None)
+    assert all(r is None for r in rates[gone:])
+    assert all(r is not None and r < 2 * 12 for r in rates[:gone])
+
+
 def test_long_cooldown_outlives_idle_eviction(clock: FakeClock, make_engine: Any) -> None:
     """A provider's Retry-After longer than the idle-eviction horizon still holds the model:
     a scope is never forgotten while the provider has it on hold."""

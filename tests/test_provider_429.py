@@ -524,3 +524,20 @@ def test_sync_threads_share_a_cooldown(provider: FakeProvider, clock: FakeClock)
             t.join(20)
     assert not errors
     assert all(t >= t0 + 4.9 for t, _ in rec.sent[1:])
+
+
+async def test_learned_token_limit_from_headers_is_enforced(provider: FakeProvider, clock: FakeClock) -> None:
+    """x-ratelimit-limit-tokens teaches the limiter the provider's token limit: a call whose
+    tokens no longer fit the provider's minute waits here instead of collecting a 429."""
+    limiter, _ = make(clock, {"queue": {"max_wait_seconds": 0}})
+    provider.state.tokens_per_window = 100  # the provider allows 100 tokens a minute and says so
+    sent = 0
+    with pytest.raises(RateLimitQueueTimeout) as info:
+        for _ in range(20):
+            await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider, max_tokens=5)))
+            sent += 1
+    assert 10 <= sent <= 12  # ~8 tokens a call (prompt + max_tokens) against 100
+    assert provider.state.count(429) == 0  # held here, not refused there
+    assert "model:openai/gpt-4o-mini" in str(info.value)
+    stats = limiter.get_usage_stats()
+    assert stats["providers"]["model:openai/gpt-4o-mini"]["learned_tokens_per_minute"] == 100
