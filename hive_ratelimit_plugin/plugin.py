@@ -463,7 +463,8 @@ class HiveLimiter(CustomLogger):
 
         Usage already counted is kept. A change of budgets is recorded in the audit log.
 
-        The backend (``backend``, ``redis``) and, once the limiter keeps one, the state file
+        The backend (``backend``, ``redis``), the budgets' time zone (``budget.timezone``: spend is
+        counted per calendar window of it) and, once the limiter keeps one, the state file
         (``state_path``) are fixed for a limiter's life: build a new ``HiveLimiter`` to change them.
 
         Raises:
@@ -477,13 +478,16 @@ class HiveLimiter(CustomLogger):
         fixed = [name for name, now, then in (
             ("backend", cfg.backend, old.backend),
             ("redis", cfg.redis, old.redis if old.backend != "memory" else cfg.redis),  # (unused in memory)
-            ("state_path", path, ledger.path if ledger is not None else path))
+            ("state_path", path, ledger.path if ledger is not None else path),
+            # (the spend counted so far is counted per calendar window of the old time zone)
+            ("budget.timezone", cfg.budget.timezone, old.budget.timezone))
             if now != then]
         if fixed:
             names = ", ".join(f"rate_limiting.{n}" for n in fixed)
-            raise ConfigError(f"{names}: cannot change on reload (the limiter keeps its backend and state file "
-                              "for its life); build a new HiveLimiter to change them. The old configuration stays "
-                              "in force.", errors=[f"rate_limiting.{n}: cannot change on reload" for n in fixed])
+            raise ConfigError(f"{names}: cannot change on reload (the limiter keeps its backend, state file and "
+                              "budget calendar for its life); build a new HiveLimiter to change them. The old "
+                              "configuration stays in force.",
+                              errors=[f"rate_limiting.{n}: cannot change on reload" for n in fixed])
         self._apply_config(cfg, action="reload")
 
     def _apply_config(self, cfg: RateLimitingConfig, *, action: str, scope: str = "config") -> None:
@@ -519,10 +523,6 @@ class HiveLimiter(CustomLogger):
             if getattr(old_cfg, table) != getattr(cfg, table)}
         eng.relimit(resolver.limits_for, resolver.generation, levels)
         self._publish_status(cfg)
-        if eng.calendar.tz.key != cfg.budget.timezone:
-            from ._budget import Calendar
-
-            eng.calendar = Calendar(cfg.budget.timezone)
         self._runaway.max_identical = cfg.runaway.max_identical_requests
         self._runaway.window = cfg.runaway.window_seconds
         self._runaway.cooldown = cfg.runaway.cooldown_seconds

@@ -110,17 +110,23 @@ async def test_a_reload_that_fails_changes_nothing(provider: FakeProvider, clock
     assert provider.state.count() == 3
 
 
-@pytest.mark.parametrize("change", ["backend", "state_path"])
+@pytest.mark.parametrize("change", ["backend", "state_path", "budget.timezone"])
 def test_a_reload_cannot_switch_backend_or_state_file(change: str, clock: FakeClock, tmp_path: Any) -> None:
-    """The backend and an open state file are fixed for a limiter's life: a reload changing them
-    is refused, not accepted and ignored (Redis sharing silently never starting)."""
-    base = {"global": {"requests_per_minute": 3}, "state_path": str(tmp_path / "a.sqlite")}
+    """The backend, an open state file and the budgets' time zone are fixed for a limiter's life:
+    a reload changing them is refused, not accepted and ignored (Redis sharing silently never
+    starting) nor applied to spend counted in the old zone's windows (a new zone's "today" found
+    none of it: the day's spend read 0 and the budget was spent again)."""
+    base = {"global": {"requests_per_minute": 3}, "state_path": str(tmp_path / "a.sqlite"),
+            "budget": {"max_daily_spend": 100}}
     limiter = make_limiter(clock, base)
-    new = dict(base, **({"backend": "redis://127.0.0.1:6379/15"} if change == "backend"
-                        else {"state_path": str(tmp_path / "b.sqlite")}))
+    new = dict(base, **{"backend": {"backend": "redis://127.0.0.1:6379/15"},
+                        "state_path": {"state_path": str(tmp_path / "b.sqlite")},
+                        "budget.timezone": {"budget": {"max_daily_spend": 100, "timezone": "Asia/Tokyo"}},
+                        }[change])
     with pytest.raises(ConfigError, match=f"rate_limiting.{change}: cannot change on reload"):
         limiter.reload(new)
     assert limiter.config.backend == "memory" and limiter.config.state_path == base["state_path"]
+    assert limiter.config.budget.timezone == "UTC" and limiter._engine.calendar.tz.key == "UTC"
     limiter.reload(dict(base, **{"global": {"requests_per_minute": 5}}))  # the rest still reloads
     assert limiter.config.global_.requests_per_minute == 5
     limiter.reload(dict(base, redis={"key_prefix": "other"}))  # (the redis block: unused in memory)

@@ -320,6 +320,28 @@ async def test_circuit_breaker_opens_probes_and_closes(provider: FakeProvider, c
     assert [e["type"] for e in events if e["type"].startswith("circuit")] == ["circuit_opened", "circuit_closed"]
 
 
+async def test_half_open_circuit_sends_one_probe_at_a_time(provider: FakeProvider, clock: FakeClock) -> None:
+    """After the cooldown one probe goes; calls arriving while it is in flight wait for its
+    outcome instead of going as more probes to a provider that may still be failing, and go
+    once its success has closed the circuit."""
+    limiter, _ = make(clock, {"circuit_breaker": {"failure_threshold": 2, "cooldown_seconds": 10},
+                              "queue": {"max_wait_seconds": 30}})
+    provider.state.push(*[Scripted(status=503)] * 2)
+    for _ in range(2):
+        with pytest.raises(litellm.ServiceUnavailableError):
+            await litellm.acompletion(**chat_kwargs(provider))
+    clock.advance(10)
+    provider.state.push(Scripted(status=200, delay=0.5))  # the probe: a slow success
+    probe = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
+    await wait_until(lambda: limiter.get_usage_stats()["levels"]["model"]["model:openai/gpt-4o-mini"]["in_flight"] == 1)
+    others = [asyncio.create_task(litellm.acompletion(**chat_kwargs(provider))) for _ in range(3)]
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 3)
+    assert limiter.get_usage_stats()["providers"]["model:openai/gpt-4o-mini"]["circuit"] == "half_open"
+    await asyncio.wait_for(asyncio.gather(probe, *others), 10)
+    assert provider.state.count() == 2 + 4
+    assert limiter.get_usage_stats()["providers"]["model:openai/gpt-4o-mini"]["circuit"] == "closed"
+
+
 async def test_failed_probe_reopens_for_longer(provider: FakeProvider, clock: FakeClock) -> None:
     """A failed probe opens the circuit again, for twice as long."""
     make(clock, {"circuit_breaker": {"failure_threshold": 2, "cooldown_seconds": 10},
