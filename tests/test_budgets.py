@@ -366,6 +366,28 @@ async def test_runaway_loop_trips_the_agents_breaker(
     assert provider.state.count() == 5
 
 
+async def test_runaway_breaker_closes_after_its_cooldown(provider: FakeProvider, clock: FakeClock,
+                                                      wall: FakeClock) -> None:
+    """A tripped agent is stopped for ``cooldown_seconds``, then may call again (its loop counted
+    afresh: the same request trips it again only after ``max_identical_requests`` more)."""
+    make(clock, wall, {"runaway": {"max_identical_requests": 2, "window_seconds": 60, "cooldown_seconds": 300}})
+    md = {"metadata": {"agent_id": "looper"}}
+    for _ in range(2):
+        await litellm.acompletion(**small(provider, **md))
+    with pytest.raises(RunawayDetectedError) as info:
+        await litellm.acompletion(**small(provider, **md))
+    assert info.value.retry_after == pytest.approx(300)
+    clock.advance(299)
+    with pytest.raises(RunawayDetectedError):
+        await litellm.acompletion(**small(provider, **md))
+    clock.advance(1)
+    for _ in range(2):
+        await litellm.acompletion(**small(provider, **md))
+    with pytest.raises(RunawayDetectedError):
+        await litellm.acompletion(**small(provider, **md))
+    assert provider.state.count() == 4
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_calls_refused_before_sending_are_not_a_loop(mode: str, provider: FakeProvider, clock: FakeClock,
                                                            wall: FakeClock) -> None:
