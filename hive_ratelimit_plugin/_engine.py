@@ -868,10 +868,15 @@ class Engine:
                 first = first or Blocked(st.key, "budget_reservations", 0.0, None)
         tin, tout = ticket.input_tokens, ticket.output_tokens
         tall = tin + tout
+        amount: float
         for metric, amount in ((st.requests, 1), (st.tokens, tall), (st.input, tin), (st.output, tout)):
             for w in metric:
                 w.expire(now)
                 limit = w.limit * share
+                if amount > w.limit and w.name.startswith("learned"):
+                    # Larger than a limit read from the provider's headers (which may mean something
+                    # else than we read): it goes alone, once the window is empty; the provider judges it.
+                    amount = w.limit
                 if w.total + amount > limit:
                     if amount > w.limit:
                         raise RequestTooLargeError(

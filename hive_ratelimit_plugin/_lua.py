@@ -407,11 +407,14 @@ local function check(sc)
     end
     if full ~= INF then
       local limit = full * share
-      if total + win.amount > limit then
-        if win.amount > full then
-          return nil, nil, nil, nil, {3, fmt(now), sc.key, win.name, fmt(full), fmt(win.amount)}
+      local amount = win.amount
+      -- (larger than a limit learned from the provider: it goes alone, as in Engine._check)
+      if amount > full and win.limit < 0 then amount = full end
+      if total + amount > limit then
+        if amount > full then
+          return nil, nil, nil, nil, {3, fmt(now), sc.key, win.name, fmt(full), fmt(amount)}
         end
-        local at = retry_at(key, total, width, win.period, win.amount + full - limit, full)
+        local at = retry_at(key, total, width, win.period, amount + full - limit, full)
         if at == INF then release = true
         elseif retry == nil or at > retry then retry = at end
         first = first or {sc.key, win.name, math.max(limit - total, 0)}

@@ -170,6 +170,12 @@ def read_signals(raw_headers: Any, now: float, cap: float = 600.0) -> RateSignal
     sig.remaining_requests = _int(h.get("x-ratelimit-remaining-requests")
                                   or h.get("anthropic-ratelimit-requests-remaining"))
     sig.limit_tokens = _int(h.get("x-ratelimit-limit-tokens") or h.get("anthropic-ratelimit-tokens-limit"))
+    if "anthropic-ratelimit-tokens-limit" in h or "anthropic-ratelimit-input-tokens-limit" in h:
+        # Anthropic's "tokens" headers (which LiteLLM also copies to x-ratelimit-*-tokens) give the
+        # most restrictive of its input and output limits (cached input not counted): not a limit
+        # on input plus output tokens. Held to, it refused a 12k-token prompt under a 40k input
+        # limit (its 8k output limit). Not learned; a "0 remaining" still waits for the reset.
+        sig.limit_tokens = None
     sig.remaining_tokens = _int(h.get("x-ratelimit-remaining-tokens") or h.get("anthropic-ratelimit-tokens-remaining"))
     rr = h.get("x-ratelimit-reset-requests")
     sig.reset_requests = clamp(parse_duration(rr)) if rr else None

@@ -563,3 +563,44 @@ async def test_learned_token_limit_from_headers_is_enforced(provider: FakeProvid
     assert "model:openai/gpt-4o-mini" in str(info.value)
     stats = limiter.get_usage_stats()
     assert stats["providers"]["model:openai/gpt-4o-mini"]["learned_tokens_per_minute"] == 100
+
+
+async def test_anthropics_token_headers_do_not_refuse_a_large_prompt(provider: FakeProvider,
+                                                                    clock: FakeClock) -> None:
+    """Anthropic's ``tokens-limit`` header is its most restrictive limit (8,000 output tokens a
+    minute here), not a limit on input plus output: a 12,000-token prompt under its 40,000
+    input-token limit is sent (it was refused as one that can never fit), and the request limit
+    is still learned."""
+    limiter, _ = make(clock)
+    headers = {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "49",
+               "anthropic-ratelimit-tokens-limit": "8000", "anthropic-ratelimit-tokens-remaining": "7990",
+               "anthropic-ratelimit-input-tokens-limit": "40000",
+               "anthropic-ratelimit-input-tokens-remaining": "39990",
+               "anthropic-ratelimit-output-tokens-limit": "8000",
+               "anthropic-ratelimit-output-tokens-remaining": "7990"}
+    kw = {"model": "anthropic/claude-sonnet-4-5", "api_base": provider.root, "api_key": "sk-ant-test-SECRET",
+          "max_tokens": 100}
+    big = "word " * 12_000
+    for i in range(3):
+        provider.state.push(Scripted(status=200, headers=headers))
+        await litellm.acompletion(messages=[{"role": "user", "content": big + str(i)}], **kw)
+    assert provider.state.count() == 3
+    learned = limiter.get_usage_stats()["providers"]["model:anthropic/claude-sonnet-4-5"]
+    assert learned["learned_requests_per_minute"] == 50 and "learned_tokens_per_minute" not in learned
+
+
+async def test_a_call_larger_than_a_learned_token_limit_goes_alone(provider: FakeProvider,
+                                                                   clock: FakeClock) -> None:
+    """A limit read from a provider's headers may mean something other than we read: a call larger
+    than it is not refused as one that can never fit, but waits for the window to be empty and
+    goes alone (the provider judges it)."""
+    limiter, _ = make(clock, {"queue": {"max_wait_seconds": 120}})
+    provider.state.push(Scripted(status=200, headers={"x-ratelimit-limit-tokens": "100",
+                                                      "x-ratelimit-remaining-tokens": "90"}))
+    await litellm.acompletion(**chat_kwargs(provider, max_tokens=5))  # learns 100 tokens a minute
+    assert limiter.get_usage_stats()["providers"]["model:openai/gpt-4o-mini"]["learned_tokens_per_minute"] == 100
+    t0 = clock()
+    with Ticker(clock, step=0.5):
+        await litellm.acompletion(**chat_kwargs(provider, max_tokens=500))  # alone: once the first has left
+    assert 55 <= clock() - t0 <= 70
+    assert provider.state.count() == 2

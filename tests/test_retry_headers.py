@@ -53,6 +53,27 @@ def test_anthropic_headers() -> None:
     assert suggested_wait(sig) == 12  # out of requests: wait for the requests reset
 
 
+@pytest.mark.parametrize("prefix", ["", "llm_provider-"])
+def test_anthropics_token_headers_are_not_read_as_a_tokens_per_minute_limit(prefix: str) -> None:
+    """Anthropic's ``tokens`` headers give the most restrictive of its input and output limits
+    (LiteLLM copies them to ``x-ratelimit-*-tokens`` as well): not a limit on input plus output
+    tokens, so none is learned from them; its "0 remaining" still waits for the reset."""
+    headers = {f"{prefix}anthropic-ratelimit-requests-limit": "50",
+               f"{prefix}anthropic-ratelimit-tokens-limit": "8000",
+               f"{prefix}anthropic-ratelimit-tokens-remaining": "0",
+               f"{prefix}anthropic-ratelimit-tokens-reset": "2027-01-15T08:00:03Z",
+               f"{prefix}anthropic-ratelimit-input-tokens-limit": "40000",
+               f"{prefix}anthropic-ratelimit-output-tokens-limit": "8000"}
+    if prefix:  # as LiteLLM hands them over
+        headers.update({"x-ratelimit-limit-tokens": "8000", "x-ratelimit-remaining-tokens": "0"})
+    sig = read_signals(headers, NOW)
+    assert sig.limit_requests == 50 and sig.limit_tokens is None
+    assert sig.remaining_tokens == 0 and sig.reset_tokens == 3
+    assert [(what, wait) for what, _, wait in sig.exhausted()] == [("tokens", 3)]
+    openai = read_signals({"x-ratelimit-limit-tokens": "8000", "x-ratelimit-remaining-tokens": "10"}, NOW)
+    assert openai.limit_tokens == 8000  # (OpenAI's is a limit on input plus output)
+
+
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
