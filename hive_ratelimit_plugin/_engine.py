@@ -37,6 +37,9 @@ HIGH_PRIORITY = 10
 EVICTIONS_PER_TICK = 2000
 ADAPTIVE_MIN_RATE = 10  # requests per minute below which 429s say nothing about our rate
 ADAPTIVE_STEP = 0.05  # learned rate added per successful call while recovering from 429s
+#: A call sent more than this (or the arrival margin, if longer) after its admission has its
+#: request counted again from the send (see Engine._recount).
+LATE_SEND = 0.25
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 # What a window counts (see _charged): requests, all tokens, input tokens, output tokens.
 REQ, ALL, IN, OUT = 0, 1, 2, 3
@@ -258,8 +261,23 @@ class Blocked:
 class _Reservation:
     """An admitted call's hold: what it charged (its plan's :class:`_Layout`) and its progress."""
 
-    __slots__ = ("admitted_at", "answered", "attempts", "boot", "expires_at", "layout", "local_at", "record",
-                 "remote", "sent_at", "settled", "slot_freed", "spend_targets", "ticket")
+    __slots__ = (
+        "admitted_at",
+        "answered",
+        "attempts",
+        "boot",
+        "expires_at",
+        "layout",
+        "local_at",
+        "record",
+        "recounted",
+        "remote",
+        "sent_at",
+        "settled",
+        "slot_freed",
+        "spend_targets",
+        "ticket",
+    )
 
     def __init__(self, ticket: Ticket, layout: _Layout, expires_at: float, admitted_at: float = 0.0, *,
                  remote: bool = False, record: bool = False, spend_targets: str = "",
@@ -278,6 +296,7 @@ class _Reservation:
         self.local_at = local_at  # the local clock at a shared backend's admission (admitted_at is its clock)
         self.spend_targets = spend_targets  # the shared backend's spend keys of it, when it keeps no record
         self.boot = ""  # the shared backend's dataset its lease record is in
+        self.recounted = False  # sent late: its request was counted again from the send (note_attempt)
 
     @property
     def states(self) -> list[ScopeState]:
@@ -1567,6 +1586,8 @@ class Engine:
                 # and a provider enforcing an exact window counts it from its arrival. It can
                 # only move if it was admitted in an earlier bucket than now's (the time it
                 # moves to lies between its admission and now).
+                if res.recounted:  # counted from its send already (note_attempt): moved on from there
+                    index = int(start // width)
                 if not margin or int(now // width) == index:
                     continue
                 for window in windows:
@@ -1910,7 +1931,9 @@ class Engine:
             # The first send (the usual case) changes only this call's own record: no lock. (A
             # call's attempts are sent one after another, never concurrently.)
             res.attempts = 1
-            res.sent_at = self.clock()
+            now = res.sent_at = self.clock()
+            if now - res.admitted_at > max(self.arrival_margin, LATE_SEND):
+                self._recount(res, now)
             return
         with self._lock:
             if self._leases.get(call_id) is not res:
@@ -1921,6 +1944,21 @@ class Engine:
                 for w in st.requests:
                     w.expire(now)
                     w.add(now, 1)
+
+    def _recount(self, res: _Reservation, now: float) -> None:
+        """A call sent later than admission + the arrival margin (another callback's hook, a
+        stalled event loop or thread): its request reaches the provider later than its window
+        here assumed, and, in a short window, after admission's count has left it (2 a second
+        let 3 reach the provider within a second). Count its request from the send instead."""
+        with self._lock:
+            if self._leases.get(res.ticket.call_id) is not res or res.settled:
+                return
+            for code, width, windows in res.layout.runs:
+                if code == REQ:
+                    index = int(res.admitted_at // width)
+                    for w in windows:
+                        w.move(now, index, 1, now)
+            res.recounted = True
 
     def _open_ids(self) -> list[str]:
         with self._lock:

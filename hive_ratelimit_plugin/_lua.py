@@ -598,7 +598,10 @@ local sp_arg = arg()
 local reserved = num()
 local cost = num()
 local tokens = num()
-local margin = num()
+local margin = arg() or ''
+local recounted = string.sub(margin, 1, 1) == 'r'  -- its request counted again from its send (RECOUNT)
+if recounted then margin = string.sub(margin, 2) end
+margin = tonumber(margin)
 local freeing = arg() == '1'
 local outcome = arg()
 local wait = num()
@@ -674,6 +677,10 @@ for _, sc in ipairs(scopes) do
     local idx = fdiv(admitted_at, width)
     local live = (idx + 1) * width + win.period > now
     if win.isreq then
+      if recounted and sent_at then  -- (counted from its send already: moved on from there)
+        idx = fdiv(sent_at, width)
+        live = (idx + 1) * width + win.period > now
+      end
       -- count the request from when it may have reached the provider
       if margin > 0 and live then
         -- from the send when known (time in the caller's pipeline is not time on the wire); a
@@ -822,6 +829,23 @@ end
 local out = {1, fmt(now)}
 for _, e in ipairs(events) do out[#out + 1] = e end
 return out
+"""
+
+#: ARGV: prefix, now|'', admitted_at, nwin, [scope, name, period]*  -- a call sent late: its
+#: request counted from now instead of from its admission (see Engine._recount)
+RECOUNT = _COMMON + r"""
+local admitted_at = num()
+for w = 1, num() do
+  local key = P .. ':w:' .. arg() .. ':' .. arg()
+  local period = num()
+  local width = period / BUCKETS
+  local idx = fdiv(admitted_at, width)
+  if (idx + 1) * width + period > now and (tonumber(redis.call('HGET', key, idx)) or 0) >= 1 then
+    bump(key, idx, -1)
+  end
+  add(key, period, now, 1)
+end
+return fmt(now)
 """
 
 #: ARGV: prefix, now|'', nwin, [scope, name, period, amount]*  -- add usage (a retry LiteLLM sent)

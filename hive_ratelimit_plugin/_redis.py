@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import _lua
 from ._budget import KINDS, RUN, SpendRow
-from ._engine import NEVER, NO_LAYOUT, Blocked, Engine, Scope, ScopeState, Ticket, _Reservation
+from ._engine import LATE_SEND, NEVER, NO_LAYOUT, Blocked, Engine, Scope, ScopeState, Ticket, _Reservation
 from .config import LimitSet
 from .errors import BackendUnavailableError, ConfigError, HiveRateLimitError, RequestTooLargeError
 
@@ -195,6 +195,7 @@ class RedisEngine(Engine):
         self._admit = client.register_script(_lua.ADMIT)
         self._settle_script = client.register_script(_lua.SETTLE)
         self._hit = client.register_script(_lua.HIT)
+        self._recount_script = client.register_script(_lua.RECOUNT)
         self._peek_s = client.register_script(_lua.PEEK)
         self._reset = client.register_script(_lua.RESET)
         self._renew = client.register_script(_lua.RENEW)
@@ -863,7 +864,7 @@ class RedisEngine(Engine):
         t = res.ticket
         args = [self.prefix, self._now_arg(), t.call_id, "1" if res.record else "0", _num(res.admitted_at),
                 opt(res.sent_at), self._spend_targets(t, starts), _num(t.cost), _num(cost), str(tin + tout),
-                _num(self.arrival_margin), "0", outcome, opt(wait),
+                ("r" if res.recounted else "") + _num(self.arrival_margin), "0", outcome, opt(wait),
                 opt(s.limit_requests if s else None), opt(s.limit_tokens if s else None),
                 opt(s.remaining_requests if s else None), opt(s.reset_requests if s else None),
                 opt(s.remaining_tokens if s else None), opt(s.reset_tokens if s else None),
@@ -1001,6 +1002,8 @@ class RedisEngine(Engine):
             now = self.clock()
             if res.attempts <= 1:
                 res.sent_at = res.admitted_at + (now - res.local_at)  # on the backend's clock
+                if now - res.local_at > max(self.arrival_margin, LATE_SEND):
+                    self._recount_remote(res, now)
                 return
             args = [self.prefix, self._now_arg(), ""]
             n = 0
@@ -1013,6 +1016,25 @@ class RedisEngine(Engine):
                 self._call(self._hit, args)
             except _Down:
                 pass
+
+    def _recount_remote(self, res: _Reservation, now: float) -> None:
+        """:meth:`Engine._recount` in Redis (one round trip, for calls sent late only)."""
+        args = [self.prefix, self._now_arg(), _num(res.admitted_at), ""]
+        n = 0
+        for scope in _charged_scopes(res.ticket):
+            for w in self._state(scope, now).requests:
+                args += [_wire(scope.key), w.name, _num(w.period)]
+                n += 1
+        args[3] = str(n)
+        try:
+            out = self._call(self._recount_script, args)
+        except _Down:
+            return  # (counted from its admission, as before)
+        try:
+            res.sent_at = float(out.decode() if isinstance(out, bytes) else out)  # (Redis' "now" of the count)
+        except (TypeError, ValueError):
+            pass
+        res.recounted = True
 
     def renew(self, call_id: str) -> None:
         res = self._leases.get(call_id)

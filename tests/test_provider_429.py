@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 import litellm
 import pytest
@@ -18,7 +18,7 @@ from hive_ratelimit_plugin import HiveLimiter, RateLimitQueueTimeout
 from hive_ratelimit_plugin.errors import CircuitOpenError, ConfigError, HiveRateLimitError
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
-from .helpers import Recorder, Ticker, chat_kwargs, wait_until, with_backend
+from .helpers import Recorder, Ticker, chat_kwargs, max_in_any_window, wait_until, with_backend
 
 # Contract: every test here runs against the in-memory and the Redis backend.
 pytestmark = pytest.mark.usefixtures("contract_backend")
@@ -604,3 +604,49 @@ async def test_a_call_larger_than_a_learned_token_limit_goes_alone(provider: Fak
         await litellm.acompletion(**chat_kwargs(provider, max_tokens=500))  # alone: once the first has left
     assert 55 <= clock() - t0 <= 70
     assert provider.state.count() == 2
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_a_call_sent_late_is_counted_from_its_send(sync: bool, provider: FakeProvider, clock: FakeClock) -> None:
+    """A call admitted but sent 1.3 s later (another callback's hook after the limiter's, a
+    stalled event loop): in a one-second window, admission's count had left by then, and the
+    provider saw 3 requests within a second against 2 (helper-34's real run: 6 against 4). Its
+    request is counted again from its send."""
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class SlowHook(CustomLogger):  # a guardrail, say, that takes 1.3 s on one call, after admission
+        slowed: ClassVar[set[str]] = set()
+
+        def _slow(self, kwargs: Any) -> None:
+            if "slow" in str(kwargs.get("messages")) and kwargs.get("litellm_call_id") not in self.slowed:
+                self.slowed.add(kwargs.get("litellm_call_id"))
+                clock.advance(1.3)
+
+        async def async_pre_call_deployment_hook(self, kwargs: Any, call_type: Any) -> None:
+            self._slow(kwargs)
+
+        def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
+            self._slow(kwargs)  # (sync calls have no pre-call hook: a late send all the same)
+
+    limiter, rec = make(clock, {"agents": {"a": {"requests_per_second": 2}}, "queue": {"max_wait_seconds": 30}})
+    # (after the limiter's admission; for a sync call, which is admitted before any hook, before
+    # the limiter hears of the send)
+    litellm.callbacks[:] = [SlowHook(), limiter, rec] if sync else [limiter, SlowHook(), rec]
+
+    async def call(text: str) -> None:
+        kw = chat_kwargs(provider, messages=[{"role": "user", "content": text}], metadata={"agent_id": "a"})
+        if sync:
+            await asyncio.to_thread(litellm.completion, **kw)
+        else:
+            await litellm.acompletion(**kw)
+
+    await call("fast-1")
+    provider.state.push(Scripted(status=200, delay=0.3))  # (real time: the clock stands still meanwhile)
+    slow = asyncio.create_task(call("slow"))  # admitted at 0, sent at 1.3
+    await wait_until(lambda: len(rec.sent) == 2)
+    # The next calls are admitted while it is in flight, before its settlement could move it.
+    with Ticker(clock, step=0.05):
+        await asyncio.gather(call("fast-2"), call("fast-3"), slow)
+    times = sorted(t for t, _ in rec.sent)
+    assert len(times) == 4
+    assert max_in_any_window(times, 1.0) <= 2, times
