@@ -1563,7 +1563,7 @@ class Engine:
         return True
 
     def _settle(self, res: _Reservation, input_tokens: int | None, output_tokens: int | None,
-                cost: float | None, now: float) -> None:
+                cost: float | None, now: float, requests: int = 1) -> None:
         res.settled = True
         t = res.ticket
         actual_in = t.input_tokens if input_tokens is None else input_tokens
@@ -1618,12 +1618,12 @@ class Engine:
         wall = self.wall()
         starts = self.calendar.starts(wall)
         if layout.budgeted:  # its budgets are checked right after: no tab
-            self.book.add_now(t.spend_keys, starts, actual_cost, 1, actual_in + actual_out)
+            self.book.add_now(t.spend_keys, starts, actual_cost, requests, actual_in + actual_out)
         else:
-            self.book.add(t.spend_keys, starts, actual_cost, 1, actual_in + actual_out)
-        if self.record_spend:
+            self.book.add(t.spend_keys, starts, actual_cost, requests, actual_in + actual_out)
+        if self.record_spend and (requests or actual_cost or actual_in or actual_out):
             provider, model, agent, user, team, run = t.dims
-            self._out_rows.append(SpendRow(wall, t.call_id, provider, model, agent, user, team, run, 1,
+            self._out_rows.append(SpendRow(wall, t.call_id, provider, model, agent, user, team, run, requests,
                                            actual_in, actual_out, actual_cost))
         for st in layout.budgeted:
             self._check_thresholds(st, starts, wall)
@@ -1659,7 +1659,8 @@ class Engine:
             output_tokens: actual output tokens, or ``None`` to keep the estimate.
             cost: actual cost, or ``None`` to keep the worst-case estimate.
             outcome: ``"success"``, ``"rate_limited"`` (a 429/529), ``"failure"`` (5xx, timeout: counts
-                toward the circuit breaker) or ``"error"`` (anything else).
+                toward the circuit breaker), ``"error"`` (anything else) or ``"void"`` (never sent:
+                no request is booked; give it no tokens and no cost).
             wait: for ``rate_limited``: how long the provider asked to wait (``None``: back off).
             signals: a :class:`~._retry.RateSignals` read from the response headers, if any.
 
@@ -1673,7 +1674,7 @@ class Engine:
             self._version += 1
             now = self.clock()
             if not res.settled:
-                self._settle(res, input_tokens, output_tokens, cost, now)
+                self._settle(res, input_tokens, output_tokens, cost, now, 0 if outcome == "void" else 1)
             layout = res.layout
             if not res.slot_freed:
                 for st in layout.states:
@@ -2009,6 +2010,11 @@ class Engine:
         """Whether ``call_id`` has an open reservation."""
         return call_id in self._leases
 
+    def waiting(self, call_id: str) -> bool:
+        """Whether a call waits in the queue under ``call_id``."""
+        with self._lock:
+            return any(w.ticket.call_id == call_id for w in self._waiters)
+
     def next_reclaim(self) -> float | None:
         """When :meth:`dispatch` may next take back an expired lease (``None``: no lease is open).
 
@@ -2027,6 +2033,14 @@ class Engine:
             res.expires_at = self.clock() + self.lease_seconds
 
     # ------------------------------------------------------------ maintenance
+    def sweep(self) -> None:
+        """Settle the calls whose lease has run out (at most once a second). Admissions do it
+        too; this is for a process gone quiet (a stream abandoned, then no call): its stats,
+        state file and budgets see the call counted without waiting for another call."""
+        with self._lock:
+            self._maintain(self.clock())
+        self._drain()
+
     def _maintain(self, now: float) -> None:
         if now < self._next_sweep:
             return

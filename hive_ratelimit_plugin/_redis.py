@@ -804,12 +804,12 @@ class RedisEngine(Engine):
         return True
 
     def _settle(self, res: _Reservation, input_tokens: int | None, output_tokens: int | None,
-                cost: float | None, now: float) -> None:
+                cost: float | None, now: float, requests: int = 1) -> None:
         if res.remote or not res.states:  # an expired remote (or uncounted) lease
             self._renewed.pop(res.ticket.call_id, None)
-            self._remote_settle(res, input_tokens, output_tokens, cost, "error", None, None)
+            self._remote_settle(res, input_tokens, output_tokens, cost, "error" if requests else "void", None, None)
             return
-        super()._settle(res, input_tokens, output_tokens, cost, now)
+        super()._settle(res, input_tokens, output_tokens, cost, now, requests)
 
     def _remote_settle(self, res: _Reservation, input_tokens: int | None, output_tokens: int | None,
                        cost: float | None, outcome: str, wait: float | None, signals: Any) -> None:

@@ -238,7 +238,8 @@ def is_transient(exc: BaseException) -> bool:
 # seen, not refused. (LiteLLM gives a timeout status 408 and a lost connection 500 of its own.)
 _UNSEEN = frozenset({"Timeout", "APITimeoutError", "APIConnectionError", "ReadTimeout", "WriteTimeout",
                      "ReadError", "WriteError", "RemoteProtocolError", "MidStreamFallbackError",
-                     "TimeoutError", "CancelledError"})
+                     "TimeoutError", "CancelledError",
+                     "JSONDecodeError"})  # (an answer that could not be read: it may have been served)
 # Errors that show the request never reached the provider.
 _NOT_SENT = frozenset({"ConnectError", "ConnectTimeout", "PoolTimeout"})
 # Errors that carry the provider's HTTP answer (an error status, 408 and 504 included): it was
@@ -264,10 +265,13 @@ def outcome_unseen(exc: BaseException | None, prior: BaseException | None = None
         cls = type(e)
         if transport and cls.__module__ == "litellm.exceptions":
             break  # an earlier attempt's
-        if cls.__module__.split(".", 1)[0] != "litellm":
+        ours = cls.__module__.split(".", 1)[0] == "litellm"
+        if not ours:
             transport = True
         names = {c.__name__ for c in cls.__mro__}
-        if names & _NOT_SENT or names & _ANSWERED:
+        # (LiteLLM's own errors all derive from the SDK's status errors, a lost connection's 500
+        # included: what was seen is read from the errors below them, where there are any)
+        if names & _NOT_SENT or (names & _ANSWERED and not (ours and (e.__cause__ or e.__context__))):
             return False
         if cls.__name__ in _UNSEEN or isinstance(e, TimeoutError):
             unseen = True

@@ -9,10 +9,13 @@ thread; async callers await without blocking the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 from ._engine import NEVER, Engine, QueueFull, Ticket, Waiter
 from .errors import RateLimitQueueTimeout
+
+logger = logging.getLogger("hive_ratelimit_plugin")
 
 
 def _queue_full(engine: Engine) -> RateLimitQueueTimeout:
@@ -92,6 +95,28 @@ def _thread_event() -> threading.Event:
     return event
 
 
+_warned_loop = False
+
+
+def _warn_if_on_a_loop() -> None:
+    """A sync call that must wait on a thread running an event loop (``litellm.completion`` in a
+    coroutine: a sync tool of an async agent) blocks that loop while it waits: the loop's own calls
+    cannot finish meanwhile, so a concurrency slot they hold cannot come back before the wait runs
+    out. Said once per process."""
+    global _warned_loop
+    if _warned_loop:
+        return
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    _warned_loop = True
+    logger.warning("hive-ratelimit: a sync LiteLLM call waits for a limit on a thread that runs an asyncio event "
+                   "loop: the loop is blocked while it waits, and its own calls (which may hold the slot this "
+                   "one waits for) cannot finish meanwhile. Use litellm.acompletion there, or run the sync call "
+                   "with asyncio.to_thread")
+
+
 def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
     """Block the calling thread until ``ticket`` is admitted.
 
@@ -113,6 +138,7 @@ def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
         raise _queue_full(engine) from None
     if waiter is None:
         return 0.0
+    _warn_if_on_a_loop()
     deadline = start + max_wait
     try:
         while True:
@@ -121,8 +147,8 @@ def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:
             if _settled_after_wake(engine, waiter, start, deadline):
                 return engine.clock() - start
     except BaseException:
-        if engine.cancel(waiter):
-            engine.release(ticket.call_id, input_tokens=0, output_tokens=0)
+        if engine.cancel(waiter):  # granted as it was given up: never sent, costs nothing
+            engine.release(ticket.call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome="void")
         raise
 
 
@@ -186,6 +212,6 @@ async def queue_async(engine: Engine, ticket: Ticket, max_wait: float) -> float:
             if _settled_after_wake(engine, waiter, start, deadline):
                 return engine.clock() - start
     except BaseException:
-        if engine.cancel(waiter):
-            engine.release(ticket.call_id, input_tokens=0, output_tokens=0)
+        if engine.cancel(waiter):  # granted as it was given up: never sent, costs nothing
+            engine.release(ticket.call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome="void")
         raise

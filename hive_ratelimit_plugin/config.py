@@ -345,7 +345,22 @@ class RateLimitingConfig(BaseSettings):
     @classmethod
     def _check_backend(cls, v: str) -> str:
         v = v.strip()
-        if v == "memory" or v.startswith(("redis://", "rediss://", "unix://")):
+        if v == "memory" or v.startswith("unix://"):
+            return v
+        if v.startswith(("redis://", "rediss://")):
+            from urllib.parse import parse_qs, urlsplit
+
+            try:
+                parts = urlsplit(v)
+                _ = parts.port  # (raises on a port that is not a number)
+            except ValueError as exc:
+                raise ValueError(f"not a valid Redis URL ({exc})") from None
+            db = parts.path.strip("/")
+            for value in [db, *parse_qs(parts.query).get("db", [])]:
+                # (redis-py reads a database it cannot parse as database 0: another limiter's data)
+                if value and not (value.isdigit() and value.isascii()):
+                    raise ValueError(f"the database must be a number, such as redis://127.0.0.1:6379/0 "
+                                     f"(got {value!r})")
             return v
         raise ValueError("must be 'memory' or a Redis URL such as redis://127.0.0.1:6379/0 (rediss:// for TLS)")
 

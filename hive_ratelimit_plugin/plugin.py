@@ -83,6 +83,7 @@ _MAX_PROVIDER_WAIT = 3600.0  # absurd Retry-After values are clamped to this
 _LONG_PROVIDER_WAIT = 10.0  # a wait for a provider's reset this long is logged
 #: Responses API turns remembered per limiter (~100 bytes each) for ``previous_response_id``.
 _MAX_TURNS = 10_000
+_ID_REUSE_SECONDS = 120.0  # a call id a caller gave is not reused for another call this soon (see _claim_call_id)
 # While a call is being retried: the engine-clock time by which its admission must finish.
 _wait_budget: ContextVar[float | None] = ContextVar("hive_ratelimit_wait_budget", default=None)
 # Set while an async guard runs its call: a one-item list where the pre-call hook notes the id it
@@ -167,7 +168,16 @@ def _who(scope: str) -> str:
 
 def _log_event(event: dict[str, Any]) -> None:
     kind = event.get("type")
-    if kind == "budget_warning":
+    if kind in ("budget_warning", "budget_exceeded") and event.get("budget") == "max_requests_per_run":
+        # A cap on requests, not money, and a run has no window that rolls over.
+        used = f"{event['spent']:g} of {event['limit']:g} requests"
+        if kind == "budget_warning":
+            logger.warning("%d%% of the per-run request cap used: %s (%s)", round(event["threshold"] * 100),
+                           used, _who(event["scope"]))
+        else:
+            logger.warning("Per-run request cap reached: %s (%s); the run's calls are stopped until the cap is "
+                           "raised or reset", used, _who(event["scope"]))
+    elif kind == "budget_warning":
         logger.warning(
             "%d%% of %s budget consumed: %s of %s (%s)",
             round(event["threshold"] * 100), WINDOW_ADJECTIVE.get(event["window"], event["window"]),
@@ -176,11 +186,10 @@ def _log_event(event: dict[str, Any]) -> None:
         )
     elif kind == "budget_exceeded":
         logger.warning(
-            "%s budget spent: %s of %s (%s); calls there are stopped until the window rolls over or "
-            "the budget is raised or reset",
+            "%s budget spent: %s of %s (%s); calls there are stopped until %sthe budget is raised or reset",
             WINDOW_ADJECTIVE.get(event["window"], event["window"]).capitalize(),
             money(event["spent"], event["currency"]), money(event["limit"], event["currency"]),
-            _who(event["scope"]),
+            _who(event["scope"]), "" if event["window"] == "run" else "the window rolls over or ",
         )
     elif kind == "runaway_detected":
         logger.error("agent %s sent the same request %d times within %.0fs: its breaker is open for %.0fs",
@@ -329,9 +338,10 @@ def _usage_counts(usage: Any) -> tuple[int | None, int | None]:
             if pin is None and pout is None:  # the Responses API's names
                 pin = getattr(usage, "input_tokens", None)
                 pout = getattr(usage, "output_tokens", None)
-    if pin is None and pout is None:
+    if not pin and not pout:  # none, or zeros: LiteLLM fills in zeros for an answer without usage
         total = usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None)
-        return (int(total), 0) if isinstance(total, int) and total >= 0 else (None, None)
+        # (no tokens at all is no count: the estimate and the worst-case cost stand)
+        return (int(total), 0) if isinstance(total, int) and total > 0 else (None, None)
     # A provider's usage is trusted only when it makes sense (a negative count would erase others').
     return (int(pin) if isinstance(pin, int) and pin >= 0 else None,
             int(pout) if isinstance(pout, int) and pout >= 0 else 0)
@@ -436,6 +446,7 @@ class HiveLimiter(CustomLogger):
         self._turns: dict[str, int] = {}
         self._told: dict[str, tuple[int | None, int | None]] = {}  # provider limits last logged, per model
         self._tokens_learned = False  # a provider has given a token limit: estimate every call's tokens
+        self._given_ids: dict[Any, float] = {}  # call ids callers chose, when last seen (see _claim_call_id)
         self._next_tail = 0.0
         self._reload_spend = False  # set in a forked child (see _after_fork_in_child)
         self._configure_engine(cfg)
@@ -510,6 +521,9 @@ class HiveLimiter(CustomLogger):
         resolver = self._resolver
 
         def resolve(t: Ticket) -> list[Any]:
+            if not cfg.enabled:  # turned off: the calls waiting go now, as new calls do
+                t.choices = []
+                return []
             _, _, agent, user, team, run = t.dims
             ident = Identity(agent, user, team, run, t.priority)
             provider = str(t.info.get("provider"))
@@ -724,6 +738,7 @@ class HiveLimiter(CustomLogger):
     def _usage_stats(self, chunk: int = 0) -> dict[str, Any]:
         """:meth:`get_usage_stats` without picking up other processes' spend first."""
         eng = self._engine
+        eng.sweep()  # (leases run out in a process gone quiet: counted before they are shown)
         resolver = self._resolver
         if not resolver.global_limits.is_empty():  # (shown before this process's first call too)
             eng.watch(Scope("global", "global", resolver.global_limits, resolver.generation))
@@ -1391,12 +1406,28 @@ def _active_limiters() -> list[HiveLimiter]:
 
 
 def _claim_call_id(limiter: HiveLimiter, kwargs: dict[str, Any]) -> None:
-    """Reservations are matched by call id: a caller reusing an id that another call in flight holds
-    gets one of its own. (Not when a hook before LiteLLM's entry point admitted this very call,
-    e.g. the proxy's pre-call hook: it is counted once.)"""
+    """Reservations and the events that settle them are matched by call id: a caller reusing an
+    id that another call holds, waits with, or ended with in the last two minutes (LiteLLM may
+    deliver that call's success event late, and it would settle this one) gets an id of its own.
+    (Not when a hook before LiteLLM's entry point admitted this very call, e.g. the proxy's
+    pre-call hook: it is counted once.)"""
     cid = kwargs.get("litellm_call_id")
-    if cid and limiter._engine.holds(cid) and not limiter._admitted_upstream(cid):
+    if not cid or limiter._admitted_upstream(cid):
+        return
+    given = limiter._given_ids
+    now = time.monotonic()
+    try:
+        seen = given.get(cid)
+    except TypeError:  # an unhashable id: LiteLLM's own would be a string
         kwargs["litellm_call_id"] = new_call_id()
+        return
+    eng = limiter._engine
+    if (seen is not None and now - seen < _ID_REUSE_SECONDS) or eng.holds(cid) or eng.waiting(cid):
+        kwargs["litellm_call_id"] = new_call_id()
+        return
+    if len(given) >= 4096:
+        given.clear()
+    given[cid] = now
 
 
 def _module_retries(kwargs: Mapping[str, Any]) -> int:
@@ -1758,7 +1789,15 @@ def _renewing_class(cls: type) -> type | None:
     if base_next is not None:
         def next_chunk(self: Any) -> Any:
             _renew_leases(self)
-            return base_next(self)
+            chunk = base_next(self)
+            # The chunk that ends generation gives the slot back, as the async streaming hook does
+            # (sync calls have no hooks): a caller may stop reading there (usage and [DONE] are
+            # bytes in transit). What it cost is settled as before.
+            for choice in getattr(chunk, "choices", None) or ():
+                if getattr(choice, "finish_reason", None):
+                    _on_leases(self.__dict__.get(_LEASES, ()), "free_slot")
+                    break
+            return chunk
         ns["__next__"] = next_chunk
     if base_anext is not None:
         async def next_chunk_async(self: Any) -> Any:

@@ -326,3 +326,16 @@ def test_every_error_is_importable_from_the_package() -> None:
         cls = getattr(pkg, name)
         assert cls is getattr(errors, name) and issubclass(cls, pkg.HiveRateLimitError)
         assert name in pkg.__all__ and name in dir(pkg) and name in dir(errors)
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("redis://127.0.0.1:6379/abc", "the database must be a number"),
+    ("rediss://127.0.0.1:6380/0?db=x", "the database must be a number"),
+    ("redis://127.0.0.1:port/0", "not a valid Redis URL"),
+])
+def test_a_redis_url_redis_py_would_misread_is_refused(url: str, why: str) -> None:
+    """redis-py reads a database it cannot parse as database 0 (another limiter's, or nobody's, data):
+    such a URL is a configuration error, not a silent switch to db 0."""
+    with pytest.raises(ConfigError, match=why):
+        load_config({"backend": url})
+    assert load_config({"backend": "redis://:pw@127.0.0.1:6379/3"}).backend.endswith("/3")

@@ -753,3 +753,22 @@ async def test_provider_errors_mid_storm_release_every_slot(provider: FakeProvid
     assert provider.state.count() >= 30
     assert provider.state.max_in_flight <= 3
     assert_nothing_left(limiter)
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_turning_the_limiter_off_by_reload_releases_the_calls_waiting(sync: bool, provider: FakeProvider,
+                                                                           clock: FakeClock) -> None:
+    """``reload(enabled: false)`` (the kill switch in an incident) let new calls through at once,
+    but the calls already waiting stayed in the queue until their wait ran out and failed."""
+    base = {"queue": {"max_wait_seconds": 600}, "global": {"requests_per_minute": 1}}
+    limiter = make_limiter(clock, base)
+    litellm.completion(**chat_kwargs(provider))
+    if sync:
+        waiting = asyncio.ensure_future(asyncio.to_thread(litellm.completion, **chat_kwargs(provider)))
+    else:
+        waiting = asyncio.ensure_future(litellm.acompletion(**chat_kwargs(provider)))
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    limiter.reload({**base, "enabled": False})
+    await asyncio.wait_for(waiting, 10)  # (the clock stands still: only the reload lets it go)
+    assert provider.state.count() == 2
+    assert limiter.get_usage_stats()["queued"] == 0

@@ -209,3 +209,37 @@ def test_a_provider_name_litellm_does_not_know_is_warned_about(caplog: pytest.Lo
     lim.reload({"providers": {"OpenAI": {"requests_per_minute": 1}}})
     assert any("providers.OpenAI: LiteLLM knows no provider 'OpenAI' (did you mean 'openai'?)" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_per_run_request_cap_is_logged_as_requests_not_money(provider: FakeProvider, clock: FakeClock,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """``max_requests_per_run`` counts requests: its warning and its trip read as requests (they
+    read "$2.00 of $2.00"), and a run has no window to roll over."""
+    make_limiter(clock, {"agents": {"runner": {"max_requests_per_run": 2}}})
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    for i in range(2):
+        litellm.completion(**chat_kwargs(provider, messages=[{"role": "user", "content": f"r{i}"}],
+                                         metadata={"agent_id": "runner", "run_id": "run-1"}))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("hive_ratelimit_plugin")]
+    assert "Per-run request cap reached: 2 of 2 requests (run runner/run-1); the run's calls are stopped until the " \
+           "cap is raised or reset" in lines, lines
+    assert not any("$" in line or "window rolls over" in line for line in lines), lines
+
+
+async def test_a_sync_call_waiting_on_an_event_loop_thread_is_warned_about(
+        provider: FakeProvider, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    """``litellm.completion`` inside a coroutine (a sync tool of an async agent) that must wait
+    blocks the loop: the loop's own calls, which may hold the slot it waits for, cannot finish
+    meanwhile. It still waits (and times out, as here), and says why once."""
+    from hive_ratelimit_plugin import RateLimitQueueTimeout, _waiting
+
+    make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 0.05}})
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    _waiting._warned_loop = False
+    litellm.completion(**chat_kwargs(provider))
+    with Ticker(clock, step=0.02):
+        for _ in range(2):
+            with pytest.raises(RateLimitQueueTimeout):
+                litellm.completion(**chat_kwargs(provider))  # (on this test's event loop thread)
+    warned = [r for r in caplog.records if "runs an asyncio event loop" in r.getMessage()]
+    assert len(warned) == 1
