@@ -1006,8 +1006,10 @@ class HiveLimiter(CustomLogger):
                 # estimate and worst-case cost, like a lease that runs out.
                 eng.release(call_id, outcome=outcome, wait=wait, signals=signals)
                 return
-            # Refused by the provider (an error status), or never sent: providers do not bill those.
-            eng.release(call_id, output_tokens=0, cost=0.0, outcome=outcome, wait=wait, signals=signals)
+            # Refused by the provider (an error status), or never sent: providers do not bill those,
+            # nor count their tokens. (The attempt still counts as a request.)
+            eng.release(call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome=outcome, wait=wait,
+                        signals=signals)
             return
         usage = _usage_obj(response)
         tin, tout = _usage_counts(usage)
@@ -1849,12 +1851,17 @@ def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
     if sub is None:
         return stream  # not an iterator we can extend: its lease alone bounds it
     try:
-        stream.__dict__[_LEASES] = list(held)
+        leases = stream.__dict__[_LEASES] = list(held)
         stream.__class__ = sub
     except TypeError:  # an incompatible instance layout
         stream.__dict__.pop(_LEASES, None)
         logger.debug("a stream of type %s cannot renew its lease; it is reclaimed after lease_seconds",
                      type(stream).__name__)
+        return stream
+    with contextlib.suppress(TypeError):  # (a stream that cannot be weakly referenced: its lease bounds it)
+        # A stream dropped unread and unclosed (``for chunk in stream: break``): nothing can read it
+        # any more once it is collected, so its slots come back then, not at the end of its lease.
+        weakref.finalize(stream, _on_leases, leases, "free_slot").atexit = False
     return stream
 
 

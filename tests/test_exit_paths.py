@@ -318,3 +318,28 @@ async def test_a_served_answer_that_cannot_be_parsed_counts_its_worst_case(body:
         await litellm.acompletion(**raw_kwargs(raw_server))
     assert raw_server["hits"] == 1
     assert limiter.get_usage_stats()["cost_today"] == 14
+
+
+@pytest.mark.parametrize("mode", ["async"])  # (LiteLLM keeps a sync stream referenced: its lease bounds it)
+async def test_a_stream_dropped_unclosed_gives_its_slot_back_once_collected(mode: str, provider: FakeProvider,
+                                                                          clock: FakeClock) -> None:
+    """``async for chunk in stream: break`` without ``aclose()``: once the stream is collected
+    nothing can read it, and its slot comes back (it was held for the whole lease, five minutes
+    by default)."""
+    import gc
+
+    limiter = make(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0}})
+    provider.state.completion_tokens = 20
+
+    async def read_one_chunk() -> None:
+        if mode == "sync":
+            for _ in litellm.completion(**chat_kwargs(provider, stream=True, max_tokens=30)):
+                break
+        else:
+            async for _ in await litellm.acompletion(**chat_kwargs(provider, stream=True, max_tokens=30)):
+                break
+
+    await read_one_chunk()
+    gc.collect()
+    await wait_until(lambda: g(limiter)["in_flight"] == 0)
+    litellm.completion(**small(provider))  # admitted at once: the slot is free

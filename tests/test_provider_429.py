@@ -650,3 +650,16 @@ async def test_a_call_sent_late_is_counted_from_its_send(sync: bool, provider: F
     times = sorted(t for t, _ in rec.sent)
     assert len(times) == 4
     assert max_in_any_window(times, 1.0) <= 2, times
+
+
+async def test_a_refused_attempt_counts_no_tokens(provider: FakeProvider, clock: FakeClock) -> None:
+    """A 429 (retried, then answered): the refused attempt is a request, but the provider neither
+    billed nor counted its tokens: tokens_today and the spend tables hold the answered call's."""
+    limiter, _ = make(clock, {"budget": {"max_daily_spend": 100}})
+    provider.state.push(too_many("1"))
+    with Ticker(clock, step=0.05):
+        r = await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider, max_tokens=10)))
+    assert [x.status for x in provider.state.log] == [429, 200]
+    stats = limiter.get_usage_stats()
+    assert stats["tokens_today"] == r.usage.total_tokens
+    assert stats["requests_today"] == 2  # (two requests were sent)
