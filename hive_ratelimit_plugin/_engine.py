@@ -985,10 +985,13 @@ class Engine:
                    f"what this call may cost ({self.currency} {money_text(amount, 4)}, prompt plus max_tokens): it "
                    "can never fit. Lower max_tokens or raise the budget. The call was not sent.")
         else:
+            decimals = 4
+            while money_text(limit - spent, decimals) == money_text(amount, decimals) and decimals < 10:
+                decimals += 2  # ("0.0001 left ... may cost up to 0.0001" read as if it fitted)
             msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} cannot cover this call: {self.currency} "
-                   f"{money_text(limit - spent, 4)} left of {self.currency} {money_text(limit)} ({label}), and the "
-                   f"call may cost up to {self.currency} {money_text(amount, 4)} (prompt plus max_tokens). Lower "
-                   "max_tokens or raise the budget. The call was not sent.")
+                   f"{money_text(limit - spent, decimals)} left of {self.currency} {money_text(limit)} ({label}), "
+                   f"and the call may cost up to {self.currency} {money_text(amount, decimals)} (prompt plus "
+                   "max_tokens). Lower max_tokens or raise the budget. The call was not sent.")
         trip = (st.key, kind, starts[kind], 1.0)
         if spent >= limit and trip not in self._fired:
             self._fired.add(trip)

@@ -219,9 +219,11 @@ class RepeatSummary(logging.Filter):
     def _emit_summary(self, last: logging.LogRecord, count: int, elapsed: float) -> None:
         log = logging.getLogger(last.name)
         times = "once more" if count == 1 else f"{count} times"
+        # (within a second: "in the last 0s" read as if nothing had happened)
+        span = f"{elapsed:.0f}s" if elapsed >= 1.0 else "second"
         record = log.makeRecord(
             last.name, last.levelno, last.pathname, last.lineno,
-            "%s ... repeated %s in the last %.0fs", (redact(last.getMessage()), times, elapsed),
+            "%s ... repeated %s in the last %s", (redact(last.getMessage()), times, span),
             None, last.funcName, extra={"hive_summary": True},
         )
         log.handle(record)

@@ -20,7 +20,8 @@ logger = logging.getLogger("hive_ratelimit_plugin")
 
 def _queue_full(engine: Engine) -> RateLimitQueueTimeout:
     """Refused at the door: ``queue.max_size`` calls are already waiting."""
-    return RateLimitQueueTimeout(f"call held by max_size of queue: queue is full ({engine.max_queue} waiting) "
+    return RateLimitQueueTimeout(f"call held by max_size of queue: queue is full ({engine.queue_length} waiting, "
+                                 f"max_size {engine.max_queue}) "
                                  "after waiting 0.0s; no request was sent", scope="queue", limit="max_size",
                                  remaining=0.0, retry_after=None)
 

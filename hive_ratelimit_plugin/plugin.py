@@ -192,7 +192,8 @@ def _log_event(event: dict[str, Any]) -> None:
             _who(event["scope"]), "" if event["window"] == "run" else "the window rolls over or ",
         )
     elif kind == "runaway_detected":
-        logger.error("agent %s sent the same request %d times within %.0fs: its breaker is open for %.0fs",
+        logger.error("agent %s asked for the same request %d times within %.0fs (the last one not sent): its "
+                     "breaker is open for %.0fs",
                      event["agent_id"], event["count"], event["window_seconds"], event["cooldown_seconds"])
     elif kind == "budget_changed":
         logger.info("budget %s on %s: %s -> %s", event["action"], event["scope"], event["old"], event["new"])
