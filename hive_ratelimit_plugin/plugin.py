@@ -1121,7 +1121,13 @@ class HiveLimiter(CustomLogger):
             raise
         admitted = _in_async_guard.get()
         if admitted is not None:
-            admitted[0] = call_id  # (for the guard: see _retry_async)
+            # For the guard (see _retry_async): this attempt's id first; then the ids of calls made
+            # inside it (another callback's hook asking an LLM judge, say: same context, no guard
+            # of their own), which its cancellation releases too.
+            if admitted[0] is None:
+                admitted[0] = call_id
+            elif admitted[0] != call_id:
+                admitted.append(call_id)
         if waited:
             self._obs.queue_wait(waited)
         if ticket.chosen is not None:
@@ -1723,16 +1729,21 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         # The pre-call hook notes the id it admits this attempt under (LiteLLM assigns it), so that
         # a cancellation (which LiteLLM reports to no callback) can still release its reservation.
         admitted[0] = None
+        del admitted[1:]
         try:
             result = await fn(*args, **kwargs)
         except Exception as exc:
             _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), exc, prior)
+            for nested in admitted[1:]:  # (settled already, unless it was cut short with this one)
+                _release_attempt(limiters, nested, None)
             if retrying is None:
                 retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
             if not retrying.should_retry(exc):
                 raise
         except BaseException:  # cancelled (or interrupted) while admitted or in flight
             _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), None)
+            for nested in admitted[1:]:
+                _release_attempt(limiters, nested, None)
             raise
         else:
             if kwargs.get("stream"):

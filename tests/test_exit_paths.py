@@ -343,3 +343,28 @@ async def test_a_stream_dropped_unclosed_gives_its_slot_back_once_collected(mode
     gc.collect()
     await wait_until(lambda: g(limiter)["in_flight"] == 0)
     litellm.completion(**small(provider))  # admitted at once: the slot is free
+
+
+async def test_a_call_cancelled_while_a_callback_makes_a_nested_call_leaks_nothing(provider: FakeProvider,
+                                                                                   clock: FakeClock) -> None:
+    """A callback's pre-call hook that makes a LiteLLM call of its own (an LLM judge) runs it in the
+    outer call's context: its admission took the outer call's place in the guard, so cancelling
+    the outer call released the judge's (settled) id and left its own slot held for a lease."""
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class Judge(CustomLogger):
+        async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> None:
+            if not (kwargs.get("metadata") or {}).get("judge"):
+                await litellm.acompletion(**small(provider, metadata={"judge": True}))
+            return None
+
+    limiter = make(clock, {})
+    litellm.callbacks.append(Judge())
+    provider.state.push(Scripted(status=200, delay=0.5))  # the judge's call is slow
+    outer = asyncio.ensure_future(litellm.acompletion(**small(provider)))
+    await wait_until(lambda: provider.state.in_flight == 1)  # the judge's call is on the wire
+    outer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await outer
+    assert g(limiter)["in_flight"] == 0, "the outer call's slot is still held"
+    assert limiter._engine._leases == {}
