@@ -892,10 +892,10 @@ class Engine:
             for w in metric:
                 w.expire(now)
                 limit = w.limit * share
-                if amount > w.limit and w.name.startswith("learned"):
+                if amount > limit and w.name.startswith("learned"):
                     # Larger than a limit read from the provider's headers (which may mean something
                     # else than we read): it goes alone, once the window is empty; the provider judges it.
-                    amount = w.limit
+                    amount = limit
                 if w.total + amount > limit:
                     if amount > w.limit:
                         raise RequestTooLargeError(
@@ -1769,6 +1769,8 @@ class Engine:
             st.learned_rpm = float(sig.limit_requests)
         if sig.limit_tokens:
             st.learned_tpm = float(sig.limit_tokens)
+        elif not sig.learn_tokens:
+            st.learned_tpm = None  # (not a limit to hold calls to: see read_signals)
         self._apply_learned(st)
         # Out of requests (or tokens): wait instead of collecting a 429. The reset headers give
         # the time until the limit is back to its full value; providers refill continuously, so
@@ -1936,8 +1938,8 @@ class Engine:
             # call's attempts are sent one after another, never concurrently.)
             res.attempts = 1
             now = res.sent_at = self.clock()
-            if now - res.admitted_at > max(self.arrival_margin, LATE_SEND):
-                self._recount(res, now)
+            if self.arrival_margin and now - res.admitted_at > max(self.arrival_margin, LATE_SEND):
+                self._recount(res, now)  # (a margin of 0 counts every request from its admission)
             return
         with self._lock:
             if self._leases.get(call_id) is not res:

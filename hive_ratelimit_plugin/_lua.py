@@ -409,7 +409,7 @@ local function check(sc)
       local limit = full * share
       local amount = win.amount
       -- (larger than a limit learned from the provider: it goes alone, as in Engine._check)
-      if amount > full and win.limit < 0 then amount = full end
+      if amount > limit and win.limit < 0 then amount = limit end
       if total + amount > limit then
         if amount > full then
           return nil, nil, nil, nil, {3, fmt(now), sc.key, win.name, fmt(full), fmt(amount)}
@@ -751,7 +751,8 @@ for _, sc in ipairs(scopes) do
       failures = tonumber(v[4]) or 0, open_count = tonumber(v[5]) or 0, arpm = tonumber(v[6]),
       ceiling = tonumber(v[7]) or INF, rl_at = tonumber(v[8]) or -INF, rpm = tonumber(v[9]), rate = sc.rate}
     if sig.lreq then redis.call('HSET', sk, 'learned_rpm', sig.lreq); st.rpm = sig.lreq end
-    if sig.ltok then redis.call('HSET', sk, 'learned_tpm', sig.ltok) end
+    if sig.ltok and sig.ltok < 0 then redis.call('HDEL', sk, 'learned_tpm')  -- (not a limit to learn: see read_signals)
+    elseif sig.ltok then redis.call('HSET', sk, 'learned_tpm', sig.ltok) end
     local resets = 0
     if sig.rreq == 0 and sig.sreq then
       local r = sig.sreq

@@ -865,7 +865,9 @@ class RedisEngine(Engine):
         args = [self.prefix, self._now_arg(), t.call_id, "1" if res.record else "0", _num(res.admitted_at),
                 opt(res.sent_at), self._spend_targets(t, starts), _num(t.cost), _num(cost), str(tin + tout),
                 ("r" if res.recounted else "") + _num(self.arrival_margin), "0", outcome, opt(wait),
-                opt(s.limit_requests if s else None), opt(s.limit_tokens if s else None),
+                opt(s.limit_requests if s else None),
+                # (-1: the headers' token limit is not one to hold calls to: forget one learned before)
+                opt(s.limit_tokens if s and s.learn_tokens else (-1 if s else None)),
                 opt(s.remaining_requests if s else None), opt(s.reset_requests if s else None),
                 opt(s.remaining_tokens if s else None), opt(s.reset_tokens if s else None),
                 _num(self.pace_default), str(self.circuit_threshold), _num(self.circuit_cooldown),
@@ -1002,8 +1004,8 @@ class RedisEngine(Engine):
             now = self.clock()
             if res.attempts <= 1:
                 res.sent_at = res.admitted_at + (now - res.local_at)  # on the backend's clock
-                if now - res.local_at > max(self.arrival_margin, LATE_SEND):
-                    self._recount_remote(res, now)
+                if self.arrival_margin and now - res.local_at > max(self.arrival_margin, LATE_SEND):
+                    self._recount_remote(res, now)  # (a margin of 0 counts every request from its admission)
                 return
             args = [self.prefix, self._now_arg(), ""]
             n = 0

@@ -121,6 +121,7 @@ class RateSignals:
     limit_tokens: int | None = None
     remaining_tokens: int | None = None
     reset_tokens: float | None = None
+    learn_tokens: bool = True  # False: the token headers give no limit to hold calls to (Anthropic's)
 
     def exhausted(self) -> list[tuple[str, float, float]]:
         """``(what, reset, wait)`` for each limit (``requests``, ``tokens``) the provider says is
@@ -176,6 +177,7 @@ def read_signals(raw_headers: Any, now: float, cap: float = 600.0) -> RateSignal
         # on input plus output tokens. Held to, it refused a 12k-token prompt under a 40k input
         # limit (its 8k output limit). Not learned; a "0 remaining" still waits for the reset.
         sig.limit_tokens = None
+        sig.learn_tokens = False
     sig.remaining_tokens = _int(h.get("x-ratelimit-remaining-tokens") or h.get("anthropic-ratelimit-tokens-remaining"))
     rr = h.get("x-ratelimit-reset-requests")
     sig.reset_requests = clamp(parse_duration(rr)) if rr else None

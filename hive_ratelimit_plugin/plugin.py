@@ -84,6 +84,7 @@ _LONG_PROVIDER_WAIT = 10.0  # a wait for a provider's reset this long is logged
 #: Responses API turns remembered per limiter (~100 bytes each) for ``previous_response_id``.
 _MAX_TURNS = 10_000
 _ID_REUSE_SECONDS = 120.0  # a call id a caller gave is not reused for another call this soon (see _claim_call_id)
+_MAX_GIVEN_IDS = 16_384  # caller-given ids remembered for that (~2.5 MB at most)
 # While a call is being retried: the engine-clock time by which its admission must finish.
 _wait_budget: ContextVar[float | None] = ContextVar("hive_ratelimit_wait_budget", default=None)
 # Set while an async guard runs its call: a one-item list where the pre-call hook notes the id it
@@ -446,8 +447,11 @@ class HiveLimiter(CustomLogger):
         # ``previous_response_id``) carries as its input on top of its own (see _remember_turn).
         self._turns: dict[str, int] = {}
         self._told: dict[str, tuple[int | None, int | None]] = {}  # provider limits last logged, per model
-        self._tokens_learned = False  # a provider has given a token limit: estimate every call's tokens
+        # (provider, model) pairs a provider has given a token limit for: their calls' tokens are
+        # estimated, as for a configured token limit (see _note_limits)
+        self._tokens_learned: set[tuple[str, str]] = set()
         self._given_ids: dict[Any, float] = {}  # call ids callers chose, when last seen (see _claim_call_id)
+        self._given_lock = threading.Lock()
         self._next_tail = 0.0
         self._reload_spend = False  # set in a forked child (see _after_fork_in_child)
         self._configure_engine(cfg)
@@ -789,6 +793,7 @@ class HiveLimiter(CustomLogger):
         include spend the parent had not written to the state file yet; the parent writes it later
         and this process would then read it as another's and count it twice. So the counters are
         read again from the file, at the next look at it."""
+        self._given_lock = threading.Lock()  # (held by another thread of the parent, maybe)
         if self._ledger is not None and self._engine.backend_info().get("type") == "memory":
             self._reload_spend = True
             self._next_tail = 0.0
@@ -859,7 +864,8 @@ class HiveLimiter(CustomLogger):
             self._check_runaway(ident.agent_id, model, kwargs)
         plan = self._plan(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"), ident)
         input_tokens = output_tokens = 0
-        if plan.budgeted or plan.counts_tokens or self._tokens_learned:
+        learned = self._tokens_learned
+        if plan.budgeted or plan.counts_tokens or (learned and (plan.provider, model) in learned):
             if call_type not in _NOT_CHAT_TYPES:  # (the usual call: one test)
                 input_tokens = count_messages(model, kwargs.get("messages"), kwargs.get("tools"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
@@ -992,7 +998,7 @@ class HiveLimiter(CustomLogger):
                 headers = response_headers(exc)
                 signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if headers else None
                 if signals is not None and signals.limit_tokens:
-                    self._tokens_learned = True
+                    self._learned_tokens_for(ticket.info)
                 if is_rate_limit(exc):
                     outcome = "rate_limited"
                     wait = suggested_wait(signals) if signals is not None else None
@@ -1034,15 +1040,23 @@ class HiveLimiter(CustomLogger):
             self._note_limits(ticket.info, signals)
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
 
+    def _learned_tokens_for(self, info: Mapping[str, Any]) -> None:
+        """A token limit learned for this call's model holds its calls only if their tokens are
+        estimated: from now on they are, as for a configured token limit (the provider counts
+        max_tokens too). Only this model's: a prompt's tokens cost its tokenizer's time."""
+        key = (str(info.get("provider")), str(info.get("model")))
+        if key not in self._tokens_learned:
+            if len(self._tokens_learned) >= 4096:
+                self._tokens_learned.clear()
+            self._tokens_learned.add(key)
+
     def _note_limits(self, info: Mapping[str, Any], sig: Any) -> None:
         """Say what a provider's headers on a successful answer make the limiter do: the limits it
         learns (which cap calls where lower than configured, until the provider says otherwise:
         one wrong header would otherwise hold a model unnoticed) and a long wait for a reset."""
         where = f"{info.get('provider')}/{split_model(str(info.get('model', '')), str(info.get('provider', '')))}"
         if sig.limit_tokens:
-            # A token limit learned here holds calls only if their tokens are estimated: from now
-            # on they are, as for a configured token limit (the provider counts max_tokens too).
-            self._tokens_learned = True
+            self._learned_tokens_for(info)
         if sig.limit_requests or sig.limit_tokens:
             before = self._told.get(where, (None, None))
             now = (sig.limit_requests or before[0], sig.limit_tokens or before[1])
@@ -1424,19 +1438,30 @@ def _claim_call_id(limiter: HiveLimiter, kwargs: dict[str, Any]) -> None:
     if not cid or limiter._admitted_upstream(cid):
         return
     given = limiter._given_ids
-    now = time.monotonic()
-    try:
-        seen = given.get(cid)
-    except TypeError:  # an unhashable id: LiteLLM's own would be a string
-        kwargs["litellm_call_id"] = new_call_id()
-        return
     eng = limiter._engine
-    if (seen is not None and now - seen < _ID_REUSE_SECONDS) or eng.holds(cid) or eng.waiting(cid):
-        kwargs["litellm_call_id"] = new_call_id()
-        return
-    if len(given) >= 4096:
-        given.clear()
-    given[cid] = now
+    with limiter._given_lock:  # (two threads giving one id: one keeps it, the other gets its own)
+        now = time.monotonic()
+        try:
+            seen = given.get(cid)
+        except TypeError:  # an unhashable id: LiteLLM's own would be a string
+            kwargs["litellm_call_id"] = new_call_id()
+            return
+        if (seen is not None and now - seen < _ID_REUSE_SECONDS) or eng.holds(cid) or eng.waiting(cid):
+            kwargs["litellm_call_id"] = new_call_id()
+            return
+        if len(given) >= _MAX_GIVEN_IDS:  # the oldest first (kept in the order given)
+            for old in list(itertools.islice(given, _MAX_GIVEN_IDS // 4)):
+                del given[old]
+        given.pop(cid, None)
+        given[cid] = now
+
+
+def _forget_given_id(limiter: HiveLimiter, call_id: Any) -> None:
+    """An attempt under a caller's id failed, and its failure was handled there and then (LiteLLM
+    delivers failure events in line): no late event can come for it, so a retry may keep the id."""
+    if call_id and limiter._given_ids:
+        with limiter._given_lock, contextlib.suppress(TypeError):
+            limiter._given_ids.pop(call_id, None)
 
 
 def _module_retries(kwargs: Mapping[str, Any]) -> int:
@@ -1619,6 +1644,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         except BaseException as exc:
             for lim, cid in held:
                 lim._finish(cid, failed=True, exc=exc, prior=prior)
+                _forget_given_id(lim, cid)
             raise
         finally:
             _guarded_call.reset(token)
@@ -1763,6 +1789,7 @@ def _release_attempt(limiters: list[HiveLimiter], call_id: str | None, exc: Base
     and would hold the slot meanwhile. The event, when it comes, finds nothing left to release."""
     for lim in limiters:
         lim._finish(call_id, failed=True, exc=exc, prior=prior)
+        _forget_given_id(lim, call_id)
 
 
 # ------------------------------------------------------------ stream leases

@@ -1,0 +1,51 @@
+"""A caller's litellm_call_id on a retried call: LiteLLM's logging of the attempt that succeeded
+(what the caller's other callbacks, and the proxy's spend logs, key on) should carry it."""
+from __future__ import annotations
+
+from typing import Any
+
+import litellm
+from litellm.integrations.custom_logger import CustomLogger
+
+from hive_ratelimit_plugin import HiveLimiter
+from hive_ratelimit_plugin.testing import FakeProvider, Scripted
+
+from .helpers import chat_kwargs, wait_until
+
+
+class Ids(CustomLogger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+        self.ok: list[str] = []
+
+    def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
+        self.sent.append(kwargs.get("litellm_call_id"))
+
+    async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        self.ok.append(kwargs.get("litellm_call_id"))
+
+
+async def test_router_retry_keeps_the_callers_call_id(provider: FakeProvider) -> None:
+    limiter = HiveLimiter({})
+    ids = Ids()
+    litellm.callbacks.extend([limiter, ids])
+    router = litellm.Router(model_list=[{"model_name": "m", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": provider.url, "api_key": "sk-test"}}],
+        num_retries=2, retry_after=0)
+    provider.state.push(Scripted(status=500))
+    await router.acompletion(model="m", messages=[{"role": "user", "content": "hi"}], litellm_call_id="trace-1")
+    await wait_until(lambda: len(ids.ok) == 1)
+    print(ids.sent, ids.ok)
+    assert ids.ok == ["trace-1"]
+
+
+async def test_sdk_retry_keeps_the_callers_call_id(provider: FakeProvider) -> None:
+    limiter = HiveLimiter({})
+    ids = Ids()
+    litellm.callbacks.extend([limiter, ids])
+    provider.state.push(Scripted(status=500), Scripted(status=500))
+    await litellm.acompletion(**chat_kwargs(provider, num_retries=2, litellm_call_id="trace-2"))
+    await wait_until(lambda: len(ids.ok) == 1)
+    print(ids.sent, ids.ok)
+    assert ids.ok == ["trace-2"]
