@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import difflib
 import functools
@@ -743,6 +744,8 @@ class HiveLimiter(CustomLogger):
     def _usage_stats(self, chunk: int = 0) -> dict[str, Any]:
         """:meth:`get_usage_stats` without picking up other processes' spend first."""
         eng = self._engine
+        if _dropped:
+            _free_dropped()
         eng.sweep()  # (leases run out in a process gone quiet: counted before they are shown)
         resolver = self._resolver
         if not resolver.global_limits.is_empty():  # (shown before this process's first call too)
@@ -851,6 +854,8 @@ class HiveLimiter(CustomLogger):
 
     def _ticket(self, call_id: str, call_type: str, kwargs: Mapping[str, Any],
                 metadata: Mapping[str, Any] | None) -> Ticket | None:
+        if _dropped:
+            _free_dropped()
         cfg = self._config
         if not cfg.enabled or call_type in _SKIP_TYPES:
             return None
@@ -865,7 +870,7 @@ class HiveLimiter(CustomLogger):
         plan = self._plan(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"), ident)
         input_tokens = output_tokens = 0
         learned = self._tokens_learned
-        if plan.budgeted or plan.counts_tokens or (learned and (plan.provider, model) in learned):
+        if plan.budgeted or plan.counts_tokens or (learned and plan.dims[:2] in learned):
             if call_type not in _NOT_CHAT_TYPES:  # (the usual call: one test)
                 input_tokens = count_messages(model, kwargs.get("messages"), kwargs.get("tools"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
@@ -1044,7 +1049,8 @@ class HiveLimiter(CustomLogger):
         """A token limit learned for this call's model holds its calls only if their tokens are
         estimated: from now on they are, as for a configured token limit (the provider counts
         max_tokens too). Only this model's: a prompt's tokens cost its tokenizer's time."""
-        key = (str(info.get("provider")), str(info.get("model")))
+        provider = str(info.get("provider"))
+        key = (provider, split_model(str(info.get("model")), provider))  # (its scope's: however it is spelt)
         if key not in self._tokens_learned:
             if len(self._tokens_learned) >= 4096:
                 self._tokens_learned.clear()
@@ -1135,13 +1141,13 @@ class HiveLimiter(CustomLogger):
             raise
         admitted = _in_async_guard.get()
         if admitted is not None:
-            # For the guard (see _retry_async): this attempt's id first; then the ids of calls made
-            # inside it (another callback's hook asking an LLM judge, say: same context, no guard
-            # of their own), which its cancellation releases too.
-            if admitted[0] is None:
-                admitted[0] = call_id
-            elif admitted[0] != call_id:
-                admitted.append(call_id)
+            # For the guard (see _retry_async): the last id admitted in its context first (LiteLLM
+            # calling itself, for its fallbacks, admits each try in turn), and the ones before it
+            # after, for a cancellation (which LiteLLM reports to no callback) to release them all:
+            # a call another callback's hook made meanwhile (an LLM judge) included.
+            if admitted[0] is not None and admitted[0] != call_id:
+                admitted.append(admitted[0])
+            admitted[0] = call_id
         if waited:
             self._obs.queue_wait(waited)
         if ticket.chosen is not None:
@@ -1758,10 +1764,8 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         del admitted[1:]
         try:
             result = await fn(*args, **kwargs)
-        except Exception as exc:
+        except Exception as exc:  # (LiteLLM reported each failure of the calls made in it)
             _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), exc, prior)
-            for nested in admitted[1:]:  # (settled already, unless it was cut short with this one)
-                _release_attempt(limiters, nested, None)
             if retrying is None:
                 retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
             if not retrying.should_retry(exc):
@@ -1774,6 +1778,10 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         else:
             if kwargs.get("stream"):
                 call_id = admitted[0] or kwargs.get("litellm_call_id")
+                # (the stream's own call, if a call made inside this one was admitted after it)
+                own = getattr(getattr(result, "logging_obj", None), "litellm_call_id", None)
+                if own is not None and own != call_id and own in admitted:
+                    call_id = own
                 if call_id:
                     result = _keep_alive(result, [(lim, call_id) for lim in limiters])
             return result
@@ -1898,10 +1906,35 @@ def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
                      type(stream).__name__)
         return stream
     with contextlib.suppress(TypeError):  # (a stream that cannot be weakly referenced: its lease bounds it)
-        # A stream dropped unread and unclosed (``for chunk in stream: break``): nothing can read it
-        # any more once it is collected, so its slots come back then, not at the end of its lease.
-        weakref.finalize(stream, _on_leases, leases, "free_slot").atexit = False
+        # A stream dropped unread and unclosed (``async for chunk in stream: break``): nothing can
+        # read it any more once it is collected, so its slots come back then, not at the end of its
+        # lease. The collector may run anywhere (inside the engine's lock, a Redis round trip): the
+        # finalizer only notes it, and the next call or look at the stats frees the slots; only
+        # those of these very reservations (a later call may reuse a caller's id).
+        owned = [(lim, cid, lim._engine._leases.get(cid)) for lim, cid in leases]
+        weakref.finalize(stream, _dropped.append, owned).atexit = False
     return stream
+
+
+#: Streams collected unclosed, their slots not yet given back (see _keep_alive, _free_dropped).
+_dropped: collections.deque[list[tuple[HiveLimiter, str, Any]]] = collections.deque()
+
+
+def _free_dropped() -> None:
+    """Give back the slots of streams collected unclosed (outside the collector: see _keep_alive)."""
+    while _dropped:
+        try:
+            owned = _dropped.popleft()
+        except IndexError:  # (another thread took it)
+            return
+        for lim, call_id, res in owned:
+            try:
+                eng = lim._engine
+                if res is not None and eng._leases.get(call_id) is res:
+                    eng.free_slot(call_id)
+            except Exception as exc:
+                logger.warning("could not free the slot of a stream dropped unclosed: %s", exc,
+                               extra={"hive_repeat_key": ("free_dropped",)})
 
 
 async def _renewing_agen(agen: Any, held: list[tuple[HiveLimiter, str]]) -> Any:

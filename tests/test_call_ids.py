@@ -1,5 +1,7 @@
-"""A caller's litellm_call_id on a retried call: LiteLLM's logging of the attempt that succeeded
-(what the caller's other callbacks, and the proxy's spend logs, key on) should carry it."""
+"""A caller's litellm_call_id on a retried call: each attempt LiteLLM sends, and so its logging
+(what the caller's other callbacks, and the proxy's spend logs, key on), carries it. (Read from
+the event LiteLLM gives before each HTTP attempt, in line: its success event comes from a logging
+worker whose timing across the tests' event loops is its own.)"""
 from __future__ import annotations
 
 from typing import Any
@@ -10,7 +12,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from hive_ratelimit_plugin import HiveLimiter
 from hive_ratelimit_plugin.testing import FakeProvider, Scripted
 
-from .helpers import chat_kwargs, wait_until
+from .helpers import chat_kwargs
 
 
 class Ids(CustomLogger):
@@ -35,9 +37,8 @@ async def test_router_retry_keeps_the_callers_call_id(provider: FakeProvider) ->
         num_retries=2, retry_after=0)
     provider.state.push(Scripted(status=500))
     await router.acompletion(model="m", messages=[{"role": "user", "content": "hi"}], litellm_call_id="trace-1")
-    await wait_until(lambda: len(ids.ok) == 1)
-    print(ids.sent, ids.ok)
-    assert ids.ok == ["trace-1"]
+    assert provider.state.count() == 2
+    assert ids.sent == ["trace-1", "trace-1"], ids.sent
 
 
 async def test_sdk_retry_keeps_the_callers_call_id(provider: FakeProvider) -> None:
@@ -46,6 +47,5 @@ async def test_sdk_retry_keeps_the_callers_call_id(provider: FakeProvider) -> No
     litellm.callbacks.extend([limiter, ids])
     provider.state.push(Scripted(status=500), Scripted(status=500))
     await litellm.acompletion(**chat_kwargs(provider, num_retries=2, litellm_call_id="trace-2"))
-    await wait_until(lambda: len(ids.ok) == 1)
-    print(ids.sent, ids.ok)
-    assert ids.ok == ["trace-2"]
+    assert provider.state.count() == 3
+    assert ids.sent == ["trace-2"] * 3, ids.sent
