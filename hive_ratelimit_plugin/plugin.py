@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import collections
 import contextlib
 import difflib
 import functools
@@ -29,6 +28,7 @@ import logging
 import math
 import numbers
 import os
+import queue
 import sys
 import threading
 import time
@@ -744,8 +744,6 @@ class HiveLimiter(CustomLogger):
     def _usage_stats(self, chunk: int = 0) -> dict[str, Any]:
         """:meth:`get_usage_stats` without picking up other processes' spend first."""
         eng = self._engine
-        if _dropped:
-            _free_dropped()
         eng.sweep()  # (leases run out in a process gone quiet: counted before they are shown)
         resolver = self._resolver
         if not resolver.global_limits.is_empty():  # (shown before this process's first call too)
@@ -854,8 +852,6 @@ class HiveLimiter(CustomLogger):
 
     def _ticket(self, call_id: str, call_type: str, kwargs: Mapping[str, Any],
                 metadata: Mapping[str, Any] | None) -> Ticket | None:
-        if _dropped:
-            _free_dropped()
         cfg = self._config
         if not cfg.enabled or call_type in _SKIP_TYPES:
             return None
@@ -1911,30 +1907,61 @@ def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
         # lease. The collector may run anywhere (inside the engine's lock, a Redis round trip): the
         # finalizer only notes it, and the next call or look at the stats frees the slots; only
         # those of these very reservations (a later call may reuse a caller's id).
-        owned = [(lim, cid, lim._engine._leases.get(cid)) for lim, cid in leases]
-        weakref.finalize(stream, _dropped.append, owned).atexit = False
+        owned = [(lim, cid, _reservation(lim._engine, cid)) for lim, cid in leases]
+        _start_freeing()
+        weakref.finalize(stream, _dropped.put, owned).atexit = False
     return stream
 
 
-#: Streams collected unclosed, their slots not yet given back (see _keep_alive, _free_dropped).
-_dropped: collections.deque[list[tuple[HiveLimiter, str, Any]]] = collections.deque()
+#: Streams collected unclosed, their slots not yet given back: the finalizer only puts them here
+#: (a SimpleQueue's put is safe in a weakref callback) and a thread of their own frees them.
+_dropped: queue.SimpleQueue[list[tuple[HiveLimiter, str, Any]]] = queue.SimpleQueue()
+_freeing: tuple[int, threading.Thread] | None = None  # (the process it runs in: see _start_freeing)
+_freeing_lock = threading.Lock()
 
 
-def _free_dropped() -> None:
-    """Give back the slots of streams collected unclosed (outside the collector: see _keep_alive)."""
-    while _dropped:
-        try:
-            owned = _dropped.popleft()
-        except IndexError:  # (another thread took it)
+def _reservation(eng: Any, call_id: str) -> Any:
+    """The reservation ``call_id`` holds now, in the engine or, during a Redis outage, in its
+    outage engine."""
+    res = eng._leases.get(call_id)
+    if res is None:
+        fallback = getattr(eng, "fallback", None)
+        if fallback is not None:
+            res = fallback._leases.get(call_id)
+    return res
+
+
+def _start_freeing() -> None:
+    """Start the thread that frees dropped streams' slots (again in a forked child)."""
+    global _freeing
+    pid = os.getpid()
+    if _freeing is not None and _freeing[0] == pid and _freeing[1].is_alive():
+        return
+    with _freeing_lock:
+        if _freeing is not None and _freeing[0] == pid and _freeing[1].is_alive():
             return
-        for lim, call_id, res in owned:
-            try:
-                eng = lim._engine
-                if res is not None and eng._leases.get(call_id) is res:
+        thread = threading.Thread(target=_free_dropped_forever, name="hive-ratelimit-streams", daemon=True)
+        thread.start()
+        _freeing = (pid, thread)
+
+
+def _free_dropped_forever() -> None:
+    while True:
+        _free_dropped(_dropped.get())
+
+
+def _free_dropped(owned: list[tuple[HiveLimiter, str, Any]]) -> None:
+    """Give back the slots of a stream collected unclosed: only its own reservations' (a later call
+    may reuse a caller's id); a waiting call is admitted into them at once."""
+    for lim, call_id, res in owned:
+        try:
+            eng = lim._engine
+            with eng._lock:  # (re-entrant: free_slot takes it again)
+                if res is not None and _reservation(eng, call_id) is res:
                     eng.free_slot(call_id)
-            except Exception as exc:
-                logger.warning("could not free the slot of a stream dropped unclosed: %s", exc,
-                               extra={"hive_repeat_key": ("free_dropped",)})
+        except Exception as exc:
+            logger.warning("could not free the slot of a stream dropped unclosed: %s", exc,
+                           extra={"hive_repeat_key": ("free_dropped",)})
 
 
 async def _renewing_agen(agen: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
