@@ -1760,8 +1760,10 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         del admitted[1:]
         try:
             result = await fn(*args, **kwargs)
-        except Exception as exc:  # (LiteLLM reported each failure of the calls made in it)
+        except Exception as exc:
             _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), exc, prior)
+            for earlier in admitted[1:]:  # (the attempt's own, when a call made inside it came after)
+                _release_attempt(limiters, earlier, exc, prior)
             if retrying is None:
                 retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
             if not retrying.should_retry(exc):
