@@ -278,22 +278,49 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, and finite, got {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hive-ratelimit`` command."""
     parser = argparse.ArgumentParser(prog="hive-ratelimit", description="Rate limits for LiteLLM agents.")
     parser.add_argument("--version", action="version", version=f"hive-ratelimit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run simulated agents against a built-in fake provider")
-    demo.add_argument("--calls", type=int, default=4, help="calls per agent (default 4)")
+    demo = sub.add_parser(
+        "demo", help="run simulated agents against a built-in fake provider",
+        description="Three simulated agents (high, normal and low priority) call a fake provider on "
+                    "127.0.0.1 under small limits: what was sent, what waited and for how long, what timed "
+                    "out, and the live usage per level. No API key, no network.")
+    demo.add_argument("--calls", type=_positive_int, default=4, help="calls per agent (default 4)")
     demo.set_defaults(func=_demo)
-    check = sub.add_parser("check-config", help="validate a YAML file and print the effective configuration")
-    check.add_argument("file")
+    check = sub.add_parser(
+        "check-config", help="validate a YAML file and print the effective configuration",
+        description="Validate a limits file (with the HIVE_RATELIMIT_* environment overrides, as HiveLimiter "
+                    "reads it) and print the effective configuration, or every error; exit status 1 on error.")
+    check.add_argument("file", help="the YAML file (its root key: rate_limiting)")
     check.add_argument("--no-env", action="store_true", help="ignore HIVE_RATELIMIT_* environment overrides")
     check.set_defaults(func=_check_config)
     audit = sub.add_parser("audit", help="print the audit log of budget changes")
     audit.add_argument("--state-path", help="the state file (default: HIVE_RATELIMIT_STATE_PATH or "
                        "~/.local/state/hive-ratelimit/state.sqlite)")
-    audit.add_argument("--limit", type=int, default=None, help="only the last N changes")
+    audit.add_argument("--limit", type=_positive_int, default=None, help="only the last N changes")
     audit.add_argument("--json", action="store_true", help="print JSON")
     audit.set_defaults(func=_audit)
     status = sub.add_parser(
@@ -311,9 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--all", action="store_true", help="draw every level (agents, users, teams, API keys, runs)")
     status.add_argument("--json", action="store_true", help="print the state as JSON instead")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    status.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes")
-    status.add_argument("--max-age", type=float, default=10.0,
+    status.add_argument("--interval", type=_seconds, default=1.0,
+                        help="seconds between refreshes (default 1)")
+    status.add_argument("--count", type=_positive_int, default=0, help="with --watch: stop after N refreshes")
+    status.add_argument("--max-age", type=_seconds, default=10.0,
                         help="ignore snapshots older than this many seconds (default 10)")
     status.set_defaults(func=_status)
     run = sub.add_parser(

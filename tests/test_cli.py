@@ -91,3 +91,13 @@ def test_check_config_reports_a_yaml_syntax_error_with_its_line(tmp_path: Path,
     path.write_text("rate_limiting:\n  global:\n    requests_per_minute: 5\n  queue: [1,\n")
     assert main(["check-config", str(path)]) == 1
     assert re.search(r"YAML syntax error at line \d+", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv", [["demo", "--calls", "-1"], ["demo", "--calls", "0"], ["audit", "--limit", "0"],
+                                  ["status", "--interval", "-1"], ["status", "--max-age", "inf"]])
+def test_nonsense_numbers_on_the_command_line_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """``demo --calls -1`` ran a demo of no calls; numbers that mean nothing are usage errors."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "must be" in capsys.readouterr().err
