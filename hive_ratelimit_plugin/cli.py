@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -97,7 +98,15 @@ def _demo(args: argparse.Namespace) -> int:
             start = time.monotonic()
             await asyncio.gather(*(one(a, p, i) for a, p, k in agents for i in range(1, k + 1)))
 
-        asyncio.run(run())
+        # (its own table says what each refusal was: the plugin's log lines, on stderr, would come
+        # out ahead of it when the output is piped)
+        plugin_log = logging.getLogger("hive_ratelimit_plugin")
+        level = plugin_log.level
+        plugin_log.setLevel(logging.ERROR)
+        try:
+            asyncio.run(run())
+        finally:
+            plugin_log.setLevel(level)
         for at, line in sorted(rows):
             print(f"  t={at:5.2f}s  {line}")
         print()
