@@ -1913,6 +1913,16 @@ class Engine:
                     out.setdefault(key, {})[kind] = (c.cost, c.requests, c.tokens)
             return out
 
+    def reservation(self, call_id: str) -> _Reservation | None:
+        """The reservation ``call_id`` holds now (``None``: none)."""
+        return self._leases.get(call_id)
+
+    def free_slot_of(self, call_id: str, res: _Reservation | None) -> None:
+        """:meth:`free_slot`, if ``call_id`` still holds ``res`` (not a later call reusing the id)."""
+        with self._lock:
+            if res is not None and self.reservation(call_id) is res:
+                self.free_slot(call_id)
+
     def free_slot(self, call_id: str) -> None:
         """Give back a call's concurrency slots before its usage is known (a stream ended and
         its usage arrives in a later event). The reservation stays open until :meth:`release`."""
@@ -1938,8 +1948,8 @@ class Engine:
             # call's attempts are sent one after another, never concurrently.)
             res.attempts = 1
             now = res.sent_at = self.clock()
-            if self.arrival_margin and now - res.admitted_at > max(self.arrival_margin, LATE_SEND):
-                self._recount(res, now)  # (a margin of 0 counts every request from its admission)
+            if self._sent_late(now - res.admitted_at):
+                self._recount(res, now)
             return
         with self._lock:
             if self._leases.get(call_id) is not res:
@@ -1950,6 +1960,11 @@ class Engine:
                 for w in st.requests:
                     w.expire(now)
                     w.add(now, 1)
+
+    def _sent_late(self, delay: float) -> bool:
+        """Whether a call sent ``delay`` seconds after its admission has its request counted again
+        from its send (see :meth:`_recount`; a margin of 0 counts every request from its admission)."""
+        return bool(self.arrival_margin) and delay > max(self.arrival_margin, LATE_SEND)
 
     def _recount(self, res: _Reservation, now: float) -> None:
         """A call sent later than admission + the arrival margin (another callback's hook, a

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import _lua
 from ._budget import KINDS, RUN, SpendRow
-from ._engine import LATE_SEND, NEVER, NO_LAYOUT, Blocked, Engine, Scope, ScopeState, Ticket, _Reservation
+from ._engine import NEVER, NO_LAYOUT, Blocked, Engine, Scope, ScopeState, Ticket, _Reservation
 from .config import LimitSet
 from .errors import BackendUnavailableError, ConfigError, HiveRateLimitError, RequestTooLargeError
 
@@ -764,6 +764,9 @@ class RedisEngine(Engine):
     def holds(self, call_id: str) -> bool:
         return call_id in self._leases or call_id in self.fallback._leases
 
+    def reservation(self, call_id: str) -> _Reservation | None:
+        return super().reservation(call_id) or self.fallback.reservation(call_id)
+
     def ticket_of(self, call_id: str) -> Ticket | None:
         return super().ticket_of(call_id) or self.fallback.ticket_of(call_id)
 
@@ -1004,30 +1007,30 @@ class RedisEngine(Engine):
             now = self.clock()
             if res.attempts <= 1:
                 res.sent_at = res.admitted_at + (now - res.local_at)  # on the backend's clock
-                if self.arrival_margin and now - res.local_at > max(self.arrival_margin, LATE_SEND):
-                    self._recount_remote(res, now)  # (a margin of 0 counts every request from its admission)
+                if self._sent_late(now - res.local_at):
+                    self._recount_remote(res, now)
                 return
-            args = [self.prefix, self._now_arg(), ""]
-            n = 0
-            for scope in _charged_scopes(res.ticket):  # the API key it was given counts too
-                for w in self._state(scope, now).requests:
-                    args += [_wire(scope.key), w.name, _num(w.period), "1"]
-                    n += 1
-            args[2] = str(n)
+            windows = self._request_windows(res, now)
+            args = [self.prefix, self._now_arg(), str(len(windows))]
+            for key, name, period in windows:
+                args += [key, name, period, "1"]
             try:
                 self._call(self._hit, args)
             except _Down:
                 pass
 
+    def _request_windows(self, res: _Reservation, now: float) -> list[tuple[str, str, str]]:
+        """(scope, window, period) of every request window an open call counts in, for the scripts
+        (the API key it was given counts too)."""
+        return [(_wire(scope.key), w.name, _num(w.period))
+                for scope in _charged_scopes(res.ticket) for w in self._state(scope, now).requests]
+
     def _recount_remote(self, res: _Reservation, now: float) -> None:
         """:meth:`Engine._recount` in Redis (one round trip, for calls sent late only)."""
-        args = [self.prefix, self._now_arg(), _num(res.admitted_at), ""]
-        n = 0
-        for scope in _charged_scopes(res.ticket):
-            for w in self._state(scope, now).requests:
-                args += [_wire(scope.key), w.name, _num(w.period)]
-                n += 1
-        args[3] = str(n)
+        windows = self._request_windows(res, now)
+        args = [self.prefix, self._now_arg(), _num(res.admitted_at), str(len(windows))]
+        for window in windows:
+            args += window
         try:
             out = self._call(self._recount_script, args)
         except _Down:

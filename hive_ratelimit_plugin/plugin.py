@@ -450,7 +450,7 @@ class HiveLimiter(CustomLogger):
         self._told: dict[str, tuple[int | None, int | None]] = {}  # provider limits last logged, per model
         # (provider, model) pairs a provider has given a token limit for: their calls' tokens are
         # estimated, as for a configured token limit (see _note_limits)
-        self._tokens_learned: set[tuple[str, str]] = set()
+        self._tokens_learned: set[tuple[str | None, ...]] = set()
         self._given_ids: dict[Any, float] = {}  # call ids callers chose, when last seen (see _claim_call_id)
         self._given_lock = threading.Lock()
         self._next_tail = 0.0
@@ -999,7 +999,7 @@ class HiveLimiter(CustomLogger):
                 headers = response_headers(exc)
                 signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if headers else None
                 if signals is not None and signals.limit_tokens:
-                    self._learned_tokens_for(ticket.info)
+                    self._learned_tokens_for(ticket)
                 if is_rate_limit(exc):
                     outcome = "rate_limited"
                     wait = suggested_wait(signals) if signals is not None else None
@@ -1038,27 +1038,26 @@ class HiveLimiter(CustomLogger):
         headers = response_headers(response)
         signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
         if signals is not None:
-            self._note_limits(ticket.info, signals)
+            self._note_limits(ticket, signals)
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
 
-    def _learned_tokens_for(self, info: Mapping[str, Any]) -> None:
+    def _learned_tokens_for(self, ticket: Ticket) -> None:
         """A token limit learned for this call's model holds its calls only if their tokens are
         estimated: from now on they are, as for a configured token limit (the provider counts
         max_tokens too). Only this model's: a prompt's tokens cost its tokenizer's time."""
-        provider = str(info.get("provider"))
-        key = (provider, split_model(str(info.get("model")), provider))  # (its scope's: however it is spelt)
+        key = ticket.dims[:2]  # (provider, model as its scope names it: however the call spelt it)
         if key not in self._tokens_learned:
             if len(self._tokens_learned) >= 4096:
                 self._tokens_learned.clear()
             self._tokens_learned.add(key)
 
-    def _note_limits(self, info: Mapping[str, Any], sig: Any) -> None:
+    def _note_limits(self, ticket: Ticket, sig: Any) -> None:
         """Say what a provider's headers on a successful answer make the limiter do: the limits it
         learns (which cap calls where lower than configured, until the provider says otherwise:
         one wrong header would otherwise hold a model unnoticed) and a long wait for a reset."""
-        where = f"{info.get('provider')}/{split_model(str(info.get('model', '')), str(info.get('provider', '')))}"
+        where = f"{ticket.dims[0]}/{ticket.dims[1]}"
         if sig.limit_tokens:
-            self._learned_tokens_for(info)
+            self._learned_tokens_for(ticket)
         if sig.limit_requests or sig.limit_tokens:
             before = self._told.get(where, (None, None))
             now = (sig.limit_requests or before[0], sig.limit_tokens or before[1])
@@ -1761,17 +1760,13 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         try:
             result = await fn(*args, **kwargs)
         except Exception as exc:
-            _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), exc, prior)
-            for earlier in admitted[1:]:  # (the attempt's own, when a call made inside it came after)
-                _release_attempt(limiters, earlier, exc, prior)
+            _release_admitted(limiters, admitted, kwargs, exc, prior)
             if retrying is None:
                 retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
             if not retrying.should_retry(exc):
                 raise
         except BaseException:  # cancelled (or interrupted) while admitted or in flight
-            _release_attempt(limiters, admitted[0] or kwargs.get("litellm_call_id"), None)
-            for nested in admitted[1:]:
-                _release_attempt(limiters, nested, None)
+            _release_admitted(limiters, admitted, kwargs, None)
             raise
         else:
             if kwargs.get("stream"):
@@ -1786,6 +1781,14 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         finally:
             if token is not None:
                 _wait_budget.reset(token)
+
+
+def _release_admitted(limiters: list[HiveLimiter], admitted: list[str | None], kwargs: Mapping[str, Any],
+                      exc: BaseException | None, prior: BaseException | None = None) -> None:
+    """Release what an attempt admitted: its last id (else the call's own) and the ones before it
+    (the attempt's own, when a call made inside it, an LLM judge's, was admitted after it)."""
+    for call_id in (admitted[0] or kwargs.get("litellm_call_id"), *admitted[1:]):
+        _release_attempt(limiters, call_id, exc, prior)
 
 
 def _release_attempt(limiters: list[HiveLimiter], call_id: str | None, exc: BaseException | None,
@@ -1907,9 +1910,9 @@ def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
         # A stream dropped unread and unclosed (``async for chunk in stream: break``): nothing can
         # read it any more once it is collected, so its slots come back then, not at the end of its
         # lease. The collector may run anywhere (inside the engine's lock, a Redis round trip): the
-        # finalizer only notes it, and the next call or look at the stats frees the slots; only
-        # those of these very reservations (a later call may reuse a caller's id).
-        owned = [(lim, cid, _reservation(lim._engine, cid)) for lim, cid in leases]
+        # finalizer only queues it, for a thread of its own to free the slots; only those of these
+        # very reservations (a later call may reuse a caller's id).
+        owned = [(lim, cid, lim._engine.reservation(cid)) for lim, cid in leases]
         _start_freeing()
         weakref.finalize(stream, _dropped.put, owned).atexit = False
     return stream
@@ -1920,17 +1923,6 @@ def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
 _dropped: queue.SimpleQueue[list[tuple[HiveLimiter, str, Any]]] = queue.SimpleQueue()
 _freeing: tuple[int, threading.Thread] | None = None  # (the process it runs in: see _start_freeing)
 _freeing_lock = threading.Lock()
-
-
-def _reservation(eng: Any, call_id: str) -> Any:
-    """The reservation ``call_id`` holds now, in the engine or, during a Redis outage, in its
-    outage engine."""
-    res = eng._leases.get(call_id)
-    if res is None:
-        fallback = getattr(eng, "fallback", None)
-        if fallback is not None:
-            res = fallback._leases.get(call_id)
-    return res
 
 
 def _start_freeing() -> None:
@@ -1957,10 +1949,7 @@ def _free_dropped(owned: list[tuple[HiveLimiter, str, Any]]) -> None:
     may reuse a caller's id); a waiting call is admitted into them at once."""
     for lim, call_id, res in owned:
         try:
-            eng = lim._engine
-            with eng._lock:  # (re-entrant: free_slot takes it again)
-                if res is not None and _reservation(eng, call_id) is res:
-                    eng.free_slot(call_id)
+            lim._engine.free_slot_of(call_id, res)
         except Exception as exc:
             logger.warning("could not free the slot of a stream dropped unclosed: %s", exc,
                            extra={"hive_repeat_key": ("free_dropped",)})
