@@ -1,8 +1,8 @@
-"""helper-36: the dropped-stream finalizer (73a6ce6) runs inside the garbage collector, at any
-allocation of any thread. On the Redis engine it makes a Redis round trip there; if the collection
-happens while that thread holds RedisEngine._replay_lock (a non-reentrant Lock: replaying the
-settlements kept during an outage, which allocates freely), the finalizer's free_slot -> _call ->
-_replay blocks on that same lock forever. GC is forced at that point here (it can occur there)."""
+"""A dropped stream's finalizer runs inside the garbage collector, at any allocation of any
+thread. A first version freed the slot there: on the Redis engine a collection while that thread
+held RedisEngine._replay_lock (a non-reentrant lock: replaying the settlements kept during an
+outage) made the finalizer's free_slot -> _call -> _replay wait on that same lock forever. GC is
+forced at that point here (it can occur there)."""
 from __future__ import annotations
 
 import gc
@@ -15,7 +15,7 @@ import pytest
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
 from .helpers import chat_kwargs
-from .test_exit_paths_redis import g, make
+from .test_exit_paths import g, make
 
 
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)

@@ -39,9 +39,8 @@ async def test_a_stream_admitted_during_a_redis_outage_is_freed_when_collected(p
     """Redis down (here: nothing listens): the call is admitted by the outage engine, whose
     reservation is the one to free when the stream is collected (a first version looked for it in
     the Redis engine only, and held the slot for its lease)."""
-    from .test_exit_paths_redis import make as make_r
-    limiter = make_r(clock, {"global": {"concurrent_requests": 2}, "status": {"enabled": False}, "budget": {}},
-                     {"backend": "redis://127.0.0.1:1/9", "redis": {"key_prefix": "h37-outage"}})
+    limiter = make(clock, {"global": {"concurrent_requests": 2}, "status": {"enabled": False}, "budget": {}},
+                   {"backend": "redis://127.0.0.1:1/9", "redis": {"key_prefix": "outage-stream"}})
     eng = limiter._engine
     provider.state.completion_tokens = 20
     s1 = await litellm.acompletion(**chat_kwargs(provider, stream=True, max_tokens=30))

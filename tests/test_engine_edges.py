@@ -1,3 +1,5 @@
+"""Engine edges: a margin of 0 counts requests from admission; a call over a learned limit goes
+alone under the high-priority reserve too. Both backends."""
 from __future__ import annotations
 
 from typing import Any

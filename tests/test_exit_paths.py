@@ -29,8 +29,11 @@ WALL_START = 1_800_000_000.0
 UNIT_PRICE = {"gpt-4o-mini": {"input_per_million": 1_000_000, "output_per_million": 1_000_000}}
 
 
-def make(clock: FakeClock, config: dict[str, Any]) -> HiveLimiter:
-    cfg = {"pricing": UNIT_PRICE, "state_path": ":memory:", "budget": {"max_daily_spend": 100_000}, **config}
+def make(clock: FakeClock, config: dict[str, Any], backend: dict[str, Any] | None = None) -> HiveLimiter:
+    """A limiter with unit prices and a large daily budget (``backend``: the ``backend`` fixture's
+    keys, to run on Redis)."""
+    cfg = {"pricing": UNIT_PRICE, "state_path": ":memory:", "budget": {"max_daily_spend": 100_000}, **config,
+           **(backend or {})}
     limiter = HiveLimiter(cfg, clock=clock, wall_clock=FakeClock(WALL_START))
     clock.attach(limiter)
     litellm.callbacks.append(limiter)

@@ -1,35 +1,15 @@
-"""The exit-path fixes of 63379b1, run against both backends (the committed tests run memory only)."""
+"""The exit paths of tests/test_exit_paths.py that the shared backend handles apart, on both backends."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 import litellm
 
-from hive_ratelimit_plugin import HiveLimiter
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
-from .helpers import chat_kwargs, wait_until
-
-WALL_START = 1_800_000_000.0
-UNIT_PRICE = {"gpt-4o-mini": {"input_per_million": 1_000_000, "output_per_million": 1_000_000}}
-
-
-def make(clock: FakeClock, config: dict[str, Any], backend: dict[str, Any]) -> HiveLimiter:
-    cfg = {"pricing": UNIT_PRICE, "budget": {"max_daily_spend": 100_000}, **config, **backend}
-    limiter = HiveLimiter(cfg, clock=clock, wall_clock=FakeClock(WALL_START))
-    clock.attach(limiter)
-    litellm.callbacks.append(limiter)
-    return limiter
-
-
-def small(provider: FakeProvider, **extra: Any) -> dict[str, Any]:
-    return chat_kwargs(provider, max_tokens=5, **extra)
-
-
-def g(limiter: HiveLimiter) -> dict[str, Any]:
-    return limiter.get_usage_stats()["levels"]["global"]["global"]
+from .helpers import wait_until
+from .test_exit_paths import UNIT_PRICE, g, make, small
 
 
 async def test_cancelled_as_granted_costs_nothing(provider: FakeProvider, clock: FakeClock, backend: dict) -> None:
@@ -78,7 +58,7 @@ async def test_disable_releases_waiters(provider: FakeProvider, clock: FakeClock
     await litellm.acompletion(**small(provider))
     late = asyncio.ensure_future(litellm.acompletion(**small(provider)))
     await wait_until(lambda: limiter._engine.queue_length == 1)
-    limiter.reload({"enabled": False, "pricing": UNIT_PRICE, "budget": {"max_daily_spend": 100_000},
-                    "global": {"requests_per_minute": 1}, **backend})
+    limiter.reload({"enabled": False, "pricing": UNIT_PRICE, "state_path": ":memory:",
+                    "budget": {"max_daily_spend": 100_000}, "global": {"requests_per_minute": 1}, **backend})
     await asyncio.wait_for(late, 5)
     assert provider.state.count() == 2

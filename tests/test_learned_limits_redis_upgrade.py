@@ -1,5 +1,5 @@
-"""Redis keeps what the previous release learned from Anthropic's token header (learned_tpm in the
-model's :s: hash, TTL a day, refreshed by every settlement): 6e6844f's fix never applies there."""
+"""A token limit an earlier release learned into Redis from Anthropic's token header (learned_tpm in
+the model's :s: hash, TTL a day, refreshed by every settlement) is forgotten at the next answer."""
 from __future__ import annotations
 
 import litellm
