@@ -126,9 +126,10 @@ async def test_a_connection_lost_after_the_send_counts_its_worst_case(mode: str,
 # streams (the streaming deployment hook frees it), not for sync ones: a sync stream read up to its
 # finish_reason chunk (the usual `if finish_reason: break`) holds its slot for a whole lease.
 def test_a_sync_stream_read_to_its_finish_reason_chunk_gives_its_slot_back(provider: FakeProvider,
-                                                                            clock: FakeClock) -> None:
+                                                                            clock: FakeClock,
+                                                                            backend: dict[str, Any]) -> None:
     limiter = make(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0},
-                           "estimation": {"lease_seconds": 30}})
+                           "estimation": {"lease_seconds": 30}}, backend)
     stream = litellm.completion(**small(provider, stream=True, stream_options={"include_usage": True}))
     for chunk in stream:
         if chunk.choices and chunk.choices[0].finish_reason:
@@ -155,12 +156,14 @@ async def test_an_async_stream_read_to_its_finish_reason_chunk_gives_its_slot_ba
 # the same loop iteration as the grant, a TaskGroup sibling failing, ...) is never sent, yet
 # queue_async's cleanup releases it with cost=None, i.e. at its worst-case cost, and counts it as
 # a request in the spend book (and toward max_requests_per_run).
-async def test_a_call_cancelled_as_it_is_granted_costs_nothing(provider: FakeProvider, clock: FakeClock) -> None:
-    limiter = make(clock, {"global": {"requests_per_minute": 1}})
+async def test_a_call_cancelled_as_it_is_granted_costs_nothing(provider: FakeProvider, clock: FakeClock,
+                                                                backend: dict[str, Any]) -> None:
+    limiter = make(clock, {"global": {"requests_per_minute": 1}}, backend)
     await litellm.acompletion(**small(provider))  # 8
     late = asyncio.ensure_future(litellm.acompletion(**small(provider)))
     await wait_until(lambda: limiter._engine.queue_length == 1)
-    clock.advance(61)  # granted now (its task has not run yet)...
+    clock.advance(61)
+    limiter._engine.dispatch()  # granted now (its task has not run yet)...
     late.cancel()  # ...and cancelled before it could send anything
     with contextlib.suppress(asyncio.CancelledError):
         await late
@@ -232,8 +235,8 @@ async def test_cancelling_a_task_group_charges_nothing_for_calls_never_sent(prov
 # status/metrics) keep showing it in flight with the spend reserved, not spent, and no row reaches
 # the state file (other processes sharing it undercount) until the next call or exit.
 async def test_an_abandoned_stream_is_settled_once_its_lease_has_passed_without_another_call(
-        provider: FakeProvider, clock: FakeClock) -> None:
-    limiter = make(clock, {"estimation": {"lease_seconds": 30}})
+        provider: FakeProvider, clock: FakeClock, backend: dict[str, Any]) -> None:
+    limiter = make(clock, {"estimation": {"lease_seconds": 30}}, backend)
     stream = await litellm.acompletion(**small(provider, stream=True))
     async for _ in stream:
         break  # abandoned, not closed
@@ -371,3 +374,16 @@ async def test_a_call_cancelled_while_a_callback_makes_a_nested_call_leaks_nothi
         await outer
     assert g(limiter)["in_flight"] == 0, "the outer call's slot is still held"
     assert limiter._engine._leases == {}
+
+
+async def test_turning_the_limiter_off_releases_the_calls_waiting(provider: FakeProvider, clock: FakeClock,
+                                                                 backend: dict[str, Any]) -> None:
+    """``reload(enabled: false)`` lets the calls already waiting go at once (with Redis too)."""
+    limiter = make(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 30}}, backend)
+    await litellm.acompletion(**small(provider))
+    late = asyncio.ensure_future(litellm.acompletion(**small(provider)))
+    await wait_until(lambda: limiter._engine.queue_length == 1)
+    limiter.reload({"enabled": False, "pricing": UNIT_PRICE, "state_path": ":memory:",
+                    "budget": {"max_daily_spend": 100_000}, "global": {"requests_per_minute": 1}, **backend})
+    await asyncio.wait_for(late, 5)
+    assert provider.state.count() == 2
