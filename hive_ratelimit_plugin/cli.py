@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import load_config
+from .config import env_overrides, load_config
 from .errors import ConfigError
 
 DEMO_CONFIG: dict[str, Any] = {
@@ -139,7 +139,9 @@ def _check_config(args: argparse.Namespace) -> int:
         if value in ({}, None):
             continue
         data[name] = value
-    print(f"# effective configuration of {args.file}" + ("" if args.no_env else " (with HIVE_RATELIMIT_* overrides)"))
+    overrides = [] if args.no_env else env_overrides()
+    print(f"# effective configuration of {args.file}"
+          + (f" (overridden by the environment: {', '.join(overrides)})" if overrides else ""))
     print(yaml.safe_dump({"rate_limiting": data}, sort_keys=False), end="")
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import fnmatch
 import hashlib
+import logging
 import os
 import re
 import reprlib
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 ENV_PREFIX = "HIVE_RATELIMIT_"
+logger = logging.getLogger("hive_ratelimit_plugin")
 
 #: Seconds in each period name used by limit fields.
 PERIODS: dict[str, float] = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
@@ -588,7 +590,18 @@ def load_config(
         problems.append(_settings_problem(exc))
     if problems or cfg is None:
         raise ConfigError(f"invalid configuration ({origin}):\n  " + "\n  ".join(problems), errors=problems)
+    overrides = env_overrides() if use_env else []
+    if overrides:
+        # (names only: a value may hold a secret, such as a Redis URL's password)
+        logger.info("hive-ratelimit: the environment overrides the configuration (%s): %s", origin,
+                    ", ".join(overrides))
     return cfg
+
+
+def env_overrides() -> list[str]:
+    """The ``HIVE_RATELIMIT_*`` variables that set configuration fields (all but ``HIVE_RATELIMIT_CONFIG``,
+    which names the file), sorted: what overrides the file or dict a limiter is given."""
+    return sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() != ENV_PREFIX + "CONFIG")
 
 
 def _settings_problem(exc: Exception) -> str:

@@ -72,6 +72,18 @@ def test_check_config_prints_the_effective_configuration(tmp_path: Path, capsys:
     assert "max_wait_seconds: 60.0" in out  # defaults are shown too
 
 
+def test_check_config_names_the_environment_variables_that_override_the_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "limits.yaml"
+    path.write_text("rate_limiting:\n  global:\n    requests_per_minute: 60\n")
+    monkeypatch.setenv("HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE", "7")
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# effective configuration of {path} (overridden by the environment: "
+                          "HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE)\n")
+    assert "requests_per_minute: 7" in out
+
+
 def test_check_config_lists_every_error_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("rate_limiting:\n  global:\n    requests_per_minute: -5\n    tokens_per_mnute: 100\n"

@@ -109,6 +109,26 @@ def test_a_limiter_switched_off_by_the_environment_says_so(monkeypatch: pytest.M
     assert any("HIVE_RATELIMIT_ENABLED='0' switches this limiter off" in r.getMessage() for r in caplog.records)
 
 
+def test_environment_overrides_are_named_in_the_log_without_their_values(monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A limit in the file or dict that the environment replaces is not silent: the variables that
+    apply are logged by name (a value may be a secret, such as a Redis URL's password)."""
+    import logging
+
+    monkeypatch.setenv("HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE", "7")
+    monkeypatch.setenv("HIVE_RATELIMIT_QUEUE__MAX_WAIT_SECONDS", "3")
+    with caplog.at_level(logging.INFO, logger="hive_ratelimit_plugin"):
+        cfg = load_config({"global": {"requests_per_minute": 60}})
+    assert cfg.global_.requests_per_minute == 7
+    lines = [r.getMessage() for r in caplog.records if "overrides the configuration" in r.getMessage()]
+    assert lines == ["hive-ratelimit: the environment overrides the configuration (dict): "
+                     "HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE, HIVE_RATELIMIT_QUEUE__MAX_WAIT_SECONDS"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hive_ratelimit_plugin"):
+        load_config({"global": {"requests_per_minute": 60}}, use_env=False)
+    assert not [r for r in caplog.records if "overrides the configuration" in r.getMessage()]
+
+
 @pytest.mark.parametrize(
     ("data", "fragments"),
     [
