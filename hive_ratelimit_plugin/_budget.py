@@ -128,16 +128,16 @@ class BudgetBook:
         if self._tab:
             self._flush()
         c = self._counters.get((key, kind))
-        if c is None or c.start != start:
+        if c is None or c.start < start:
             return None
-        return c
+        return c  # (a newer window than ``start``'s: the wall clock stepped back; see _add)
 
     def counter(self, key: str, kind: str, start: float) -> Counter:
         """The live counter of ``key`` for the window starting at ``start`` (rolled over if needed)."""
         if self._tab:
             self._flush()
         c = self._counters.get((key, kind))
-        if c is None or c.start != start:
+        if c is None or c.start < start:
             c = self._counters[(key, kind)] = Counter(start)
         return c
 
@@ -188,7 +188,9 @@ class BudgetBook:
             if since is not None and kind != RUN and since < start:
                 continue
             c = counters.get(pair)
-            if c is None or c.start != start:
+            # Only a newer window replaces a counter. A wall clock stepped back (NTP, a resumed VM)
+            # keeps counting in the newest window rather than wiping it (as on Redis).
+            if c is None or c.start < start:
                 c = counters[pair] = Counter(start)
             c.cost += cost
             c.requests += requests
@@ -207,7 +209,7 @@ class BudgetBook:
     def sweep(self, starts: dict[str, float]) -> None:
         """Drop counters of windows that have rolled over."""
         self._flush()
-        stale = [k for k, c in self._counters.items() if k[1] != RUN and c.start != starts[k[1]]]
+        stale = [k for k, c in self._counters.items() if k[1] != RUN and c.start < starts[k[1]]]
         for k in stale:
             del self._counters[k]
 

@@ -1237,6 +1237,17 @@ class RedisEngine(Engine):
         except self._errors:
             pass  # the next admission notices the outage
 
+    def flush_pending(self) -> int:
+        """At exit: write the settlements and spend kept during an outage now, if Redis answers,
+        without waiting for ``retry_interval`` (the next call that would have written them never
+        comes). Returns how many are still kept (not written)."""
+        if not (self._pending_settle or self._pending_spend or self._pending_hits):
+            return 0
+        with self._lock:
+            self._next_try = -NEVER  # (try now)
+            self._peek([], [], [], [], [])  # replays first; a failure leaves them kept (and logged)
+        return len(self._pending_settle) + len(self._pending_spend)
+
     def backend_info(self) -> dict[str, Any]:
         return {"type": "redis", "url": self.url, "key_prefix": self.prefix, "available": self.available,
                 "on_backend_error": self.on_error, "round_trips": self.round_trips, "outages": self.outages,

@@ -268,7 +268,7 @@ def _usage_obj(response: Any) -> Any:
 
 
 def _count(value: Any) -> int:
-    return value if type(value) is int and value > 0 else 0
+    return value if type(value) is int and 0 < value <= _MAX_CALL_TOKENS else 0
 
 
 def _getter(obj: Any) -> Callable[[str], Any]:
@@ -317,7 +317,21 @@ def _usage_of(response: Any) -> tuple[int | None, int | None]:
     return _usage_counts(_usage_obj(response))
 
 
+#: More tokens than one call can read or write (no model comes near a billion): a count above it
+#: is a provider's error, not a bill, and is not trusted (the estimate stands).
+_MAX_CALL_TOKENS = 10**9
+
+
+def _sane(value: Any) -> int | None:
+    """A token count as a provider reports it, if it makes sense (a negative count would erase
+    others'; an absurd one overflow the price arithmetic)."""
+    return int(value) if isinstance(value, int) and 0 <= value <= _MAX_CALL_TOKENS else None
+
+
 def _usage_counts(usage: Any) -> tuple[int | None, int | None]:
+    """(input, output) tokens of a usage, ``None`` for a count not given or not to be trusted (the
+    estimate then stands). No tokens at all (LiteLLM's zeros for an answer without usage, or only
+    a ``total_tokens``: see :func:`_usage_total`) is ``(None, None)``."""
     if usage is None:
         return None, None
     if isinstance(usage, dict):
@@ -342,12 +356,24 @@ def _usage_counts(usage: Any) -> tuple[int | None, int | None]:
                 pin = getattr(usage, "input_tokens", None)
                 pout = getattr(usage, "output_tokens", None)
     if not pin and not pout:  # none, or zeros: LiteLLM fills in zeros for an answer without usage
-        total = usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None)
-        # (no tokens at all is no count: the estimate and the worst-case cost stand)
-        return (int(total), 0) if isinstance(total, int) and total > 0 else (None, None)
-    # A provider's usage is trusted only when it makes sense (a negative count would erase others').
-    return (int(pin) if isinstance(pin, int) and pin >= 0 else None,
-            int(pout) if isinstance(pout, int) and pout >= 0 else 0)
+        return None, None
+    tin, tout = _sane(pin), _sane(pout)
+    if tin is not None:
+        # An output count left out (LiteLLM makes it 0), null or wrong while the total says more
+        # was used: the rest of the total is output (the provider bills it).
+        total = _sane(usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None))
+        if total is not None and total > tin + (tout or 0):
+            tout = total - tin
+    return tin, tout
+
+
+def _usage_total(usage: Any) -> int | None:
+    """The ``total_tokens`` of a usage that gives no other count, if it makes sense."""
+    if usage is None:
+        return None
+    total = usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None)
+    total = _sane(total)
+    return total or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +479,8 @@ class HiveLimiter(CustomLogger):
         self._tokens_learned: set[tuple[str | None, ...]] = set()
         self._given_ids: dict[Any, float] = {}  # call ids callers chose, when last seen (see _claim_call_id)
         self._given_lock = threading.Lock()
+        # Calls waiting in the queue: (call type, request), by call id (see _queue_async)
+        self._waiting_calls: dict[str, tuple[str, Mapping[str, Any]]] = {}
         self._next_tail = 0.0
         self._reload_spend = False  # set in a forked child (see _after_fork_in_child)
         self._configure_engine(cfg)
@@ -532,9 +560,19 @@ class HiveLimiter(CustomLogger):
                 return []
             _, _, agent, user, team, run = t.dims
             ident = Identity(agent, user, team, run, t.priority)
-            provider = str(t.info.get("provider"))
+            provider, model = str(t.info.get("provider")), str(t.info.get("model"))
             t.choices = resolver.choices(provider)  # API keys too: their limits may have changed
-            return resolver.scopes(provider, str(t.info.get("model")), ident)
+            scopes = resolver.scopes(provider, model, ident)
+            waiting = self._waiting_calls.get(t.call_id)
+            if waiting is not None:
+                # Estimated again: a budget or token limit that applies now may not have when it came
+                # (its worst case was then 0), and its spend goes to the new budgets' scopes too.
+                call_type, kwargs = waiting
+                t.input_tokens, t.output_tokens, t.cost = self._estimate(
+                    call_type, kwargs, model, provider, t.dims, any(sc.budgeted for sc in scopes),
+                    any(sc.counts_tokens for sc in scopes))
+                t.spend_keys = self._spend_keys(scopes, t.dims)
+            return scopes
 
         eng.rescope(resolve)
         # (agents, users and teams may number 100,000s: only the levels whose table changed)
@@ -864,9 +902,25 @@ class HiveLimiter(CustomLogger):
         if cfg.runaway.enabled and ident.agent_id is not None:
             self._check_runaway(ident.agent_id, model, kwargs)
         plan = self._plan(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"), ident)
+        input_tokens, output_tokens, cost = self._estimate(call_type, kwargs, model, plan.provider, plan.dims,
+                                                           plan.budgeted, plan.counts_tokens)
+        if self._ledger is not None:
+            self._tail()
+        # A call not streamed holds its lease until it returns: no shorter than LiteLLM may wait for it.
+        lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
+        # (positional: keyword arguments cost more to pass, and this runs for every call)
+        return Ticket(call_id, plan.scopes, input_tokens, output_tokens, ident.priority, plan.info, cost,
+                      plan.choices, None, NEVER, plan.dims, plan.spend_keys, lease)
+
+    def _estimate(self, call_type: str, kwargs: Mapping[str, Any], model: str, provider: str,
+                  dims: tuple[str | None, ...], budgeted: bool, counts_tokens: bool) -> tuple[int, int, float]:
+        """A call's estimated (input tokens, output tokens, worst-case cost): tokens only where a
+        limit counts them (a budget, a token limit, a token limit learned for its model), cost
+        only where a budget applies."""
+        cfg = self._config
         input_tokens = output_tokens = 0
         learned = self._tokens_learned
-        if plan.budgeted or plan.counts_tokens or (learned and plan.dims[:2] in learned):
+        if budgeted or counts_tokens or (learned and dims[:2] in learned):
             if call_type not in _NOT_CHAT_TYPES:  # (the usual call: one test)
                 input_tokens = count_messages(model, kwargs.get("messages"), kwargs.get("tools"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
@@ -890,8 +944,7 @@ class HiveLimiter(CustomLogger):
                     input_tokens += self._turns.get(previous, 0)
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
         cost = 0.0
-        if plan.budgeted:
-            provider = plan.provider
+        if budgeted:
             price = self._prices.price(provider, model)
             if not price.known:
                 self._prices.warn_unknown(provider, model, "not in LiteLLM's price map or rate_limiting.pricing")
@@ -899,13 +952,7 @@ class HiveLimiter(CustomLogger):
                     raise _unknown_price_error(provider, model)
             # (the request is scanned for cache marks only where a write has a price: Anthropic's, mostly)
             cost = price.cost(input_tokens, output_tokens, cache_writes(kwargs) if price.prices_writes else 0)
-        if self._ledger is not None:
-            self._tail()
-        # A call not streamed holds its lease until it returns: no shorter than LiteLLM may wait for it.
-        lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
-        # (positional: keyword arguments cost more to pass, and this runs for every call)
-        return Ticket(call_id, plan.scopes, input_tokens, output_tokens, ident.priority, plan.info, cost,
-                      plan.choices, None, NEVER, plan.dims, plan.spend_keys, lease)
+        return input_tokens, output_tokens, cost
 
     def _plan(self, model: str, custom_llm_provider: Any, api_base: Any, ident: Identity) -> _Plan:
         """Everything about a call that depends only on its model and identity, cached: its
@@ -1021,6 +1068,11 @@ class HiveLimiter(CustomLogger):
             return
         usage = _usage_obj(response)
         tin, tout = _usage_counts(usage)
+        if tin is None and tout is None:
+            total = _usage_total(usage)
+            if total is not None:  # only a total: the prompt as estimated (at most all of it), the rest output
+                tin = min(ticket.input_tokens, total)
+                tout = total - tin
         cost = None
         if tin is not None or tout is not None:
             info = ticket.info
@@ -1028,11 +1080,12 @@ class HiveLimiter(CustomLogger):
             price = self._prices.price(provider, model)
             if not price.known:
                 self._prices.warn_unknown(provider, model, "LiteLLM reports no cost for it")
+            out = ticket.output_tokens if tout is None else tout  # (a count not given: its estimate stands)
             cache = _prompt_cache(usage) if tin and price.detailed else None
             if cache is not None:  # tokens read from or written to the prompt cache: priced apart
-                cost = price.billed(tin or 0, tout or 0, *cache)
+                cost = price.billed(tin or 0, out, *cache)
             else:
-                cost = price.cost(ticket.input_tokens if tin is None else tin, tout or 0)
+                cost = price.cost(ticket.input_tokens if tin is None else tin, out)
             if getattr(response, "object", None) == "response":
                 self._remember_turn(response, tin, tout)
         headers = response_headers(response)
@@ -1120,13 +1173,13 @@ class HiveLimiter(CustomLogger):
             # attempt's failure event has released it.) Count the call once.
             return None
         try:
-            ticket = self._ticket(call_id, _call_type_name(call_type), kwargs, kwargs.get("metadata"))
+            kind = _call_type_name(call_type)
+            ticket = self._ticket(call_id, kind, kwargs, kwargs.get("metadata"))
             if ticket is None:
                 return None
             try:
-                eng = self._engine
                 # (admitted at once, the usual case: no coroutine for the wait)
-                waited = 0.0 if eng.admit_now(ticket) else await queue_async(eng, ticket, self._max_wait())
+                waited = 0.0 if self._engine.admit_now(ticket) else await self._queue_async(ticket, kind, kwargs)
             except RateLimitQueueTimeout as exc:
                 self._emit(_timeout_event(ticket, exc, self._engine.wall()))
                 raise
@@ -1149,6 +1202,23 @@ class HiveLimiter(CustomLogger):
             kwargs["api_key"] = self._key_value(ticket.chosen)
             return kwargs  # type: ignore[return-value]
         return None
+
+    async def _queue_async(self, ticket: Ticket, call_type: str, kwargs: Mapping[str, Any]) -> float:
+        """Wait in the queue (a call :meth:`Engine.admit_now` turned down). While it waits, its
+        request is at hand for a configuration change to estimate it again (see _apply_config)."""
+        self._waiting_calls[ticket.call_id] = (call_type, kwargs)
+        try:
+            return await queue_async(self._engine, ticket, self._max_wait())
+        finally:
+            self._waiting_calls.pop(ticket.call_id, None)
+
+    def _queue_sync(self, ticket: Ticket, call_type: str, kwargs: Mapping[str, Any]) -> float:
+        """:meth:`_queue_async` for a sync call (blocks its thread)."""
+        self._waiting_calls[ticket.call_id] = (call_type, kwargs)
+        try:
+            return acquire_sync(self._engine, ticket, self._max_wait())
+        finally:
+            self._waiting_calls.pop(ticket.call_id, None)
 
     def _admitted_upstream(self, call_id: str) -> bool:
         """Whether ``call_id`` was admitted before LiteLLM's entry point ran (the proxy's pre-call hook)."""
@@ -1251,7 +1321,7 @@ class HiveLimiter(CustomLogger):
             if ticket is None:
                 return None
             try:
-                waited = acquire_sync(self._engine, ticket, self._max_wait())
+                waited = 0.0 if self._engine.admit_now(ticket) else self._queue_sync(ticket, call_type, kwargs)
             except RateLimitQueueTimeout as exc:
                 self._emit(_timeout_event(ticket, exc, self._engine.wall()))
                 raise
@@ -1348,6 +1418,14 @@ def _settle_at_exit(ref: weakref.ref[HiveLimiter]) -> None:
         return
     if n:
         logger.info("hive-ratelimit: %d call(s) still open at exit counted at their worst case", n)
+    try:
+        kept = lim._engine.flush_pending()  # (a shared backend: what it kept during an outage)
+    except Exception:
+        logger.exception("hive-ratelimit: could not write the settlements kept during a backend outage at exit")
+    else:
+        if kept:
+            logger.error("hive-ratelimit: %d settlement(s) kept during a backend outage could not be written to "
+                         "it at exit: the shared budgets do not count their spend", kept)
     ledger = lim._ledger
     if ledger is not None and ledger.unsaved:
         try:

@@ -43,7 +43,6 @@ from cachetools import LRUCache
 
 from ._engine import Ticket
 from ._scopes import IDENTITY_FIELDS, split_model
-from ._waiting import acquire_async
 from .config import RateLimitingConfig, clean_id
 from .errors import (
     CircuitOpenError,
@@ -344,7 +343,8 @@ class ProxyLimiter(HiveLimiter):
             if ticket is None:
                 return None
             try:
-                await acquire_async(self._engine, ticket, self._max_wait())
+                if not self._engine.admit_now(ticket):
+                    await self._queue_async(ticket, kind, view)
             except RateLimitQueueTimeout as exc:
                 self._emit(_timeout_event(ticket, exc, self._engine.wall()))
                 raise

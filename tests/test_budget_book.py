@@ -34,7 +34,8 @@ def test_a_new_hour_files_earlier_spend_under_the_earlier_hour() -> None:
     keys = ["global"]
     book.add(keys, HOUR_A, 1.0, 1, 10)
     book.add(keys, dict(HOUR_B), 2.0, 1, 5)  # the calendar moved on: a new starts dict
-    assert book.get("global", "hour", 0.0) is None  # rolled over
+    earlier = book.get("global", "hour", 0.0)  # rolled over: the earlier hour's counter is gone, and a
+    assert earlier is not None and earlier.start == 3600.0  # clock stepped back reads (and adds to) the newest
     hour = book.get("global", "hour", 3600.0)
     day = book.get("global", "day", 0.0)
     assert hour is not None and (hour.cost, hour.requests, hour.tokens) == (2.0, 1, 5)
