@@ -41,12 +41,17 @@ _WATCH_FLAG = "__hive_ratelimit_watch__"
 _DELIBERATE = ("litellm.litellm_core_utils.logging_callback_manager", "hive_ratelimit_plugin")
 
 
+#: The configuration (``model_dump()``) the active limiter was enabled with, by ``id``.
+_enabled_with: dict[int, dict[str, Any]] = {}
+
+
 def enable(config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -> HiveLimiter:
     """Register one :class:`~hive_ratelimit_plugin.HiveLimiter` for this process and return it.
 
     Idempotent: while a limiter from ``enable()`` (or the autoload) is active, calling it again
-    with the same effective configuration returns that same instance (re-appending it to
-    ``litellm.callbacks`` if it was removed). A *different* configuration replaces it: a new
+    with the same effective configuration it was enabled with returns that same instance
+    (re-appending it to ``litellm.callbacks`` if it was removed), with any ``set_budget()`` or
+    ``reload()`` made to it since kept. A *different* configuration replaces it: a new
     limiter is registered and the old one unregistered (usage counted in memory starts afresh;
     budgets with a ``state_path`` carry over through the state file). To change limits while
     keeping the counted usage, call ``enable().reload(new_config)`` instead.
@@ -67,7 +72,9 @@ def enable(config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -
     with _lock:
         cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
         current = _limiter
-        if current is not None and current.config.model_dump() == cfg.model_dump():
+        # Compared with the configuration it was enabled with, not its current one: set_budget()
+        # and reload() change that, and enable() is also how code fetches the active limiter.
+        if current is not None and _enabled_with.get(id(current)) == cfg.model_dump():
             if not any(cb is current for cb in litellm.callbacks):
                 litellm.callbacks.append(current)
             _watch(litellm)
@@ -78,6 +85,8 @@ def enable(config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -
             _unregister(current)
             logger.info("hive-ratelimit: enable() with a new configuration replaced the active limiter")
         _limiter = limiter
+        _enabled_with.clear()
+        _enabled_with[id(limiter)] = cfg.model_dump()
         litellm.callbacks.append(limiter)
         _watch(litellm)
         return limiter

@@ -329,6 +329,13 @@ class RateLimitingConfig(BaseSettings):
     redis: RedisConfig = Field(default_factory=lambda: RedisConfig())
     status: StatusConfig = Field(default_factory=StatusConfig)
 
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _strip_switch(cls, v: Any) -> Any:
+        # HIVE_RATELIMIT_ENABLED is also the autoload's switch, which reads it stripped: "1\r" from
+        # a .env file with CRLF line endings turns the autoload on and must not then be "invalid".
+        return v.strip() if isinstance(v, str) else v
+
     @field_validator("agents", "users", "teams")
     @classmethod
     def _clean_names(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -527,7 +534,9 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: YAML syntax error: {exc}") from exc
     if data is None:
-        return {}
+        # (truncated, or a mount not populated yet: read as "no limits", it would run unlimited)
+        raise ConfigError(f"{p}: the file is empty; expected a 'rate_limiting:' section (write "
+                          "'rate_limiting: {}' for the defaults)")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping with a 'rate_limiting:' key, got {type(data).__name__}")
     return data

@@ -1041,6 +1041,8 @@ class HiveLimiter(CustomLogger):
             return  # not ours, or already settled (LiteLLM sends more than one end-of-call event)
         assert call_id is not None
         if failed:
+            if getattr(exc, "hive_ratelimit_code", None) == "duplicate_call_id":
+                return  # the proxy refused a request reusing this id: the call holding it is another's
             outcome, wait, signals = "error", None, None
             if exc is not None:
                 headers = response_headers(exc)
@@ -1167,7 +1169,7 @@ class HiveLimiter(CustomLogger):
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
             call_id = kwargs["litellm_call_id"] = new_call_id()
-        if self._engine.holds(call_id):
+        if self._engine.holds(call_id) and not self._held_for_another_model(call_id, kwargs):
             # Already admitted under this id: this limiter is registered twice, or LiteLLM runs
             # the hook again for the same attempt. (A Router retry comes after the failed
             # attempt's failure event has released it.) Count the call once.
@@ -1219,6 +1221,25 @@ class HiveLimiter(CustomLogger):
             return acquire_sync(self._engine, ticket, self._max_wait())
         finally:
             self._waiting_calls.pop(ticket.call_id, None)
+
+    def _held_for_another_model(self, call_id: str, kwargs: Mapping[str, Any]) -> bool:
+        """Whether the reservation ``call_id`` holds is for another model than this attempt's, and
+        was never sent: a Router fallback after the first model group failed before sending (no
+        deployment available, cooled down), under the id the proxy's pre-call hook admitted. That
+        reservation is then given back (nothing was sent) and the attempt is admitted for the
+        model it goes to."""
+        held = self._engine.ticket_of(call_id)
+        if held is None:
+            return False
+        model = kwargs.get("model")
+        model = model if type(model) is str else str(model or "")
+        if held.info.get("model") == model:  # (the usual case: the same deployment's model)
+            return False
+        provider = self._provider_of(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"))
+        if held.dims[:2] == (provider, split_model(model, provider)) or self._engine.progress(call_id):
+            return False
+        self._engine.release(call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome="void")
+        return True
 
     def _admitted_upstream(self, call_id: str) -> bool:
         """Whether ``call_id`` was admitted before LiteLLM's entry point ran (the proxy's pre-call hook)."""

@@ -84,6 +84,19 @@ def _key_name(token: Any) -> str | None:
     return f"key-{digest[:12]}"
 
 
+def _end_user(user_api_key_dict: Any) -> Any:
+    """The request's end user (its ``user``), as ``key#<hash>`` when it is the caller's own key
+    (ids reach stats, logs and Redis keys, which must never hold a key)."""
+    end = _field(user_api_key_dict, "end_user_id")
+    if not isinstance(end, str) or not end:
+        return end
+    digest = hashlib.sha256(end.encode("utf-8", "surrogatepass")).hexdigest()
+    token = _field(user_api_key_dict, "token")
+    if end == _field(user_api_key_dict, "api_key") or (isinstance(token, str) and token == digest):
+        return "key#" + digest[:16]  # (as plugin._without_key names it)
+    return end
+
+
 def _field(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
 
@@ -110,7 +123,7 @@ def proxy_identity(user_api_key_dict: Any, data: Mapping[str, Any] | None = None
     team_md = team_md if isinstance(team_md, Mapping) else {}
     agent = key_md.get("agent_id") or _field(user_api_key_dict, "key_alias") \
         or _key_name(_field(user_api_key_dict, "token") or _field(user_api_key_dict, "api_key"))
-    user = _field(user_api_key_dict, "user_id") or _field(user_api_key_dict, "end_user_id")
+    user = _field(user_api_key_dict, "user_id") or _end_user(user_api_key_dict)
     priority = key_md.get("priority", team_md.get("priority"))
     run = None
     if data is not None:
@@ -322,9 +335,11 @@ class ProxyLimiter(HiveLimiter):
         if not call_id:
             call_id = data["litellm_call_id"] = str(uuid.uuid4())
         call_id = str(call_id)
-        if self._engine.holds(call_id):
+        if self._engine.holds(call_id) or self._engine.waiting(call_id):
             # Ids come from the client's x-litellm-call-id header when it sends one; reusing an id
-            # in flight would let a second request ride on the first one's admission.
+            # in flight (or waiting) would let a second request ride on the first one's admission.
+            # (The proxy's failure hook runs for this refusal too: it must not release the first
+            # request, which holds the id.)
             raise _http_exception(
                 f"litellm_call_id {call_id} is already in flight; send a unique x-litellm-call-id",
                 "invalid_request_error", "duplicate_call_id", 400, {})
@@ -364,7 +379,7 @@ class ProxyLimiter(HiveLimiter):
                                            **kwargs: Any) -> Any:
         """Release a request that failed anywhere after admission; answer our errors properly."""
         call_id = request_data.get("litellm_call_id") if isinstance(request_data, Mapping) else None
-        if call_id:
+        if call_id:  # (not for a refused duplicate id: see _finish)
             self._finish(str(call_id), failed=True, exc=original_exception)
         from fastapi import HTTPException
 
