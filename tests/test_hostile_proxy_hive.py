@@ -24,17 +24,6 @@ from .test_proxy_e2e import LIMITS, Proxy, proxy  # noqa: F401  (the module-scop
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _proxy_restartable() -> Iterator[None]:
-    """LiteLLM's proxy app answers 'shutting_down' forever once one server on it has stopped: let
-    this module's proxy (and test_proxy_e2e's, after it) start in the same test process."""
-    from litellm.proxy.shutdown.graceful_shutdown_manager import GracefulShutdownManager
-
-    GracefulShutdownManager.reset()
-    yield
-    GracefulShutdownManager.reset()
-
-
 @pytest.fixture
 def px(proxy: Proxy) -> Iterator[Proxy]:  # noqa: F811
     st = proxy.provider.state

@@ -89,8 +89,19 @@ class Proxy:
                            headers={"authorization": f"Bearer {key}"})
 
 
+def _allow_restart() -> None:
+    """LiteLLM's proxy app (newer versions) answers 'shutting_down' forever once one server on it
+    has stopped: let another module's proxy start in the same test process."""
+    try:
+        from litellm.proxy.shutdown.graceful_shutdown_manager import GracefulShutdownManager
+    except ImportError:  # (1.83 has no such state)
+        return
+    GracefulShutdownManager.reset()
+
+
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    _allow_restart()
     saved_lists = {n: list(getattr(litellm, n)) for n in _SAVED_LISTS if isinstance(getattr(litellm, n, None), list)}
     saved_env = {k: os.environ.get(k) for k in ("CONFIG_FILE_PATH", "LITELLM_MASTER_KEY")}
     with FakeProvider() as provider:
