@@ -72,9 +72,10 @@ def enable(config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -
     with _lock:
         cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
         current = _limiter
-        # Compared with the configuration it was enabled with, not its current one: set_budget()
-        # and reload() change that, and enable() is also how code fetches the active limiter.
-        if current is not None and _enabled_with.get(id(current)) == cfg.model_dump():
+        # Compared with the configuration it was enabled with as well as its current one:
+        # set_budget() and reload() change that, and enable() is also how code fetches it.
+        wanted = cfg.model_dump()
+        if current is not None and wanted in (_enabled_with.get(id(current)), current.config.model_dump()):
             if not any(cb is current for cb in litellm.callbacks):
                 litellm.callbacks.append(current)
             _watch(litellm)
@@ -86,7 +87,7 @@ def enable(config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -
             logger.info("hive-ratelimit: enable() with a new configuration replaced the active limiter")
         _limiter = limiter
         _enabled_with.clear()
-        _enabled_with[id(limiter)] = cfg.model_dump()
+        _enabled_with[id(limiter)] = wanted
         litellm.callbacks.append(limiter)
         _watch(litellm)
         return limiter

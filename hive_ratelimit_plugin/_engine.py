@@ -308,6 +308,23 @@ class _Reservation:
         return self.layout.signals
 
 
+def _never_back(wall: Callable[[], float]) -> Callable[[], float]:
+    """``wall``, held at the latest time it gave when it steps back (NTP, a VM resumed): budget
+    windows, the spend rows of the state file and reset marks then never go back to a window
+    already left (counted there, spend would be forgotten once the clock came back)."""
+    latest = -NEVER
+
+    def now() -> float:
+        nonlocal latest
+        t = wall()
+        if t < latest:
+            return latest
+        latest = t
+        return t
+
+    return now
+
+
 def _charged(states: list[ScopeState]) -> list[tuple[int, SlidingWindow]]:
     """Every window of ``states`` with what it counts (REQ, ALL, IN, OUT): what an admission
     charges, in the order it charges them (by kind, then by bucket width, so that each run of
@@ -544,7 +561,8 @@ class Engine:
         import time as _time
 
         self.clock = clock
-        self.wall = wall_clock or _time.time
+        self.host_wall = wall_clock or _time.time
+        self.wall = _never_back(self.host_wall)
         self.lease_seconds = lease_seconds
         self.max_queue = max_queue
         self.calendar = Calendar(timezone)

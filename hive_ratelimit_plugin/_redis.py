@@ -161,7 +161,7 @@ class RedisEngine(Engine):
         super().__init__(clock, **kwargs)
         # Budgets' calendar windows follow this host's wall clock, corrected by its measured offset
         # from Redis' clock when that is large (see _check_clock).
-        self._host_wall = self.wall
+        self._host_wall = self.host_wall  # (as it is: a step is measured, see _check_clock)
         self._skew = 0.0
         self._next_clock_check = NEVER  # (due at once with server_time: see the end of __init__)
         self._wall_minus_mono = 0.0  # at the last measurement: a change says the host clock stepped

@@ -360,9 +360,10 @@ def _usage_counts(usage: Any) -> tuple[int | None, int | None]:
     tin, tout = _sane(pin), _sane(pout)
     if tin is not None:
         # An output count left out (LiteLLM makes it 0), null or wrong while the total says more
-        # was used: the rest of the total is output (the provider bills it).
+        # was used: the rest of the total is output (the provider bills it). Only then: a total
+        # can hold more than prompt and output (Gemini's tool-use prompt tokens, not billed so).
         total = _sane(usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None))
-        if total is not None and total > tin + (tout or 0):
+        if not tout and total is not None and total > tin:
             tout = total - tin
     return tin, tout
 

@@ -1,0 +1,187 @@
+"""Review of the money / proxy / zero-code fixes (7f45d91..HEAD): each test fails on the package
+as it stands and shows one defect. Real LiteLLM calls go to servers on 127.0.0.1; time runs on
+fake clocks."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import litellm
+import pytest
+
+from hive_ratelimit_plugin import HiveLimiter
+from hive_ratelimit_plugin.testing import FakeClock
+
+WALL_START = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+
+
+# ------------------------------------------------------------------ a Gemini endpoint
+class GeminiServer:
+    """Google AI Studio's generateContent on 127.0.0.1, answering with the usageMetadata it is given."""
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Any] = {}
+        self.grounding: dict[str, Any] | None = None
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                candidate: dict[str, Any] = {"content": {"parts": [{"text": "ok"}], "role": "model"},
+                                             "finishReason": "STOP", "index": 0}
+                if outer.grounding is not None:
+                    candidate["groundingMetadata"] = outer.grounding
+                body = json.dumps({"candidates": [candidate], "usageMetadata": outer.usage,
+                                   "modelVersion": "gemini-2.0-flash"}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def gemini() -> Iterator[GeminiServer]:
+    server = GeminiServer()
+    yield server
+    server.close()
+
+
+def test_gemini_tool_use_prompt_tokens_are_not_settled_as_output(gemini: GeminiServer, clock: FakeClock) -> None:
+    """Gemini's ``totalTokenCount`` includes ``toolUsePromptTokenCount`` (the search results /
+    tool output Gemini reads back: prompt-side tokens). LiteLLM keeps them out of
+    ``prompt_tokens`` (1.83.4: always; 1.110.2: when the answer was grounded with Google Search,
+    as they are not billed as tokens then) but passes ``totalTokenCount`` through as
+    ``total_tokens``. ``_usage_counts`` now books "the rest of total_tokens" as OUTPUT: 4,000
+    search-result tokens are priced at the output price (and counted in output/token windows),
+    for a call that produced 5 output tokens. At most they are input."""
+    prices = {"gemini-2.0-flash": {"input_per_million": 1_000_000, "output_per_million": 10_000_000}}
+    limiter = HiveLimiter({"pricing": prices, "budget": {"max_daily_spend": 10_000_000}, "state_path": ":memory:"},
+                          clock=clock, wall_clock=FakeClock(WALL_START))
+    clock.attach(limiter)
+    litellm.callbacks.append(limiter)
+    gemini.grounding = {"webSearchQueries": ["weather in paris"]}
+    gemini.usage = {"promptTokenCount": 10, "candidatesTokenCount": 5, "toolUsePromptTokenCount": 4000,
+                    "totalTokenCount": 4015}
+    litellm.completion(model="gemini/gemini-2.0-flash", api_base=gemini.url, api_key="test-key",
+                       messages=[{"role": "user", "content": "weather in paris?"}], max_tokens=100, max_retries=0)
+    cost = limiter.get_usage_stats()["cost_today"]
+    # 10 prompt + 5 output tokens; at the very most the 4,000 tool-use tokens at the INPUT price.
+    most = (10 + 4000) * 1 + 5 * 10
+    assert cost <= most, f"settled at {cost}: Gemini's tool-use prompt tokens were priced as output tokens"
+
+
+# ------------------------------------------------------------------ a wall clock stepped back
+class SteppableWall:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+UNIT_PRICE = {"gpt-4o-mini": {"input_per_million": 1_000_000, "output_per_million": 1_000_000}}
+
+
+def test_spend_kept_in_the_newest_day_after_a_clock_step_back_survives_a_restart(
+        provider: Any, clock: FakeClock, tmp_path: Any) -> None:
+    """The fix keeps spend settled while the wall clock is stepped back in the newest window's
+    counter (in memory), but the state file records it under the stepped-back time, i.e. in the
+    day before. Loading the state file (a restart, or another process tailing it: apply_external
+    skips rows older than the current window) then gives the newest day a different spend than
+    the process counted: the 8 settled during the step back are forgotten and the daily budget
+    reopens by that much. The same defect as the one fixed, in the persistence layer."""
+    from .helpers import chat_kwargs
+
+    state = str(tmp_path / "state.sqlite")
+    config = {"pricing": UNIT_PRICE, "state_path": state, "budget": {"max_daily_spend": 1000}}
+    wall = SteppableWall(WALL_START + 16 * 3600 - 2)  # 2027-01-15 23:59:58 UTC
+    limiter = HiveLimiter(config, clock=clock, wall_clock=wall)
+    clock.attach(limiter)
+    litellm.callbacks.append(limiter)
+    wall.now += 3  # 00:00:01 on the 16th
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))  # 8 on the 16th
+    wall.now -= 2  # NTP steps the clock back: 23:59:59 on the 15th
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))  # counted in the 16th (the fix)
+    wall.now += 2  # the 16th again
+    in_memory = limiter.get_usage_stats()["cost_today"]
+    assert in_memory == 16
+    litellm.callbacks.clear()
+    restarted = HiveLimiter(config, clock=FakeClock(), wall_clock=SteppableWall(wall.now))
+    got = restarted.get_usage_stats()["cost_today"]
+    assert got == in_memory, f"restarted at {got}: " \
+        "the state file puts the spend settled during the step back in the previous day"
+
+
+# ------------------------------------------------------------------ zero code: enable() after reload()
+async def test_enable_after_the_limits_file_was_reloaded_returns_the_reloaded_limiter(
+        provider: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented way to change limits and keep the counted usage is reload(); enable() is
+    the documented way to fetch the active limiter. Operator edits HIVE_RATELIMIT_CONFIG, the
+    program reloads the limiter it holds (reload() with no argument reads the file again), then
+    any module fetches the limiter with enable(), which reads the same (edited) file: its
+    configuration IS the limiter's current one. Before 907bd08 that returned the same limiter;
+    now enable() compares with the configuration the limiter was *first* enabled with only, so it
+    builds a new limiter and unregisters the old one: the reloaded limits hold again from zero
+    (usage counted in memory is gone)."""
+    from hive_ratelimit_plugin import disable, enable
+    from hive_ratelimit_plugin.errors import RateLimitQueueTimeout
+
+    from .helpers import chat_kwargs
+
+    path = tmp_path / "limits.yaml"
+    path.write_text("rate_limiting:\n  global: {requests_per_minute: 100}\n  queue: {max_wait_seconds: 0}\n")
+    monkeypatch.setenv("HIVE_RATELIMIT_CONFIG", str(path))
+    try:
+        limiter = enable()
+        path.write_text("rate_limiting:\n  global: {requests_per_minute: 1}\n  queue: {max_wait_seconds: 0}\n")
+        limiter.reload()  # the edited file
+        await litellm.acompletion(**chat_kwargs(provider))  # the one request of this minute
+        fetched = enable()  # another module fetching the process-wide limiter
+        assert fetched is limiter, "enable() replaced the limiter whose configuration it was given"
+        with pytest.raises(RateLimitQueueTimeout):
+            await litellm.acompletion(**chat_kwargs(provider))
+    finally:
+        disable()
+
+
+def test_a_scope_first_charged_while_the_clock_is_stepped_back_keeps_its_spend(
+        provider: Any, clock: FakeClock) -> None:
+    """The step-back rule is per counter: a counter that exists keeps its newest window, but one
+    created while the clock is stepped back (the first spend of an agent that day, or the first
+    after reset_budget) is created in the *older* window and is wiped as soon as the clock comes
+    back. Here agent "b" spends 8 while the clock reads 23:59:59 on the 15th (the host is really
+    in the 16th, where the global counter puts that spend); once the clock is back, the global
+    counter has 16, agent b's own daily budget 0: its spend is forgotten and its budget reopens."""
+    from .helpers import chat_kwargs
+
+    config = {"pricing": UNIT_PRICE, "state_path": ":memory:",
+              "budget": {"max_daily_spend": 1000}, "agents": {"b": {"max_cost_per_day": 1000}}}
+    wall = SteppableWall(WALL_START + 16 * 3600 + 1)  # 2027-01-16 00:00:01 UTC
+    limiter = HiveLimiter(config, clock=clock, wall_clock=wall)
+    clock.attach(limiter)
+    litellm.callbacks.append(limiter)
+    litellm.completion(**chat_kwargs(provider, max_tokens=5, metadata={"agent_id": "a"}))  # 8 on the 16th
+    wall.now -= 2  # NTP steps the clock back: 23:59:59 on the 15th
+    litellm.completion(**chat_kwargs(provider, max_tokens=5, metadata={"agent_id": "b"}))  # b's first spend
+    wall.now += 2  # the 16th again
+    stats = limiter.get_usage_stats()
+    assert stats["cost_today"] == 16  # the global counter kept both in the newest day
+    spent_b = limiter._engine.spend("agent:b", "day")[0]
+    assert spent_b == 8, f"agent b's daily spend reads {spent_b} once the clock is back: its 8 were wiped"
