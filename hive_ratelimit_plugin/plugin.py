@@ -357,13 +357,15 @@ def _usage_counts(usage: Any) -> tuple[int | None, int | None]:
                 pout = getattr(usage, "output_tokens", None)
     if not pin and not pout:  # none, or zeros: LiteLLM fills in zeros for an answer without usage
         return None, None
-    tin, tout = _sane(pin), _sane(pout)
-    if tin is not None:
+    # (the usual counts tested in line: this runs for every call)
+    tin = pin if type(pin) is int and 0 <= pin <= _MAX_CALL_TOKENS else _sane(pin)
+    tout = pout if type(pout) is int and 0 < pout <= _MAX_CALL_TOKENS else _sane(pout)
+    if not tout and tin is not None:
         # An output count left out (LiteLLM makes it 0), null or wrong while the total says more
         # was used: the rest of the total is output (the provider bills it). Only then: a total
         # can hold more than prompt and output (Gemini's tool-use prompt tokens, not billed so).
         total = _sane(usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None))
-        if not tout and total is not None and total > tin:
+        if total is not None and total > tin:
             tout = total - tin
     return tin, tout
 
