@@ -1602,6 +1602,10 @@ class Engine:
         for code, width, windows in layout.runs:
             index = int(admitted // width)  # the bucket admission charged
             if code == REQ:
+                if not requests:  # never sent ("void"): its request is taken back
+                    for window in windows:
+                        window.adjust(now, index, -1)
+                    continue
                 # Count the request from when it may have reached the provider, not from its
                 # admission: the HTTP request goes out (and lands) some time after admission,
                 # and a provider enforcing an exact window counts it from its arrival. It can

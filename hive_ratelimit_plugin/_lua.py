@@ -676,7 +676,9 @@ for _, sc in ipairs(scopes) do
     local width = win.period / BUCKETS
     local idx = fdiv(admitted_at, width)
     local live = (idx + 1) * width + win.period > now
-    if win.isreq then
+    if win.isreq and outcome == 'void' then  -- never sent: its request is taken back
+      if live then bump(key, idx, -win.amount) end
+    elseif win.isreq then
       if recounted and sent_at then  -- (counted from its send already: moved on from there)
         idx = fdiv(sent_at, width)
         live = (idx + 1) * width + win.period > now

@@ -97,6 +97,7 @@ def _thread_event() -> threading.Event:
 
 
 _warned_loop = False
+_warned_executor = False
 
 
 def _warn_if_on_a_loop() -> None:
@@ -104,18 +105,30 @@ def _warn_if_on_a_loop() -> None:
     coroutine: a sync tool of an async agent) blocks that loop while it waits: the loop's own calls
     cannot finish meanwhile, so a concurrency slot they hold cannot come back before the wait runs
     out. Said once per process."""
-    global _warned_loop
-    if _warned_loop:
+    global _warned_loop, _warned_executor
+    if _warned_loop and _warned_executor:
         return
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        # A thread of an event loop's default executor (asyncio.to_thread, run_in_executor(None)):
+        # LiteLLM runs part of every async call in that executor, after the call was admitted. When
+        # its threads all wait here, the async calls holding the slots cannot finish either.
+        if not _warned_executor and threading.current_thread().name.startswith("asyncio_"):
+            _warned_executor = True
+            logger.warning("hive-ratelimit: a sync LiteLLM call waits for a limit on a thread of an event loop's "
+                           "default executor (asyncio.to_thread): LiteLLM runs part of every async call in that "
+                           "executor, so when its threads all wait here, async calls that hold the slots cannot "
+                           "finish and the waiting calls time out. Run sync calls in a ThreadPoolExecutor of "
+                           "their own, or use litellm.acompletion")
+        return
+    if _warned_loop:
         return
     _warned_loop = True
     logger.warning("hive-ratelimit: a sync LiteLLM call waits for a limit on a thread that runs an asyncio event "
                    "loop: the loop is blocked while it waits, and its own calls (which may hold the slot this "
                    "one waits for) cannot finish meanwhile. Use litellm.acompletion there, or run the sync call "
-                   "with asyncio.to_thread")
+                   "in a ThreadPoolExecutor of its own")
 
 
 def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:

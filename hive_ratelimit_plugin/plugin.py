@@ -1067,7 +1067,11 @@ class HiveLimiter(CustomLogger):
                 eng.release(call_id, outcome=outcome, wait=wait, signals=signals)
                 return
             # Refused by the provider (an error status), or never sent: providers do not bill those,
-            # nor count their tokens. (The attempt still counts as a request.)
+            # nor count their tokens. The attempt still counts as a request, unless it was cancelled
+            # before LiteLLM sent it (an error before the send may be LiteLLM's own or the
+            # provider's: counted, to be safe).
+            if not progress and exc is None:
+                outcome = "void"
             eng.release(call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome=outcome, wait=wait,
                         signals=signals)
             return
