@@ -169,3 +169,34 @@ async def assert_cancelling_in_flight_frees_the_slot(limiter: HiveLimiter, provi
     await call()
     # the abandoned request is still answered (into the log): let it finish inside this test
     await wait_until(lambda: provider.state.in_flight == 0)
+
+
+class JsonServer:
+    """An HTTP server on 127.0.0.1 answering every POST with ``body()`` as JSON: a provider whose
+    answers the fake provider cannot script (odd usage, another wire format). ``url`` is its root."""
+
+    def __init__(self, body: Callable[[], dict[str, Any]]) -> None:
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                data = json.dumps(body()).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -8,11 +8,8 @@ time-dependent logic runs on injected fake clocks.
 
 from __future__ import annotations
 
-import json
-import threading
 import weakref
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ from hive_ratelimit_plugin import HiveLimiter
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
 from .conftest import REDIS_URL
-from .helpers import chat_kwargs
+from .helpers import JsonServer, chat_kwargs
 
 # 2027-01-15 08:00:00 UTC
 WALL_START = 1_800_000_000.0
@@ -52,34 +49,17 @@ class OddProvider:
     def __init__(self) -> None:
         self.usage: dict[str, Any] = {}
         self.content = "ok"
-        outer = self
+        self._server = JsonServer(self._answer)
+        self.url = self._server.url + "/v1"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                body = json.dumps({
-                    "id": "chatcmpl-odd", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": outer.content}}],
-                    "usage": outer.usage,
-                }).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+    def _answer(self) -> dict[str, Any]:
+        return {"id": "chatcmpl-odd", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": self.content}}],
+                "usage": self.usage}
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.close()
 
 
 @pytest.fixture

@@ -1,13 +1,10 @@
-"""Review of the money / proxy / zero-code fixes (7f45d91..HEAD): each test fails on the package
-as it stands and shows one defect. Real LiteLLM calls go to servers on 127.0.0.1; time runs on
+"""A review of the money, proxy and zero-code fixes: each test failed on the package before its
+fix and shows one defect. Real LiteLLM calls go to servers on 127.0.0.1; time runs on
 fake clocks."""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import litellm
@@ -15,6 +12,8 @@ import pytest
 
 from hive_ratelimit_plugin import HiveLimiter
 from hive_ratelimit_plugin.testing import FakeClock
+
+from .helpers import JsonServer
 
 WALL_START = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 
@@ -26,34 +25,18 @@ class GeminiServer:
     def __init__(self) -> None:
         self.usage: dict[str, Any] = {}
         self.grounding: dict[str, Any] | None = None
-        outer = self
+        self._server = JsonServer(self._answer)
+        self.url = self._server.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                candidate: dict[str, Any] = {"content": {"parts": [{"text": "ok"}], "role": "model"},
-                                             "finishReason": "STOP", "index": 0}
-                if outer.grounding is not None:
-                    candidate["groundingMetadata"] = outer.grounding
-                body = json.dumps({"candidates": [candidate], "usageMetadata": outer.usage,
-                                   "modelVersion": "gemini-2.0-flash"}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+    def _answer(self) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"parts": [{"text": "ok"}], "role": "model"},
+                                     "finishReason": "STOP", "index": 0}
+        if self.grounding is not None:
+            candidate["groundingMetadata"] = self.grounding
+        return {"candidates": [candidate], "usageMetadata": self.usage, "modelVersion": "gemini-2.0-flash"}
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.close()
 
 
 @pytest.fixture
