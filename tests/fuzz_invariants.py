@@ -1,7 +1,8 @@
 """Seeded randomized fuzzing of the limiter's accounting invariants against the fake provider.
 
-Run on demand (not collected by the default test run: it is slower, and its batches depend on
-timing, so a loaded machine can make it report a spurious window count):
+Run on demand (not collected by the default test run). On a loaded machine its Redis batches
+can report one request too many in the request windows (the spend book right): a conservative
+discrepancy not yet explained (seed 0, batch 2; see FZ_LOG below).
 
     python -m pytest -q tests/fuzz_invariants.py              # 1 seed per backend, ~20 s
     FZ_SEEDS=20 FZ_BATCHES=5 python -m pytest -q tests/fuzz_invariants.py
