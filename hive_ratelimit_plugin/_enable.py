@@ -41,8 +41,8 @@ _WATCH_FLAG = "__hive_ratelimit_watch__"
 _DELIBERATE = ("litellm.litellm_core_utils.logging_callback_manager", "hive_ratelimit_plugin")
 
 
-#: The configuration (``model_dump()``) the active limiter was enabled with, by ``id``.
-_enabled_with: dict[int, dict[str, Any]] = {}
+#: The configuration (``model_dump()``) the active limiter was enabled with.
+_enabled_with: dict[str, Any] | None = None
 
 
 def enable(config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -> HiveLimiter:
@@ -63,7 +63,7 @@ def enable(config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -
     Raises:
         ConfigError: the configuration is invalid (any active limiter stays as it was).
     """
-    global _limiter
+    global _limiter, _enabled_with
     import litellm
 
     from .config import load_config
@@ -75,7 +75,7 @@ def enable(config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -
         # Compared with the configuration it was enabled with as well as its current one:
         # set_budget() and reload() change that, and enable() is also how code fetches it.
         wanted = cfg.model_dump()
-        if current is not None and wanted in (_enabled_with.get(id(current)), current.config.model_dump()):
+        if current is not None and wanted in (_enabled_with, current.config.model_dump()):
             if not any(cb is current for cb in litellm.callbacks):
                 litellm.callbacks.append(current)
             _watch(litellm)
@@ -86,8 +86,7 @@ def enable(config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -
             _unregister(current)
             logger.info("hive-ratelimit: enable() with a new configuration replaced the active limiter")
         _limiter = limiter
-        _enabled_with.clear()
-        _enabled_with[id(limiter)] = wanted
+        _enabled_with = wanted
         litellm.callbacks.append(limiter)
         _watch(litellm)
         return limiter

@@ -364,19 +364,18 @@ def _usage_counts(usage: Any) -> tuple[int | None, int | None]:
         # An output count left out (LiteLLM makes it 0), null or wrong while the total says more
         # was used: the rest of the total is output (the provider bills it). Only then: a total
         # can hold more than prompt and output (Gemini's tool-use prompt tokens, not billed so).
-        total = _sane(usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None))
+        total = _usage_total(usage)
         if total is not None and total > tin:
             tout = total - tin
     return tin, tout
 
 
 def _usage_total(usage: Any) -> int | None:
-    """The ``total_tokens`` of a usage that gives no other count, if it makes sense."""
+    """The ``total_tokens`` of a usage, if it gives one that makes sense."""
     if usage is None:
         return None
-    total = usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None)
-    total = _sane(total)
-    return total or None
+    return _sane(usage.get("total_tokens") if isinstance(usage, Mapping) else getattr(usage, "total_tokens", None)) \
+        or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1044,8 +1043,6 @@ class HiveLimiter(CustomLogger):
             return  # not ours, or already settled (LiteLLM sends more than one end-of-call event)
         assert call_id is not None
         if failed:
-            if getattr(exc, "hive_ratelimit_code", None) == "duplicate_call_id":
-                return  # the proxy refused a request reusing this id: the call holding it is another's
             outcome, wait, signals = "error", None, None
             if exc is not None:
                 headers = response_headers(exc)
@@ -1212,22 +1209,25 @@ class HiveLimiter(CustomLogger):
             return kwargs  # type: ignore[return-value]
         return None
 
-    async def _queue_async(self, ticket: Ticket, call_type: str, kwargs: Mapping[str, Any]) -> float:
-        """Wait in the queue (a call :meth:`Engine.admit_now` turned down). While it waits, its
-        request is at hand for a configuration change to estimate it again (see _apply_config)."""
+    @contextlib.contextmanager
+    def _waiting(self, ticket: Ticket, call_type: str, kwargs: Mapping[str, Any]) -> Iterator[None]:
+        """While a call waits in the queue, its request is at hand for a configuration change to
+        estimate it again (see _apply_config)."""
         self._waiting_calls[ticket.call_id] = (call_type, kwargs)
         try:
-            return await queue_async(self._engine, ticket, self._max_wait())
+            yield
         finally:
             self._waiting_calls.pop(ticket.call_id, None)
 
+    async def _queue_async(self, ticket: Ticket, call_type: str, kwargs: Mapping[str, Any]) -> float:
+        """Wait in the queue (a call :meth:`Engine.admit_now` turned down)."""
+        with self._waiting(ticket, call_type, kwargs):
+            return await queue_async(self._engine, ticket, self._max_wait())
+
     def _queue_sync(self, ticket: Ticket, call_type: str, kwargs: Mapping[str, Any]) -> float:
         """:meth:`_queue_async` for a sync call (blocks its thread)."""
-        self._waiting_calls[ticket.call_id] = (call_type, kwargs)
-        try:
+        with self._waiting(ticket, call_type, kwargs):
             return acquire_sync(self._engine, ticket, self._max_wait())
-        finally:
-            self._waiting_calls.pop(ticket.call_id, None)
 
     def _held_for_another_model(self, call_id: str, kwargs: Mapping[str, Any]) -> bool:
         """Whether the reservation ``call_id`` holds is for another model than this attempt's, and
@@ -1401,10 +1401,15 @@ def _state_file(path: str | None) -> str:
     return os.path.expanduser(str(path)) if path else str(default_state_path())
 
 
+def key_id(api_key: str) -> str:
+    """What an id that is an API key is counted as: ``key#<hash>`` (ids reach stats, logs, state
+    files and Redis keys, which must never hold a key)."""
+    return "key#" + hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 def _without_key(ident: Identity, api_key: str) -> Identity:
-    """``ident`` with any id equal to the call's API key replaced by ``key#<hash>``: ids reach
-    stats, logs, state files and Redis keys, which must never hold a key."""
-    name = "key#" + hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    """``ident`` with any id equal to the call's API key replaced by :func:`key_id`."""
+    name = key_id(api_key)
 
     def hidden(value: str | None) -> str | None:
         return name if value == api_key else value

@@ -51,7 +51,7 @@ from .errors import (
     RateLimitQueueTimeout,
     RequestTooLargeError,
 )
-from .plugin import HiveLimiter, _call_type_name, _timeout_event
+from .plugin import HiveLimiter, _call_type_name, _timeout_event, key_id
 
 __all__ = ["ProxyLimiter", "get_instance", "limiter", "proxy_handler_instance", "proxy_identity"]  # noqa: F822 (lazy)
 
@@ -90,10 +90,10 @@ def _end_user(user_api_key_dict: Any) -> Any:
     end = _field(user_api_key_dict, "end_user_id")
     if not isinstance(end, str) or not end:
         return end
-    digest = hashlib.sha256(end.encode("utf-8", "surrogatepass")).hexdigest()
     token = _field(user_api_key_dict, "token")
-    if end == _field(user_api_key_dict, "api_key") or (isinstance(token, str) and token == digest):
-        return "key#" + digest[:16]  # (as plugin._without_key names it)
+    if end == _field(user_api_key_dict, "api_key") or (
+            isinstance(token, str) and token == hashlib.sha256(end.encode("utf-8", "surrogatepass")).hexdigest()):
+        return key_id(end)
     return end
 
 
@@ -270,6 +270,12 @@ class ProxyLimiter(HiveLimiter):
             ticket.choices = None  # the proxy's model_list picks the API key of each deployment
         return ticket
 
+    def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
+                exc: BaseException | None = None, prior: BaseException | None = None) -> None:
+        if failed and getattr(exc, "hive_ratelimit_code", None) == "duplicate_call_id":
+            return  # a request refused for reusing this id (its events carry it): the call holding it is another's
+        super()._finish(call_id, response, failed=failed, exc=exc, prior=prior)
+
     def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
         if kwargs.get(_RUNAWAY_FLAG, True):
             super()._check_runaway(agent_id, model, kwargs)
@@ -379,7 +385,7 @@ class ProxyLimiter(HiveLimiter):
                                            **kwargs: Any) -> Any:
         """Release a request that failed anywhere after admission; answer our errors properly."""
         call_id = request_data.get("litellm_call_id") if isinstance(request_data, Mapping) else None
-        if call_id:  # (not for a refused duplicate id: see _finish)
+        if call_id:
             self._finish(str(call_id), failed=True, exc=original_exception)
         from fastapi import HTTPException
 
