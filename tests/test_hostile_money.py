@@ -1,9 +1,9 @@
 """A hostile pass on money: budgets, spend accounting, persistence and pricing.
 
-Each test here is a defect found by that pass: it fails on the package as it stands and passes
-once the defect is fixed. Real LiteLLM calls go to the fake provider on 127.0.0.1 (or, where a
-provider must answer with odd usage, to a small server of this module, also on 127.0.0.1);
-time-dependent logic runs on injected fake clocks.
+Each test here is a defect found by that pass: it failed on the package before its fix. Real
+LiteLLM calls go to the fake provider on 127.0.0.1 (or, where a provider must answer with odd
+usage, to a small server of this module, also on 127.0.0.1); time-dependent logic runs on
+injected fake clocks.
 """
 
 from __future__ import annotations

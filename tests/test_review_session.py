@@ -84,12 +84,11 @@ UNIT_PRICE = {"gpt-4o-mini": {"input_per_million": 1_000_000, "output_per_millio
 
 def test_spend_kept_in_the_newest_day_after_a_clock_step_back_survives_a_restart(
         provider: Any, clock: FakeClock, tmp_path: Any) -> None:
-    """The fix keeps spend settled while the wall clock is stepped back in the newest window's
-    counter (in memory), but the state file records it under the stepped-back time, i.e. in the
-    day before. Loading the state file (a restart, or another process tailing it: apply_external
-    skips rows older than the current window) then gives the newest day a different spend than
-    the process counted: the 8 settled during the step back are forgotten and the daily budget
-    reopens by that much. The same defect as the one fixed, in the persistence layer."""
+    """Spend settled while the wall clock is stepped back is counted in the newest window in
+    memory; the state file must record it there too. Recorded under the stepped-back time (the
+    day before), a restart or another process tailing the file (apply_external skips rows older
+    than the current window) gave the newest day less spend than the process counted: the 8
+    settled during the step back were forgotten and the daily budget reopened by that much."""
     from .helpers import chat_kwargs
 
     state = str(tmp_path / "state.sqlite")
@@ -101,7 +100,7 @@ def test_spend_kept_in_the_newest_day_after_a_clock_step_back_survives_a_restart
     wall.now += 3  # 00:00:01 on the 16th
     litellm.completion(**chat_kwargs(provider, max_tokens=5))  # 8 on the 16th
     wall.now -= 2  # NTP steps the clock back: 23:59:59 on the 15th
-    litellm.completion(**chat_kwargs(provider, max_tokens=5))  # counted in the 16th (the fix)
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))  # counted in the 16th
     wall.now += 2  # the 16th again
     in_memory = limiter.get_usage_stats()["cost_today"]
     assert in_memory == 16
@@ -119,10 +118,10 @@ async def test_enable_after_the_limits_file_was_reloaded_returns_the_reloaded_li
     the documented way to fetch the active limiter. Operator edits HIVE_RATELIMIT_CONFIG, the
     program reloads the limiter it holds (reload() with no argument reads the file again), then
     any module fetches the limiter with enable(), which reads the same (edited) file: its
-    configuration IS the limiter's current one. Before 907bd08 that returned the same limiter;
-    now enable() compares with the configuration the limiter was *first* enabled with only, so it
-    builds a new limiter and unregisters the old one: the reloaded limits hold again from zero
-    (usage counted in memory is gone)."""
+    configuration IS the limiter's current one, so the same limiter comes back. Compared only
+    with the configuration the limiter was *first* enabled with, enable() built a new limiter and
+    unregistered the old one: the reloaded limits held again from zero (usage counted in memory
+    was gone)."""
     from hive_ratelimit_plugin import disable, enable
     from hive_ratelimit_plugin.errors import RateLimitQueueTimeout
 
