@@ -277,8 +277,10 @@ class RedisEngine(Engine):
         sent = False
         try:
             self.round_trips += 1
-            if self._down_since is not None:
-                # first what was settled meanwhile: this call's decision must see it
+            if self._down_since is not None or self._pending_settle or self._pending_spend or self._pending_hits:
+                # First what was settled meanwhile: this call's decision must see it. (Kept writes
+                # with Redis up: another thread's call, sent before the outage was noticed, came
+                # back after it and found Redis back before the failed write was kept.)
                 replayed = self._replay()
             sent = True
             out = script(keys=self._route, args=_pack(args))

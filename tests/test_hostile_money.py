@@ -8,6 +8,7 @@ injected fake clocks.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,46 @@ def test_spend_kept_during_a_redis_outage_reaches_redis_when_the_process_exits_a
     litellm.callbacks.clear()
     other = make(FakeClock(), wall, config)  # another process on the same Redis
     assert other.get_usage_stats()["cost_today"] == 8, "the spend settled during the blip never reached Redis"
+
+
+def test_a_settlement_kept_while_another_thread_finds_redis_back_is_still_written(
+        provider: FakeProvider, clock: FakeClock, wall: FakeClock, redis_prefix: str) -> None:
+    """Two threads talk to Redis at once: one's settlement fails (a blip) while another's call,
+    sent before the blip was noticed, comes back after it. That call finds Redis back and ends
+    the outage before the failed settlement is kept. Kept with Redis "up", the settlement was
+    written by no later call (they replay only during an outage), not even at exit: its spend
+    never reached the shared budget. (Seen in CI on LiteLLM 1.83.4, where the sync success
+    handler runs on a thread of its own.)"""
+    import redis
+
+    from hive_ratelimit_plugin.plugin import _settle_at_exit
+
+    config = {"budget": {"max_daily_spend": 1000}, "backend": REDIS_URL, "redis": {"key_prefix": redis_prefix}}
+    limiter = make(clock, wall, config)
+    eng: Any = limiter._engine
+    real_settle, real_begins = eng._settle_script, eng._outage_begins
+    refused: list[int] = []
+
+    def settle_once_refused(*args: Any, **kwargs: Any) -> Any:
+        if not refused:
+            refused.append(1)
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return real_settle(*args, **kwargs)
+
+    def outage_begins_then_another_thread_answers() -> None:
+        real_begins()
+        eng._next_try = -math.inf  # (that thread passed the check before the outage was noticed)
+        assert eng._peek([], [], [], [], []) is not None
+        assert eng.available, "the other thread's call did not end the outage"
+
+    eng._settle_script = settle_once_refused
+    eng._outage_begins = outage_begins_then_another_thread_answers
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))  # costs 8; its settlement finds Redis gone
+    assert eng.available and eng.backend_info()["pending_settlements"] == 1
+    _settle_at_exit(weakref.ref(limiter))  # the process exits, Redis up all along
+    litellm.callbacks.clear()
+    other = make(FakeClock(), wall, config)  # another process on the same Redis
+    assert other.get_usage_stats()["cost_today"] == 8, "the kept settlement never reached Redis"
 
 
 def test_usage_with_only_a_total_is_not_priced_all_as_input(odd: OddProvider, clock: FakeClock,
