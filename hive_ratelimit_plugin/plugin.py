@@ -2026,7 +2026,25 @@ def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
         owned = [(lim, cid, lim._engine.reservation(cid)) for lim, cid in leases]
         _start_freeing()
         weakref.finalize(stream, _dropped.put, owned).atexit = False
+        _unpin(stream)
     return stream
+
+
+def _unpin(stream: Any) -> None:
+    """LiteLLM 1.83 keeps the locals of the last call's ``pre_call``/``post_call`` logging in a
+    module global, ``litellm.error_logs`` (written, never read). For a sync stream they hold the
+    stream itself (and its ``Logging``, which holds it too): a stream the caller dropped unclosed
+    then stays alive, with its slots, until another call of the process is sent, which a call
+    waiting for those very slots never is. Drop those two entries when they are this stream's."""
+    logs = getattr(litellm, "error_logs", None)
+    if not isinstance(logs, dict) or not logs:
+        return
+    own = getattr(stream, "logging_obj", None)
+    for stage in ("PRE_CALL", "POST_CALL"):
+        entry = logs.get(stage)
+        if isinstance(entry, dict) and (entry.get("original_response") is stream
+                                        or (own is not None and entry.get("self") is own)):
+            logs.pop(stage, None)
 
 
 #: Streams collected unclosed, their slots not yet given back: the finalizer only puts them here

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
+import time
+import weakref
 
 import litellm
 
@@ -50,3 +53,31 @@ async def test_a_stream_admitted_during_a_redis_outage_is_freed_when_collected(p
     del s1
     gc.collect()
     await wait_until(lambda: g(limiter)["in_flight"] == 0)
+
+
+def test_a_queued_call_gets_the_slot_of_a_sync_stream_collected_unclosed(provider: FakeProvider,
+                                                                         clock: FakeClock) -> None:
+    """The same with a sync stream (``for chunk in stream: break``), which LiteLLM 1.83 kept alive
+    through ``litellm.error_logs`` (the locals of its last logged call): never collected, its slot
+    came back only after its lease, so the call waiting for it waited the whole lease."""
+    make(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 60},
+                 "status": {"enabled": False}})
+    provider.state.completion_tokens = 20
+    s1 = litellm.completion(**chat_kwargs(provider, stream=True, max_tokens=30))
+    for _ in s1:
+        break
+    done: list[object] = []
+    second = threading.Thread(target=lambda: done.append(litellm.completion(**small(provider))), daemon=True)
+    second.start()
+    deadline = time.monotonic() + 0.2
+    while time.monotonic() < deadline and len(provider.state.log) < 2:
+        time.sleep(0.01)
+    assert len(provider.state.log) == 1  # call 2 is queued
+    gone = weakref.ref(s1)
+    del s1
+    deadline = time.monotonic() + 5  # (the clock stands still: only the freed slot lets call 2 go)
+    while (gone() is not None or second.is_alive()) and time.monotonic() < deadline:
+        gc.collect()
+        second.join(0.05)
+    assert gone() is None, "the dropped stream is still referenced"
+    assert not second.is_alive() and done and len(provider.state.log) == 2
