@@ -1222,12 +1222,12 @@ class HiveLimiter(CustomLogger):
     async def _queue_async(self, ticket: Ticket, call_type: str, kwargs: Mapping[str, Any]) -> float:
         """Wait in the queue (a call :meth:`Engine.admit_now` turned down)."""
         with self._waiting(ticket, call_type, kwargs):
-            return await queue_async(self._engine, ticket, self._max_wait())
+            return await queue_async(self._engine, ticket, self._max_wait(kwargs))
 
     def _queue_sync(self, ticket: Ticket, call_type: str, kwargs: Mapping[str, Any]) -> float:
         """:meth:`_queue_async` for a sync call (blocks its thread)."""
         with self._waiting(ticket, call_type, kwargs):
-            return acquire_sync(self._engine, ticket, self._max_wait())
+            return acquire_sync(self._engine, ticket, self._max_wait(kwargs))
 
     def _held_for_another_model(self, call_id: str, kwargs: Mapping[str, Any]) -> bool:
         """Whether the reservation ``call_id`` holds is for another model than this attempt's, and
@@ -1252,9 +1252,15 @@ class HiveLimiter(CustomLogger):
         """Whether ``call_id`` was admitted before LiteLLM's entry point ran (the proxy's pre-call hook)."""
         return False
 
-    def _max_wait(self) -> float:
-        budget = _wait_budget.get()
+    def _max_wait(self, kwargs: Mapping[str, Any]) -> float:
+        """How long this call may wait in the queue: ``queue.max_wait_seconds``, no longer than the
+        call's own ``timeout=`` (a caller who gives up after 10 s must not be held for 60) nor
+        than what is left of its retries' wait budget."""
         limit = self._config.queue.max_wait_seconds
+        own = _call_timeout(kwargs)
+        if own is not None and own < limit:
+            limit = own
+        budget = _wait_budget.get()
         return limit if budget is None else max(min(limit, budget - self._engine.clock()), 0.0)
 
     def _key_value(self, scope_key: str) -> str:
@@ -1370,16 +1376,13 @@ _LEASE_MARGIN = 30.0
 _MAX_CALL_LEASE = 3600.0
 
 
-def _call_lease(kwargs: Mapping[str, Any], lease_seconds: float) -> float:
-    """The lease of a call that is not streamed: a healthy call given a ``timeout=`` longer than
-    ``lease_seconds`` must not lose its slot while it runs, so its lease covers that timeout (a
-    number, a numeric string, or an ``httpx.Timeout``'s longest part; ``None`` parts and infinite
-    values are unbounded) and a margin, up to an hour; 0 (the engine's ``lease_seconds``)
-    otherwise. (Not LiteLLM's default timeout, 6000 s, nor more than an hour: a process that dies
-    would hold its slots in Redis for that long.)"""
+def _call_timeout(kwargs: Mapping[str, Any]) -> float | None:
+    """The call's own ``timeout=`` in seconds: a number, a numeric string, or an ``httpx.Timeout``'s
+    longest part (``None`` parts and infinite values: ``inf``); ``None`` when it gives none, or
+    none that is usable (not positive, not a number)."""
     t = kwargs.get("timeout")
     if t is None or isinstance(t, bool):
-        return 0.0
+        return None
     seconds: float
     try:
         if isinstance(t, (numbers.Number, str)):
@@ -1388,10 +1391,20 @@ def _call_lease(kwargs: Mapping[str, Any], lease_seconds: float) -> float:
             parts: list[Any] = [getattr(t, n, None) for n in ("connect", "read", "write", "pool")]
             seconds = math.inf if any(v is None for v in parts) else max(float(v) for v in parts)
         else:
-            return 0.0
+            return None
     except (TypeError, ValueError, OverflowError):
-        return 0.0
-    if not seconds > 0 or seconds + _LEASE_MARGIN <= lease_seconds:  # (NaN fails the first test)
+        return None
+    return seconds if seconds > 0 else None  # (NaN fails the test)
+
+
+def _call_lease(kwargs: Mapping[str, Any], lease_seconds: float) -> float:
+    """The lease of a call that is not streamed: a healthy call given a ``timeout=`` longer than
+    ``lease_seconds`` must not lose its slot while it runs, so its lease covers that timeout
+    (see :func:`_call_timeout`) and a margin, up to an hour; 0 (the engine's ``lease_seconds``)
+    otherwise. (Not LiteLLM's default timeout, 6000 s, nor more than an hour: a process that dies
+    would hold its slots in Redis for that long.)"""
+    seconds = _call_timeout(kwargs)
+    if seconds is None or seconds + _LEASE_MARGIN <= lease_seconds:
         return 0.0
     return min(seconds + _LEASE_MARGIN, max(_MAX_CALL_LEASE, lease_seconds))
 

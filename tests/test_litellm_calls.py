@@ -9,6 +9,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
 import litellm
 import pytest
 
@@ -216,6 +217,61 @@ async def test_queue_timeout_after_max_wait(provider: FakeProvider, clock: FakeC
     with pytest.raises(RateLimitQueueTimeout) as info:
         await asyncio.wait_for(task, 5)
     assert "no request was sent" in str(info.value)
+    assert provider.state.count() == 1
+
+
+@pytest.mark.parametrize("timeout", [5, 5.0, "5", httpx.Timeout(5.0)])
+async def test_a_call_waits_in_the_queue_no_longer_than_its_own_timeout(timeout: Any, provider: FakeProvider,
+                                                                       clock: FakeClock) -> None:
+    """A caller who passes ``timeout=5`` gives up after 5 s: held for max_wait_seconds (60) in
+    the queue, the call outlived its own timeout twelvefold before anything was sent."""
+    make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 60}})
+    await litellm.acompletion(**chat_kwargs(provider))
+    task = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider), timeout=timeout))
+    await asyncio.sleep(0.01)
+    clock.advance(5.5)
+    with pytest.raises(RateLimitQueueTimeout, match="after waiting 5") as info:
+        await asyncio.wait_for(task, 5)
+    assert "no request was sent" in str(info.value)
+    assert provider.state.count() == 1
+
+
+@pytest.mark.parametrize("timeout", [120, 0, -1, "soon", float("nan"), httpx.Timeout(None)])
+async def test_a_timeout_that_bounds_nothing_leaves_the_queue_wait_as_configured(
+        timeout: Any, provider: FakeProvider, clock: FakeClock) -> None:
+    """Longer than max_wait_seconds, unbounded, or not a usable number: max_wait_seconds holds."""
+    limiter = make_limiter(clock, {"global": {"requests_per_hour": 1}, "queue": {"max_wait_seconds": 60}})
+    await litellm.acompletion(**chat_kwargs(provider))
+    task = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider), timeout=timeout))
+    await asyncio.sleep(0.01)
+    clock.advance(30)
+    await asyncio.sleep(0.01)
+    assert not task.done() and limiter.get_usage_stats()["queued"] == 1
+    clock.advance(31)
+    with pytest.raises(RateLimitQueueTimeout, match="after waiting 6"):
+        await asyncio.wait_for(task, 5)
+    assert provider.state.count() == 1
+
+
+def test_a_sync_call_waits_in_the_queue_no_longer_than_its_own_timeout(provider: FakeProvider,
+                                                                      clock: FakeClock) -> None:
+    """The same for a sync call (blocked in its own thread)."""
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 60}})
+    litellm.completion(**chat_kwargs(provider))
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            litellm.completion(**chat_kwargs(provider), timeout=5)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    _wait_for(lambda: limiter.get_usage_stats()["queued"] == 1)
+    clock.advance(5.5)
+    t.join(5)
+    assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], RateLimitQueueTimeout)
     assert provider.state.count() == 1
 
 
