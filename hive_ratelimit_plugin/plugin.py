@@ -424,7 +424,8 @@ class HiveLimiter(CustomLogger):
         wall_clock: Callable[[], float] | None = None,
     ) -> None:
         super().__init__()
-        cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
+        cfg = self._load(config)
+        self._source = config  # what reload() with no argument reads again
         if not cfg.enabled and "HIVE_RATELIMIT_ENABLED" in os.environ:
             # The variable is also the autoload's switch: someone setting it to 0 to keep the
             # autoload off may not expect it to switch this limiter off as well.
@@ -508,6 +509,10 @@ class HiveLimiter(CustomLogger):
     def reload(self, config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -> None:
         """Replace the configuration; the next call uses the new limits and budgets.
 
+        With no argument, what the limiter was built from (or last reloaded from) is read again:
+        its YAML file (edited since), ``HIVE_RATELIMIT_CONFIG``, its dict, the proxy's
+        ``config.yaml`` block; ``HIVE_RATELIMIT_*`` overrides apply as they are now.
+
         Usage already counted is kept. A change of budgets is recorded in the audit log.
 
         The backend (``backend``, ``redis``), the budgets' time zone (``budget.timezone``: spend is
@@ -518,7 +523,8 @@ class HiveLimiter(CustomLogger):
             ConfigError: the new configuration is invalid, or changes what cannot change (the old
                 one stays in force, wholly).
         """
-        cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
+        source = self._source if config is None else config
+        cfg = self._load(source)
         old = self._config
         ledger = self._ledger
         path = _state_file(cfg.state_path)
@@ -536,6 +542,11 @@ class HiveLimiter(CustomLogger):
                               "configuration stays in force.",
                               errors=[f"rate_limiting.{n}: cannot change on reload" for n in fixed])
         self._apply_config(cfg, action="reload")
+        self._source = source
+
+    def _load(self, source: Any) -> RateLimitingConfig:
+        """The configuration ``source`` (a constructor's ``config``) gives, as of now."""
+        return load_config(dict(source) if isinstance(source, Mapping) else source)
 
     def _apply_config(self, cfg: RateLimitingConfig, *, action: str, scope: str = "config") -> None:
         old_cfg = self._config

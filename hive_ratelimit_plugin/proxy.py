@@ -216,6 +216,11 @@ class ProxyLimiter(HiveLimiter):
         self._proxy_calls: LRUCache[str, tuple[dict[str, Any], bool]] = LRUCache(maxsize=65536)
         self._proxy_lock = threading.Lock()
 
+    def _load(self, source: Any) -> RateLimitingConfig:
+        if source is _PROXY_CONFIG:  # (built by get_instance: read where the proxy's config says)
+            source = _load_for_proxy()
+        return super()._load(source)
+
     def _after_fork_in_child(self) -> None:
         super()._after_fork_in_child()
         self._proxy_lock = threading.Lock()  # (see _fork: the parent's requests are the parent's)
@@ -437,6 +442,11 @@ def _proxy_config_file() -> str | None:
     return None
 
 
+#: The configuration source of the limiter the proxy's ``config.yaml`` names: read by
+#: :func:`_load_for_proxy`, at start and again by ``reload()``.
+_PROXY_CONFIG: Any = object()
+
+
 def _load_for_proxy() -> str | RateLimitingConfig | None:
     """``HIVE_RATELIMIT_CONFIG``; else the proxy config file's ``rate_limiting:`` block; else env only."""
     if os.environ.get("HIVE_RATELIMIT_CONFIG"):
@@ -463,7 +473,7 @@ def get_instance() -> ProxyLimiter:
     global _instance
     with _instance_lock:
         if _instance is None:
-            _instance = ProxyLimiter(_load_for_proxy())
+            _instance = ProxyLimiter(_PROXY_CONFIG)
             logger.info("hive-ratelimit: proxy limiter ready (%r)", _instance)
         return _instance
 

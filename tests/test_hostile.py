@@ -110,6 +110,41 @@ async def test_a_reload_that_fails_changes_nothing(provider: FakeProvider, clock
     assert provider.state.count() == 3
 
 
+async def test_reload_with_no_argument_reads_the_limiters_file_again(provider: FakeProvider, clock: FakeClock,
+                                                                    tmp_path: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``reload()`` after editing the limits file the limiter was built from read only the
+    environment instead: every limit of the file was dropped and calls went unlimited, in silence.
+    It now reads the file again (the last one given, after ``reload(path)``)."""
+    monkeypatch.delenv("HIVE_RATELIMIT_CONFIG", raising=False)
+    first, second = tmp_path / "limits.yaml", tmp_path / "other.yaml"
+    first.write_text("rate_limiting:\n  global: {requests_per_minute: 1}\n  queue: {max_wait_seconds: 0}\n")
+    limiter = HiveLimiter(str(first), clock=clock)
+    clock.attach(limiter)
+    litellm.callbacks.append(limiter)
+    await litellm.acompletion(**chat_kwargs(provider))
+    first.write_text("rate_limiting:\n  global: {requests_per_minute: 2}\n  queue: {max_wait_seconds: 0}\n")
+    limiter.reload()
+    assert limiter.config.global_.requests_per_minute == 2
+    await litellm.acompletion(**chat_kwargs(provider))
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**chat_kwargs(provider))
+    second.write_text("rate_limiting:\n  global: {requests_per_minute: 4}\n  queue: {max_wait_seconds: 0}\n")
+    limiter.reload(str(second))
+    second.write_text("rate_limiting:\n  global: {requests_per_minute: 3}\n  queue: {max_wait_seconds: 0}\n")
+    limiter.reload()
+    assert limiter.config.global_.requests_per_minute == 3
+    first.write_text("rate_limiting:\n  global: {requests_per_minute: -1}\n")
+    second.write_text("rate_limiting:\n  global: {requests_per_minute: -1}\n")
+    with pytest.raises(ConfigError, match="requests_per_minute"):
+        limiter.reload()
+    assert limiter.config.global_.requests_per_minute == 3  # (a bad edit leaves the old limits in force)
+    await litellm.acompletion(**chat_kwargs(provider))
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert provider.state.count() == 3
+
+
 @pytest.mark.parametrize("change", ["backend", "state_path", "budget.timezone"])
 def test_a_reload_cannot_switch_backend_or_state_file(change: str, clock: FakeClock, tmp_path: Any) -> None:
     """The backend, an open state file and the budgets' time zone are fixed for a limiter's life:

@@ -215,6 +215,22 @@ def test_the_instance_reads_the_proxy_config_files_rate_limiting_block(
     monkeypatch.setattr(proxy_mod, "_instance", None)
 
 
+def test_reload_with_no_argument_reads_the_proxy_config_files_block_again(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy's limiter, built from its config.yaml's ``rate_limiting:`` block, read only the
+    environment on ``reload()``: the block's limits were all dropped."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model_list: []\nrate_limiting:\n  teams:\n    research:\n      tokens_per_minute: 900\n")
+    monkeypatch.delenv("HIVE_RATELIMIT_CONFIG", raising=False)
+    monkeypatch.setenv("CONFIG_FILE_PATH", str(path))
+    monkeypatch.setattr(proxy_mod, "_instance", None)
+    inst = proxy_mod.get_instance()
+    path.write_text("model_list: []\nrate_limiting:\n  teams:\n    research:\n      tokens_per_minute: 500\n")
+    inst.reload()
+    assert inst.config.teams["research"].tokens_per_minute == 500
+    monkeypatch.setattr(proxy_mod, "_instance", None)
+
+
 def test_a_bad_rate_limiting_block_stops_the_proxy_with_a_clear_error(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from hive_ratelimit_plugin.errors import ConfigError
