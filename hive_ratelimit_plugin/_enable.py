@@ -66,11 +66,10 @@ def enable(config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -
     global _limiter, _enabled_with
     import litellm
 
-    from .config import load_config
-    from .plugin import HiveLimiter
+    from .plugin import HiveLimiter, _pinned, _read_config
 
     with _lock:
-        cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
+        cfg = _read_config(config)
         current = _limiter
         # Compared with the configuration it was enabled with as well as its current one:
         # set_budget() and reload() change that, and enable() is also how code fetches it.
@@ -81,6 +80,7 @@ def enable(config: str | Mapping[str, Any] | RateLimitingConfig | None = None) -
             _watch(litellm)
             return current
         limiter = HiveLimiter(cfg)
+        limiter._source = _pinned(config)  # (reload() reads the file, or the environment, again)
         if current is not None:
             _limiter = None
             _unregister(current)

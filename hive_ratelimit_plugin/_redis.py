@@ -277,7 +277,7 @@ class RedisEngine(Engine):
         sent = False
         try:
             self.round_trips += 1
-            if self._down_since is not None or self._pending_settle or self._pending_spend or self._pending_hits:
+            if self._down_since is not None or self._kept():
                 # First what was settled meanwhile: this call's decision must see it. (Kept writes
                 # with Redis up: another thread's call, sent before the outage was noticed, came
                 # back after it and found Redis back before the failed write was kept.)
@@ -358,6 +358,11 @@ class RedisEngine(Engine):
         self._held = {}
         self._in_line = {}
 
+    def _kept(self) -> bool:
+        """Whether writes are kept for Redis: settlements, spend and window hits made while it was
+        down, and admissions whose answer was lost (to give back)."""
+        return bool(self._pending_settle or self._pending_spend or self._pending_hits or self._voids)
+
     def _answered(self, args: list[str]) -> None:
         """The write ``args`` was applied (or dropped): this process will not send it again."""
         if args[-3]:
@@ -391,9 +396,9 @@ class RedisEngine(Engine):
         # hold for them (slots, reservation, probe), charging nothing: otherwise the slots stay
         # taken for a whole lease and the worst-case cost is charged when the lease is reclaimed.
         for call_id, cost in list(self._voids.items()):
-            self._settle_script(keys=self._route, args=_pack([
+            self._replay_one(self._settle_script, [
                 self.prefix, "", call_id, "1", "0", "", "", cost, "0", "0", "0", "0", "void",
-                "", "", "", "", "", "", "", "0", "0", "0", "0", "0", "0", "0", "0", "0", ""]))
+                "", "", "", "", "", "", "", "0", "0", "0", "0", "0", "0", "0", "0", "0", ""])
             del self._voids[call_id]
         try:
             for args in settles:
@@ -1243,7 +1248,7 @@ class RedisEngine(Engine):
         """At exit: write the settlements and spend kept during an outage now, if Redis answers,
         without waiting for ``retry_interval`` (the next call that would have written them never
         comes). Returns how many are still kept (not written)."""
-        if not (self._pending_settle or self._pending_spend or self._pending_hits):
+        if not self._kept():
             return 0
         with self._lock:
             self._next_try = -NEVER  # (try now)

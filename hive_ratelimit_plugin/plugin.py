@@ -425,7 +425,7 @@ class HiveLimiter(CustomLogger):
     ) -> None:
         super().__init__()
         cfg = self._load(config)
-        self._source = config  # what reload() with no argument reads again
+        self._source = _pinned(config)  # what reload() with no argument reads again
         if not cfg.enabled and "HIVE_RATELIMIT_ENABLED" in os.environ:
             # The variable is also the autoload's switch: someone setting it to 0 to keep the
             # autoload off may not expect it to switch this limiter off as well.
@@ -511,7 +511,8 @@ class HiveLimiter(CustomLogger):
 
         With no argument, what the limiter was built from (or last reloaded from) is read again:
         its YAML file (edited since), ``HIVE_RATELIMIT_CONFIG``, its dict, the proxy's
-        ``config.yaml`` block; ``HIVE_RATELIMIT_*`` overrides apply as they are now.
+        ``config.yaml`` block, with the ``HIVE_RATELIMIT_*`` overrides as they are now (a
+        ``RateLimitingConfig`` is applied again as it is).
 
         Usage already counted is kept. A change of budgets is recorded in the audit log.
 
@@ -542,11 +543,11 @@ class HiveLimiter(CustomLogger):
                               "configuration stays in force.",
                               errors=[f"rate_limiting.{n}: cannot change on reload" for n in fixed])
         self._apply_config(cfg, action="reload")
-        self._source = source
+        self._source = _pinned(source)
 
     def _load(self, source: Any) -> RateLimitingConfig:
         """The configuration ``source`` (a constructor's ``config``) gives, as of now."""
-        return load_config(dict(source) if isinstance(source, Mapping) else source)
+        return _read_config(source)
 
     def _apply_config(self, cfg: RateLimitingConfig, *, action: str, scope: str = "config") -> None:
         old_cfg = self._config
@@ -1385,6 +1386,17 @@ class HiveLimiter(CustomLogger):
 _LEASE_MARGIN = 30.0
 #: The longest lease a call's timeout gives it (seconds).
 _MAX_CALL_LEASE = 3600.0
+
+
+def _read_config(source: Any) -> RateLimitingConfig:
+    """The configuration a ``HiveLimiter``'s ``config`` argument gives, as of now."""
+    return load_config(dict(source) if isinstance(source, Mapping) else source)
+
+
+def _pinned(source: Any) -> Any:
+    """``source`` as ``reload()`` reads it again: a path made absolute (the process may change
+    its working directory meanwhile); a ``RateLimitingConfig`` is applied again as it is."""
+    return os.path.abspath(source) if isinstance(source, (str, os.PathLike)) else source
 
 
 def _call_timeout(kwargs: Mapping[str, Any]) -> float | None:

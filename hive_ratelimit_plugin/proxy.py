@@ -37,6 +37,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cachetools import LRUCache
@@ -217,8 +218,8 @@ class ProxyLimiter(HiveLimiter):
         self._proxy_lock = threading.Lock()
 
     def _load(self, source: Any) -> RateLimitingConfig:
-        if source is _PROXY_CONFIG:  # (built by get_instance: read where the proxy's config says)
-            source = _load_for_proxy()
+        if isinstance(source, _ProxyBlock):  # (built by get_instance from the proxy's config file)
+            return _read_block(source)
         return super()._load(source)
 
     def _after_fork_in_child(self) -> None:
@@ -442,30 +443,47 @@ def _proxy_config_file() -> str | None:
     return None
 
 
-#: The configuration source of the limiter the proxy's ``config.yaml`` names: read by
-#: :func:`_load_for_proxy`, at start and again by ``reload()``.
-_PROXY_CONFIG: Any = object()
+@dataclass(frozen=True)
+class _ProxyBlock:
+    """A configuration source: the ``rate_limiting:`` block of the proxy's config file ``path``
+    (read at start, and again by ``reload()``)."""
+
+    path: str
 
 
-def _load_for_proxy() -> str | RateLimitingConfig | None:
-    """``HIVE_RATELIMIT_CONFIG``; else the proxy config file's ``rate_limiting:`` block; else env only."""
+def _proxy_source() -> _ProxyBlock | None:
+    """Where the proxy's limiter reads its configuration, decided once at start: ``None`` (as
+    ``HiveLimiter()``: ``HIVE_RATELIMIT_CONFIG`` and the ``HIVE_RATELIMIT_*`` overrides) when that
+    variable is set or the proxy's config file has no ``rate_limiting:`` block; else that block."""
     if os.environ.get("HIVE_RATELIMIT_CONFIG"):
-        return None  # HiveLimiter(None) reads it (with HIVE_RATELIMIT_* overrides)
+        return None
     path = _proxy_config_file()
     if not path or not os.path.isfile(path):
         return None
+    doc = _proxy_yaml(path)
+    return _ProxyBlock(os.path.abspath(path)) if isinstance(doc, Mapping) and "rate_limiting" in doc else None
+
+
+def _proxy_yaml(path: str) -> Any:
     import yaml
 
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({type(exc).__name__}: {exc.strerror})") from exc
+
+
+def _read_block(source: _ProxyBlock) -> RateLimitingConfig:
     from .config import load_config
 
-    with open(path, encoding="utf-8") as fh:
-        try:
-            doc = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if isinstance(doc, Mapping) and "rate_limiting" in doc:
-        return load_config({"rate_limiting": doc["rate_limiting"]})
-    return None
+    doc = _proxy_yaml(source.path)
+    if not (isinstance(doc, Mapping) and "rate_limiting" in doc):
+        raise ConfigError(f"{source.path}: has no rate_limiting: block any more (the proxy's limiter is "
+                          "configured by it)")
+    return load_config({"rate_limiting": doc["rate_limiting"]})
 
 
 def get_instance() -> ProxyLimiter:
@@ -473,7 +491,7 @@ def get_instance() -> ProxyLimiter:
     global _instance
     with _instance_lock:
         if _instance is None:
-            _instance = ProxyLimiter(_PROXY_CONFIG)
+            _instance = ProxyLimiter(_proxy_source())
             logger.info("hive-ratelimit: proxy limiter ready (%r)", _instance)
         return _instance
 

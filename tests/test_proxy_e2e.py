@@ -127,8 +127,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         px = Proxy("", provider)
         # The limiter the config names is built from the same file's rate_limiting block (what
         # proxy_handler_instance does on first use), here on a fake clock.
-        cfg = proxy_mod._load_for_proxy()
-        assert cfg is not None and cfg.users["alice"].requests_per_minute == 2
+        source = proxy_mod._proxy_source()
+        assert source is not None and proxy_mod._read_block(source).users["alice"].requests_per_minute == 2
         px.use(LIMITS)
         litellm.callbacks.remove(px.limiter)  # the proxy registers it from config.yaml
 

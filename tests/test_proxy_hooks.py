@@ -219,6 +219,8 @@ def test_reload_with_no_argument_reads_the_proxy_config_files_block_again(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The proxy's limiter, built from its config.yaml's ``rate_limiting:`` block, read only the
     environment on ``reload()``: the block's limits were all dropped."""
+    from hive_ratelimit_plugin.errors import ConfigError
+
     path = tmp_path / "config.yaml"
     path.write_text("model_list: []\nrate_limiting:\n  teams:\n    research:\n      tokens_per_minute: 900\n")
     monkeypatch.delenv("HIVE_RATELIMIT_CONFIG", raising=False)
@@ -227,6 +229,15 @@ def test_reload_with_no_argument_reads_the_proxy_config_files_block_again(
     inst = proxy_mod.get_instance()
     path.write_text("model_list: []\nrate_limiting:\n  teams:\n    research:\n      tokens_per_minute: 500\n")
     inst.reload()
+    assert inst.config.teams["research"].tokens_per_minute == 500
+    # Its source is decided at start: a variable set later, or a block removed, does not turn
+    # it into an environment-only limiter (every limit dropped) in silence.
+    monkeypatch.setenv("CONFIG_FILE_PATH", str(tmp_path / "elsewhere.yaml"))
+    inst.reload()
+    assert inst.config.teams["research"].tokens_per_minute == 500
+    path.write_text("model_list: []\n")
+    with pytest.raises(ConfigError, match="no rate_limiting: block"):
+        inst.reload()
     assert inst.config.teams["research"].tokens_per_minute == 500
     monkeypatch.setattr(proxy_mod, "_instance", None)
 
