@@ -482,6 +482,10 @@ class HiveLimiter(CustomLogger):
         self._tokens_learned: set[tuple[str | None, ...]] = set()
         self._given_ids: dict[Any, float] = {}  # call ids callers chose, when last seen (see _claim_call_id)
         self._given_lock = threading.Lock()
+        # Sync calls (not streamed) the guard settles itself once LiteLLM returns: LiteLLM's
+        # success-handler thread (logging_hook) must not settle them first, or the call returns
+        # while its settlement is still being made on that thread.
+        self._settled_inline: set[str] = set()
         # Calls waiting in the queue: (call type, request), by call id (see _queue_async)
         self._waiting_calls: dict[str, tuple[str, Mapping[str, Any]]] = {}
         self._next_tail = 0.0
@@ -1331,8 +1335,8 @@ class HiveLimiter(CustomLogger):
 
     def _settle_logged(self, kwargs: Mapping[str, Any], result: Any) -> None:
         call_id = kwargs.get("litellm_call_id")
-        if not call_id or not self._engine.holds(call_id):
-            return  # not ours, or already settled (by the success deployment hook or the guard)
+        if not call_id or call_id in self._settled_inline or not self._engine.holds(call_id):
+            return  # not ours, the guard's to settle, or already settled (success deployment hook, guard)
         if kwargs.get("stream"):
             # The handler runs per chunk too; the call is over once LiteLLM has assembled it.
             result = kwargs.get("async_complete_streaming_response") or kwargs.get("complete_streaming_response")
@@ -1787,18 +1791,26 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if "api_key" in view and view.get("api_key") is not kwargs.get("api_key"):
             kwargs["api_key"] = view["api_key"]
         token = _guarded_call.set(view["litellm_call_id"])
+        inline = not view.get("stream")
+        if inline:
+            for lim, cid in held:
+                lim._settled_inline.add(cid)
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
             for lim, cid in held:
                 lim._finish(cid, failed=True, exc=exc, prior=prior)
                 _forget_given_id(lim, cid)
+                lim._settled_inline.discard(cid)
             raise
         finally:
             _guarded_call.reset(token)
-        if not view.get("stream"):
+        if inline:
             for lim, cid in held:
-                lim._finish(cid, result)
+                try:
+                    lim._finish(cid, result)
+                finally:
+                    lim._settled_inline.discard(cid)
         else:  # settles from its success event when exhausted; its lease lasts while it is read
             result = _keep_alive(result, held)
         return result

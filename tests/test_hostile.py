@@ -214,8 +214,7 @@ async def test_raised_limit_admits_calls_already_waiting(provider: FakeProvider,
     limiter.reload({"global": {"requests_per_minute": 3}, "queue": {"max_wait_seconds": 1000}})
     try:
         clock.advance(1)  # a re-check, well inside the same minute
-        await settle_loop()
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)  # (the clock stands still: only the raise admits them)
         assert provider.state.count() == 3, "1 sent + 2 waiting fit the raised limit of 3"
     finally:
         for t in tasks:
@@ -336,7 +335,7 @@ async def test_5000_waiters_clock_jump_is_not_quadratic(clock: FakeClock) -> Non
     def watchdog() -> None:
         # If the wake-up storm overruns its budget, empty the queue so the rest of it is cheap
         # (the assertion below then fails instead of the test running for minutes).
-        if not finished.wait(STORM_BUDGET * 1.5):
+        if not finished.wait(STORM_BUDGET * 15):  # (wall time: generous on a loaded machine)
             _empty_queue(eng)
             cut.set()
 
@@ -344,11 +343,11 @@ async def test_5000_waiters_clock_jump_is_not_quadratic(clock: FakeClock) -> Non
         # 1. The window slides: one waiter is granted, the other 4999 wake, re-check and re-park.
         dog = threading.Thread(target=watchdog, daemon=True)
         dog.start()
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # (CPU time: a loaded machine stretches wall time, not this)
         clock.advance(61)
         await wait_until(lambda: eng.admitted_total == 2, timeout=60)
         await settle_loop(5)
-        grant_storm = time.perf_counter() - t0
+        grant_storm = time.process_time() - t0
         finished.set()
         dog.join()
         assert not cut.is_set() and grant_storm < STORM_BUDGET, f"clock jump took {grant_storm:.1f}s"
@@ -358,10 +357,10 @@ async def test_5000_waiters_clock_jump_is_not_quadratic(clock: FakeClock) -> Non
         finished.clear()
         dog = threading.Thread(target=watchdog, daemon=True)
         dog.start()
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         clock.advance(30)
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-        timeout_storm = time.perf_counter() - t0
+        timeout_storm = time.process_time() - t0
         finished.set()
         dog.join()
         assert not cut.is_set() and timeout_storm < STORM_BUDGET, f"timeout storm took {timeout_storm:.1f}s"

@@ -143,6 +143,7 @@ def test_a_settlement_kept_while_another_thread_finds_redis_back_is_still_writte
     handler runs on a thread of its own.)"""
     import redis
 
+    from hive_ratelimit_plugin import status as _status
     from hive_ratelimit_plugin.plugin import _settle_at_exit
 
     config = {"budget": {"max_daily_spend": 1000}, "backend": REDIS_URL, "redis": {"key_prefix": redis_prefix}}
@@ -165,8 +166,11 @@ def test_a_settlement_kept_while_another_thread_finds_redis_back_is_still_writte
 
     eng._settle_script = settle_once_refused
     eng._outage_begins = outage_begins_then_another_thread_answers
-    litellm.completion(**chat_kwargs(provider, max_tokens=5))  # costs 8; its settlement finds Redis gone
-    assert eng.available and eng.backend_info()["pending_settlements"] == 1
+    # (The status thread's tick reads the spend from Redis, and any call to Redis writes what was
+    # kept: held off until the settlement is seen kept.)
+    with _status.PUBLISHER._publishing:
+        litellm.completion(**chat_kwargs(provider, max_tokens=5))  # costs 8; its settlement finds Redis gone
+        assert eng.available and eng.backend_info()["pending_settlements"] == 1
     _settle_at_exit(weakref.ref(limiter))  # the process exits, Redis up all along
     litellm.callbacks.clear()
     other = make(FakeClock(), wall, config)  # another process on the same Redis

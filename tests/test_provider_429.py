@@ -599,10 +599,13 @@ async def test_a_call_larger_than_a_learned_token_limit_goes_alone(provider: Fak
                                                       "x-ratelimit-remaining-tokens": "90"}))
     await litellm.acompletion(**chat_kwargs(provider, max_tokens=5))  # learns 100 tokens a minute
     assert limiter.get_usage_stats()["providers"]["model:openai/gpt-4o-mini"]["learned_tokens_per_minute"] == 100
-    t0 = clock()
-    with Ticker(clock, step=0.5):
-        await litellm.acompletion(**chat_kwargs(provider, max_tokens=500))  # alone: once the first has left
-    assert 55 <= clock() - t0 <= 70
+    big = asyncio.ensure_future(litellm.acompletion(**chat_kwargs(provider, max_tokens=500)))
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    clock.advance(55)
+    await asyncio.sleep(0.05)
+    assert not big.done() and provider.state.count() == 1, "sent before the first call left the window"
+    clock.advance(15)  # 70 s: the first has left the window
+    await asyncio.wait_for(big, 10)  # alone, once the first has left (the clock stands still now)
     assert provider.state.count() == 2
 
 
