@@ -287,7 +287,9 @@ async def test_200_tasks_and_16_threads_never_exceed_any_limit(provider: FakePro
 
     # The limits really were under pressure (otherwise the checks above prove nothing).
     assert limiter.get_usage_stats()["queued_total"] >= total_calls // 2
-    assert max_in_any_window(send_times, 60.0) >= RPM * 0.6
+    # (A pressure check, not a throughput figure, which benchmarks/ measures: the fake clock moves
+    # on real time, so a loaded machine sends fewer calls per fake minute.)
+    assert max_in_any_window(send_times, 60.0) >= RPM * 0.4
     assert clock() - start_fake >= 60.0 * (total_calls / RPM - 1)
 
     # Nothing left behind.
