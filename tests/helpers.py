@@ -60,18 +60,26 @@ class Ticker:
 
     Time-dependent waits (cooldowns, windows) then pass in fake time at a controlled pace without
     sleeping for real durations.
+
+    ``when`` (a predicate, e.g. "a call is waiting") makes it move the clock only while it holds:
+    real time drives the ticker, and a loaded machine can keep the code under test busy for long
+    real seconds (a slow provider, a late logging thread) in which an unconditional ticker carries
+    the fake clock past a window or a lease the test then asserts on.
     """
 
-    def __init__(self, clock: Any, step: float = 0.25, every: float = 0.003) -> None:
+    def __init__(self, clock: Any, step: float = 0.25, every: float = 0.003,
+                 when: Callable[[], bool] | None = None) -> None:
         self.clock = clock
         self.step = step
         self.every = every
+        self.when = when
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            self.clock.advance(self.step)
+            if self.when is None or self.when():
+                self.clock.advance(self.step)
 
     def __enter__(self) -> Ticker:
         self._thread.start()

@@ -78,7 +78,7 @@ async def test_a_messages_429_is_retried_and_each_attempt_counted(stream: bool, 
                                                                   clock: FakeClock) -> None:
     limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}})
     provider.state.push(Scripted(status=429, headers={"retry-after-ms": "1"}))
-    with Ticker(clock, step=0.01):
+    with Ticker(clock, step=0.01, when=lambda: limiter._engine.queue_length > 0):
         await _call(stream, **messages_kwargs(provider))
     assert [r.status for r in provider.state.log] == [429, 200]
     stats = limiter.get_usage_stats()
@@ -112,7 +112,7 @@ async def test_a_routers_messages_call_is_retried_on_a_429_and_counted(provider:
     router = litellm.Router(model_list=[{"model_name": "claude", "litellm_params": {
         "model": "anthropic/claude-sonnet-4-5", "api_base": provider.root, "api_key": SECRET}}], num_retries=0)
     provider.state.push(Scripted(status=429, headers={"retry-after-ms": "1"}))
-    with Ticker(clock, step=0.01):
+    with Ticker(clock, step=0.01, when=lambda: limiter._engine.queue_length > 0):
         await router.aanthropic_messages(model="claude", max_tokens=100,
                                          messages=[{"role": "user", "content": "hi"}])
     assert [r.status for r in provider.state.log] == [429, 200]

@@ -291,11 +291,16 @@ async def test_reload_adds_a_level_to_an_identity_already_seen(provider: FakePro
         await litellm.acompletion(**chat_kwargs(provider, metadata=dict(md)))
 
 
-def test_an_unknown_priority_runs_normal_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_an_unknown_priority_runs_normal_and_says_so_once(caplog: pytest.LogCaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import logging
 
+    from hive_ratelimit_plugin import _scopes
     from hive_ratelimit_plugin._scopes import parse_priority
 
+    # (Each value is warned about once per process, and at most 100 values: start from none, as
+    # a fresh process would, whatever ran before in this one.)
+    monkeypatch.setattr(_scopes, "_warned_priorities", set())
     assert parse_priority("HIGH") == 10 and parse_priority(" 5 ") == 5 and parse_priority(-3) == -3
     with caplog.at_level(logging.WARNING, logger="hive_ratelimit_plugin"):
         assert parse_priority("urgent-test") == 0 and parse_priority("urgent-test") == 0

@@ -44,7 +44,7 @@ async def test_metrics_served_over_http_after_real_calls(provider: FakeProvider,
         provider.state.push(Scripted(status=429, headers={"retry-after": "1"}))
         kwargs = chat_kwargs(provider)
         kwargs.pop("max_retries")  # leave retries to the limiter
-        with Ticker(clock, step=0.05):
+        with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
             await asyncio.gather(*(litellm.acompletion(**kwargs) for _ in range(3)))
         with pytest.raises(RequestTooLargeError):
             await litellm.acompletion(**chat_kwargs(provider, max_tokens=10_000))
@@ -116,7 +116,7 @@ def test_sync_429_with_positional_model_is_counted(provider: FakeProvider, clock
     kwargs = chat_kwargs(provider)
     kwargs.pop("max_retries")
     model = kwargs.pop("model")
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         litellm.completion(model, **kwargs)
     m = _samples(generate_latest(registry).decode())
     assert _get(m, "hive_ratelimit_provider_429_total", provider="openai", model="gpt-4o-mini") == 1

@@ -279,7 +279,7 @@ async def test_a_provider_429_retry_is_one_more_admission_not_a_free_ride(
     await lim.async_pre_call_hook(auth, None, data, "acompletion")
     provider.state.push(Scripted(429, headers={"retry-after": "1"}))
     md = {**data["metadata"], "user_api_key_user_id": "alice", "user_api_key_hash": HASH}
-    with Ticker(clock, step=0.25):
+    with Ticker(clock, step=0.25, when=lambda: lim._engine.queue_length > 0):
         await litellm.acompletion(**chat_kwargs(provider, litellm_call_id="call-1", metadata=md))
         await wait_until(lambda: not lim._engine._leases)
     assert [r.status for r in provider.state.log] == [429, 200]

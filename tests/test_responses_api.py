@@ -111,7 +111,7 @@ async def test_a_responses_429_is_retried_and_each_attempt_counted(
     """A provider 429 is retried after its ``retry-after``; both requests are admitted and counted."""
     limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}})
     provider.state.push(Scripted(status=429, headers={"retry-after-ms": "1"}))
-    with Ticker(clock, step=0.01):
+    with Ticker(clock, step=0.01, when=lambda: limiter._engine.queue_length > 0):
         await _call(mode, **responses_kwargs(provider))
     assert provider.state.count() == 2
     assert [r.status for r in provider.state.log] == [429, 200]
@@ -251,7 +251,7 @@ def test_a_routers_sync_responses_call_gets_the_retries_it_was_configured_with(
         "model": "openai/gpt-4o-mini", "api_base": provider.url, "api_key": SECRET}}], num_retries=2, retry_after=0)
     provider.state.push(Scripted(status=500), Scripted(status=500))
     retried = tuple(int(p) for p in version("litellm").split(".")[:2]) < (1, 100)
-    with Ticker(clock, step=0.01):
+    with Ticker(clock, step=0.01, when=lambda: limiter._engine.queue_length > 0):
         if retried:
             router.responses(model="m", input="hi")
         else:
