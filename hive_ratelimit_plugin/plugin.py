@@ -1799,9 +1799,9 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             result = fn(*args, **kwargs)
         except BaseException as exc:
             for lim, cid in held:
+                lim._settled_inline.discard(cid)  # (first: a failing _finish must not leave it behind)
                 lim._finish(cid, failed=True, exc=exc, prior=prior)
                 _forget_given_id(lim, cid)
-                lim._settled_inline.discard(cid)
             raise
         finally:
             _guarded_call.reset(token)
