@@ -185,8 +185,9 @@ class PriceBook:
         fb = self.config.fallback_price
         return Price(fb.input_per_million / 1e6, fb.output_per_million / 1e6, "fallback")
 
-    def warn_unknown(self, provider: str, model: str, why: str) -> None:
-        """Log once per model that its price is unknown and what policy applies."""
+    def warn_unknown(self, provider: str, model: str, why: str, how: str | None = None) -> None:
+        """Log once per model that its price is unknown, what policy applies, and ``how`` to price it
+        (by default: ``rate_limiting.pricing``)."""
         name = f"{provider}/{model}" if not model.startswith(provider + "/") else model
         with self._lock:
             if name in self._warned:
@@ -197,12 +198,12 @@ class PriceBook:
             fb = cfg.fallback_price
             logger.warning(
                 "no price known for model %s (%s): pricing it at the fallback %s %.2f/%.2f per million "
-                "input/output tokens; set rate_limiting.pricing.%s to price it exactly",
-                name, why, cfg.budget.currency, fb.input_per_million, fb.output_per_million, model,
+                "input/output tokens; %s",
+                name, why, cfg.budget.currency, fb.input_per_million, fb.output_per_million,
+                how or f"set rate_limiting.pricing.{model} to price it exactly",
             )
         else:
             logger.warning(
-                "no price known for model %s (%s): budgeted calls to it are refused (unknown_price: block); "
-                "set rate_limiting.pricing.%s {input_per_million, output_per_million}",
-                name, why, model,
+                "no price known for model %s (%s): budgeted calls to it are refused (unknown_price: block); %s",
+                name, why, how or f"set rate_limiting.pricing.{model} {{input_per_million, output_per_million}}",
             )

@@ -417,6 +417,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._anthropic(body, model, usage, headers, stream)
         elif path.endswith("/responses"):
             self._responses(model, usage, headers, stream, completion_tokens)
+        elif path.endswith("/images/generations"):
+            n = body.get("n")
+            images = n if type(n) is int and n > 0 else 1
+            made = [{"b64_json": "aGl2ZQ==", "revised_prompt": str(body.get("prompt", ""))} for _ in range(images)]
+            self._send_json(200, {"created": int(time.time()), "data": made}, headers)
+        elif path.endswith("/audio/speech"):
+            self._send_bytes(200, b"ID3" + b"\x00" * 64, "audio/mpeg", headers)
+        elif path.endswith("/audio/transcriptions"):
+            self._send_json(200, {"text": "ok", "duration": 3.0}, headers)
+        elif path.endswith("/rerank"):
+            docs = body.get("documents")
+            ranked = range(len(docs) if isinstance(docs, list) else 0)
+            results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in ranked]
+            reranked: dict[str, Any] = {"id": "rerank-fake", "results": results,
+                                        "meta": {"billed_units": {"search_units": 1}}}
+            self._send_json(200, reranked, headers)
         elif path.endswith("/embeddings"):
             inputs = body.get("input")
             n = len(inputs) if isinstance(inputs, list) else 1
@@ -449,9 +465,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._leave(state)  # the answer is about to be written
 
     def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
-        data = json.dumps(payload).encode()
+        self._send_bytes(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str, headers: dict[str, str]) -> None:
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(data)))
         for k, v in headers.items():
             self.send_header(k, v)

@@ -42,7 +42,7 @@ from typing import Any
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
-from . import _fork, _observe
+from . import _fork, _media, _observe
 from . import status as _status
 from ._budget import WINDOW_ADJECTIVE, RunawayDetector, SpendRow, dim_keys, money, run_key
 from ._engine import NEVER, Engine, Scope, Ticket
@@ -74,8 +74,9 @@ _EMBEDDING_TYPES = frozenset({"embedding", "aembedding"})
 _TEXT_TYPES = frozenset({"text_completion", "atext_completion"})
 _RESPONSES_TYPES = frozenset({"responses", "aresponses"})
 _ANTHROPIC_TYPES = frozenset({"anthropic_messages"})
-_NOT_CHAT_TYPES = _EMBEDDING_TYPES | _TEXT_TYPES | _RESPONSES_TYPES | _ANTHROPIC_TYPES  # counted otherwise
-_SKIP_TYPES = frozenset({"moderation", "amoderation", "image_generation", "aimage_generation"})
+#: counted otherwise (media: images, speech, transcription and rerank, priced per unit: see _media)
+_NOT_CHAT_TYPES = _EMBEDDING_TYPES | _TEXT_TYPES | _RESPONSES_TYPES | _ANTHROPIC_TYPES | _media.CALL_TYPES
+_SKIP_TYPES = frozenset({"moderation", "amoderation"})  # (providers do not bill them)
 
 # Set while a sync guard is admitting/running a call on this thread, so nested LiteLLM entry
 # points (text_completion -> completion) and log_pre_api_call know the call is already held.
@@ -468,6 +469,7 @@ class HiveLimiter(CustomLogger):
             )
         self._resolver = ScopeResolver(cfg)
         self._prices = PriceBook(cfg)
+        self._media_costs = _media.SeenCosts()
         self._runaway = RunawayDetector(cfg.runaway.max_identical_requests, cfg.runaway.window_seconds,
                                         cfg.runaway.cooldown_seconds)
         self._provider_cache: dict[tuple[str, str | None], str] = {}
@@ -947,6 +949,8 @@ class HiveLimiter(CustomLogger):
             elif call_type in _TEXT_TYPES:
                 input_tokens = count_input(model, kwargs.get("prompt"))
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
+            elif call_type in _media.CALL_TYPES:  # no tokens; priced per unit below
+                pass
             elif call_type in _ANTHROPIC_TYPES:  # the system prompt is a parameter of its own there
                 system = kwargs.get("system")
                 messages = kwargs.get("messages")
@@ -962,7 +966,9 @@ class HiveLimiter(CustomLogger):
                     input_tokens += self._turns.get(previous, 0)
                 output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
         cost = 0.0
-        if budgeted:
+        if budgeted and call_type in _media.CALL_TYPES:
+            cost = self._media_estimate(call_type, kwargs, model, provider)
+        elif budgeted:
             price = self._prices.price(provider, model)
             if not price.known:
                 self._prices.warn_unknown(provider, model, "not in LiteLLM's price map or rate_limiting.pricing")
@@ -971,6 +977,28 @@ class HiveLimiter(CustomLogger):
             # (the request is scanned for cache marks only where a write has a price: Anthropic's, mostly)
             cost = price.cost(input_tokens, output_tokens, cache_writes(kwargs) if price.prices_writes else 0)
         return input_tokens, output_tokens, cost
+
+    def _media_estimate(self, call_type: str, kwargs: Mapping[str, Any], model: str, provider: str) -> float:
+        """A budgeted image, speech, transcription or rerank call's estimated cost (see _media): its
+        unit price in LiteLLM's map, at least the most a call to the model has cost so far; a model
+        the map does not have follows ``unknown_price`` (refused, or priced at the fallback)."""
+        try:
+            unit = _media.unit_cost(_media.FAMILIES[call_type], provider, model, kwargs)
+            known = unit is not None or _media.map_entry(provider, model) is not None
+        except Exception:  # an estimate never breaks a call
+            logger.warning("hive-ratelimit: could not price a %s call to %s", call_type, model, exc_info=True)
+            unit, known = None, True
+        seen = self._media_costs.get(provider, model)
+        if known or seen:
+            return max(unit or 0.0, seen)
+        price = self._prices.price(provider, model)
+        if price.known:  # (priced per token in rate_limiting.pricing: no tokens to price)
+            return 0.0
+        how = "give LiteLLM its price per unit with litellm.register_model(...)"
+        self._prices.warn_unknown(provider, model, "not in LiteLLM's price map", how)
+        if self._config.unknown_price == "block":
+            raise _unknown_price_error(provider, model, how.capitalize())
+        return price.cost(0, self._config.estimation.default_output_tokens)
 
     def _plan(self, model: str, custom_llm_provider: Any, api_base: Any, ident: Identity) -> _Plan:
         """Everything about a call that depends only on its model and identity, cached: its
@@ -1052,7 +1080,8 @@ class HiveLimiter(CustomLogger):
 
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
-                exc: BaseException | None = None, prior: BaseException | None = None) -> None:
+                exc: BaseException | None = None, prior: BaseException | None = None,
+                logged_cost: Any = None) -> None:
         eng = self._engine
         ticket = eng.ticket_of(call_id) if call_id else None
         if ticket is None:
@@ -1096,7 +1125,12 @@ class HiveLimiter(CustomLogger):
                 tin = min(ticket.input_tokens, total)
                 tout = total - tin
         cost = None
-        if tin is not None or tout is not None:
+        if type(response).__name__ in _media.RESPONSES:  # priced per unit: LiteLLM's cost of it
+            cost = _media.litellm_cost(response, logged_cost)
+            if cost is not None:
+                info = ticket.info
+                self._media_costs.note(str(info.get("provider", "")), str(info.get("model", "")), cost)
+        elif tin is not None or tout is not None:
             info = ticket.info
             provider, model = str(info.get("provider", "")), str(info.get("model", ""))
             price = self._prices.price(provider, model)
@@ -1290,8 +1324,15 @@ class HiveLimiter(CustomLogger):
         self, request_data: dict[str, Any], response: Any, call_type: Any
     ) -> Any:
         """Settle a finished non-streaming async call with its actual usage."""
-        if not request_data.get("stream"):
-            self._finish(request_data.get("litellm_call_id"), response)
+        if request_data.get("stream"):
+            return response
+        call_id = request_data.get("litellm_call_id")
+        if type(response).__name__ in _media.RESPONSES and _media.litellm_cost(response) is None:
+            # LiteLLM prices it after this hook: its logging hook, next, settles it at that price.
+            if call_id:
+                self._engine.free_slot(call_id)
+            return response
+        self._finish(call_id, response)
         return response
 
     async def async_post_call_streaming_deployment_hook(
@@ -1343,7 +1384,7 @@ class HiveLimiter(CustomLogger):
             if result is None:
                 return
         try:
-            self._finish(call_id, result)
+            self._finish(call_id, result, logged_cost=kwargs.get("response_cost"))
         except Exception:  # LiteLLM 1.83 does not guard these hooks: never break its logging
             logger.exception("hive-ratelimit: settling a finished call failed; its lease will release it")
 
@@ -1517,13 +1558,14 @@ def _has_rate_headers(headers: Any) -> bool:
         return False
 
 
-def _unknown_price_error(provider: str, model: str) -> HiveRateLimitError:
+def _unknown_price_error(provider: str, model: str, how: str | None = None) -> HiveRateLimitError:
     from ._budget_errors import BudgetExceededError
 
+    bare = split_model(model, provider)
+    how = how or f"Add pricing.{bare}: {{input_per_million: ..., output_per_million: ...}} to the configuration"
     return BudgetExceededError(
-        f"no price is known for model {provider}/{split_model(model, provider)}, so its budget cannot be "
-        f"enforced (unknown_price: block). Add pricing.{split_model(model, provider)}: "
-        "{input_per_million: ..., output_per_million: ...} to the configuration, or set unknown_price: estimate. "
+        f"no price is known for model {provider}/{bare}, so its budget cannot be "
+        f"enforced (unknown_price: block). {how}, or set unknown_price: estimate. "
         "The call was not sent.",
         scope=f"model:{provider}/{split_model(model, provider)}", limit="unknown_price", spent=0.0, budget=0.0,
         window="none",
@@ -1565,8 +1607,21 @@ _POSITIONAL = {
     "atext_completion": ("prompt",),
     "responses": ("input", "model"),
     "aresponses": ("input", "model"),
+    # Billed per unit (see _media); the async ones take ``*args`` and hand them to the sync ones.
+    "image_generation": ("prompt", "model"),
+    "aimage_generation": ("prompt", "model"),
+    "speech": ("model", "input", "voice"),
+    "aspeech": ("model", "input", "voice"),
+    "transcription": ("model", "file"),
+    "atranscription": ("model", "file"),
+    "rerank": ("model", "query", "documents"),
+    "arerank": ("model", "query", "documents"),
 }
-_ASYNC_NAMES = ("acompletion", "aembedding", "atext_completion", "aresponses")
+_ASYNC_NAMES = ("acompletion", "aembedding", "atext_completion", "aresponses", "aimage_generation", "aspeech",
+                "atranscription", "arerank")
+#: The flags LiteLLM's async entry points set on the sync function they run in a worker thread.
+_ASYNC_FLAGS = frozenset({"acompletion", "aembedding", "atext_completion", "aresponses", "aimg_generation", "aspeech",
+                          "atranscription", "arerank"})
 _ASYNC_CALL_TYPES = frozenset({*_ASYNC_NAMES, "anthropic_messages"})  # (LiteLLM's call types)
 _guard_lock = threading.Lock()
 
@@ -1643,10 +1698,10 @@ def _is_router_call(kwargs: Mapping[str, Any]) -> bool:
 
 
 class _NoSdkRetries(int):
-    """A ``max_retries=0`` that LiteLLM's OpenAI embedding handler keeps at 0: it reads
-    ``max_retries or DEFAULT_MAX_RETRIES`` (1.83.4 through 1.110.2), which turns a plain 0 into 2
-    hidden SDK retries. This 0 is truthy; as a number it is 0 everywhere (the SDK, JSON, logs).
-    Given to embedding calls only."""
+    """A ``max_retries=0`` that LiteLLM's OpenAI embedding handler (1.83.4 through 1.110.2) and
+    image handler (1.83.4) keep at 0: they read ``max_retries or DEFAULT_MAX_RETRIES``, which turns
+    a plain 0 into 2 hidden SDK retries. This 0 is truthy; as a number it is 0 everywhere (the SDK,
+    JSON, logs). Given to embedding and image calls only (``_STICKY_ZERO``)."""
 
     __slots__ = ()
 
@@ -1658,10 +1713,11 @@ class _NoSdkRetries(int):
 
 
 _EMBEDDING_NO_RETRIES = _NoSdkRetries(0)
+_STICKY_ZERO = frozenset({"embedding", "aembedding", "image_generation", "aimage_generation"})
 
 
 def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = False,
-                   router_retries: bool = True, embedding: bool = False) -> tuple[float, Any, int]:
+                   router_retries: bool = True, sticky_zero: bool = False) -> tuple[float, Any, int]:
     """Prepare a guarded call's first attempt, which runs without the retry state (built only if it
     fails, from what this returns: the start time, the caller's own call id if any, and how many
     retries of failed attempts the caller asked for).
@@ -1677,7 +1733,8 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
     it needs ``tenacity``; taking the SDK's retries away there would turn a retried success into
     an error. Its retries stay with the SDK, unseen (docs/troubleshooting.md).
 
-    Embeddings get a 0 that survives LiteLLM's embedding handler (:class:`_NoSdkRetries`)."""
+    Embeddings and images get a 0 that survives LiteLLM's handlers for them (``sticky_zero``:
+    :class:`_NoSdkRetries`)."""
     started = limiter._engine.clock()
     user_call_id = kwargs.get("litellm_call_id")
     asked = 0
@@ -1694,7 +1751,7 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
                 if asked or "num_retries" in kwargs:
                     # 0, not absent: LiteLLM's own retry loop would fall back to litellm.num_retries
                     kwargs["num_retries"] = 0
-        kwargs["max_retries"] = _EMBEDDING_NO_RETRIES if embedding else 0
+        kwargs["max_retries"] = _EMBEDDING_NO_RETRIES if sticky_zero else 0
     _claim_call_id(limiter, kwargs)
     return started, user_call_id, asked
 
@@ -1817,8 +1874,8 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def guard(*args: Any, **kwargs: Any) -> Any:
-        if _guarded_call.get() is not None or kwargs.get("acompletion") or kwargs.get("aembedding") \
-                or kwargs.get("atext_completion") or kwargs.get("aresponses"):
+        if _guarded_call.get() is not None or (not _ASYNC_FLAGS.isdisjoint(kwargs)
+                                               and any(kwargs.get(flag) for flag in _ASYNC_FLAGS)):
             return fn(*args, **kwargs)
         limiters = _active_limiters()
         if not limiters:
@@ -1827,7 +1884,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         first = limiters[0]
         # (A Router's sync ``responses`` does not retry itself: LiteLLM's own loop did.)
         started, user_call_id, asked = _first_attempt(first, kwargs, sync=True, router_retries=name != "responses",
-                                                 embedding=name == "embedding")
+                                                 sticky_zero=name in _STICKY_ZERO)
         retrying: _Retrying | None = None  # built once an attempt fails (see _first_attempt)
         while True:
             token = None
@@ -1868,7 +1925,7 @@ def _keyword_names(fn: Callable[..., Any]) -> tuple[str, ...]:
 
 def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     names = _keyword_names(fn) or _POSITIONAL.get(name, ())  # (the latter for ``def f(*args, **kwargs)``)
-    embedding = name == "aembedding"
+    sticky_zero = name in _STICKY_ZERO
 
     @functools.wraps(fn)
     async def guard(*args: Any, **kwargs: Any) -> Any:
@@ -1888,7 +1945,7 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         prior = sys.exc_info()[1]  # called while handling an error: an earlier attempt's, maybe
         outer = _in_async_guard.set(admitted)
         try:
-            return await _retry_async(fn, limiters, args, kwargs, admitted, embedding, prior)
+            return await _retry_async(fn, limiters, args, kwargs, admitted, sticky_zero, prior)
         finally:
             _in_async_guard.reset(outer)
 
@@ -1897,13 +1954,13 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
-                       kwargs: dict[str, Any], admitted: list[str | None], embedding: bool = False,
+                       kwargs: dict[str, Any], admitted: list[str | None], sticky_zero: bool = False,
                        prior: BaseException | None = None) -> Any:
     # Admission happens in the deployment hook; this loop only retries provider 429s. The
     # first attempt is the common case and runs without the retry state, which is built only
     # when an attempt fails (with the same start time, so the retry budget is unchanged).
     first = limiters[0]
-    started, user_call_id, asked = _first_attempt(first, kwargs, embedding=embedding)
+    started, user_call_id, asked = _first_attempt(first, kwargs, sticky_zero=sticky_zero)
     retrying: _Retrying | None = None
     while True:
         token = None

@@ -277,10 +277,11 @@ class ProxyLimiter(HiveLimiter):
         return ticket
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
-                exc: BaseException | None = None, prior: BaseException | None = None) -> None:
+                exc: BaseException | None = None, prior: BaseException | None = None,
+                logged_cost: Any = None) -> None:
         if failed and getattr(exc, "hive_ratelimit_code", None) == "duplicate_call_id":
             return  # a request refused for reusing this id (its events carry it): the call holding it is another's
-        super()._finish(call_id, response, failed=failed, exc=exc, prior=prior)
+        super()._finish(call_id, response, failed=failed, exc=exc, prior=prior, logged_cost=logged_cost)
 
     def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
         if kwargs.get(_RUNAWAY_FLAG, True):
