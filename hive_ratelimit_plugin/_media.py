@@ -1,4 +1,5 @@
-"""Calls that providers bill per unit, not per token: images, speech, transcription, rerank.
+"""Calls that providers bill per unit, not per token: images (generated or edited), speech,
+transcription, rerank.
 
 Such a call counts as one request and holds one concurrency slot at every level that applies; it
 counts no tokens (its usage, where a provider reports one, is settled like any other). Its money
@@ -30,7 +31,7 @@ from . import _fork
 
 #: LiteLLM's call types of such calls, with the family their price rule belongs to.
 FAMILIES = {
-    "image_generation": "image", "aimage_generation": "image",
+    "image_generation": "image", "aimage_generation": "image", "image_edit": "image", "aimage_edit": "image",
     "speech": "speech", "aspeech": "speech",
     "transcription": "transcription", "atranscription": "transcription",
     "rerank": "rerank", "arerank": "rerank",

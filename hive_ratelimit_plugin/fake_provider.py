@@ -417,7 +417,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._anthropic(body, model, usage, headers, stream)
         elif path.endswith("/responses"):
             self._responses(model, usage, headers, stream, completion_tokens)
-        elif path.endswith("/images/generations"):
+        elif path.endswith("/images/generations") or path.endswith("/images/edits"):
             n = body.get("n")
             images = n if type(n) is int and n > 0 else 1
             made = [{"b64_json": "aGl2ZQ==", "revised_prompt": str(body.get("prompt", ""))} for _ in range(images)]

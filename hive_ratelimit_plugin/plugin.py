@@ -1610,6 +1610,8 @@ _POSITIONAL = {
     # Billed per unit (see _media); the async ones take ``*args`` and hand them to the sync ones.
     "image_generation": ("prompt", "model"),
     "aimage_generation": ("prompt", "model"),
+    "image_edit": ("image", "prompt", "model"),
+    "aimage_edit": ("image", "model", "prompt"),
     "speech": ("model", "input", "voice"),
     "aspeech": ("model", "input", "voice"),
     "transcription": ("model", "file"),
@@ -1617,11 +1619,11 @@ _POSITIONAL = {
     "rerank": ("model", "query", "documents"),
     "arerank": ("model", "query", "documents"),
 }
-_ASYNC_NAMES = ("acompletion", "aembedding", "atext_completion", "aresponses", "aimage_generation", "aspeech",
-                "atranscription", "arerank")
+_ASYNC_NAMES = ("acompletion", "aembedding", "atext_completion", "aresponses", "aimage_generation", "aimage_edit",
+                "aspeech", "atranscription", "arerank")
 #: The flags LiteLLM's async entry points set on the sync function they run in a worker thread.
 _ASYNC_FLAGS = frozenset({"acompletion", "aembedding", "atext_completion", "aresponses", "aimg_generation", "aspeech",
-                          "atranscription", "arerank"})
+                          "atranscription", "arerank", "async_call"})
 _ASYNC_CALL_TYPES = frozenset({*_ASYNC_NAMES, "anthropic_messages"})  # (LiteLLM's call types)
 _guard_lock = threading.Lock()
 
@@ -1713,7 +1715,8 @@ class _NoSdkRetries(int):
 
 
 _EMBEDDING_NO_RETRIES = _NoSdkRetries(0)
-_STICKY_ZERO = frozenset({"embedding", "aembedding", "image_generation", "aimage_generation"})
+_STICKY_ZERO = frozenset({"embedding", "aembedding", "image_generation", "aimage_generation", "image_edit",
+                          "aimage_edit"})
 
 
 def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = False,

@@ -47,6 +47,12 @@ def _wav(seconds: float, rate: int = 16_000) -> bytes:
     return header + data
 
 
+def _png() -> io.BytesIO:
+    f = io.BytesIO(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    f.name = "a.png"
+    return f
+
+
 def _calls(provider: FakeProvider) -> dict[str, tuple[str, Callable[..., Any], dict[str, Any]]]:
     """name -> (path the provider sees, LiteLLM entry point, its arguments)."""
     base = {"api_base": provider.url, "api_key": KEY}
@@ -55,6 +61,10 @@ def _calls(provider: FakeProvider) -> dict[str, tuple[str, Callable[..., Any], d
                              {"model": IMAGE_MODEL, "prompt": "a cat", "n": 2, **base}),
         "aimage_generation": ("/v1/images/generations", litellm.aimage_generation,
                               {"model": IMAGE_MODEL, "prompt": "a cat", "n": 2, **base}),
+        "image_edit": ("/v1/images/edits", litellm.image_edit,
+                       {"model": IMAGE_MODEL, "image": _png(), "prompt": "a hat", **base}),
+        "aimage_edit": ("/v1/images/edits", litellm.aimage_edit,
+                        {"model": IMAGE_MODEL, "image": _png(), "prompt": "a hat", **base}),
         "speech": ("/v1/audio/speech", litellm.speech,
                    {"model": "openai/tts-1", "input": "hello there", "voice": "alloy", **base}),
         "aspeech": ("/v1/audio/speech", litellm.aspeech,
@@ -86,8 +96,8 @@ def _config(**extra: Any) -> dict[str, Any]:
 
 
 @pytest.mark.usefixtures("contract_backend")
-@pytest.mark.parametrize("name", ["image_generation", "aimage_generation", "speech", "aspeech", "transcription",
-                                  "atranscription", "rerank", "arerank"])
+@pytest.mark.parametrize("name", ["image_generation", "aimage_generation", "image_edit", "aimage_edit", "speech",
+                                  "aspeech", "transcription", "atranscription", "rerank", "arerank"])
 async def test_every_media_entry_point_counts_one_request_and_settles_at_litellms_cost(
         name: str, provider: FakeProvider, clock: FakeClock) -> None:
     lim = make_limiter(clock, _config())
@@ -105,7 +115,7 @@ async def test_every_media_entry_point_counts_one_request_and_settles_at_litellm
     if not name.endswith("rerank"):
         assert levels["provider"]["provider:openai"]["requests_per_minute"]["used"] == 1
     litellm_cost = (getattr(response, "_hidden_params", None) or {}).get("response_cost")
-    expected = {"image": IMAGE_PRICE * 2, "speech": SPEECH_COST, "rerank": 0.002,
+    expected = {"image": IMAGE_PRICE * (1 if "edit" in name else 2), "speech": SPEECH_COST, "rerank": 0.002,
                 "transcription": 0.0001 * 3.0}[_media.FAMILIES[name]]  # (the fake transcript says 3 s)
     if litellm_cost is not None:
         assert litellm_cost == pytest.approx(expected)
@@ -202,6 +212,29 @@ def _image_retries_taken_over() -> bool:
 
     major, minor = (int(x) for x in version("litellm").split(".")[:2])
     return (major, minor) > (1, 83)
+
+
+async def test_a_routers_media_calls_are_limited_and_priced_too(provider: FakeProvider, clock: FakeClock) -> None:
+    lim = make_limiter(clock, _config())
+    base = {"api_base": provider.url, "api_key": KEY}
+    router = litellm.Router(model_list=[
+        {"model_name": "img", "litellm_params": {"model": IMAGE_MODEL, **base}},
+        {"model_name": "tts", "litellm_params": {"model": "openai/tts-1", **base}},
+        {"model_name": "stt", "litellm_params": {"model": "openai/whisper-1", **base}},
+        {"model_name": "rr", "litellm_params": {"model": "cohere/rerank-english-v3.0", "api_base": provider.root,
+                                                "api_key": KEY}},
+    ])
+    router.image_generation(model="img", prompt="a cat")
+    await router.aimage_generation(model="img", prompt="a cat")
+    await router.aspeech(model="tts", input="hello there", voice="alloy")
+    await router.atranscription(model="stt", file=("a.wav", _wav(1.0), "audio/wav"))
+    await router.arerank(model="rr", query="q", documents=["a", "b"])
+    expected = 2 * IMAGE_PRICE + SPEECH_COST + 0.0001 * 3.0 + 0.002
+    await wait_until(lambda: lim.get_usage_stats()["cost_today"] >= expected - 1e-9)
+    stats = lim.get_usage_stats()
+    assert len(provider.state.log) == 5 and stats["admitted_total"] == 5
+    assert stats["cost_today"] == pytest.approx(expected)
+    assert global_usage(lim)["in_flight"] == 0
 
 
 async def test_moderation_is_still_not_limited(provider: FakeProvider, clock: FakeClock) -> None:
