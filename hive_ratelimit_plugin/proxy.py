@@ -72,6 +72,18 @@ _CALL_TYPES = {
     "anthropic_messages": "anthropic_messages",  # (its system prompt is a parameter of its own)
     "responses": "aresponses",  # (input items, instructions, media and previous_response_id)
     "aresponses": "aresponses",
+    # Billed per unit (see _media): admitted here too, where a refusal becomes the proxy's answer
+    # on every route (a refusal in the deployment hook would be a 500 on these routes).
+    "image_generation": "aimage_generation",
+    "aimage_generation": "aimage_generation",
+    "image_edit": "aimage_edit",
+    "aimage_edit": "aimage_edit",
+    "speech": "aspeech",
+    "aspeech": "aspeech",
+    "transcription": "atranscription",
+    "atranscription": "atranscription",
+    "rerank": "arerank",
+    "arerank": "arerank",
 }
 _HEX = frozenset("0123456789abcdef")
 _RUNAWAY_FLAG = "_hive_ratelimit_runaway"  # set on our private copy of a request's kwargs

@@ -59,6 +59,8 @@ LIMITS: dict[str, Any] = {
               "carol": {"max_cost_per_day": 0.0000001}},
 }
 
+IMAGE_MODEL = "openai/hive-proxy-image"  # priced per image in the fixture (LiteLLM 1.110's map has no dall-e-3)
+
 _SAVED_LISTS = ("callbacks", "success_callback", "failure_callback", "input_callback", "service_callback",
                 "_async_success_callback", "_async_failure_callback", "_async_input_callback")
 
@@ -104,6 +106,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     _allow_restart()
     saved_lists = {n: list(getattr(litellm, n)) for n in _SAVED_LISTS if isinstance(getattr(litellm, n, None), list)}
     saved_env = {k: os.environ.get(k) for k in ("CONFIG_FILE_PATH", "LITELLM_MASTER_KEY")}
+    litellm.model_cost[IMAGE_MODEL] = {"output_cost_per_image": 0.05, "litellm_provider": "openai",
+                                       "mode": "image_generation"}
     with FakeProvider() as provider:
         # The shipped example, pointed at the fake provider, with a custom auth for the test keys.
         conf = yaml.safe_load((ROOT / "configs" / "proxy.yaml").read_text())
@@ -115,6 +119,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
             {"model_name": "mixed", "litellm_params": {"model": m, "api_base": provider.url,
                                                        "api_key": "sk-provider-SECRET"}}
             for m in ("openai/gpt-4o-mini", "openai/gpt-4o")]
+        conf["model_list"].append({"model_name": "img", "litellm_params": {
+            "model": IMAGE_MODEL, "api_base": provider.url, "api_key": "sk-provider-SECRET"}})
         conf["general_settings"] = {"custom_auth": "proxy_auth.user_api_key_auth"}
         conf["rate_limiting"] = LIMITS
         conf.setdefault("litellm_settings", {})["num_retries"] = 0
@@ -167,6 +173,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
                 else:
                     os.environ[k] = v
             proxy_mod._instance = None
+            litellm.model_cost.pop(IMAGE_MODEL, None)
             import litellm.proxy.proxy_server as proxy_server
 
             proxy_server.llm_router = None  # later tests must not find this proxy's models
@@ -267,6 +274,26 @@ async def test_embeddings_share_the_limits(px: Proxy) -> None:
     await wait_until(lambda: not lim._engine._leases)
     assert lim.get_usage_stats()["admitted_total"] == 2
     assert px.provider.state.count() == 2
+
+
+async def test_image_requests_are_limited_per_user_and_priced_per_image(px: Proxy) -> None:
+    lim = px.use({**LIMITS, "queue": {"max_wait_seconds": 0}, "users": {"bob": {"requests_per_minute": 2}},
+                  "budget": {"max_daily_spend": 10}})
+    headers = {"authorization": "Bearer sk-bob"}
+    body = {"model": "img", "prompt": "a cat", "n": 2}
+    async with httpx.AsyncClient(timeout=60) as client:
+        ok = [await client.post(f"{px.url}/v1/images/generations", headers=headers, json=body) for _ in range(2)]
+        refused = await client.post(f"{px.url}/v1/images/generations", headers=headers, json=body)
+    assert [r.status_code for r in ok] == [200, 200], ok[0].text
+    assert refused.status_code == 429, refused.text
+    # (LiteLLM's image route answers with its own headers only: the wait is in the message)
+    assert "retry in 61" in refused.json()["error"]["message"]
+    await wait_until(lambda: not lim._engine._leases)
+    assert px.provider.state.count() == 2
+    stats = lim.get_usage_stats()
+    assert stats["admitted_total"] == 2
+    assert stats["levels"]["user"]["user:bob"]["requests_per_minute"]["used"] == 2
+    assert stats["cost_today"] == pytest.approx(4 * 0.05)
 
 
 async def test_mixed_model_groups_are_limited_per_deployment(px: Proxy) -> None:

@@ -110,8 +110,8 @@ async def test_a_call_id_in_flight_cannot_be_reused(clock: FakeClock) -> None:
 async def test_unlimited_call_types_pass_untouched(clock: FakeClock) -> None:
     lim = _limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 0}})
     for i in range(3):
-        data = {"model": "dall-e-3", "prompt": "a cat", "litellm_call_id": f"img-{i}"}
-        assert await lim.async_pre_call_hook(_auth(), None, data, "aimage_generation") is None
+        data = {"model": "omni-moderation-latest", "input": "a cat", "litellm_call_id": f"mod-{i}"}
+        assert await lim.async_pre_call_hook(_auth(), None, data, "moderation") is None
     assert lim.get_usage_stats()["admitted_total"] == 0
 
 
