@@ -593,6 +593,7 @@ class Engine:
         self._leases: dict[str, _Reservation] = {}
         # The queue (see _examine): every waiting call, and indexes by scope key.
         self._waiters: dict[Waiter, None] = {}  # every queued waiter
+        self._waiting_ids: dict[str, int] = {}  # their call ids (how many wait under each), for waiting()
         self._heads: dict[Waiter, None] = {}  # the waiters in state _HEAD
         self._blocking: dict[str, _Line] = {}  # scope key -> heads blocked on it (in blocked.keys)
         self._front: dict[str, int] = {}  # scope key -> rank of its first blocked head: the line
@@ -628,8 +629,8 @@ class Engine:
             st.reserved_cost = 0.0
             st.reserved_requests = 0
             st.probe = None
-        for line in (self._waiters, self._heads, self._blocking, self._front, self._parked, self._by_scope,
-                     self._sized):
+        for line in (self._waiters, self._waiting_ids, self._heads, self._blocking, self._front, self._parked,
+                     self._by_scope, self._sized):
             line.clear()
         self._due = []
         self._pending = []
@@ -1175,6 +1176,8 @@ class Engine:
 
     def _insert(self, waiter: Waiter, now: float, behind: bool) -> None:
         self._waiters[waiter] = None
+        ids = self._waiting_ids
+        ids[waiter.ticket.call_id] = ids.get(waiter.ticket.call_id, 0) + 1
         blocked = waiter.blocked
         assert blocked is not None
         if behind:  # waits behind the front of blocked.keys (see _line_blocked)
@@ -1437,6 +1440,10 @@ class Engine:
         else:
             self._unpark(w)
         del self._waiters[w]
+        ids = self._waiting_ids
+        left = ids.pop(w.ticket.call_id, 1) - 1
+        if left > 0:
+            ids[w.ticket.call_id] = left
         w.state = _OUT
         if not self._waiters:
             self._due.clear()  # (entries of waiters gone: nothing else would drop them)
@@ -2059,7 +2066,7 @@ class Engine:
     def waiting(self, call_id: str) -> bool:
         """Whether a call waits in the queue under ``call_id``."""
         with self._lock:
-            return any(w.ticket.call_id == call_id for w in self._waiters)
+            return call_id in self._waiting_ids
 
     def next_reclaim(self) -> float | None:
         """When :meth:`dispatch` may next take back an expired lease (``None``: no lease is open).

@@ -10,6 +10,7 @@ and no head could be admitted now (no grant was missed).
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 from typing import Any
 
@@ -52,6 +53,8 @@ def check_queue(eng: Engine, *, no_missed_grant: bool = True) -> None:
     """Assert the queue's invariants (see the module docstring)."""
     waiters = sorted(eng._waiters, key=lambda w: w.rank)
     assert not eng._pending
+    # waiting() answers from an index of the waiting call ids: it agrees with the queue
+    assert eng._waiting_ids == dict(collections.Counter(w.ticket.call_id for w in waiters))
     assert set(eng._heads) == {w for w in waiters if w.state is _HEAD}
     # One pass in order, each head's last answer standing for its try.
     held: set[str] = set()
@@ -327,6 +330,22 @@ async def test_thousands_of_waiters_time_out_together(clock: FakeClock) -> None:
     assert first.retry_after == pytest.approx(1061.0 - clock(), abs=1.0)
     assert all(r.scope == "global" and r.limit in ("requests_per_minute", "queue") for r in results)  # type: ignore[union-attr]
     assert eng.queue_length == 0
+    check_queue(eng)
+
+
+def test_waiting_knows_each_queued_call_id_until_it_leaves_the_queue(clock: FakeClock) -> None:
+    eng = Engine(clock)
+    g = scope(requests_per_minute=1)
+    assert eng.acquire(ticket("first", g), nop) is None
+    waiters = [eng.acquire(ticket(f"w{i}", g), nop) for i in range(3)]
+    assert [eng.waiting(f"w{i}") for i in range(3)] == [True, True, True]
+    assert not eng.waiting("first") and not eng.waiting("nobody")
+    assert waiters[1] is not None
+    eng.cancel(waiters[1])
+    assert not eng.waiting("w1") and eng.waiting("w0") and eng.waiting("w2")
+    clock.advance(61)
+    eng.dispatch()
+    assert not eng.waiting("w0") and eng.waiting("w2")  # w0 admitted, w2 still behind it
     check_queue(eng)
 
 
