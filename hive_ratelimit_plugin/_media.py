@@ -115,9 +115,12 @@ def _file_size(file: Any) -> int | None:
             return os.path.getsize(file)
         except (OSError, ValueError):
             return None
+    buffer = getattr(file, "getbuffer", None)  # io.BytesIO
     try:
+        if buffer is not None:
+            return int(buffer().nbytes)
         return os.fstat(file.fileno()).st_size
-    except (AttributeError, OSError, ValueError, TypeError):
+    except Exception:  # (no size to be had: no estimate from it)
         return None
 
 

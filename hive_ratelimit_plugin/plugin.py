@@ -1607,8 +1607,9 @@ _POSITIONAL = {
     "atext_completion": ("prompt",),
     "responses": ("input", "model"),
     "aresponses": ("input", "model"),
-    # Billed per unit (see _media); the async ones take ``*args`` and hand them to the sync ones.
-    "image_generation": ("prompt", "model"),
+    # Billed per unit (see _media); the async ones take ``*args`` and hand them to the sync ones
+    # (LiteLLM fails on more than these two positional arguments of aimage_generation).
+    "image_generation": ("prompt", "model", "n", "quality", "response_format", "size"),  # (n, size: its price)
     "aimage_generation": ("prompt", "model"),
     "image_edit": ("image", "prompt", "model"),
     "aimage_edit": ("image", "model", "prompt"),
@@ -1700,10 +1701,11 @@ def _is_router_call(kwargs: Mapping[str, Any]) -> bool:
 
 
 class _NoSdkRetries(int):
-    """A ``max_retries=0`` that LiteLLM's OpenAI embedding handler (1.83.4 through 1.110.2) and
-    image handler (1.83.4) keep at 0: they read ``max_retries or DEFAULT_MAX_RETRIES``, which turns
-    a plain 0 into 2 hidden SDK retries. This 0 is truthy; as a number it is 0 everywhere (the SDK,
-    JSON, logs). Given to embedding and image calls only (``_STICKY_ZERO``)."""
+    """A ``max_retries=0`` that LiteLLM's OpenAI embedding handler (1.83.4 through 1.110.2) keeps at
+    0: it reads ``max_retries or DEFAULT_MAX_RETRIES``, which turns a plain 0 into 2 hidden SDK
+    retries. This 0 is truthy; as a number it is 0 everywhere (the SDK, JSON, logs). Given to
+    embedding and image calls only (``_STICKY_ZERO``). (LiteLLM 1.83.4's image handler drops
+    ``max_retries`` whatever its value: its SDK retries stay unseen there.)"""
 
     __slots__ = ()
 
@@ -1996,6 +1998,18 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
                     call_id = own
                 if call_id:
                     result = _keep_alive(result, [(lim, call_id) for lim in limiters])
+            elif type(result).__name__ in _media.RESPONSES:
+                # Priced by now (LiteLLM sets ``response_cost`` before returning, from what its logging
+                # hook sees): settle here rather than wait for that hook, which a closed event loop
+                # (``asyncio.run``) never runs.
+                call_id = admitted[0] or kwargs.get("litellm_call_id")
+                for lim in limiters:
+                    if call_id and lim._engine.holds(call_id):
+                        try:
+                            lim._finish(call_id, result)
+                        except Exception:
+                            logger.exception("hive-ratelimit: settling a finished call failed; its lease will "
+                                             "release it")
             return result
         finally:
             if token is not None:
