@@ -41,6 +41,13 @@ CALL_TYPES = frozenset(FAMILIES)
 #: in each LiteLLM version).
 RESPONSES = frozenset({"ImageResponse", "HttpxBinaryResponseContent", "TranscriptionResponse", "RerankResponse"})
 
+
+
+def is_media(response: Any) -> bool:
+    """Whether ``response`` answers a call billed per unit."""
+    return type(response).__name__ in RESPONSES
+
+
 _AUDIO_BYTES_PER_SECOND = 16_000  # 128 kbit/s, when the file says nothing better
 _MAX_SEEN = 4096
 

@@ -77,6 +77,7 @@ _ANTHROPIC_TYPES = frozenset({"anthropic_messages"})
 #: counted otherwise (media: images, speech, transcription and rerank, priced per unit: see _media)
 _NOT_CHAT_TYPES = _EMBEDDING_TYPES | _TEXT_TYPES | _RESPONSES_TYPES | _ANTHROPIC_TYPES | _media.CALL_TYPES
 _SKIP_TYPES = frozenset({"moderation", "amoderation"})  # (providers do not bill them)
+_CHAT_RESPONSE = litellm.ModelResponse  # (the usual response: one identity test tells it is not media)
 
 # Set while a sync guard is admitting/running a call on this thread, so nested LiteLLM entry
 # points (text_completion -> completion) and log_pre_api_call know the call is already held.
@@ -1125,7 +1126,7 @@ class HiveLimiter(CustomLogger):
                 tin = min(ticket.input_tokens, total)
                 tout = total - tin
         cost = None
-        if type(response).__name__ in _media.RESPONSES:  # priced per unit: LiteLLM's cost of it
+        if type(response) is not _CHAT_RESPONSE and _media.is_media(response):  # priced per unit: LiteLLM's cost
             cost = _media.litellm_cost(response, logged_cost)
             if cost is not None:
                 info = ticket.info
@@ -1324,15 +1325,14 @@ class HiveLimiter(CustomLogger):
         self, request_data: dict[str, Any], response: Any, call_type: Any
     ) -> Any:
         """Settle a finished non-streaming async call with its actual usage."""
-        if request_data.get("stream"):
-            return response
-        call_id = request_data.get("litellm_call_id")
-        if type(response).__name__ in _media.RESPONSES and _media.litellm_cost(response) is None:
-            # LiteLLM prices it after this hook: its logging hook, next, settles it at that price.
-            if call_id:
-                self._engine.free_slot(call_id)
-            return response
-        self._finish(call_id, response)
+        if not request_data.get("stream"):
+            if type(response) is _CHAT_RESPONSE or not _media.is_media(response) \
+                    or _media.litellm_cost(response) is not None:
+                self._finish(request_data.get("litellm_call_id"), response)
+            elif request_data.get("litellm_call_id"):
+                # Billed per unit, and priced by LiteLLM after this hook: the slot comes back now,
+                # the money once priced (the async guard when the call returns, else the logging hook).
+                self._engine.free_slot(request_data["litellm_call_id"])
         return response
 
     async def async_post_call_streaming_deployment_hook(
@@ -1998,7 +1998,7 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
                     call_id = own
                 if call_id:
                     result = _keep_alive(result, [(lim, call_id) for lim in limiters])
-            elif type(result).__name__ in _media.RESPONSES:
+            elif type(result) is not _CHAT_RESPONSE and _media.is_media(result):
                 # Priced by now (LiteLLM sets ``response_cost`` before returning, from what its logging
                 # hook sees): settle here rather than wait for that hook, which a closed event loop
                 # (``asyncio.run``) never runs.
