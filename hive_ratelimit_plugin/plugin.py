@@ -1383,9 +1383,14 @@ class HiveLimiter(CustomLogger):
             result = kwargs.get("async_complete_streaming_response") or kwargs.get("complete_streaming_response")
             if result is None:
                 return
+        self._settle_quietly(call_id, result, kwargs.get("response_cost"))
+
+    def _settle_quietly(self, call_id: str, result: Any, logged_cost: Any = None) -> None:
+        """Settle a finished call where an error must not reach the caller (LiteLLM 1.83 does not
+        guard its logging hooks; a call that succeeded must not fail in its settlement)."""
         try:
-            self._finish(call_id, result, logged_cost=kwargs.get("response_cost"))
-        except Exception:  # LiteLLM 1.83 does not guard these hooks: never break its logging
+            self._finish(call_id, result, logged_cost=logged_cost)
+        except Exception:
             logger.exception("hive-ratelimit: settling a finished call failed; its lease will release it")
 
     async def async_log_failure_event(self, kwargs: dict[str, Any], response_obj: Any,
@@ -1567,7 +1572,7 @@ def _unknown_price_error(provider: str, model: str, how: str | None = None) -> H
         f"no price is known for model {provider}/{bare}, so its budget cannot be "
         f"enforced (unknown_price: block). {how}, or set unknown_price: estimate. "
         "The call was not sent.",
-        scope=f"model:{provider}/{split_model(model, provider)}", limit="unknown_price", spent=0.0, budget=0.0,
+        scope=f"model:{provider}/{bare}", limit="unknown_price", spent=0.0, budget=0.0,
         window="none",
     )
 
@@ -2003,13 +2008,9 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
                 # hook sees): settle here rather than wait for that hook, which a closed event loop
                 # (``asyncio.run``) never runs.
                 call_id = admitted[0] or kwargs.get("litellm_call_id")
-                for lim in limiters:
-                    if call_id and lim._engine.holds(call_id):
-                        try:
-                            lim._finish(call_id, result)
-                        except Exception:
-                            logger.exception("hive-ratelimit: settling a finished call failed; its lease will "
-                                             "release it")
+                if call_id:
+                    for lim in limiters:
+                        lim._settle_quietly(call_id, result)
             return result
         finally:
             if token is not None:
