@@ -1001,8 +1001,9 @@ class Engine:
                    + " or the budget is raised or reset. The call was not sent.")
         elif amount > limit + MONEY_SLACK:
             msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} ({self.currency} {money_text(limit)}) is smaller than "
-                   f"what this call may cost ({self.currency} {money_text(amount, 4)}, prompt plus max_tokens): it "
-                   "can never fit. Lower max_tokens or raise the budget. The call was not sent.")
+                   f"what this call may cost ({self.currency} {money_text(amount, 4)}: its prompt plus max_tokens, or "
+                   "the price of its images, audio or query): it can never fit. Lower max_tokens (n, for images) or "
+                   "raise the budget. The call was not sent.")
         else:
             decimals = 4
             while money_text(limit - spent, decimals) == money_text(amount, decimals) and decimals < 10:

@@ -59,8 +59,7 @@ __all__ = ["ProxyLimiter", "get_instance", "limiter", "proxy_handler_instance", 
 logger = logging.getLogger("hive_ratelimit_plugin")
 
 # The proxy's call types (they differ between LiteLLM versions) -> the SDK call type whose
-# estimation rules apply. Anything else (images, audio, moderation, rerank, MCP, pass-through)
-# is not limited.
+# estimation rules apply. Anything else (moderation, MCP, pass-through) is not limited.
 _CALL_TYPES = {
     "completion": "acompletion",
     "acompletion": "acompletion",
@@ -85,6 +84,8 @@ _CALL_TYPES = {
     "rerank": "arerank",
     "arerank": "arerank",
 }
+#: The calls whose proxy routes answer only the pre-call hook's refusals with its status.
+_PER_UNIT = frozenset(("aimage_generation", "aimage_edit", "aspeech", "atranscription", "arerank"))
 _HEX = frozenset("0123456789abcdef")
 _RUNAWAY_FLAG = "_hive_ratelimit_runaway"  # set on our private copy of a request's kwargs
 
@@ -341,6 +342,13 @@ class ProxyLimiter(HiveLimiter):
                 "model": m, "custom_llm_provider": t.get("custom_llm_provider"), "api_base": t.get("api_base")})
         return next(iter(seen.values())) if len(seen) == 1 else None
 
+    def _first_target(self, data: Mapping[str, Any]) -> dict[str, Any] | None:
+        model = str(data.get("model") or "")
+        for t in self._targets(model):
+            m = model if str(t["model"]).endswith("/*") else str(t["model"])
+            return {"model": m, "custom_llm_provider": t.get("custom_llm_provider"), "api_base": t.get("api_base")}
+        return None
+
     # --------------------------------------------------------------- hooks
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],
                                   call_type: Any) -> dict[str, Any] | None:
@@ -369,6 +377,11 @@ class ProxyLimiter(HiveLimiter):
                 f"litellm_call_id {call_id} is already in flight; send a unique x-litellm-call-id",
                 "invalid_request_error", "duplicate_call_id", 400, {})
         target = self._resolve(data)
+        if target is None and kind in _PER_UNIT:
+            # These routes ignore the failure hook's answer: a refusal in the deployment hook would
+            # be a 500. Admit here for the group's first deployment; if the Router picks another,
+            # the deployment hook moves the reservation to it (see _held_for_another_model).
+            target = self._first_target(data)
         if target is None:
             # The Router picks among different models: admit per deployment (deployment hook).
             with self._proxy_lock:

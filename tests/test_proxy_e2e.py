@@ -14,6 +14,7 @@ import asyncio
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import pytest
 import yaml
 
 from hive_ratelimit_plugin import proxy as proxy_mod
+from hive_ratelimit_plugin.fake_provider import Scripted
 from hive_ratelimit_plugin.plugin import unregister
 from hive_ratelimit_plugin.proxy import ProxyLimiter
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
@@ -60,6 +62,7 @@ LIMITS: dict[str, Any] = {
 }
 
 IMAGE_MODEL = "openai/hive-proxy-image"  # priced per image in the fixture (LiteLLM 1.110's map has no dall-e-3)
+IMAGE_MODEL_2 = "openai/hive-proxy-image-2"
 
 _SAVED_LISTS = ("callbacks", "success_callback", "failure_callback", "input_callback", "service_callback",
                 "_async_success_callback", "_async_failure_callback", "_async_input_callback")
@@ -108,6 +111,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     saved_env = {k: os.environ.get(k) for k in ("CONFIG_FILE_PATH", "LITELLM_MASTER_KEY")}
     litellm.model_cost[IMAGE_MODEL] = {"output_cost_per_image": 0.05, "litellm_provider": "openai",
                                        "mode": "image_generation"}
+    litellm.model_cost[IMAGE_MODEL_2] = dict(litellm.model_cost[IMAGE_MODEL])
     with FakeProvider() as provider:
         # The shipped example, pointed at the fake provider, with a custom auth for the test keys.
         conf = yaml.safe_load((ROOT / "configs" / "proxy.yaml").read_text())
@@ -121,6 +125,13 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
             for m in ("openai/gpt-4o-mini", "openai/gpt-4o")]
         conf["model_list"].append({"model_name": "img", "litellm_params": {
             "model": IMAGE_MODEL, "api_base": provider.url, "api_key": "sk-provider-SECRET"}})
+        media_models = (("tts", "openai/tts-1", provider.url), ("whisper", "openai/whisper-1", provider.url),
+                        ("rerank", "cohere/rerank-english-v3.0", provider.root),
+                        ("mixed-img", IMAGE_MODEL, provider.url), ("mixed-img", IMAGE_MODEL_2, provider.url),
+                        ("mixed-tts", "openai/tts-1", provider.url), ("mixed-tts", "openai/tts-1-hd", provider.url))
+        conf["model_list"] += [
+            {"model_name": name, "litellm_params": {"model": model, "api_base": base, "api_key": "sk-provider-SECRET"}}
+            for name, model, base in media_models]
         conf["general_settings"] = {"custom_auth": "proxy_auth.user_api_key_auth"}
         conf["rate_limiting"] = LIMITS
         conf.setdefault("litellm_settings", {})["num_retries"] = 0
@@ -174,6 +185,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
                     os.environ[k] = v
             proxy_mod._instance = None
             litellm.model_cost.pop(IMAGE_MODEL, None)
+            litellm.model_cost.pop(IMAGE_MODEL_2, None)
             import litellm.proxy.proxy_server as proxy_server
 
             proxy_server.llm_router = None  # later tests must not find this proxy's models
@@ -312,4 +324,146 @@ async def test_mixed_model_groups_are_limited_per_deployment(px: Proxy) -> None:
     assert px.provider.state.count() == 3
     stats = lim.get_usage_stats()
     assert stats["admitted_total"] == 3
+    assert stats["levels"]["user"]["user:alice"]["requests_per_minute"]["used"] == 2
+
+
+def _wav(seconds: float, rate: int = 16_000) -> bytes:
+    """A 16-bit mono WAV of ``seconds`` of silence."""
+    data = b"\x00\x00" * int(rate * seconds)
+    header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack(
+        "<IHHIIHH", 16, 1, 1, rate, 2 * rate, 2, 16) + b"data" + struct.pack("<I", len(data))
+    return header + data
+
+
+# name -> (client route, provider path, request (json or multipart), LiteLLM's price of one)
+MEDIA: dict[str, tuple[str, str, dict[str, Any], float]] = {
+    "speech": ("/v1/audio/speech", "/v1/audio/speech",
+               {"json": {"model": "tts", "input": "hello there", "voice": "alloy"}}, 0.00015),
+    "transcription": ("/v1/audio/transcriptions", "/v1/audio/transcriptions",
+                      {"data": {"model": "whisper"}, "files": {"file": ("a.wav", _wav(2.0), "audio/wav")}},
+                      3.0 * 0.0001),  # (the fake's transcript says 3 s)
+    "image_edit": ("/v1/images/edits", "/v1/images/edits",
+                   {"data": {"model": "img", "prompt": "a hat"},
+                    "files": {"image": ("a.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "image/png")}}, 0.05),
+    "rerank": ("/v1/rerank", "/v2/rerank", {"json": {"model": "rerank", "query": "q", "documents": ["a", "b"]}},
+               0.002),
+    "rerank_unversioned": ("/rerank", "/v2/rerank",
+                           {"json": {"model": "rerank", "query": "q", "documents": ["a", "b"]}}, 0.002),
+}
+
+
+@pytest.mark.parametrize("name", list(MEDIA))
+async def test_media_requests_are_limited_per_user_counted_once_and_settled_at_litellms_cost(
+        px: Proxy, name: str) -> None:
+    route, path, request, price = MEDIA[name]
+    lim = px.use({**LIMITS, "queue": {"max_wait_seconds": 0}, "users": {"alice": {"requests_per_minute": 2}},
+                  "budget": {"max_daily_spend": 10}})
+    async with httpx.AsyncClient(timeout=60) as client:
+        # both of alice's keys count against her
+        ok = [await client.post(f"{px.url}{route}", headers={"authorization": f"Bearer {key}"}, **request)
+              for key in ("sk-alice", "sk-alice-2")]
+        refused = await client.post(f"{px.url}{route}", headers={"authorization": "Bearer sk-alice"}, **request)
+    assert [r.status_code for r in ok] == [200, 200], ok[0].text
+    assert refused.status_code == 429, refused.text
+    assert "retry in 61" in refused.text, refused.text  # (the speech route answers {"detail": ...})
+    await wait_until(lambda: not lim._engine._leases)
+    assert [r.path for r in px.provider.state.log] == [path, path]  # the refused one was never sent
+    stats = lim.get_usage_stats()
+    assert stats["admitted_total"] == 2
+    assert set(stats["levels"]["user"]) == {"user:alice"}
+    assert stats["levels"]["user"]["user:alice"]["requests_per_minute"]["used"] == 2
+    assert stats["levels"]["user"]["user:alice"]["in_flight"] == 0
+    await wait_until(lambda: lim.get_usage_stats()["cost_today"] >= 2 * price * 0.999)
+    await asyncio.sleep(0.1)  # (a second settlement would land here)
+    stats = lim.get_usage_stats()
+    header_costs = [r.headers.get("x-litellm-response-cost") for r in ok]
+    litellm_costs = [float(c) for c in header_costs if c not in (None, "", "None")]
+    if len(litellm_costs) == 2:
+        assert sum(litellm_costs) == pytest.approx(2 * price)
+    assert stats["cost_today"] == pytest.approx(2 * price)
+
+
+@pytest.mark.parametrize("name", list(MEDIA))
+async def test_a_spent_budget_refuses_media_requests_with_the_budget_error(px: Proxy, name: str) -> None:
+    route, _, request, _ = MEDIA[name]
+    lim = px.limiter
+    assert lim is not None
+    async with httpx.AsyncClient(timeout=60) as client:
+        r = await client.post(f"{px.url}{route}", headers={"authorization": "Bearer sk-carol"}, **request)
+    assert r.status_code != 429 and 400 <= r.status_code < 500, r.text
+    if name == "speech":  # (LiteLLM's speech route re-raises a hook's HTTPException as {"detail": ...})
+        assert "budget of user carol" in r.json()["detail"]
+    else:
+        assert r.json()["error"]["type"] == "budget_exceeded"
+    assert px.provider.state.count() == 0
+    assert lim._engine._leases == {}
+    assert lim.get_usage_stats()["admitted_total"] == 0
+
+
+@pytest.mark.parametrize("status", [500, 429])
+@pytest.mark.parametrize("name", list(MEDIA))
+async def test_a_failed_media_request_is_released_and_costs_nothing(px: Proxy, name: str, status: int) -> None:
+    route, _, request, price = MEDIA[name]
+    lim = px.use({**LIMITS, "queue": {"max_wait_seconds": 0}, "budget": {"max_daily_spend": 10}})
+    px.provider.state.script.append(Scripted(status=status, headers={"retry-after": "1"}))
+    async with httpx.AsyncClient(timeout=60) as client:
+        # (on LiteLLM 1.83 a provider's error escapes the speech route: uvicorn answers a plain
+        # 500 and closes the connection, which must not be reused for the next request)
+        failed = await client.post(f"{px.url}{route}", headers={"authorization": "Bearer sk-bob",
+                                                                  "connection": "close"}, **request)
+        assert failed.status_code >= 400, failed.text
+        await wait_until(lambda: not lim._engine._leases)
+        px.clock.advance(2)  # (past the provider's retry-after, which the limiter honours)
+        ok = await client.post(f"{px.url}{route}", headers={"authorization": "Bearer sk-bob"}, **request)
+    assert ok.status_code == 200, ok.text
+    await wait_until(lambda: not lim._engine._leases)
+    assert [r.status for r in px.provider.state.log] == [status, 200]
+    stats = lim.get_usage_stats()
+    assert stats["admitted_total"] == 2
+    assert stats["levels"]["user"]["user:bob"]["in_flight"] == 0
+    await wait_until(lambda: lim.get_usage_stats()["cost_today"] >= price * 0.999)
+    await asyncio.sleep(0.1)
+    assert lim.get_usage_stats()["cost_today"] == pytest.approx(price)
+
+
+@pytest.mark.parametrize("name", list(MEDIA))
+async def test_a_queued_media_request_runs_when_the_window_moves_and_is_counted_once(px: Proxy, name: str) -> None:
+    route, _, request, price = MEDIA[name]
+    lim = px.use({**LIMITS, "users": {"alice": {"requests_per_minute": 1}}, "budget": {"max_daily_spend": 10}})
+    async with httpx.AsyncClient(timeout=60) as client:
+        tasks = [asyncio.create_task(client.post(f"{px.url}{route}", headers={"authorization": f"Bearer {key}"},
+                                                 **request)) for key in ("sk-alice", "sk-alice-2")]
+        await wait_until(lambda: px.provider.state.ok_count() == 1 and lim._engine.queue_length == 1)
+        px.clock.advance(61)
+        responses = await asyncio.gather(*tasks)
+    assert [r.status_code for r in responses] == [200, 200], responses[0].text
+    await wait_until(lambda: not lim._engine._leases)
+    assert px.provider.state.count() == 2
+    stats = lim.get_usage_stats()
+    assert stats["admitted_total"] == 2 and stats["queued_total"] == 1
+    await wait_until(lambda: lim.get_usage_stats()["cost_today"] >= 2 * price * 0.999)
+    await asyncio.sleep(0.1)
+    assert lim.get_usage_stats()["cost_today"] == pytest.approx(2 * price)
+
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/images/generations", {"model": "mixed-img", "prompt": "a cat"}),
+    ("/v1/audio/speech", {"model": "mixed-tts", "input": "hello there", "voice": "alloy"}),
+])
+async def test_media_requests_to_mixed_model_groups_are_refused_with_429(px: Proxy, route: str,
+                                                                        body: dict[str, Any]) -> None:
+    lim = px.use({**LIMITS, "queue": {"max_wait_seconds": 0}})
+    async with httpx.AsyncClient(timeout=60) as client:
+        ok = [await client.post(f"{px.url}{route}", headers={"authorization": f"Bearer {key}"}, json=body)
+              for key in ("sk-alice", "sk-alice-2")]
+        refused = await client.post(f"{px.url}{route}", headers={"authorization": "Bearer sk-alice",
+                                                                 "connection": "close"}, json=body)
+    assert [r.status_code for r in ok] == [200, 200], ok[0].text
+    assert refused.status_code == 429, refused.text
+    await wait_until(lambda: not lim._engine._leases)
+    assert px.provider.state.count() == 2
+    stats = lim.get_usage_stats()
+    # (admitted_total also counts a reservation moved to the deployment the Router picked)
+    assert stats["levels"]["user"]["user:alice"]["in_flight"] == 0
     assert stats["levels"]["user"]["user:alice"]["requests_per_minute"]["used"] == 2
