@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,14 @@ class Recorder(CustomLogger):
     def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
         with self.lock:
             self.sent.append((self.clock(), str(kwargs.get("model"))))
+
+
+def wav(seconds: float, rate: int = 16_000) -> bytes:
+    """A 16-bit mono WAV of ``seconds`` of silence (byte rate ``2 * rate``)."""
+    data = b"\x00\x00" * int(rate * seconds)
+    header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack(
+        "<IHHIIHH", 16, 1, 1, rate, 2 * rate, 2, 16) + b"data" + struct.pack("<I", len(data))
+    return header + data
 
 
 def chat_kwargs(provider: FakeProvider, **extra: Any) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,14 @@ from hive_ratelimit_plugin.errors import BudgetExceededError, RateLimitQueueTime
 from hive_ratelimit_plugin.fake_provider import Scripted
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
-from .helpers import assert_cancelling_in_flight_frees_the_slot, global_usage, make_limiter, wait_until, with_backend
+from .helpers import (
+    assert_cancelling_in_flight_frees_the_slot,
+    global_usage,
+    make_limiter,
+    wait_until,
+    wav,
+    with_backend,
+)
 
 KEY = "sk-test-SECRET-0123456789"
 IMAGE_MODEL = "openai/hive-test-image"  # priced per image below (LiteLLM 1.110's map has no dall-e-3)
@@ -37,14 +43,6 @@ def image_price() -> Iterator[None]:
     litellm.model_cost[IMAGE_MODEL] = entry
     yield
     litellm.model_cost.pop(IMAGE_MODEL, None)
-
-
-def _wav(seconds: float, rate: int = 16_000) -> bytes:
-    """A 16-bit mono WAV of ``seconds`` of silence (byte rate ``2 * rate``)."""
-    data = b"\x00\x00" * int(rate * seconds)
-    header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack(
-        "<IHHIIHH", 16, 1, 1, rate, 2 * rate, 2, 16) + b"data" + struct.pack("<I", len(data))
-    return header + data
 
 
 def _png() -> io.BytesIO:
@@ -70,9 +68,9 @@ def _calls(provider: FakeProvider) -> dict[str, tuple[str, Callable[..., Any], d
         "aspeech": ("/v1/audio/speech", litellm.aspeech,
                     {"model": "openai/tts-1", "input": "hello there", "voice": "alloy", **base}),
         "transcription": ("/v1/audio/transcriptions", litellm.transcription,
-                          {"model": "openai/whisper-1", "file": ("a.wav", _wav(2.0), "audio/wav"), **base}),
+                          {"model": "openai/whisper-1", "file": ("a.wav", wav(2.0), "audio/wav"), **base}),
         "atranscription": ("/v1/audio/transcriptions", litellm.atranscription,
-                           {"model": "openai/whisper-1", "file": ("a.wav", _wav(2.0), "audio/wav"), **base}),
+                           {"model": "openai/whisper-1", "file": ("a.wav", wav(2.0), "audio/wav"), **base}),
         "rerank": ("/v2/rerank", litellm.rerank,
                    {"model": "cohere/rerank-english-v3.0", "query": "q", "documents": ["a", "b"],
                     "api_base": provider.root, "api_key": KEY}),
@@ -227,7 +225,7 @@ async def test_a_routers_media_calls_are_limited_and_priced_too(provider: FakePr
     router.image_generation(model="img", prompt="a cat")
     await router.aimage_generation(model="img", prompt="a cat")
     await router.aspeech(model="tts", input="hello there", voice="alloy")
-    await router.atranscription(model="stt", file=("a.wav", _wav(1.0), "audio/wav"))
+    await router.atranscription(model="stt", file=("a.wav", wav(1.0), "audio/wav"))
     await router.arerank(model="rr", query="q", documents=["a", "b"])
     expected = 2 * IMAGE_PRICE + SPEECH_COST + 0.0001 * 3.0 + 0.002
     await wait_until(lambda: lim.get_usage_stats()["cost_today"] >= expected - 1e-9)
@@ -263,9 +261,9 @@ def test_an_images_estimate_reads_the_price_of_its_quality_and_size_else_the_mod
 def test_a_transcriptions_estimate_reads_the_wav_header_else_128_kbit_per_second(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(litellm, "model_cost", {"whisper-1": {"input_cost_per_second": 0.0001}})
-    wav = _wav(10.0)  # 16 kHz 16-bit mono: 32,000 bytes a second
-    assert _media.audio_seconds(("a.wav", wav, "audio/wav")) == pytest.approx(10.0, abs=0.01)
-    assert _media.unit_cost("transcription", "openai", "whisper-1", {"file": wav}) == pytest.approx(0.0011)
+    audio = wav(10.0)  # 16 kHz 16-bit mono: 32,000 bytes a second
+    assert _media.audio_seconds(("a.wav", audio, "audio/wav")) == pytest.approx(10.0, abs=0.01)
+    assert _media.unit_cost("transcription", "openai", "whisper-1", {"file": audio}) == pytest.approx(0.0011)
     mp3 = tmp_path / "a.mp3"
     mp3.write_bytes(b"\xff" * 160_000)  # 10 s at 128 kbit/s
     assert _media.audio_seconds(str(mp3)) == pytest.approx(10.0)

@@ -14,7 +14,6 @@ import asyncio
 import os
 import secrets
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from hive_ratelimit_plugin.plugin import unregister
 from hive_ratelimit_plugin.proxy import ProxyLimiter
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
-from .helpers import wait_until
+from .helpers import wait_until, wav
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -327,20 +326,12 @@ async def test_mixed_model_groups_are_limited_per_deployment(px: Proxy) -> None:
     assert stats["levels"]["user"]["user:alice"]["requests_per_minute"]["used"] == 2
 
 
-def _wav(seconds: float, rate: int = 16_000) -> bytes:
-    """A 16-bit mono WAV of ``seconds`` of silence."""
-    data = b"\x00\x00" * int(rate * seconds)
-    header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack(
-        "<IHHIIHH", 16, 1, 1, rate, 2 * rate, 2, 16) + b"data" + struct.pack("<I", len(data))
-    return header + data
-
-
 # name -> (client route, provider path, request (json or multipart), LiteLLM's price of one)
 MEDIA: dict[str, tuple[str, str, dict[str, Any], float]] = {
     "speech": ("/v1/audio/speech", "/v1/audio/speech",
                {"json": {"model": "tts", "input": "hello there", "voice": "alloy"}}, 0.00015),
     "transcription": ("/v1/audio/transcriptions", "/v1/audio/transcriptions",
-                      {"data": {"model": "whisper"}, "files": {"file": ("a.wav", _wav(2.0), "audio/wav")}},
+                      {"data": {"model": "whisper"}, "files": {"file": ("a.wav", wav(2.0), "audio/wav")}},
                       3.0 * 0.0001),  # (the fake's transcript says 3 s)
     "image_edit": ("/v1/images/edits", "/v1/images/edits",
                    {"data": {"model": "img", "prompt": "a hat"},
