@@ -325,8 +325,9 @@ class ProxyLimiter(HiveLimiter):
                 out.append(dict(params))
         return out
 
-    def _resolve(self, data: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The one (model, provider, api_base) a request goes to, or None if its group mixes models."""
+    def _resolve(self, data: Mapping[str, Any], mixed: bool = False) -> dict[str, Any] | None:
+        """The one (model, provider, api_base) a request goes to, or None if its group mixes models
+        (with ``mixed``: then its first deployment's)."""
         model = str(data.get("model") or "")
         targets = self._targets(model)
         if not targets:
@@ -340,14 +341,7 @@ class ProxyLimiter(HiveLimiter):
             provider = self._provider_of(m, t.get("custom_llm_provider"), t.get("api_base"))
             seen.setdefault((provider, split_model(m, provider)), {
                 "model": m, "custom_llm_provider": t.get("custom_llm_provider"), "api_base": t.get("api_base")})
-        return next(iter(seen.values())) if len(seen) == 1 else None
-
-    def _first_target(self, data: Mapping[str, Any]) -> dict[str, Any] | None:
-        model = str(data.get("model") or "")
-        for t in self._targets(model):
-            m = model if str(t["model"]).endswith("/*") else str(t["model"])
-            return {"model": m, "custom_llm_provider": t.get("custom_llm_provider"), "api_base": t.get("api_base")}
-        return None
+        return next(iter(seen.values())) if len(seen) == 1 or mixed else None
 
     # --------------------------------------------------------------- hooks
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],
@@ -376,12 +370,11 @@ class ProxyLimiter(HiveLimiter):
             raise _http_exception(
                 f"litellm_call_id {call_id} is already in flight; send a unique x-litellm-call-id",
                 "invalid_request_error", "duplicate_call_id", 400, {})
-        target = self._resolve(data)
-        if target is None and kind in _PER_UNIT:
-            # These routes ignore the failure hook's answer: a refusal in the deployment hook would
-            # be a 500. Admit here for the group's first deployment; if the Router picks another,
-            # the deployment hook moves the reservation to it (see _held_for_another_model).
-            target = self._first_target(data)
+        # The routes of calls billed per unit ignore the failure hook's answer: a refusal in the
+        # deployment hook would be a 500. Those are admitted here for their group's first deployment
+        # even when it mixes models; if the Router picks another, the deployment hook moves the
+        # reservation to it (see _held_for_another_model).
+        target = self._resolve(data, mixed=kind in _PER_UNIT)
         if target is None:
             # The Router picks among different models: admit per deployment (deployment hook).
             with self._proxy_lock:
