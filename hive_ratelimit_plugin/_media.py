@@ -57,25 +57,26 @@ def _num(info: Mapping[str, Any] | None, key: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
 
 
+def _bare(provider: str, model: str) -> str:
+    return model[len(provider) + 1:] if model.startswith(provider + "/") else model
+
+
 def map_entry(provider: str, model: str) -> dict[str, Any] | None:
     """LiteLLM's price-map entry for ``model`` (with or without its provider prefix), if any."""
+    return _entry(provider, model, _bare(provider, model))
+
+
+def _entry(provider: str, *names: str) -> dict[str, Any] | None:
+    """The first entry of LiteLLM's price map found under one of ``names``, as given or with
+    ``provider``'s prefix."""
     import litellm
 
-    bare = model[len(provider) + 1:] if model.startswith(provider + "/") else model
     table = litellm.model_cost
-    for name in (model, bare, f"{provider}/{bare}"):
-        info = table.get(name)
+    for name in names:
+        info = table.get(name) or table.get(f"{provider}/{name}")
         if info:
             return dict(info)
     return None
-
-
-def _entry(provider: str, name: str) -> dict[str, Any] | None:
-    import litellm
-
-    table = litellm.model_cost
-    info = table.get(name) or table.get(f"{provider}/{name}")
-    return dict(info) if info else None
 
 
 def _image_size(value: Any) -> tuple[int, int] | None:
@@ -87,7 +88,7 @@ def _image_size(value: Any) -> tuple[int, int] | None:
 
 
 def _image(provider: str, model: str, kwargs: Mapping[str, Any]) -> float | None:
-    bare = model[len(provider) + 1:] if model.startswith(provider + "/") else model
+    bare = _bare(provider, model)
     n = kwargs.get("n")
     n = n if type(n) is int and n > 0 else 1
     size = _image_size(kwargs.get("size")) or (1024, 1024)
