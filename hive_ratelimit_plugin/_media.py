@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import _fork
+from ._tokens import AUDIO_BYTES_PER_SECOND, wav_byte_rate
 
 #: LiteLLM's call types of such calls, with the family their price rule belongs to.
 FAMILIES = {
@@ -48,7 +49,6 @@ def is_media(response: Any) -> bool:
     return type(response).__name__ in RESPONSES
 
 
-_AUDIO_BYTES_PER_SECOND = 16_000  # 128 kbit/s, when the file says nothing better
 _MAX_SEEN = 4096
 
 
@@ -137,11 +137,9 @@ def audio_seconds(file: Any) -> float | None:
     size = _file_size(file)
     if size is None:
         return None
-    rate = _AUDIO_BYTES_PER_SECOND
     head = file[1] if isinstance(file, tuple) and len(file) >= 2 else file
-    if isinstance(head, (bytes, bytearray)) and len(head) >= 44 and head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        rate = max(int.from_bytes(head[28:32], "little"), 8_000)
-    return size / rate
+    wav = wav_byte_rate(head) if isinstance(head, (bytes, bytearray)) else None
+    return size / (wav or AUDIO_BYTES_PER_SECOND)
 
 
 def unit_cost(family: str, provider: str, model: str, kwargs: Mapping[str, Any]) -> float | None:

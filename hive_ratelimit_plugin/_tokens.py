@@ -243,12 +243,23 @@ def _pdf_chunks(raw: bytes) -> Iterator[bytes]:
         yield out
 
 
+#: Bytes per second of audio whose file says nothing better (128 kbit/s).
+AUDIO_BYTES_PER_SECOND = 16_000
+
+
+def wav_byte_rate(raw: bytes | bytearray) -> int | None:
+    """The byte rate a WAV header gives (at least 8 kHz 8-bit mono's), or None if ``raw`` has none."""
+    if len(raw) >= 44 and raw[:4] == b"RIFF" and raw[8:12] == b"WAVE":
+        return max(int.from_bytes(raw[28:32], "little"), 8_000)
+    return None
+
+
 def _audio_tokens(raw: bytes, fmt: str) -> int:
     """Audio by its duration: a WAV header gives the byte rate; other formats count as 128 kbit/s."""
-    rate, size = 16_000, len(raw)
-    if fmt in ("wav", "wave", "x-wav") and size >= 44 and raw[:4] == b"RIFF" and raw[8:12] == b"WAVE":
-        rate = max(int.from_bytes(raw[28:32], "little"), 8_000)  # (8 kHz 8-bit mono at least)
-        size -= 44
+    rate, size = AUDIO_BYTES_PER_SECOND, len(raw)
+    wav = wav_byte_rate(raw) if fmt in ("wav", "wave", "x-wav") else None
+    if wav is not None:
+        rate, size = wav, size - 44
     return max(1, math.ceil(size / rate * AUDIO_TOKENS_PER_SECOND))
 
 

@@ -1706,11 +1706,10 @@ def _is_router_call(kwargs: Mapping[str, Any]) -> bool:
 
 
 class _NoSdkRetries(int):
-    """A ``max_retries=0`` that LiteLLM's OpenAI embedding handler (1.83.4 through 1.110.2) keeps at
-    0: it reads ``max_retries or DEFAULT_MAX_RETRIES``, which turns a plain 0 into 2 hidden SDK
-    retries. This 0 is truthy; as a number it is 0 everywhere (the SDK, JSON, logs). Given to
-    embedding and image calls only (``_STICKY_ZERO``). (LiteLLM 1.83.4's image handler drops
-    ``max_retries`` whatever its value: its SDK retries stay unseen there.)"""
+    """A ``max_retries=0`` that LiteLLM's OpenAI embedding handler keeps at 0: it reads
+    ``max_retries or DEFAULT_MAX_RETRIES`` (1.83.4 through 1.110.2), which turns a plain 0 into 2
+    hidden SDK retries. This 0 is truthy; as a number it is 0 everywhere (the SDK, JSON, logs).
+    Given to embedding calls only."""
 
     __slots__ = ()
 
@@ -1722,12 +1721,10 @@ class _NoSdkRetries(int):
 
 
 _EMBEDDING_NO_RETRIES = _NoSdkRetries(0)
-_STICKY_ZERO = frozenset({"embedding", "aembedding", "image_generation", "aimage_generation", "image_edit",
-                          "aimage_edit"})
 
 
 def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = False,
-                   router_retries: bool = True, sticky_zero: bool = False) -> tuple[float, Any, int]:
+                   router_retries: bool = True, embedding: bool = False) -> tuple[float, Any, int]:
     """Prepare a guarded call's first attempt, which runs without the retry state (built only if it
     fails, from what this returns: the start time, the caller's own call id if any, and how many
     retries of failed attempts the caller asked for).
@@ -1743,8 +1740,9 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
     it needs ``tenacity``; taking the SDK's retries away there would turn a retried success into
     an error. Its retries stay with the SDK, unseen (docs/troubleshooting.md).
 
-    Embeddings and images get a 0 that survives LiteLLM's handlers for them (``sticky_zero``:
-    :class:`_NoSdkRetries`)."""
+    Embeddings get a 0 that survives LiteLLM's embedding handler (:class:`_NoSdkRetries`).
+    (LiteLLM 1.83.4's image handler drops ``max_retries`` whatever its value: the SDK's retries
+    of an image call stay unseen there.)"""
     started = limiter._engine.clock()
     user_call_id = kwargs.get("litellm_call_id")
     asked = 0
@@ -1761,7 +1759,7 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
                 if asked or "num_retries" in kwargs:
                     # 0, not absent: LiteLLM's own retry loop would fall back to litellm.num_retries
                     kwargs["num_retries"] = 0
-        kwargs["max_retries"] = _EMBEDDING_NO_RETRIES if sticky_zero else 0
+        kwargs["max_retries"] = _EMBEDDING_NO_RETRIES if embedding else 0
     _claim_call_id(limiter, kwargs)
     return started, user_call_id, asked
 
@@ -1894,7 +1892,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         first = limiters[0]
         # (A Router's sync ``responses`` does not retry itself: LiteLLM's own loop did.)
         started, user_call_id, asked = _first_attempt(first, kwargs, sync=True, router_retries=name != "responses",
-                                                 sticky_zero=name in _STICKY_ZERO)
+                                                 embedding=name == "embedding")
         retrying: _Retrying | None = None  # built once an attempt fails (see _first_attempt)
         while True:
             token = None
@@ -1935,7 +1933,7 @@ def _keyword_names(fn: Callable[..., Any]) -> tuple[str, ...]:
 
 def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     names = _keyword_names(fn) or _POSITIONAL.get(name, ())  # (the latter for ``def f(*args, **kwargs)``)
-    sticky_zero = name in _STICKY_ZERO
+    embedding = name == "aembedding"
 
     @functools.wraps(fn)
     async def guard(*args: Any, **kwargs: Any) -> Any:
@@ -1955,7 +1953,7 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         prior = sys.exc_info()[1]  # called while handling an error: an earlier attempt's, maybe
         outer = _in_async_guard.set(admitted)
         try:
-            return await _retry_async(fn, limiters, args, kwargs, admitted, sticky_zero, prior)
+            return await _retry_async(fn, limiters, args, kwargs, admitted, embedding, prior)
         finally:
             _in_async_guard.reset(outer)
 
@@ -1964,13 +1962,13 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
-                       kwargs: dict[str, Any], admitted: list[str | None], sticky_zero: bool = False,
+                       kwargs: dict[str, Any], admitted: list[str | None], embedding: bool = False,
                        prior: BaseException | None = None) -> Any:
     # Admission happens in the deployment hook; this loop only retries provider 429s. The
     # first attempt is the common case and runs without the retry state, which is built only
     # when an attempt fails (with the same start time, so the retry budget is unchanged).
     first = limiters[0]
-    started, user_call_id, asked = _first_attempt(first, kwargs, sticky_zero=sticky_zero)
+    started, user_call_id, asked = _first_attempt(first, kwargs, embedding=embedding)
     retrying: _Retrying | None = None
     while True:
         token = None

@@ -42,6 +42,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from . import _media
 from ._engine import Ticket
 from ._scopes import IDENTITY_FIELDS, split_model
 from .config import RateLimitingConfig, clean_id
@@ -84,8 +85,6 @@ _CALL_TYPES = {
     "rerank": "arerank",
     "arerank": "arerank",
 }
-#: The calls whose proxy routes answer only the pre-call hook's refusals with its status.
-_PER_UNIT = frozenset(("aimage_generation", "aimage_edit", "aspeech", "atranscription", "arerank"))
 _HEX = frozenset("0123456789abcdef")
 _RUNAWAY_FLAG = "_hive_ratelimit_runaway"  # set on our private copy of a request's kwargs
 
@@ -374,7 +373,7 @@ class ProxyLimiter(HiveLimiter):
         # deployment hook would be a 500. Those are admitted here for their group's first deployment
         # even when it mixes models; if the Router picks another, the deployment hook moves the
         # reservation to it (see _held_for_another_model).
-        target = self._resolve(data, mixed=kind in _PER_UNIT)
+        target = self._resolve(data, mixed=kind in _media.CALL_TYPES)
         if target is None:
             # The Router picks among different models: admit per deployment (deployment hook).
             with self._proxy_lock:
