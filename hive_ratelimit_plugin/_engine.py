@@ -507,6 +507,15 @@ def _amount(t: Ticket, metric: str) -> float:
     return t.cost
 
 
+def uncached_input(reported: int | None, actual_in: int, cached: int) -> int:
+    """What a call counts in input-token limits: its input tokens, less those read from the
+    provider's prompt cache (Anthropic's ITPM, Groq's limits leave cache reads out), when its
+    usage was reported (``reported`` not ``None``; else the estimate stands, as it is)."""
+    if reported is None or cached <= 0:
+        return actual_in
+    return actual_in - cached if cached < actual_in else 0
+
+
 class QueueFull(Exception):
     """Internal: the queue has ``max_size`` waiters."""
 
@@ -1573,8 +1582,11 @@ class Engine:
 
     # ------------------------------------------------------------- settlement
     def settle(self, call_id: str, input_tokens: int | None, output_tokens: int | None,
-               cost: float | None = None) -> bool:
+               cost: float | None = None, *, cached_input: int = 0) -> bool:
         """Replace a call's estimated usage with its actual usage. Idempotent.
+
+        ``cached_input``: of ``input_tokens``, those read from the provider's prompt cache (see
+        :meth:`release`).
 
         Returns:
             ``True`` if a reservation was found and settled now.
@@ -1585,14 +1597,14 @@ class Engine:
                 return False
             self._version += 1
             now = self.clock()
-            self._settle(res, input_tokens, output_tokens, cost, now)
+            self._settle(res, input_tokens, output_tokens, cost, now, cached=cached_input)
             if self._waiters:
                 self._dispatch(now, _touched(res))
         self._drain()
         return True
 
     def _settle(self, res: _Reservation, input_tokens: int | None, output_tokens: int | None,
-                cost: float | None, now: float, requests: int = 1) -> None:
+                cost: float | None, now: float, requests: int = 1, cached: int = 0) -> None:
         res.settled = True
         t = res.ticket
         actual_in = t.input_tokens if input_tokens is None else input_tokens
@@ -1602,8 +1614,8 @@ class Engine:
         # work, a busy event loop) is then not mistaken for time on the wire.
         start = res.admitted_at if res.sent_at is None else res.sent_at
         elapsed = now - start
-        deltas = (0, actual_in + actual_out - t.input_tokens - t.output_tokens, actual_in - t.input_tokens,
-                  actual_out - t.output_tokens)
+        deltas = (0, actual_in + actual_out - t.input_tokens - t.output_tokens,
+                  uncached_input(input_tokens, actual_in, cached) - t.input_tokens, actual_out - t.output_tokens)
         short = elapsed <= margin
         admitted = res.admitted_at
         layout = res.layout
@@ -1683,12 +1695,15 @@ class Engine:
 
     def release(self, call_id: str, *, input_tokens: int | None = None, output_tokens: int | None = None,
                 cost: float | None = None, outcome: str = "success", wait: float | None = None,
-                signals: Any = None) -> bool:
+                signals: Any = None, cached_input: int = 0) -> bool:
         """End a call: settle it (with the given usage, if not settled yet) and free its slots.
 
         Args:
             call_id: the call.
             input_tokens: actual prompt tokens, or ``None`` to keep the estimate.
+            cached_input: of ``input_tokens``, those read from the provider's prompt cache. They
+                count in token limits (OpenAI counts them in its TPM) but not in input-token
+                limits (``input_tokens_per_minute``: Anthropic's ITPM leaves cache reads out).
             output_tokens: actual output tokens, or ``None`` to keep the estimate.
             cost: actual cost, or ``None`` to keep the worst-case estimate.
             outcome: ``"success"``, ``"rate_limited"`` (a 429/529), ``"failure"`` (5xx, timeout: counts
@@ -1707,7 +1722,8 @@ class Engine:
             self._version += 1
             now = self.clock()
             if not res.settled:
-                self._settle(res, input_tokens, output_tokens, cost, now, 0 if outcome == "void" else 1)
+                self._settle(res, input_tokens, output_tokens, cost, now, 0 if outcome == "void" else 1,
+                             cached_input)
             layout = res.layout
             if not res.slot_freed:
                 for st in layout.states:

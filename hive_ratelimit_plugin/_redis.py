@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import _lua
 from ._budget import KINDS, RUN, SpendRow
-from ._engine import NEVER, NO_LAYOUT, Blocked, Engine, Scope, ScopeState, Ticket, _Reservation
+from ._engine import NEVER, NO_LAYOUT, Blocked, Engine, Scope, ScopeState, Ticket, _Reservation, uncached_input
 from .config import LimitSet
 from .errors import BackendUnavailableError, ConfigError, HiveRateLimitError, RequestTooLargeError
 
@@ -790,10 +790,10 @@ class RedisEngine(Engine):
 
     def release(self, call_id: str, *, input_tokens: int | None = None, output_tokens: int | None = None,
                 cost: float | None = None, outcome: str = "success", wait: float | None = None,
-                signals: Any = None) -> bool:
+                signals: Any = None, cached_input: int = 0) -> bool:
         if call_id in self.fallback._leases:
             self.fallback.release(call_id, input_tokens=input_tokens, output_tokens=output_tokens, cost=cost,
-                                  outcome=outcome, wait=wait, signals=signals)
+                                  outcome=outcome, wait=wait, signals=signals, cached_input=cached_input)
             with self._lock:
                 self._version += 1
                 if self._waiters:
@@ -806,7 +806,7 @@ class RedisEngine(Engine):
                 return False
             self._renewed.pop(call_id, None)
             now = self.clock()
-            self._remote_settle(res, input_tokens, output_tokens, cost, outcome, wait, signals)
+            self._remote_settle(res, input_tokens, output_tokens, cost, outcome, wait, signals, cached_input)
             self._version += 1
             if self._waiters:
                 self._dispatch(now)
@@ -814,20 +814,23 @@ class RedisEngine(Engine):
         return True
 
     def _settle(self, res: _Reservation, input_tokens: int | None, output_tokens: int | None,
-                cost: float | None, now: float, requests: int = 1) -> None:
+                cost: float | None, now: float, requests: int = 1, cached: int = 0) -> None:
         if res.remote or not res.states:  # an expired remote (or uncounted) lease
             self._renewed.pop(res.ticket.call_id, None)
-            self._remote_settle(res, input_tokens, output_tokens, cost, "error" if requests else "void", None, None)
+            self._remote_settle(res, input_tokens, output_tokens, cost, "error" if requests else "void", None, None,
+                                cached)
             return
-        super()._settle(res, input_tokens, output_tokens, cost, now, requests)
+        super()._settle(res, input_tokens, output_tokens, cost, now, requests, cached)
 
     def _remote_settle(self, res: _Reservation, input_tokens: int | None, output_tokens: int | None,
-                       cost: float | None, outcome: str, wait: float | None, signals: Any) -> None:
+                       cost: float | None, outcome: str, wait: float | None, signals: Any,
+                       cached: int = 0) -> None:
         res.settled = True
         t = res.ticket
         held = self._held.pop(t.call_id, None)
         if held is not None:  # its copy in the outage engine (see _hold_in_flight): its spend counts there
-            self.fallback.release(held, input_tokens=input_tokens, output_tokens=output_tokens, cost=cost)
+            self.fallback.release(held, input_tokens=input_tokens, output_tokens=output_tokens, cost=cost,
+                                  cached_input=cached)
         tin = t.input_tokens if input_tokens is None else input_tokens
         tout = t.output_tokens if output_tokens is None else output_tokens
         # unknown, or not a number (Redis would refuse it, for good): keep the worst case
@@ -841,7 +844,8 @@ class RedisEngine(Engine):
         if not res.remote:  # admitted uncounted (policy "open"): only its spend is owed
             self._owe_spend(t, starts, actual_cost, tin + tout)
             return
-        args = self._number(self._settle_args(res, tin, tout, actual_cost, outcome, wait, signals, starts),
+        args = self._number(self._settle_args(res, tin, tout, actual_cost, outcome, wait, signals, starts,
+                                              uncached_input(input_tokens, tin, cached)),
                             once=not res.record)
         try:
             out = self._call(self._settle_script, args)
@@ -866,7 +870,7 @@ class RedisEngine(Engine):
             self._remote_event(raw.decode() if isinstance(raw, bytes) else str(raw), wall)
 
     def _settle_args(self, res: _Reservation, tin: int, tout: int, cost: float, outcome: str, wait: float | None,
-                     signals: Any, starts: dict[str, float]) -> list[str]:
+                     signals: Any, starts: dict[str, float], tin_uncached: int | None = None) -> list[str]:
         def opt(x: Any) -> str:
             return "" if x is None else _num(x)
 
@@ -897,7 +901,8 @@ class RedisEngine(Engine):
             nwin = 0
             for ws, est, act, isreq in ((st.requests, 1, 1, "1"), (st.tokens, t.input_tokens + t.output_tokens,
                                                                   tin + tout, "0"),
-                                        (st.input, t.input_tokens, tin, "0"), (st.output, t.output_tokens, tout, "0")):
+                                        (st.input, t.input_tokens, tin if tin_uncached is None else tin_uncached, "0"),
+                                        (st.output, t.output_tokens, tout, "0")):
                 for w in ws:
                     wins += [w.name, _num(w.period), _num(est), _num(act), isreq]
                     nwin += 1

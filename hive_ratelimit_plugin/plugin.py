@@ -1126,6 +1126,7 @@ class HiveLimiter(CustomLogger):
                 tin = min(ticket.input_tokens, total)
                 tout = total - tin
         cost = None
+        cache = _prompt_cache(usage) if tin else None
         if type(response) is not _CHAT_RESPONSE and _media.is_media(response):  # priced per unit: LiteLLM's cost
             cost = _media.litellm_cost(response, logged_cost)
             if cost is not None:
@@ -1138,8 +1139,7 @@ class HiveLimiter(CustomLogger):
             if not price.known:
                 self._prices.warn_unknown(provider, model, "LiteLLM reports no cost for it")
             out = ticket.output_tokens if tout is None else tout  # (a count not given: its estimate stands)
-            cache = _prompt_cache(usage) if tin and price.detailed else None
-            if cache is not None:  # tokens read from or written to the prompt cache: priced apart
+            if cache is not None and price.detailed:  # tokens read from or written to the prompt cache: priced apart
                 cost = price.billed(tin or 0, out, *cache)
             else:
                 cost = price.cost(ticket.input_tokens if tin is None else tin, out)
@@ -1149,7 +1149,9 @@ class HiveLimiter(CustomLogger):
         signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
         if signals is not None:
             self._note_limits(ticket, signals)
-        eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals)
+        # (cache reads: not in input-token limits, as Anthropic's ITPM)
+        eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals,
+                    cached_input=cache[0] if cache is not None else 0)
 
     def _learned_tokens_for(self, ticket: Ticket) -> None:
         """A token limit learned for this call's model holds its calls only if their tokens are

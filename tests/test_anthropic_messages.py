@@ -124,15 +124,18 @@ async def test_a_routers_messages_call_is_retried_on_a_429_and_counted(provider:
 async def test_prompt_cache_reads_are_settled_as_prompt_tokens(stream: bool, provider: FakeProvider,
                                                               clock: FakeClock) -> None:
     """Anthropic's ``input_tokens`` leave out the tokens read from (or written to) the prompt
-    cache; the prompt the call sent, and was estimated at, includes them: settled as such, like
-    LiteLLM's ``prompt_tokens`` for the same call through ``acompletion``."""
-    limiter = make_limiter(clock, {"global": {"input_tokens_per_minute": 100000}})
+    cache; the prompt the call sent, and was estimated at, includes them: settled as such in
+    token limits, like LiteLLM's ``prompt_tokens`` for the same call through ``acompletion``. An
+    input-token limit (Anthropic's ITPM) leaves the cache reads out, as Anthropic does."""
+    limiter = make_limiter(clock, {"global": {"input_tokens_per_minute": 100000, "tokens_per_minute": 100000}})
     provider.state.cached_prompt_tokens = 200
     await _call(stream, **messages_kwargs(provider, system=SYSTEM))
     sent = provider.state.log[0]
     assert sent.prompt_tokens > 200
     await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
-    await wait_until(lambda: global_usage(limiter)["input_tokens_per_minute"]["used"] == sent.prompt_tokens)
+    await wait_until(lambda: global_usage(limiter)["tokens_per_minute"]["used"]
+                     == sent.prompt_tokens + sent.completion_tokens)
+    assert global_usage(limiter)["input_tokens_per_minute"]["used"] == sent.prompt_tokens - 200
 
 
 async def test_the_same_question_under_different_system_prompts_is_not_a_loop(provider: FakeProvider,

@@ -77,6 +77,22 @@ def test_separate_input_and_output_limits(clock: FakeClock, make_engine: Any) ->
     assert w is not None and w.blocked is not None and w.blocked.limit == "input_tokens_per_minute"
 
 
+@pytest.mark.parametrize(("tin", "cached", "counted"), [(700, 600, 100), (700, 0, 700), (700, 900, 0),
+                                                       (None, 600, 800)])
+def test_cache_reads_count_in_token_limits_not_in_input_limits(tin: int | None, cached: int, counted: int,
+                                                              clock: FakeClock, make_engine: Any) -> None:
+    """Prompt tokens read from the provider's cache count in a token limit (OpenAI's TPM counts
+    them) and not in an input-token limit (Anthropic's ITPM does not); a cache count larger than
+    the prompt leaves nothing, and with no usage reported the estimate stands whole."""
+    eng = make_engine(clock)
+    g = scope(tokens_per_minute=10_000, input_tokens_per_minute=10_000)
+    assert eng.acquire(ticket(1, g, tin=800, tout=50), Woken()) is None
+    eng.release("1", input_tokens=tin, output_tokens=20, cached_input=cached)
+    used = eng.snapshot()["global"]
+    assert used["input_tokens_per_minute"]["used"] == counted
+    assert used["tokens_per_minute"]["used"] == (800 if tin is None else tin) + 20
+
+
 def test_concurrency_slot_comes_back_on_release(clock: FakeClock, make_engine: Any) -> None:
     """A concurrency-blocked call waits for a release, not for time."""
     eng = make_engine(clock)

@@ -828,3 +828,28 @@ def test_a_call_lease_is_capped() -> None:
     assert _call_lease({"timeout": True}, 2) == _call_lease({"timeout": float("nan")}, 2) == 0
     assert _call_lease({"timeout": 6000}, 7200) == 0  # (0: the configured lease, longer, applies)
     assert _call_lease({"timeout": 100}, 300) == 0 and _call_lease({"timeout": "soon"}, 2) == 0
+
+
+@pytest.mark.parametrize(("style", "stream"), [("anthropic", False), ("anthropic", True), ("openai", False)])
+async def test_prompt_cache_reads_leave_room_under_an_input_token_limit(style: str, stream: bool,
+                                                                       provider: FakeProvider,
+                                                                       clock: FakeClock) -> None:
+    """Anthropic's input-tokens-per-minute limit does not count the tokens a call reads from the
+    prompt cache; ``input_tokens_per_minute`` does not either. An agent whose prompt is mostly
+    read from the cache runs back to back under an input limit smaller than two prompts (it was
+    held: each call counted its whole prompt). A token limit still counts them all (OpenAI counts
+    cache reads in its TPM)."""
+    limiter = make_limiter(clock, {"global": {"input_tokens_per_minute": 1200, "tokens_per_minute": 100_000},
+                                   "queue": {"max_wait_seconds": 0}})
+    provider.state.cached_prompt_tokens = 600  # of a prompt of ~750 tokens
+    kwargs = chat_kwargs(provider, messages=[{"role": "user", "content": " ".join(["word"] * 600)}], max_tokens=5)
+    if style == "anthropic":
+        kwargs.update(model="anthropic/claude-sonnet-4-5-20250929", api_base=provider.root)
+    for _ in range(3):
+        await _consume_async(await litellm.acompletion(**kwargs, stream=stream))
+        await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
+    sent = provider.state.log
+    assert len(sent) == 3 and all(r.prompt_tokens > 600 for r in sent)
+    await wait_until(lambda: global_usage(limiter)["tokens_per_minute"]["used"]  # (a stream: settled after its end)
+                     == sum(r.prompt_tokens + r.completion_tokens for r in sent))
+    assert global_usage(limiter)["input_tokens_per_minute"]["used"] == sum(r.prompt_tokens - 600 for r in sent)
