@@ -126,6 +126,12 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if cfg.providers:
+        # The limiter warns at construction about a providers key LiteLLM does not know (a typo:
+        # its limits would never apply); say it here too, where a configuration is checked.
+        from .plugin import _warn_unknown_providers  # (imports LiteLLM: seconds, only with providers)
+
+        _warn_unknown_providers(cfg)
     raw = cfg.model_dump(mode="json", exclude_none=True, by_alias=False)
     if raw.get("backend", "memory") != "memory":
         from ._redis import safe_url

@@ -480,6 +480,7 @@ class HiveLimiter(CustomLogger):
         # ``previous_response_id``) carries as its input on top of its own (see _remember_turn).
         self._turns: dict[str, int] = {}
         self._told: dict[str, tuple[int | None, int | None]] = {}  # provider limits last logged, per model
+        self._own_key_told: set[str] = set()  # providers whose calls were seen with their own api_base
         # (provider, model) pairs a provider has given a token limit for: their calls' tokens are
         # estimated, as for a configured token limit (see _note_limits)
         self._tokens_learned: set[tuple[str | None, ...]] = set()
@@ -929,9 +930,23 @@ class HiveLimiter(CustomLogger):
             self._tail()
         # A call not streamed holds its lease until it returns: no shorter than LiteLLM may wait for it.
         lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
+        choices = plan.choices
+        if choices is not None and kwargs.get("api_base"):
+            self._own_endpoint(plan.provider)
+            choices = None
         # (positional: keyword arguments cost more to pass, and this runs for every call)
         return Ticket(call_id, plan.scopes, input_tokens, output_tokens, ident.priority, plan.info, cost,
-                      plan.choices, None, NEVER, plan.dims, plan.spend_keys, lease)
+                      choices, None, NEVER, plan.dims, plan.spend_keys, lease)
+
+    def _own_endpoint(self, provider: str) -> None:
+        """A call that names its own ``api_base`` keeps its own key: the provider's key pool is
+        for the provider's endpoint. (Swapped in, an OpenAI pool key went to a self-hosted
+        OpenAI-compatible server named with ``openai/...`` and ``api_base``.) Said once."""
+        if provider not in self._own_key_told:
+            self._own_key_told.add(provider)
+            logger.warning("calls to %s that name their own api_base keep their own api_key: the keys of "
+                           "providers.%s.api_keys go only to the provider's own endpoint (and their limits "
+                           "count only those calls)", provider, provider)
 
     def _estimate(self, call_type: str, kwargs: Mapping[str, Any], model: str, provider: str,
                   dims: tuple[str | None, ...], budgeted: bool, counts_tokens: bool) -> tuple[int, int, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -70,6 +71,17 @@ def test_check_config_prints_the_effective_configuration(tmp_path: Path, capsys:
     assert out.startswith(f"# effective configuration of {path}")
     assert "requests_per_minute: 60" in out and "tokens_per_minute: 40000" in out
     assert "max_wait_seconds: 60.0" in out  # defaults are shown too
+
+
+def test_check_config_warns_of_a_provider_litellm_does_not_know(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A misspelt provider is a block no call counts against: ``check-config`` (which the
+    troubleshooting guide sends users to when nothing is limited) says so, as the limiter does."""
+    path = tmp_path / "limits.yaml"
+    path.write_text("rate_limiting:\n  providers:\n    opnai:\n      requests_per_minute: 5\n")
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    assert main(["check-config", str(path), "--no-env"]) == 0
+    assert any("opnai" in r.getMessage() and "did you mean 'openai'" in r.getMessage() for r in caplog.records)
 
 
 def test_check_config_names_the_environment_variables_that_override_the_file(

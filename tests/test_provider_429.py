@@ -392,9 +392,17 @@ async def test_a_call_due_by_its_deadline_goes_when_it_wakes_late(reopens_after:
     assert provider.state.count() == 2
 
 
-def _keys_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _keys_env(monkeypatch: pytest.MonkeyPatch, provider: FakeProvider) -> None:
     monkeypatch.setenv("HIVE_TEST_KEY_A", "sk-key-AAAA-secret")
     monkeypatch.setenv("HIVE_TEST_KEY_B", "sk-key-BBBB-secret")
+    monkeypatch.setattr(litellm, "api_base", provider.url)  # the provider's own endpoint, for these tests
+
+
+def pooled(provider: FakeProvider, **extra: Any) -> dict[str, Any]:
+    """A call to the provider's own endpoint (it names no ``api_base``), whose key the pool picks."""
+    kw = chat_kwargs(provider, **extra)
+    del kw["api_base"]
+    return kw
 
 
 async def test_api_keys_spread_load_and_429_cools_only_one_key(
@@ -402,17 +410,17 @@ async def test_api_keys_spread_load_and_429_cools_only_one_key(
 ) -> None:
     """Each call uses the key with most headroom; a 429 cools only that key; no key is ever shown."""
     caplog.set_level(logging.DEBUG, logger="hive_ratelimit_plugin")
-    _keys_env(monkeypatch)
+    _keys_env(monkeypatch, provider)
     limiter, _ = make(clock, {"providers": {"openai": {"api_keys": [
         {"env": "HIVE_TEST_KEY_A", "requests_per_minute": 4},
         {"env": "HIVE_TEST_KEY_B", "requests_per_minute": 4}]}}, "queue": {"max_wait_seconds": 0}})
     for _ in range(4):
-        await litellm.acompletion(**chat_kwargs(provider))
+        await litellm.acompletion(**pooled(provider))
     used = [r.authorization for r in provider.state.log]
     assert used.count("Bearer sk-key-AAAA-secret") == 2 and used.count("Bearer sk-key-BBBB-secret") == 2
     # A 429 on the next call's key cools that key only: the retry goes out with the other key.
     provider.state.push(too_many("30"))
-    await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
+    await litellm.acompletion(**no_sdk_retries(pooled(provider)))
     last_two = [r.authorization for r in provider.state.log[-2:]]
     assert last_two[0] != last_two[1]
     stats = limiter.get_usage_stats()
@@ -421,17 +429,48 @@ async def test_api_keys_spread_load_and_429_cools_only_one_key(
     assert "sk-key-" not in text
 
 
+@pytest.mark.parametrize("router", [False, True], ids=["call", "router"])
+async def test_a_call_to_its_own_api_base_keeps_its_own_api_key(router: bool, provider: FakeProvider,
+                                                               clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The key pool is for the provider's own endpoint. A call (or a Router deployment) that names
+    its own ``api_base``, here a self-hosted OpenAI-compatible server reached as ``openai/...``,
+    keeps its own key: the pool's OpenAI key went to that server, and the call was billed to it.
+    It says so once. A call to the provider's endpoint gets a pool key, its own key or not."""
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    _keys_env(monkeypatch, provider)
+    limiter, _ = make(clock, {"providers": {"openai": {"api_keys": [
+        {"env": "HIVE_TEST_KEY_A", "requests_per_minute": 1}, {"env": "HIVE_TEST_KEY_B", "requests_per_minute": 1}]}},
+        "queue": {"max_wait_seconds": 0}})
+    own = "sk-self-hosted-token-0123456789"
+    if router:
+        r = litellm.Router(model_list=[{"model_name": "local", "litellm_params": {
+            "model": "openai/gpt-4o-mini", "api_base": provider.url, "api_key": own}}], num_retries=0)
+        for _ in range(3):
+            await r.acompletion(model="local", messages=[{"role": "user", "content": "hi"}])
+    else:
+        for _ in range(3):
+            await litellm.acompletion(**chat_kwargs(provider, api_key=own))
+    assert [r.authorization for r in provider.state.log] == [f"Bearer {own}"] * 3
+    told = [r.getMessage() for r in caplog.records if "keep their own api_key" in r.getMessage()]
+    assert len(told) == 1 and "providers.openai.api_keys" in told[0] and own not in told[0]
+    await litellm.acompletion(**pooled(provider, api_key=own))  # to the provider's endpoint: a pool key
+    assert provider.state.log[-1].authorization == "Bearer sk-key-AAAA-secret"
+    keys = limiter.get_usage_stats()["levels"]["key"]
+    assert sum(v["requests_per_minute"]["used"] for v in keys.values()) == 1
+
+
 async def test_a_reload_raising_an_api_key_limit_lets_a_waiting_call_in(
     provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A call waiting for an API key's room gets the key limits of a reload at once (its key
     choices are re-resolved with the new configuration, not only its scopes)."""
-    _keys_env(monkeypatch)
+    _keys_env(monkeypatch, provider)
     key = {"env": "HIVE_TEST_KEY_A", "requests_per_minute": 1}
     cfg: dict[str, Any] = {"providers": {"openai": {"api_keys": [key]}}, "queue": {"max_wait_seconds": 600}}
     limiter, _ = make(clock, cfg)
-    await litellm.acompletion(**chat_kwargs(provider))
-    waiting = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
+    await litellm.acompletion(**pooled(provider))
+    waiting = asyncio.create_task(litellm.acompletion(**pooled(provider)))
     await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
     key["requests_per_minute"] = 2
     limiter.reload(with_backend(cfg))

@@ -793,8 +793,11 @@ def test_api_keys_and_secrets_are_never_stored_in_redis(provider: Any, clock: Fa
                                {"env": "HIVE_TEST_KEY_B", "requests_per_minute": 4}]}},
                            "budget": {"max_daily_spend": 100}, "runaway": {"enabled": False}}, clock=clock)
     litellm.callbacks.append(limiter)
+    monkeypatch.setattr(litellm, "api_base", provider.url)  # (the pool's keys go to the provider's endpoint)
     for n in range(3):
-        litellm.completion(**chat_kwargs(provider, max_tokens=5, metadata={"agent_id": f"agent-{n}"}))
+        kw = chat_kwargs(provider, max_tokens=5, metadata={"agent_id": f"agent-{n}"})
+        del kw["api_base"]
+        litellm.completion(**kw)
     dump = _dump(redis_prefix)
     assert "key:openai/HIVE_TEST_KEY_A" in dump
     assert "secret" not in dump.lower() and "sk-" not in dump and "AAAA" not in dump and "BBBB" not in dump
