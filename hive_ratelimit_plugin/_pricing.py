@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from . import _fork
-from .config import RateLimitingConfig, match_name
+from .config import RateLimitingConfig, match_model
 
 logger = logging.getLogger("hive_ratelimit_plugin")
 
@@ -159,7 +159,7 @@ class PriceBook:
         bare = model[len(provider) + 1:] if model.startswith(provider + "/") else model
         names = [model, bare, f"{provider}/{bare}"]
         for name in names:
-            hit = match_name(self.config.pricing, name)
+            hit = match_model(self.config.pricing, name)
             if hit is not None:
                 p = hit[1]
 

@@ -23,7 +23,7 @@ from cachetools import LRUCache
 
 from ._budget import run_key
 from ._engine import Scope
-from .config import MAX_ID, AgentLimits, LimitSet, RateLimitingConfig, clean_id, match_name
+from .config import MAX_ID, AgentLimits, LimitSet, RateLimitingConfig, clean_id, match_model, match_name
 from .integrations.hive import hive_identity
 
 logger = logging.getLogger("hive_ratelimit_plugin")
@@ -201,7 +201,7 @@ class ScopeResolver:
         if pconf is None or not pconf.models:
             return None
         bare = split_model(model, provider)
-        found = match_name(pconf.models, bare) or match_name(pconf.models, f"{provider}/{bare}")
+        found = match_model(pconf.models, bare) or match_model(pconf.models, f"{provider}/{bare}")
         if found is None:
             return None
         return bare, found[1]

@@ -682,6 +682,22 @@ def clean_id(value: Any) -> str | None:
     return text if len(text) <= MAX_ID else f"{text[:MAX_ID - 17]}#{digest}"
 
 
+#: A model's snapshot date (Anthropic's ``-20250514``, OpenAI's ``-2024-08-06``, Vertex AI's ``@20250514``).
+_SNAPSHOT = re.compile(r"(?:-\d{8}|-\d{4}-\d{2}-\d{2}|@\d{8})$")
+
+
+def match_model(patterns: dict[str, Any], name: str) -> tuple[str, Any] | None:
+    """Find the block for a model ``name``: its exact key first, then its key without a snapshot
+    date (``claude-sonnet-4`` for ``claude-sonnet-4-20250514``, the name providers document and
+    users write), then the first glob that matches."""
+    if name not in patterns:
+        dated = _SNAPSHOT.search(name)
+        if dated is not None and name[:dated.start()] in patterns:
+            base = name[:dated.start()]
+            return base, patterns[base]
+    return match_name(patterns, name)
+
+
 def match_name(patterns: dict[str, Any], name: str) -> tuple[str, Any] | None:
     """Find the block for ``name``: an exact key first, then the first glob that matches."""
     if name in patterns:

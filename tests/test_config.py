@@ -301,6 +301,33 @@ def test_model_keys_match_with_or_without_prefix_and_globs() -> None:
     assert _keys(r, "anthropic", "claude-sonnet-4") == ["global"]
 
 
+@pytest.mark.parametrize(("called", "block"), [
+    ("anthropic/claude-sonnet-4-20250514", "claude-sonnet-4"), ("claude-sonnet-4@20250514", "claude-sonnet-4"),
+    ("openai/gpt-4o-2024-08-06", "gpt-4o"), ("gpt-4o", "gpt-4o"), ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+    ("gpt-4-0613", None), ("claude-sonnet-4-extra", None), ("my-model-12345678x", None),
+])
+def test_a_model_key_matches_its_dated_snapshots(called: str, block: str | None) -> None:
+    """``claude-sonnet-4`` (the name the specification and Anthropic's pages use) holds the calls
+    to ``claude-sonnet-4-20250514``, and its price prices them: an exact key missed them, with no
+    warning. Only a snapshot date is left off (``-0613`` is not one)."""
+    from hive_ratelimit_plugin._pricing import PriceBook
+
+    blocks = {"claude-sonnet-4": 1, "claude-sonnet-4-5": 2, "gpt-4o": 3, "gpt-4": 4, "claude-sonnet-4-extra-x": 5}
+    provider = "anthropic" if "claude" in called else "openai"
+    cfg = load_config({"providers": {provider: {name: {"requests_per_minute": n} for name, n in blocks.items()}},
+                       "pricing": {name: {"input_per_million": n, "output_per_million": n}
+                                   for name, n in blocks.items()}}, use_env=False)
+    model_scope = ScopeResolver(cfg).scopes(provider, called, Identity())[-1]
+    price = PriceBook(cfg).price(provider, called)
+    if block is None:
+        assert model_scope.limits.requests_per_minute is None and price.source != "config"
+    else:
+        assert model_scope.limits.requests_per_minute == blocks[block]
+        assert price.source == "config" and price.input_per_token == blocks[block] / 1e6
+    # each snapshot still has its own scope, as each model a glob matches
+    assert model_scope.key == f"model:{provider}/{called.removeprefix(provider + '/')}"
+
+
 def test_agent_user_team_levels_and_wildcards() -> None:
     """Agents, users and teams match by name or glob; '*' applies to everyone, each separately."""
     cfg = load_config(

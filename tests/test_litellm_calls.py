@@ -853,3 +853,18 @@ async def test_prompt_cache_reads_leave_room_under_an_input_token_limit(style: s
     await wait_until(lambda: global_usage(limiter)["tokens_per_minute"]["used"]  # (a stream: settled after its end)
                      == sum(r.prompt_tokens + r.completion_tokens for r in sent))
     assert global_usage(limiter)["input_tokens_per_minute"]["used"] == sum(r.prompt_tokens - 600 for r in sent)
+
+
+async def test_the_specifications_model_key_holds_the_calls_to_its_snapshots(provider: FakeProvider,
+                                                                           clock: FakeClock) -> None:
+    """The specification's ``anthropic: {claude-sonnet-4: ...}`` holds a real call to
+    ``anthropic/claude-sonnet-4-20250514`` (it matched nothing, silently)."""
+    make_limiter(clock, {"providers": {"anthropic": {"claude-sonnet-4": {"requests_per_minute": 1}}},
+                         "queue": {"max_wait_seconds": 0}})
+    kwargs = chat_kwargs(provider, model="anthropic/claude-sonnet-4-20250514", api_base=provider.root, max_tokens=5)
+    await litellm.acompletion(**kwargs)
+    with pytest.raises(RateLimitQueueTimeout) as info:
+        await litellm.acompletion(**kwargs)
+    assert info.value.limit == "requests_per_minute"
+    assert info.value.scope == "model:anthropic/claude-sonnet-4-20250514"
+    assert provider.state.count() == 1
