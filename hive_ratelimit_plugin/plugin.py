@@ -583,9 +583,14 @@ class HiveLimiter(CustomLogger):
             _, _, agent, user, team, run = t.dims
             ident = Identity(agent, user, team, run, t.priority)
             provider, model = str(t.info.get("provider")), str(t.info.get("model"))
-            t.choices = resolver.choices(provider)  # API keys too: their limits may have changed
-            scopes = resolver.scopes(provider, model, ident)
             waiting = self._waiting_calls.get(t.call_id)
+            # API keys too: their limits may have changed (none for a call to its own endpoint;
+            # without its request at hand, a call keeps going without a pool key if it had none)
+            if waiting is not None:
+                t.choices = self._key_choices(resolver.choices(provider), provider, waiting[1])
+            elif t.choices is not None:
+                t.choices = resolver.choices(provider)
+            scopes = resolver.scopes(provider, model, ident)
             if waiting is not None:
                 # Estimated again: a budget or token limit that applies now may not have when it came
                 # (its worst case was then 0), and its spend goes to the new budgets' scopes too.
@@ -930,13 +935,19 @@ class HiveLimiter(CustomLogger):
             self._tail()
         # A call not streamed holds its lease until it returns: no shorter than LiteLLM may wait for it.
         lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
-        choices = plan.choices
-        if choices is not None and kwargs.get("api_base"):
-            self._own_endpoint(plan.provider)
-            choices = None
+        choices = self._key_choices(plan.choices, plan.provider, kwargs)
         # (positional: keyword arguments cost more to pass, and this runs for every call)
         return Ticket(call_id, plan.scopes, input_tokens, output_tokens, ident.priority, plan.info, cost,
                       choices, None, NEVER, plan.dims, plan.spend_keys, lease)
+
+    def _key_choices(self, choices: list[Scope] | None, provider: str,
+                     kwargs: Mapping[str, Any]) -> list[Scope] | None:
+        """The provider's API keys a call may take: none for a call that names its own endpoint
+        (``api_base``, or LiteLLM's alias ``base_url``), whose own key must stay."""
+        if choices is not None and (kwargs.get("api_base") or kwargs.get("base_url")):
+            self._own_endpoint(provider)
+            return None
+        return choices
 
     def _own_endpoint(self, provider: str) -> None:
         """A call that names its own ``api_base`` keeps its own key: the provider's key pool is

@@ -288,6 +288,9 @@ class ProxyLimiter(HiveLimiter):
             ticket.choices = None  # the proxy's model_list picks the API key of each deployment
         return ticket
 
+    def _key_choices(self, choices: Any, provider: str, kwargs: Any) -> None:
+        return None  # the proxy's model_list picks the API key of each deployment (after a reload too)
+
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
                 exc: BaseException | None = None, prior: BaseException | None = None,
                 logged_cost: Any = None) -> None:

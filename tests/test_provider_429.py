@@ -460,6 +460,42 @@ async def test_a_call_to_its_own_api_base_keeps_its_own_api_key(router: bool, pr
     assert sum(v["requests_per_minute"]["used"] for v in keys.values()) == 1
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_base_url_names_an_endpoint_as_api_base_does(sync: bool, provider: FakeProvider, clock: FakeClock,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``base_url`` is LiteLLM's other name for ``api_base``: a call naming it keeps its own key
+    (the pool's key went to that host). Found by helper-49."""
+    _keys_env(monkeypatch, provider)
+    monkeypatch.setattr(litellm, "api_base", None)  # only base_url names the host
+    make(clock, {"providers": {"openai": {"api_keys": [{"env": "HIVE_TEST_KEY_A"}]}}})
+    own = "sk-self-hosted-token-0123456789"
+    kw = pooled(provider, api_key=own, base_url=provider.url)
+    if sync:
+        await asyncio.to_thread(litellm.completion, **kw)
+    else:
+        await litellm.acompletion(**kw)
+    assert provider.state.log[-1].authorization == f"Bearer {own}"
+
+
+async def test_a_reload_gives_no_pool_key_to_a_waiting_call_to_its_own_endpoint(
+        provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload re-resolves the queued calls' scopes and key choices: a call that names its own
+    ``api_base`` stays without a pool key. Found by helper-49."""
+    _keys_env(monkeypatch, provider)
+    key = {"env": "HIVE_TEST_KEY_A", "requests_per_minute": 100}
+    cfg: dict[str, Any] = {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 600},
+                           "providers": {"openai": {"api_keys": [key]}}}
+    limiter, _ = make(clock, cfg)
+    own = "sk-self-hosted-token-0123456789"
+    await litellm.acompletion(**chat_kwargs(provider, api_key=own))
+    waiting = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider, api_key=own)))
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    cfg["global"]["requests_per_minute"] = 2
+    limiter.reload(with_backend(cfg))
+    await asyncio.wait_for(waiting, 10)
+    assert [r.authorization for r in provider.state.log] == [f"Bearer {own}"] * 2
+
+
 async def test_a_reload_raising_an_api_key_limit_lets_a_waiting_call_in(
     provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
