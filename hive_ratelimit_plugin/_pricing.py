@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import _fork
-from .config import RateLimitingConfig, match_model
+from .config import RateLimitingConfig, match_model, match_name
 
 logger = logging.getLogger("hive_ratelimit_plugin")
 
@@ -158,17 +160,9 @@ class PriceBook:
     def _lookup(self, provider: str, model: str) -> Price:
         bare = model[len(provider) + 1:] if model.startswith(provider + "/") else model
         names = [model, bare, f"{provider}/{bare}"]
-        for name in names:
-            hit = match_model(self.config.pricing, name)
-            if hit is not None:
-                p = hit[1]
-
-                def per_token(v: float | None) -> float | None:
-                    return None if v is None else v / 1e6
-
-                return Price(p.input_per_million / 1e6, p.output_per_million / 1e6, "config",
-                             per_token(p.cache_read_per_million), per_token(p.cache_write_per_million),
-                             per_token(p.cache_write_1h_per_million))
+        found = self._configured(names, match_name)
+        if found is not None:
+            return found
         try:
             import litellm
 
@@ -182,8 +176,30 @@ class PriceBook:
                 out = info.get("output_cost_per_token")
                 if inp is not None and (inp > 0 or (out or 0) > 0):
                     return _from_map(info, name)
+        # A snapshot the map does not know, priced under its undated name (claude-sonnet-4 for
+        # claude-sonnet-4-20250514). After the map: a snapshot priced apart there (gpt-4o-2024-05-13
+        # costs twice gpt-4o) keeps its own price.
+        found = self._configured(names, match_model)
+        if found is not None:
+            return found
         fb = self.config.fallback_price
         return Price(fb.input_per_million / 1e6, fb.output_per_million / 1e6, "fallback")
+
+    def _configured(self, names: list[str],
+                    match: Callable[[dict[str, Any], str], tuple[str, Any] | None]) -> Price | None:
+        """The ``pricing`` entry the first of ``names`` to have one has (by ``match``), if any."""
+        for name in names:
+            hit = match(self.config.pricing, name)
+            if hit is not None:
+                p = hit[1]
+
+                def per_token(v: float | None) -> float | None:
+                    return None if v is None else v / 1e6
+
+                return Price(p.input_per_million / 1e6, p.output_per_million / 1e6, "config",
+                             per_token(p.cache_read_per_million), per_token(p.cache_write_per_million),
+                             per_token(p.cache_write_1h_per_million))
+        return None
 
     def warn_unknown(self, provider: str, model: str, why: str, how: str | None = None) -> None:
         """Log once per model that its price is unknown, what policy applies, and ``how`` to price it

@@ -686,14 +686,20 @@ def clean_id(value: Any) -> str | None:
 _SNAPSHOT = re.compile(r"(?:-\d{8}|-\d{4}-\d{2}-\d{2}|@\d{8})$")
 
 
+def undated(name: str) -> str | None:
+    """A model snapshot's name without its date (``claude-sonnet-4`` for ``claude-sonnet-4-20250514``);
+    ``None`` for a name without one."""
+    dated = _SNAPSHOT.search(name)
+    return name[:dated.start()] if dated is not None else None
+
+
 def match_model(patterns: dict[str, Any], name: str) -> tuple[str, Any] | None:
     """Find the block for a model ``name``: its exact key first, then its key without a snapshot
     date (``claude-sonnet-4`` for ``claude-sonnet-4-20250514``, the name providers document and
     users write), then the first glob that matches."""
     if name not in patterns:
-        dated = _SNAPSHOT.search(name)
-        if dated is not None and name[:dated.start()] in patterns:
-            base = name[:dated.start()]
+        base = undated(name)
+        if base is not None and base in patterns:
             return base, patterns[base]
     return match_name(patterns, name)
 

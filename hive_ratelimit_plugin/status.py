@@ -212,7 +212,7 @@ class LedgerStatusSource:
             spend.setdefault(key, {})[kind] = {"cost": cost, "requests": requests, "tokens": tokens}
         state["spend"] = spend
         budgets: dict[str, dict[str, Any]] = {}
-        for key, name, kind, limit in _configured_budgets(cfg):
+        for key, name, kind, limit in _configured_budgets(cfg, spend):
             spent = spend.get(key, {}).get(kind, {}).get("cost", 0.0)
             budgets.setdefault(key, {})[name] = {
                 "window": kind, "window_label": calendar.label(kind, wall), "spent": spent, "reserved": 0.0,
@@ -232,11 +232,25 @@ class LedgerStatusSource:
         return state
 
 
-def _configured_budgets(cfg: Any) -> Iterable[tuple[str, str, str, float]]:
-    """``(scope key, limit field, window, amount)`` of every money budget named in a configuration."""
+def _configured_budgets(cfg: Any, seen: Iterable[str] = ()) -> Iterable[tuple[str, str, str, float]]:
+    """``(scope key, limit field, window, amount)`` of every money budget named in a configuration.
+
+    A model's block also holds its dated snapshots (``claude-sonnet-4`` holds
+    ``claude-sonnet-4-20250514``), each a scope of its own: the ``seen`` scope keys of snapshots
+    get the block's budgets, and the block's own key is left out when only snapshots of it were
+    seen (it would show a budget untouched beside the one being spent)."""
     if cfg is None:
         return
     from ._budget import COST_FIELDS
+    from .config import undated
+
+    seen = set(seen)
+    snapshots: dict[str, list[str]] = {}  # "model:p/name" -> seen keys of its snapshots
+    for key in seen:
+        if key.startswith("model:"):
+            base = undated(key)
+            if base is not None:
+                snapshots.setdefault(base, []).append(key)
 
     b = cfg.budget
     for name, field in (("max_cost_per_hour", "max_hourly_spend"), ("max_cost_per_day", "max_daily_spend"),
@@ -247,7 +261,12 @@ def _configured_budgets(cfg: Any) -> Iterable[tuple[str, str, str, float]]:
     blocks: list[tuple[str, Any]] = []
     for p, pconf in cfg.providers.items():
         blocks.append((f"provider:{p}", pconf))
-        blocks.extend((f"model:{p}/{m}", mconf) for m, mconf in pconf.models.items())
+        for m, mconf in pconf.models.items():
+            key = f"model:{p}/{m}"
+            dated = snapshots.get(key, ())
+            blocks.extend((k, mconf) for k in sorted(dated))
+            if key in seen or not dated:
+                blocks.append((key, mconf))
     for level, table in (("agent", cfg.agents), ("user", cfg.users), ("team", cfg.teams)):
         blocks.extend((f"{level}:{name}", blk) for name, blk in table.items())
     for key, blk in blocks:
@@ -588,7 +607,7 @@ def build_snapshot(limiter: Any) -> dict[str, Any] | None:
     eng = limiter._engine
     wall = eng.wall()
     budgets = {k: dict(v) for k, v in stats["budgets"].items()}
-    for key, name, kind, limit in _configured_budgets(cfg):
+    for key, name, kind, limit in _configured_budgets(cfg, budgets):
         if name in budgets.get(key, {}):
             continue
         spent = eng.spend(key, kind)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import litellm
 import pytest
 
 from hive_ratelimit_plugin import ConfigError, load_config
@@ -306,26 +307,35 @@ def test_model_keys_match_with_or_without_prefix_and_globs() -> None:
     ("openai/gpt-4o-2024-08-06", "gpt-4o"), ("gpt-4o", "gpt-4o"), ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
     ("gpt-4-0613", None), ("claude-sonnet-4-extra", None), ("my-model-12345678x", None),
 ])
-def test_a_model_key_matches_its_dated_snapshots(called: str, block: str | None) -> None:
+def test_a_model_key_holds_its_dated_snapshots(called: str, block: str | None) -> None:
     """``claude-sonnet-4`` (the name the specification and Anthropic's pages use) holds the calls
-    to ``claude-sonnet-4-20250514``, and its price prices them: an exact key missed them, with no
-    warning. Only a snapshot date is left off (``-0613`` is not one)."""
-    from hive_ratelimit_plugin._pricing import PriceBook
-
+    to ``claude-sonnet-4-20250514``: an exact key missed them, with no warning. Only a snapshot
+    date is left off (``-0613`` is not one). Each snapshot still has its own scope, as each model
+    a glob matches."""
     blocks = {"claude-sonnet-4": 1, "claude-sonnet-4-5": 2, "gpt-4o": 3, "gpt-4": 4, "claude-sonnet-4-extra-x": 5}
     provider = "anthropic" if "claude" in called else "openai"
-    cfg = load_config({"providers": {provider: {name: {"requests_per_minute": n} for name, n in blocks.items()}},
-                       "pricing": {name: {"input_per_million": n, "output_per_million": n}
-                                   for name, n in blocks.items()}}, use_env=False)
+    cfg = load_config({"providers": {provider: {name: {"requests_per_minute": n} for name, n in blocks.items()}}},
+                      use_env=False)
     model_scope = ScopeResolver(cfg).scopes(provider, called, Identity())[-1]
-    price = PriceBook(cfg).price(provider, called)
-    if block is None:
-        assert model_scope.limits.requests_per_minute is None and price.source != "config"
-    else:
-        assert model_scope.limits.requests_per_minute == blocks[block]
-        assert price.source == "config" and price.input_per_token == blocks[block] / 1e6
-    # each snapshot still has its own scope, as each model a glob matches
+    assert model_scope.limits.requests_per_minute == (blocks[block] if block else None)
     assert model_scope.key == f"model:{provider}/{called.removeprefix(provider + '/')}"
+
+
+def test_a_price_under_an_undated_name_prices_the_snapshots_litellm_does_not() -> None:
+    """A ``pricing`` entry under ``claude-sonnet-4`` prices a snapshot LiteLLM's map does not know;
+    one the map prices apart keeps the map's price (``gpt-4o-2024-05-13`` costs twice ``gpt-4o``:
+    the undated entry would have counted half its bill). Found by helper-49."""
+    from hive_ratelimit_plugin._pricing import PriceBook
+
+    book = PriceBook(load_config({"pricing": {"claude-sonnet-4": {"input_per_million": 1, "output_per_million": 2},
+                                              "gpt-4o": {"input_per_million": 2.5, "output_per_million": 10}}},
+                                 use_env=False))
+    unknown = book.price("anthropic", "anthropic/claude-sonnet-4-20990101")
+    assert (unknown.source, unknown.input_per_token) == ("config", 1e-6)
+    mapped = litellm.model_cost["gpt-4o-2024-05-13"]
+    dearer = book.price("openai", "gpt-4o-2024-05-13")
+    assert dearer.source == "litellm" and dearer.input_per_token == mapped["input_cost_per_token"] > 2.5e-6
+    assert book.price("openai", "gpt-4o").source == "config"  # the undated name itself: the entry
 
 
 def test_agent_user_team_levels_and_wildcards() -> None:

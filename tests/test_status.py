@@ -281,6 +281,36 @@ def test_status_with_nothing_running_shows_persisted_budgets(tmp_path: Path,
     assert state["spend"]["agent:researcher"]["day"] == {"cost": 1.7, "requests": 1, "tokens": 120}
 
 
+def test_a_model_budget_is_shown_on_the_snapshots_it_holds(provider: FakeProvider, tmp_path: Path) -> None:
+    """A budget under ``claude-sonnet-4`` holds ``claude-sonnet-4-20250514`` (a scope of its own):
+    the live snapshot and the ledger (no process) show it there with its limit, not an untouched
+    budget under the undated key beside the one being spent. Found by helper-49."""
+    from hive_ratelimit_plugin import BudgetExceededError
+    from hive_ratelimit_plugin.config import load_config
+    from hive_ratelimit_plugin.status import build_snapshot
+
+    state_path = str(tmp_path / "state.sqlite")
+    config = {"pricing": {"claude-sonnet-4": {"input_per_million": 1_000_000, "output_per_million": 1_000_000}},
+              "state_path": state_path, "providers": {"anthropic": {"claude-sonnet-4": {"max_cost_per_day": 20}}}}
+    limiter = HiveLimiter(config)
+    litellm.callbacks.append(limiter)
+    kw = chat_kwargs(provider, model="anthropic/claude-sonnet-4-20990101", api_base=provider.root, max_tokens=5)
+    litellm.completion(**kw)
+    with pytest.raises(BudgetExceededError) as info:
+        litellm.completion(**kw)
+    snapshot = "model:anthropic/claude-sonnet-4-20990101"
+    assert info.value.scope == snapshot
+    live = build_snapshot(limiter)
+    assert live is not None and "model:anthropic/claude-sonnet-4" not in live["budgets"]
+    shown = live["budgets"][snapshot]["max_cost_per_day"]
+    assert shown["limit"] == 20 and shown["spent"] > 0
+    litellm.callbacks.remove(limiter)  # (its spend is in the state file: written as each call settles)
+    persisted = LedgerStatusSource(state_path, load_config(config, use_env=False)).read()["budgets"]
+    assert "model:anthropic/claude-sonnet-4" not in persisted
+    assert persisted[snapshot]["max_cost_per_day"]["limit"] == 20
+    assert persisted[snapshot]["max_cost_per_day"]["spent"] == pytest.approx(shown["spent"])
+
+
 def test_status_without_any_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", "--state-path", str(tmp_path / "none.sqlite")]) == 0
     assert "no state recorded" in capsys.readouterr().out
