@@ -484,7 +484,7 @@ def test_retries_without_readmission_are_counted(provider: FakeProvider, clock: 
     the guard retries instead, and the provider's two requests are two admitted requests."""
     limiter = make_limiter(clock, {"global": {"requests_per_minute": 100}})
     provider.state.push(Scripted(status=429, headers={"retry-after-ms": "1"}))
-    with Ticker(clock, step=0.01):
+    with Ticker(clock, step=0.01, when=lambda: limiter._engine.queue_length > 0):
         litellm.completion(**chat_kwargs(provider, max_retries=1))
     assert provider.state.count() == 2
     stats = limiter.get_usage_stats()
@@ -513,7 +513,7 @@ async def test_the_retries_a_caller_asked_for_are_each_admitted_and_counted(
     kw = chat_kwargs(provider)
     kw.pop("max_retries")
     kw.update(asked)
-    with Ticker(clock, step=0.01):
+    with Ticker(clock, step=0.01, when=lambda: limiter._engine.queue_length > 0):
         try:
             if mode == "sync":
                 litellm.completion(**kw)
@@ -543,7 +543,7 @@ async def test_module_wide_num_retries_are_made_by_the_guard_and_counted(
         provider.state.push(Scripted(status=500))
     kw = chat_kwargs(provider)
     kw.pop("max_retries")
-    with Ticker(clock, step=0.01):
+    with Ticker(clock, step=0.01, when=lambda: limiter._engine.queue_length > 0):
         if mode == "sync":
             litellm.completion(**kw)
         else:
@@ -564,7 +564,8 @@ async def test_a_router_deployments_num_retries_never_reach_the_sdk_unseen(
     for _ in range(2):
         provider.state.push(Scripted(status=500))
     messages = [{"role": "user", "content": "hi"}]
-    with Ticker(clock, step=0.01), contextlib.suppress(litellm.InternalServerError):
+    with (Ticker(clock, step=0.01, when=lambda: limiter._engine.queue_length > 0),
+          contextlib.suppress(litellm.InternalServerError)):
         if mode == "sync":
             router.completion(model="fast", messages=messages)
         else:

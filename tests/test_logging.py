@@ -119,7 +119,7 @@ async def test_429_storm_logs_one_line_then_a_summary(provider: FakeProvider, cl
     kwargs = chat_kwargs(provider)
     kwargs.pop("max_retries")
     caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         await asyncio.gather(*(litellm.acompletion(**kwargs) for _ in range(4)))
     assert provider.state.count(429) == 12
     lines = [r.getMessage() for r in caplog.records if "answered 429" in r.getMessage()]
@@ -233,11 +233,11 @@ async def test_a_sync_call_waiting_on_an_event_loop_thread_is_warned_about(
     meanwhile. It still waits (and times out, as here), and says why once."""
     from hive_ratelimit_plugin import RateLimitQueueTimeout, _waiting
 
-    make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 0.05}})
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 0.05}})
     caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
     _waiting._warned_loop = False
     litellm.completion(**chat_kwargs(provider))
-    with Ticker(clock, step=0.02):
+    with Ticker(clock, step=0.02, when=lambda: limiter._engine.queue_length > 0):
         for _ in range(2):
             with pytest.raises(RateLimitQueueTimeout):
                 litellm.completion(**chat_kwargs(provider))  # (on this test's event loop thread)

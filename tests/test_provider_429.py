@@ -53,7 +53,7 @@ async def test_async_429_is_retried_after_retry_after(provider: FakeProvider, cl
     """Two 429s then success: the caller gets the answer; retries honour Retry-After."""
     limiter, rec = make(clock)
     provider.state.push(too_many("2"), too_many("2"))
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         resp = await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
     assert resp.choices[0].message.content
     assert provider.state.count() == 3 and provider.state.count(429) == 2
@@ -110,9 +110,9 @@ def test_429_frees_its_slot_even_without_litellm_failure_event(tmp_path: Any) ->
 
 def test_sync_429_is_retried(provider: FakeProvider, clock: FakeClock) -> None:
     """The same for sync calls: the calling thread waits out the cooldown and retries."""
-    _, rec = make(clock)
+    limiter, rec = make(clock)
     provider.state.push(too_many("3"))
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         litellm.completion(**no_sdk_retries(chat_kwargs(provider)))
     assert provider.state.count() == 2
     assert rec.sent[1][0] - rec.sent[0][0] >= 3.0
@@ -142,7 +142,7 @@ def test_sync_embedding_429_is_retried_by_the_limiter_not_the_sdk(provider: Fake
     would become two hidden SDK retries. The guard's 0 survives it."""
     limiter, rec = make(clock)
     provider.state.push(too_many("3"))
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         resp = litellm.embedding(**_embedding_kwargs(provider))
     _assert_embedding_429_retried_by_the_limiter(limiter, rec, provider, resp)
 
@@ -151,7 +151,7 @@ async def test_async_embedding_429_is_retried_by_the_limiter_not_the_sdk(provide
                                                                          clock: FakeClock) -> None:
     limiter, rec = make(clock)
     provider.state.push(too_many("3"))
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         resp = await litellm.aembedding(**_embedding_kwargs(provider))
     _assert_embedding_429_retried_by_the_limiter(limiter, rec, provider, resp)
 
@@ -171,9 +171,9 @@ def test_the_embedding_zero_is_zero() -> None:
 
 async def test_stream_429_before_first_chunk_is_retried(provider: FakeProvider, clock: FakeClock) -> None:
     """A stream refused with 429 is retried, then streams normally."""
-    make(clock)
+    limiter, _ = make(clock)
     provider.state.push(too_many("1"))
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         resp = await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)), stream=True)
         chunks = [c async for c in resp]
     assert chunks and provider.state.count() == 2
@@ -181,10 +181,10 @@ async def test_stream_429_before_first_chunk_is_retried(provider: FakeProvider, 
 
 async def test_anthropic_429_and_529_are_retried(provider: FakeProvider, clock: FakeClock) -> None:
     """Anthropic-style provider: a 429 and a 529 "overloaded" both cool down and retry."""
-    make(clock)
+    limiter, _ = make(clock)
     provider.state.push(too_many("1"), Scripted(status=529, body={
         "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         resp = await litellm.acompletion(model="anthropic/claude-3-5-haiku-20241022", api_base=provider.root,
                                          api_key="sk-ant-test", max_tokens=5,
                                          messages=[{"role": "user", "content": "hi"}])
@@ -196,9 +196,10 @@ async def test_anthropic_429_and_529_are_retried(provider: FakeProvider, clock: 
 async def test_retries_exhausted_raise_rate_limit_error(mode: str, provider: FakeProvider,
                                                          clock: FakeClock) -> None:
     """After max_attempts the caller gets litellm.RateLimitError with retry_after; nothing more is sent."""
-    make(clock, {"retry": {"max_attempts": 3}})
+    limiter, _ = make(clock, {"retry": {"max_attempts": 3}})
     provider.state.push(*[too_many("1")] * 10)
-    with Ticker(clock, step=0.05), pytest.raises(litellm.RateLimitError) as info:
+    with (Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0),
+          pytest.raises(litellm.RateLimitError) as info):
         if mode == "sync":
             litellm.completion(**no_sdk_retries(chat_kwargs(provider)))
         else:
@@ -222,12 +223,14 @@ async def test_cooldown_holds_every_caller_then_releases_them_paced(provider: Fa
     """After a 429, new callers of that model wait for the cooldown, then go out paced, not as a herd."""
     limiter, rec = make(clock)
     provider.state.push(too_many("10"))
-    with Ticker(clock, step=0.02):
-        first = asyncio.create_task(litellm.acompletion(**no_sdk_retries(chat_kwargs(provider))))
-        await _until_cooling(limiter)
-        t0 = clock()
-        others = [asyncio.create_task(litellm.acompletion(**no_sdk_retries(chat_kwargs(provider))))
-                  for _ in range(5)]
+    first = asyncio.create_task(litellm.acompletion(**no_sdk_retries(chat_kwargs(provider))))
+    await _until_cooling(limiter)
+    t0 = clock()
+    others = [asyncio.create_task(litellm.acompletion(**no_sdk_retries(chat_kwargs(provider))))
+              for _ in range(5)]
+    # (The clock stands still until the others are on their way, and then moves only while a call
+    # waits: a stalled event loop cannot carry it past the cooldown before they arrive.)
+    with Ticker(clock, step=0.02, when=lambda: limiter._engine.queue_length > 0):
         await asyncio.gather(first, *others)
     sent_after = sorted(t for t, _ in rec.sent[1:])
     assert len(sent_after) == 6
@@ -266,11 +269,11 @@ async def test_learned_limit_from_headers_is_enforced(provider: FakeProvider, cl
 
 async def test_remaining_zero_waits_for_reset_instead_of_a_429(provider: FakeProvider, clock: FakeClock) -> None:
     """x-ratelimit-remaining-requests: 0 with a reset time makes the next call wait for the reset."""
-    _, rec = make(clock)
+    limiter, rec = make(clock)
     provider.state.push(Scripted(status=200, headers={"x-ratelimit-remaining-requests": "0",
                                                       "x-ratelimit-reset-requests": "5s"}))
     await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider)))
     assert rec.sent[1][0] - rec.sent[0][0] >= 5.0
     assert provider.state.count(429) == 0
@@ -279,7 +282,7 @@ async def test_remaining_zero_waits_for_reset_instead_of_a_429(provider: FakePro
 async def test_aimd_lowers_the_rate_after_429s_and_recovers(provider: FakeProvider, clock: FakeClock) -> None:
     """Repeated 429s lower the learned rate (multiplicative decrease); successes raise it again."""
     limiter, _ = make(clock)
-    with Ticker(clock, step=0.1):
+    with Ticker(clock, step=0.1, when=lambda: limiter._engine.queue_length > 0):
         for i in range(12):
             await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider, messages=[
                 {"role": "user", "content": f"m{i}"}])))
@@ -290,7 +293,7 @@ async def test_aimd_lowers_the_rate_after_429s_and_recovers(provider: FakeProvid
     # Decreased: 70 % of the pace the 14 requests were sent at (then one success added ~0.1);
     # they span at least a second of the test's clock.
     assert lowered <= 14 * 60 * 0.7 + 0.2
-    with Ticker(clock, step=0.5):
+    with Ticker(clock, step=0.5, when=lambda: limiter._engine.queue_length > 0):
         for i in range(40):
             await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider, messages=[
                 {"role": "user", "content": f"n{i}"}])))
@@ -360,12 +363,12 @@ async def test_failed_probe_reopens_for_longer(provider: FakeProvider, clock: Fa
 
 async def test_open_circuit_within_max_wait_waits(provider: FakeProvider, clock: FakeClock) -> None:
     """If the circuit reopens for a probe within the caller's max wait, the caller waits instead of failing."""
-    make(clock, {"circuit_breaker": {"failure_threshold": 1, "cooldown_seconds": 2},
-                 "queue": {"max_wait_seconds": 60}})
+    limiter, _ = make(clock, {"circuit_breaker": {"failure_threshold": 1, "cooldown_seconds": 2},
+                              "queue": {"max_wait_seconds": 60}})
     provider.state.push(Scripted(status=500))
     with pytest.raises(litellm.InternalServerError):
         await litellm.acompletion(**chat_kwargs(provider))
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         await litellm.acompletion(**chat_kwargs(provider))
     assert provider.state.count() == 2
 
@@ -576,7 +579,9 @@ async def test_chaos_storm_leaves_accounting_consistent(provider: FakeProvider, 
         Scripted(status=200, delay=0.05), Scripted(status=429, headers={"retry-after-ms": "1e400"}),
         Scripted(status=502), Scripted(status=200, headers={"x-ratelimit-limit-requests": "NaN"}),
     ] * 4)
-    with Ticker(clock, step=1.0):
+    # The clock moves while calls wait and none is in flight (then only time can let one in: a
+    # cooldown, pacing, a backoff), not while the four slots' calls are being answered.
+    with Ticker(clock, step=1.0, when=lambda: limiter._engine.queue_length > 0 and not limiter._engine._leases):
         results = await asyncio.gather(*(litellm.acompletion(**no_sdk_retries(chat_kwargs(
             provider, messages=[{"role": "user", "content": f"c{i}"}]))) for i in range(30)),
             return_exceptions=True)
@@ -607,16 +612,17 @@ def test_sync_threads_share_a_cooldown(provider: FakeProvider, clock: FakeClock)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    with Ticker(clock, step=0.02):
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
-        threads[0].start()
-        for _ in range(2000):
-            if any("cooldown_seconds" in p for p in limiter.get_usage_stats()["providers"].values()):
-                break
-            threading.Event().wait(0.001)
-        t0 = clock()
-        for t in threads[1:]:
-            t.start()
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    threads[0].start()
+    for _ in range(2000):
+        if any("cooldown_seconds" in p for p in limiter.get_usage_stats()["providers"].values()):
+            break
+        threading.Event().wait(0.001)
+    t0 = clock()
+    for t in threads[1:]:
+        t.start()
+    # (The clock stands still until the others are started, and then moves only while a call waits.)
+    with Ticker(clock, step=0.02, when=lambda: limiter._engine.queue_length > 0):
         for t in threads:
             t.join(20)
     assert not errors
@@ -723,7 +729,7 @@ async def test_a_call_sent_late_is_counted_from_its_send(sync: bool, provider: F
     slow = asyncio.create_task(call("slow"))  # admitted at 0, sent at 1.3
     await wait_until(lambda: len(rec.sent) == 2)
     # The next calls are admitted while it is in flight, before its settlement could move it.
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         await asyncio.gather(call("fast-2"), call("fast-3"), slow)
     times = sorted(t for t, _ in rec.sent)
     assert len(times) == 4
@@ -735,7 +741,7 @@ async def test_a_refused_attempt_counts_no_tokens(provider: FakeProvider, clock:
     billed nor counted its tokens: tokens_today and the spend tables hold the answered call's."""
     limiter, _ = make(clock, {"budget": {"max_daily_spend": 100}})
     provider.state.push(too_many("1"))
-    with Ticker(clock, step=0.05):
+    with Ticker(clock, step=0.05, when=lambda: limiter._engine.queue_length > 0):
         r = await litellm.acompletion(**no_sdk_retries(chat_kwargs(provider, max_tokens=10)))
     assert [x.status for x in provider.state.log] == [429, 200]
     stats = limiter.get_usage_stats()
