@@ -516,6 +516,16 @@ def uncached_input(reported: int | None, actual_in: int, cached: int) -> int:
     return actual_in - cached if cached < actual_in else 0
 
 
+def too_large_advice(limit: str) -> str:
+    """What to do about a call larger than ``limit`` (a window's name)."""
+    if limit.startswith("input_tokens"):
+        # (a prompt mostly read from the provider's cache counts little there, but its size is
+        # known only from its answer)
+        return ("shorten the prompt or raise the limit (the whole prompt is reserved before the call; "
+                "tokens read from the prompt cache come off when its answer reports them)")
+    return "lower max_tokens or raise the limit"
+
+
 class QueueFull(Exception):
     """Internal: the queue has ``max_size`` waiters."""
 
@@ -928,7 +938,7 @@ class Engine:
                     if amount > w.limit:
                         raise RequestTooLargeError(
                             f"this call needs {amount:g} against {w.name}={w.limit:g} of {st.key}: "
-                            "it can never fit; lower max_tokens or raise the limit",
+                            f"it can never fit; {too_large_advice(w.name)}",
                             scope=st.key, limit=w.name, remaining=w.limit - w.total,
                         )
                     at = w.retry_at(now, amount + w.limit - limit)

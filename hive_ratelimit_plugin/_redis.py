@@ -37,7 +37,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import _lua
 from ._budget import KINDS, RUN, SpendRow
-from ._engine import NEVER, NO_LAYOUT, Blocked, Engine, Scope, ScopeState, Ticket, _Reservation, uncached_input
+from ._engine import (
+    NEVER,
+    NO_LAYOUT,
+    Blocked,
+    Engine,
+    Scope,
+    ScopeState,
+    Ticket,
+    _Reservation,
+    too_large_advice,
+    uncached_input,
+)
 from .config import LimitSet
 from .errors import BackendUnavailableError, ConfigError, HiveRateLimitError, RequestTooLargeError
 
@@ -565,8 +576,8 @@ class RedisEngine(Engine):
         if code == 3:
             scope, name, cap, amount = text[2], text[3], float(text[4]), float(text[5])
             raise RequestTooLargeError(
-                f"this call needs {amount:g} against {name}={cap:g} of {scope}: it can never fit; lower "
-                "max_tokens or raise the limit", scope=scope, limit=name, remaining=cap)
+                f"this call needs {amount:g} against {name}={cap:g} of {scope}: it can never fit; "
+                f"{too_large_advice(name)}", scope=scope, limit=name, remaining=cap)
         if code == 4:
             scope, open_until, failures = text[2], to_local(float(text[3])), text[4]
             if open_until > ticket.deadline:

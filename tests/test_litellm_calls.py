@@ -869,3 +869,16 @@ async def test_the_specifications_model_key_holds_the_calls_to_its_snapshots(pro
     assert info.value.limit == "requests_per_minute"
     assert info.value.scope == "model:anthropic/claude-sonnet-4-20250514"
     assert provider.state.count() == 1
+
+
+async def test_a_prompt_larger_than_an_input_limit_is_refused_with_what_to_do(provider: FakeProvider,
+                                                                              clock: FakeClock) -> None:
+    """The whole prompt is reserved before the call (how much the provider will read from its
+    cache is known only from the answer): a prompt larger than ``input_tokens_per_minute`` can
+    never be admitted, however much of it is cached, and the error says so and what to do (it
+    said "lower max_tokens", which changes nothing here)."""
+    make_limiter(clock, {"global": {"input_tokens_per_minute": 500}})
+    provider.state.cached_prompt_tokens = 600
+    with pytest.raises(RequestTooLargeError, match="shorten the prompt or raise the limit.*prompt cache"):
+        await litellm.acompletion(**chat_kwargs(provider, messages=[{"role": "user", "content": "word " * 600}]))
+    assert provider.state.count() == 0
