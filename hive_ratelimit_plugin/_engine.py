@@ -239,6 +239,9 @@ class Ticket:
     dims: tuple[str | None, ...] = (None, None, None, None, None, None)
     spend_keys: list[str] = field(default_factory=list)
     lease: float = 0.0  # seconds its reservation lives unsettled (0: the engine's lease_seconds)
+    # Of input_tokens, those expected to be read from the provider's prompt cache: not reserved
+    # in input-token windows (Anthropic's ITPM does not count them), which settle at the actual.
+    cached_input: int = 0
 
 
 @dataclass(slots=True)
@@ -501,17 +504,19 @@ def _amount(t: Ticket, metric: str) -> float:
     if metric == "all":
         return t.input_tokens + t.output_tokens
     if metric == "in":
-        return t.input_tokens
+        return t.input_tokens - t.cached_input
     if metric == "out":
         return t.output_tokens
     return t.cost
 
 
-def uncached_input(reported: int | None, actual_in: int, cached: int) -> int:
-    """What a call counts in input-token limits: its input tokens, less those read from the
-    provider's prompt cache (Anthropic's ITPM, Groq's limits leave cache reads out), when its
-    usage was reported (``reported`` not ``None``; else the estimate stands, as it is)."""
-    if reported is None or cached <= 0:
+def settled_input(t: Ticket, reported: int | None, actual_in: int, cached: int) -> int:
+    """What a call counts in input-token limits once settled: its input tokens, less those read
+    from the provider's prompt cache (Anthropic's ITPM, Groq's limits leave cache reads out), when
+    its usage was reported (``reported`` not ``None``). Unreported, what it reserved stands."""
+    if reported is None:
+        return t.input_tokens - t.cached_input
+    if cached <= 0:
         return actual_in
     return actual_in - cached if cached < actual_in else 0
 
@@ -802,7 +807,7 @@ class Engine:
             return False
         tin = ticket.input_tokens
         tout = ticket.output_tokens
-        amounts = (1, tin + tout, tin, tout)
+        amounts = (1, tin + tout, tin - ticket.cached_input, tout)
         for code, width, windows in layout.runs:
             amount = amounts[code]
             index = int(now // width)
@@ -825,7 +830,7 @@ class Engine:
     def _undo(layout: _Layout, failed: SlidingWindow, ticket: Ticket, now: float) -> None:
         """Take back what :meth:`_admit_fast` charged before ``failed`` (in ``layout.prog``'s order)."""
         tin, tout = ticket.input_tokens, ticket.output_tokens
-        amounts = (1, tin + tout, tin, tout)
+        amounts = (1, tin + tout, tin - ticket.cached_input, tout)
         for code, w in layout.prog:
             if w is failed:
                 return
@@ -926,7 +931,8 @@ class Engine:
         tin, tout = ticket.input_tokens, ticket.output_tokens
         tall = tin + tout
         amount: float
-        for metric, amount in ((st.requests, 1), (st.tokens, tall), (st.input, tin), (st.output, tout)):
+        for metric, amount in ((st.requests, 1), (st.tokens, tall), (st.input, tin - ticket.cached_input),
+                               (st.output, tout)):
             for w in metric:
                 w.expire(now)
                 limit = w.limit * share
@@ -1062,7 +1068,7 @@ class Engine:
 
     def _commit(self, ticket: Ticket, states: list[ScopeState], now: float) -> None:
         tin, tout = ticket.input_tokens, ticket.output_tokens
-        amounts = (1, tin + tout, tin, tout)
+        amounts = (1, tin + tout, tin - ticket.cached_input, tout)
         layout = _Layout(ticket.scopes, states)  # (not cached: its states may include a chosen API key's)
         for code, w in layout.prog:
             w.add(now, amounts[code])
@@ -1625,7 +1631,8 @@ class Engine:
         start = res.admitted_at if res.sent_at is None else res.sent_at
         elapsed = now - start
         deltas = (0, actual_in + actual_out - t.input_tokens - t.output_tokens,
-                  uncached_input(input_tokens, actual_in, cached) - t.input_tokens, actual_out - t.output_tokens)
+                  settled_input(t, input_tokens, actual_in, cached) - (t.input_tokens - t.cached_input),
+                  actual_out - t.output_tokens)
         short = elapsed <= margin
         admitted = res.admitted_at
         layout = res.layout

@@ -46,8 +46,8 @@ from ._engine import (
     ScopeState,
     Ticket,
     _Reservation,
+    settled_input,
     too_large_advice,
-    uncached_input,
 )
 from .config import LimitSet
 from .errors import BackendUnavailableError, ConfigError, HiveRateLimitError, RequestTooLargeError
@@ -457,7 +457,8 @@ class RedisEngine(Engine):
         windows = []
         for scope in _charged_scopes(ticket):
             st = self._state(scope, now)
-            for ws, amount in ((st.requests, 1), (st.tokens, tin + tout), (st.input, tin), (st.output, tout)):
+            for ws, amount in ((st.requests, 1), (st.tokens, tin + tout), (st.input, tin - ticket.cached_input),
+                               (st.output, tout)):
                 for w in ws:
                     if amount and w.limit != NEVER and not w.name.startswith("learned"):
                         windows.append((_wire(scope.key), w.name, w.period, float(amount)))
@@ -595,7 +596,8 @@ class RedisEngine(Engine):
         tin, tout = ticket.input_tokens, ticket.output_tokens
         wins: list[str] = []
         nwin = 0
-        for ws, amount in ((st.requests, 1), (st.tokens, tin + tout), (st.input, tin), (st.output, tout)):
+        for ws, amount in ((st.requests, 1), (st.tokens, tin + tout), (st.input, tin - ticket.cached_input),
+                           (st.output, tout)):
             for w in ws:
                 limit = -1.0 if w.name.startswith("learned_") else w.limit
                 wins += [w.name, _num(limit), _num(w.period), _num(amount)]
@@ -634,7 +636,7 @@ class RedisEngine(Engine):
         scaled = Ticket(ticket.call_id, [self._scale(s, starts, now) for s in ticket.scopes], ticket.input_tokens,
                         ticket.output_tokens, ticket.priority, ticket.info, ticket.cost,
                         [self._scale(s, starts, now) for s in ticket.choices] if ticket.choices else None, None,
-                        ticket.deadline, ticket.dims, ticket.spend_keys, ticket.lease)
+                        ticket.deadline, ticket.dims, ticket.spend_keys, ticket.lease, ticket.cached_input)
         fb.low_priority_share = self.low_priority_share
         with fb._lock:
             fb._maintain(now)  # leases of outage-time calls expire there too
@@ -699,7 +701,7 @@ class RedisEngine(Engine):
             except HiveRateLimitError:
                 continue  # a budget this process cannot keep on its own: its next admission says so
             held = Ticket(_HELD + cid, scaled, t.input_tokens, t.output_tokens, t.priority, t.info, t.cost, None,
-                          None, NEVER, t.dims, t.spend_keys, t.lease)
+                          None, NEVER, t.dims, t.spend_keys, t.lease, t.cached_input)
             with fb._lock:
                 fb._commit(held, [fb._state(s, now) for s in scaled], now)
             if res.slot_freed:
@@ -856,7 +858,7 @@ class RedisEngine(Engine):
             self._owe_spend(t, starts, actual_cost, tin + tout)
             return
         args = self._number(self._settle_args(res, tin, tout, actual_cost, outcome, wait, signals, starts,
-                                              uncached_input(input_tokens, tin, cached)),
+                                              settled_input(t, input_tokens, tin, cached)),
                             once=not res.record)
         try:
             out = self._call(self._settle_script, args)
@@ -912,7 +914,8 @@ class RedisEngine(Engine):
             nwin = 0
             for ws, est, act, isreq in ((st.requests, 1, 1, "1"), (st.tokens, t.input_tokens + t.output_tokens,
                                                                   tin + tout, "0"),
-                                        (st.input, t.input_tokens, tin if tin_uncached is None else tin_uncached, "0"),
+                                        (st.input, t.input_tokens - t.cached_input,
+                                         tin if tin_uncached is None else tin_uncached, "0"),
                                         (st.output, t.output_tokens, tout, "0")):
                 for w in ws:
                     wins += [w.name, _num(w.period), _num(est), _num(act), isreq]

@@ -59,7 +59,7 @@ from ._retry import (
 )
 from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
-from ._tokens import cache_writes, count_input, count_messages, count_response_input, requested_output
+from ._tokens import NO_WRITE, cache_writes, count_input, count_messages, count_response_input, requested_output
 from ._waiting import acquire_sync, queue_async
 from .config import RateLimitingConfig, clean_id, load_config
 from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
@@ -389,6 +389,7 @@ class _Plan:
     dims: tuple[str | None, ...]
     budgeted: bool
     counts_tokens: bool
+    counts_input: bool  # an input-token limit applies (a prompt-cache read is then expected apart)
     spend_keys: list[str]
     choices: list[Any] | None
     info: dict[str, Any]
@@ -481,6 +482,8 @@ class HiveLimiter(CustomLogger):
         self._turns: dict[str, int] = {}
         self._told: dict[str, tuple[int | None, int | None]] = {}  # provider limits last logged, per model
         self._own_key_told: set[str] = set()  # providers whose calls were seen with their own api_base
+        # What each caller's last call left in its provider's prompt cache: (tokens, until when)
+        self._cache_left: dict[tuple[str | None, ...], tuple[int, float]] = {}
         # (provider, model) pairs a provider has given a token limit for: their calls' tokens are
         # estimated, as for a configured token limit (see _note_limits)
         self._tokens_learned: set[tuple[str | None, ...]] = set()
@@ -598,6 +601,8 @@ class HiveLimiter(CustomLogger):
                 t.input_tokens, t.output_tokens, t.cost = self._estimate(
                     call_type, kwargs, model, provider, t.dims, any(sc.budgeted for sc in scopes),
                     any(sc.counts_tokens for sc in scopes))
+                t.cached_input = self._expected_cache_read(t.dims, kwargs, t.input_tokens) \
+                    if any(sc.limits.input_tokens_per_minute is not None for sc in scopes) else 0
                 t.spend_keys = self._spend_keys(scopes, t.dims)
             return scopes
 
@@ -936,9 +941,22 @@ class HiveLimiter(CustomLogger):
         # A call not streamed holds its lease until it returns: no shorter than LiteLLM may wait for it.
         lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
         choices = self._key_choices(plan.choices, plan.provider, kwargs)
+        cached = self._expected_cache_read(plan.dims, kwargs, input_tokens) if plan.counts_input else 0
         # (positional: keyword arguments cost more to pass, and this runs for every call)
         return Ticket(call_id, plan.scopes, input_tokens, output_tokens, ident.priority, plan.info, cost,
-                      choices, None, NEVER, plan.dims, plan.spend_keys, lease)
+                      choices, None, NEVER, plan.dims, plan.spend_keys, lease, cached)
+
+    def _expected_cache_read(self, dims: tuple[str | None, ...], kwargs: Mapping[str, Any], input_tokens: int) -> int:
+        """Of a call's prompt, the tokens its provider will likely read from the prompt cache: what
+        the same model's last call by the same agent, user, team and run left there (read or
+        written), if that was within the cache's lifetime and this call asks for caching
+        (``cache_control``). An agent's turns share their prefix, so Anthropic reads it again
+        and leaves it out of its input-tokens-per-minute limit: reserved whole, a mostly cached
+        prompt larger than the limit could never be sent. Settled at what the answer reports."""
+        seen = self._cache_left.get(dims)
+        if seen is None or self._engine.clock() >= seen[1] or not input_tokens or cache_writes(kwargs) == NO_WRITE:
+            return 0
+        return seen[0] if seen[0] < input_tokens else input_tokens
 
     def _key_choices(self, choices: list[Scope] | None, provider: str,
                      kwargs: Mapping[str, Any]) -> list[Scope] | None:
@@ -1048,6 +1066,8 @@ class HiveLimiter(CustomLogger):
             dims=dims,
             budgeted=any(s.budgeted for s in scopes),
             counts_tokens=any(s.counts_tokens for s in scopes),
+            counts_input=any(s.limits.input_tokens_per_minute is not None for s in scopes)
+            or any(s.limits.input_tokens_per_minute is not None for s in self._resolver.choices(provider) or ()),
             spend_keys=self._spend_keys(scopes, dims),
             choices=self._resolver.choices(provider),
             # Read-only, shared by every ticket of this plan.
@@ -1153,6 +1173,11 @@ class HiveLimiter(CustomLogger):
                 tout = total - tin
         cost = None
         cache = _prompt_cache(usage) if tin else None
+        if cache is not None:  # what the provider's prompt cache now holds for this caller (see _ticket)
+            left = self._cache_left
+            if len(left) >= 4096:
+                left.clear()
+            left[ticket.dims] = (cache[0] + cache[1], eng.clock() + (3600.0 if cache[2] else 300.0))
         if type(response) is not _CHAT_RESPONSE and _media.is_media(response):  # priced per unit: LiteLLM's cost
             cost = _media.litellm_cost(response, logged_cost)
             if cost is not None:

@@ -93,6 +93,25 @@ def test_cache_reads_count_in_token_limits_not_in_input_limits(tin: int | None, 
     assert used["tokens_per_minute"]["used"] == (800 if tin is None else tin) + 20
 
 
+@pytest.mark.parametrize(("tin", "cached", "counted"), [(700, 600, 100), (None, 0, 200)])
+def test_an_expected_cache_read_is_not_reserved_in_input_limits(tin: int | None, cached: int, counted: int,
+                                                               clock: FakeClock, make_engine: Any) -> None:
+    """A ticket's ``cached_input`` (the part of its prompt expected from the provider's cache) is
+    left out of input-token windows at admission, not of token windows; a call larger than the
+    input limit then fits. Settled at the answer's count, or, unreported, as reserved."""
+    eng = make_engine(clock)
+    g = scope(tokens_per_minute=10_000, input_tokens_per_minute=500)
+    t = ticket(1, g, tin=800, tout=50)
+    t.cached_input = 600
+    assert eng.acquire(t, Woken()) is None
+    used = eng.snapshot()["global"]
+    assert used["input_tokens_per_minute"]["used"] == 200 and used["tokens_per_minute"]["used"] == 850
+    eng.release("1", input_tokens=tin, output_tokens=20, cached_input=cached)
+    used = eng.snapshot()["global"]
+    assert used["input_tokens_per_minute"]["used"] == counted
+    assert used["tokens_per_minute"]["used"] == (800 if tin is None else tin) + 20
+
+
 def test_concurrency_slot_comes_back_on_release(clock: FakeClock, make_engine: Any) -> None:
     """A concurrency-blocked call waits for a release, not for time."""
     eng = make_engine(clock)

@@ -879,6 +879,38 @@ async def test_a_prompt_larger_than_an_input_limit_is_refused_with_what_to_do(pr
     said "lower max_tokens", which changes nothing here)."""
     make_limiter(clock, {"global": {"input_tokens_per_minute": 500}})
     provider.state.cached_prompt_tokens = 600
-    with pytest.raises(RequestTooLargeError, match="shorten the prompt or raise the limit.*prompt cache"):
+    with pytest.raises(RequestTooLargeError, match=r"shorten the prompt or raise the limit.*prompt cache"):
         await litellm.acompletion(**chat_kwargs(provider, messages=[{"role": "user", "content": "word " * 600}]))
     assert provider.state.count() == 0
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["cache_control", "no-marks"])
+async def test_a_turn_whose_prefix_is_cached_reserves_only_the_rest_under_an_input_limit(
+        marked: bool, provider: FakeProvider, clock: FakeClock) -> None:
+    """An agent's turns share their prefix: after a turn that left 600 tokens in Anthropic's
+    prompt cache, the next turn that asks for caching reserves only the rest of its prompt under
+    ``input_tokens_per_minute`` (Anthropic does not count cache reads there), so three ~750-token
+    turns run back to back under a limit of 1,100. Without ``cache_control`` nothing is read from
+    the cache: the second turn waits. Each settles at what its answer reports."""
+    limiter = make_limiter(clock, {"global": {"input_tokens_per_minute": 1100}, "queue": {"max_wait_seconds": 0}})
+    block: dict[str, Any] = {"type": "text", "text": " ".join(["word"] * 600)}
+    if marked:
+        block["cache_control"] = {"type": "ephemeral"}
+    kwargs = chat_kwargs(provider, model="anthropic/claude-sonnet-4-5-20250929", api_base=provider.root,
+                         max_tokens=5, messages=[{"role": "user", "content": [block]}])
+    provider.state.cache_written_tokens = 600  # the first turn writes the prefix
+    await litellm.acompletion(**kwargs)
+    provider.state.cache_written_tokens, provider.state.cached_prompt_tokens = 0, 600  # later turns read it
+    if not marked:
+        with pytest.raises(RateLimitQueueTimeout):
+            await litellm.acompletion(**kwargs)
+        assert provider.state.count() == 1
+        return
+    for _ in range(2):
+        await litellm.acompletion(**kwargs)
+    sent = provider.state.log
+    assert len(sent) == 3
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
+    # the first turn's whole prompt (a cache write counts), the others' uncached rest
+    used = global_usage(limiter)["input_tokens_per_minute"]["used"]
+    assert used == sent[0].prompt_tokens + sum(r.prompt_tokens - 600 for r in sent[1:])
