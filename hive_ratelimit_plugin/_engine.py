@@ -526,8 +526,8 @@ def too_large_advice(limit: str) -> str:
     if limit.startswith("input_tokens"):
         # (a prompt mostly read from the provider's cache counts little there, but its size is
         # known only from its answer)
-        return ("shorten the prompt or raise the limit (the whole prompt is reserved before the call; "
-                "tokens read from the prompt cache come off when its answer reports them)")
+        return ("shorten the prompt or raise the limit (a prompt is reserved whole before the call, unless it "
+                "extends its caller's last prompt, whose prefix is then expected from the prompt cache)")
     return "lower max_tokens or raise the limit"
 
 

@@ -315,6 +315,32 @@ def _prompt_cache(usage: Any) -> tuple[int, int, int] | None:
     return (read, written, written_1h) if read or written else None
 
 
+def _plain(value: Any) -> Any:
+    """``value`` (a request's messages, system prompt or tools) as a hashable value, without its
+    ``cache_control`` marks (they move from turn to turn; the cached text is what matters)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _plain(v)) for k, v in value.items() if k != "cache_control"))
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    dump = getattr(value, "model_dump", None)  # (LiteLLM's Message and the like)
+    return _plain(dump()) if callable(dump) else repr(value)
+
+
+def _prompt_print(kwargs: Mapping[str, Any], n: int | None = None) -> tuple[int, int] | None:
+    """(``n``, a fingerprint of the tools, the system prompt and the first ``n`` messages) of a
+    request (``n``: all its messages); ``None`` if it has fewer, or no messages."""
+    messages = kwargs.get("messages")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        return None
+    if n is None:
+        n = len(messages)
+    elif len(messages) < n:
+        return None
+    return n, hash((_plain(kwargs.get("tools")), _plain(kwargs.get("system")), _plain(messages[:n])))
+
+
 def _usage_of(response: Any) -> tuple[int | None, int | None]:
     return _usage_counts(_usage_obj(response))
 
@@ -482,8 +508,11 @@ class HiveLimiter(CustomLogger):
         self._turns: dict[str, int] = {}
         self._told: dict[str, tuple[int | None, int | None]] = {}  # provider limits last logged, per model
         self._own_key_told: set[str] = set()  # providers whose calls were seen with their own api_base
-        # What each caller's last call left in its provider's prompt cache: (tokens, until when)
-        self._cache_left: dict[tuple[str | None, ...], tuple[int, float]] = {}
+        # What each caller's last call left in its provider's prompt cache: (tokens, until when,
+        # and the (messages, fingerprint) of the prompt that left them: see _prompt_print); and
+        # the prompts of the calls in flight that ask for caching, per call
+        self._cache_left: dict[tuple[str | None, ...], tuple[int, float, int, int]] = {}
+        self._cache_prompts: dict[str, tuple[int, int]] = {}
         # (provider, model) pairs a provider has given a token limit for: their calls' tokens are
         # estimated, as for a configured token limit (see _note_limits)
         self._tokens_learned: set[tuple[str | None, ...]] = set()
@@ -600,9 +629,10 @@ class HiveLimiter(CustomLogger):
                 call_type, kwargs = waiting
                 t.input_tokens, t.output_tokens, t.cost = self._estimate(
                     call_type, kwargs, model, provider, t.dims, any(sc.budgeted for sc in scopes),
-                    any(sc.counts_tokens for sc in scopes))
+                    any(sc.counts_tokens for sc in (*scopes, *(t.choices or ()))))
                 t.cached_input = self._expected_cache_read(t.dims, kwargs, t.input_tokens) \
-                    if any(sc.limits.input_tokens_per_minute is not None for sc in scopes) else 0
+                    if any(sc.limits.input_tokens_per_minute is not None for sc in (*scopes, *(t.choices or ())))\
+                    else 0
                 t.spend_keys = self._spend_keys(scopes, t.dims)
             return scopes
 
@@ -941,7 +971,15 @@ class HiveLimiter(CustomLogger):
         # A call not streamed holds its lease until it returns: no shorter than LiteLLM may wait for it.
         lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
         choices = self._key_choices(plan.choices, plan.provider, kwargs)
-        cached = self._expected_cache_read(plan.dims, kwargs, input_tokens) if plan.counts_input else 0
+        cached = 0
+        if plan.counts_input:
+            cached = self._expected_cache_read(plan.dims, kwargs, input_tokens)
+            prompt = _prompt_print(kwargs) if cache_writes(kwargs) != NO_WRITE else None
+            if prompt is not None:  # what its answer leaves in the cache is for prompts extending this one
+                pending = self._cache_prompts
+                if len(pending) >= 4096:
+                    pending.clear()
+                pending[call_id] = prompt
         # (positional: keyword arguments cost more to pass, and this runs for every call)
         return Ticket(call_id, plan.scopes, input_tokens, output_tokens, ident.priority, plan.info, cost,
                       choices, None, NEVER, plan.dims, plan.spend_keys, lease, cached)
@@ -955,6 +993,10 @@ class HiveLimiter(CustomLogger):
         prompt larger than the limit could never be sent. Settled at what the answer reports."""
         seen = self._cache_left.get(dims)
         if seen is None or self._engine.clock() >= seen[1] or not input_tokens or cache_writes(kwargs) == NO_WRITE:
+            return 0
+        # Only if this prompt begins with that call's whole prompt (the cache holds a prefix of
+        # it): another prompt of the same caller reads nothing, and Anthropic counts all of it.
+        if _prompt_print(kwargs, seen[2]) != seen[2:]:
             return 0
         return seen[0] if seen[0] < input_tokens else input_tokens
 
@@ -1059,17 +1101,18 @@ class HiveLimiter(CustomLogger):
             return plan
         provider = self._provider_of(model, custom_llm_provider, api_base)
         scopes = self._resolver.scopes(provider, model, ident)
+        keys = self._resolver.choices(provider) or ()
         dims = (provider, split_model(model, provider), ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
         plan = _Plan(
             provider=provider,
             scopes=scopes,
             dims=dims,
             budgeted=any(s.budgeted for s in scopes),
-            counts_tokens=any(s.counts_tokens for s in scopes),
-            counts_input=any(s.limits.input_tokens_per_minute is not None for s in scopes)
-            or any(s.limits.input_tokens_per_minute is not None for s in self._resolver.choices(provider) or ()),
+            # (an API key's limits count too: whichever key is picked, its windows are charged)
+            counts_tokens=any(s.counts_tokens for s in (*scopes, *keys)),
+            counts_input=any(s.limits.input_tokens_per_minute is not None for s in (*scopes, *keys)),
             spend_keys=self._spend_keys(scopes, dims),
-            choices=self._resolver.choices(provider),
+            choices=self._resolver.choices(provider),  # (the same list as keys, or None)
             # Read-only, shared by every ticket of this plan.
             info={"provider": provider, "model": model, "agent_id": ident.agent_id, "run_id": ident.run_id},
         )
@@ -1134,6 +1177,7 @@ class HiveLimiter(CustomLogger):
         if ticket is None:
             return  # not ours, or already settled (LiteLLM sends more than one end-of-call event)
         assert call_id is not None
+        prompt = self._cache_prompts.pop(call_id, None) if self._cache_prompts else None
         if failed:
             outcome, wait, signals = "error", None, None
             if exc is not None:
@@ -1173,11 +1217,11 @@ class HiveLimiter(CustomLogger):
                 tout = total - tin
         cost = None
         cache = _prompt_cache(usage) if tin else None
-        if cache is not None:  # what the provider's prompt cache now holds for this caller (see _ticket)
+        if cache is not None and prompt is not None:  # what the prompt cache now holds for this caller (see _ticket)
             left = self._cache_left
             if len(left) >= 4096:
                 left.clear()
-            left[ticket.dims] = (cache[0] + cache[1], eng.clock() + (3600.0 if cache[2] else 300.0))
+            left[ticket.dims] = (cache[0] + cache[1], eng.clock() + (3600.0 if cache[2] else 300.0), *prompt)
         if type(response) is not _CHAT_RESPONSE and _media.is_media(response):  # priced per unit: LiteLLM's cost
             cost = _media.litellm_cost(response, logged_cost)
             if cost is not None:

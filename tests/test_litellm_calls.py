@@ -914,3 +914,46 @@ async def test_a_turn_whose_prefix_is_cached_reserves_only_the_rest_under_an_inp
     # the first turn's whole prompt (a cache write counts), the others' uncached rest
     used = global_usage(limiter)["input_tokens_per_minute"]["used"]
     assert used == sent[0].prompt_tokens + sum(r.prompt_tokens - 600 for r in sent[1:])
+
+
+def _cached_turn(provider: FakeProvider, text: str) -> dict[str, Any]:
+    block = {"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}
+    return chat_kwargs(provider, model="anthropic/claude-sonnet-4-5-20250929", api_base=provider.root,
+                       max_tokens=5, messages=[{"role": "user", "content": [block]}])
+
+
+async def test_another_prompt_of_the_same_caller_expects_no_cache_read(provider: FakeProvider,
+                                                                       clock: FakeClock) -> None:
+    """The expected cache read holds only for a prompt that begins with the one that left it:
+    four other prompts of the same caller at once (another task, a changed system prompt) miss
+    the cache, and Anthropic counts all of them. Reserved whole, they stay within the limit as
+    the provider counts it (with the guess keyed by caller alone, all four went, 3.4 times the
+    limit). Found by helper-50."""
+    limit = 1100
+    limiter = make_limiter(clock, {"global": {"input_tokens_per_minute": limit}, "queue": {"max_wait_seconds": 0}})
+    provider.state.cache_written_tokens = 600
+    await litellm.acompletion(**_cached_turn(provider, " ".join(["word"] * 600)))
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
+    provider.state.cache_written_tokens, provider.state.cached_prompt_tokens = 610, 0
+    provider.state.latency = 0.3
+    await asyncio.gather(*(litellm.acompletion(**_cached_turn(provider, " ".join(["word"] * 600) + f" task{i}"))
+                           for i in range(4)), return_exceptions=True)
+    assert sum(r.prompt_tokens for r in provider.state.log) <= limit
+
+
+async def test_the_next_turn_of_a_conversation_expects_its_prefix_from_the_cache(provider: FakeProvider,
+                                                                               clock: FakeClock) -> None:
+    """A next turn extends the conversation (its cache mark moved to its new last message): it
+    is reserved without the prefix the last turn left in the cache, and fits a limit its whole
+    prompt would not after the first turn's."""
+    limiter = make_limiter(clock, {"global": {"input_tokens_per_minute": 1100}, "queue": {"max_wait_seconds": 0}})
+    first = _cached_turn(provider, " ".join(["word"] * 600))
+    provider.state.cache_written_tokens = 600
+    await litellm.acompletion(**first)
+    provider.state.cache_written_tokens, provider.state.cached_prompt_tokens = 0, 600
+    earlier = {"role": "user", "content": [{"type": "text", "text": " ".join(["word"] * 600)}]}  # (mark moved)
+    nxt = _cached_turn(provider, "and now this")
+    nxt["messages"] = [earlier, {"role": "assistant", "content": "ok"}, *nxt["messages"]]
+    await litellm.acompletion(**nxt)
+    assert provider.state.count() == 2
+    await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)

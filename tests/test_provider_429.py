@@ -499,6 +499,50 @@ async def test_a_reload_gives_no_pool_key_to_a_waiting_call_to_its_own_endpoint(
     assert [r.authorization for r in provider.state.log] == [f"Bearer {own}"] * 2
 
 
+async def test_a_reload_keeps_a_waiting_calls_expected_cache_read_under_a_keys_input_limit(
+        provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload estimates queued calls again; one whose only input-token limit is its API key's
+    keeps the cache read it expects (it lost it, and the same configuration reloaded failed it
+    as too large). Found by helper-50."""
+    _keys_env(monkeypatch, provider)
+
+    def turn(words: int) -> dict[str, Any]:
+        return {"role": "user", "content": [{"type": "text", "text": " ".join(["word"] * words),
+                                             "cache_control": {"type": "ephemeral"}}]}
+
+    config = {"global": {"requests_per_minute": 1, "tokens_per_minute": 1_000_000}, "queue": {"max_wait_seconds": 300},
+              "providers": {"openai": {"api_keys": [{"env": "HIVE_TEST_KEY_A", "input_tokens_per_minute": 650}]}}}
+    limiter, _ = make(clock, config)
+    provider.state.cached_prompt_tokens = 600
+    first = [turn(600)]
+    await litellm.acompletion(**pooled(provider, max_tokens=5, messages=first))  # leaves 600 in the cache
+    task = asyncio.ensure_future(litellm.acompletion(**pooled(  # the next turn: waits, 1 request a minute
+        provider, max_tokens=5, messages=[*first, {"role": "assistant", "content": "ok"}, turn(100)])))
+    await wait_until(lambda: limiter._engine.queue_length == 1)
+    [waiter] = list(limiter._engine._waiters)
+    before = waiter.ticket.cached_input
+    limiter.reload(with_backend(config))  # the same configuration
+    assert before > 0 and waiter.ticket.cached_input == before
+    clock.advance(61)
+    assert isinstance(await task, litellm.ModelResponse)
+
+
+async def test_an_api_keys_token_limit_holds_calls_before_they_are_sent(provider: FakeProvider, clock: FakeClock,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token limit set only on an API key is checked at admission: calls were estimated at no
+    tokens (only the scopes' limits asked for an estimate), so the key's limit never held one
+    before it was sent. Found by helper-50."""
+    _keys_env(monkeypatch, provider)
+    make(clock, {"providers": {"openai": {"api_keys": [{"env": "HIVE_TEST_KEY_A", "tokens_per_minute": 300}]}},
+                 "queue": {"max_wait_seconds": 0}})
+    await litellm.acompletion(**pooled(provider, max_tokens=5, messages=[{"role": "user", "content": "word " * 200}]))
+    with pytest.raises(RateLimitQueueTimeout) as info:
+        await litellm.acompletion(**pooled(provider, max_tokens=5,
+                                           messages=[{"role": "user", "content": "word " * 200}]))
+    assert info.value.limit == "tokens_per_minute" and info.value.scope == "key:openai/HIVE_TEST_KEY_A"
+    assert provider.state.count() == 1
+
+
 async def test_a_reload_raising_an_api_key_limit_lets_a_waiting_call_in(
     provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
