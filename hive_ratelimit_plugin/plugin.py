@@ -338,7 +338,10 @@ def _prompt_print(kwargs: Mapping[str, Any], n: int | None = None) -> tuple[int,
         n = len(messages)
     elif len(messages) < n:
         return None
-    return n, hash((_plain(kwargs.get("tools")), _plain(kwargs.get("system")), _plain(messages[:n])))
+    try:
+        return n, hash((_plain(kwargs.get("tools")), _plain(kwargs.get("system")), _plain(messages[:n])))
+    except Exception:  # (a structure nested past the recursion limit, an odd object): no guess, never an error
+        return None
 
 
 def _usage_of(response: Any) -> tuple[int | None, int | None]:

@@ -957,3 +957,25 @@ async def test_the_next_turn_of_a_conversation_expects_its_prefix_from_the_cache
     await litellm.acompletion(**nxt)
     assert provider.state.count() == 2
     await wait_until(lambda: global_usage(limiter)["in_flight"] == 0)
+
+
+def test_a_prompt_that_cannot_be_fingerprinted_expects_no_cache_read() -> None:
+    """The fingerprint of a prompt (for the expected cache read) never raises into a call: a
+    structure nested past the recursion limit, or an object whose repr fails, gives no guess."""
+    from hive_ratelimit_plugin.plugin import _prompt_print
+
+    deep: dict[str, Any] = {}
+    cur = deep
+    for _ in range(5000):
+        cur["x"] = {}
+        cur = cur["x"]
+
+    class Weird:
+        def __repr__(self) -> str:
+            raise ValueError("no repr")
+
+    assert _prompt_print({"messages": [{"role": "user", "content": deep}]}) is None
+    assert _prompt_print({"messages": [{"role": "user", "content": [Weird()]}]}) is None
+    plain = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}]}
+    unmarked = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    assert _prompt_print(plain) == _prompt_print(unmarked) is not None  # (marks move from turn to turn)
