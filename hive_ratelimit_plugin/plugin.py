@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -344,6 +344,11 @@ def _prompt_print(kwargs: Mapping[str, Any], n: int | None = None) -> tuple[int,
         return None
 
 
+def _counts_input(scopes: Iterable[Scope]) -> bool:
+    """Whether an input-token limit applies among ``scopes`` (a cache read is then expected apart)."""
+    return any(s.limits.input_tokens_per_minute is not None for s in scopes)
+
+
 def _usage_of(response: Any) -> tuple[int | None, int | None]:
     return _usage_counts(_usage_obj(response))
 
@@ -630,12 +635,12 @@ class HiveLimiter(CustomLogger):
                 # Estimated again: a budget or token limit that applies now may not have when it came
                 # (its worst case was then 0), and its spend goes to the new budgets' scopes too.
                 call_type, kwargs = waiting
+                charged = (*scopes, *(t.choices or ()))  # (as _plan: an API key's limits count too)
                 t.input_tokens, t.output_tokens, t.cost = self._estimate(
                     call_type, kwargs, model, provider, t.dims, any(sc.budgeted for sc in scopes),
-                    any(sc.counts_tokens for sc in (*scopes, *(t.choices or ()))))
+                    any(sc.counts_tokens for sc in charged))
                 t.cached_input = self._expected_cache_read(t.dims, kwargs, t.input_tokens) \
-                    if any(sc.limits.input_tokens_per_minute is not None for sc in (*scopes, *(t.choices or ())))\
-                    else 0
+                    if _counts_input(charged) else 0
                 t.spend_keys = self._spend_keys(scopes, t.dims)
             return scopes
 
@@ -1113,7 +1118,7 @@ class HiveLimiter(CustomLogger):
             budgeted=any(s.budgeted for s in scopes),
             # (an API key's limits count too: whichever key is picked, its windows are charged)
             counts_tokens=any(s.counts_tokens for s in (*scopes, *keys)),
-            counts_input=any(s.limits.input_tokens_per_minute is not None for s in (*scopes, *keys)),
+            counts_input=_counts_input((*scopes, *keys)),
             spend_keys=self._spend_keys(scopes, dims),
             choices=self._resolver.choices(provider),  # (the same list as keys, or None)
             # Read-only, shared by every ticket of this plan.
