@@ -995,10 +995,11 @@ class HiveLimiter(CustomLogger):
     def _expected_cache_read(self, dims: tuple[str | None, ...], kwargs: Mapping[str, Any], input_tokens: int) -> int:
         """Of a call's prompt, the tokens its provider will likely read from the prompt cache: what
         the same model's last call by the same agent, user, team and run left there (read or
-        written), if that was within the cache's lifetime and this call asks for caching
-        (``cache_control``). An agent's turns share their prefix, so Anthropic reads it again
-        and leaves it out of its input-tokens-per-minute limit: reserved whole, a mostly cached
-        prompt larger than the limit could never be sent. Settled at what the answer reports."""
+        written), if that was within the cache's lifetime, this call asks for caching
+        (``cache_control``) and its prompt extends that call's (the next turn of a conversation,
+        whose prefix Anthropic reads again and leaves out of its input-tokens-per-minute limit).
+        Reserved whole, a mostly cached prompt larger than the limit could never be sent.
+        Settled at what the answer reports."""
         seen = self._cache_left.get(dims)
         if seen is None or self._engine.clock() >= seen[1] or not input_tokens or cache_writes(kwargs) == NO_WRITE:
             return 0
@@ -1109,7 +1110,8 @@ class HiveLimiter(CustomLogger):
             return plan
         provider = self._provider_of(model, custom_llm_provider, api_base)
         scopes = self._resolver.scopes(provider, model, ident)
-        keys = self._resolver.choices(provider) or ()
+        choices = self._resolver.choices(provider)
+        keys = choices or ()
         dims = (provider, split_model(model, provider), ident.agent_id, ident.user_id, ident.team_id, ident.run_id)
         plan = _Plan(
             provider=provider,
@@ -1120,7 +1122,7 @@ class HiveLimiter(CustomLogger):
             counts_tokens=any(s.counts_tokens for s in (*scopes, *keys)),
             counts_input=_counts_input((*scopes, *keys)),
             spend_keys=self._spend_keys(scopes, dims),
-            choices=self._resolver.choices(provider),  # (the same list as keys, or None)
+            choices=choices,
             # Read-only, shared by every ticket of this plan.
             info={"provider": provider, "model": model, "agent_id": ident.agent_id, "run_id": ident.run_id},
         )
