@@ -1145,6 +1145,8 @@ class HiveLimiter(CustomLogger):
         """A call refused before it was sent: the runaway detector does not count it (an agent that
         retries after a refusal sent nothing; counting it blocked such agents for 10 minutes).
         ``agent``: the caller's agent id when it does not come from the request (the proxy's)."""
+        if self._cache_prompts:  # (its prompt leaves nothing in a cache: see _ticket)
+            self._cache_prompts.pop(str(kwargs.get("litellm_call_id")), None)
         if exc.limit == "runaway" or not self._config.runaway.enabled:
             return
         try:

@@ -939,6 +939,7 @@ async def test_another_prompt_of_the_same_caller_expects_no_cache_read(provider:
     await asyncio.gather(*(litellm.acompletion(**_cached_turn(provider, " ".join(["word"] * 600) + f" task{i}"))
                            for i in range(4)), return_exceptions=True)
     assert sum(r.prompt_tokens for r in provider.state.log) <= limit
+    assert not limiter._cache_prompts  # (the prompts of the calls refused are not kept)
 
 
 async def test_the_next_turn_of_a_conversation_expects_its_prefix_from_the_cache(provider: FakeProvider,
