@@ -42,6 +42,8 @@ def rejection_reason(exc: BaseException) -> tuple[str, str]:
         return level, "request_too_large"
     if name == "CircuitOpenError":
         return level, "circuit_open"
+    if name == "BackendUnavailableError":
+        return level, "backend_unavailable"
     return level, "other"
 
 

@@ -200,8 +200,11 @@ class RedisEngine(Engine):
                                                          "ClusterDownError", "MasterDownError", "BusyLoadingError")
             if hasattr(redis.exceptions, name))
         if client is None:
-            client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-                                          health_check_interval=30)
+            try:
+                client = redis.Redis.from_url(url, socket_timeout=socket_timeout,
+                                              socket_connect_timeout=socket_timeout, health_check_interval=30)
+            except ValueError as exc:  # (a bad query parameter: redis-py's own message names it, not the URL)
+                raise ConfigError(f"rate_limiting.backend: {safe_url(url)} is not a usable Redis URL: {exc}") from None
         self.r = client
         self._admit = client.register_script(_lua.ADMIT)
         self._settle_script = client.register_script(_lua.SETTLE)
@@ -624,7 +627,7 @@ class RedisEngine(Engine):
             raise BackendUnavailableError(
                 f"the shared rate-limit backend ({self.url}) does not answer and on_backend_error is 'closed', so "
                 f"calls are refused rather than sent uncounted. No request was sent; retry in "
-                f"{self.retry_interval:g}s.", retry_after=self.retry_interval)
+                f"{self.retry_interval:g}s.", scope="global", limit="on_backend_error", retry_after=self.retry_interval)
         if self.on_error == "open":
             self._leases[ticket.call_id] = _Reservation(ticket, NO_LAYOUT, now + self._lease_of(ticket), now)
             self.admitted_total += 1

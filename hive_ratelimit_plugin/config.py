@@ -437,6 +437,10 @@ def _shown(name: str, value: Any) -> Any:
     lowered = name.lower()
     if lowered == "backend" and isinstance(value, str):  # a URL's user info and password= stay hidden
         return re.sub(r"(?i)(password|username)=[^&]*", r"\1=***", re.sub(r"[^/@]*@", "***@", value))
+    if isinstance(value, str) and "://" in value:  # a URL in the wrong place (redis: URL, backend: {url: ...})
+        value = re.sub(r"(?i)(password|username)=[^&\s]*", r"\1=***", re.sub(r"://[^/@\s]*@", "://***@", value))
+    if isinstance(value, (list, tuple)):
+        return [_shown(name, v) for v in value]
     if any(s in lowered for s in _SECRET_NAMES) and not lowered.endswith("api_keys"):
         return "<redacted>"
     if lowered == "env" and isinstance(value, str) and not (_VAR_NAME.fullmatch(value) and not looks_like_key(value)):

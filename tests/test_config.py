@@ -396,3 +396,26 @@ def test_a_redis_url_redis_py_would_misread_is_refused(url: str, why: str) -> No
     with pytest.raises(ConfigError, match=why):
         load_config({"backend": url})
     assert load_config({"backend": "redis://:pw@127.0.0.1:6379/3"}).backend.endswith("/3")
+
+
+@pytest.mark.parametrize("config", [
+    {"redis": "redis://:hunter2x@cache:6379/0"},  # the URL under the redis section
+    {"backend": {"url": "redis://user:hunter2x@cache:6379/0"}},
+    {"backend": ["redis://:hunter2x@cache:6379/0"]},
+], ids=["redis-section", "backend-dict", "backend-list"])
+def test_a_redis_url_in_the_wrong_place_keeps_its_password_out_of_the_error(config: dict[str, object]) -> None:
+    """A configuration error shows the value it refuses; a Redis URL's user and password stay
+    hidden wherever the URL was put (only a URL given as ``backend`` was). Found by helper-52."""
+    with pytest.raises(ConfigError) as info:
+        load_config(config, use_env=False)
+    assert "hunter2x" not in str(info.value) and "***@cache" in str(info.value)
+
+
+def test_a_redis_url_with_a_bad_parameter_is_a_config_error() -> None:
+    """redis-py refuses ``?socket_timeout=abc`` with a bare ValueError; the limiter says which
+    setting is wrong, without the password. Found by helper-52."""
+    from hive_ratelimit_plugin import HiveLimiter
+
+    with pytest.raises(ConfigError, match=r"rate_limiting\.backend: redis://\*\*\*@127\.0\.0\.1") as info:
+        HiveLimiter({"backend": "redis://:hunter2x@127.0.0.1:6379/12?socket_timeout=abc"})
+    assert "hunter2x" not in str(info.value) and "socket_timeout" in str(info.value)

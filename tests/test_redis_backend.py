@@ -186,6 +186,11 @@ def test_outage_closed_policy_refuses_and_open_policy_lets_through(
     with pytest.raises(BackendUnavailableError) as info:
         litellm.completion(**chat_kwargs(provider, max_tokens=5))
     assert "closed" in str(info.value) and info.value.retry_after is not None
+    # (what the proxy's x-hive-ratelimit-scope/-limit headers and the rejection metric report)
+    assert (info.value.scope, info.value.limit) == ("global", "on_backend_error")
+    from hive_ratelimit_plugin._observe import rejection_reason
+
+    assert rejection_reason(info.value) == ("global", "backend_unavailable")
     assert len(provider.state.log) == 1
     litellm.callbacks.clear()
     _outage_limiter(clock, own_redis.url, "open")
