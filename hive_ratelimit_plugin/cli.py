@@ -265,7 +265,10 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot run {command[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         return 127
-    forwarded = (signal.SIGTERM, signal.SIGHUP) if hasattr(signal, "SIGHUP") else (signal.SIGTERM,)
+    # SIGINT and SIGQUIT are left out: a terminal sends them to the child as well. SIGUSR1/2 (a
+    # server's "reopen logs", "upgrade") would otherwise kill this wrapper and orphan the command.
+    forwarded = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+                      if hasattr(signal, name))
     previous = {sig: signal.signal(sig, lambda signum, _frame: child.send_signal(signum)) for sig in forwarded}
     try:
         while True:

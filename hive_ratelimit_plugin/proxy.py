@@ -391,12 +391,12 @@ class ProxyLimiter(HiveLimiter):
             if ticket is None:
                 return None
             try:
-                if not self._engine.admit_now(ticket):
-                    await self._queue_async(ticket, kind, view)
+                waited = 0.0 if self._engine.admit_now(ticket) else await self._queue_async(ticket, kind, view)
             except RateLimitQueueTimeout as exc:
                 self._emit(_timeout_event(ticket, exc, self._engine.wall()))
                 raise
         except HiveRateLimitError as exc:
+            self._obs.rejected(exc)  # (the calls_rejected metric and the status line, as in SDK mode)
             self._not_sent(view, exc)  # (before the call's identity is dropped: _not_sent reads it)
             with self._proxy_lock:
                 self._proxy_calls.pop(call_id, None)
@@ -405,6 +405,8 @@ class ProxyLimiter(HiveLimiter):
             with self._proxy_lock:
                 self._proxy_calls.pop(call_id, None)
             raise
+        if waited:
+            self._obs.queue_wait(waited)
         return None
 
     async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,

@@ -83,6 +83,9 @@ async def test_pre_call_hook_counts_against_the_keys_levels(clock: FakeClock) ->
     assert exc.headers["x-hive-ratelimit-scope"] == "user:alice"
     assert getattr(exc, "type", None) == "rate_limit_error"
     assert isinstance(exc.__cause__, RateLimitQueueTimeout)
+    # Counted as a rejection, as in SDK mode (the calls_rejected metric, status's "rejected N"):
+    # the proxy counted none. Found by helper-53.
+    assert lim._obs.as_dict()["rejections"] == {"user/queue_timeout": 1}
 
 
 async def test_budget_refusal_is_not_a_429(clock: FakeClock) -> None:

@@ -328,6 +328,51 @@ def test_run_environment() -> None:
     assert again["PYTHONPATH"] == env["PYTHONPATH"]
 
 
+def test_run_forwards_a_servers_signals_to_the_command(tmp_path: Path) -> None:
+    """SIGUSR1 and SIGUSR2 (a server's "reopen logs" and "upgrade") reach the command; they
+    killed the wrapper and left the command running, orphaned. SIGTERM still ends it, with the
+    command's own exit code. Found by helper-53."""
+    import signal
+
+    seen = tmp_path / "seen.txt"
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent(f"""
+        import signal, sys, time
+        def note(signum, _frame):
+            with open({str(seen)!r}, "a") as f:
+                f.write(signal.Signals(signum).name + "\\n")
+            if signum == signal.SIGTERM:
+                sys.exit(5)
+        for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(s, note)
+        open({str(seen)!r}, "a").write("ready\\n")
+        while True:
+            time.sleep(0.05)
+    """))
+    env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True")
+    wrapper = subprocess.Popen([sys.executable, "-m", "hive_ratelimit_plugin.cli", "run", "--", sys.executable,
+                                str(child)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_for(line: str) -> None:
+        end = time.monotonic() + 60
+        while not (seen.exists() and line in seen.read_text().split()):
+            assert time.monotonic() < end and wrapper.poll() is None, (line, wrapper.poll())
+            time.sleep(0.05)
+
+    try:
+        wait_for("ready")
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            wrapper.send_signal(sig)
+            wait_for(sig.name)
+        assert wrapper.poll() is None  # the wrapper is still there, waiting for its command
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(30) == 5
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait()
+
+
 def test_run_rejects_a_bad_config_before_starting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_YAML)
