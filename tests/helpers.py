@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import socket
 import struct
 import threading
 import time
@@ -217,3 +219,24 @@ class JsonServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def unused_port() -> int:
+    """A free TCP port on 127.0.0.1, below the kernel's ephemeral range. Connecting to a port in
+    that range with nothing listening can connect a client to itself (TCP simultaneous open), and
+    a "dead" Redis then seems to answer, with the client's own command: one CI run saw a killed
+    Redis "answer again after 0.0s". Ports the kernel never hands out as a source cannot."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError), \
+            open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+        low = int(f.read().split()[0])
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")

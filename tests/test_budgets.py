@@ -506,11 +506,9 @@ async def test_a_call_cut_off_after_its_send_counts_its_worst_case(mode: str, pr
 async def test_a_call_that_never_connected_counts_nothing(mode: str, provider: FakeProvider, clock: FakeClock,
                                                          wall: FakeClock) -> None:
     """A connection refused: the request never reached a provider, so it costs nothing."""
-    import socket
+    from .helpers import unused_port
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()  # a port nobody listens on
     limiter = make(clock, wall, {"budget": {"max_daily_spend": 1000}})
     kw = small(provider, api_base=f"http://127.0.0.1:{port}/v1")
     with pytest.raises((litellm.APIConnectionError, litellm.InternalServerError)):  # (LiteLLM says either)
@@ -765,11 +763,9 @@ async def test_a_retry_made_while_handling_an_error_is_judged_on_its_own(mode: s
     """An agent that retries inside its ``except`` block: the retry's error carries the first
     one in its context, which must not decide how the retry is counted (a refused retry after a
     timeout costs nothing; a timed-out retry after a refused connection costs its worst case)."""
-    import socket
+    from .helpers import unused_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    dead = f"http://127.0.0.1:{unused_port()}/v1"
     limiter = make(clock, wall, {"budget": {"max_daily_spend": 1000}})
 
     async def call(**extra: Any) -> None:

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from hive_ratelimit_plugin.errors import BackendUnavailableError, ConfigError, R
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
 from .conftest import REDIS_URL, redis_client
-from .helpers import chat_kwargs, max_in_any_window
+from .helpers import chat_kwargs, max_in_any_window, unused_port
 
 WORKER = Path(__file__).with_name("redis_worker.py")
 UNIT_PRICE = {"gpt-4o-mini": {"input_per_million": 1_000_000, "output_per_million": 1_000_000}}
@@ -84,9 +83,7 @@ def test_four_processes_share_one_limit_and_one_budget(provider: FakeProvider, r
 
 # ------------------------------------------------------------------ outages
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return unused_port()  # (not an ephemeral one: see helpers.unused_port)
 
 
 class OwnRedis:

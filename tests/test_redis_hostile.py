@@ -806,13 +806,12 @@ def test_api_keys_and_secrets_are_never_stored_in_redis(provider: Any, clock: Fa
 
 @pytest.mark.parametrize("policy", ["local", "closed", "open"])
 def test_stats_and_memory_never_raise_while_redis_is_down(clock: FakeClock, policy: str) -> None:
-    import socket
 
     from hive_ratelimit_plugin import HiveLimiter
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from .helpers import unused_port
+
+    port = unused_port()  # (nobody listens there)
     limiter = HiveLimiter({"backend": f"redis://:hunter2@127.0.0.1:{port}/0",
                            "redis": {"on_backend_error": policy, "socket_timeout": 0.1},
                            "global": {"requests_per_minute": 5, "concurrent_requests": 2},
