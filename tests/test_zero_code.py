@@ -346,7 +346,8 @@ def test_run_forwards_a_servers_signals_to_the_command(tmp_path: Path) -> None:
         for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
             signal.signal(s, note)
         open({str(seen)!r}, "a").write("ready\\n")
-        while True:
+        end = time.monotonic() + 120  # (never left running: an orphan, if the wrapper dies, ends too)
+        while time.monotonic() < end:
             time.sleep(0.05)
     """))
     env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True")
