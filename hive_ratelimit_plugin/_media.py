@@ -43,7 +43,6 @@ CALL_TYPES = frozenset(FAMILIES)
 RESPONSES = frozenset({"ImageResponse", "HttpxBinaryResponseContent", "TranscriptionResponse", "RerankResponse"})
 
 
-
 def is_media(response: Any) -> bool:
     """Whether ``response`` answers a call billed per unit."""
     return type(response).__name__ in RESPONSES

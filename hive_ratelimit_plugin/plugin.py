@@ -515,7 +515,7 @@ class HiveLimiter(CustomLogger):
         # ``previous_response_id``) carries as its input on top of its own (see _remember_turn).
         self._turns: dict[str, int] = {}
         self._told: dict[str, tuple[int | None, int | None]] = {}  # provider limits last logged, per model
-        self._own_key_told: set[str] = set()  # providers whose calls were seen with their own api_base
+        self._own_endpoint_told: set[str] = set()  # providers whose calls were seen with their own api_base
         # What each caller's last call left in its provider's prompt cache: (tokens, until when,
         # and the (messages, fingerprint) of the prompt that left them: see _prompt_print); and
         # the prompts of the calls in flight that ask for caching, per call
@@ -640,7 +640,7 @@ class HiveLimiter(CustomLogger):
                     call_type, kwargs, model, provider, t.dims, any(sc.budgeted for sc in scopes),
                     any(sc.counts_tokens for sc in charged))
                 t.cached_input = self._expected_cache_read(t.dims, kwargs, t.input_tokens) \
-                    if _counts_input(charged) else 0
+                    if _counts_input(charged) and cache_writes(kwargs) != NO_WRITE else 0
                 t.spend_keys = self._spend_keys(scopes, t.dims)
             return scopes
 
@@ -980,9 +980,9 @@ class HiveLimiter(CustomLogger):
         lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
         choices = self._key_choices(plan.choices, plan.provider, kwargs)
         cached = 0
-        if plan.counts_input:
+        if plan.counts_input and cache_writes(kwargs) != NO_WRITE:
             cached = self._expected_cache_read(plan.dims, kwargs, input_tokens)
-            prompt = _prompt_print(kwargs) if cache_writes(kwargs) != NO_WRITE else None
+            prompt = _prompt_print(kwargs)
             if prompt is not None:  # what its answer leaves in the cache is for prompts extending this one
                 pending = self._cache_prompts
                 if len(pending) >= 4096:
@@ -993,15 +993,15 @@ class HiveLimiter(CustomLogger):
                       choices, None, NEVER, plan.dims, plan.spend_keys, lease, cached)
 
     def _expected_cache_read(self, dims: tuple[str | None, ...], kwargs: Mapping[str, Any], input_tokens: int) -> int:
-        """Of a call's prompt, the tokens its provider will likely read from the prompt cache: what
-        the same model's last call by the same agent, user, team and run left there (read or
-        written), if that was within the cache's lifetime, this call asks for caching
-        (``cache_control``) and its prompt extends that call's (the next turn of a conversation,
-        whose prefix Anthropic reads again and leaves out of its input-tokens-per-minute limit).
-        Reserved whole, a mostly cached prompt larger than the limit could never be sent.
-        Settled at what the answer reports."""
+        """Of a call that asks for caching (``cache_control``: its callers check), the prompt tokens
+        its provider will likely read from the prompt cache: what the same model's last call by the
+        same agent, user, team and run left there (read or written), if that was within the
+        cache's lifetime and this call's prompt extends that call's (the next turn of a
+        conversation, whose prefix Anthropic reads again and leaves out of its
+        input-tokens-per-minute limit). Reserved whole, a mostly cached prompt larger than the
+        limit could never be sent. Settled at what the answer reports."""
         seen = self._cache_left.get(dims)
-        if seen is None or self._engine.clock() >= seen[1] or not input_tokens or cache_writes(kwargs) == NO_WRITE:
+        if seen is None or self._engine.clock() >= seen[1] or not input_tokens:
             return 0
         # Only if this prompt begins with that call's whole prompt (the cache holds a prefix of
         # it): another prompt of the same caller reads nothing, and Anthropic counts all of it.
@@ -1022,8 +1022,8 @@ class HiveLimiter(CustomLogger):
         """A call that names its own ``api_base`` keeps its own key: the provider's key pool is
         for the provider's endpoint. (Swapped in, an OpenAI pool key went to a self-hosted
         OpenAI-compatible server named with ``openai/...`` and ``api_base``.) Said once."""
-        if provider not in self._own_key_told:
-            self._own_key_told.add(provider)
+        if provider not in self._own_endpoint_told:
+            self._own_endpoint_told.add(provider)
             logger.warning("calls to %s that name their own api_base keep their own api_key: the keys of "
                            "providers.%s.api_keys go only to the provider's own endpoint (and their limits "
                            "count only those calls)", provider, provider)

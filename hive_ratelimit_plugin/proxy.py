@@ -283,10 +283,7 @@ class ProxyLimiter(HiveLimiter):
         view["user"] = None
         view.pop("timeout", None)  # (a client's body must not set how long its slot outlives a dead process)
         view[_RUNAWAY_FLAG] = trusted.get("runaway", True) is not False
-        ticket = super()._ticket(call_id, call_type, view, {k: trusted.get(k) for k in IDENTITY_FIELDS})
-        if ticket is not None:
-            ticket.choices = None  # the proxy's model_list picks the API key of each deployment
-        return ticket
+        return super()._ticket(call_id, call_type, view, {k: trusted.get(k) for k in IDENTITY_FIELDS})
 
     def _key_choices(self, choices: Any, provider: str, kwargs: Any) -> None:
         return None  # the proxy's model_list picks the API key of each deployment (after a reload too)
