@@ -482,14 +482,24 @@ async def test_a_call_cut_off_after_its_send_counts_its_worst_case(mode: str, pr
     and billed: it counts at its worst case (14), never at 0. One the provider refused with an error
     status counts 0."""
     limiter = make(clock, wall, {"budget": {"max_daily_spend": 1000}})
-    provider.state.push(Scripted(status=200, delay=0.6))  # answers, but after the caller gave up
-    with pytest.raises((litellm.Timeout, asyncio.TimeoutError)):
-        if mode == "sync":
-            litellm.completion(**small(provider, timeout=0.2))
-        elif mode == "async":
-            await litellm.acompletion(**small(provider, timeout=0.2))
-        else:
-            await asyncio.wait_for(litellm.acompletion(**small(provider)), 0.2)
+    provider.state.push(Scripted(status=200, delay=1.0))  # answers, but after the caller gave up
+    if mode == "cancelled":
+        # Cancel once the provider holds the request (not on a timer: admission and LiteLLM's first
+        # client set-up can take longer than any fixed delay on a slow machine).
+        task = asyncio.create_task(litellm.acompletion(**small(provider)))
+        for _ in range(1000):
+            if provider.state.in_flight or task.done():
+                break
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        with pytest.raises((litellm.Timeout, asyncio.TimeoutError)):
+            if mode == "sync":
+                litellm.completion(**small(provider, timeout=0.2))
+            else:
+                await litellm.acompletion(**small(provider, timeout=0.2))
     stats = limiter.get_usage_stats()
     assert stats["cost_today"] == 14
     assert stats["levels"]["global"]["global"]["in_flight"] == 0
