@@ -117,9 +117,9 @@ async def test_budget_held_by_reservations_waits_instead_of_failing(
     limiter = make(clock, wall, {"budget": {"max_daily_spend": 25}})
     provider.state.latency = 0.2
     first = asyncio.create_task(litellm.acompletion(**small(provider)))  # reserves 14
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: limiter.get_usage_stats()["levels"]["global"]["global"]["in_flight"] == 1)
     second = asyncio.create_task(litellm.acompletion(**small(provider)))  # 14 + 14 > 25: waits
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
     assert limiter.get_usage_stats()["queued"] == 1
     await asyncio.wait_for(asyncio.gather(first, second), 5)  # first settles at 8: 8 + 14 fits
     assert limiter.get_usage_stats()["cost_today"] == 16

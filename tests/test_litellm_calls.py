@@ -209,10 +209,10 @@ def test_queued_sync_call_blocks_only_its_thread(provider: FakeProvider, clock: 
 
 async def test_queue_timeout_after_max_wait(provider: FakeProvider, clock: FakeClock) -> None:
     """Past max_wait_seconds the waiting call raises RateLimitQueueTimeout; nothing was sent."""
-    make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 10}})
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 10}})
     await litellm.acompletion(**chat_kwargs(provider))
     task = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)  # (its deadline counts from here)
     clock.advance(10.5)
     with pytest.raises(RateLimitQueueTimeout) as info:
         await asyncio.wait_for(task, 5)
@@ -225,10 +225,10 @@ async def test_a_call_waits_in_the_queue_no_longer_than_its_own_timeout(timeout:
                                                                        clock: FakeClock) -> None:
     """A caller who passes ``timeout=5`` gives up after 5 s: held for max_wait_seconds (60) in
     the queue, the call outlived its own timeout twelvefold before anything was sent."""
-    make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 60}})
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 60}})
     await litellm.acompletion(**chat_kwargs(provider))
     task = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider), timeout=timeout))
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)  # (its deadline counts from here)
     clock.advance(5.5)
     with pytest.raises(RateLimitQueueTimeout, match="after waiting 5") as info:
         await asyncio.wait_for(task, 5)
@@ -243,7 +243,7 @@ async def test_a_timeout_that_bounds_nothing_leaves_the_queue_wait_as_configured
     limiter = make_limiter(clock, {"global": {"requests_per_hour": 1}, "queue": {"max_wait_seconds": 60}})
     await litellm.acompletion(**chat_kwargs(provider))
     task = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider), timeout=timeout))
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)  # (its deadline counts from here)
     clock.advance(30)
     await asyncio.sleep(0.01)
     assert not task.done() and limiter.get_usage_stats()["queued"] == 1
@@ -283,7 +283,7 @@ async def test_full_queue_rejects_at_once(provider: FakeProvider, clock: FakeClo
     limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_size": 1}})
     await litellm.acompletion(**chat_kwargs(provider))
     waiting = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)  # the queue's only place is taken
     with pytest.raises(RateLimitQueueTimeout, match="queue is full") as info:
         await litellm.acompletion(**chat_kwargs(provider))
     assert (info.value.scope, info.value.limit, info.value.remaining) == ("queue", "max_size", 0.0)
@@ -301,7 +301,7 @@ async def test_cancelled_waiter_leaves_no_reservation(provider: FakeProvider, cl
     provider.state.completion_tokens = 300
     await litellm.acompletion(**chat_kwargs(provider, max_tokens=300))  # really uses ~310 tokens
     big = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider, max_tokens=350)))
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
     assert limiter.get_usage_stats()["queued"] == 1
     big.cancel()
     with pytest.raises(asyncio.CancelledError):
