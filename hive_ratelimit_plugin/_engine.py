@@ -84,11 +84,13 @@ class ScopeState:
         "input",
         "key",
         "last_used",
+        "learned_itpm",
         "learned_rpm",
         "learned_tpm",
         "level",
         "limits",
         "next_slot",
+        "observed_input",
         "observed_requests",
         "observed_tokens",
         "open_count",
@@ -130,11 +132,15 @@ class ScopeState:
         self.probe: str | None = None
         self.learned_rpm: float | None = None
         self.learned_tpm: float | None = None
+        self.learned_itpm: float | None = None
         self.adaptive_rpm: float | None = None
         self.adaptive_ceiling = NEVER
         self.rate_limited_at = -NEVER
         self.observed_requests: SlidingWindow | None = None
         self.observed_tokens: SlidingWindow | None = None
+        # Counted only from the first answer that gives an input-token limit (Anthropic's): a
+        # window on every model and key scope would cost every call of every other provider.
+        self.observed_input: SlidingWindow | None = None
         if scope.level in ("model", "key"):
             self.observed_requests = SlidingWindow(NEVER, 60.0, "learned_requests_per_minute")
             self.observed_tokens = SlidingWindow(NEVER, 60.0, "learned_tokens_per_minute")
@@ -169,6 +175,8 @@ class ScopeState:
             # Always counted; enforced only once a limit is learned (limit stays inf until then).
             self.requests.append(self.observed_requests)
             self.tokens.append(self.observed_tokens)
+        if self.observed_input is not None:
+            self.input.append(self.observed_input)
         self.concurrency = lim.concurrent_requests
         budgets = []
         for name, kind in COST_FIELDS.items():
@@ -206,7 +214,8 @@ class ScopeState:
         # What a provider told us outlives empty windows: a long cooldown, a breaker, a learned
         # or 429-lowered rate. (Only model and API-key scopes carry these: a bounded set.)
         if self.cooldown_until > now or self.circuit is not CLOSED or self.learned_rpm is not None \
-                or self.learned_tpm is not None or self.adaptive_rpm is not None:
+                or self.learned_tpm is not None or self.observed_input is not None or self.adaptive_rpm is not None:
+            # (observed_input: an input-token limit learned, here or, with Redis, in Redis)
             return False
         for w in self.windows():
             w.expire(now)
@@ -271,6 +280,7 @@ class _Reservation:
         "boot",
         "expires_at",
         "layout",
+        "learned_input",
         "local_at",
         "record",
         "recounted",
@@ -300,6 +310,9 @@ class _Reservation:
         self.spend_targets = spend_targets  # the shared backend's spend keys of it, when it keeps no record
         self.boot = ""  # the shared backend's dataset its lease record is in
         self.recounted = False  # sent late: its request was counted again from the send (note_attempt)
+        # The scopes whose learned input-token window a shared backend's admission charged (a
+        # window added after its admission is not settled by it: see _redis.RedisEngine._settle_args)
+        self.learned_input: frozenset[str] = frozenset()
 
     @property
     def states(self) -> list[ScopeState]:
@@ -1834,6 +1847,9 @@ class Engine:
             st.learned_tpm = float(sig.limit_tokens)
         elif not sig.learn_tokens:
             st.learned_tpm = None  # (not a limit to hold calls to: see read_signals)
+        if sig.limit_input_tokens:
+            st.learned_itpm = float(sig.limit_input_tokens)
+            self.observe_input(st)
         self._apply_learned(st)
         # Out of requests (or tokens): wait instead of collecting a 429. The reset headers give
         # the time until the limit is back to its full value; providers refill continuously, so
@@ -1848,6 +1864,16 @@ class Engine:
             st.observed_requests.limit = min(limits) if limits else NEVER
         if st.observed_tokens is not None:
             st.observed_tokens.limit = st.learned_tpm if st.learned_tpm is not None else NEVER
+        if st.observed_input is not None:
+            st.observed_input.limit = st.learned_itpm if st.learned_itpm is not None else NEVER
+
+    def observe_input(self, st: ScopeState) -> None:
+        """Count ``st``'s input tokens from now on (a provider gave its input-token limit; caller
+        holds the lock). Calls admitted before are not in it: they settle the windows they charged."""
+        if st.observed_input is None and st.observed_requests is not None:
+            st.observed_input = SlidingWindow(NEVER, 60.0, "learned_input_tokens_per_minute")
+            st.input.append(st.observed_input)
+            self._forget_states()  # cached layouts list its windows without this one
 
     def provider_state(self) -> dict[str, dict[str, Any]]:
         """Cooldowns, circuits and learned limits of model and API-key scopes."""
@@ -1864,6 +1890,8 @@ class Engine:
                     entry["learned_requests_per_minute"] = st.learned_rpm
                 if st.learned_tpm is not None:
                     entry["learned_tokens_per_minute"] = st.learned_tpm
+                if st.learned_itpm is not None:
+                    entry["learned_input_tokens_per_minute"] = st.learned_itpm
                 if st.adaptive_rpm is not None:
                     entry["adaptive_requests_per_minute"] = round(st.adaptive_rpm, 2)
                 if st.consecutive_failures:

@@ -412,7 +412,8 @@ class RedisEngine(Engine):
         for call_id, cost in list(self._voids.items()):
             self._replay_one(self._settle_script, [
                 self.prefix, "", call_id, "1", "0", "", "", cost, "0", "0", "0", "0", "void",
-                "", "", "", "", "", "", "", "0", "0", "0", "0", "0", "0", "0", "0", "0", ""])
+                "", "", "", "", "", "", "", "", "0", "0", "0", "0", "0", "0", "0", "0", "0", ""])
+            # (after "void": its wait and the 7 signals, as _settle_args; then the engine's settings)
             del self._voids[call_id]
         try:
             for args in settles:
@@ -547,6 +548,7 @@ class RedisEngine(Engine):
                                                               remote=True, record=int(out[3]) == 1,
                                                               spend_targets=targets, local_at=local)
             res.boot = _dec(out[4])  # (the dataset its lease record is in: see boot_id in _lua)
+            res.learned_input = frozenset(k for k, st in states.items() if st.observed_input is not None)
             self._version += 1
             self.admitted_total += 1
             for raw in out[5:]:
@@ -823,6 +825,11 @@ class RedisEngine(Engine):
             self._renewed.pop(call_id, None)
             now = self.clock()
             self._remote_settle(res, input_tokens, output_tokens, cost, outcome, wait, signals, cached_input)
+            if signals is not None and signals.limit_input_tokens:
+                # Charge this model's (and key's) learned input-token window from now on (Redis
+                # holds the limit). After the settlement: this call never charged it.
+                for scope in _charged_scopes(res.ticket):
+                    self.observe_input(self._state(scope, now))
             self._version += 1
             if self._waiters:
                 self._dispatch(now)
@@ -900,6 +907,7 @@ class RedisEngine(Engine):
                 opt(s.limit_tokens if s and s.learn_tokens else (-1 if s else None)),
                 opt(s.remaining_requests if s else None), opt(s.reset_requests if s else None),
                 opt(s.remaining_tokens if s else None), opt(s.reset_tokens if s else None),
+                opt(s.limit_input_tokens if s else None),
                 _num(self.pace_default), str(self.circuit_threshold), _num(self.circuit_cooldown),
                 _num(self.circuit_max_cooldown), "1" if self.adaptive else "0", _num(self.adaptive_decrease),
                 "10", str(len(self.thresholds)), *(_num(x) for x in self.thresholds)]
@@ -921,6 +929,8 @@ class RedisEngine(Engine):
                                          tin if tin_uncached is None else tin_uncached, "0"),
                                         (st.output, t.output_tokens, tout, "0")):
                 for w in ws:
+                    if w is st.observed_input and st.key not in res.learned_input:
+                        continue  # added after its admission (see observe_input): it never charged it
                     wins += [w.name, _num(w.period), _num(est), _num(act), isreq]
                     nwin += 1
             args += [str(nwin), *wins, str(len(st.budgets))]
@@ -1209,7 +1219,9 @@ class RedisEngine(Engine):
             h = dict(zip(flat[::2], flat[1::2], strict=False))
             rpm = [float(h[f]) for f in ("learned_rpm", "adaptive_rpm") if f in h]
             learned[key] = {"learned_requests_per_minute": min(rpm) if rpm else NEVER,
-                            "learned_tokens_per_minute": float(h["learned_tpm"]) if "learned_tpm" in h else NEVER}
+                            "learned_tokens_per_minute": float(h["learned_tpm"]) if "learned_tpm" in h else NEVER,
+                            "learned_input_tokens_per_minute":
+                                float(h["learned_itpm"]) if "learned_itpm" in h else NEVER}
         out: dict[str, dict[str, Any]] = {}
         i = 0
         for j, (key, st) in enumerate(states):
@@ -1248,6 +1260,8 @@ class RedisEngine(Engine):
                 entry["learned_requests_per_minute"] = float(h["learned_rpm"])
             if "learned_tpm" in h:
                 entry["learned_tokens_per_minute"] = float(h["learned_tpm"])
+            if "learned_itpm" in h:
+                entry["learned_input_tokens_per_minute"] = float(h["learned_itpm"])
             if "adaptive_rpm" in h:
                 entry["adaptive_requests_per_minute"] = round(float(h["adaptive_rpm"]), 2)
             if int(float(h.get("failures", 0))):

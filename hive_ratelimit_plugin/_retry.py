@@ -122,6 +122,7 @@ class RateSignals:
     remaining_tokens: int | None = None
     reset_tokens: float | None = None
     learn_tokens: bool = True  # False: the token headers give no limit to hold calls to (Anthropic's)
+    limit_input_tokens: int | None = None  # Anthropic's input tokens per minute (cache reads not counted)
 
     def exhausted(self) -> list[tuple[str, float, float]]:
         """``(what, reset, wait)`` for each limit (``requests``, ``tokens``) the provider says is
@@ -178,6 +179,9 @@ def read_signals(raw_headers: Any, now: float, cap: float = 600.0) -> RateSignal
         # limit (its 8k output limit). Not learned; a "0 remaining" still waits for the reset.
         sig.limit_tokens = None
         sig.learn_tokens = False
+        # Its input-token limit is one: the prompt tokens a minute, less those read from the cache
+        # (an input_tokens_per_minute limit, learned as learned_input_tokens_per_minute).
+        sig.limit_input_tokens = _int(h.get("anthropic-ratelimit-input-tokens-limit"))
     sig.remaining_tokens = _int(h.get("x-ratelimit-remaining-tokens") or h.get("anthropic-ratelimit-tokens-remaining"))
     rr = h.get("x-ratelimit-reset-requests")
     sig.reset_requests = clamp(parse_duration(rr)) if rr else None

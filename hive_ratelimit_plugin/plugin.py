@@ -514,7 +514,7 @@ class HiveLimiter(CustomLogger):
         # Responses API turns by response id: the tokens a turn that continues it (with
         # ``previous_response_id``) carries as its input on top of its own (see _remember_turn).
         self._turns: dict[str, int] = {}
-        self._told: dict[str, tuple[int | None, int | None]] = {}  # provider limits last logged, per model
+        self._told: dict[str, tuple[int | None, int | None, int | None]] = {}  # provider limits last logged, per model
         self._own_endpoint_told: set[str] = set()  # providers whose calls were seen with their own api_base
         # What each caller's last call left in its provider's prompt cache: (tokens, until when,
         # and the (messages, fingerprint) of the prompt that left them: see _prompt_print); and
@@ -524,6 +524,8 @@ class HiveLimiter(CustomLogger):
         # (provider, model) pairs a provider has given a token limit for: their calls' tokens are
         # estimated, as for a configured token limit (see _note_limits)
         self._tokens_learned: set[tuple[str | None, ...]] = set()
+        # those given an input-token limit (Anthropic's): a prompt-cache read is expected apart there
+        self._input_learned: set[tuple[str | None, ...]] = set()
         self._given_ids: dict[Any, float] = {}  # call ids callers chose, when last seen (see _claim_call_id)
         self._given_lock = threading.Lock()
         # Sync calls (not streamed) the guard settles itself once LiteLLM returns: LiteLLM's
@@ -639,8 +641,9 @@ class HiveLimiter(CustomLogger):
                 t.input_tokens, t.output_tokens, t.cost = self._estimate(
                     call_type, kwargs, model, provider, t.dims, any(sc.budgeted for sc in scopes),
                     any(sc.counts_tokens for sc in charged))
+                counts_input = _counts_input(charged) or t.dims[:2] in self._input_learned
                 t.cached_input = self._expected_cache_read(t.dims, kwargs, t.input_tokens) \
-                    if _counts_input(charged) and cache_writes(kwargs) != NO_WRITE else 0
+                    if counts_input and cache_writes(kwargs) != NO_WRITE else 0
                 t.spend_keys = self._spend_keys(scopes, t.dims)
             return scopes
 
@@ -980,7 +983,8 @@ class HiveLimiter(CustomLogger):
         lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
         choices = self._key_choices(plan.choices, plan.provider, kwargs)
         cached = 0
-        if plan.counts_input and cache_writes(kwargs) != NO_WRITE:
+        if (plan.counts_input or (self._input_learned and plan.dims[:2] in self._input_learned)) \
+                and cache_writes(kwargs) != NO_WRITE:
             cached = self._expected_cache_read(plan.dims, kwargs, input_tokens)
             prompt = _prompt_print(kwargs)
             if prompt is not None:  # what its answer leaves in the cache is for prompts extending this one
@@ -1195,8 +1199,8 @@ class HiveLimiter(CustomLogger):
             if exc is not None:
                 headers = response_headers(exc)
                 signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if headers else None
-                if signals is not None and signals.limit_tokens:
-                    self._learned_tokens_for(ticket)
+                if signals is not None and (signals.limit_tokens or signals.limit_input_tokens):
+                    self._learned_tokens_for(ticket, bool(signals.limit_input_tokens))
                 if is_rate_limit(exc):
                     outcome = "rate_limited"
                     wait = suggested_wait(signals) if signals is not None else None
@@ -1260,26 +1264,29 @@ class HiveLimiter(CustomLogger):
         eng.release(call_id, input_tokens=tin, output_tokens=tout, cost=cost, signals=signals,
                     cached_input=cache[0] if cache is not None else 0)
 
-    def _learned_tokens_for(self, ticket: Ticket) -> None:
+    def _learned_tokens_for(self, ticket: Ticket, input_limit: bool = False) -> None:
         """A token limit learned for this call's model holds its calls only if their tokens are
         estimated: from now on they are, as for a configured token limit (the provider counts
-        max_tokens too). Only this model's: a prompt's tokens cost its tokenizer's time."""
+        max_tokens too). Only this model's: a prompt's tokens cost its tokenizer's time. Under
+        an input-token limit (``input_limit``) a prompt-cache read is expected apart, as under a
+        configured one."""
         key = ticket.dims[:2]  # (provider, model as its scope names it: however the call spelt it)
-        if key not in self._tokens_learned:
-            if len(self._tokens_learned) >= 4096:
-                self._tokens_learned.clear()
-            self._tokens_learned.add(key)
+        for learned, applies in ((self._tokens_learned, True), (self._input_learned, input_limit)):
+            if applies and key not in learned:
+                if len(learned) >= 4096:
+                    learned.clear()
+                learned.add(key)
 
     def _note_limits(self, ticket: Ticket, sig: Any) -> None:
         """Say what a provider's headers on a successful answer make the limiter do: the limits it
         learns (which cap calls where lower than configured, until the provider says otherwise:
         one wrong header would otherwise hold a model unnoticed) and a long wait for a reset."""
         where = f"{ticket.dims[0]}/{ticket.dims[1]}"
-        if sig.limit_tokens:
-            self._learned_tokens_for(ticket)
-        if sig.limit_requests or sig.limit_tokens:
-            before = self._told.get(where, (None, None))
-            now = (sig.limit_requests or before[0], sig.limit_tokens or before[1])
+        if sig.limit_tokens or sig.limit_input_tokens:
+            self._learned_tokens_for(ticket, bool(sig.limit_input_tokens))
+        if sig.limit_requests or sig.limit_tokens or sig.limit_input_tokens:
+            before = self._told.get(where, (None, None, None))
+            now = (sig.limit_requests or before[0], sig.limit_tokens or before[1], sig.limit_input_tokens or before[2])
             if now != before:
                 if len(self._told) >= 1024:
                     self._told.clear()
@@ -1288,8 +1295,9 @@ class HiveLimiter(CustomLogger):
                 logger.log(logging.WARNING if lowered else logging.INFO,
                            "%s: the provider's headers give its limits as %s%s; calls there are held to them where "
                            "they are lower than configured", where,
-                           " and ".join(f"{v:g} {unit} per minute" for v, unit in zip(now, ("requests", "tokens"),
-                                                                                  strict=True) if v is not None),
+                           " and ".join(f"{v:g} {unit} per minute"
+                                        for v, unit in zip(now, ("requests", "tokens", "input tokens"), strict=True)
+                                        if v is not None),
                            f" (was {' and '.join(str(b) for b in before if b is not None)})" if lowered else "",
                            extra={"hive_repeat_key": ("limits", where)})
         for unit, reset, wait in sig.exhausted():

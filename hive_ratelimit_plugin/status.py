@@ -391,7 +391,8 @@ _UNITS = {
     "requests_per_day": "RPD", "tokens_per_second": "TPS", "tokens_per_minute": "TPM",
     "tokens_per_hour": "TPH", "tokens_per_day": "TPD", "input_tokens_per_minute": "input TPM",
     "output_tokens_per_minute": "output TPM", "learned_requests_per_minute": "RPM (learned)",
-    "learned_tokens_per_minute": "TPM (learned)", "concurrent_requests": "concurrent",
+    "learned_tokens_per_minute": "TPM (learned)", "learned_input_tokens_per_minute": "input TPM (learned)",
+    "concurrent_requests": "concurrent",
 }
 _UNIT_ORDER = list(_UNITS)
 _WINDOW_TITLE = {"hour": "This hour", "day": "Today", "month": "This month", "run": "This run"}

@@ -714,6 +714,84 @@ async def test_anthropics_token_headers_do_not_refuse_a_large_prompt(provider: F
     assert learned["learned_requests_per_minute"] == 50 and "learned_tokens_per_minute" not in learned
 
 
+def _anthropic_headers(input_limit: int) -> dict[str, str]:
+    return {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "49",
+            "anthropic-ratelimit-tokens-limit": "8000", "anthropic-ratelimit-tokens-remaining": "7000",
+            "anthropic-ratelimit-input-tokens-limit": str(input_limit),
+            "anthropic-ratelimit-input-tokens-remaining": str(input_limit // 2),
+            "anthropic-ratelimit-output-tokens-limit": "8000", "anthropic-ratelimit-output-tokens-remaining": "7990"}
+
+
+async def test_an_input_token_limit_learned_from_anthropic_holds_prompts_to_it(provider: FakeProvider,
+                                                                              clock: FakeClock) -> None:
+    """Anthropic's ``input-tokens-limit`` header is its input-tokens-per-minute limit: once an
+    answer gives it, the model's prompts are held to it (``learned_input_tokens_per_minute``,
+    counted from that answer on), so a fourth ~1,250-token prompt within the minute waits under
+    3,000 rather than collecting a 429, and goes once the window has room."""
+    limiter, _ = make(clock, {"queue": {"max_wait_seconds": 120}})
+    kw = {"model": "anthropic/claude-sonnet-4-5", "api_base": provider.root, "api_key": "sk-ant-test-SECRET",
+          "max_tokens": 10}
+    prompt = "word " * 1000
+
+    async def call(i: int) -> Any:
+        provider.state.push(Scripted(status=200, headers=_anthropic_headers(3000)))
+        return await litellm.acompletion(messages=[{"role": "user", "content": prompt + str(i)}], **kw)
+
+    await call(0)  # learns 3,000 input tokens a minute
+    learned = limiter.get_usage_stats()["providers"]["model:anthropic/claude-sonnet-4-5"]
+    assert learned["learned_input_tokens_per_minute"] == 3000
+    await call(1)
+    await call(2)  # ~2,500 input tokens counted (as the provider reported them)
+    used = limiter.get_usage_stats()["levels"]["model"]["model:anthropic/claude-sonnet-4-5"]
+    assert 2000 < used["learned_input_tokens_per_minute"]["used"] <= 3000
+    assert used["learned_input_tokens_per_minute"]["limit"] == 3000
+    fourth = asyncio.ensure_future(call(3))
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    assert provider.state.count() == 3, "a prompt past the learned input-token limit was sent"
+    clock.advance(61)  # the window slides: room again
+    await asyncio.wait_for(fourth, 10)
+    assert provider.state.count() == 4
+
+
+async def test_prompt_cache_reads_leave_room_under_a_learned_input_token_limit(provider: FakeProvider,
+                                                                                clock: FakeClock) -> None:
+    """As under a configured ``input_tokens_per_minute``: a conversation's cached prefix is not
+    counted against a learned input-token limit (Anthropic's leaves cache reads out), nor reserved
+    for its next turn. Four turns of a ~1,500-token conversation go within one minute under 1,500;
+    reserved whole, the third turn waited."""
+    limiter, _ = make(clock, {"queue": {"max_wait_seconds": 120}})
+    provider.state.cached_prompt_tokens = 1200
+
+    def turn(words: int) -> dict[str, Any]:
+        return {"role": "user", "content": [{"type": "text", "text": " ".join(["word"] * words),
+                                             "cache_control": {"type": "ephemeral"}}]}
+
+    kw = {"model": "anthropic/claude-sonnet-4-5", "api_base": provider.root, "api_key": "sk-ant-test-SECRET",
+          "max_tokens": 10}
+    history = [turn(1200)]
+    for _ in range(4):
+        provider.state.push(Scripted(status=200, headers=_anthropic_headers(1500)))
+        await asyncio.wait_for(litellm.acompletion(messages=history, **kw), 10)
+        history = [*history, {"role": "assistant", "content": "ok"}, turn(50)]
+    assert provider.state.count() == 4
+    used = limiter.get_usage_stats()["levels"]["model"]["model:anthropic/claude-sonnet-4-5"]
+    assert 0 < used["learned_input_tokens_per_minute"]["used"] <= 1500
+
+
+async def test_an_openai_answer_learns_no_input_token_limit(provider: FakeProvider, clock: FakeClock) -> None:
+    """Without Anthropic's input-token header no input window is counted at all (it would cost
+    every call of every other provider)."""
+    limiter, _ = make(clock)
+    provider.state.push(Scripted(status=200, headers={"x-ratelimit-limit-tokens": "100000",
+                                                      "x-ratelimit-remaining-tokens": "99000"}))
+    await litellm.acompletion(**chat_kwargs(provider, max_tokens=5))
+    await litellm.acompletion(**chat_kwargs(provider, max_tokens=5))
+    model = limiter.get_usage_stats()["levels"]["model"]["model:openai/gpt-4o-mini"]
+    assert "learned_tokens_per_minute" in model and "learned_input_tokens_per_minute" not in model
+    assert all(w.name != "learned_input_tokens_per_minute" for st in limiter._engine._states.values()
+               for w in st.windows())
+
+
 async def test_a_call_larger_than_a_learned_token_limit_goes_alone(provider: FakeProvider,
                                                                    clock: FakeClock) -> None:
     """A limit read from a provider's headers may mean something other than we read: a call larger
