@@ -1772,8 +1772,11 @@ class Engine:
     # ------------------------------------------------------ provider signals
     def _provider_outcome(self, states: list[ScopeState], call_id: str, outcome: str, wait: float | None,
                           signals: Any, now: float) -> None:
+        # A call sent with a pool's API key: its headers give that key's limits, not the model's
+        # (learned on the model, one key's limit would hold the whole pool).
+        keyed = signals is not None and any(st.level == "key" for st in states)
         for st in states:
-            if signals is not None:
+            if signals is not None and (not keyed or st.level == "key"):
                 self._learn(st, signals, now)
             if outcome == "success":
                 st.consecutive_failures = 0

@@ -587,7 +587,8 @@ return out
 #:   (''=none),
 #:   pace_default, circuit threshold, cooldown, max cooldown, adaptive(0/1), decrease, adaptive min,
 #:   nthr, [threshold]*, nscopes, then per scope:  (outcome 'void': an admission whose answer was lost)
-#:     key, provider(0/1), rate(''=none), nwin, [name, period, amount(estimated), actual, isreq(0/1)]*,
+#:     key, provider(0/1; 2: signals apply, but the headers give another scope's limits), rate(''=none),
+#:     nwin, [name, period, amount(estimated), actual, isreq(0/1)]*,
 #:     nbud, [name, kind, start, limit, isreq, ttl]*,
 #:   boot (the dataset id the admission returned with its lease record; '' = none),
 #:   then sid, seq, low ('' = none; see first_time): numbers a settlement without a lease record, which
@@ -620,7 +621,9 @@ for j = 1, nthr do thresholds[j] = num() end
 local nscopes = num()
 local scopes = {}
 for s = 1, nscopes do
-  local sc = {key = arg(), provider = arg() == '1', rate = num(), wins = {}, buds = {}}
+  local sc = {key = arg(), provider = arg(), rate = num(), wins = {}, buds = {}}
+  sc.learns = sc.provider == '1'  -- ('2': signals apply, but its headers give another scope's limits)
+  sc.provider = sc.learns or sc.provider == '2'
   for w = 1, num() do
     sc.wins[w] = {name = arg(), period = num(), amount = num(), actual = num(), isreq = arg() == '1'}
   end
@@ -757,24 +760,27 @@ for _, sc in ipairs(scopes) do
     local st = {cooldown = tonumber(v[1]) or 0, circuit = v[2] or 'closed', probe = v[3],
       failures = tonumber(v[4]) or 0, open_count = tonumber(v[5]) or 0, arpm = tonumber(v[6]),
       ceiling = tonumber(v[7]) or INF, rl_at = tonumber(v[8]) or -INF, rpm = tonumber(v[9]), rate = sc.rate}
-    if sig.lreq then redis.call('HSET', sk, 'learned_rpm', sig.lreq); st.rpm = sig.lreq end
-    if sig.ltok and sig.ltok < 0 then redis.call('HDEL', sk, 'learned_tpm')  -- (not a limit to learn: see read_signals)
-    elseif sig.ltok then redis.call('HSET', sk, 'learned_tpm', sig.ltok) end
-    if sig.linp then redis.call('HSET', sk, 'learned_itpm', sig.linp) end
-    local resets = 0
-    if sig.rreq == 0 and sig.sreq then
-      local r = sig.sreq
-      if sig.lreq and sig.lreq > 0 then r = sig.sreq / sig.lreq end
-      resets = math.max(resets, r)
-    end
-    if sig.rtok == 0 and sig.stok then
-      local r = sig.stok
-      if sig.ltok and sig.ltok > 0 then r = sig.stok / sig.ltok end
-      resets = math.max(resets, r)
-    end
-    if resets > 0 and now + resets > st.cooldown then
-      st.cooldown = now + resets
-      redis.call('HSET', sk, 'cooldown_until', st.cooldown)
+    -- (not the model's scope of a call sent with a pool's key: its headers speak of that key)
+    if sc.learns then
+      if sig.lreq then redis.call('HSET', sk, 'learned_rpm', sig.lreq); st.rpm = sig.lreq end
+      if sig.ltok and sig.ltok < 0 then redis.call('HDEL', sk, 'learned_tpm')  -- (no limit to learn: read_signals)
+      elseif sig.ltok then redis.call('HSET', sk, 'learned_tpm', sig.ltok) end
+      if sig.linp then redis.call('HSET', sk, 'learned_itpm', sig.linp) end
+      local resets = 0
+      if sig.rreq == 0 and sig.sreq then
+        local r = sig.sreq
+        if sig.lreq and sig.lreq > 0 then r = sig.sreq / sig.lreq end
+        resets = math.max(resets, r)
+      end
+      if sig.rtok == 0 and sig.stok then
+        local r = sig.stok
+        if sig.ltok and sig.ltok > 0 then r = sig.stok / sig.ltok end
+        resets = math.max(resets, r)
+      end
+      if resets > 0 and now + resets > st.cooldown then
+        st.cooldown = now + resets
+        redis.call('HSET', sk, 'cooldown_until', st.cooldown)
+      end
     end
     if outcome == 'success' then
       if st.failures > 0 then redis.call('HSET', sk, 'failures', 0) end

@@ -499,6 +499,29 @@ async def test_a_reload_gives_no_pool_key_to_a_waiting_call_to_its_own_endpoint(
     assert [r.authorization for r in provider.state.log] == [f"Bearer {own}"] * 2
 
 
+async def test_limits_read_from_a_pool_keys_headers_are_that_keys_not_the_models(
+        provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provider's headers give the limits of the key a call used: two keys allowing 2 requests a
+    minute each carry 4 a minute together. (Learned on the model too, one key's limit held the
+    whole pool to 2.) Found by helper-55."""
+    _keys_env(monkeypatch, provider)
+    limiter, _ = make(clock, {"providers": {"openai": {"api_keys": [{"env": "HIVE_TEST_KEY_A"},
+                                                                     {"env": "HIVE_TEST_KEY_B"}]}},
+                              "queue": {"max_wait_seconds": 0}})
+    headers = {"x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1"}
+    for _ in range(4):
+        provider.state.push(Scripted(status=200, headers=headers))
+        await litellm.acompletion(**pooled(provider, max_tokens=5))
+    assert sorted(r.authorization for r in provider.state.log) == ["Bearer sk-key-AAAA-secret"] * 2 + [
+        "Bearer sk-key-BBBB-secret"] * 2
+    learned = limiter.get_usage_stats()["providers"]
+    assert "learned_requests_per_minute" not in learned.get("model:openai/gpt-4o-mini", {})
+    assert learned["key:openai/HIVE_TEST_KEY_A"]["learned_requests_per_minute"] == 2
+    with pytest.raises(RateLimitQueueTimeout):  # both keys have used their minute
+        await litellm.acompletion(**pooled(provider, max_tokens=5))
+    assert provider.state.count() == 4
+
+
 async def test_a_reload_keeps_a_waiting_calls_expected_cache_read_under_a_keys_input_limit(
         provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
     """A reload estimates queued calls again; one whose only input-token limit is its API key's
