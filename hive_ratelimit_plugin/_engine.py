@@ -22,7 +22,7 @@ from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _fork
 from ._budget import COST_FIELDS, RUN, WINDOW_ADJECTIVE, BudgetBook, Calendar, SpendRow, money_text
@@ -363,6 +363,17 @@ def _runs(prog: list[tuple[int, SlidingWindow]]) -> tuple[tuple[int, float, list
         else:
             runs.append((code, w.width, [w]))
     return tuple(runs)
+
+
+_S = TypeVar("_S", "Scope", "ScopeState")
+
+
+def header_scopes(scopes: list[_S]) -> list[_S]:
+    """Of a call's scopes (or their states), those whose limits a provider's headers give: the API
+    key's when the call went with a pool's key (learned on the model as well, one key's limit
+    would hold the whole pool), else all of them."""
+    keys = [s for s in scopes if s.level == "key"]
+    return keys or scopes
 
 
 def _signals_of(states: list[ScopeState]) -> list[ScopeState]:
@@ -1772,11 +1783,9 @@ class Engine:
     # ------------------------------------------------------ provider signals
     def _provider_outcome(self, states: list[ScopeState], call_id: str, outcome: str, wait: float | None,
                           signals: Any, now: float) -> None:
-        # A call sent with a pool's API key: its headers give that key's limits, not the model's
-        # (learned on the model, one key's limit would hold the whole pool).
-        keyed = signals is not None and any(st.level == "key" for st in states)
+        learners = header_scopes(states) if signals is not None else []
         for st in states:
-            if signals is not None and (not keyed or st.level == "key"):
+            if st in learners:
                 self._learn(st, signals, now)
             if outcome == "success":
                 st.consecutive_failures = 0

@@ -46,6 +46,7 @@ from ._engine import (
     ScopeState,
     Ticket,
     _Reservation,
+    header_scopes,
     settled_input,
     too_large_advice,
 )
@@ -828,11 +829,8 @@ class RedisEngine(Engine):
             if signals is not None and signals.limit_input_tokens:
                 # Charge this model's (and key's) learned input-token window from now on (Redis
                 # holds the limit). After the settlement: this call never charged it.
-                scopes = _charged_scopes(res.ticket)
-                keyed = any(scope.level == "key" for scope in scopes)  # (then the key's limit: see _settle_args)
-                for scope in scopes:
-                    if scope.level == "key" or not keyed:
-                        self.observe_input(self._state(scope, now))
+                for scope in header_scopes(_charged_scopes(res.ticket)):
+                    self.observe_input(self._state(scope, now))
             self._version += 1
             if self._waiters:
                 self._dispatch(now)
@@ -918,14 +916,14 @@ class RedisEngine(Engine):
         now = self.clock()
         args.append(str(len(scopes)))
         # The provider limits per API key: a 429 cools that key only; the others carry on.
-        keyed = any(s.level == "key" for s in scopes)
-        keys_only = outcome == "rate_limited" and keyed
+        learners = header_scopes(scopes)
+        keys_only = outcome == "rate_limited" and any(s.level == "key" for s in scopes)
         for scope in scopes:
             st = self._state(scope, now)
             rates = [w.limit / w.period for w in st.requests if w.limit != NEVER and not w.name.startswith("learned")]
             provider = st.observed_requests is not None and (st.level == "key" or not keys_only)
-            # (2: a model scope of a call sent with a pool's key: the headers give the key's limits)
-            flag = ("1" if st.level == "key" or not keyed else "2") if provider else "0"
+            # (2: signals apply, but its headers give another scope's limits: see header_scopes)
+            flag = ("1" if scope in learners else "2") if provider else "0"
             args += [_wire(st.key), flag, opt(min(rates) if rates else None)]
             wins: list[str] = []
             nwin = 0

@@ -522,10 +522,9 @@ class HiveLimiter(CustomLogger):
         self._cache_left: dict[tuple[str | None, ...], tuple[int, float, int, int]] = {}
         self._cache_prompts: dict[str, tuple[int, int]] = {}
         # (provider, model) pairs a provider has given a token limit for: their calls' tokens are
-        # estimated, as for a configured token limit (see _note_limits)
-        self._tokens_learned: set[tuple[str | None, ...]] = set()
-        # those given an input-token limit (Anthropic's): a prompt-cache read is expected apart there
-        self._input_learned: set[tuple[str | None, ...]] = set()
+        # estimated, as for a configured token limit (see _note_limits). True: an input-token
+        # limit among them (Anthropic's), under which a prompt-cache read is expected apart.
+        self._tokens_learned: dict[tuple[str | None, ...], bool] = {}
         self._given_ids: dict[Any, float] = {}  # call ids callers chose, when last seen (see _claim_call_id)
         self._given_lock = threading.Lock()
         # Sync calls (not streamed) the guard settles itself once LiteLLM returns: LiteLLM's
@@ -641,7 +640,7 @@ class HiveLimiter(CustomLogger):
                 t.input_tokens, t.output_tokens, t.cost = self._estimate(
                     call_type, kwargs, model, provider, t.dims, any(sc.budgeted for sc in scopes),
                     any(sc.counts_tokens for sc in charged))
-                counts_input = _counts_input(charged) or t.dims[:2] in self._input_learned
+                counts_input = _counts_input(charged) or self._tokens_learned.get(t.dims[:2], False)
                 t.cached_input = self._expected_cache_read(t.dims, kwargs, t.input_tokens) \
                     if counts_input and cache_writes(kwargs) != NO_WRITE else 0
                 t.spend_keys = self._spend_keys(scopes, t.dims)
@@ -983,8 +982,8 @@ class HiveLimiter(CustomLogger):
         lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
         choices = self._key_choices(plan.choices, plan.provider, kwargs)
         cached = 0
-        if (plan.counts_input or (self._input_learned and plan.dims[:2] in self._input_learned)) \
-                and cache_writes(kwargs) != NO_WRITE:
+        learned = self._tokens_learned
+        if (plan.counts_input or (learned and learned.get(plan.dims[:2]))) and cache_writes(kwargs) != NO_WRITE:
             cached = self._expected_cache_read(plan.dims, kwargs, input_tokens)
             prompt = _prompt_print(kwargs)
             if prompt is not None:  # what its answer leaves in the cache is for prompts extending this one
@@ -1271,11 +1270,11 @@ class HiveLimiter(CustomLogger):
         an input-token limit (``input_limit``) a prompt-cache read is expected apart, as under a
         configured one."""
         key = ticket.dims[:2]  # (provider, model as its scope names it: however the call spelt it)
-        for learned, applies in ((self._tokens_learned, True), (self._input_learned, input_limit)):
-            if applies and key not in learned:
-                if len(learned) >= 4096:
-                    learned.clear()
-                learned.add(key)
+        learned = self._tokens_learned
+        if key not in learned or (input_limit and not learned[key]):
+            if len(learned) >= 4096:
+                learned.clear()
+            learned[key] = input_limit or learned.get(key, False)
 
     def _note_limits(self, ticket: Ticket, sig: Any) -> None:
         """Say what a provider's headers on a successful answer make the limiter do: the limits it
