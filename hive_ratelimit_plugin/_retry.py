@@ -289,9 +289,11 @@ def response_headers(obj: Any) -> Mapping[str, Any] | None:
     """Headers of a LiteLLM exception or response, wherever LiteLLM put them."""
     if isinstance(obj, BaseException):
         h = getattr(obj, "litellm_response_headers", None)
-        if h is None:
+        if not h:
             h = getattr(getattr(obj, "response", None), "headers", None)
-        return h
+        if not h:  # LiteLLM 1.83's unmapped provider error (the messages API's): headers of its own
+            h = getattr(obj, "headers", None)
+        return h if h and isinstance(h, Mapping) else None
     # A response: look only where LiteLLM puts headers (missing attributes on pydantic models
     # are slow to probe).
     # Pydantic keeps private attributes in __pydantic_private__; reading them there skips its

@@ -269,6 +269,21 @@ def _usage_obj(response: Any) -> Any:
     return usage
 
 
+def _logged_headers(details: Any) -> Mapping[str, Any] | None:
+    """The response headers LiteLLM keeps in a call's logging details (``model_call_details``).
+    Anthropic's messages API returns a plain dict (a stream: an assembled response) with no
+    headers of its own: only there do its ``anthropic-ratelimit-*`` headers survive."""
+    if not isinstance(details, Mapping):
+        return None
+    headers = details.get("response_headers")  # (LiteLLM 1.110 and later)
+    if not headers:
+        headers = getattr(details.get("httpx_response"), "headers", None)
+    try:
+        return dict(headers) if headers else None
+    except Exception:  # not a mapping after all: nothing learned
+        return None
+
+
 def _count(value: Any) -> int:
     return value if type(value) is int and 0 < value <= _MAX_CALL_TOKENS else 0
 
@@ -1186,7 +1201,7 @@ class HiveLimiter(CustomLogger):
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
                 exc: BaseException | None = None, prior: BaseException | None = None,
-                logged_cost: Any = None) -> None:
+                logged_cost: Any = None, headers: Mapping[str, Any] | None = None) -> None:
         eng = self._engine
         ticket = eng.ticket_of(call_id) if call_id else None
         if ticket is None:
@@ -1255,7 +1270,8 @@ class HiveLimiter(CustomLogger):
                 cost = price.cost(ticket.input_tokens if tin is None else tin, out)
             if getattr(response, "object", None) == "response":
                 self._remember_turn(response, tin, tout)
-        headers = response_headers(response)
+        if headers is None:
+            headers = response_headers(response)
         signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
         if signals is not None:
             self._note_limits(ticket, signals)
@@ -1444,7 +1460,10 @@ class HiveLimiter(CustomLogger):
         if not request_data.get("stream"):
             if type(response) is _CHAT_RESPONSE or not _media.is_media(response) \
                     or _media.litellm_cost(response) is not None:
-                self._finish(request_data.get("litellm_call_id"), response)
+                # (Anthropic's messages API answers with a dict; its headers are in the logging details)
+                self._finish(request_data.get("litellm_call_id"), response, headers=_logged_headers(
+                    getattr(request_data.get("litellm_logging_obj"), "model_call_details", None))
+                    if type(response) is dict else None)
             elif request_data.get("litellm_call_id"):
                 # Billed per unit, and priced by LiteLLM after this hook: the slot comes back now,
                 # the money once priced (the async guard when the call returns, else the logging hook).
@@ -1499,13 +1518,17 @@ class HiveLimiter(CustomLogger):
             result = kwargs.get("async_complete_streaming_response") or kwargs.get("complete_streaming_response")
             if result is None:
                 return
+            if response_headers(result) is None:  # (Anthropic's messages API: see _logged_headers)
+                self._settle_quietly(call_id, result, kwargs.get("response_cost"), _logged_headers(kwargs))
+                return
         self._settle_quietly(call_id, result, kwargs.get("response_cost"))
 
-    def _settle_quietly(self, call_id: str, result: Any, logged_cost: Any = None) -> None:
+    def _settle_quietly(self, call_id: str, result: Any, logged_cost: Any = None,
+                        headers: Mapping[str, Any] | None = None) -> None:
         """Settle a finished call where an error must not reach the caller (LiteLLM 1.83 does not
         guard its logging hooks; a call that succeeded must not fail in its settlement)."""
         try:
-            self._finish(call_id, result, logged_cost=logged_cost)
+            self._finish(call_id, result, logged_cost=logged_cost, headers=headers)
         except Exception:
             logger.exception("hive-ratelimit: settling a finished call failed; its lease will release it")
 

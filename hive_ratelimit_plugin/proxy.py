@@ -290,10 +290,11 @@ class ProxyLimiter(HiveLimiter):
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
                 exc: BaseException | None = None, prior: BaseException | None = None,
-                logged_cost: Any = None) -> None:
+                logged_cost: Any = None, headers: Mapping[str, Any] | None = None) -> None:
         if failed and getattr(exc, "hive_ratelimit_code", None) == "duplicate_call_id":
             return  # a request refused for reusing this id (its events carry it): the call holding it is another's
-        super()._finish(call_id, response, failed=failed, exc=exc, prior=prior, logged_cost=logged_cost)
+        super()._finish(call_id, response, failed=failed, exc=exc, prior=prior, logged_cost=logged_cost,
+                        headers=headers)
 
     def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
         if kwargs.get(_RUNAWAY_FLAG, True):

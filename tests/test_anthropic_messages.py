@@ -5,6 +5,7 @@ slot while it is read. (LiteLLM implements no sync path for this API.)"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import litellm
@@ -86,6 +87,23 @@ async def test_a_messages_429_is_retried_and_each_attempt_counted(stream: bool, 
     assert stats["levels"]["global"]["global"]["requests_per_minute"]["used"] == 2
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_messages_429s_retry_after_is_waited_out(stream: bool, provider: FakeProvider,
+                                                         clock: FakeClock) -> None:
+    """The retry waits the ``retry-after`` the 429 gave. (LiteLLM 1.83 raises the messages API's
+    provider error unmapped, with its headers on the error itself: they were missed, and the
+    retry went after a short backoff into another 429.)"""
+    limiter = make_limiter(clock, {"queue": {"max_wait_seconds": 120}})
+    provider.state.push(Scripted(status=429, headers={"retry-after": "20"}))
+    call = asyncio.ensure_future(_call(stream, **messages_kwargs(provider)))
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    clock.advance(10)  # (moving the clock grants what fits at once: a retry let through would leave the queue)
+    assert limiter.get_usage_stats()["queued"] == 1, "retried before the provider's retry-after"
+    clock.advance(11)
+    await asyncio.wait_for(call, 10)
+    assert [r.status for r in provider.state.log] == [429, 200]
+
+
 async def test_a_messages_stream_still_being_read_keeps_its_slot_past_the_lease(
         provider: FakeProvider, clock: FakeClock) -> None:
     limiter = make_limiter(clock, {"global": {"concurrent_requests": 1}, "queue": {"max_wait_seconds": 0},
@@ -151,3 +169,40 @@ async def test_the_same_question_under_different_system_prompts_is_not_a_loop(pr
         with pytest.raises(HiveRateLimitError, match="loop"):  # the same system prompt each time is one
             for _ in range(4):
                 await litellm.anthropic.messages.acreate(**messages_kwargs(provider, system="You are reviewer 0."))
+
+
+ANTHROPIC_LIMITS = {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "49",
+                    "anthropic-ratelimit-input-tokens-limit": "3000",
+                    "anthropic-ratelimit-input-tokens-remaining": "2990",
+                    "anthropic-ratelimit-output-tokens-limit": "8000",
+                    "anthropic-ratelimit-output-tokens-remaining": "7990"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_the_limits_in_a_messages_answers_headers_are_learned_and_held(
+        stream: bool, provider: FakeProvider, clock: FakeClock) -> None:
+    """LiteLLM answers the messages API with a plain dict (a stream: an assembled response) that
+    carries no headers: Anthropic's ``anthropic-ratelimit-*`` headers are read from LiteLLM's
+    logging details instead. The model then holds to the limits they give: a second ~2,000-token
+    prompt in the minute waits under the learned 3,000 input tokens instead of collecting a 429."""
+    limiter = make_limiter(clock, {"queue": {"max_wait_seconds": 120}})
+    model = "model:anthropic/claude-sonnet-4-5"
+
+    def learned() -> dict[str, Any]:
+        return dict(limiter.get_usage_stats()["providers"].get(model, {}))
+
+    provider.state.push(Scripted(status=200, headers=ANTHROPIC_LIMITS))
+    await _call(stream, **messages_kwargs(provider, max_tokens=10))
+    await wait_until(lambda: "learned_input_tokens_per_minute" in learned())
+    assert learned()["learned_input_tokens_per_minute"] == 3000
+    assert learned()["learned_requests_per_minute"] == 50
+    prompt = [{"role": "user", "content": "word " * 2000}]
+    provider.state.push(Scripted(status=200, headers=ANTHROPIC_LIMITS))
+    await _call(stream, **messages_kwargs(provider, max_tokens=10, messages=prompt))
+    provider.state.push(Scripted(status=200, headers=ANTHROPIC_LIMITS))
+    third = asyncio.ensure_future(_call(stream, **messages_kwargs(provider, max_tokens=10, messages=prompt)))
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    assert provider.state.count() == 2, "a prompt past the learned input-token limit was sent"
+    clock.advance(61)  # the window slides: room again
+    await asyncio.wait_for(third, 10)
+    assert provider.state.count() == 3

@@ -122,6 +122,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
             {"model_name": "mixed", "litellm_params": {"model": m, "api_base": provider.url,
                                                        "api_key": "sk-provider-SECRET"}}
             for m in ("openai/gpt-4o-mini", "openai/gpt-4o")]
+        conf["model_list"].append({"model_name": "claude", "litellm_params": {  # (the /v1/messages route)
+            "model": "anthropic/claude-sonnet-4-5", "api_base": provider.root, "api_key": "sk-provider-SECRET"}})
         conf["model_list"].append({"model_name": "img", "litellm_params": {
             "model": IMAGE_MODEL, "api_base": provider.url, "api_key": "sk-provider-SECRET"}})
         media_models = (("tts", "openai/tts-1", provider.url), ("whisper", "openai/whisper-1", provider.url),
@@ -268,6 +270,31 @@ async def test_streaming_through_the_proxy_is_counted_once_and_settled(px: Proxy
     await wait_until(lambda: not lim._engine._leases)
     stats = lim.get_usage_stats()
     assert stats["admitted_total"] == 1
+    assert px.provider.state.count() == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_the_messages_route_learns_anthropics_limits_from_its_headers(px: Proxy, stream: bool) -> None:
+    """``/v1/messages`` (Claude Code's route): LiteLLM answers it with a dict that carries no
+    headers; the limits in Anthropic's ``anthropic-ratelimit-*`` headers are learned all the same."""
+    limiter = px.limiter
+    assert limiter is not None
+    px.provider.state.push(Scripted(status=200, headers={
+        "anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "49",
+        "anthropic-ratelimit-input-tokens-limit": "3000", "anthropic-ratelimit-input-tokens-remaining": "2990"}))
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(f"{px.url}/v1/messages", headers={"authorization": "Bearer sk-bob"}, json={
+            "model": "claude", "max_tokens": 10, "stream": stream,
+            "messages": [{"role": "user", "content": "hello there"}]})
+        assert r.status_code == 200, r.text
+    model = "model:anthropic/claude-sonnet-4-5"
+
+    def learned() -> dict[str, Any]:
+        return dict(limiter.get_usage_stats()["providers"].get(model, {}))
+
+    await wait_until(lambda: "learned_input_tokens_per_minute" in learned())
+    assert learned()["learned_input_tokens_per_minute"] == 3000
+    assert learned()["learned_requests_per_minute"] == 50
     assert px.provider.state.count() == 1
 
 
