@@ -983,9 +983,15 @@ class HiveLimiter(CustomLogger):
         model = kwargs.get("model")
         model = model if type(model) is str else str(model or "")
         ident: Identity = resolve_identity(metadata, kwargs.get("user"))
+        # A caller passing its API key as user= (or another id): never stored. Checked where an id
+        # is the call's api_key, or long enough to be any key LiteLLM may send (see _without_keys).
         api_key = kwargs.get("api_key")
-        if type(api_key) is str and api_key in (ident.user_id, ident.agent_id, ident.team_id, ident.run_id):
-            ident = _without_key(ident, api_key)  # (a caller passing its key as user=: never stored)
+        ids = (ident.user_id, ident.agent_id, ident.team_id, ident.run_id)
+        for value in ids:
+            if value is not None and (value == api_key or len(value) >= _KEY_LENGTH):
+                ident = _without_keys(ident, ids, api_key, self._provider_of(
+                    model, kwargs.get("custom_llm_provider"), kwargs.get("api_base")))
+                break
         if cfg.runaway.enabled and ident.agent_id is not None:
             self._check_runaway(ident.agent_id, model, kwargs)
         plan = self._plan(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"), ident)
@@ -1632,15 +1638,32 @@ def key_id(api_key: str) -> str:
     return "key#" + hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def _without_key(ident: Identity, api_key: str) -> Identity:
-    """``ident`` with any id equal to the call's API key replaced by :func:`key_id`."""
-    name = key_id(api_key)
+#: The shortest id looked at as a possible API key other than the call's ``api_key=`` (provider
+#: keys are 32 characters and more: OpenAI, Anthropic, Mistral, Gemini, Groq, Azure).
+_KEY_LENGTH = 20
 
-    def hidden(value: str | None) -> str | None:
-        return name if value == api_key else value
 
-    return Identity(hidden(ident.agent_id), hidden(ident.user_id), hidden(ident.team_id), hidden(ident.run_id),
-                    ident.priority)
+def _without_keys(ident: Identity, ids: tuple[str | None, ...], api_key: Any, provider: str) -> Identity:
+    """``ident`` with any id that is an API key the call may send replaced by :func:`key_id`: its
+    ``api_key=``, else what LiteLLM falls back to (``litellm.api_key``, ``litellm.<provider>_key``,
+    the ``<PROVIDER>_API_KEY`` environment variable). Ids are compared as they are counted
+    (:func:`clean_id`): a key longer than ``MAX_ID`` is kept cut, and must be found cut."""
+    keys = [api_key, getattr(litellm, "api_key", None)]
+    if provider.isidentifier():
+        keys += [getattr(litellm, f"{provider}_key", None), os.environ.get(f"{provider.upper()}_API_KEY")]
+    for key in keys:
+        if type(key) is not str or not key:
+            continue
+        shown = clean_id(key)
+        if shown in ids:
+            name = key_id(key)
+
+            def hidden(value: str | None, shown: str | None = shown, name: str = name) -> str | None:
+                return name if value == shown else value
+
+            ident = Identity(hidden(ident.agent_id), hidden(ident.user_id), hidden(ident.team_id),
+                             hidden(ident.run_id), ident.priority)
+    return ident
 
 
 def _warn_unknown_providers(cfg: RateLimitingConfig) -> None:

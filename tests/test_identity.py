@@ -385,6 +385,41 @@ def test_an_api_key_passed_as_an_id_is_never_stored(provider: FakeProvider, cloc
         assert key not in repr(db.execute("SELECT * FROM spend").fetchall())
 
 
+LONG_KEY = "sk-proj-" + "A1b2C3d4" * 30  # 248 characters: longer than an id is kept as given (MAX_ID)
+ENV_KEY = "sk-from-the-environment-0123456789"
+
+
+@pytest.mark.parametrize("where", ["long api_key=", "OPENAI_API_KEY", "litellm.api_key", "litellm.openai_key"])
+async def test_an_api_key_litellm_sends_is_never_stored_as_an_id(
+        where: str, provider: FakeProvider, clock: FakeClock, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, for the keys that check missed (found by helper-57): a key longer than 200
+    characters (the id is cut to 183 characters and a hash before it is compared: the cut key was
+    kept), and a key LiteLLM takes from the environment or its module settings rather than from
+    ``api_key=``. The key went to stats and the state file (and Redis keys)."""
+    import sqlite3
+
+    limiter = make_limiter(clock, {"users": {"*": {"requests_per_minute": 100}}, "budget": {"max_daily_spend": 100},
+                                   "state_path": str(tmp_path / "state.sqlite")})
+    key = LONG_KEY if where == "long api_key=" else ENV_KEY
+    kwargs = chat_kwargs(provider, user=key)
+    if where == "long api_key=":
+        kwargs["api_key"] = key
+    else:
+        del kwargs["api_key"]
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        if where == "OPENAI_API_KEY":
+            monkeypatch.setenv("OPENAI_API_KEY", key)
+        else:
+            monkeypatch.setattr(litellm, where.split(".")[1], key)
+    await litellm.acompletion(**kwargs)
+    litellm.completion(**kwargs)
+    assert provider.state.log[-1].authorization.endswith(key)  # (the key that was sent)
+    stats = repr(limiter.get_usage_stats())
+    assert "user:key#" in stats and key[:24] not in stats
+    with sqlite3.connect(tmp_path / "state.sqlite") as db:
+        assert key[:24] not in repr(db.execute("SELECT * FROM spend").fetchall())
+
+
 def test_long_and_multiline_names_match_their_config_and_set_budget(provider: FakeProvider,
                                                                      clock: FakeClock) -> None:
     """Table names and set_budget ids are cleaned as call ids are: a 300-character agent name or
