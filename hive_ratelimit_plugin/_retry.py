@@ -2,7 +2,7 @@
 
 Headers understood (case-insensitive; LiteLLM's ``llm_provider-`` prefix is accepted too):
 
-* ``retry-after``: seconds (``"7"``, ``"1.5"``) or an HTTP date;
+* ``retry-after``: seconds (``"7"``, ``"1.5"``) or an HTTP date (sent twice, ``"5, 10"``: the longer);
 * ``retry-after-ms``: milliseconds;
 * ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens``: OpenAI durations (``"1s"``,
   ``"6m0s"``, ``"20ms"``, ``"1h2m3.5s"``);
@@ -164,6 +164,10 @@ def read_signals(raw_headers: Any, now: float, cap: float = 600.0) -> RateSignal
         x = parse_seconds(ra)
         if x is None:
             x = parse_http_date(ra, now)
+        if x is None and "," in ra:  # the header sent twice, joined by the HTTP client ("5, 10"): the longer
+            parts = [parse_seconds(p) for p in ra.split(",")]
+            seconds = [p for p in parts if p is not None and p >= 0]
+            x = max(seconds) if len(seconds) == len(parts) else None
         if x is not None and (x >= 0 or ra.strip()[:1].isalpha()):
             waits.append(x)  # a negative number is malformed; a date in the past means "now"
     sig.retry_after = clamp(waits[0]) if waits else None

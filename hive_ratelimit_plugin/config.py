@@ -16,7 +16,7 @@ import os
 import re
 import reprlib
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -28,6 +28,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -58,8 +59,26 @@ PERIODS: dict[str, float] = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day
 FinitePositive = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False)]
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field takes only numbers (and ``None``): ``int``, ``float``, ``PositiveInt``..."""
+    if get_origin(annotation) is Annotated:
+        return _numeric(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, type(int | None)):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_numeric(a) for a in args)
+    return isinstance(annotation, type) and issubclass(annotation, (int, float)) and annotation is not bool
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic reads true as 1: `requests_per_minute: true` would silently be a limit of 1.
+        if type(value) is bool and info.field_name and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number, not true/false")
+        return value
 
 
 class LimitSet(_Strict):

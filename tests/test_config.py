@@ -141,6 +141,11 @@ def test_environment_overrides_are_named_in_the_log_without_their_values(monkeyp
         ({"providers": {"openai": {"requets_per_minute": 5}}}, ["rate_limiting.providers.openai.requets_per_minute"]),
         ({"queue": {"max_wait_seconds": -1}}, ["rate_limiting.queue.max_wait_seconds"]),
         ({"colour": "blue"}, ["rate_limiting.colour", "unknown key"]),
+        # (pydantic reads true as 1: it was a silent limit of 1; found by helper-57)
+        ({"global": {"requests_per_minute": True}}, ["rate_limiting.global.requests_per_minute", "True",
+                                                     "not true/false"]),
+        ({"agents": {"a": {"max_cost_per_run": True}}}, ["rate_limiting.agents.a.max_cost_per_run", "not true/false"]),
+        ({"queue": {"max_wait_seconds": False}}, ["rate_limiting.queue.max_wait_seconds", "not true/false"]),
     ],
 )
 def test_bad_values_name_the_key(data: dict[str, object], fragments: list[str]) -> None:

@@ -85,6 +85,9 @@ def test_anthropics_token_headers_are_not_read_as_a_tokens_per_minute_limit(pref
         ({"retry-after": "999999"}, 600.0),  # huge: clamped to the cap
         ({"retry-after": "Mon, 01 Jan 2001 00:00:00 GMT"}, 0.0),  # a date in the past: now
         ({"retry-after": "tomorrow"}, None),
+        ({"retry-after": "5, 10"}, 10.0),  # sent twice, joined by the HTTP client: the longer (was ignored)
+        ({"retry-after": "5, -1"}, None),
+        ({"retry-after": "5, soon"}, None),
         ({"retry-after-ms": "abc", "retry-after": "2"}, 2.0),
         ({"retry-after-ms": "-1", "retry-after": "5"}, 5.0),  # (a negative -ms once won: a retry storm)
         ({"retry-after-ms": "-1"}, None),
