@@ -477,7 +477,8 @@ class RedisEngine(Engine):
 
     def watch(self, scope: Scope) -> None:
         super().watch(scope)
-        self._remember_spend_key(scope.key)
+        with self._lock:  # (admissions add to _spend_seen under the lock; spend_snapshot copies it there)
+            self._remember_spend_key(scope.key)
 
     def _remember_spend_key(self, key: str) -> None:
         seen = self._spend_seen
@@ -1160,8 +1161,9 @@ class RedisEngine(Engine):
 
     def spend_snapshot(self) -> dict[str, dict[str, tuple[float, int, int]]]:
         starts = self.calendar.starts(self.wall())
-        wanted = [(k, kind, starts[kind]) for k in self._spend_seen for kind in ((RUN,) if k.startswith("run:")
-                                                                                else KINDS)]
+        with self._lock:  # admissions on other threads add keys to it (under the lock)
+            seen = list(self._spend_seen)
+        wanted = [(k, kind, starts[kind]) for k in seen for kind in ((RUN,) if k.startswith("run:") else KINDS)]
         got: list[Any] | None = self._peek([], [], [], wanted, []) if wanted else [[], [], [], [], [], 0.0]
         if got is None:
             return self.fallback.spend_snapshot()

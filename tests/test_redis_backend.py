@@ -261,3 +261,39 @@ def test_password_never_logged(clock: FakeClock, caplog: pytest.LogCaptureFixtur
         engine.acquire(Ticket("1", [Scope("global", "global", LimitSet(requests_per_minute=5))]), lambda: None)
     text = str(info.value) + repr(limiter) + " ".join(r.getMessage() for r in caplog.records)
     assert "hunter2" not in text and "***@" in text
+
+
+def test_usage_stats_while_other_threads_admit_calls_of_new_ids(redis_prefix: str) -> None:
+    """get_usage_stats() lists the spend of every key this process has seen, while admissions on
+    other threads add the keys of new agents and users to that list (under the engine's lock).
+    An admission landing in the middle of the listing once raised "RuntimeError: dictionary
+    changed size during iteration" from get_usage_stats (and silently skipped status snapshots)."""
+    import threading
+
+    from hive_ratelimit_plugin._redis import RedisEngine
+
+    eng = RedisEngine(FakeClock(), url=REDIS_URL, prefix=redis_prefix, server_time=False)
+    for i in range(3):
+        eng._remember_spend_key(f"agent:a{i}")
+
+    def admission_of_a_new_id() -> None:  # what _remote_try does for a call of a new agent
+        with eng._lock:
+            eng._remember_spend_key("agent:newcomer")
+
+    class Key(str):
+        """A spend key whose reading lets another thread's admission run (a thread switch there)."""
+        fired = False
+
+        def startswith(self, *a: Any) -> bool:  # type: ignore[override]
+            if not Key.fired:
+                Key.fired = True
+                t = threading.Thread(target=admission_of_a_new_id)
+                t.start()
+                t.join(5)
+                assert not t.is_alive(), "the admission waited for the stats' lock"
+            return str.startswith(self, *a)
+
+    eng._remember_spend_key(Key("agent:switch"))
+    eng.spend_snapshot()  # raised RuntimeError
+    assert Key.fired
+    assert "agent:newcomer" in eng._spend_seen
