@@ -752,8 +752,9 @@ class Engine:
                     st.in_flight = max(st.in_flight - 1, 0)
             cost = res.ticket.cost
             for st in res.layout.budgeted:
-                st.reserved_cost = max(st.reserved_cost - cost, 0.0)
                 st.reserved_requests = max(st.reserved_requests - 1, 0)
+                # (none left in flight: exactly 0, not a float's leftover of the sums)
+                st.reserved_cost = max(st.reserved_cost - cost, 0.0) if st.reserved_requests else 0.0
             for st in res.states:
                 if st.probe == call_id:
                     st.probe = None
@@ -1051,16 +1052,17 @@ class Engine:
         elif amount > limit + MONEY_SLACK:
             msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} ({self.currency} {money_text(limit)}) is smaller than "
                    f"what this call may cost ({self.currency} {money_text(amount, 4)}: its prompt plus max_tokens, or "
-                   "the price of its images, audio or query): it can never fit. Lower max_tokens (n, for images) or "
-                   "raise the budget. The call was not sent.")
+                   "estimation.default_output_tokens without one; or the price of its images, audio or query): "
+                   "it can never fit. Lower max_tokens (n, for images) or raise the budget. The call was not sent.")
         else:
             decimals = 4
             while money_text(limit - spent, decimals) == money_text(amount, decimals) and decimals < 10:
                 decimals += 2  # ("0.0001 left ... may cost up to 0.0001" read as if it fitted)
             msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} cannot cover this call: {self.currency} "
                    f"{money_text(limit - spent, decimals)} left of {self.currency} {money_text(limit)} ({label}), "
-                   f"and the call may cost up to {self.currency} {money_text(amount, decimals)} (prompt plus "
-                   "max_tokens). Lower max_tokens or raise the budget. The call was not sent.")
+                   f"and the call may cost up to {self.currency} {money_text(amount, decimals)} (its prompt plus "
+                   "max_tokens, or estimation.default_output_tokens without one; or the price of its images, audio "
+                   "or query). Lower max_tokens or raise the budget. The call was not sent.")
         trip = (st.key, kind, starts[kind], 1.0)
         if spent >= limit and trip not in self._fired:
             self._fired.add(trip)
@@ -1699,8 +1701,8 @@ class Engine:
                     window.adjust(now, index, delta)
         actual_cost = t.cost if cost is None else cost  # unknown: keep the worst case
         for st in layout.budgeted:
-            st.reserved_cost = max(st.reserved_cost - t.cost, 0.0)
             st.reserved_requests = max(st.reserved_requests - 1, 0)
+            st.reserved_cost = max(st.reserved_cost - t.cost, 0.0) if st.reserved_requests else 0.0  # (see forget)
         wall = self.wall()
         starts = self.calendar.starts(wall)
         if layout.budgeted:  # its budgets are checked right after: no tab

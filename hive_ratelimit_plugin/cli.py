@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.set_defaults(func=_check_config)
     audit = sub.add_parser("audit", help="print the audit log of budget changes")
     audit.add_argument("--state-path", help="the state file (default: HIVE_RATELIMIT_STATE_PATH or "
-                       "~/.local/state/hive-ratelimit/state.sqlite)")
+                       "$XDG_STATE_HOME/hive-ratelimit/state.sqlite, by default ~/.local/state/...)")
     audit.add_argument("--limit", type=_positive_int, default=None, help="only the last N changes")
     audit.add_argument("--json", action="store_true", help="print JSON")
     audit.set_defaults(func=_audit)
@@ -351,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--config", help="the limits YAML, for budget limits when nothing runs "
                         "(default: HIVE_RATELIMIT_CONFIG)")
     status.add_argument("--state-path", help="the state file (default: the configuration's state_path, "
-                        "HIVE_RATELIMIT_STATE_PATH or ~/.local/state/hive-ratelimit/state.sqlite)")
+                        "HIVE_RATELIMIT_STATE_PATH or $XDG_STATE_HOME/hive-ratelimit/state.sqlite, by default "
+                        "~/.local/state/...)")
     status.add_argument("--agents", action="store_true", help="also draw per-agent limits")
     status.add_argument("--users", action="store_true", help="also draw per-user limits")
     status.add_argument("--teams", action="store_true", help="also draw per-team limits")
