@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _fork
+from ._scopes import split_model
 from .config import RateLimitingConfig, match_model, match_name
 
 logger = logging.getLogger("hive_ratelimit_plugin")
@@ -216,10 +217,11 @@ class PriceBook:
                 "no price known for model %s (%s): pricing it at the fallback %s %.2f/%.2f per million "
                 "input/output tokens; %s",
                 name, why, cfg.budget.currency, fb.input_per_million, fb.output_per_million,
-                how or f"set rate_limiting.pricing.{model} to price it exactly",
+                how or f"set rate_limiting.pricing.{split_model(model, provider)} to price it exactly",
             )
         else:
             logger.warning(
                 "no price known for model %s (%s): budgeted calls to it are refused (unknown_price: block); %s",
-                name, why, how or f"set rate_limiting.pricing.{model} {{input_per_million, output_per_million}}",
+                name, why, how or f"set rate_limiting.pricing.{split_model(model, provider)} "
+                               "{input_per_million, output_per_million}",
             )

@@ -1729,6 +1729,7 @@ def _unknown_price_error(provider: str, model: str, how: str | None = None) -> H
     from ._budget_errors import BudgetExceededError
 
     bare = split_model(model, provider)
+    # (not "rate_limiting.pricing": a budget error must not read as a rate limit; see _budget_errors)
     how = how or f"Add pricing.{bare}: {{input_per_million: ..., output_per_million: ...}} to the configuration"
     return BudgetExceededError(
         f"no price is known for model {provider}/{bare}, so its budget cannot be "

@@ -311,6 +311,8 @@ async def test_unknown_price_estimate_policy(
     assert limiter.get_usage_stats()["cost_today"] == 6  # 3 prompt tokens x 1 each, twice
     warnings = [r for r in caplog.records if "no price known for model openai/house-model-x" in r.getMessage()]
     assert len(warnings) == 1
+    # (the model as the error names it, without its provider: "openai/house-model-x" was given)
+    assert "set rate_limiting.pricing.house-model-x to price it" in warnings[0].getMessage()
 
 
 async def test_unknown_price_block_policy(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
