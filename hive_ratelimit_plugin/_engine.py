@@ -73,6 +73,7 @@ class ScopeState:
 
     __slots__ = (
         "adaptive_ceiling",
+        "adaptive_cut_at",
         "adaptive_rpm",
         "budgets",
         "circuit",
@@ -136,6 +137,7 @@ class ScopeState:
         self.adaptive_rpm: float | None = None
         self.adaptive_ceiling = NEVER
         self.rate_limited_at = -NEVER
+        self.adaptive_cut_at = -NEVER
         self.observed_requests: SlidingWindow | None = None
         self.observed_tokens: SlidingWindow | None = None
         # Counted only from the first answer that gives an input-token limit (Anthropic's): a
@@ -1828,8 +1830,11 @@ class Engine:
         st.next_slot = st.cooldown_until
         previous, st.rate_limited_at = st.rate_limited_at, now
         # One 429 is handled by the cooldown alone; a second one within a minute means the
-        # provider enforces less than we send: lower our rate (multiplicative decrease).
-        if self.adaptive and st.observed_requests is not None and now - previous < 60.0:
+        # provider enforces less than we send: lower our rate (multiplicative decrease). Once a
+        # minute at most: the 429s of the minute after a cut answer requests sent before it
+        # (they cut a model from ~750 to ~300 a minute within 95 s in a soak with sporadic 429s).
+        if self.adaptive and st.observed_requests is not None and now - previous < 60.0 \
+                and now - st.adaptive_cut_at >= 60.0:
             w = st.observed_requests
             w.expire(now)
             seen = w.total
@@ -1847,7 +1852,9 @@ class Engine:
                 st.adaptive_ceiling = max(rate, 1.0) * 2.0
             st.adaptive_rpm = max(float(ADAPTIVE_MIN_RATE) * self.adaptive_decrease,
                                   min(current, rate) * self.adaptive_decrease)
+            st.adaptive_cut_at = now
             self._apply_learned(st)
+            w.shrink_to(w.limit)
 
     def _rate(self, st: ScopeState) -> float | None:
         """The strictest request rate (per second) this scope is known to allow."""

@@ -756,10 +756,11 @@ for _, sc in ipairs(scopes) do
   if sc.provider then
     local sk = P .. ':s:' .. sc.key
     local v = redis.call('HMGET', sk, 'cooldown_until', 'circuit', 'probe', 'failures', 'open_count',
-      'adaptive_rpm', 'adaptive_ceiling', 'rate_limited_at', 'learned_rpm')
+      'adaptive_rpm', 'adaptive_ceiling', 'rate_limited_at', 'learned_rpm', 'adaptive_cut_at')
     local st = {cooldown = tonumber(v[1]) or 0, circuit = v[2] or 'closed', probe = v[3],
       failures = tonumber(v[4]) or 0, open_count = tonumber(v[5]) or 0, arpm = tonumber(v[6]),
-      ceiling = tonumber(v[7]) or INF, rl_at = tonumber(v[8]) or -INF, rpm = tonumber(v[9]), rate = sc.rate}
+      ceiling = tonumber(v[7]) or INF, rl_at = tonumber(v[8]) or -INF, rpm = tonumber(v[9]), rate = sc.rate,
+      cut_at = tonumber(v[10]) or -INF}
     -- (not the model's scope of a call sent with a pool's key: its headers speak of that key)
     if sc.learns then
       if sig.lreq then redis.call('HSET', sk, 'learned_rpm', sig.lreq); st.rpm = sig.lreq end
@@ -809,7 +810,7 @@ for _, sc in ipairs(scopes) do
         redis.call('HSET', sk, 'cooldown_until', st.cooldown, 'pace_interval', interval,
           'pace_until', st.cooldown + math.max(2.0 * (until_ - now), 1.0), 'next_slot', st.cooldown,
           'rate_limited_at', now)
-        if adaptive and now - st.rl_at < 60.0 then
+        if adaptive and now - st.rl_at < 60.0 and now - st.cut_at >= 60.0 then  -- (once a minute: _engine)
           local ow = P .. ':w:' .. sc.key .. ':learned_requests_per_minute'
           local total = window(ow, 60.0)
           if not (total < amin and st.arpm == nil) then
@@ -821,7 +822,25 @@ for _, sc in ipairs(scopes) do
             local rate = total * 60.0 / span
             local current = st.arpm or rate
             if st.arpm == nil then redis.call('HSET', sk, 'adaptive_ceiling', math.max(rate, 1.0) * 2.0) end
-            redis.call('HSET', sk, 'adaptive_rpm', math.max(amin * decrease, math.min(current, rate) * decrease))
+            local cut = math.max(amin * decrease, math.min(current, rate) * decrease)
+            redis.call('HSET', sk, 'adaptive_rpm', cut, 'adaptive_cut_at', now)
+            -- The window keeps at most the new limit, its buckets scaled down: calls go on at the
+            -- new pace rather than stop until the old pace's minute drains (SlidingWindow.shrink_to).
+            local lim = cut
+            if st.rpm and st.rpm < lim then lim = st.rpm end
+            if total > lim and total > 0 then
+              local f = lim / total
+              local raw = redis.call('HGETALL', ow)
+              local kept = 0
+              for j = 1, #raw, 2 do
+                if tonumber(raw[j]) then
+                  local x = tonumber(raw[j + 1]) * f
+                  kept = kept + x
+                  redis.call('HSET', ow, raw[j], x)
+                end
+              end
+              redis.call('HSET', ow, 'T', kept)
+            end
           end
         end
       end

@@ -76,6 +76,19 @@ class SlidingWindow:
             self.total = 0.0  # clear float drift
             self.next_expiry = float("inf")
 
+    def shrink_to(self, total: float) -> None:
+        """Scale every bucket down so that the window holds at most ``total`` (call :meth:`expire`
+        first). For a limit cut below what the window holds (a learned rate lowered after 429s):
+        calls then go on at the new pace as the scaled buckets leave the window, each admitting
+        less than really left, instead of stopping until the old pace's minute has drained."""
+        if self.total <= total or self.total <= 0:
+            return
+        f = max(total, 0.0) / self.total
+        for bucket in self.buckets:
+            bucket[1] *= f
+        self.cur *= f
+        self.total = sum(b[1] for b in self.buckets) + self.cur
+
     def fits(self, amount: float) -> bool:
         """Whether ``amount`` more fits now (call :meth:`expire` first)."""
         return self.total + amount <= self.limit

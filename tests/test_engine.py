@@ -413,6 +413,63 @@ def test_adaptive_rate_is_dropped_once_it_is_back_at_its_ceiling(clock: FakeCloc
     assert all(r is not None and r < 2 * 12 for r in rates[:gone])
 
 
+def _sent_at_two_a_second_then_two_429s(eng: Any, clock: FakeClock, m: Any) -> float:
+    """A minute of 2 requests a second to ``m``, then two 429s (1 s retry-after) 5 s apart: the
+    rate is cut. Returns the cut rate."""
+    for i in range(120):
+        assert eng.acquire(ticket(f"a{i}", m), Woken()) is None
+        eng.release(f"a{i}")
+        clock.advance(0.5)
+    for i in range(2):
+        assert eng.acquire(ticket(f"r{i}", m), Woken()) is None
+        eng.release(f"r{i}", outcome="rate_limited", wait=1.0)
+        clock.advance(5.0)
+    return float(eng.provider_state()["model:openai/x"]["adaptive_requests_per_minute"])
+
+
+def test_a_cut_rate_goes_on_at_its_new_pace_rather_than_stopping(clock: FakeClock, make_engine: Any) -> None:
+    """The cut leaves the last minute's requests (~120) above the new limit (~84): calls used to
+    stop until enough of that minute had left the window (~18 s with nothing sent, and callers
+    timed out in the queue: helper-56's soak). The window now keeps at most the new limit, so
+    calls go on at about the new pace at once, and never more than the provider saw leave."""
+    eng = make_engine(clock)
+    m = scope("model:openai/x", "model")
+    lowered = _sent_at_two_a_second_then_two_429s(eng, clock, m)
+    assert 60 <= lowered <= 90
+    clock.advance(2.0)  # past the cooldown and its pacing (1 s wait: paced until 2 s after it)
+    sent: list[float] = []
+    t0 = clock()
+    while clock() - t0 < 20.0:  # 20 s of callers arriving 10 a second
+        if eng.acquire(ticket(f"b{len(sent)}", m), None) is None:
+            eng.release(f"b{len(sent)}")
+            sent.append(clock() - t0)
+        clock.advance(0.1)
+    # Calls go at once (they waited ~11 s: the old pace's minute had to drain below the new
+    # limit), at least at the new pace (lowered / 6 in 10 s), and never faster on the whole than
+    # the old pace's requests leave the window (2 a second).
+    assert sent and sent[0] < 1.0
+    assert len([t for t in sent if t < 10.0]) >= lowered / 6
+    assert len(sent) <= 40
+
+
+def test_the_rate_is_cut_at_most_once_a_minute(clock: FakeClock, make_engine: Any) -> None:
+    """429s in the minute after a cut answer requests sent at the old pace: they do not cut it
+    again (each pair of them did: ~750 a minute were cut to ~300 within 95 s by sporadic 429s).
+    One a minute later does."""
+    eng = make_engine(clock)
+    m = scope("model:openai/x", "model")
+    lowered = _sent_at_two_a_second_then_two_429s(eng, clock, m)
+    for i in range(2):  # two more 429s within the minute of the cut
+        clock.advance(10.0)
+        assert eng.acquire(ticket(f"s{i}", m), Woken()) is None
+        eng.release(f"s{i}", outcome="rate_limited", wait=1.0)
+    assert eng.provider_state()["model:openai/x"]["adaptive_requests_per_minute"] == pytest.approx(lowered)
+    clock.advance(45.0)  # a minute and more after the cut: a second 429 within a minute cuts again
+    assert eng.acquire(ticket("t", m), Woken()) is None
+    eng.release("t", outcome="rate_limited", wait=1.0)
+    assert eng.provider_state()["model:openai/x"]["adaptive_requests_per_minute"] < lowered
+
+
 def test_long_cooldown_outlives_idle_eviction(clock: FakeClock, make_engine: Any) -> None:
     """A provider's Retry-After longer than the idle-eviction horizon still holds the model:
     a scope is never forgotten while the provider has it on hold."""
