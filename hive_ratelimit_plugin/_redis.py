@@ -1275,16 +1275,28 @@ class RedisEngine(Engine):
             out[key] = entry
         return out
 
+    def _status_key(self) -> str:
+        import socket
+
+        return f"{self.prefix}:status:{socket.gethostname()}:{os.getpid()}"
+
     def publish_status(self, doc: str, ttl: float) -> None:
         """Publish this process' status snapshot (``hive-ratelimit status`` on any host reads it)."""
         if not self.available:
             return
-        import socket
-
         try:
-            self.r.set(f"{self.prefix}:status:{socket.gethostname()}:{os.getpid()}", doc, ex=max(int(ttl), 1))
+            self.r.set(self._status_key(), doc, ex=max(int(ttl), 1))
         except self._errors:
             pass  # the next admission notices the outage
+
+    def unpublish_status(self) -> None:
+        """Remove this process' status snapshot (at exit; during an outage it expires on its own)."""
+        if not self.available:
+            return
+        try:
+            self.r.delete(self._status_key())
+        except self._errors:
+            pass
 
     def flush_pending(self) -> int:
         """At exit: write the settlements and spend kept during an outage now, if Redis answers,

@@ -486,6 +486,31 @@ async def test_processes_sharing_redis_publish_there_and_are_not_double_counted(
     assert json.loads(capsys.readouterr().out)["source"] == "redis"
 
 
+async def test_a_process_that_exits_leaves_the_redis_dashboard_at_once(
+        provider: FakeProvider, tmp_path: Path, redis_prefix: str) -> None:
+    """At exit the publisher removes this process' snapshot from Redis too, as it removes its
+    files: it was listed as running for up to 10 s after it had gone (helper-58)."""
+    from hive_ratelimit_plugin.status import StatusPublisher
+
+    from .conftest import REDIS_URL, redis_client
+
+    limiter = HiveLimiter({"backend": REDIS_URL, "redis": {"key_prefix": redis_prefix},
+                           "state_path": str(tmp_path / "s.sqlite"), "global": {"requests_per_minute": 60},
+                           "status": {"enabled": False}})  # (not registered with the process' publisher...)
+    limiter.config.status.enabled = True  # (... but with this test's own, below)
+    litellm.callbacks.append(limiter)
+    await litellm.acompletion(**chat_kwargs(provider))
+    publisher = StatusPublisher()
+    publisher.register(limiter, tmp_path / "status", 3600.0)
+    publisher.publish_once()
+    client: Any = redis_client()
+    assert len(list(client.scan_iter(match="{" + redis_prefix + "}:status:*"))) == 1
+    assert list((tmp_path / "status").glob("*.json"))
+    publisher.stop()  # what runs at exit
+    assert list(client.scan_iter(match="{" + redis_prefix + "}:status:*")) == []
+    assert not list((tmp_path / "status").glob("*.json"))
+
+
 def test_small_amounts_of_money_keep_their_digits() -> None:
     """A $0.0005 budget reads as such, not as $0.00 (in warnings, errors and the dashboard)."""
     from hive_ratelimit_plugin._budget import money_text
