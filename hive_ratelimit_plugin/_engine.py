@@ -1854,7 +1854,10 @@ class Engine:
                                   min(current, rate) * self.adaptive_decrease)
             st.adaptive_cut_at = now
             self._apply_learned(st)
-            w.shrink_to(w.limit)
+            # Only down to the cut guessed from 429s: a limit the provider's headers gave is a real
+            # one, and a window holding more than it must drain, counting every request it sent.
+            if st.learned_rpm is None or w.total <= st.learned_rpm:
+                w.shrink_to(w.limit)
 
     def _rate(self, st: ScopeState) -> float | None:
         """The strictest request rate (per second) this scope is known to allow."""

@@ -828,7 +828,8 @@ for _, sc in ipairs(scopes) do
             -- new pace rather than stop until the old pace's minute drains (SlidingWindow.shrink_to).
             local lim = cut
             if st.rpm and st.rpm < lim then lim = st.rpm end
-            if total > lim and total > 0 then
+            -- (not when it holds more than a limit the headers gave: a real one, see _engine)
+            if total > lim and total > 0 and not (st.rpm and total > st.rpm) then
               local f = lim / total
               local raw = redis.call('HGETALL', ow)
               local kept = 0

@@ -904,12 +904,13 @@ class RedisEngine(Engine):
         args = [self.prefix, self._now_arg(), t.call_id, "1" if res.record else "0", _num(res.admitted_at),
                 opt(res.sent_at), self._spend_targets(t, starts), _num(t.cost), _num(cost), str(tin + tout),
                 ("r" if res.recounted else "") + _num(self.arrival_margin), "0", outcome, opt(wait),
-                opt(s.limit_requests if s else None),
+                # (a limit of 0 is learned as none, as Engine._learn does: Lua reads 0 as true)
+                opt((s.limit_requests or None) if s else None),
                 # (-1: the headers' token limit is not one to hold calls to: forget one learned before)
-                opt(s.limit_tokens if s and s.learn_tokens else (-1 if s else None)),
+                opt((s.limit_tokens or None) if s and s.learn_tokens else (-1 if s else None)),
                 opt(s.remaining_requests if s else None), opt(s.reset_requests if s else None),
                 opt(s.remaining_tokens if s else None), opt(s.reset_tokens if s else None),
-                opt(s.limit_input_tokens if s else None),
+                opt((s.limit_input_tokens or None) if s else None),
                 _num(self.pace_default), str(self.circuit_threshold), _num(self.circuit_cooldown),
                 _num(self.circuit_max_cooldown), "1" if self.adaptive else "0", _num(self.adaptive_decrease),
                 "10", str(len(self.thresholds)), *(_num(x) for x in self.thresholds)]

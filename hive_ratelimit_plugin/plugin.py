@@ -61,7 +61,7 @@ from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
 from ._tokens import NO_WRITE, cache_writes, count_input, count_messages, count_response_input, requested_output
 from ._waiting import acquire_sync, queue_async
-from .config import RateLimitingConfig, clean_id, load_config
+from .config import MAX_ID, RateLimitingConfig, clean_id, load_config
 from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
 
 __all__ = ["HiveLimiter"]
@@ -524,6 +524,8 @@ class HiveLimiter(CustomLogger):
         self._runaway = RunawayDetector(cfg.runaway.max_identical_requests, cfg.runaway.window_seconds,
                                         cfg.runaway.cooldown_seconds)
         self._provider_cache: dict[tuple[str, str | None], str] = {}
+        # (ids, provider) found to hold none of the keys LiteLLM falls back to (see _hide_keys)
+        self._keyless_ids: set[tuple[Any, ...]] = set()
         self._repr: tuple[Any, Any, str] = (None, None, "")
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         # Responses API turns by response id: the tokens a turn that continues it (with
@@ -982,16 +984,7 @@ class HiveLimiter(CustomLogger):
             return None
         model = kwargs.get("model")
         model = model if type(model) is str else str(model or "")
-        ident: Identity = resolve_identity(metadata, kwargs.get("user"))
-        # A caller passing its API key as user= (or another id): never stored. Checked where an id
-        # is the call's api_key, or long enough to be any key LiteLLM may send (see _without_keys).
-        api_key = kwargs.get("api_key")
-        ids = (ident.user_id, ident.agent_id, ident.team_id, ident.run_id)
-        for value in ids:
-            if value is not None and (value == api_key or len(value) >= _KEY_LENGTH):
-                ident = _without_keys(ident, ids, api_key, self._provider_of(
-                    model, kwargs.get("custom_llm_provider"), kwargs.get("api_base")))
-                break
+        ident = self._hide_keys(resolve_identity(metadata, kwargs.get("user")), kwargs, model)
         if cfg.runaway.enabled and ident.agent_id is not None:
             self._check_runaway(ident.agent_id, model, kwargs)
         plan = self._plan(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"), ident)
@@ -1165,6 +1158,31 @@ class HiveLimiter(CustomLogger):
         keys.extend(s.key for s in scopes if s.budgeted and s.key != "global")
         return keys
 
+    def _hide_keys(self, ident: Identity, kwargs: Mapping[str, Any], model: str) -> Identity:
+        """A caller passing its API key as user= (or another id): never stored. Checked where an id
+        is the call's api_key, or long enough to be any key LiteLLM may send (see _without_keys)."""
+        api_key = kwargs.get("api_key")
+        ids = (ident.user_id, ident.agent_id, ident.team_id, ident.run_id)
+        for value in ids:
+            if value is not None and (value == api_key or len(value) >= _KEY_LENGTH):
+                break
+        else:
+            return ident
+        provider = self._provider_of(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"))
+        # Long ids (a UUID run id) recur call after call: looking up the fallback keys each time
+        # (the environment, LiteLLM's module attributes) cost ~5 µs a call. Ids found to hold none
+        # of them are remembered (a key set in the environment later, and then passed as one of
+        # those very ids, would be missed).
+        seen = (ids, provider)
+        if api_key not in ids and seen in self._keyless_ids:
+            return ident
+        hidden = _without_keys(ident, ids, api_key, provider)
+        if hidden is ident and api_key not in ids:
+            if len(self._keyless_ids) >= 4096:
+                self._keyless_ids.clear()
+            self._keyless_ids.add(seen)
+        return hidden
+
     def _not_sent(self, kwargs: Mapping[str, Any], exc: HiveRateLimitError, agent: str | None = None) -> None:
         """A call refused before it was sent: the runaway detector does not count it (an agent that
         retries after a refusal sent nothing; counting it blocked such agents for 10 minutes).
@@ -1178,7 +1196,10 @@ class HiveLimiter(CustomLogger):
                 agent = resolve_identity(kwargs.get("metadata"), kwargs.get("user")).agent_id
             if agent is not None:
                 model = kwargs.get("model")
-                self._runaway.uncount(agent, _fingerprint(model if type(model) is str else str(model or ""), kwargs))
+                model = model if type(model) is str else str(model or "")
+                # (counted under the name _ticket gave it: an API key as an id is key#<hash> there)
+                agent = self._hide_keys(Identity(agent_id=agent), kwargs, model).agent_id or agent
+                self._runaway.uncount(agent, _fingerprint(model, kwargs))
         except Exception:  # (bookkeeping only: never in the way of the refusal itself)
             logger.debug("runaway bookkeeping failed for a refused call", exc_info=True)
 
@@ -1654,7 +1675,7 @@ def _without_keys(ident: Identity, ids: tuple[str | None, ...], api_key: Any, pr
     for key in keys:
         if type(key) is not str or not key:
             continue
-        shown = clean_id(key)
+        shown = key if len(key) <= MAX_ID and key.isprintable() else clean_id(key)  # (clean_id's own test)
         if shown in ids:
             name = key_id(key)
 

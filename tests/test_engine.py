@@ -470,6 +470,52 @@ def test_the_rate_is_cut_at_most_once_a_minute(clock: FakeClock, make_engine: An
     assert eng.provider_state()["model:openai/x"]["adaptive_requests_per_minute"] < lowered
 
 
+def test_a_cut_never_sends_more_than_a_request_limit_the_headers_gave(clock: FakeClock, make_engine: Any) -> None:
+    """A start-up burst of 122 requests in 30 s, then 429s whose headers say 60 a minute: the
+    cut (to ~158) scaled the window down to the learned 60, so calls went on at once while the
+    burst was still in the provider's minute (115 sent in a minute against its 60). A limit the
+    headers gave is a real one: nothing more goes until enough of the burst has left the minute."""
+    from hive_ratelimit_plugin._retry import RateSignals
+
+    eng = make_engine(clock)
+    m = scope("model:openai/x", "model")
+    sent: list[float] = []
+    for i in range(122):
+        assert eng.acquire(ticket(f"a{i}", m), Woken()) is None
+        sent.append(clock())
+        if i > 1:
+            eng.release(f"a{i}")
+        clock.advance(0.25)
+    limit = RateSignals(limit_requests=60, remaining_requests=0)
+    eng.release("a0", outcome="rate_limited", wait=1.0, signals=limit)
+    clock.advance(2.0)
+    eng.release("a1", outcome="rate_limited", wait=1.0, signals=limit)  # (a second 429 in the minute: a cut)
+    assert eng.provider_state()["model:openai/x"]["adaptive_requests_per_minute"] > 60
+    t0, n = clock(), 0
+    while clock() - t0 < 120.0:
+        if eng.acquire(ticket(f"b{n}", m), None) is None:
+            eng.release(f"b{n}")
+            sent.append(clock())
+            n += 1
+        clock.advance(0.1)
+    assert n >= 60
+    assert max(sum(1 for s in sent if t - 60.0 < s <= t) for t in sent[122:]) <= 60
+
+
+@pytest.mark.parametrize("field", ["limit_requests", "limit_tokens", "limit_input_tokens"])
+def test_a_limit_of_zero_in_the_headers_is_not_learned(clock: FakeClock, make_engine: Any, field: str) -> None:
+    """A header giving a limit of 0 (``x-ratelimit-limit-requests: 0``) is no limit to learn (the
+    in-memory engine ignores it). The Redis script read 0 as true and learned a limit of 0: every
+    later call of the model was held."""
+    from hive_ratelimit_plugin._retry import RateSignals
+
+    eng = make_engine(clock)
+    m = scope("model:anthropic/x", "model")
+    assert eng.acquire(ticket("a", m, tin=10), Woken()) is None
+    eng.release("a", signals=RateSignals(**{field: 0}))
+    assert eng.acquire(ticket("b", m, tin=10), Woken()) is None
+
+
 def test_long_cooldown_outlives_idle_eviction(clock: FakeClock, make_engine: Any) -> None:
     """A provider's Retry-After longer than the idle-eviction horizon still holds the model:
     a scope is never forgotten while the provider has it on hold."""

@@ -437,3 +437,19 @@ def test_long_and_multiline_names_match_their_config_and_set_budget(provider: Fa
     clock.advance(61)
     with pytest.raises(hive_ratelimit_plugin.BudgetExceededError):
         litellm.completion(**chat_kwargs(provider, metadata={"agent_id": long_name}))
+
+
+def test_refused_calls_of_an_agent_named_by_its_api_key_are_not_a_loop(provider: FakeProvider,
+                                                                      clock: FakeClock) -> None:
+    """A call refused before it was sent is taken back from the runaway detector: also for an
+    agent whose id is an API key (counted as ``key#<hash>``; it was taken back under the key
+    itself, so a few refused retries tripped a runaway breaker)."""
+    key = "sk-proj-LEAKCHECK0123456789abcdef"
+    make_limiter(clock, {"runaway": {"max_identical_requests": 3}, "agents": {"*": {"requests_per_minute": 1}},
+                         "queue": {"max_wait_seconds": 0}})
+    kwargs = dict(chat_kwargs(provider, metadata={"agent_id": key}), api_key=key)
+    litellm.completion(**kwargs)
+    for _ in range(5):
+        with pytest.raises(hive_ratelimit_plugin.RateLimitQueueTimeout):
+            litellm.completion(**kwargs)
+    assert provider.state.count() == 1
