@@ -1545,9 +1545,10 @@ class HiveLimiter(CustomLogger):
             result = kwargs.get("async_complete_streaming_response") or kwargs.get("complete_streaming_response")
             if result is None:
                 return
-            if response_headers(result) is None:  # (Anthropic's messages API: see _logged_headers)
-                self._settle_quietly(call_id, result, kwargs.get("response_cost"), _logged_headers(kwargs))
-                return
+            # (Anthropic's messages API: its assembled answer has no headers; see _logged_headers)
+            headers = response_headers(result) or _logged_headers(kwargs)
+            self._settle_quietly(call_id, result, kwargs.get("response_cost"), headers)
+            return
         self._settle_quietly(call_id, result, kwargs.get("response_cost"))
 
     def _settle_quietly(self, call_id: str, result: Any, logged_cost: Any = None,
