@@ -76,8 +76,14 @@ class _Strict(BaseModel):
     @classmethod
     def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         # Pydantic reads true as 1: `requests_per_minute: true` would silently be a limit of 1.
-        if type(value) is bool and info.field_name and _numeric(cls.model_fields[info.field_name].annotation):
+        if not info.field_name:
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        if type(value) is bool and _numeric(annotation):
             raise ValueError("must be a number, not true/false")
+        if type(value) is list and any(type(v) is bool for v in value) and get_origin(annotation) is list \
+                and all(_numeric(a) for a in get_args(annotation)):
+            raise ValueError("must be numbers, not true/false")  # (warning_thresholds: [true])
         return value
 
 

@@ -146,6 +146,8 @@ def test_environment_overrides_are_named_in_the_log_without_their_values(monkeyp
                                                      "not true/false"]),
         ({"agents": {"a": {"max_cost_per_run": True}}}, ["rate_limiting.agents.a.max_cost_per_run", "not true/false"]),
         ({"queue": {"max_wait_seconds": False}}, ["rate_limiting.queue.max_wait_seconds", "not true/false"]),
+        ({"budget": {"warning_thresholds": [0.5, True]}}, ["rate_limiting.budget.warning_thresholds",
+                                                           "not true/false"]),
     ],
 )
 def test_bad_values_name_the_key(data: dict[str, object], fragments: list[str]) -> None:
