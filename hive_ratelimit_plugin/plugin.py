@@ -2415,11 +2415,21 @@ def install_sync_guard() -> None:
     The guards do nothing unless an enabled :class:`HiveLimiter` is in ``litellm.callbacks``.
     """
     with _guard_lock:
+        # ``litellm.main`` defines them: code there (LiteLLM's own client, ``litellm.LiteLLM()
+        # .chat.completions.create``) and ``from litellm.main import completion`` reach them by
+        # that module's name, so it gets the same guard (an unguarded sync call is not even counted).
+        # (LiteLLM 1.110's ``litellm.completion`` is a dispatcher in front of ``litellm.main``'s,
+        # which it holds itself: a call through it meets one guard. Async calls are admitted in
+        # the deployment hook whichever way they come.)
+        main = sys.modules.get("litellm.main")
         for name in _POSITIONAL:
             current = getattr(litellm, name)
             if not getattr(current, "__hive_ratelimit_guard__", False):
                 wrap = _wrap_async if name in _ASYNC_NAMES else _wrap_sync
                 setattr(litellm, name, wrap(name, current))
+            own = getattr(main, name, None) if name not in _ASYNC_NAMES else None
+            if callable(own) and not getattr(own, "__hive_ratelimit_guard__", False):
+                setattr(main, name, _wrap_sync(name, own))
         # Anthropic's messages API, async (LiteLLM implements no sync path for it): the SDK's
         # ``litellm.anthropic.messages.acreate``, and ``litellm.anthropic_messages``, which a
         # Router's ``aanthropic_messages`` (and the proxy's /v1/messages) calls.

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import litellm
+import litellm.main
 import pytest
 
 from hive_ratelimit_plugin import RateLimitQueueTimeout, RequestTooLargeError
@@ -980,3 +981,30 @@ def test_a_prompt_that_cannot_be_fingerprinted_expects_no_cache_read() -> None:
     plain = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}]}
     unmarked = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
     assert _prompt_print(plain) == _prompt_print(unmarked) is not None  # (marks move from turn to turn)
+
+
+ONE_A_MINUTE = {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 0}}
+
+
+@pytest.mark.parametrize("how", ["litellm.main.completion", "LiteLLM client"])
+def test_sync_completion_reached_through_litellm_main_is_limited(how: str, provider: FakeProvider,
+                                                                 clock: FakeClock) -> None:
+    """``from litellm.main import completion`` and LiteLLM's own OpenAI-style client
+    (``litellm.LiteLLM().chat.completions.create``, which calls ``litellm.main.completion``) were
+    neither limited nor counted: three calls under a 1-a-minute limit all reached the provider.
+    Found by helper-61."""
+    make_limiter(clock, ONE_A_MINUTE)
+    kw = chat_kwargs(provider)
+
+    def call() -> None:
+        if how == "litellm.main.completion":
+            litellm.main.completion(**kw)
+        else:
+            litellm.LiteLLM(api_key=kw["api_key"]).chat.completions.create(**kw)
+
+    call()
+    with pytest.raises(RateLimitQueueTimeout):
+        call()
+    with pytest.raises(RateLimitQueueTimeout):  # and it was counted: the usual entry point is full too
+        litellm.completion(**kw)
+    assert provider.state.count() == 1
