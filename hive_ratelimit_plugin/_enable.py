@@ -160,7 +160,17 @@ def _set_callbacks(module: ModuleType, value: Any) -> None:
     previous = module.__dict__.get("callbacks")
     module.__dict__["callbacks"] = value
     limiter = _limiter
-    if limiter is None or not isinstance(value, list) or any(cb is limiter for cb in value):
+    if limiter is not None and not isinstance(value, list):
+        # (a tuple, say: nothing can be appended to it. Said, and forgotten, rather than reported
+        # as enabled while no call is limited; found by helper-61)
+        held = isinstance(previous, list) and any(cb is limiter for cb in previous)
+        if held and not (isinstance(value, tuple) and any(cb is limiter for cb in value)):
+            logger.warning("hive-ratelimit: litellm.callbacks was replaced by a %s without the rate limiter, which "
+                           "cannot be re-attached to it; LiteLLM calls in this process are no longer limited. "
+                           "Assign a list, or call hive_ratelimit_plugin.enable() again.", type(value).__name__)
+            _forget(limiter)
+        return
+    if limiter is None or any(cb is limiter for cb in value):
         return
     if not isinstance(previous, list) or not any(cb is limiter for cb in previous):
         return  # it had been taken out already (in place, unregister()): that removal was deliberate

@@ -445,6 +445,20 @@ def test_replaced_callbacks_get_the_limiter_back(enabled_cleanup: None, caplog: 
     unregister(own)
 
 
+def test_callbacks_replaced_by_a_tuple_are_said_to_drop_the_limiter(enabled_cleanup: None,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A tuple cannot take the limiter back: it was dropped silently while ``enabled_limiter()``
+    still reported it (found by helper-61). It is now said, and forgotten; enable() restores it."""
+    assert enable(CONFIG) in litellm.callbacks
+    with caplog.at_level("WARNING", logger="hive_ratelimit_plugin"):
+        litellm.callbacks = (Mine(),)  # type: ignore[assignment]
+    assert "no longer limited" in caplog.text
+    assert _enable.enabled_limiter() is None
+    litellm.callbacks = [Mine()]
+    restored = enable(CONFIG)
+    assert restored in litellm.callbacks and hive_limiters() == [restored]
+
+
 def test_unregister_is_respected(enabled_cleanup: None) -> None:
     """unregister(limiter) / LiteLLM's callback manager remove it on purpose: no re-attach."""
     limiter = enable(CONFIG)
