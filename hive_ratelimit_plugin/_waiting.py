@@ -122,13 +122,27 @@ def _warn_if_on_a_loop() -> None:
                            "finish and the waiting calls time out. Run sync calls in a ThreadPoolExecutor of "
                            "their own, or use litellm.acompletion")
         return
-    if _warned_loop:
+    if _warned_loop or _on_a_private_router_loop():
         return
     _warned_loop = True
     logger.warning("hive-ratelimit: a sync LiteLLM call waits for a limit on a thread that runs an asyncio event "
                    "loop: the loop is blocked while it waits, and its own calls (which may hold the slot this "
                    "one waits for) cannot finish meanwhile. Use litellm.acompletion there, or run the sync call "
                    "in a ThreadPoolExecutor of its own")
+
+
+def _on_a_private_router_loop() -> bool:
+    """Whether this thread's running loop is one LiteLLM made for this call alone: on LiteLLM 1.83
+    a sync ``Router.completion`` runs its fallbacks and retries with ``run_async_function``, in a
+    new event loop whose only task is ``Router.async_function_with_fallbacks``, and calls the sync
+    ``litellm.completion`` from there. Nothing else runs on that loop, so waiting blocks nothing."""
+    try:
+        task = asyncio.current_task()
+        if task is None or len(asyncio.all_tasks()) != 1:
+            return False
+        return str(getattr(task.get_coro(), "__qualname__", "")).endswith("Router.async_function_with_fallbacks")
+    except RuntimeError:
+        return False
 
 
 def acquire_sync(engine: Engine, ticket: Ticket, max_wait: float) -> float:

@@ -243,3 +243,32 @@ async def test_a_sync_call_waiting_on_an_event_loop_thread_is_warned_about(
                 litellm.completion(**chat_kwargs(provider))  # (on this test's event loop thread)
     warned = [r for r in caplog.records if "runs an asyncio event loop" in r.getMessage()]
     assert len(warned) == 1
+
+
+def test_a_sync_router_call_waiting_on_litellms_own_loop_is_not_warned_about(
+        provider: FakeProvider, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    """LiteLLM 1.83's sync ``Router.completion`` runs its retries in a new event loop of its own
+    (``run_async_function``) and calls the sync ``litellm.completion`` from there: a wait there
+    blocks no other call, so the "thread that runs an asyncio event loop" warning, which tells
+    the caller to move a call they already made from a plain thread, must not be given. (Found by
+    helper-60: the warning came on every process using ``Router.completion`` under a limit.)"""
+    from hive_ratelimit_plugin import RateLimitQueueTimeout, _waiting
+
+    limiter = make_limiter(clock, {"global": {"requests_per_minute": 1}, "queue": {"max_wait_seconds": 0.05}})
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    _waiting._warned_loop = False
+
+    class Router:  # the shape of LiteLLM 1.83's sync path: one task, this coroutine, on a new loop
+        async def async_function_with_fallbacks(self) -> None:
+            litellm.completion(**chat_kwargs(provider))
+
+    litellm.completion(**chat_kwargs(provider))
+    with Ticker(clock, step=0.02, when=lambda: limiter._engine.queue_length > 0), \
+            pytest.raises(RateLimitQueueTimeout):
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(Router().async_function_with_fallbacks())
+        finally:
+            loop.close()
+    assert not [r for r in caplog.records if "runs an asyncio event loop" in r.getMessage()]
+    _waiting._warned_loop = False
