@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import difflib
 import functools
 import hashlib
@@ -270,11 +271,16 @@ def _usage_obj(response: Any) -> Any:
 
 
 def _logged_headers(details: Any) -> Mapping[str, Any] | None:
-    """The response headers LiteLLM keeps in a call's logging details (``model_call_details``).
-    Anthropic's messages API returns a plain dict (a stream: an assembled response) with no
-    headers of its own: only there do its ``anthropic-ratelimit-*`` headers survive."""
+    """The response headers LiteLLM keeps in a call's logging details (``model_call_details``, or
+    a request's ``litellm_logging_obj``'s). Anthropic's messages API returns a plain dict (a
+    stream: an assembled response) with no headers of its own: only there do its
+    ``anthropic-ratelimit-*`` headers survive."""
     if not isinstance(details, Mapping):
         return None
+    if "litellm_logging_obj" in details and "httpx_response" not in details:  # a request's data
+        details = getattr(details["litellm_logging_obj"], "model_call_details", None)
+        if not isinstance(details, Mapping):
+            return None
     headers = details.get("response_headers")  # (LiteLLM 1.110 and later)
     if not headers:
         headers = getattr(details.get("httpx_response"), "headers", None)
@@ -1174,10 +1180,11 @@ class HiveLimiter(CustomLogger):
         # of them are remembered (a key set in the environment later, and then passed as one of
         # those very ids, would be missed).
         seen = (ids, provider)
-        if api_key not in ids and seen in self._keyless_ids:
+        own_key = api_key in ids
+        if not own_key and seen in self._keyless_ids:
             return ident
         hidden = _without_keys(ident, ids, api_key, provider)
-        if hidden is ident and api_key not in ids:
+        if hidden is ident and not own_key:
             if len(self._keyless_ids) >= 4096:
                 self._keyless_ids.clear()
             self._keyless_ids.add(seen)
@@ -1488,9 +1495,8 @@ class HiveLimiter(CustomLogger):
             if type(response) is _CHAT_RESPONSE or not _media.is_media(response) \
                     or _media.litellm_cost(response) is not None:
                 # (Anthropic's messages API answers with a dict; its headers are in the logging details)
-                self._finish(request_data.get("litellm_call_id"), response, headers=_logged_headers(
-                    getattr(request_data.get("litellm_logging_obj"), "model_call_details", None))
-                    if type(response) is dict else None)
+                self._finish(request_data.get("litellm_call_id"), response,
+                             headers=_logged_headers(request_data) if type(response) is dict else None)
             elif request_data.get("litellm_call_id"):
                 # Billed per unit, and priced by LiteLLM after this hook: the slot comes back now,
                 # the money once priced (the async guard when the call returns, else the logging hook).
@@ -1663,6 +1669,7 @@ def key_id(api_key: str) -> str:
 #: The shortest id looked at as a possible API key other than the call's ``api_key=`` (provider
 #: keys are 32 characters and more: OpenAI, Anthropic, Mistral, Gemini, Groq, Azure).
 _KEY_LENGTH = 20
+_ID_FIELDS = ("agent_id", "user_id", "team_id", "run_id")
 
 
 def _without_keys(ident: Identity, ids: tuple[str | None, ...], api_key: Any, provider: str) -> Identity:
@@ -1678,13 +1685,8 @@ def _without_keys(ident: Identity, ids: tuple[str | None, ...], api_key: Any, pr
             continue
         shown = key if len(key) <= MAX_ID and key.isprintable() else clean_id(key)  # (clean_id's own test)
         if shown in ids:
-            name = key_id(key)
-
-            def hidden(value: str | None, shown: str | None = shown, name: str = name) -> str | None:
-                return name if value == shown else value
-
-            ident = Identity(hidden(ident.agent_id), hidden(ident.user_id), hidden(ident.team_id),
-                             hidden(ident.run_id), ident.priority)
+            changes: dict[str, Any] = {f: key_id(key) for f in _ID_FIELDS if getattr(ident, f) == shown}
+            ident = dataclasses.replace(ident, **changes)
     return ident
 
 

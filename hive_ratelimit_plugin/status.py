@@ -648,7 +648,6 @@ class StatusPublisher:
         self._publishing = threading.Lock()  # one publish at a time (the thread, or a test's call)
         self._entries: list[tuple[weakref.ref[Any], Path, float]] = []
         self._written: set[Path] = set()
-        self._shared: dict[int, Any] = {}  # id -> the shared backends (Redis) published to
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._stopped = False
@@ -663,14 +662,14 @@ class StatusPublisher:
         self._publishing = threading.Lock()
         self._wake = threading.Event()
         # The parent's files are the parent's: this process must not remove them when it exits.
-        self._pid, self._thread, self._written, self._shared = os.getpid(), None, set(), {}
+        self._pid, self._thread, self._written = os.getpid(), None, set()
 
     def register(self, limiter: Any, directory: Path, interval: float) -> None:
         with self._lock:
             self._entries = [(r, d, i) for r, d, i in self._entries if r() is not None and r() is not limiter]
             self._entries.append((weakref.ref(limiter), directory, interval))
             if self._pid != os.getpid():  # forked: the parent's thread does not exist here
-                self._pid, self._thread, self._written, self._shared = os.getpid(), None, set(), {}
+                self._pid, self._thread, self._written = os.getpid(), None, set()
             if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(target=self._run, name="hive-ratelimit-status", daemon=True)
                 self._thread.start()
@@ -723,7 +722,6 @@ class StatusPublisher:
                     with contextlib.suppress(Exception):
                         publish(json.dumps(_clean(doc), default=str, separators=(",", ":")),
                                 max(DEFAULT_MAX_AGE, 3 * limiter.config.status.interval_seconds))
-                        self._shared[id(limiter._engine)] = limiter._engine
         pid = os.getpid()
         for directory, snaps in per_dir.items():
             path = directory / f"{pid}.json"
@@ -749,10 +747,13 @@ class StatusPublisher:
                 with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
             self._written.clear()
-            for engine in list(self._shared.values()):
-                with contextlib.suppress(Exception):
-                    engine.unpublish_status()
-            self._shared.clear()
+            with self._lock:
+                limiters = [r() for r, _, _ in self._entries]
+            for limiter in limiters:  # (a limiter gone since: its key expires on its own)
+                unpublish = getattr(getattr(limiter, "_engine", None), "unpublish_status", None)
+                if unpublish is not None:
+                    with contextlib.suppress(Exception):
+                        unpublish()
 
 
 def _clean(value: Any) -> Any:
