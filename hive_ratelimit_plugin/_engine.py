@@ -232,6 +232,17 @@ class ScopeState:
         return f"ScopeState({self.key!r}, {', '.join(parts)})"
 
 
+#: A model or API-key scope's provider signals, and their values before any signal came.
+_SIGNAL_DEFAULTS: dict[str, Any] = {
+    "cooldown_until": 0.0, "pace_until": 0.0, "pace_interval": 0.0, "next_slot": 0.0, "circuit": CLOSED,
+    "consecutive_failures": 0, "open_until": 0.0, "open_count": 0, "probe": None, "learned_rpm": None,
+    "learned_tpm": None, "learned_itpm": None, "adaptive_rpm": None, "adaptive_ceiling": NEVER,
+    "rate_limited_at": -NEVER, "adaptive_cut_at": -NEVER}
+_SIGNALS = tuple(_SIGNAL_DEFAULTS)
+#: Outcomes that are about the API key or endpoint that answered, where a call went with one.
+_ENDPOINT_OUTCOMES = ("rate_limited", "failure")
+
+
 @dataclass(slots=True)
 class Ticket:
     """What one call asks for."""
@@ -1775,8 +1786,9 @@ class Engine:
                     st.in_flight -= 1
             provider_states = layout.signals
             if provider_states:
-                if outcome == "rate_limited" and any(st.level == "key" for st in provider_states):
-                    # The provider limits per API key: cool that key only; the others carry on.
+                if outcome in _ENDPOINT_OUTCOMES and any(st.level == "key" for st in provider_states):
+                    # The provider limits (and fails) per API key or endpoint: cool that one only,
+                    # count the failure toward its breaker only; the others carry on.
                     provider_states = [st for st in provider_states if st.level == "key"]
                 self._provider_outcome(provider_states, call_id, outcome, wait, signals, now)
             if self._waiters:
@@ -1898,6 +1910,27 @@ class Engine:
             st.observed_input = SlidingWindow(NEVER, 60.0, "learned_input_tokens_per_minute")
             st.input.append(st.observed_input)
             self._forget_states()  # cached layouts list its windows without this one
+
+    def move_signals(self, source: str, target: Scope) -> None:
+        """What the provider told about scope ``source`` (a model's: cooldown, pacing, circuit
+        breaker, learned and adaptive limits) now holds for ``target`` only (an endpoint's: the
+        model turned out to be served by more than one, see HiveLimiter._endpoint_scopes)."""
+        with self._lock:
+            src = self._states.get(source)
+            if src is None or src.observed_requests is None:
+                return
+            dst = self._state(target, self.clock())
+            if dst.observed_requests is None:
+                return
+            for name in _SIGNALS:
+                setattr(dst, name, getattr(src, name))
+                setattr(src, name, _SIGNAL_DEFAULTS[name])
+            dst.probe = None  # (a probe in flight is the model's: its outcome lands there)
+            if dst.learned_itpm is not None:
+                self.observe_input(dst)
+            self._apply_learned(src)
+            self._apply_learned(dst)
+            self._version += 1
 
     def provider_state(self) -> dict[str, dict[str, Any]]:
         """Cooldowns, circuits and learned limits of model and API-key scopes."""

@@ -957,6 +957,29 @@ end
 return n
 """
 
+#: ARGV: prefix, now|'', source, target  -- a model's provider signals (and the requests and tokens
+#: counted toward its learned limits) now hold for one endpoint only: the model turned out to be
+#: served by more than one. Nothing when the model has none, or the endpoint has its own already.
+MOVE = _COMMON + r"""
+local src, dst = arg(), arg()
+local s, d = P .. ':s:' .. src, P .. ':s:' .. dst
+if redis.call('EXISTS', s) == 0 or redis.call('EXISTS', d) == 1 then return 0 end
+redis.call('RENAME', s, d)
+redis.call('HDEL', d, 'probe')  -- (a probe in flight is the model's: its outcome lands there)
+for _, name in ipairs({'learned_requests_per_minute', 'learned_tokens_per_minute',
+                       'learned_input_tokens_per_minute'}) do
+  local w = P .. ':w:' .. src .. ':' .. name
+  local dw = P .. ':w:' .. dst .. ':' .. name
+  local ttl = redis.call('PTTL', w)
+  if ttl > 0 and redis.call('EXISTS', dw) == 0 then  -- (not COPY: Redis before 6.2 has none)
+    local flat = redis.call('HGETALL', w)
+    for i = 1, #flat, 2 do redis.call('HSET', dw, flat[i], flat[i + 1]) end
+    redis.call('PEXPIRE', dw, ttl)
+  end
+end
+return 1
+"""
+
 #: ARGV: prefix, now|'', call_id, nscopes, [scope]*  -- a caller stopped waiting: out of those lines
 LEAVE = _COMMON + r"""
 local call_id = arg()

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 from . import _lua
 from ._budget import KINDS, RUN, SpendRow
 from ._engine import (
+    _ENDPOINT_OUTCOMES,
     NEVER,
     NO_LAYOUT,
     Blocked,
@@ -216,6 +217,7 @@ class RedisEngine(Engine):
         self._renew = client.register_script(_lua.RENEW)
         self._leave = client.register_script(_lua.LEAVE)
         self._charge = client.register_script(_lua.CHARGE)
+        self._move = client.register_script(_lua.MOVE)
         self._down_since: float | None = None
         self._next_try = 0.0
         self._pending_spend: list[list[str]] = []  # CHARGE args of spend settled while Redis was down
@@ -919,7 +921,7 @@ class RedisEngine(Engine):
         args.append(str(len(scopes)))
         # The provider limits per API key: a 429 cools that key only; the others carry on.
         learners = header_scopes(scopes)
-        keys_only = outcome == "rate_limited" and any(s.level == "key" for s in scopes)
+        keys_only = outcome in _ENDPOINT_OUTCOMES and any(s.level == "key" for s in scopes)
         for scope in scopes:
             st = self._state(scope, now)
             rates = [w.limit / w.period for w in st.requests if w.limit != NEVER and not w.name.startswith("learned")]
@@ -1132,6 +1134,19 @@ class RedisEngine(Engine):
                          self.url, key)
         self.fallback.reset_spend(key)
         super().reset_spend(key)
+
+    def move_signals(self, source: str, target: Scope) -> None:
+        try:
+            self._call(self._move, [self.prefix, self._now_arg(), _wire(source), _wire(target.key)])
+        except _Down:
+            logger.warning("redis backend %s unreachable: what the provider told about %s stays there (it now "
+                           "serves more than one endpoint)", self.url, source)
+        self.fallback.move_signals(source, target)
+        with self._lock:
+            src = self._states.get(source)
+            dst = self._state(target, self.clock())  # (shown in stats from now on)
+            if src is not None and src.observed_input is not None:  # (its input-token limit moved with it)
+                self.observe_input(dst)
 
     def _peek_args(self, windows: list[tuple[str, str, float]], conc: list[str], state: list[str],
                    spend: list[tuple[str, str, float]], reserved: list[str]) -> list[str]:

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
@@ -62,7 +63,7 @@ from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
 from ._tokens import NO_WRITE, cache_writes, count_input, count_messages, count_response_input, requested_output
 from ._waiting import acquire_sync, queue_async
-from .config import MAX_ID, RateLimitingConfig, clean_id, load_config
+from .config import MAX_ID, LimitSet, RateLimitingConfig, clean_id, load_config
 from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
 
 __all__ = ["HiveLimiter"]
@@ -77,6 +78,9 @@ _RESPONSES_TYPES = frozenset({"responses", "aresponses"})
 _ANTHROPIC_TYPES = frozenset({"anthropic_messages"})
 #: counted otherwise (media: images, speech, transcription and rerank, priced per unit: see _media)
 _NOT_CHAT_TYPES = _EMBEDDING_TYPES | _TEXT_TYPES | _RESPONSES_TYPES | _ANTHROPIC_TYPES | _media.CALL_TYPES
+#: An endpoint's scope has no limits of its own: it carries what its provider says (see _endpoint_scopes).
+_ENDPOINT_LIMITS = LimitSet()
+_SERVED_BY_MANY = object()  # a model seen served by more than one endpoint
 _SKIP_TYPES = frozenset({"moderation", "amoderation"})  # (providers do not bill them)
 _CHAT_RESPONSE = litellm.ModelResponse  # (the usual response: one identity test tells it is not media)
 
@@ -448,6 +452,10 @@ class _Plan:
     spend_keys: list[str]
     choices: list[Any] | None
     info: dict[str, Any]
+    model_key: tuple[Any, ...]  # (provider, model)
+    # Its scopes plus an endpoint's, per endpoint (api_base, api_key), once its model is known to be
+    # served by more than one (see HiveLimiter._endpoint_scopes).
+    endpoints: dict[tuple[Any, Any], list[Any]] = dataclasses.field(default_factory=dict)
 
 
 class HiveLimiter(CustomLogger):
@@ -539,6 +547,9 @@ class HiveLimiter(CustomLogger):
         self._turns: dict[str, int] = {}
         self._told: dict[str, tuple[int | None, int | None, int | None]] = {}  # provider limits last logged, per model
         self._own_endpoint_told: set[str] = set()  # providers whose calls were seen with their own api_base
+        # (provider, model) -> the one endpoint (api_base, api_key) its calls went to so far, or
+        # _SERVED_BY_MANY (see _endpoint_scopes)
+        self._endpoints: dict[tuple[Any, ...], Any] = {}
         # What each caller's last call left in its provider's prompt cache: (tokens, until when,
         # and the (messages, fingerprint) of the prompt that left them: see _prompt_print); and
         # the prompts of the calls in flight that ask for caching, per call
@@ -655,6 +666,9 @@ class HiveLimiter(CustomLogger):
             elif t.choices is not None:
                 t.choices = resolver.choices(provider)
             scopes = resolver.scopes(provider, model, ident)
+            own = [s for s in t.scopes if s.limits is _ENDPOINT_LIMITS]  # (the endpoint it goes to stays)
+            if own:
+                scopes = [*scopes, *own]
             if waiting is not None:
                 # Estimated again: a budget or token limit that applies now may not have when it came
                 # (its worst case was then 0), and its spend goes to the new budgets' scopes too.
@@ -1001,6 +1015,7 @@ class HiveLimiter(CustomLogger):
         # A call not streamed holds its lease until it returns: no shorter than LiteLLM may wait for it.
         lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
         choices = self._key_choices(plan.choices, plan.provider, kwargs)
+        scopes = plan.scopes if choices is not None else self._endpoint_scopes(plan, kwargs)
         cached = 0
         learned = self._tokens_learned
         if (plan.counts_input or (learned and learned.get(plan.dims[:2]))) and cache_writes(kwargs) != NO_WRITE:
@@ -1012,7 +1027,7 @@ class HiveLimiter(CustomLogger):
                     pending.clear()
                 pending[call_id] = prompt
         # (positional: keyword arguments cost more to pass, and this runs for every call)
-        return Ticket(call_id, plan.scopes, input_tokens, output_tokens, ident.priority, plan.info, cost,
+        return Ticket(call_id, scopes, input_tokens, output_tokens, ident.priority, plan.info, cost,
                       choices, None, NEVER, plan.dims, plan.spend_keys, lease, cached)
 
     def _expected_cache_read(self, dims: tuple[str | None, ...], kwargs: Mapping[str, Any], input_tokens: int) -> int:
@@ -1040,6 +1055,56 @@ class HiveLimiter(CustomLogger):
             self._own_endpoint(provider)
             return None
         return choices
+
+    def _endpoint_scopes(self, plan: _Plan, kwargs: Mapping[str, Any]) -> list[Any]:
+        """A call's scopes, with its endpoint's once its model has been seen served by more than one.
+
+        What a provider says (a 429's cooldown, a circuit breaker, the limits its headers give, the
+        rate cut after repeated 429s) is about the endpoint that said it: one ``api_base`` and one
+        ``api_key``. While a model's calls all go to one endpoint, that is kept on the model's
+        scope. Once a call of it goes to another (a Router's deployments of one model in two
+        regions, or under two accounts' keys), every endpoint gets an API-key scope of its own
+        for those signals, and what the model's scope held moves to the endpoint it came from:
+        a 429 from one deployment no longer holds the Router's retry to another.
+        """
+        endpoint = _endpoint(kwargs)
+        model = plan.model_key
+        seen = self._endpoints.get(model)
+        if seen is None:
+            if len(self._endpoints) >= 65536:  # (models, not calls: bounded against a flood of names)
+                self._endpoints = {k: v for k, v in self._endpoints.items() if v is _SERVED_BY_MANY}
+            self._endpoints[model] = endpoint
+            return plan.scopes
+        if seen is not _SERVED_BY_MANY:
+            if seen == endpoint:
+                return plan.scopes
+            self._split(plan, seen)
+        scopes = plan.endpoints.get(endpoint)
+        if scopes is None:
+            if len(plan.endpoints) >= 256:
+                plan.endpoints.clear()
+            scopes = plan.endpoints[endpoint] = [*plan.scopes, _endpoint_scope(plan.model_key, endpoint)]
+        return scopes
+
+    def _split(self, plan: _Plan, first: tuple[Any, Any]) -> None:
+        """A model is now seen served by a second endpoint: what its scope learned moves to the
+        first one, and its calls waiting in the queue wait for their own endpoint from now on."""
+        model = plan.model_key
+        self._endpoints[model] = _SERVED_BY_MANY
+        logger.info("%s/%s is served by more than one endpoint (api_base, api_key): each endpoint now "
+                    "keeps its own cooldowns, circuit breaker and learned limits", model[0], model[1])
+        source = next(s.key for s in plan.scopes if s.level == "model")
+        self._engine.move_signals(source, _endpoint_scope(model, first))
+        waiting = self._waiting_calls
+
+        def with_endpoint(t: Ticket) -> list[Any]:
+            found = waiting.get(t.call_id)
+            if found is None or t.dims[:2] != model or t.choices is not None \
+                    or any(s.limits is _ENDPOINT_LIMITS for s in t.scopes):
+                return t.scopes
+            return [*t.scopes, _endpoint_scope(model, _endpoint(found[1]))]
+
+        self._engine.rescope(with_endpoint)
 
     def _own_endpoint(self, provider: str) -> None:
         """A call that names its own ``api_base`` keeps its own key: the provider's key pool is
@@ -1148,6 +1213,7 @@ class HiveLimiter(CustomLogger):
             choices=choices,
             # Read-only, shared by every ticket of this plan.
             info={"provider": provider, "model": model, "agent_id": ident.agent_id, "run_id": ident.run_id},
+            model_key=dims[:2],
         )
         if cacheable:
             if len(plans) > 8192:
@@ -1881,6 +1947,31 @@ def _retries_asked(kwargs: Mapping[str, Any]) -> int:
         if type(v) is int and v > asked:
             asked = v
     return asked
+
+
+def _endpoint(kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The endpoint a call goes to: its ``api_base`` (or ``base_url``) and ``api_key`` (``None``:
+    LiteLLM's default for its provider), hashable."""
+    base = kwargs.get("api_base") or kwargs.get("base_url")
+    key = kwargs.get("api_key")
+    if (base is not None and type(base) is not str) or (key is not None and type(key) is not str):
+        return repr(base), repr(key)
+    return base, key
+
+
+def _endpoint_scope(model: tuple[Any, ...], endpoint: tuple[Any, Any]) -> Scope:
+    """The API-key scope of one endpoint of a (provider, model): named by its host and a digest
+    of its ``api_base`` and ``api_key`` (never the key itself)."""
+    base = endpoint[0]
+    host = "default"
+    if base:
+        try:
+            url = urlsplit(str(base))
+            host = (url.hostname or "custom") + (f":{url.port}" if url.port else "")
+        except ValueError:
+            host = "custom"
+    digest = hashlib.sha256(repr(endpoint).encode("utf-8", "replace")).hexdigest()[:10]
+    return Scope("key", f"key:{model[0]}/{model[1]}@{host}#{digest}", _ENDPOINT_LIMITS)
 
 
 def _is_router_call(kwargs: Mapping[str, Any]) -> bool:

@@ -53,7 +53,7 @@ from .errors import (
     RateLimitQueueTimeout,
     RequestTooLargeError,
 )
-from .plugin import HiveLimiter, _call_type_name, _timeout_event, key_id
+from .plugin import HiveLimiter, _call_type_name, _Plan, _timeout_event, key_id
 
 __all__ = ["ProxyLimiter", "get_instance", "limiter", "proxy_handler_instance", "proxy_identity"]  # noqa: F822 (lazy)
 
@@ -287,6 +287,9 @@ class ProxyLimiter(HiveLimiter):
 
     def _key_choices(self, choices: Any, provider: str, kwargs: Any) -> None:
         return None  # the proxy's model_list picks the API key of each deployment (after a reload too)
+
+    def _endpoint_scopes(self, plan: _Plan, kwargs: Any) -> list[Any]:
+        return plan.scopes  # admitted for its model group: which deployment serves it is not known yet
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
                 exc: BaseException | None = None, prior: BaseException | None = None,

@@ -397,7 +397,7 @@ _UNITS = {
 _UNIT_ORDER = list(_UNITS)
 _WINDOW_TITLE = {"hour": "This hour", "day": "Today", "month": "This month", "run": "This run"}
 _WINDOW_ADJ = {"hour": "hourly", "day": "daily", "month": "monthly", "run": "per-run"}
-_LEVEL_TITLE = {"global": "Global", "provider": "Provider", "model": "Model", "key": "API key",
+_LEVEL_TITLE = {"global": "Global", "provider": "Provider", "model": "Model", "key": "API key / endpoint",
                 "agent": "Agent", "user": "User", "team": "Team", "run": "Run"}
 WARN = "⚠"
 FULL = "✖"
