@@ -1804,9 +1804,12 @@ class Engine:
             if st in learners:
                 self._learn(st, signals, now)
             if outcome == "success":
-                st.consecutive_failures = 0
-                if st.circuit is not CLOSED and st.probe == call_id:
-                    st.circuit, st.probe, st.open_count = CLOSED, None, 0
+                # (While open, only the probe's success counts: a call sent before the circuit opened
+                # says nothing of now, and reset the count its CircuitOpenError gives to 0.)
+                if st.circuit is CLOSED:
+                    st.consecutive_failures = 0
+                elif st.probe == call_id:
+                    st.circuit, st.probe, st.open_count, st.consecutive_failures = CLOSED, None, 0, 0
                     self._out_events.append({"type": "circuit_closed", "scope": st.key, "time": self.wall()})
                 if st.adaptive_rpm is not None:
                     # Recovery: each success adds 1/20 (at least 1/rate), so a minute of traffic at

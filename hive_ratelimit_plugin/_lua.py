@@ -784,9 +784,10 @@ for _, sc in ipairs(scopes) do
       end
     end
     if outcome == 'success' then
-      if st.failures > 0 then redis.call('HSET', sk, 'failures', 0) end
-      if st.circuit ~= 'closed' and st.probe == call_id then
-        redis.call('HSET', sk, 'circuit', 'closed', 'open_count', 0)
+      if st.circuit == 'closed' then  -- (while open, only the probe's success counts: _engine)
+        if st.failures > 0 then redis.call('HSET', sk, 'failures', 0) end
+      elseif st.probe == call_id then
+        redis.call('HSET', sk, 'circuit', 'closed', 'open_count', 0, 'failures', 0)
         redis.call('HDEL', sk, 'probe')
         events[#events + 1] = table.concat({'circuit_closed', sc.key}, SEP)
       end

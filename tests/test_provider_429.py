@@ -323,6 +323,26 @@ async def test_circuit_breaker_opens_probes_and_closes(provider: FakeProvider, c
     assert [e["type"] for e in events if e["type"].startswith("circuit")] == ["circuit_opened", "circuit_closed"]
 
 
+async def test_an_open_circuit_tells_the_failures_that_opened_it(provider: FakeProvider, clock: FakeClock) -> None:
+    """A call sent before the circuit opened, answered after it, does not reset the failure count
+    the open circuit's error gives: it read "open after 0 consecutive provider failures"."""
+    limiter, _ = make(clock, {"circuit_breaker": {"failure_threshold": 2, "cooldown_seconds": 30},
+                              "queue": {"max_wait_seconds": 5}})
+    provider.state.push(Scripted(status=200, delay=0.5), Scripted(status=500), Scripted(status=500))
+    slow = asyncio.create_task(litellm.acompletion(**chat_kwargs(provider)))
+    await wait_until(lambda: len(provider.state.script) == 2)  # (the slow one is being answered)
+    for _ in range(2):
+        with pytest.raises(litellm.InternalServerError):
+            await litellm.acompletion(**chat_kwargs(provider))
+    await slow  # its success lands while the circuit is open
+    with pytest.raises(CircuitOpenError, match="open after 2 consecutive provider failures"):
+        await litellm.acompletion(**chat_kwargs(provider))
+    assert limiter.get_usage_stats()["providers"]["model:openai/gpt-4o-mini"]["circuit"] == "open"
+    clock.advance(30)
+    await litellm.acompletion(**chat_kwargs(provider))  # the probe closes it
+    assert limiter.get_usage_stats()["providers"]["model:openai/gpt-4o-mini"] == {"circuit": "closed"}
+
+
 async def test_half_open_circuit_sends_one_probe_at_a_time(provider: FakeProvider, clock: FakeClock) -> None:
     """After the cooldown one probe goes; calls arriving while it is in flight wait for its
     outcome instead of going as more probes to a provider that may still be failing, and go
