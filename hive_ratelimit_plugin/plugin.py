@@ -30,6 +30,7 @@ import math
 import numbers
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -1738,14 +1739,33 @@ _KEY_LENGTH = 20
 _ID_FIELDS = ("agent_id", "user_id", "team_id", "run_id")
 
 
+_SECRET_ENV = re.compile("KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
+_env_seen: list[Any] = [-1.0, -1, ()]  # when, len(os.environ) then, the names of its variables named like a secret
+
+
+def _env_secrets() -> list[str]:
+    """The values of the environment variables named like a secret. Their names are looked for
+    again when a variable was added or removed, and at least once a second (going through the
+    whole environment costs ~45 µs); the values are read each time."""
+    now = time.monotonic()
+    size = len(os.environ)
+    if size != _env_seen[1] or now - _env_seen[0] >= 1.0:
+        _env_seen[:] = [now, size, tuple(name for name in os.environ if _SECRET_ENV.search(name))]
+    get = os.environ.get  # (a short value is no API key: an agent named "1" stays "1" beside KEY_INDEX=1)
+    return [value for value in map(get, _env_seen[2]) if value and len(value) >= _KEY_LENGTH]
+
+
 def _without_keys(ident: Identity, ids: tuple[str | None, ...], api_key: Any, provider: str) -> Identity:
     """``ident`` with any id that is an API key the call may send replaced by :func:`key_id`: its
     ``api_key=``, else what LiteLLM falls back to (``litellm.api_key``, ``litellm.<provider>_key``,
-    the ``<PROVIDER>_API_KEY`` environment variable). Ids are compared as they are counted
-    (:func:`clean_id`): a key longer than ``MAX_ID`` is kept cut, and must be found cut."""
+    and any environment variable named like a secret: LiteLLM reads ``FIREWORKS_API_KEY`` for
+    ``fireworks_ai``, ``HF_TOKEN`` for ``huggingface``). Ids are compared as they are counted
+    (:func:`clean_id`): a key longer than ``MAX_ID`` is kept cut, and must be found cut. (Runs
+    once per new id of 20 characters or more: the caller remembers ids found to hold no key.)"""
     keys = [api_key, getattr(litellm, "api_key", None)]
     if provider.isidentifier():
         keys += [getattr(litellm, f"{provider}_key", None), os.environ.get(f"{provider.upper()}_API_KEY")]
+    keys += _env_secrets()
     for key in keys:
         if type(key) is not str or not key:
             continue

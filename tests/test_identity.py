@@ -389,13 +389,16 @@ LONG_KEY = "sk-proj-" + "A1b2C3d4" * 30  # 248 characters: longer than an id is 
 ENV_KEY = "sk-from-the-environment-0123456789"
 
 
-@pytest.mark.parametrize("where", ["long api_key=", "OPENAI_API_KEY", "litellm.api_key", "litellm.openai_key"])
+@pytest.mark.parametrize("where", ["long api_key=", "OPENAI_API_KEY", "litellm.api_key", "litellm.openai_key",
+                                   "FIREWORKS_API_KEY"])
 async def test_an_api_key_litellm_sends_is_never_stored_as_an_id(
         where: str, provider: FakeProvider, clock: FakeClock, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """As above, for the keys that check missed (found by helper-57): a key longer than 200
     characters (the id is cut to 183 characters and a hash before it is compared: the cut key was
     kept), and a key LiteLLM takes from the environment or its module settings rather than from
-    ``api_key=``. The key went to stats and the state file (and Redis keys)."""
+    ``api_key=``. The key went to stats and the state file (and Redis keys). FIREWORKS_API_KEY:
+    a variable LiteLLM reads that is not named ``<PROVIDER>_API_KEY`` (``fireworks_ai``): any
+    environment variable named like a secret is checked."""
     import sqlite3
 
     limiter = make_limiter(clock, {"users": {"*": {"requests_per_minute": 100}}, "budget": {"max_daily_spend": 100},
@@ -409,6 +412,9 @@ async def test_an_api_key_litellm_sends_is_never_stored_as_an_id(
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
         if where == "OPENAI_API_KEY":
             monkeypatch.setenv("OPENAI_API_KEY", key)
+        elif where == "FIREWORKS_API_KEY":
+            monkeypatch.setenv("FIREWORKS_API_KEY", key)
+            kwargs["model"] = "fireworks_ai/accounts/fireworks/models/llama-v3-8b-instruct"
         else:
             monkeypatch.setattr(litellm, where.split(".")[1], key)
     await litellm.acompletion(**kwargs)
