@@ -670,6 +670,9 @@ class Engine:
         self._next_sweep = 0.0
         self._next_budget_sweep = 0.0
         self._version = 0  # bumped by every change that can let a waiting call in
+        # model scope key -> the endpoint scope its provider signals moved to (move_signals): a
+        # call admitted before the move went to that endpoint, and its outcome lands there
+        self._moved: dict[str, Scope] = {}
         self._min_period = 60.0  # the shortest period after which a scope may be idle (per-second
         # windows are idle sooner, but checking them every tick costs more than it saves)
         self.admitted_total = 0
@@ -1786,6 +1789,9 @@ class Engine:
                     st.in_flight -= 1
             provider_states = layout.signals
             if provider_states:
+                if self._moved and not any(st.level == "key" for st in provider_states):
+                    provider_states = [self._state(self._moved[st.key], now) if st.key in self._moved else st
+                                       for st in provider_states]
                 if outcome in _ENDPOINT_OUTCOMES and any(st.level == "key" for st in provider_states):
                     # The provider limits (and fails) per API key or endpoint: cool that one only,
                     # count the failure toward its breaker only; the others carry on.
@@ -1917,8 +1923,12 @@ class Engine:
     def move_signals(self, source: str, target: Scope) -> None:
         """What the provider told about scope ``source`` (a model's: cooldown, pacing, circuit
         breaker, learned and adaptive limits) now holds for ``target`` only (an endpoint's: the
-        model turned out to be served by more than one, see HiveLimiter._endpoint_scopes)."""
+        model turned out to be served by more than one, see HiveLimiter._endpoint_scopes).
+        Once per source: a second move (two threads splitting at once) changes nothing."""
         with self._lock:
+            if source in self._moved:
+                return
+            self._moved[source] = target  # (calls in flight now went to target: see release)
             src = self._states.get(source)
             if src is None or src.observed_requests is None:
                 return
@@ -1931,6 +1941,12 @@ class Engine:
             dst.probe = None  # (a probe in flight is the model's: its outcome lands there)
             if dst.learned_itpm is not None:
                 self.observe_input(dst)
+            # The requests and tokens counted toward the learned limits move too (as in Redis' MOVE).
+            for a, b in ((src.observed_requests, dst.observed_requests), (src.observed_tokens, dst.observed_tokens),
+                         (src.observed_input, dst.observed_input)):
+                if a is not None and b is not None and b.is_idle():
+                    b.buckets = [list(x) for x in a.buckets]
+                    b.ci, b.cur, b.total, b.next_expiry = a.ci, a.cur, a.total, a.next_expiry
             self._apply_learned(src)
             self._apply_learned(dst)
             self._version += 1

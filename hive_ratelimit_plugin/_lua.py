@@ -964,8 +964,17 @@ return n
 MOVE = _COMMON + r"""
 local src, dst = arg(), arg()
 local s, d = P .. ':s:' .. src, P .. ':s:' .. dst
-if redis.call('EXISTS', s) == 0 or redis.call('EXISTS', d) == 1 then return 0 end
-redis.call('RENAME', s, d)
+if redis.call('EXISTS', s) == 0 then return 0 end
+if redis.call('EXISTS', d) == 1 then
+  -- Another process split this model first: the endpoint keeps what it has, takes what it lacks
+  -- of what this process' calls told the model since, and the model keeps nothing (every
+  -- endpoint's calls carry it).
+  local flat = redis.call('HGETALL', s)
+  for i = 1, #flat, 2 do redis.call('HSETNX', d, flat[i], flat[i + 1]) end
+  redis.call('DEL', s)
+else
+  redis.call('RENAME', s, d)
+end
 redis.call('HDEL', d, 'probe')  -- (a probe in flight is the model's: its outcome lands there)
 for _, name in ipairs({'learned_requests_per_minute', 'learned_tokens_per_minute',
                        'learned_input_tokens_per_minute'}) do

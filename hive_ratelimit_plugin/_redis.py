@@ -222,6 +222,7 @@ class RedisEngine(Engine):
         self._next_try = 0.0
         self._pending_spend: list[list[str]] = []  # CHARGE args of spend settled while Redis was down
         self._pending_settle: list[list[str]] = []  # SETTLE args of calls that Redis admitted
+        self._pending_moves: list[list[str]] = []  # MOVE args of models split while Redis was down
         self._voids: dict[str, str] = {}  # call id -> reserved cost, of admissions whose answer was lost
         # (time, windows) of the outage engine's admissions, for Redis once it answers (_replay_hits)
         self._pending_hits: collections.deque[tuple[float, list[tuple[str, str, float, float]]]] = \
@@ -378,7 +379,8 @@ class RedisEngine(Engine):
     def _kept(self) -> bool:
         """Whether writes are kept for Redis: settlements, spend and window hits made while it was
         down, and admissions whose answer was lost (to give back)."""
-        return bool(self._pending_settle or self._pending_spend or self._pending_hits or self._voids)
+        return bool(self._pending_settle or self._pending_spend or self._pending_hits or self._voids
+                    or self._pending_moves)
 
     def _answered(self, args: list[str]) -> None:
         """The write ``args`` was applied (or dropped): this process will not send it again."""
@@ -418,6 +420,10 @@ class RedisEngine(Engine):
                 "", "", "", "", "", "", "", "", "0", "0", "0", "0", "0", "0", "0", "0", "0", ""])
             # (after "void": its wait and the 7 signals, as _settle_args; then the engine's settings)
             del self._voids[call_id]
+        moves = self._pending_moves
+        while moves:  # (first: what the model held is the endpoint's before its calls settle there)
+            self._replay_one(self._move, moves[0])
+            del moves[0]
         try:
             for args in settles:
                 out = self._replay_one(self._settle_script, args)
@@ -918,14 +924,20 @@ class RedisEngine(Engine):
                 "10", str(len(self.thresholds)), *(_num(x) for x in self.thresholds)]
         scopes = _charged_scopes(t)
         now = self.clock()
-        args.append(str(len(scopes)))
+        # A call admitted before its model's signals moved to the endpoint it went to: its
+        # outcome is that endpoint's (see Engine.move_signals).
+        moved = [s.key for s in scopes if s.key in self._moved] \
+            if self._moved and not any(s.level == "key" for s in scopes) else []
+        extra = [self._moved[moved[0]]] if moved else []
+        args.append(str(len(scopes) + len(extra)))
         # The provider limits per API key: a 429 cools that key only; the others carry on.
-        learners = header_scopes(scopes)
-        keys_only = outcome in _ENDPOINT_OUTCOMES and any(s.level == "key" for s in scopes)
+        learners = header_scopes([*scopes, *extra])
+        keys_only = outcome in _ENDPOINT_OUTCOMES and any(s.level == "key" for s in (*scopes, *extra))
         for scope in scopes:
             st = self._state(scope, now)
             rates = [w.limit / w.period for w in st.requests if w.limit != NEVER and not w.name.startswith("learned")]
-            provider = st.observed_requests is not None and (st.level == "key" or not keys_only)
+            provider = st.observed_requests is not None and (st.level == "key" or not keys_only) \
+                and st.key not in moved
             # (2: signals apply, but its headers give another scope's limits: see header_scopes)
             flag = ("1" if scope in learners else "2") if provider else "0"
             args += [_wire(st.key), flag, opt(min(rates) if rates else None)]
@@ -945,6 +957,9 @@ class RedisEngine(Engine):
             for name, kind, limit in st.budgets:
                 args += [name, kind, f"{starts[kind]:.0f}", _num(limit),
                          "1" if name == "max_requests_per_run" else "0", str(_SPEND_TTL[kind])]
+        for scope in extra:  # (signals only: it charged none of its windows)
+            self._state(scope, now)
+            args += [_wire(scope.key), "1", "", "0", "0"]
         args.append(res.boot)
         return args
 
@@ -1136,11 +1151,15 @@ class RedisEngine(Engine):
         super().reset_spend(key)
 
     def move_signals(self, source: str, target: Scope) -> None:
+        with self._lock:
+            if source in self._moved:
+                return
+            self._moved[source] = target  # (calls in flight now went to target: see _settle_args)
+        args = [self.prefix, "", _wire(source), _wire(target.key)]
         try:
-            self._call(self._move, [self.prefix, self._now_arg(), _wire(source), _wire(target.key)])
-        except _Down:
-            logger.warning("redis backend %s unreachable: what the provider told about %s stays there (it now "
-                           "serves more than one endpoint)", self.url, source)
+            self._call(self._move, args)
+        except _Down:  # made once Redis answers again (see _replay)
+            self._pending_moves.append(args)
         self.fallback.move_signals(source, target)
         with self._lock:
             src = self._states.get(source)

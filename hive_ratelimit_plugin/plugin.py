@@ -551,6 +551,7 @@ class HiveLimiter(CustomLogger):
         # (provider, model) -> the one endpoint (api_base, api_key) its calls went to so far, or
         # _SERVED_BY_MANY (see _endpoint_scopes)
         self._endpoints: dict[tuple[Any, ...], Any] = {}
+        self._split_lock = threading.Lock()
         # What each caller's last call left in its provider's prompt cache: (tokens, until when,
         # and the (messages, fingerprint) of the prompt that left them: see _prompt_print); and
         # the prompts of the calls in flight that ask for caching, per call
@@ -1091,7 +1092,10 @@ class HiveLimiter(CustomLogger):
         """A model is now seen served by a second endpoint: what its scope learned moves to the
         first one, and its calls waiting in the queue wait for their own endpoint from now on."""
         model = plan.model_key
-        self._endpoints[model] = _SERVED_BY_MANY
+        with self._split_lock:  # (two threads seeing a second endpoint at once: one split)
+            if self._endpoints.get(model) is _SERVED_BY_MANY:
+                return
+            self._endpoints[model] = _SERVED_BY_MANY
         logger.info("%s/%s is served by more than one endpoint (api_base, api_key): each endpoint now "
                     "keeps its own cooldowns, circuit breaker and learned limits", model[0], model[1])
         source = next(s.key for s in plan.scopes if s.level == "model")

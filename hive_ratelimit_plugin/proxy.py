@@ -53,7 +53,7 @@ from .errors import (
     RateLimitQueueTimeout,
     RequestTooLargeError,
 )
-from .plugin import HiveLimiter, _call_type_name, _Plan, _timeout_event, key_id
+from .plugin import HiveLimiter, _call_type_name, _endpoint, _Plan, _timeout_event, key_id
 
 __all__ = ["ProxyLimiter", "get_instance", "limiter", "proxy_handler_instance", "proxy_identity"]  # noqa: F822 (lazy)
 
@@ -87,6 +87,7 @@ _CALL_TYPES = {
 }
 _HEX = frozenset("0123456789abcdef")
 _RUNAWAY_FLAG = "_hive_ratelimit_runaway"  # set on our private copy of a request's kwargs
+_ANY_ENDPOINT = "_hive_ratelimit_any_endpoint"  # (likewise: admitted before the Router picks an endpoint)
 
 
 def _key_name(token: Any) -> str | None:
@@ -289,7 +290,9 @@ class ProxyLimiter(HiveLimiter):
         return None  # the proxy's model_list picks the API key of each deployment (after a reload too)
 
     def _endpoint_scopes(self, plan: _Plan, kwargs: Any) -> list[Any]:
-        return plan.scopes  # admitted for its model group: which deployment serves it is not known yet
+        if kwargs.get(_ANY_ENDPOINT):  # admitted for a group of several endpoints before the Router picks one
+            return plan.scopes
+        return super()._endpoint_scopes(plan, kwargs)
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
                 exc: BaseException | None = None, prior: BaseException | None = None,
@@ -329,22 +332,33 @@ class ProxyLimiter(HiveLimiter):
         return out
 
     def _resolve(self, data: Mapping[str, Any], mixed: bool = False) -> dict[str, Any] | None:
-        """The one (model, provider, api_base) a request goes to, or None if its group mixes models
-        (with ``mixed``: then its first deployment's)."""
+        """The one (model, provider, endpoint) a request goes to, or None if its group mixes models
+        or endpoints (with ``mixed``: then its first deployment's model, as the model's scope
+        alone: which endpoint serves it is not known yet)."""
         model = str(data.get("model") or "")
         targets = self._targets(model)
         if not targets:
             return {"model": model, "custom_llm_provider": data.get("custom_llm_provider"),
                     "api_base": data.get("api_base")}
         seen: dict[tuple[str, str], dict[str, Any]] = {}
+        endpoints = set()
         for t in targets:
             m = str(t["model"])
             if m.endswith("/*"):  # a wildcard route: the request names the model
                 m = model
             provider = self._provider_of(m, t.get("custom_llm_provider"), t.get("api_base"))
-            seen.setdefault((provider, split_model(m, provider)), {
-                "model": m, "custom_llm_provider": t.get("custom_llm_provider"), "api_base": t.get("api_base")})
-        return next(iter(seen.values())) if len(seen) == 1 or mixed else None
+            key = t.get("api_key")
+            if type(key) is str and key.startswith("os.environ/"):  # (as the Router reads it)
+                key = os.environ.get(key[len("os.environ/"):])
+            target = {"model": m, "custom_llm_provider": t.get("custom_llm_provider"), "api_base": t.get("api_base"),
+                      "api_key": key}
+            seen.setdefault((provider, split_model(m, provider)), target)
+            endpoints.add(_endpoint(target))
+        if len(seen) == 1 and len(endpoints) == 1:
+            return next(iter(seen.values()))
+        if mixed:
+            return {**next(iter(seen.values())), _ANY_ENDPOINT: True}
+        return None
 
     # --------------------------------------------------------------- hooks
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any
 
 import litellm
@@ -147,3 +148,122 @@ async def test_a_routers_deployments_of_one_model_keep_their_own_cooldowns(
         with Ticker(clock, step=0.5, when=lambda: limiter._engine.queue_length > 0):
             await asyncio.wait_for(asyncio.gather(*first, *later), 60)
         assert other.state.count(429) == 1
+
+
+# ---------------------------------------------------------------- the split's edges (helper-62)
+def limit_headers(limit: int, remaining: int) -> dict[str, str]:
+    return {"x-ratelimit-limit-requests": str(limit), "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": "20s"}
+
+
+async def test_a_limit_learned_by_a_call_in_flight_at_the_split_is_its_endpoints(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """A call to the first endpoint, sent before the split and answered after it with that
+    endpoint's limit (3 a minute): the limit is the first endpoint's, not the model's (every
+    endpoint's calls carry the model's scope: the other endpoint was held to 3 a minute)."""
+    limiter = make(clock, {"queue": {"max_wait_seconds": 0}})
+    with FakeProvider() as other:
+        provider.state.push(Scripted(status=200, delay=1.0, headers=limit_headers(3, 2)))
+        slow = asyncio.create_task(call(provider))
+        await wait_until(lambda: provider.state.in_flight == 1)
+        await call(other)  # the split (nothing learned yet: nothing moves)
+        await slow
+        for _ in range(6):  # the other endpoint has no limit
+            await call(other)
+        assert other.state.count() == 7
+        signals = limiter.get_usage_stats()["providers"]
+        assert "learned_requests_per_minute" not in signals[MODEL]
+        assert signals[endpoint_of(limiter, provider)]["learned_requests_per_minute"] == 3
+
+
+async def test_a_429_to_a_call_in_flight_at_the_split_cools_its_endpoint_only(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """As above, with a 429 (retry after 30 s): the first endpoint is cooled, not the model."""
+    limiter = make(clock)
+    with FakeProvider() as other:
+        provider.state.push(Scripted(status=429, delay=1.0, headers={"retry-after": "30"}))
+        slow = asyncio.create_task(call(provider))
+        await wait_until(lambda: provider.state.in_flight == 1)
+        await call(other)  # the split
+        await wait_until(lambda: provider.state.count(429) == 1 and limiter._engine.queue_length == 1)
+        start = clock()
+        await asyncio.wait_for(call(other), 20)  # (no fake time passes: it must not wait)
+        assert clock() == start
+        with Ticker(clock, step=0.5, when=lambda: limiter._engine.queue_length > 0):
+            await asyncio.wait_for(slow, 30)
+        assert provider.state.count() == 2
+
+
+async def test_the_requests_counted_toward_a_learned_limit_move_with_it(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """The first endpoint says 3 a minute and had 2 calls: after the split, 1 more fits there."""
+    make(clock, {"queue": {"max_wait_seconds": 0}})
+    provider.state.push(Scripted(status=200, headers=limit_headers(3, 2)),
+                        Scripted(status=200, headers=limit_headers(3, 1)))
+    with FakeProvider() as other:
+        await call(provider)
+        await call(provider)
+        await call(other)  # the split
+        await call(provider)  # the 3rd of its 3
+        with pytest.raises(RateLimitQueueTimeout):
+            await call(provider)  # a 4th within the minute
+        assert provider.state.count() == 3
+
+
+async def test_two_threads_splitting_a_model_at_once_move_its_signals_once(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """Two threads see a model at a second endpoint at once: the second move copied the model's
+    (by then empty) signals over the cooldown the first had moved to the first endpoint."""
+    limiter = make(clock, {"queue": {"max_wait_seconds": 0}})
+    provider.state.push(Scripted(status=429, headers={"retry-after": "30"}))
+    with pytest.raises(Exception):  # noqa: B017 (its retry cannot wait: max_wait 0)
+        await call(provider)
+    assert limiter.get_usage_stats()["providers"][MODEL]["cooldown_seconds"] > 25
+    plan = next(iter(limiter._plans.values()))
+    barrier = threading.Barrier(2)
+    reads = [0]
+
+    class BothReadFirst(dict[Any, Any]):  # both threads read "one endpoint so far" before either splits
+        def get(self, k: Any, d: Any = None) -> Any:
+            v = super().get(k, d)
+            if k == plan.model_key:
+                reads[0] += 1
+                if reads[0] <= 2:
+                    barrier.wait(5)
+            return v
+
+    limiter._endpoints = BothReadFirst(limiter._endpoints)
+    kws = [{"api_base": "https://a.example/v1", "api_key": "sk-a"},
+           {"api_base": "https://b.example/v1", "api_key": "sk-b"}]
+    threads = [threading.Thread(target=limiter._endpoint_scopes, args=(plan, kw)) for kw in kws]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert limiter.get_usage_stats()["providers"][endpoint_of(limiter, provider)]["cooldown_seconds"] > 25
+
+
+async def test_a_second_process_splitting_a_model_moves_what_it_learned_since(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """Two limiters (with Redis: two processes sharing it). A splits first; B learns the first
+    endpoint's limit on the model before it sees the second endpoint; at B's split that limit
+    moves to the first endpoint (in Redis, whose hash A's calls had made already)."""
+    from hive_ratelimit_plugin.plugin import unregister
+
+    with FakeProvider() as other:
+        a = make(clock, {"queue": {"max_wait_seconds": 0}})
+        provider.state.push(*(Scripted(status=200, headers=limit_headers(3, 2)) for _ in range(2)))
+        await call(provider)
+        await call(other)  # A splits
+        await call(provider)  # the first endpoint's signals exist now
+        unregister(a)
+        if a in litellm.callbacks:
+            litellm.callbacks.remove(a)
+        b = make(clock, {"queue": {"max_wait_seconds": 0}})
+        provider.state.push(Scripted(status=200, headers=limit_headers(3, 2)))
+        await call(provider)  # B: one endpoint so far: learned on the model
+        await call(other)  # B splits
+        for _ in range(4):
+            await call(other)  # the second endpoint has no limit
+        assert other.state.count() == 6
+        assert "learned_requests_per_minute" not in b.get_usage_stats()["providers"][MODEL]

@@ -182,6 +182,47 @@ async def test_mixed_model_groups_are_admitted_per_deployment_with_the_keys_iden
     assert set(stats["levels"]["user"]) == {"user:alice"}  # not the client's "mallory"
 
 
+async def test_a_group_of_one_model_on_two_endpoints_keeps_their_cooldowns_apart(
+        provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model group whose deployments are one model on two endpoints (two regions, two accounts)
+    is admitted per deployment, so each endpoint keeps its own cooldown: while one deployment's
+    429 (retry after 30 s) is waited out, the group's requests the Router sends to the other go
+    at once. (Admitted for the group, a 429 from either held every request to the model.)"""
+    from litellm.proxy import proxy_server
+
+    with FakeProvider() as other:
+        router = litellm.Router(model_list=[
+            {"model_name": "gpt", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": p.url,
+                                                     "api_key": f"sk-x-{i}"}}
+            for i, p in enumerate((provider, other))], num_retries=0)
+        monkeypatch.setattr(proxy_server, "llm_router", router, raising=False)
+        lim = _limiter(clock, {"users": {"alice": {"requests_per_minute": 100}}})
+        auth = _auth(user_id="alice")
+        other.state.push(Scripted(status=429, headers={"retry-after": "30"}))
+        start = clock()
+        calls: list[asyncio.Task[Any]] = []
+
+        async def request(i: int) -> None:
+            data = _data(model="gpt", litellm_call_id=f"call-{i}")
+            await lim.async_pre_call_hook(auth, None, data, "acompletion")
+            await router.acompletion(model="gpt", messages=data["messages"], litellm_call_id=f"call-{i}",
+                                     metadata=data["metadata"])
+
+        while other.state.count(429) == 0:  # until the Router has sent one to the refusing deployment
+            calls.append(asyncio.create_task(request(len(calls))))
+            await asyncio.wait({calls[-1]}, timeout=1.0)
+            assert len(calls) < 40
+        await wait_until(lambda: lim._engine.queue_length >= 1)
+        sent = provider.state.count()
+        calls += [asyncio.create_task(request(100 + i)) for i in range(12)]
+        await wait_until(lambda: provider.state.count() > sent, timeout=20)  # (no fake time passes)
+        assert clock() == start
+        with Ticker(clock, step=0.5, when=lambda: lim._engine.queue_length > 0):
+            await asyncio.wait_for(asyncio.gather(*calls), 60)
+        assert other.state.count(429) == 1
+        assert lim.get_usage_stats()["admitted_total"] >= len(calls)
+
+
 async def test_deployment_admission_without_the_pre_call_hook_uses_the_proxys_key_fields(
         provider: FakeProvider, clock: FakeClock) -> None:
     lim = _limiter(clock, {"users": {"*": {"requests_per_minute": 100}}})

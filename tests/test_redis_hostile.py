@@ -192,7 +192,7 @@ class Switch:
     def __init__(self, eng: RedisEngine) -> None:
         self.mode: str | None = None
         self.plan: list[str | None] = []  # modes of the next calls, before ``mode`` applies again
-        for name in ("_admit", "_settle_script", "_hit", "_peek_s", "_reset", "_renew", "_charge"):
+        for name in ("_admit", "_settle_script", "_hit", "_peek_s", "_reset", "_renew", "_charge", "_move"):
             setattr(eng, name, self._wrap(getattr(eng, name)))
 
     def _wrap(self, script: Any) -> Any:
@@ -915,6 +915,33 @@ def test_a_caller_gone_from_the_line_does_not_hold_it(clock: FakeClock, redis_pr
     clock.advance(0.1)
     a.dispatch()
     assert w.granted
+
+
+def test_a_model_split_while_redis_is_down_moves_its_signals_once_it_is_back(clock: FakeClock,
+                                                                             redis_prefix: str) -> None:
+    """A model's signals move to the endpoint they came from when it is seen served by a second
+    one (see HiveLimiter._endpoint_scopes). Split during an outage, the move is made when Redis
+    answers again: else the limit learned from one endpoint stayed on the model in Redis for
+    good, holding every endpoint's calls (every process's too) to it."""
+    from hive_ratelimit_plugin._retry import RateSignals
+
+    eng = engine(clock, redis_prefix)
+    switch = Switch(eng)
+    m = sc("model:openai/gpt-4o", "model")
+    first = sc("key:openai/gpt-4o@a#1", "key")
+    assert eng.acquire(tk(1, m), nothing) is None
+    assert eng.release("1", signals=RateSignals(limit_requests=120, remaining_requests=100))
+    switch.mode = "refuse"
+    eng.move_signals(m.key, first)
+    switch.mode = None
+    clock.advance(eng.retry_interval + 0.1)
+    assert eng.acquire(tk(2, m, first), nothing) is None  # (Redis again: what was kept is written first)
+    other = engine(clock, redis_prefix)  # another process sees what Redis holds
+    assert other.acquire(tk(3, m), nothing) is None
+    assert other.acquire(tk(4, first), nothing) is None
+    shown = other.provider_state()
+    assert "learned_requests_per_minute" not in shown[m.key]
+    assert shown[first.key]["learned_requests_per_minute"] == 120
 
 
 def test_cooldown_circuit_and_learned_limits_are_shared(clock: FakeClock, redis_prefix: str) -> None:
