@@ -673,6 +673,10 @@ class Engine:
         # model scope key -> the endpoint scope its provider signals moved to (move_signals): a
         # call admitted before the move went to that endpoint, and its outcome lands there
         self._moved: dict[str, Scope] = {}
+        # the calls in flight at a move (only their outcome is the endpoint's: a call admitted
+        # after it on the model's scope alone, as the proxy admits a request for a group before
+        # the Router picks an endpoint, went to an endpoint not known)
+        self._moved_calls: set[str] = set()
         self._min_period = 60.0  # the shortest period after which a scope may be idle (per-second
         # windows are idle sooner, but checking them every tick costs more than it saves)
         self.admitted_total = 0
@@ -1789,9 +1793,11 @@ class Engine:
                     st.in_flight -= 1
             provider_states = layout.signals
             if provider_states:
-                if self._moved and not any(st.level == "key" for st in provider_states):
-                    provider_states = [self._state(self._moved[st.key], now) if st.key in self._moved else st
-                                       for st in provider_states]
+                if self._moved_calls and call_id in self._moved_calls:
+                    self._moved_calls.discard(call_id)
+                    if not any(st.level == "key" for st in provider_states):
+                        provider_states = [self._state(self._moved[st.key], now) if st.key in self._moved else st
+                                           for st in provider_states]
                 if outcome in _ENDPOINT_OUTCOMES and any(st.level == "key" for st in provider_states):
                     # The provider limits (and fails) per API key or endpoint: cool that one only,
                     # count the failure toward its breaker only; the others carry on.
@@ -1929,6 +1935,8 @@ class Engine:
             if source in self._moved:
                 return
             self._moved[source] = target  # (calls in flight now went to target: see release)
+            self._moved_calls.update(cid for cid, r in self._leases.items()
+                                     if any(sc.key == source for sc in r.ticket.scopes))
             src = self._states.get(source)
             if src is None or src.observed_requests is None:
                 return

@@ -926,8 +926,11 @@ class RedisEngine(Engine):
         now = self.clock()
         # A call admitted before its model's signals moved to the endpoint it went to: its
         # outcome is that endpoint's (see Engine.move_signals).
-        moved = [s.key for s in scopes if s.key in self._moved] \
-            if self._moved and not any(s.level == "key" for s in scopes) else []
+        moved: list[str] = []
+        if self._moved_calls and t.call_id in self._moved_calls:
+            self._moved_calls.discard(t.call_id)
+            if not any(s.level == "key" for s in scopes):
+                moved = [s.key for s in scopes if s.key in self._moved]
         extra = [self._moved[moved[0]]] if moved else []
         args.append(str(len(scopes) + len(extra)))
         # The provider limits per API key: a 429 cools that key only; the others carry on.
@@ -1155,6 +1158,8 @@ class RedisEngine(Engine):
             if source in self._moved:
                 return
             self._moved[source] = target  # (calls in flight now went to target: see _settle_args)
+            self._moved_calls.update(cid for cid, r in self._leases.items()
+                                     if any(sc.key == source for sc in r.ticket.scopes))
         args = [self.prefix, "", _wire(source), _wire(target.key)]
         try:
             self._call(self._move, args)

@@ -88,6 +88,10 @@ _CALL_TYPES = {
 _HEX = frozenset("0123456789abcdef")
 _RUNAWAY_FLAG = "_hive_ratelimit_runaway"  # set on our private copy of a request's kwargs
 _ANY_ENDPOINT = "_hive_ratelimit_any_endpoint"  # (likewise: admitted before the Router picks an endpoint)
+# Routes that answer a refusal raised in the deployment hook with a 500 (they ignore the failure
+# hook's answer): /v1/messages and /v1/completions. A group of one model on several endpoints is
+# admitted for the group there, as media routes are.
+_GROUP_ADMITTED = frozenset({"anthropic_messages", "atext_completion"})
 
 
 def _key_name(token: Any) -> str | None:
@@ -331,7 +335,8 @@ class ProxyLimiter(HiveLimiter):
                 out.append(dict(params))
         return out
 
-    def _resolve(self, data: Mapping[str, Any], mixed: bool = False) -> dict[str, Any] | None:
+    def _resolve(self, data: Mapping[str, Any], mixed: bool = False,
+                 any_endpoint: bool = False) -> dict[str, Any] | None:
         """The one (model, provider, endpoint) a request goes to, or None if its group mixes models
         or endpoints (with ``mixed``: then its first deployment's model, as the model's scope
         alone: which endpoint serves it is not known yet)."""
@@ -356,7 +361,7 @@ class ProxyLimiter(HiveLimiter):
             endpoints.add(_endpoint(target))
         if len(seen) == 1 and len(endpoints) == 1:
             return next(iter(seen.values()))
-        if mixed:
+        if mixed or (any_endpoint and len(seen) == 1):
             return {**next(iter(seen.values())), _ANY_ENDPOINT: True}
         return None
 
@@ -391,7 +396,7 @@ class ProxyLimiter(HiveLimiter):
         # deployment hook would be a 500. Those are admitted here for their group's first deployment
         # even when it mixes models; if the Router picks another, the deployment hook moves the
         # reservation to it (see _held_for_another_model).
-        target = self._resolve(data, mixed=kind in _media.CALL_TYPES)
+        target = self._resolve(data, mixed=kind in _media.CALL_TYPES, any_endpoint=kind in _GROUP_ADMITTED)
         if target is None:
             # The Router picks among different models: admit per deployment (deployment hook).
             with self._proxy_lock:

@@ -31,7 +31,7 @@ from hive_ratelimit_plugin.plugin import unregister
 from hive_ratelimit_plugin.proxy import ProxyLimiter
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
-from .helpers import wait_until, wav
+from .helpers import Ticker, wait_until, wav
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,6 +122,12 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
             {"model_name": "mixed", "litellm_params": {"model": m, "api_base": provider.url,
                                                        "api_key": "sk-provider-SECRET"}}
             for m in ("openai/gpt-4o-mini", "openai/gpt-4o")]
+        # Groups of one model on two endpoints (two accounts' keys): each endpoint keeps its signals.
+        conf["model_list"] += [
+            {"model_name": name, "litellm_params": {"model": m, "api_base": base, "api_key": f"sk-provider-SECRET-{i}"}}
+            for name, m, base in (("gpt-2keys", "openai/gpt-4o-mini", provider.url),
+                                  ("claude-2keys", "anthropic/claude-sonnet-4-5", provider.root))
+            for i in (1, 2)]
         conf["model_list"].append({"model_name": "claude", "litellm_params": {  # (the /v1/messages route)
             "model": "anthropic/claude-sonnet-4-5", "api_base": provider.root, "api_key": "sk-provider-SECRET"}})
         conf["model_list"].append({"model_name": "img", "litellm_params": {
@@ -332,6 +338,54 @@ async def test_image_requests_are_limited_per_user_and_priced_per_image(px: Prox
     assert stats["admitted_total"] == 2
     assert stats["levels"]["user"]["user:bob"]["requests_per_minute"]["used"] == 2
     assert stats["cost_today"] == pytest.approx(4 * 0.05)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/v1/messages"])
+async def test_a_group_of_one_model_on_two_endpoints_refuses_with_429(px: Proxy, route: str) -> None:
+    """A group of one model on two endpoints: a refusal is a 429 on every route. (/v1/messages and
+    /v1/completions ignore the failure hook's answer: a refusal raised in the deployment hook was
+    a 500 there, so those routes admit such a group before the Router picks an endpoint.)"""
+    px.use({**LIMITS, "queue": {"max_wait_seconds": 0}})
+    claude = route == "/v1/messages"
+    body: dict[str, Any] = {"model": "claude-2keys" if claude else "gpt-2keys", "max_tokens": 5}
+    if route == "/v1/completions":
+        body["prompt"] = "hello there"
+    else:
+        body["messages"] = [{"role": "user", "content": "hello there"}]
+    async with httpx.AsyncClient(timeout=60) as client:
+        answers = [await client.post(f"{px.url}{route}", json=body, headers={"authorization": "Bearer sk-alice"})
+                   for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 429], answers[-1].text
+    assert "SECRET" not in answers[-1].text
+    assert px.provider.state.count() == 2
+
+
+async def test_a_group_admitted_calls_429_cools_the_model_not_another_endpoint(px: Proxy) -> None:
+    """A /v1/messages request to a group of one model on two endpoints is admitted for the group
+    (the endpoint the Router picks is not known then). Once the model has split, its 429 cools the
+    model, as before the split: it was sent to cool the first endpoint seen, whichever sent it."""
+    lim = px.use(LIMITS)
+    model = "model:anthropic/claude-sonnet-4-5"
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(8):  # chat requests to the group, admitted per deployment: the model splits
+            r = await client.post(f"{px.url}/v1/chat/completions", headers={"authorization": "Bearer sk-bob"},
+                                  json={"model": "claude-2keys", "max_tokens": 5,
+                                        "messages": [{"role": "user", "content": "hello there"}]})
+            assert r.status_code == 200, r.text
+            if len([k for k in lim.get_usage_stats()["providers"] if k.startswith("key:anthropic/")]) == 2:
+                break
+        endpoints = [k for k in lim.get_usage_stats()["providers"] if k.startswith("key:anthropic/")]
+        assert len(endpoints) == 2
+        px.provider.state.push(Scripted(status=429, headers={"retry-after": "30"}))
+        task = asyncio.ensure_future(client.post(
+            f"{px.url}/v1/messages", headers={"authorization": "Bearer sk-bob"},
+            json={"model": "claude-2keys", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
+        await wait_until(lambda: px.provider.state.count(429) == 1 and lim._engine.queue_length == 1, timeout=30)
+        signals = lim.get_usage_stats()["providers"]
+        assert signals[model].get("cooldown_seconds", 0) > 25
+        assert not any("cooldown_seconds" in signals[k] for k in endpoints)
+        with Ticker(px.clock, step=0.5, when=lambda: lim._engine.queue_length > 0):
+            assert (await asyncio.wait_for(task, 60)).status_code == 200
 
 
 async def test_mixed_model_groups_are_limited_per_deployment(px: Proxy) -> None:
