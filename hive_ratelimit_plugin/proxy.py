@@ -89,9 +89,9 @@ _HEX = frozenset("0123456789abcdef")
 _RUNAWAY_FLAG = "_hive_ratelimit_runaway"  # set on our private copy of a request's kwargs
 _ANY_ENDPOINT = "_hive_ratelimit_any_endpoint"  # (likewise: admitted before the Router picks an endpoint)
 # Routes that answer a refusal raised in the deployment hook with a 500 (they ignore the failure
-# hook's answer): /v1/messages and /v1/completions. A group of one model on several endpoints is
-# admitted for the group there, as media routes are.
-_GROUP_ADMITTED = frozenset({"anthropic_messages", "atext_completion"})
+# hook's answer): /v1/messages, /v1/completions and the media routes. A group that mixes models or
+# endpoints is admitted for the group there (see async_pre_call_hook).
+_GROUP_ADMITTED = frozenset({"anthropic_messages", "atext_completion"}) | _media.CALL_TYPES
 
 
 def _key_name(token: Any) -> str | None:
@@ -335,8 +335,7 @@ class ProxyLimiter(HiveLimiter):
                 out.append(dict(params))
         return out
 
-    def _resolve(self, data: Mapping[str, Any], mixed: bool = False,
-                 any_endpoint: bool = False) -> dict[str, Any] | None:
+    def _resolve(self, data: Mapping[str, Any], mixed: bool = False) -> dict[str, Any] | None:
         """The one (model, provider, endpoint) a request goes to, or None if its group mixes models
         or endpoints (with ``mixed``: then its first deployment's model, as the model's scope
         alone: which endpoint serves it is not known yet)."""
@@ -361,7 +360,7 @@ class ProxyLimiter(HiveLimiter):
             endpoints.add(_endpoint(target))
         if len(seen) == 1 and len(endpoints) == 1:
             return next(iter(seen.values()))
-        if mixed or (any_endpoint and len(seen) == 1):
+        if mixed:
             return {**next(iter(seen.values())), _ANY_ENDPOINT: True}
         return None
 
@@ -392,11 +391,11 @@ class ProxyLimiter(HiveLimiter):
             raise _http_exception(
                 f"litellm_call_id {call_id} is already in flight; send a unique x-litellm-call-id",
                 "invalid_request_error", "duplicate_call_id", 400, {})
-        # The routes of calls billed per unit ignore the failure hook's answer: a refusal in the
-        # deployment hook would be a 500. Those are admitted here for their group's first deployment
-        # even when it mixes models; if the Router picks another, the deployment hook moves the
-        # reservation to it (see _held_for_another_model).
-        target = self._resolve(data, mixed=kind in _media.CALL_TYPES, any_endpoint=kind in _GROUP_ADMITTED)
+        # Some routes (media, /v1/messages, /v1/completions) ignore the failure hook's answer: a
+        # refusal in the deployment hook would be a 500. Those are admitted here for their group's
+        # first deployment even when it mixes models or endpoints; if the Router picks another
+        # model, the deployment hook moves the reservation to it (see _held_for_another_model).
+        target = self._resolve(data, mixed=kind in _GROUP_ADMITTED)
         if target is None:
             # The Router picks among different models: admit per deployment (deployment hook).
             with self._proxy_lock:

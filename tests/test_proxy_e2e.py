@@ -340,14 +340,14 @@ async def test_image_requests_are_limited_per_user_and_priced_per_image(px: Prox
     assert stats["cost_today"] == pytest.approx(4 * 0.05)
 
 
-@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/v1/messages"])
-async def test_a_group_of_one_model_on_two_endpoints_refuses_with_429(px: Proxy, route: str) -> None:
-    """A group of one model on two endpoints: a refusal is a 429 on every route. (/v1/messages and
-    /v1/completions ignore the failure hook's answer: a refusal raised in the deployment hook was
-    a 500 there, so those routes admit such a group before the Router picks an endpoint.)"""
+@pytest.mark.parametrize(("route", "group"), [("/v1/chat/completions", "gpt-2keys"), ("/v1/completions", "gpt-2keys"),
+                                              ("/v1/messages", "claude-2keys"), ("/v1/completions", "mixed")])
+async def test_a_group_of_one_model_on_two_endpoints_refuses_with_429(px: Proxy, route: str, group: str) -> None:
+    """A group of one model on two endpoints (or of two models): a refusal is a 429 on every route.
+    (/v1/messages and /v1/completions ignore the failure hook's answer: a refusal raised in the
+    deployment hook was a 500 there, so those routes admit such a group before the Router picks.)"""
     px.use({**LIMITS, "queue": {"max_wait_seconds": 0}})
-    claude = route == "/v1/messages"
-    body: dict[str, Any] = {"model": "claude-2keys" if claude else "gpt-2keys", "max_tokens": 5}
+    body: dict[str, Any] = {"model": group, "max_tokens": 5}
     if route == "/v1/completions":
         body["prompt"] = "hello there"
     else:

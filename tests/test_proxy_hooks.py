@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import uuid
 from typing import Any
 
 import litellm
@@ -202,10 +203,13 @@ async def test_a_group_of_one_model_on_two_endpoints_keeps_their_cooldowns_apart
         start = clock()
         calls: list[asyncio.Task[Any]] = []
 
+        run = uuid.uuid4().hex  # (LiteLLM 1.110 delivers success events late, from a worker: an earlier
+        # test's "call-1" settled this test's "call-1" as a success before its 429 came back)
+
         async def request(i: int) -> None:
-            data = _data(model="gpt", litellm_call_id=f"call-{i}")
+            data = _data(model="gpt", litellm_call_id=f"{run}-{i}")
             await lim.async_pre_call_hook(auth, None, data, "acompletion")
-            await router.acompletion(model="gpt", messages=data["messages"], litellm_call_id=f"call-{i}",
+            await router.acompletion(model="gpt", messages=data["messages"], litellm_call_id=f"{run}-{i}",
                                      metadata=data["metadata"])
 
         while other.state.count(429) == 0:  # until the Router has sent one to the refusing deployment
