@@ -1926,17 +1926,25 @@ class Engine:
             st.input.append(st.observed_input)
             self._forget_states()  # cached layouts list its windows without this one
 
+    def _note_move(self, source: str, target: Scope) -> bool:
+        """Record that ``source``'s signals move to ``target`` (caller holds the lock), with the
+        calls in flight on ``source``: they went to ``target``, and their outcomes land there (see
+        release). ``False`` if they moved already (two threads splitting a model at once)."""
+        if source in self._moved:
+            return False
+        self._moved[source] = target
+        self._moved_calls.update(cid for cid, r in self._leases.items()
+                                 if any(sc.key == source for sc in r.ticket.scopes))
+        return True
+
     def move_signals(self, source: str, target: Scope) -> None:
         """What the provider told about scope ``source`` (a model's: cooldown, pacing, circuit
         breaker, learned and adaptive limits) now holds for ``target`` only (an endpoint's: the
         model turned out to be served by more than one, see HiveLimiter._endpoint_scopes).
         Once per source: a second move (two threads splitting at once) changes nothing."""
         with self._lock:
-            if source in self._moved:
+            if not self._note_move(source, target):
                 return
-            self._moved[source] = target  # (calls in flight now went to target: see release)
-            self._moved_calls.update(cid for cid, r in self._leases.items()
-                                     if any(sc.key == source for sc in r.ticket.scopes))
             src = self._states.get(source)
             if src is None or src.observed_requests is None:
                 return

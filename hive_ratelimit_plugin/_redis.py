@@ -1155,11 +1155,8 @@ class RedisEngine(Engine):
 
     def move_signals(self, source: str, target: Scope) -> None:
         with self._lock:
-            if source in self._moved:
+            if not self._note_move(source, target):  # (their outcomes: see _settle_args)
                 return
-            self._moved[source] = target  # (calls in flight now went to target: see _settle_args)
-            self._moved_calls.update(cid for cid, r in self._leases.items()
-                                     if any(sc.key == source for sc in r.ticket.scopes))
         args = [self.prefix, "", _wire(source), _wire(target.key)]
         try:
             self._call(self._move, args)
