@@ -397,7 +397,7 @@ class ProxyLimiter(HiveLimiter):
         # model, the deployment hook moves the reservation to it (see _held_for_another_model).
         target = self._resolve(data, mixed=kind in _GROUP_ADMITTED)
         if target is None:
-            # The Router picks among different models: admit per deployment (deployment hook).
+            # The Router picks among different models or endpoints: admit per deployment (deployment hook).
             with self._proxy_lock:
                 self._proxy_calls[call_id] = (ident, False)
             return None
