@@ -142,7 +142,8 @@ async def test_a_routers_deployments_of_one_model_keep_their_own_cooldowns(
             assert len(first) < 40
         await wait_until(lambda: limiter._engine.queue_length >= 1)
         sent = provider.state.count()
-        later = [asyncio.create_task(router.acompletion(model="gpt", messages=messages)) for _ in range(12)]
+        # (20: that the Router sends all of them to the refusing deployment is a 1 in 10^6 chance)
+        later = [asyncio.create_task(router.acompletion(model="gpt", messages=messages)) for _ in range(20)]
         await wait_until(lambda: provider.state.count() > sent, timeout=20)  # (no fake time passes)
         assert clock() == start
         with Ticker(clock, step=0.5, when=lambda: limiter._engine.queue_length > 0):

@@ -364,10 +364,10 @@ async def test_a_group_admitted_calls_429_cools_the_model_not_another_endpoint(p
     """A /v1/messages request to a group of one model on two endpoints is admitted for the group
     (the endpoint the Router picks is not known then). Once the model has split, its 429 cools the
     model, as before the split: it was sent to cool the first endpoint seen, whichever sent it."""
-    lim = px.use(LIMITS)
+    lim = px.use({"users": {"bob": {"requests_per_minute": 100}}})  # (bob's 5 a minute held the 6th)
     model = "model:anthropic/claude-sonnet-4-5"
     async with httpx.AsyncClient(timeout=60) as client:
-        for _ in range(8):  # chat requests to the group, admitted per deployment: the model splits
+        for _ in range(20):  # chat requests to the group, admitted per deployment: the model splits
             r = await client.post(f"{px.url}/v1/chat/completions", headers={"authorization": "Bearer sk-bob"},
                                   json={"model": "claude-2keys", "max_tokens": 5,
                                         "messages": [{"role": "user", "content": "hello there"}]})

@@ -218,7 +218,7 @@ async def test_a_group_of_one_model_on_two_endpoints_keeps_their_cooldowns_apart
             assert len(calls) < 40
         await wait_until(lambda: lim._engine.queue_length >= 1)
         sent = provider.state.count()
-        calls += [asyncio.create_task(request(100 + i)) for i in range(12)]
+        calls += [asyncio.create_task(request(100 + i)) for i in range(20)]  # (all 20 to one: 1 in 10^6)
         await wait_until(lambda: provider.state.count() > sent, timeout=20)  # (no fake time passes)
         assert clock() == start
         with Ticker(clock, step=0.5, when=lambda: lim._engine.queue_length > 0):
