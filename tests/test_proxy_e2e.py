@@ -341,7 +341,8 @@ async def test_image_requests_are_limited_per_user_and_priced_per_image(px: Prox
 
 
 @pytest.mark.parametrize(("route", "group"), [("/v1/chat/completions", "gpt-2keys"), ("/v1/completions", "gpt-2keys"),
-                                              ("/v1/messages", "claude-2keys"), ("/v1/completions", "mixed")])
+                                              ("/v1/messages", "claude-2keys"), ("/v1/completions", "mixed"),
+                                              ("/v1/embeddings", "gpt-2keys")])
 async def test_a_group_of_one_model_on_two_endpoints_refuses_with_429(px: Proxy, route: str, group: str) -> None:
     """A group of one model on two endpoints (or of two models): a refusal is a 429 on every route.
     (/v1/messages and /v1/completions ignore the failure hook's answer: a refusal raised in the
@@ -350,12 +351,15 @@ async def test_a_group_of_one_model_on_two_endpoints_refuses_with_429(px: Proxy,
     body: dict[str, Any] = {"model": group, "max_tokens": 5}
     if route == "/v1/completions":
         body["prompt"] = "hello there"
+    elif route == "/v1/embeddings":
+        del body["max_tokens"]
+        body["input"] = "hello there"
     else:
         body["messages"] = [{"role": "user", "content": "hello there"}]
     async with httpx.AsyncClient(timeout=60) as client:
         answers = [await client.post(f"{px.url}{route}", json=body, headers={"authorization": "Bearer sk-alice"})
                    for _ in range(3)]
-    assert [r.status_code for r in answers] == [200, 200, 429], answers[-1].text
+    assert [r.status_code for r in answers] == [200, 200, 429], [a.text[:300] for a in answers]
     assert "SECRET" not in answers[-1].text
     assert px.provider.state.count() == 2
 
