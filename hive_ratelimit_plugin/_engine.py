@@ -232,13 +232,14 @@ class ScopeState:
         return f"ScopeState({self.key!r}, {', '.join(parts)})"
 
 
-#: A model or API-key scope's provider signals, and their values before any signal came.
-_SIGNAL_DEFAULTS: dict[str, Any] = {
-    "cooldown_until": 0.0, "pace_until": 0.0, "pace_interval": 0.0, "next_slot": 0.0, "circuit": CLOSED,
-    "consecutive_failures": 0, "open_until": 0.0, "open_count": 0, "probe": None, "learned_rpm": None,
-    "learned_tpm": None, "learned_itpm": None, "adaptive_rpm": None, "adaptive_ceiling": NEVER,
-    "rate_limited_at": -NEVER, "adaptive_cut_at": -NEVER}
-_SIGNALS = tuple(_SIGNAL_DEFAULTS)
+#: A model or API-key scope's provider signals, and their values before any signal came (a new
+#: state's: see ScopeState.__init__).
+_SIGNALS = ("cooldown_until", "pace_until", "pace_interval", "next_slot", "circuit", "consecutive_failures",
+            "open_until", "open_count", "probe", "learned_rpm", "learned_tpm", "learned_itpm", "adaptive_rpm",
+            "adaptive_ceiling", "rate_limited_at", "adaptive_cut_at")
+_fresh = ScopeState(Scope("model", "", LimitSet()))
+_SIGNAL_DEFAULTS: dict[str, Any] = {name: getattr(_fresh, name) for name in _SIGNALS}
+del _fresh
 #: Outcomes that are about the API key or endpoint that answered, where a call went with one.
 _ENDPOINT_OUTCOMES = ("rate_limited", "failure")
 
@@ -1793,11 +1794,10 @@ class Engine:
                     st.in_flight -= 1
             provider_states = layout.signals
             if provider_states:
-                if self._moved_calls and call_id in self._moved_calls:
-                    self._moved_calls.discard(call_id)
-                    if not any(st.level == "key" for st in provider_states):
-                        provider_states = [self._state(self._moved[st.key], now) if st.key in self._moved else st
-                                           for st in provider_states]
+                moved = self._moved_keys(call_id, provider_states) if self._moved_calls else ()
+                if moved:
+                    provider_states = [self._state(self._moved[st.key], now) if st.key in moved else st
+                                       for st in provider_states]
                 if outcome in _ENDPOINT_OUTCOMES and any(st.level == "key" for st in provider_states):
                     # The provider limits (and fails) per API key or endpoint: cool that one only,
                     # count the failure toward its breaker only; the others carry on.
@@ -1937,6 +1937,16 @@ class Engine:
                                  if any(sc.key == source for sc in r.ticket.scopes))
         return True
 
+    def _moved_keys(self, call_id: str, scopes: Iterable[Scope | ScopeState]) -> list[str]:
+        """Of the scopes of a call settling now, those whose signals moved to an endpoint while it
+        was in flight (see _note_move): it went to that endpoint, and its outcome is that one's."""
+        if call_id not in self._moved_calls:
+            return []
+        self._moved_calls.discard(call_id)
+        if any(s.level == "key" for s in scopes):  # (its own endpoint or key takes them)
+            return []
+        return [s.key for s in scopes if s.key in self._moved]
+
     def move_signals(self, source: str, target: Scope) -> None:
         """What the provider told about scope ``source`` (a model's: cooldown, pacing, circuit
         breaker, learned and adaptive limits) now holds for ``target`` only (an endpoint's: the
@@ -1961,8 +1971,7 @@ class Engine:
             for a, b in ((src.observed_requests, dst.observed_requests), (src.observed_tokens, dst.observed_tokens),
                          (src.observed_input, dst.observed_input)):
                 if a is not None and b is not None and b.is_idle():
-                    b.buckets = [list(x) for x in a.buckets]
-                    b.ci, b.cur, b.total, b.next_expiry = a.ci, a.cur, a.total, a.next_expiry
+                    b.copy_usage(a)
             self._apply_learned(src)
             self._apply_learned(dst)
             self._version += 1

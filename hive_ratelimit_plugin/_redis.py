@@ -926,11 +926,7 @@ class RedisEngine(Engine):
         now = self.clock()
         # A call admitted before its model's signals moved to the endpoint it went to: its
         # outcome is that endpoint's (see Engine.move_signals).
-        moved: list[str] = []
-        if self._moved_calls and t.call_id in self._moved_calls:
-            self._moved_calls.discard(t.call_id)
-            if not any(s.level == "key" for s in scopes):
-                moved = [s.key for s in scopes if s.key in self._moved]
+        moved = self._moved_keys(t.call_id, scopes) if self._moved_calls else []
         extra = [self._moved[moved[0]]] if moved else []
         args.append(str(len(scopes) + len(extra)))
         # The provider limits per API key: a 429 cools that key only; the others carry on.

@@ -89,6 +89,11 @@ class SlidingWindow:
         self.cur *= f
         self.total = sum(b[1] for b in self.buckets) + self.cur
 
+    def copy_usage(self, other: SlidingWindow) -> None:
+        """Hold what ``other`` (a window of the same period) holds, bucket by bucket."""
+        self.buckets = [list(b) for b in other.buckets]
+        self.ci, self.cur, self.total, self.next_expiry = other.ci, other.cur, other.total, other.next_expiry
+
     def fits(self, amount: float) -> bool:
         """Whether ``amount`` more fits now (call :meth:`expire` first)."""
         return self.total + amount <= self.limit
