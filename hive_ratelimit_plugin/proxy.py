@@ -93,6 +93,10 @@ _ANY_ENDPOINT = "_hive_ratelimit_any_endpoint"  # (likewise: admitted before the
 # tested so (its route needs PyNaCl, which CI does not install). A group that mixes models or
 # endpoints is admitted for the group there (see async_pre_call_hook).
 _GROUP_ADMITTED = frozenset({"anthropic_messages", "atext_completion", "aresponses"}) | _media.CALL_TYPES
+#: Routes whose handler answers what the pre-call hook raises itself, keeping a ProxyException's
+#: headers on LiteLLM 1.110 (see _as_route_exception). The media routes keep none whatever is
+#: raised; /v1/responses is untested (its route needs PyNaCl, which the tests do not install).
+_OWN_ERROR_ROUTES = frozenset({"anthropic_messages", "atext_completion"})
 
 
 def _key_name(token: Any) -> str | None:
@@ -420,7 +424,7 @@ class ProxyLimiter(HiveLimiter):
             self._not_sent(view, exc)  # (before the call's identity is dropped: _not_sent reads it)
             with self._proxy_lock:
                 self._proxy_calls.pop(call_id, None)
-            raise _as_http_exception(exc) from exc
+            raise (_as_route_exception(exc) if kind in _OWN_ERROR_ROUTES else _as_http_exception(exc)) from exc
         except BaseException:
             with self._proxy_lock:
                 self._proxy_calls.pop(call_id, None)
@@ -464,6 +468,21 @@ def _http_exception(message: str, kind: str, code: str, status: int, headers: di
 def _as_http_exception(exc: HiveRateLimitError) -> Exception:
     status, kind, code, headers = http_error(exc)
     return _http_exception(str(exc), kind, code, status, headers)
+
+
+def _as_route_exception(exc: HiveRateLimitError) -> Exception:
+    """Our error for a route whose handler catches what the pre-call hook raises and answers it
+    itself (/v1/completions, /v1/messages): an HTTPException's headers are
+    dropped there, so ``retry-after`` was lost. A ProxyException is answered as it is, headers
+    included, by LiteLLM 1.110's handlers; older ones rebuild it from its ``status_code``,
+    ``type`` and ``message`` (the status stays ours, the headers are lost as before)."""
+    from litellm.proxy._types import ProxyException
+
+    status, kind, code, headers = http_error(exc)
+    out = ProxyException(message=str(exc), type=kind, param=None, code=status, headers=headers, openai_code=code)
+    out.status_code = status  # type: ignore[attr-defined]
+    out.hive_ratelimit_code = code  # type: ignore[attr-defined]
+    return out
 
 
 # ---------------------------------------------------------------- the instance

@@ -11,6 +11,7 @@ point) maps bearer tokens to keys with users, teams and aliases, exactly as
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 import secrets
 import socket
@@ -32,6 +33,8 @@ from hive_ratelimit_plugin.proxy import ProxyLimiter
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
 from .helpers import Ticker, wait_until, wav
+
+_LITELLM = tuple(int(part) for part in importlib.metadata.version("litellm").split(".")[:2])
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -361,6 +364,11 @@ async def test_a_group_of_one_model_on_two_endpoints_refuses_with_429(px: Proxy,
                    for _ in range(3)]
     assert [r.status_code for r in answers] == [200, 200, 429], [a.text[:300] for a in answers]
     assert "SECRET" not in answers[-1].text
+    assert "retry in 61" in answers[-1].text
+    if route in ("/v1/chat/completions", "/v1/embeddings") or _LITELLM >= (1, 110):
+        # (/v1/completions and /v1/messages answer the hook's error themselves: LiteLLM 1.83 drops
+        # its headers whatever it is; 1.110 keeps a ProxyException's)
+        assert 55 <= int(answers[-1].headers["retry-after"]) <= 61
     assert px.provider.state.count() == 2
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import litellm
 import pytest
 from fastapi import HTTPException
-from litellm.proxy._types import UserAPIKeyAuth
+from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
 from hive_ratelimit_plugin import proxy as proxy_mod
 from hive_ratelimit_plugin.errors import RateLimitQueueTimeout
@@ -368,9 +368,12 @@ async def test_every_llm_route_is_admitted(call_type: str, clock: FakeClock) -> 
     auth = _auth(user_id="alice")
     body = {"input": "hello there", "prompt": "hello there"}
     await lim.async_pre_call_hook(auth, None, _data(**body), call_type)
-    with pytest.raises(HTTPException) as caught:
+    # (/v1/completions and /v1/messages answer a ProxyException with its headers: see _as_route_exception)
+    raised = ProxyException if call_type in ("text_completion", "anthropic_messages") else HTTPException
+    with pytest.raises(raised) as caught:
         await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-2", **body), call_type)
-    assert caught.value.status_code == 429
+    assert caught.value.status_code == 429  # type: ignore[attr-defined]
+    assert 55 <= int(caught.value.headers["retry-after"]) <= 61  # type: ignore[attr-defined]
 
 
 async def test_configured_api_keys_never_replace_the_deployments_key(
