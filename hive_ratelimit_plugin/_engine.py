@@ -1976,6 +1976,23 @@ class Engine:
             self._apply_learned(dst)
             self._version += 1
 
+    def held_for(self, keys: Iterable[str]) -> dict[str, float]:
+        """Of these model or API-key scopes, those a provider's signal holds now (a 429's cooldown,
+        an open circuit), with the seconds it still holds them."""
+        out: dict[str, float] = {}
+        with self._lock:
+            now = self.clock()
+            for key in keys:
+                st = self._states.get(key)
+                if st is None:
+                    continue
+                until = st.cooldown_until
+                if st.circuit is OPEN and st.open_until > until:
+                    until = st.open_until
+                if until > now:
+                    out[key] = until - now
+        return out
+
     def provider_state(self) -> dict[str, dict[str, Any]]:
         """Cooldowns, circuits and learned limits of model and API-key scopes."""
         with self._lock:

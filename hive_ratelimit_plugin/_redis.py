@@ -1281,6 +1281,25 @@ class RedisEngine(Engine):
             out[key] = entry
         return out
 
+    def held_for(self, keys: Iterable[str]) -> dict[str, float]:
+        """:meth:`Engine.held_for`, as every process sharing this Redis sees it (one round trip)."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        got = self._peek([], [], keys, [], [])
+        if got is None:
+            return self.fallback.held_for(keys)
+        out: dict[str, float] = {}
+        for key, raw in zip(keys, got[2], strict=True):
+            flat = _dec(raw).split(SEP) if raw else []
+            h = dict(zip(flat[::2], flat[1::2], strict=False))
+            until = float(h.get("cooldown_until", 0.0))
+            if h.get("circuit") == "open":
+                until = max(until, float(h.get("open_until", 0.0)))
+            if until > got[5]:
+                out[key] = until - got[5]
+        return out
+
     def provider_state(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             keys = [k for k, st in self._states.items() if st.observed_requests is not None]

@@ -551,6 +551,8 @@ class HiveLimiter(CustomLogger):
         # (provider, model) -> the one endpoint (api_base, api_key) its calls went to so far, or
         # _SERVED_BY_MANY (see _endpoint_scopes)
         self._endpoints: dict[tuple[Any, ...], Any] = {}
+        # (model, endpoint) -> its scope's key, for the Router's choice (see async_filter_deployments)
+        self._signal_scopes: dict[tuple[Any, ...], str] = {}
         self._split_lock = threading.Lock()
         # What each caller's last call left in its provider's prompt cache: (tokens, until when,
         # and the (messages, fingerprint) of the prompt that left them: see _prompt_print); and
@@ -1557,6 +1559,53 @@ class HiveLimiter(CustomLogger):
         if not value:
             raise ConfigError(f"API key environment variable {env} is no longer set")
         return value
+
+    async def async_filter_deployments(self, model: str, healthy_deployments: list[Any], messages: Any,
+                                       request_kwargs: dict[str, Any] | None = None,
+                                       parent_otel_span: Any = None) -> list[Any]:
+        """A Router's choice among a model group's deployments (async calls): those a provider has
+        put on hold (a 429's cooldown, an open circuit breaker, on their endpoint or, before their
+        model is served by several, on their model) are left out while another deployment is free,
+        so that the Router sends the call there rather than have it wait in the queue. With all of
+        them on hold the list is left as it is (the call waits for its deployment)."""
+        if len(healthy_deployments) < 2 or not self._config.enabled:
+            return healthy_deployments
+        try:
+            keys = [self._signal_scope(d) for d in healthy_deployments]
+            held = self._engine.held_for({k for k in keys if k is not None})
+            if not held:
+                return healthy_deployments
+            free = [d for d, k in zip(healthy_deployments, keys, strict=True) if k not in held]
+        except Exception as exc:  # (a routing aid: never a reason for a call to fail)
+            logger.warning("could not check a model group's deployments for provider cooldowns: %s", exc,
+                           extra={"hive_repeat_key": ("filter_deployments",)})
+            return healthy_deployments
+        if free and len(free) < len(healthy_deployments):
+            logger.debug("%d of %d deployments of %s left out while a provider holds them",
+                         len(healthy_deployments) - len(free), len(healthy_deployments), model)
+        return free or healthy_deployments
+
+    def _signal_scope(self, deployment: Any) -> str | None:
+        """The scope holding the provider signals of calls to a Router deployment: its endpoint's
+        once its model is served by several, else its model's."""
+        params = deployment.get("litellm_params") if isinstance(deployment, Mapping) else None
+        if not isinstance(params, Mapping):
+            return None
+        model = params.get("model")
+        if type(model) is not str or not model:
+            return None
+        provider = self._provider_of(model, params.get("custom_llm_provider"), params.get("api_base"))
+        key = (provider, split_model(model, provider))
+        if self._endpoints.get(key) is not _SERVED_BY_MANY:
+            return f"model:{provider}/{key[1]}"
+        endpoint = _endpoint(params)
+        cache = self._signal_scopes
+        found = cache.get((key, endpoint))
+        if found is None:
+            if len(cache) >= 1024:
+                cache.clear()
+            found = cache[(key, endpoint)] = _endpoint_scope(key, endpoint).key
+        return found
 
     async def async_post_call_success_deployment_hook(
         self, request_data: dict[str, Any], response: Any, call_type: Any
