@@ -678,6 +678,10 @@ class Engine:
         # after it on the model's scope alone, as the proxy admits a request for a group before
         # the Router picks an endpoint, went to an endpoint not known)
         self._moved_calls: set[str] = set()
+        # Called (outside the lock) with the keys of model scopes another process split, where the
+        # backend is shared (see RedisEngine._hear_splits); this one is the only process on its
+        # state, and never calls it.
+        self.on_split: Callable[[list[str]], None] | None = None
         self._min_period = 60.0  # the shortest period after which a scope may be idle (per-second
         # windows are idle sooner, but checking them every tick costs more than it saves)
         self.admitted_total = 0

@@ -15,7 +15,9 @@ Layout (``P`` is ``{prefix}``, ``S`` a scope key such as ``model:openai/gpt-4o``
 * ``P:b:S:<kind>``    hash ``start``/``cost``/``req``/``tok``: settled spend in the current calendar
   window of ``kind`` (hour, day, month, run); a different ``start`` means the window rolled over.
 * ``P:s:S``           hash: provider signals of a model or API-key scope (cooldown, pacing,
-  circuit breaker, learned and adaptive limits).
+  circuit breaker, learned and adaptive limits); in a model's, ``split`` once a process has seen
+  the model served by more than one endpoint (``MOVE``), which ``ADMIT`` and ``SETTLE`` tell the
+  processes that have not.
 * ``P:l:<call id>``   hash: what an open call reserved, so that an abandoned call (its process
   died) is reclaimed when its lease expires; ``P:leases`` orders them by expiry.
 * ``P:mark:...``      budget warnings already sent this window (once across all processes).
@@ -283,15 +285,18 @@ end
 """
 
 #: ARGV: prefix, now|'', call_id, lease_seconds, cost, share, nscopes, then per scope:
-#:   key, choice(0/1), provider(0/1), conc(-1 none), nwin, [name, limit(-1 learned), period, amount]*,
+#:   key, choice(0/1), provider(0/1; 2: and this process split it already), conc(-1 none), nwin,
+#:   [name, limit(-1 learned), period, amount]*,
 #:   nbud, [name, kind, start, limit, isreq(0/1), frees]*   (frees: when its window rolls over; -1 never)
 #: and at the end the spend targets of the call, '\0'-joined: scope, kind, start, ttl, ...; then its priority
-#: Returns {1, now, chosen, has_record(0/1), dataset id|'', settled spend seen: 'scope\0kind\0start\0cost\0requests'...}
-#:       | {0, now, scope, limit, remaining, retry_at|'', release(0/1), failing keys...}
+#: Returns {1, now, chosen, has_record(0/1), dataset id|'', splits,
+#:          settled spend seen: 'scope\0kind\0start\0cost\0requests'...}
+#:       | {0, now, scope, limit, remaining, retry_at|'', release(0/1), splits, failing keys...}
 #:       | {2, now, scope, budget name, kind, limit, spent, amount, frees}  budget exceeded (the one
 #:                                                                   that frees last, of all scopes)
 #:       | {3, now, scope, limit name, limit, amount}                    can never fit
-#:       | {4, now, scope, open_until, failures}                         circuit open
+#:       | {4, now, scope, open_until, failures, splits}                 circuit open
+#: splits: the provider scopes of the call (flag 1) that another process split, '\0'-joined ('' = none)
 ADMIT = _COMMON + r"""
 local call_id = arg()
 local lease = num()
@@ -302,7 +307,9 @@ reclaim_expired()
 
 local scopes = {}
 for s = 1, nscopes do
-  local sc = {key = arg(), choice = arg() == '1', provider = arg() == '1', conc = num(), wins = {}, buds = {}}
+  local sc = {key = arg(), choice = arg() == '1', wins = {}, buds = {}}
+  local p = arg()
+  sc.provider, sc.known, sc.conc = p ~= '0', p == '2', num()
   local nwin = num()
   for w = 1, nwin do
     sc.wins[w] = {name = arg(), limit = num(), period = num(), amount = num()}
@@ -335,13 +342,19 @@ local function ahead_in_line(sc)
 end
 
 local known = {}  -- settled spend seen by the budget checks, for the caller's outage fallback
+local splits = {}  -- models split by another process (see MOVE), for a caller that has not split them
+local function with_splits(err)
+  if err[1] == 4 then err[6] = table.concat(splits, SEP) end
+  return err
+end
 local function check(sc)
   local retry, release, first = nil, false, nil
   local util = 0
   local st = nil
   if sc.provider then
     local v = redis.call('HMGET', P .. ':s:' .. sc.key, 'cooldown_until', 'pace_until', 'next_slot', 'circuit',
-      'open_until', 'probe', 'learned_rpm', 'learned_tpm', 'adaptive_rpm', 'failures', 'learned_itpm')
+      'open_until', 'probe', 'learned_rpm', 'learned_tpm', 'adaptive_rpm', 'failures', 'learned_itpm', 'split')
+    if v[12] and not sc.known then splits[#splits + 1] = sc.key end
     st = {cooldown = tonumber(v[1]) or 0, pace_until = tonumber(v[2]) or 0, next_slot = tonumber(v[3]) or 0,
       circuit = v[4] or 'closed', open_until = tonumber(v[5]) or 0, probe = v[6],
       rpm = tonumber(v[7]), tpm = tonumber(v[8]), arpm = tonumber(v[9]), failures = tonumber(v[10]) or 0,
@@ -457,7 +470,7 @@ for _, sc in ipairs(scopes) do
   if err and err[1] == 2 and not sc.choice then
     if budget_err == nil or tonumber(err[9]) > tonumber(budget_err[9]) then budget_err = err end
   elseif err then
-    if not sc.choice then return err end
+    if not sc.choice then return with_splits(err) end
     alt_err = alt_err or err
   elseif sc.choice then
     alt_any = true
@@ -498,7 +511,7 @@ if keyline then
   end
 end
 if (alt_any or alt_err) and chosen == nil then
-  if alt_err and not alt_first then return alt_err end
+  if alt_err and not alt_first then return with_splits(alt_err) end
   for _, sc in ipairs(scopes) do if sc.choice then failing[#failing + 1] = sc.key end end
   first = first or alt_first
   if alt_retry == nil then release = true
@@ -524,7 +537,7 @@ if first ~= nil then
   end
   if waits then redis.call('SET', P .. ':qa:' .. call_id, '1', 'PX', WAIT_ALIVE_MS) end
   local out = {0, fmt(now), first[1], first[2], fmt(first[3]), retry and fmt(retry) or '',
-    release and 1 or 0}
+    release and 1 or 0, table.concat(splits, SEP)}
   for _, k in ipairs(failing) do out[#out + 1] = k end
   return out
 end
@@ -575,7 +588,8 @@ if record then
   redis.call('ZADD', P .. ':leases', now + lease, call_id)
   keep(P .. ':leases', record_ms(lease))
 end
-local out = {1, fmt(now), chosen and chosen.key or '', record and 1 or 0, record and boot_id(record_ms(lease)) or ''}
+local out = {1, fmt(now), chosen and chosen.key or '', record and 1 or 0, record and boot_id(record_ms(lease)) or '',
+  table.concat(splits, SEP)}
 for _, k in ipairs(known) do out[#out + 1] = k end
 return out
 """
@@ -587,13 +601,15 @@ return out
 #:   (''=none),
 #:   pace_default, circuit threshold, cooldown, max cooldown, adaptive(0/1), decrease, adaptive min,
 #:   nthr, [threshold]*, nscopes, then per scope:  (outcome 'void': an admission whose answer was lost)
-#:     key, provider(0/1; 2: signals apply, but the headers give another scope's limits), rate(''=none),
+#:     key, provider(0/1; 2: signals apply, but the headers give another scope's limits; 3, 4: 1, 2 of a
+#:     model this process split already), rate(''=none),
 #:     nwin, [name, period, amount(estimated), actual, isreq(0/1)]*,
 #:     nbud, [name, kind, start, limit, isreq, ttl]*,
 #:   boot (the dataset id the admission returned with its lease record; '' = none),
 #:   then sid, seq, low ('' = none; see first_time): numbers a settlement without a lease record, which
 #:   a replay would otherwise apply twice
-#: Returns {settled(0/1), now, events...} where each event is a '\0'-joined string.
+#: Returns {settled(0/1), now, events...} where each event is a '\0'-joined string ('split', scope: a
+#: model another process split, see MOVE).
 SETTLE = _COMMON + r"""
 local call_id = arg()
 local has_record = arg() == '1'
@@ -622,8 +638,9 @@ local nscopes = num()
 local scopes = {}
 for s = 1, nscopes do
   local sc = {key = arg(), provider = arg(), rate = num(), wins = {}, buds = {}}
-  sc.learns = sc.provider == '1'  -- ('2': signals apply, but its headers give another scope's limits)
-  sc.provider = sc.learns or sc.provider == '2'
+  sc.known = sc.provider == '3' or sc.provider == '4'  -- (split here already: see MOVE)
+  sc.learns = sc.provider == '1' or sc.provider == '3'  -- ('2': signals apply, but its headers give another
+  sc.provider = sc.learns or sc.provider == '2' or sc.provider == '4'  -- scope's limits)
   for w = 1, num() do
     sc.wins[w] = {name = arg(), period = num(), amount = num(), actual = num(), isreq = arg() == '1'}
   end
@@ -756,7 +773,12 @@ for _, sc in ipairs(scopes) do
   if sc.provider then
     local sk = P .. ':s:' .. sc.key
     local v = redis.call('HMGET', sk, 'cooldown_until', 'circuit', 'probe', 'failures', 'open_count',
-      'adaptive_rpm', 'adaptive_ceiling', 'rate_limited_at', 'learned_rpm', 'adaptive_cut_at')
+      'adaptive_rpm', 'adaptive_ceiling', 'rate_limited_at', 'learned_rpm', 'adaptive_cut_at', 'split')
+    if v[11] and not sc.known then
+      events[#events + 1] = table.concat({'split', sc.key}, SEP)
+    elseif sc.known and not v[11] then  -- (its mark expired, or went with a restart: set again)
+      redis.call('HSET', sk, 'split', '1')
+    end
     local st = {cooldown = tonumber(v[1]) or 0, circuit = v[2] or 'closed', probe = v[3],
       failures = tonumber(v[4]) or 0, open_count = tonumber(v[5]) or 0, arpm = tonumber(v[6]),
       ceiling = tonumber(v[7]) or INF, rl_at = tonumber(v[8]) or -INF, rpm = tonumber(v[9]), rate = sc.rate,
@@ -960,34 +982,43 @@ return n
 
 #: ARGV: prefix, now|'', source, target  -- a model's provider signals (and the requests and tokens
 #: counted toward its learned limits) now hold for one endpoint only: the model turned out to be
-#: served by more than one. Nothing when the model has none, or the endpoint has its own already.
+#: served by more than one. Nothing moves when the model has none, or the endpoint has its own
+#: already. The model's hash keeps (or gets) the mark ``split``: ADMIT and SETTLE tell it to the
+#: processes that have seen the model at one endpoint only, and they split it too. It lives as long
+#: as the rest of the hash: a day, renewed by every settlement that reads it.
 MOVE = _COMMON + r"""
 local src, dst = arg(), arg()
 local s, d = P .. ':s:' .. src, P .. ':s:' .. dst
-if redis.call('EXISTS', s) == 0 then return 0 end
-if redis.call('EXISTS', d) == 1 then
-  -- Another process split this model first: the endpoint keeps what it has, takes what it lacks
-  -- of what this process' calls told the model since, and the model keeps nothing (every
-  -- endpoint's calls carry it).
-  local flat = redis.call('HGETALL', s)
-  for i = 1, #flat, 2 do redis.call('HSETNX', d, flat[i], flat[i + 1]) end
-  redis.call('DEL', s)
-else
-  redis.call('RENAME', s, d)
-end
-redis.call('HDEL', d, 'probe')  -- (a probe in flight is the model's: its outcome lands there)
-for _, name in ipairs({'learned_requests_per_minute', 'learned_tokens_per_minute',
-                       'learned_input_tokens_per_minute'}) do
-  local w = P .. ':w:' .. src .. ':' .. name
-  local dw = P .. ':w:' .. dst .. ':' .. name
-  local ttl = redis.call('PTTL', w)
-  if ttl > 0 and redis.call('EXISTS', dw) == 0 then  -- (not COPY: Redis before 6.2 has none)
-    local flat = redis.call('HGETALL', w)
-    for i = 1, #flat, 2 do redis.call('HSET', dw, flat[i], flat[i + 1]) end
-    redis.call('PEXPIRE', dw, ttl)
+redis.call('HDEL', s, 'split')  -- (the model's, not the endpoint's; a hash of the mark alone goes with it)
+local moved = 0
+if redis.call('EXISTS', s) == 1 then
+  moved = 1
+  if redis.call('EXISTS', d) == 1 then
+    -- Another process split this model first: the endpoint keeps what it has, takes what it lacks
+    -- of what this process' calls told the model since, and the model keeps nothing (every
+    -- endpoint's calls carry it).
+    local flat = redis.call('HGETALL', s)
+    for i = 1, #flat, 2 do redis.call('HSETNX', d, flat[i], flat[i + 1]) end
+    redis.call('DEL', s)
+  else
+    redis.call('RENAME', s, d)
+  end
+  redis.call('HDEL', d, 'probe')  -- (a probe in flight is the model's: its outcome lands there)
+  for _, name in ipairs({'learned_requests_per_minute', 'learned_tokens_per_minute',
+                         'learned_input_tokens_per_minute'}) do
+    local w = P .. ':w:' .. src .. ':' .. name
+    local dw = P .. ':w:' .. dst .. ':' .. name
+    local ttl = redis.call('PTTL', w)
+    if ttl > 0 and redis.call('EXISTS', dw) == 0 then  -- (not COPY: Redis before 6.2 has none)
+      local flat = redis.call('HGETALL', w)
+      for i = 1, #flat, 2 do redis.call('HSET', dw, flat[i], flat[i + 1]) end
+      redis.call('PEXPIRE', dw, ttl)
+    end
   end
 end
-return 1
+redis.call('HSET', s, 'split', '1')
+redis.call('EXPIRE', s, 86400)  -- (as SETTLE's signals)
+return moved
 """
 
 #: ARGV: prefix, now|'', call_id, nscopes, [scope]*  -- a caller stopped waiting: out of those lines

@@ -223,6 +223,8 @@ class RedisEngine(Engine):
         self._pending_spend: list[list[str]] = []  # CHARGE args of spend settled while Redis was down
         self._pending_settle: list[list[str]] = []  # SETTLE args of calls that Redis admitted
         self._pending_moves: list[list[str]] = []  # MOVE args of models split while Redis was down
+        # Model scopes ADMIT or SETTLE said another process split (see _lua.MOVE), for on_split (see _drain)
+        self._heard_splits: list[str] = []
         self._voids: dict[str, str] = {}  # call id -> reserved cost, of admissions whose answer was lost
         # (time, windows) of the outage engine's admissions, for Redis once it answers (_replay_hits)
         self._pending_hits: collections.deque[tuple[float, list[tuple[str, str, float, float]]]] = \
@@ -558,14 +560,20 @@ class RedisEngine(Engine):
                                                               remote=True, record=int(out[3]) == 1,
                                                               spend_targets=targets, local_at=local)
             res.boot = _dec(out[4])  # (the dataset its lease record is in: see boot_id in _lua)
+            if out[5]:
+                self._hear_splits(_dec(out[5]))
             res.learned_input = frozenset(k for k, st in states.items() if st.observed_input is not None)
             self._version += 1
             self.admitted_total += 1
-            for raw in out[5:]:
+            for raw in out[6:]:
                 self._note_spend(_dec(raw).split(SEP))
             return None
         text = [x.decode() if isinstance(x, bytes) else str(x) for x in out]
         text[2:3] = [_unwire(text[2])] if len(text) > 2 else []
+        if code == 0 or code == 4:
+            at = 7 if code == 0 else 5  # (splits)
+            if len(text) > at and text[at]:
+                self._hear_splits(text[at])
         if code == 0:
             scope, why, remaining, retry, release = text[2], text[3], float(text[4]), text[5], text[6] == "1"
             if release and ticket.call_id not in self._in_line:
@@ -583,7 +591,7 @@ class RedisEngine(Engine):
                 retry_at = poll if retry_at is None else min(retry_at, poll)
             elif retry_at is not None and "tokens" in why:
                 retry_at = min(retry_at, local + random.uniform(REFUND_POLL_MIN, REFUND_POLL_MAX))
-            return Blocked(scope, why, remaining, retry_at, frozenset(map(_unwire, text[7:])) or frozenset({scope}),
+            return Blocked(scope, why, remaining, retry_at, frozenset(map(_unwire, text[8:])) or frozenset({scope}),
                            frees_at=frees_at)
         if code == 2:
             scope, name, kind = text[2], text[3], text[4]
@@ -617,7 +625,9 @@ class RedisEngine(Engine):
                 limit = -1.0 if w.name.startswith("learned_") else w.limit
                 wins += [w.name, _num(limit), _num(w.period), _num(amount)]
                 nwin += 1
-        args += [_wire(st.key), "1" if choice else "0", "1" if st.observed_requests is not None else "0",
+        # (provider 2: a model this process split already; of another's, ADMIT says so: see _hear_splits)
+        provider = "0" if st.observed_requests is None else "2" if st.key in self._moved else "1"
+        args += [_wire(st.key), "1" if choice else "0", provider,
                  str(st.concurrency) if st.concurrency is not None else "-1", str(nwin), *wins]
         args.append(str(len(st.budgets)))
         wall = self.wall() if st.budgets else 0.0
@@ -937,8 +947,11 @@ class RedisEngine(Engine):
             rates = [w.limit / w.period for w in st.requests if w.limit != NEVER and not w.name.startswith("learned")]
             provider = st.observed_requests is not None and (st.level == "key" or not keys_only) \
                 and st.key not in moved
-            # (2: signals apply, but its headers give another scope's limits: see header_scopes)
+            # (2: signals apply, but its headers give another scope's limits: see header_scopes;
+            # 3 and 4: 1 and 2 of a model this process split already, see _hear_splits)
             flag = ("1" if scope in learners else "2") if provider else "0"
+            if provider and st.key in self._moved:
+                flag = "3" if flag == "1" else "4"
             args += [_wire(st.key), flag, opt(min(rates) if rates else None)]
             wins: list[str] = []
             nwin = 0
@@ -999,6 +1012,8 @@ class RedisEngine(Engine):
                                      "failures": int(parts[3]), "time": wall})
         elif kind == "circuit_closed":
             self._out_events.append({"type": "circuit_closed", "scope": _unwire(parts[1]), "time": wall})
+        elif kind == "split":
+            self._hear_splits(parts[1])
 
     def _owe_spend(self, t: Ticket, starts: dict[str, float], cost: float, tokens: int) -> None:
         cost = cost if math.isfinite(cost) else t.cost  # (Redis refuses what is not a number)
@@ -1148,6 +1163,25 @@ class RedisEngine(Engine):
                          self.url, key)
         self.fallback.reset_spend(key)
         super().reset_spend(key)
+
+    def _hear_splits(self, raw: str) -> None:
+        """Models (their scopes' keys, ``SEP``-joined as the scripts give them) that another process
+        split (see ``_lua.MOVE``) and this one has not: for :attr:`on_split`, which :meth:`_drain`
+        calls outside the lock. The reply to the admission or settlement of a call of the model says
+        so (no round trip of its own): a process hears of a split with its first call of the model
+        admitted after it, or with the answer of one it had in flight."""
+        self._heard_splits.extend(map(_unwire, raw.split(SEP)))
+
+    def _drain(self) -> None:
+        super()._drain()
+        if self._heard_splits:
+            with self._lock:
+                heard, self._heard_splits = self._heard_splits, []
+            if heard and self.on_split is not None:
+                try:
+                    self.on_split(list(dict.fromkeys(heard)))
+                except Exception:  # (never let it fail the call whose reply told it)
+                    logger.exception("hive-ratelimit: could not split a model another process split")
 
     def move_signals(self, source: str, target: Scope) -> None:
         with self._lock:

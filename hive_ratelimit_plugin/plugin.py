@@ -533,6 +533,7 @@ class HiveLimiter(CustomLogger):
                 local_share=rc.local_share, server_time=clock is None, socket_timeout=rc.socket_timeout,
                 retry_interval=rc.retry_interval, **engine_kwargs,
             )
+        self._engine.on_split = self._heard_split
         self._resolver = ScopeResolver(cfg)
         self._prices = PriceBook(cfg)
         self._media_costs = _media.SeenCosts()
@@ -553,6 +554,9 @@ class HiveLimiter(CustomLogger):
         self._endpoints: dict[tuple[Any, ...], Any] = {}
         # (model, endpoint) -> its scope's key, for the Router's choice (see async_filter_deployments)
         self._signal_scopes: dict[tuple[Any, ...], str] = {}
+        # model scope key -> (provider, model), of those in _endpoints seen at one endpoint: what a
+        # split another process made names (see _heard_split)
+        self._model_scopes: dict[str, tuple[Any, ...]] = {}
         self._split_lock = threading.Lock()
         # What each caller's last call left in its provider's prompt cache: (tokens, until when,
         # and the (messages, fingerprint) of the prompt that left them: see _prompt_print); and
@@ -1077,12 +1081,14 @@ class HiveLimiter(CustomLogger):
         if seen is None:
             if len(self._endpoints) >= 65536:  # (models, not calls: bounded against a flood of names)
                 self._endpoints = {k: v for k, v in self._endpoints.items() if v is _SERVED_BY_MANY}
+                self._model_scopes = {}
+            self._model_scopes[_model_scope_key(plan)] = model
             self._endpoints[model] = endpoint
             return plan.scopes
         if seen is not _SERVED_BY_MANY:
             if seen == endpoint:
                 return plan.scopes
-            self._split(plan, seen)
+            self._split(model, _model_scope_key(plan), seen)
         scopes = plan.endpoints.get(endpoint)
         if scopes is None:
             if len(plan.endpoints) >= 256:
@@ -1090,17 +1096,18 @@ class HiveLimiter(CustomLogger):
             scopes = plan.endpoints[endpoint] = [*plan.scopes, _endpoint_scope(plan.model_key, endpoint)]
         return scopes
 
-    def _split(self, plan: _Plan, first: tuple[Any, Any]) -> None:
-        """A model is now seen served by a second endpoint: what its scope learned moves to the
-        first one, and its calls waiting in the queue wait for their own endpoint from now on."""
-        model = plan.model_key
+    def _split(self, model: tuple[Any, ...], source: str, first: tuple[Any, Any], heard: bool = False) -> None:
+        """A model (``source``: its scope's key) is now seen served by a second endpoint, here or
+        by another process (``heard``): what its scope learned moves to the first one this process
+        saw, and its calls waiting in the queue wait for their own endpoint from now on."""
         with self._split_lock:  # (two threads seeing a second endpoint at once: one split)
             if self._endpoints.get(model) is _SERVED_BY_MANY:
                 return
             self._endpoints[model] = _SERVED_BY_MANY
-        logger.info("%s/%s is served by more than one endpoint (api_base, api_key): each endpoint now "
-                    "keeps its own cooldowns, circuit breaker and learned limits", model[0], model[1])
-        source = next(s.key for s in plan.scopes if s.level == "model")
+            self._model_scopes.pop(source, None)
+        logger.info("%s/%s is served by more than one endpoint (api_base, api_key)%s: each endpoint now "
+                    "keeps its own cooldowns, circuit breaker and learned limits", model[0], model[1],
+                    " (seen by another process sharing the backend)" if heard else "")
         self._engine.move_signals(source, _endpoint_scope(model, first))
         waiting = self._waiting_calls
 
@@ -1112,6 +1119,20 @@ class HiveLimiter(CustomLogger):
             return [*t.scopes, _endpoint_scope(model, _endpoint(found[1]))]
 
         self._engine.rescope(with_endpoint)
+
+    def _heard_split(self, sources: list[str]) -> None:
+        """The engine's ``on_split``: models (their scopes' keys) that another process sharing the
+        backend saw served by more than one endpoint. Where this process has seen one endpoint of
+        one, it splits it as if it had seen the second (:meth:`_split`): a 429 from the endpoint
+        it calls then holds the others' calls to the model's other endpoints no more. (A model
+        it has not called yet is split at its first call's answer, which says so again.)"""
+        for source in sources:
+            model = self._model_scopes.get(source)
+            if model is None:
+                continue
+            first = self._endpoints.get(model)
+            if first is not None and first is not _SERVED_BY_MANY:
+                self._split(model, source, first, heard=True)
 
     def _own_endpoint(self, provider: str) -> None:
         """A call that names its own ``api_base`` keeps its own key: the provider's key pool is
@@ -2030,6 +2051,13 @@ def _endpoint(kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
     if (base is not None and type(base) is not str) or (key is not None and type(key) is not str):
         return repr(base), repr(key)
     return base, key
+
+
+def _model_scope_key(plan: _Plan) -> str:
+    """The key of a plan's model scope (every plan has one: it keeps a model's provider signals
+    while the model is seen at one endpoint)."""
+    key: str = next(s.key for s in plan.scopes if s.level == "model")
+    return key
 
 
 def _endpoint_scope(model: tuple[Any, ...], endpoint: tuple[Any, Any]) -> Scope:

@@ -268,3 +268,72 @@ async def test_a_second_process_splitting_a_model_moves_what_it_learned_since(
             await call(other)  # the second endpoint has no limit
         assert other.state.count() == 6
         assert "learned_requests_per_minute" not in b.get_usage_stats()["providers"][MODEL]
+
+
+async def test_a_split_made_by_another_process_holds_in_one_that_saw_a_single_endpoint(
+        provider: FakeProvider, clock: FakeClock, contract_backend: dict[str, Any]) -> None:
+    """Two limiters (with Redis: two processes sharing it). A has called both endpoints of the
+    model (it split it); B only ever calls the second, which answers with a 429 (retry after
+    30 s). B learns of A's split from Redis and splits too: the cooldown is the second
+    endpoint's, and A's next call to the first is sent at once. (Before, B, having seen one
+    endpoint, kept the cooldown on the model's scope, which A's calls carry too: A's call to the
+    healthy endpoint waited out B's 30 s.)"""
+    from hive_ratelimit_plugin.plugin import unregister
+
+    shared = bool(contract_backend)  # (the Redis backend)
+
+    def use(limiter: HiveLimiter) -> None:  # (one limiter registered at a time: one "process" calls)
+        for each in (a, b):
+            unregister(each)
+        litellm.callbacks.append(limiter)
+
+    with FakeProvider() as other:
+        a = make(clock, {"queue": {"max_wait_seconds": 0}})
+        await call(provider)
+        await call(other)  # A splits
+        b = make(clock, {"queue": {"max_wait_seconds": 0}})
+        use(b)
+        other.state.push(Scripted(status=429, headers={"retry-after": "30"}))
+        with pytest.raises(Exception):  # noqa: B017 (its retry cannot wait: max_wait 0)
+            await call(other)
+        assert other.state.count(429) == 1
+        use(a)
+        await call(provider)  # (max_wait 0: held by B's cooldown, it would raise)
+        assert provider.state.count() == 2
+        if not shared:
+            return  # (two limiters in memory share nothing: B's cooldown was never A's)
+        signals = b.get_usage_stats()["providers"]
+        assert "cooldown_seconds" not in signals[MODEL]
+        assert signals[endpoint_of(b, other)]["cooldown_seconds"] == pytest.approx(30, abs=0.5)
+        with pytest.raises(RateLimitQueueTimeout) as info:  # A's calls to the second endpoint: held by it
+            await call(other)
+        assert info.value.scope == endpoint_of(a, other) and other.state.count() == 2
+
+
+async def test_a_429_to_a_call_in_flight_at_another_process_split_leaves_the_model(
+        provider: FakeProvider, clock: FakeClock, contract_backend: dict[str, Any]) -> None:
+    """As above, B's call sent before A's split and answered with a 429 after it, and not retried
+    (no admission follows it): the settlement that cools the model tells B of the split, and B
+    moves the cooldown to the second endpoint at once. A's call to the first is sent at once."""
+    from hive_ratelimit_plugin.plugin import unregister
+
+    a = make(clock, {"queue": {"max_wait_seconds": 0}})
+    await call(provider)  # A: one endpoint so far
+    plan = next(iter(a._plans.values()))
+    unregister(a)
+    with FakeProvider() as other:
+        b = make(clock, {"queue": {"max_wait_seconds": 0}, "retry": {"enabled": False}})
+        other.state.push(Scripted(status=429, delay=1.0, headers={"retry-after": "30"}))
+        slow = asyncio.create_task(call(other))
+        await wait_until(lambda: other.state.in_flight == 1)
+        a._endpoint_scopes(plan, {"api_base": other.url, "api_key": "sk-test-SECRET-0123456789"})  # A splits
+        with pytest.raises(litellm.RateLimitError):
+            await slow
+        unregister(b)
+        litellm.callbacks.append(a)
+        await call(provider)  # (max_wait 0: held by B's cooldown, it would raise)
+        assert provider.state.count() == 2
+        if contract_backend:  # (two limiters in memory share nothing)
+            signals = b.get_usage_stats()["providers"]
+            assert "cooldown_seconds" not in signals[MODEL]
+            assert signals[endpoint_of(b, other)]["cooldown_seconds"] == pytest.approx(30, abs=0.5)
