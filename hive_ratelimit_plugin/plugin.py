@@ -557,6 +557,7 @@ class HiveLimiter(CustomLogger):
         # model scope key -> (provider, model), of those in _endpoints seen at one endpoint: what a
         # split another process made names (see _heard_split)
         self._model_scopes: dict[str, tuple[Any, ...]] = {}
+        self._splits_heard = 0  # how many models _heard_split split (see _after_split)
         self._split_lock = threading.Lock()
         # What each caller's last call left in its provider's prompt cache: (tokens, until when,
         # and the (messages, fingerprint) of the prompt that left them: see _prompt_print); and
@@ -1133,6 +1134,21 @@ class HiveLimiter(CustomLogger):
             first = self._endpoints.get(model)
             if first is not None and first is not _SERVED_BY_MANY:
                 self._split(model, source, first, heard=True)
+                self._splits_heard += 1
+
+    def _after_split(self, ticket: Ticket, kwargs: Mapping[str, Any]) -> Ticket | None:
+        """A call admitted on its model's scope alone, whose admission's reply told of a split
+        another process made of that model (:meth:`_heard_split`): its endpoint may be held (a
+        429's cooldown there), which its admission could not see. Its reservation is given back
+        (nothing was sent) and the ticket to admit it again, with its endpoint's scope, returned;
+        ``None`` when the call needs no second admission."""
+        model = ticket.dims[:2]
+        if ticket.choices is not None or self._endpoints.get(model) is not _SERVED_BY_MANY \
+                or any(s.limits is _ENDPOINT_LIMITS for s in ticket.scopes):
+            return None
+        self._engine.release(ticket.call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome="void")
+        return dataclasses.replace(ticket, scopes=[*ticket.scopes, _endpoint_scope(model, _endpoint(kwargs))],
+                                   chosen=None, deadline=NEVER)
 
     def _own_endpoint(self, provider: str) -> None:
         """A call that names its own ``api_base`` keeps its own key: the provider's key pool is
@@ -1494,9 +1510,13 @@ class HiveLimiter(CustomLogger):
             ticket = self._ticket(call_id, kind, kwargs, kwargs.get("metadata"))
             if ticket is None:
                 return None
+            heard = self._splits_heard
             try:
                 # (admitted at once, the usual case: no coroutine for the wait)
                 waited = 0.0 if self._engine.admit_now(ticket) else await self._queue_async(ticket, kind, kwargs)
+                if self._splits_heard != heard and (again := self._after_split(ticket, kwargs)) is not None:
+                    ticket = again
+                    waited += 0.0 if self._engine.admit_now(ticket) else await self._queue_async(ticket, kind, kwargs)
             except RateLimitQueueTimeout as exc:
                 self._emit(_timeout_event(ticket, exc, self._engine.wall()))
                 raise
@@ -1596,15 +1616,22 @@ class HiveLimiter(CustomLogger):
             held = self._engine.held_for({k for k in keys if k is not None})
             if not held:
                 return healthy_deployments
-            free = [d for d, k in zip(healthy_deployments, keys, strict=True) if k not in held]
+            # The Router filters by tags after the callbacks (LiteLLM 1.83, 1.110): a held
+            # deployment goes only while a free one with its tags stays, else the call's tags
+            # could be left with no deployment (the call failing rather than waiting for one).
+            tags = [_route_tags(d) for d in healthy_deployments]
+            free_tags = {t for t, k in zip(tags, keys, strict=True) if k not in held}
+            free = [d for d, k, t in zip(healthy_deployments, keys, tags, strict=True)
+                    if k not in held or t not in free_tags]
         except Exception as exc:  # (a routing aid: never a reason for a call to fail)
             logger.warning("could not check a model group's deployments for provider cooldowns: %s", exc,
                            extra={"hive_repeat_key": ("filter_deployments",)})
             return healthy_deployments
-        if free and len(free) < len(healthy_deployments):
-            logger.debug("%d of %d deployments of %s left out while a provider holds them",
-                         len(healthy_deployments) - len(free), len(healthy_deployments), model)
-        return free or healthy_deployments
+        if len(free) == len(healthy_deployments):
+            return healthy_deployments
+        logger.debug("%d of %d deployments of %s left out while a provider holds them",
+                     len(healthy_deployments) - len(free), len(healthy_deployments), model)
+        return free
 
     def _signal_scope(self, deployment: Any) -> str | None:
         """The scope holding the provider signals of calls to a Router deployment: its endpoint's
@@ -1731,7 +1758,11 @@ class HiveLimiter(CustomLogger):
             if ticket is None:
                 return None
             try:
+                heard = self._splits_heard
                 waited = 0.0 if self._engine.admit_now(ticket) else self._queue_sync(ticket, call_type, kwargs)
+                if self._splits_heard != heard and (again := self._after_split(ticket, kwargs)) is not None:
+                    ticket = again
+                    waited += 0.0 if self._engine.admit_now(ticket) else self._queue_sync(ticket, call_type, kwargs)
             except RateLimitQueueTimeout as exc:
                 self._emit(_timeout_event(ticket, exc, self._engine.wall()))
                 raise
@@ -2051,6 +2082,19 @@ def _endpoint(kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
     if (base is not None and type(base) is not str) or (key is not None and type(key) is not str):
         return repr(base), repr(key)
     return base, key
+
+
+def _route_tags(deployment: Any) -> tuple[str, ...]:
+    """A Router deployment's ``tags`` (its ``litellm_params``'), as a set: the Router's tag
+    filtering, which runs after the callbacks' filters, decides the same for deployments with the
+    same tags."""
+    params = deployment.get("litellm_params") if isinstance(deployment, Mapping) else None
+    tags = params.get("tags") if isinstance(params, Mapping) else None
+    if not tags:
+        return ()
+    if isinstance(tags, (list, tuple, set, frozenset)):
+        return tuple(sorted({str(t) for t in tags}))
+    return (str(tags),)
 
 
 def _model_scope_key(plan: _Plan) -> str:

@@ -337,3 +337,31 @@ async def test_a_429_to_a_call_in_flight_at_another_process_split_leaves_the_mod
             signals = b.get_usage_stats()["providers"]
             assert "cooldown_seconds" not in signals[MODEL]
             assert signals[endpoint_of(b, other)]["cooldown_seconds"] == pytest.approx(30, abs=0.5)
+
+
+async def test_a_new_process_first_call_to_an_endpoint_another_process_cooled_waits(
+        provider: FakeProvider, clock: FakeClock, contract_backend: dict[str, Any]) -> None:
+    """With Redis: A split the model and its call to the second endpoint got a 429 (retry after
+    30 s). B, a new process, has never called the model: its first call to that endpoint is
+    admitted on the model's scope (which holds only the split mark), hears of the split in the
+    reply, and was sent anyway, into the endpoint's cooldown (helper-65). It is now admitted
+    again, with its endpoint's scope, and waits for it (here: refused, max_wait 0)."""
+    from hive_ratelimit_plugin.plugin import unregister
+
+    with FakeProvider() as other:
+        a = make(clock, {"queue": {"max_wait_seconds": 0}})
+        await call(provider)
+        await call(other)  # A splits
+        other.state.push(Scripted(status=429, headers={"retry-after": "30"}))
+        with pytest.raises(Exception):  # noqa: B017 (its retry cannot wait: max_wait 0)
+            await call(other)
+        unregister(a)
+        make(clock, {"queue": {"max_wait_seconds": 0}})
+        sent = other.state.count()
+        if not contract_backend:  # (in memory two limiters share nothing: B knows of no cooldown)
+            await call(other)
+            assert other.state.count() == sent + 1
+            return
+        with pytest.raises(RateLimitQueueTimeout):
+            await call(other)
+        assert other.state.count() == sent

@@ -116,3 +116,31 @@ async def test_a_failing_check_leaves_the_routers_choice_alone(provider: FakePro
             await r.acompletion(model="gpt", messages=MESSAGES)
         assert provider.state.count() + other.state.count() == 4
         assert limiter.get_usage_stats()["admitted_total"] == 4
+
+
+async def test_a_held_deployment_stays_while_the_free_ones_have_other_tags(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """The Router filters by tags after the callbacks' filters (LiteLLM 1.83 and 1.110): a held
+    deployment left out for a free one of other tags left the call's tag with no deployment, and
+    the call failed at once ("Not allowed to access model due to tags configuration") where it
+    would have waited for its deployment. A held deployment goes only while a free one with the
+    same tags stays."""
+    limiter = make(clock)
+    with FakeProvider() as other:
+        r = litellm.Router(model_list=[
+            {"model_name": "gpt", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": provider.url,
+                                                     "api_key": "sk-test-0", "tags": ["paid"]}},
+            {"model_name": "gpt", "litellm_params": {"model": "openai/gpt-4o", "api_base": other.url,
+                                                     "api_key": "sk-test-1", "tags": ["free"]}},
+        ], num_retries=0, enable_tag_filtering=True, disable_cooldowns=True)
+        provider.state.push(Scripted(status=429, headers={"retry-after": "10"}))
+        first = asyncio.create_task(r.acompletion(model="gpt", messages=MESSAGES, metadata={"tags": ["paid"]}))
+        await wait_until(lambda: provider.state.count(429) == 1 and limiter._engine.queue_length >= 1)
+        start = clock()
+        last = asyncio.create_task(r.acompletion(model="gpt", messages=MESSAGES, metadata={"tags": ["paid"]}))
+        await wait_until(lambda: last.done() or limiter._engine.queue_length >= 2)
+        assert not last.done(), last.exception()
+        with Ticker(clock, step=0.5, when=lambda: limiter._engine.queue_length > 0):
+            await asyncio.wait_for(asyncio.gather(first, last), 60)
+        assert clock() - start >= 8.0
+        assert provider.state.count(200) == 2 and other.state.count() == 0
