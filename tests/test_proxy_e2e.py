@@ -400,6 +400,36 @@ async def test_a_group_admitted_calls_429_cools_the_model_not_another_endpoint(p
             assert (await asyncio.wait_for(task, 60)).status_code == 200
 
 
+async def test_the_proxys_router_sends_requests_to_the_endpoint_no_cooldown_holds(px: Proxy) -> None:
+    """A group of one model under two keys: one key's request is answered 429 (retry after 30 s).
+    The Router is told (async_filter_deployments) and sends the next requests to the other key,
+    answered at once, while the refused request waits out its 30 s for its own key."""
+    lim = px.use({"users": {"bob": {"requests_per_minute": 1000}}})
+    headers = {"authorization": "Bearer sk-bob"}
+    body = {"model": "gpt-2keys", "max_tokens": 5, "messages": [{"role": "user", "content": "hello there"}]}
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(20):  # until the Router has used both keys: the model is split
+            assert (await client.post(f"{px.url}/v1/chat/completions", headers=headers, json=body)).status_code == 200
+            if len({r.authorization for r in px.provider.state.log}) == 2:
+                break
+        assert len({r.authorization for r in px.provider.state.log}) == 2
+        px.provider.state.push(Scripted(status=429, headers={"retry-after": "30"}))
+        start = px.clock()
+        refused = asyncio.ensure_future(client.post(f"{px.url}/v1/chat/completions", headers=headers, json=body))
+        await wait_until(lambda: px.provider.state.count(429) == 1 and lim._engine.queue_length == 1, timeout=30)
+        cooled = next(r.authorization for r in px.provider.state.log if r.status == 429)
+        seen = len(px.provider.state.log)
+        for _ in range(10):  # (no fake time passes: a request sent to the cooled key would wait 30 s)
+            r = await asyncio.wait_for(client.post(f"{px.url}/v1/chat/completions", headers=headers, json=body), 20)
+            assert r.status_code == 200, r.text
+        assert px.clock() == start
+        assert [r.authorization for r in px.provider.state.log[seen:]] == [
+            next(a for a in {r.authorization for r in px.provider.state.log} if a != cooled)] * 10
+        with Ticker(px.clock, step=0.5, when=lambda: lim._engine.queue_length > 0):
+            assert (await asyncio.wait_for(refused, 60)).status_code == 200
+        assert px.provider.state.log[-1].authorization == cooled and px.clock() - start >= 30.0
+
+
 async def test_mixed_model_groups_are_limited_per_deployment(px: Proxy) -> None:
     lim = px.use({**LIMITS, "queue": {"max_wait_seconds": 0}})
     async with httpx.AsyncClient(timeout=60) as client:
