@@ -86,12 +86,14 @@ class ScopeState:
         "key",
         "last_used",
         "learned_itpm",
+        "learned_otpm",
         "learned_rpm",
         "learned_tpm",
         "level",
         "limits",
         "next_slot",
         "observed_input",
+        "observed_output",
         "observed_requests",
         "observed_tokens",
         "open_count",
@@ -134,6 +136,7 @@ class ScopeState:
         self.learned_rpm: float | None = None
         self.learned_tpm: float | None = None
         self.learned_itpm: float | None = None
+        self.learned_otpm: float | None = None
         self.adaptive_rpm: float | None = None
         self.adaptive_ceiling = NEVER
         self.rate_limited_at = -NEVER
@@ -143,6 +146,8 @@ class ScopeState:
         # Counted only from the first answer that gives an input-token limit (Anthropic's): a
         # window on every model and key scope would cost every call of every other provider.
         self.observed_input: SlidingWindow | None = None
+        # Likewise from the first answer that gives an output-token limit (Anthropic's).
+        self.observed_output: SlidingWindow | None = None
         if scope.level in ("model", "key"):
             self.observed_requests = SlidingWindow(NEVER, 60.0, "learned_requests_per_minute")
             self.observed_tokens = SlidingWindow(NEVER, 60.0, "learned_tokens_per_minute")
@@ -179,6 +184,8 @@ class ScopeState:
             self.tokens.append(self.observed_tokens)
         if self.observed_input is not None:
             self.input.append(self.observed_input)
+        if self.observed_output is not None:
+            self.output.append(self.observed_output)
         self.concurrency = lim.concurrent_requests
         budgets = []
         for name, kind in COST_FIELDS.items():
@@ -216,8 +223,10 @@ class ScopeState:
         # What a provider told us outlives empty windows: a long cooldown, a breaker, a learned
         # or 429-lowered rate. (Only model and API-key scopes carry these: a bounded set.)
         if self.cooldown_until > now or self.circuit is not CLOSED or self.learned_rpm is not None \
-                or self.learned_tpm is not None or self.observed_input is not None or self.adaptive_rpm is not None:
-            # (observed_input: an input-token limit learned, here or, with Redis, in Redis)
+                or self.learned_tpm is not None or self.observed_input is not None or self.observed_output is not None \
+                or self.adaptive_rpm is not None:
+            # (observed_input, observed_output: an input- or output-token limit learned, here or,
+            # with Redis, in Redis)
             return False
         for w in self.windows():
             w.expire(now)
@@ -235,8 +244,8 @@ class ScopeState:
 #: A model or API-key scope's provider signals, and their values before any signal came (a new
 #: state's: see ScopeState.__init__).
 _SIGNALS = ("cooldown_until", "pace_until", "pace_interval", "next_slot", "circuit", "consecutive_failures",
-            "open_until", "open_count", "probe", "learned_rpm", "learned_tpm", "learned_itpm", "adaptive_rpm",
-            "adaptive_ceiling", "rate_limited_at", "adaptive_cut_at")
+            "open_until", "open_count", "probe", "learned_rpm", "learned_tpm", "learned_itpm", "learned_otpm",
+            "adaptive_rpm", "adaptive_ceiling", "rate_limited_at", "adaptive_cut_at")
 _fresh = ScopeState(Scope("model", "", LimitSet()))
 _SIGNAL_DEFAULTS: dict[str, Any] = {name: getattr(_fresh, name) for name in _SIGNALS}
 del _fresh
@@ -295,6 +304,7 @@ class _Reservation:
         "expires_at",
         "layout",
         "learned_input",
+        "learned_output",
         "local_at",
         "record",
         "recounted",
@@ -327,6 +337,7 @@ class _Reservation:
         # The scopes whose learned input-token window a shared backend's admission charged (a
         # window added after its admission is not settled by it: see _redis.RedisEngine._settle_args)
         self.learned_input: frozenset[str] = frozenset()
+        self.learned_output: frozenset[str] = frozenset()  # (the same of the learned output-token window)
 
     @property
     def states(self) -> list[ScopeState]:
@@ -1905,6 +1916,9 @@ class Engine:
         if sig.limit_input_tokens:
             st.learned_itpm = float(sig.limit_input_tokens)
             self.observe_input(st)
+        if sig.limit_output_tokens:
+            st.learned_otpm = float(sig.limit_output_tokens)
+            self.observe_output(st)
         self._apply_learned(st)
         # Out of requests (or tokens): wait instead of collecting a 429. The reset headers give
         # the time until the limit is back to its full value; providers refill continuously, so
@@ -1921,6 +1935,8 @@ class Engine:
             st.observed_tokens.limit = st.learned_tpm if st.learned_tpm is not None else NEVER
         if st.observed_input is not None:
             st.observed_input.limit = st.learned_itpm if st.learned_itpm is not None else NEVER
+        if st.observed_output is not None:
+            st.observed_output.limit = st.learned_otpm if st.learned_otpm is not None else NEVER
 
     def observe_input(self, st: ScopeState) -> None:
         """Count ``st``'s input tokens from now on (a provider gave its input-token limit; caller
@@ -1928,6 +1944,14 @@ class Engine:
         if st.observed_input is None and st.observed_requests is not None:
             st.observed_input = SlidingWindow(NEVER, 60.0, "learned_input_tokens_per_minute")
             st.input.append(st.observed_input)
+            self._forget_states()  # cached layouts list its windows without this one
+
+    def observe_output(self, st: ScopeState) -> None:
+        """Count ``st``'s output tokens from now on (a provider gave its output-token limit), as
+        :meth:`observe_input` does its input tokens."""
+        if st.observed_output is None and st.observed_requests is not None:
+            st.observed_output = SlidingWindow(NEVER, 60.0, "learned_output_tokens_per_minute")
+            st.output.append(st.observed_output)
             self._forget_states()  # cached layouts list its windows without this one
 
     def _note_move(self, source: str, target: Scope) -> bool:
@@ -1971,9 +1995,11 @@ class Engine:
             dst.probe = None  # (a probe in flight is the model's: its outcome lands there)
             if dst.learned_itpm is not None:
                 self.observe_input(dst)
+            if dst.learned_otpm is not None:
+                self.observe_output(dst)
             # The requests and tokens counted toward the learned limits move too (as in Redis' MOVE).
             for a, b in ((src.observed_requests, dst.observed_requests), (src.observed_tokens, dst.observed_tokens),
-                         (src.observed_input, dst.observed_input)):
+                         (src.observed_input, dst.observed_input), (src.observed_output, dst.observed_output)):
                 if a is not None and b is not None and b.is_idle():
                     b.copy_usage(a)
             self._apply_learned(src)
@@ -2014,6 +2040,8 @@ class Engine:
                     entry["learned_tokens_per_minute"] = st.learned_tpm
                 if st.learned_itpm is not None:
                     entry["learned_input_tokens_per_minute"] = st.learned_itpm
+                if st.learned_otpm is not None:
+                    entry["learned_output_tokens_per_minute"] = st.learned_otpm
                 if st.adaptive_rpm is not None:
                     entry["adaptive_requests_per_minute"] = round(st.adaptive_rpm, 2)
                 if st.consecutive_failures:

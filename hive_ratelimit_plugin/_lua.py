@@ -353,12 +353,13 @@ local function check(sc)
   local st = nil
   if sc.provider then
     local v = redis.call('HMGET', P .. ':s:' .. sc.key, 'cooldown_until', 'pace_until', 'next_slot', 'circuit',
-      'open_until', 'probe', 'learned_rpm', 'learned_tpm', 'adaptive_rpm', 'failures', 'learned_itpm', 'split')
+      'open_until', 'probe', 'learned_rpm', 'learned_tpm', 'adaptive_rpm', 'failures', 'learned_itpm', 'split',
+      'learned_otpm')
     if v[12] and not sc.known then splits[#splits + 1] = sc.key end
     st = {cooldown = tonumber(v[1]) or 0, pace_until = tonumber(v[2]) or 0, next_slot = tonumber(v[3]) or 0,
       circuit = v[4] or 'closed', open_until = tonumber(v[5]) or 0, probe = v[6],
       rpm = tonumber(v[7]), tpm = tonumber(v[8]), arpm = tonumber(v[9]), failures = tonumber(v[10]) or 0,
-      itpm = tonumber(v[11])}
+      itpm = tonumber(v[11]), otpm = tonumber(v[13])}
     sc.st = st
     if st.cooldown > now then
       retry = st.cooldown
@@ -417,6 +418,8 @@ local function check(sc)
         if st and st.arpm and st.arpm < full then full = st.arpm end
       elseif win.name == 'learned_input_tokens_per_minute' then
         full = (st and st.itpm) or INF
+      elseif win.name == 'learned_output_tokens_per_minute' then
+        full = (st and st.otpm) or INF
       else
         full = (st and st.tpm) or INF
       end
@@ -597,8 +600,8 @@ return out
 #: ARGV: prefix, now|'', call_id, has_record(0/1), admitted_at, sent_at(''=unknown), spend targets
 #:   ('\0'-joined, in the windows current at settlement; '' = those of the lease record), reserved cost,
 #:   actual cost, tokens, margin, free_slot(0/1),
-#:   outcome, wait(''=none), signals: limit_req, limit_tok, rem_req, reset_req, rem_tok, reset_tok, limit_input
-#:   (''=none),
+#:   outcome, wait(''=none), signals: limit_req, limit_tok, rem_req, reset_req, rem_tok, reset_tok, limit_input,
+#:   limit_output (''=none),
 #:   pace_default, circuit threshold, cooldown, max cooldown, adaptive(0/1), decrease, adaptive min,
 #:   nthr, [threshold]*, nscopes, then per scope:  (outcome 'void': an admission whose answer was lost)
 #:     key, provider(0/1; 2: signals apply, but the headers give another scope's limits; 3, 4: 1, 2 of a
@@ -628,6 +631,7 @@ local outcome = arg()
 local wait = num()
 local sig = {lreq = num(), ltok = num(), rreq = num(), sreq = num(), rtok = num(), stok = num()}
 sig.linp = num()
+sig.lout = num()
 local pace_default = num()
 local threshold, cooldown, max_cooldown = num(), num(), num()
 local adaptive, decrease, amin = arg() == '1', num(), num()
@@ -789,6 +793,7 @@ for _, sc in ipairs(scopes) do
       if sig.ltok and sig.ltok < 0 then redis.call('HDEL', sk, 'learned_tpm')  -- (no limit to learn: read_signals)
       elseif sig.ltok then redis.call('HSET', sk, 'learned_tpm', sig.ltok) end
       if sig.linp then redis.call('HSET', sk, 'learned_itpm', sig.linp) end
+      if sig.lout then redis.call('HSET', sk, 'learned_otpm', sig.lout) end
       local resets = 0
       if sig.rreq == 0 and sig.sreq then
         local r = sig.sreq
@@ -1005,7 +1010,7 @@ if redis.call('EXISTS', s) == 1 then
   end
   redis.call('HDEL', d, 'probe')  -- (a probe in flight is the model's: its outcome lands there)
   for _, name in ipairs({'learned_requests_per_minute', 'learned_tokens_per_minute',
-                         'learned_input_tokens_per_minute'}) do
+                         'learned_input_tokens_per_minute', 'learned_output_tokens_per_minute'}) do
     local w = P .. ':w:' .. src .. ':' .. name
     local dw = P .. ':w:' .. dst .. ':' .. name
     local ttl = redis.call('PTTL', w)

@@ -419,8 +419,8 @@ class RedisEngine(Engine):
         for call_id, cost in list(self._voids.items()):
             self._replay_one(self._settle_script, [
                 self.prefix, "", call_id, "1", "0", "", "", cost, "0", "0", "0", "0", "void",
-                "", "", "", "", "", "", "", "", "0", "0", "0", "0", "0", "0", "0", "0", "0", ""])
-            # (after "void": its wait and the 7 signals, as _settle_args; then the engine's settings)
+                "", "", "", "", "", "", "", "", "", "0", "0", "0", "0", "0", "0", "0", "0", "0", ""])
+            # (after "void": its wait and the 8 signals, as _settle_args; then the engine's settings)
             del self._voids[call_id]
         moves = self._pending_moves
         while moves:  # (first: what the model held is the endpoint's before its calls settle there)
@@ -563,6 +563,7 @@ class RedisEngine(Engine):
             if out[5]:
                 self._hear_splits(_dec(out[5]))
             res.learned_input = frozenset(k for k, st in states.items() if st.observed_input is not None)
+            res.learned_output = frozenset(k for k, st in states.items() if st.observed_output is not None)
             self._version += 1
             self.admitted_total += 1
             for raw in out[6:]:
@@ -845,11 +846,15 @@ class RedisEngine(Engine):
             self._renewed.pop(call_id, None)
             now = self.clock()
             self._remote_settle(res, input_tokens, output_tokens, cost, outcome, wait, signals, cached_input)
-            if signals is not None and signals.limit_input_tokens:
-                # Charge this model's (and key's) learned input-token window from now on (Redis
-                # holds the limit). After the settlement: this call never charged it.
+            if signals is not None and (signals.limit_input_tokens or signals.limit_output_tokens):
+                # Charge this model's (and key's) learned input- and output-token windows from now
+                # on (Redis holds the limits). After the settlement: this call never charged them.
                 for scope in header_scopes(_charged_scopes(res.ticket)):
-                    self.observe_input(self._state(scope, now))
+                    st = self._state(scope, now)
+                    if signals.limit_input_tokens:
+                        self.observe_input(st)
+                    if signals.limit_output_tokens:
+                        self.observe_output(st)
             self._version += 1
             if self._waiters:
                 self._dispatch(now)
@@ -928,7 +933,7 @@ class RedisEngine(Engine):
                 opt((s.limit_tokens or None) if s and s.learn_tokens else (-1 if s else None)),
                 opt(s.remaining_requests if s else None), opt(s.reset_requests if s else None),
                 opt(s.remaining_tokens if s else None), opt(s.reset_tokens if s else None),
-                opt((s.limit_input_tokens or None) if s else None),
+                opt((s.limit_input_tokens or None) if s else None), opt((s.limit_output_tokens or None) if s else None),
                 _num(self.pace_default), str(self.circuit_threshold), _num(self.circuit_cooldown),
                 _num(self.circuit_max_cooldown), "1" if self.adaptive else "0", _num(self.adaptive_decrease),
                 "10", str(len(self.thresholds)), *(_num(x) for x in self.thresholds)]
@@ -963,6 +968,8 @@ class RedisEngine(Engine):
                 for w in ws:
                     if w is st.observed_input and st.key not in res.learned_input:
                         continue  # added after its admission (see observe_input): it never charged it
+                    if w is st.observed_output and st.key not in res.learned_output:
+                        continue  # (the same: see observe_output)
                     wins += [w.name, _num(w.period), _num(est), _num(act), isreq]
                     nwin += 1
             args += [str(nwin), *wins, str(len(st.budgets))]
@@ -1198,6 +1205,8 @@ class RedisEngine(Engine):
             dst = self._state(target, self.clock())  # (shown in stats from now on)
             if src is not None and src.observed_input is not None:  # (its input-token limit moved with it)
                 self.observe_input(dst)
+            if src is not None and src.observed_output is not None:  # (and its output-token limit)
+                self.observe_output(dst)
 
     def _peek_args(self, windows: list[tuple[str, str, float]], conc: list[str], state: list[str],
                    spend: list[tuple[str, str, float]], reserved: list[str]) -> list[str]:
@@ -1294,7 +1303,9 @@ class RedisEngine(Engine):
             learned[key] = {"learned_requests_per_minute": min(rpm) if rpm else NEVER,
                             "learned_tokens_per_minute": float(h["learned_tpm"]) if "learned_tpm" in h else NEVER,
                             "learned_input_tokens_per_minute":
-                                float(h["learned_itpm"]) if "learned_itpm" in h else NEVER}
+                                float(h["learned_itpm"]) if "learned_itpm" in h else NEVER,
+                            "learned_output_tokens_per_minute":
+                                float(h["learned_otpm"]) if "learned_otpm" in h else NEVER}
         out: dict[str, dict[str, Any]] = {}
         i = 0
         for j, (key, st) in enumerate(states):
@@ -1354,6 +1365,8 @@ class RedisEngine(Engine):
                 entry["learned_tokens_per_minute"] = float(h["learned_tpm"])
             if "learned_itpm" in h:
                 entry["learned_input_tokens_per_minute"] = float(h["learned_itpm"])
+            if "learned_otpm" in h:
+                entry["learned_output_tokens_per_minute"] = float(h["learned_otpm"])
             if "adaptive_rpm" in h:
                 entry["adaptive_requests_per_minute"] = round(float(h["adaptive_rpm"]), 2)
             if int(float(h.get("failures", 0))):

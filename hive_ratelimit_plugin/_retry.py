@@ -123,6 +123,7 @@ class RateSignals:
     reset_tokens: float | None = None
     learn_tokens: bool = True  # False: the token headers give no limit to hold calls to (Anthropic's)
     limit_input_tokens: int | None = None  # Anthropic's input tokens per minute (cache reads not counted)
+    limit_output_tokens: int | None = None  # Anthropic's output tokens per minute
 
     def exhausted(self) -> list[tuple[str, float, float]]:
         """``(what, reset, wait)`` for each limit (``requests``, ``tokens``) the provider says is
@@ -176,7 +177,8 @@ def read_signals(raw_headers: Any, now: float, cap: float = 600.0) -> RateSignal
     sig.remaining_requests = _int(h.get("x-ratelimit-remaining-requests")
                                   or h.get("anthropic-ratelimit-requests-remaining"))
     sig.limit_tokens = _int(h.get("x-ratelimit-limit-tokens") or h.get("anthropic-ratelimit-tokens-limit"))
-    if "anthropic-ratelimit-tokens-limit" in h or "anthropic-ratelimit-input-tokens-limit" in h:
+    if "anthropic-ratelimit-tokens-limit" in h or "anthropic-ratelimit-input-tokens-limit" in h \
+            or "anthropic-ratelimit-output-tokens-limit" in h:
         # Anthropic's "tokens" headers (which LiteLLM also copies to x-ratelimit-*-tokens) give the
         # most restrictive of its input and output limits (cached input not counted): not a limit
         # on input plus output tokens. Held to, it refused a 12k-token prompt under a 40k input
@@ -186,6 +188,9 @@ def read_signals(raw_headers: Any, now: float, cap: float = 600.0) -> RateSignal
         # Its input-token limit is one: the prompt tokens a minute, less those read from the cache
         # (an input_tokens_per_minute limit, learned as learned_input_tokens_per_minute).
         sig.limit_input_tokens = _int(h.get("anthropic-ratelimit-input-tokens-limit"))
+        # So is its output-token limit: the completion tokens a minute (an output_tokens_per_minute
+        # limit, learned as learned_output_tokens_per_minute).
+        sig.limit_output_tokens = _int(h.get("anthropic-ratelimit-output-tokens-limit"))
     sig.remaining_tokens = _int(h.get("x-ratelimit-remaining-tokens") or h.get("anthropic-ratelimit-tokens-remaining"))
     rr = h.get("x-ratelimit-reset-requests")
     sig.reset_requests = clamp(parse_duration(rr)) if rr else None

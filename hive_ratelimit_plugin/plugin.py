@@ -547,7 +547,8 @@ class HiveLimiter(CustomLogger):
         # Responses API turns by response id: the tokens a turn that continues it (with
         # ``previous_response_id``) carries as its input on top of its own (see _remember_turn).
         self._turns: dict[str, int] = {}
-        self._told: dict[str, tuple[int | None, int | None, int | None]] = {}  # provider limits last logged, per model
+        # provider limits last logged, per model: requests, tokens, input and output tokens
+        self._told: dict[str, tuple[int | None, int | None, int | None, int | None]] = {}
         self._own_endpoint_told: set[str] = set()  # providers whose calls were seen with their own api_base
         # (provider, model) -> the one endpoint (api_base, api_key) its calls went to so far, or
         # _SERVED_BY_MANY (see _endpoint_scopes)
@@ -1357,7 +1358,8 @@ class HiveLimiter(CustomLogger):
             if exc is not None:
                 headers = response_headers(exc)
                 signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if headers else None
-                if signals is not None and (signals.limit_tokens or signals.limit_input_tokens):
+                if signals is not None and (signals.limit_tokens or signals.limit_input_tokens
+                                            or signals.limit_output_tokens):
                     self._learned_tokens_for(ticket, bool(signals.limit_input_tokens))
                 if is_rate_limit(exc):
                     outcome = "rate_limited"
@@ -1424,10 +1426,11 @@ class HiveLimiter(CustomLogger):
                     cached_input=cache[0] if cache is not None else 0)
 
     def _learned_tokens_for(self, ticket: Ticket, input_limit: bool = False) -> None:
-        """A token limit learned for this call's model holds its calls only if their tokens are
-        estimated: from now on they are, as for a configured token limit (the provider counts
-        max_tokens too). Only this model's: a prompt's tokens cost its tokenizer's time. Under
-        an input-token limit (``input_limit``) a prompt-cache read is expected apart, as under a
+        """A token limit (of tokens, input or output tokens) learned for this call's model holds its
+        calls only if their tokens are estimated: from now on they are, as for a configured token
+        limit (the provider counts max_tokens too: an output-token limit holds calls to what they
+        ask for). Only this model's: a prompt's tokens cost its tokenizer's time. Under an
+        input-token limit (``input_limit``) a prompt-cache read is expected apart, as under a
         configured one."""
         key = ticket.dims[:2]  # (provider, model as its scope names it: however the call spelt it)
         learned = self._tokens_learned
@@ -1441,11 +1444,12 @@ class HiveLimiter(CustomLogger):
         learns (which cap calls where lower than configured, until the provider says otherwise:
         one wrong header would otherwise hold a model unnoticed) and a long wait for a reset."""
         where = f"{ticket.dims[0]}/{ticket.dims[1]}"
-        if sig.limit_tokens or sig.limit_input_tokens:
+        if sig.limit_tokens or sig.limit_input_tokens or sig.limit_output_tokens:
             self._learned_tokens_for(ticket, bool(sig.limit_input_tokens))
-        if sig.limit_requests or sig.limit_tokens or sig.limit_input_tokens:
-            before = self._told.get(where, (None, None, None))
-            now = (sig.limit_requests or before[0], sig.limit_tokens or before[1], sig.limit_input_tokens or before[2])
+        if sig.limit_requests or sig.limit_tokens or sig.limit_input_tokens or sig.limit_output_tokens:
+            before = self._told.get(where, (None, None, None, None))
+            now = (sig.limit_requests or before[0], sig.limit_tokens or before[1], sig.limit_input_tokens or before[2],
+                   sig.limit_output_tokens or before[3])
             if now != before:
                 if len(self._told) >= 1024:
                     self._told.clear()
@@ -1455,7 +1459,8 @@ class HiveLimiter(CustomLogger):
                            "%s: the provider's headers give its limits as %s%s; calls there are held to them where "
                            "they are lower than configured", where,
                            " and ".join(f"{v:g} {unit} per minute"
-                                        for v, unit in zip(now, ("requests", "tokens", "input tokens"), strict=True)
+                                        for v, unit in zip(now, ("requests", "tokens", "input tokens", "output tokens"),
+                                                               strict=True)
                                         if v is not None),
                            f" (was {' and '.join(str(b) for b in before if b is not None)})" if lowered else "",
                            extra={"hive_repeat_key": ("limits", where)})

@@ -392,6 +392,7 @@ _UNITS = {
     "tokens_per_hour": "TPH", "tokens_per_day": "TPD", "input_tokens_per_minute": "input TPM",
     "output_tokens_per_minute": "output TPM", "learned_requests_per_minute": "RPM (learned)",
     "learned_tokens_per_minute": "TPM (learned)", "learned_input_tokens_per_minute": "input TPM (learned)",
+    "learned_output_tokens_per_minute": "output TPM (learned)",
     "concurrent_requests": "concurrent",
 }
 _UNIT_ORDER = list(_UNITS)

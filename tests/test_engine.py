@@ -502,7 +502,7 @@ def test_a_cut_never_sends_more_than_a_request_limit_the_headers_gave(clock: Fak
     assert max(sum(1 for s in sent if t - 60.0 < s <= t) for t in sent[122:]) <= 60
 
 
-@pytest.mark.parametrize("field", ["limit_requests", "limit_tokens", "limit_input_tokens"])
+@pytest.mark.parametrize("field", ["limit_requests", "limit_tokens", "limit_input_tokens", "limit_output_tokens"])
 def test_a_limit_of_zero_in_the_headers_is_not_learned(clock: FakeClock, make_engine: Any, field: str) -> None:
     """A header giving a limit of 0 (``x-ratelimit-limit-requests: 0``) is no limit to learn (the
     in-memory engine ignores it). The Redis script read 0 as true and learned a limit of 0: every

@@ -821,6 +821,60 @@ async def test_prompt_cache_reads_leave_room_under_a_learned_input_token_limit(p
     assert 0 < used["learned_input_tokens_per_minute"]["used"] <= 1500
 
 
+def _anthropic_output_headers(output_limit: int) -> dict[str, str]:
+    return {**_anthropic_headers(40_000), "anthropic-ratelimit-output-tokens-limit": str(output_limit),
+            "anthropic-ratelimit-output-tokens-remaining": str(output_limit // 2)}
+
+
+async def test_an_output_token_limit_learned_from_anthropic_holds_calls_to_their_max_tokens(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """Anthropic's ``output-tokens-limit`` header is its output-tokens-per-minute limit: once an
+    answer gives it, the model's calls are held to it (``learned_output_tokens_per_minute``,
+    counted from that answer on), each reserving the ``max_tokens`` it asks for. Under 10,000,
+    with 6,000 used, a call asking for 5,000 waits (it might use them all) rather than collect a
+    429, though it would use 3,000, and goes once the window has room."""
+    limiter, _ = make(clock, {"queue": {"max_wait_seconds": 120}})
+    provider.state.completion_tokens = 3000
+    kw = {"model": "anthropic/claude-sonnet-4-5", "api_base": provider.root, "api_key": "sk-ant-test-SECRET"}
+
+    async def call(i: int, max_tokens: int) -> Any:
+        provider.state.push(Scripted(status=200, headers=_anthropic_output_headers(10_000)))
+        return await litellm.acompletion(messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=max_tokens,
+                                         **kw)
+
+    await call(0, 3000)  # learns 10,000 output tokens a minute
+    learned = limiter.get_usage_stats()["providers"]["model:anthropic/claude-sonnet-4-5"]
+    assert learned["learned_output_tokens_per_minute"] == 10_000
+    await call(1, 3000)
+    await call(2, 3000)  # 6,000 output tokens counted
+    used = limiter.get_usage_stats()["levels"]["model"]["model:anthropic/claude-sonnet-4-5"]
+    assert used["learned_output_tokens_per_minute"] == {"used": 6000, "limit": 10_000}
+    fourth = asyncio.ensure_future(call(3, 5000))
+    await wait_until(lambda: limiter.get_usage_stats()["queued"] == 1)
+    assert provider.state.count() == 3, "a call past the learned output-token limit was sent"
+    assert provider.state.count(429) == 0
+    clock.advance(61)  # the window slides: room again
+    await asyncio.wait_for(fourth, 10)
+    assert provider.state.count() == 4 and provider.state.count(429) == 0
+
+
+async def test_a_learned_output_token_limit_is_settled_at_the_tokens_used(provider: FakeProvider,
+                                                                          clock: FakeClock) -> None:
+    """A call asking for ``max_tokens=4000`` that used 10 frees the rest of its reservation: under
+    a learned 10,000 output tokens a minute, five such calls go within the minute one after the
+    other (held at 4,000 each, the third would wait a minute), and the window holds what they used."""
+    limiter, _ = make(clock, {"queue": {"max_wait_seconds": 0}})
+    provider.state.completion_tokens = 10
+    kw = {"model": "anthropic/claude-sonnet-4-5", "api_base": provider.root, "api_key": "sk-ant-test-SECRET",
+          "max_tokens": 4000}
+    for i in range(6):  # (the first learns the limit; the other five count)
+        provider.state.push(Scripted(status=200, headers=_anthropic_output_headers(10_000)))
+        await litellm.acompletion(messages=[{"role": "user", "content": f"hi {i}"}], **kw)
+    assert provider.state.count() == 6
+    used = limiter.get_usage_stats()["levels"]["model"]["model:anthropic/claude-sonnet-4-5"]
+    assert used["learned_output_tokens_per_minute"] == {"used": 50, "limit": 10_000}
+
+
 async def test_an_openai_answer_learns_no_input_token_limit(provider: FakeProvider, clock: FakeClock) -> None:
     """Without Anthropic's input-token header no input window is counted at all (it would cost
     every call of every other provider)."""
@@ -831,8 +885,9 @@ async def test_an_openai_answer_learns_no_input_token_limit(provider: FakeProvid
     await litellm.acompletion(**chat_kwargs(provider, max_tokens=5))
     model = limiter.get_usage_stats()["levels"]["model"]["model:openai/gpt-4o-mini"]
     assert "learned_tokens_per_minute" in model and "learned_input_tokens_per_minute" not in model
-    assert all(w.name != "learned_input_tokens_per_minute" for st in limiter._engine._states.values()
-               for w in st.windows())
+    assert "learned_output_tokens_per_minute" not in model
+    assert all(w.name not in ("learned_input_tokens_per_minute", "learned_output_tokens_per_minute")
+               for st in limiter._engine._states.values() for w in st.windows())
 
 
 async def test_a_call_larger_than_a_learned_token_limit_goes_alone(provider: FakeProvider,

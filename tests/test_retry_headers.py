@@ -69,11 +69,12 @@ def test_anthropics_token_headers_are_not_read_as_a_tokens_per_minute_limit(pref
     sig = read_signals(headers, NOW)
     assert sig.limit_requests == 50 and sig.limit_tokens is None
     assert sig.limit_input_tokens == 40000  # (its input-token limit is one: learned as such)
+    assert sig.limit_output_tokens == 8000  # (and so is its output-token limit)
     assert sig.remaining_tokens == 0 and sig.reset_tokens == 3
     assert [(what, wait) for what, _, wait in sig.exhausted()] == [("tokens", 3)]
     openai = read_signals({"x-ratelimit-limit-tokens": "8000", "x-ratelimit-remaining-tokens": "10"}, NOW)
     assert openai.limit_tokens == 8000  # (OpenAI's is a limit on input plus output)
-    assert openai.limit_input_tokens is None
+    assert openai.limit_input_tokens is None and openai.limit_output_tokens is None
 
 
 @pytest.mark.parametrize(

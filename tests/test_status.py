@@ -136,6 +136,19 @@ def test_dashboard_of_processes_read_from_redis_says_they_run() -> None:
     assert "nothing running · redis" in render_dashboard(state)
 
 
+def test_dashboard_labels_the_limits_learned_from_anthropics_headers() -> None:
+    """The input- and output-token limits learned from Anthropic's headers are labelled as such,
+    after the configured ones."""
+    state = {"source": "processes", "generated_at": 0.0, "processes": [{"pid": 1}], "warning_thresholds": [0.8],
+             "scopes": {"model:anthropic/claude-sonnet-4-5": {"level": "model", "limits": {
+                 "learned_output_tokens_per_minute": {"used": 2000, "limit": 8000},
+                 "learned_input_tokens_per_minute": {"used": 10000, "limit": 40000},
+                 "requests_per_minute": {"used": 5, "limit": 50}}}}}
+    lines = [line for line in render_dashboard(state).splitlines() if "(25%)" in line or "(10%)" in line]
+    assert [line.split()[2:4] for line in lines] == [["5/50", "RPM"], ["10K/40K", "input"], ["2K/8K", "output"]]
+    assert "2K/8K output TPM (learned) (25%)" in lines[2]
+
+
 def test_dashboard_below_threshold_has_no_marker_and_tiny_values_read_well() -> None:
     state = {"source": "processes", "generated_at": 0.0, "processes": [{"pid": 1}], "warning_thresholds": [0.9],
              "scopes": {"global": {"level": "global", "limits": {
