@@ -1611,9 +1611,9 @@ class HiveLimiter(CustomLogger):
                                        parent_otel_span: Any = None) -> list[Any]:
         """A Router's choice among a model group's deployments (async calls): those a provider has
         put on hold (a 429's cooldown, an open circuit breaker, on their endpoint or, before their
-        model is served by several, on their model) are left out while another deployment is free,
-        so that the Router sends the call there rather than have it wait in the queue. With all of
-        them on hold the list is left as it is (the call waits for its deployment)."""
+        model is served by several, on their model) are left out while a free deployment with the
+        same tags stays, so that the Router sends the call there rather than have it wait in the
+        queue. With none such the list is left as it is (the call waits for its deployment)."""
         if len(healthy_deployments) < 2 or not self._config.enabled:
             return healthy_deployments
         try:
