@@ -298,6 +298,7 @@ class _Reservation:
 
     __slots__ = (
         "admitted_at",
+        "after_split",
         "answered",
         "attempts",
         "boot",
@@ -306,6 +307,7 @@ class _Reservation:
         "learned_input",
         "learned_output",
         "local_at",
+        "moved_to",
         "record",
         "recounted",
         "remote",
@@ -338,6 +340,12 @@ class _Reservation:
         # window added after its admission is not settled by it: see _redis.RedisEngine._settle_args)
         self.learned_input: frozenset[str] = frozenset()
         self.learned_output: frozenset[str] = frozenset()  # (the same of the learned output-token window)
+        # (kind, window) of an endpoint's learned windows that got a copy of this call's charge when
+        # its model's moved there while it was in flight (see Engine.move_signals): settled there too.
+        self.moved_to: list[tuple[int, SlidingWindow]] | None = None
+        # The models a shared backend's admission said another process had split already: admitted
+        # after that split, this call charged none of what it moved (see _redis.RedisEngine._settle_args).
+        self.after_split: frozenset[str] = frozenset()
 
     @property
     def states(self) -> list[ScopeState]:
@@ -1735,6 +1743,11 @@ class Engine:
                     window.total += applied
                 else:
                     window.adjust(now, index, delta)
+        if res.moved_to:  # its charge, copied to an endpoint's learned windows at a split: settled there too
+            for code, window in res.moved_to:
+                if deltas[code]:
+                    window.adjust(now, int(admitted // window.width), deltas[code])
+            res.moved_to = None
         actual_cost = t.cost if cost is None else cost  # unknown: keep the worst case
         for st in layout.budgeted:
             st.reserved_requests = max(st.reserved_requests - 1, 0)
@@ -1998,10 +2011,25 @@ class Engine:
             if dst.learned_otpm is not None:
                 self.observe_output(dst)
             # The requests and tokens counted toward the learned limits move too (as in Redis' MOVE).
-            for a, b in ((src.observed_requests, dst.observed_requests), (src.observed_tokens, dst.observed_tokens),
-                         (src.observed_input, dst.observed_input), (src.observed_output, dst.observed_output)):
+            copied: list[tuple[int, SlidingWindow, SlidingWindow]] = []
+            for code, a, b in ((REQ, src.observed_requests, dst.observed_requests),
+                               (ALL, src.observed_tokens, dst.observed_tokens),
+                               (IN, src.observed_input, dst.observed_input),
+                               (OUT, src.observed_output, dst.observed_output)):
                 if a is not None and b is not None and b.is_idle():
                     b.copy_usage(a)
+                    if code != REQ:
+                        copied.append((code, a, b))
+            # The calls in flight that charged them hold their estimates in the copies too (an
+            # output-token window, each call's max_tokens): their settlements correct them there too.
+            if copied:
+                for res in self._leases.values():
+                    if res.settled:
+                        continue
+                    charged = {id(w) for _, w in res.layout.prog}
+                    extra = [(code, b) for code, a, b in copied if id(a) in charged]
+                    if extra:
+                        res.moved_to = (res.moved_to or []) + extra
             self._apply_learned(src)
             self._apply_learned(dst)
             self._version += 1

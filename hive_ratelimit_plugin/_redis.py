@@ -51,6 +51,7 @@ from ._engine import (
     settled_input,
     too_large_advice,
 )
+from ._windows import SlidingWindow
 from .config import LimitSet
 from .errors import BackendUnavailableError, ConfigError, HiveRateLimitError, RequestTooLargeError
 
@@ -562,6 +563,7 @@ class RedisEngine(Engine):
             res.boot = _dec(out[4])  # (the dataset its lease record is in: see boot_id in _lua)
             if out[5]:
                 self._hear_splits(_dec(out[5]))
+                res.after_split = frozenset(map(_unwire, _dec(out[5]).split(SEP)))
             res.learned_input = frozenset(k for k, st in states.items() if st.observed_input is not None)
             res.learned_output = frozenset(k for k, st in states.items() if st.observed_output is not None)
             self._version += 1
@@ -918,7 +920,8 @@ class RedisEngine(Engine):
             self._remote_event(raw.decode() if isinstance(raw, bytes) else str(raw), wall)
 
     def _settle_args(self, res: _Reservation, tin: int, tout: int, cost: float, outcome: str, wait: float | None,
-                     signals: Any, starts: dict[str, float], tin_uncached: int | None = None) -> list[str]:
+                     signals: Any, starts: dict[str, float], tin_uncached: int | None = None,
+                     freeing: bool = False) -> list[str]:
         def opt(x: Any) -> str:
             return "" if x is None else _num(x)
 
@@ -941,7 +944,9 @@ class RedisEngine(Engine):
         now = self.clock()
         # A call admitted before its model's signals moved to the endpoint it went to: its
         # outcome is that endpoint's (see Engine.move_signals).
-        moved = self._moved_keys(t.call_id, scopes) if self._moved_calls else []
+        # (Not when only freeing its slot, which SETTLE does before reading any scope: _moved_keys
+        # forgets the call, and its settlement, after, would land on the model.)
+        moved = self._moved_keys(t.call_id, scopes) if self._moved_calls and not freeing else []
         extra = [self._moved[moved[0]]] if moved else []
         args.append(str(len(scopes) + len(extra)))
         # The provider limits per API key: a 429 cools that key only; the others carry on.
@@ -976,9 +981,22 @@ class RedisEngine(Engine):
             for name, kind, limit in st.budgets:
                 args += [name, kind, f"{starts[kind]:.0f}", _num(limit),
                          "1" if name == "max_requests_per_run" else "0", str(_SPEND_TTL[kind])]
-        for scope in extra:  # (signals only: it charged none of its windows)
+        for scope in extra:  # (signals; and of its windows, the copies MOVE made of the model's learned ones)
             self._state(scope, now)
-            args += [_wire(scope.key), "1", "", "0", "0"]
+            copies: list[str] = []
+            src = self._states.get(moved[0])
+            if src is not None and moved[0] not in res.after_split:
+                # Admitted before the split, its estimate was in the model's learned windows that MOVE
+                # copied to the endpoint: settled there too (a call's max_tokens, in its output window).
+                learned: tuple[tuple[SlidingWindow | None, int, int], ...] = (
+                    (src.observed_tokens, t.input_tokens + t.output_tokens, tin + tout),
+                    (src.observed_input if src.key in res.learned_input else None, t.input_tokens - t.cached_input,
+                     tin if tin_uncached is None else tin_uncached),
+                    (src.observed_output if src.key in res.learned_output else None, t.output_tokens, tout))
+                for copy, est, act in learned:
+                    if copy is not None:
+                        copies += [copy.name, _num(copy.period), _num(est), _num(act), "0"]
+            args += [_wire(scope.key), "1", "", str(len(copies) // 5), *copies, "0"]
         args.append(res.boot)
         return args
 
@@ -1070,7 +1088,8 @@ class RedisEngine(Engine):
             held = self._held.get(call_id)
             if held is not None:
                 self.fallback.free_slot(held)
-            args = self._settle_args(res, 0, 0, 0.0, "success", None, None, self.calendar.starts(self.wall()))
+            args = self._settle_args(res, 0, 0, 0.0, "success", None, None, self.calendar.starts(self.wall()),
+                                     freeing=True)
             args[11] = "1"
             try:
                 self._call(self._settle_script, args)
