@@ -16,19 +16,12 @@ from hive_ratelimit_plugin.config import LimitSet
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
 from .helpers import wait_until
+from .test_learned_input_limit import Woken
 from .test_provider_429 import _anthropic_output_headers, make
 
 pytestmark = pytest.mark.usefixtures("contract_backend")
 
 MODEL = "model:anthropic/claude-sonnet-4-5"
-
-
-class Woken:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self) -> None:
-        self.count += 1
 
 
 def _otpm(n: int) -> RateSignals:
