@@ -404,7 +404,8 @@ async def test_the_proxys_router_sends_requests_to_the_endpoint_no_cooldown_hold
     """A group of one model under two keys: one key's request is answered 429 (retry after 30 s).
     The Router is told (async_filter_deployments) and sends the next requests to the other key,
     answered at once, while the refused request waits out its 30 s for its own key."""
-    lim = px.use({"users": {"bob": {"requests_per_minute": 1000}}})
+    # (up to 31 identical requests: the runaway detector, on by default, would stop the 21st)
+    lim = px.use({"users": {"bob": {"requests_per_minute": 1000}}, "runaway": {"enabled": False}})
     headers = {"authorization": "Bearer sk-bob"}
     body = {"model": "gpt-2keys", "max_tokens": 5, "messages": [{"role": "user", "content": "hello there"}]}
     async with httpx.AsyncClient(timeout=60) as client:
