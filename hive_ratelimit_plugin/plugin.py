@@ -1115,10 +1115,9 @@ class HiveLimiter(CustomLogger):
 
         def with_endpoint(t: Ticket) -> list[Any]:
             found = waiting.get(t.call_id)
-            if found is None or t.dims[:2] != model or t.choices is not None \
-                    or any(s.limits is _ENDPOINT_LIMITS for s in t.scopes):
+            if found is None or t.dims[:2] != model:
                 return t.scopes
-            return [*t.scopes, _endpoint_scope(model, _endpoint(found[1]))]
+            return _with_endpoint(t, found[1]) or t.scopes
 
         self._engine.rescope(with_endpoint)
 
@@ -1143,13 +1142,13 @@ class HiveLimiter(CustomLogger):
         429's cooldown there), which its admission could not see. Its reservation is given back
         (nothing was sent) and the ticket to admit it again, with its endpoint's scope, returned;
         ``None`` when the call needs no second admission."""
-        model = ticket.dims[:2]
-        if ticket.choices is not None or self._endpoints.get(model) is not _SERVED_BY_MANY \
-                or any(s.limits is _ENDPOINT_LIMITS for s in ticket.scopes):
+        if self._endpoints.get(ticket.dims[:2]) is not _SERVED_BY_MANY:
+            return None
+        scopes = _with_endpoint(ticket, kwargs)
+        if scopes is None:
             return None
         self._engine.release(ticket.call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome="void")
-        return dataclasses.replace(ticket, scopes=[*ticket.scopes, _endpoint_scope(model, _endpoint(kwargs))],
-                                   chosen=None, deadline=NEVER)
+        return dataclasses.replace(ticket, scopes=scopes, chosen=None, deadline=NEVER)
 
     def _own_endpoint(self, provider: str) -> None:
         """A call that names its own ``api_base`` keeps its own key: the provider's key pool is
@@ -2107,6 +2106,15 @@ def _model_scope_key(plan: _Plan) -> str:
     while the model is seen at one endpoint)."""
     key: str = next(s.key for s in plan.scopes if s.level == "model")
     return key
+
+
+def _with_endpoint(ticket: Ticket, kwargs: Mapping[str, Any]) -> list[Any] | None:
+    """The scopes of a ticket built before its model was split, with its endpoint's added (the
+    endpoint of the call ``kwargs`` describe); ``None`` when it has its endpoint's already or
+    goes with a key pool's key (whose scope keeps its signals)."""
+    if ticket.choices is not None or any(s.limits is _ENDPOINT_LIMITS for s in ticket.scopes):
+        return None
+    return [*ticket.scopes, _endpoint_scope(ticket.dims[:2], _endpoint(kwargs))]
 
 
 def _endpoint_scope(model: tuple[Any, ...], endpoint: tuple[Any, Any]) -> Scope:

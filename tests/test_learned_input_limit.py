@@ -30,11 +30,15 @@ class Woken:
         self.count += 1
 
 
-def _itpm(n: int) -> RateSignals:
-    sig = RateSignals()
+def anthropic_signals(**limits: int) -> RateSignals:
+    """What Anthropic's headers give (its "tokens" headers are no limit to learn), with ``limits``."""
+    sig = RateSignals(**limits)
     sig.learn_tokens = False
-    sig.limit_input_tokens = n
     return sig
+
+
+def _itpm(n: int) -> RateSignals:
+    return anthropic_signals(limit_input_tokens=n)
 
 
 def test_a_call_in_flight_when_the_window_appears_does_not_touch_it(clock: FakeClock, make_engine: Any) -> None:

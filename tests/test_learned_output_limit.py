@@ -16,7 +16,7 @@ from hive_ratelimit_plugin.config import LimitSet
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
 from .helpers import wait_until
-from .test_learned_input_limit import Woken
+from .test_learned_input_limit import Woken, anthropic_signals
 from .test_provider_429 import _anthropic_output_headers, make
 
 pytestmark = pytest.mark.usefixtures("contract_backend")
@@ -25,10 +25,7 @@ MODEL = "model:anthropic/claude-sonnet-4-5"
 
 
 def _otpm(n: int) -> RateSignals:
-    sig = RateSignals()
-    sig.learn_tokens = False
-    sig.limit_output_tokens = n
-    return sig
+    return anthropic_signals(limit_output_tokens=n)
 
 
 def test_a_call_in_flight_when_the_window_appears_does_not_touch_it(clock: FakeClock, make_engine: Any) -> None:
