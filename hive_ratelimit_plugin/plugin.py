@@ -1147,8 +1147,15 @@ class HiveLimiter(CustomLogger):
         scopes = _with_endpoint(ticket, kwargs)
         if scopes is None:
             return None
-        self._engine.release(ticket.call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome="void")
+        self._unadmit(ticket.call_id)
         return dataclasses.replace(ticket, scopes=scopes, chosen=None, deadline=NEVER)
+
+    def _unadmit(self, call_id: str) -> None:
+        """Give back the reservation of a call about to be admitted again (nothing was sent): it
+        counts once in ``admitted_total``, at the admission that lets it go."""
+        eng = self._engine
+        eng.release(call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome="void")
+        eng.admitted_total -= 1
 
     def _own_endpoint(self, provider: str) -> None:
         """A call that names its own ``api_base`` keeps its own key: the provider's key pool is
@@ -1580,7 +1587,7 @@ class HiveLimiter(CustomLogger):
         provider = self._provider_of(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"))
         if held.dims[:2] == (provider, split_model(model, provider)) or self._engine.progress(call_id):
             return False
-        self._engine.release(call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome="void")
+        self._unadmit(call_id)
         return True
 
     def _admitted_upstream(self, call_id: str) -> bool:

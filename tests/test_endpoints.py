@@ -362,6 +362,13 @@ async def test_a_new_process_first_call_to_an_endpoint_another_process_cooled_wa
             await call(other)
             assert other.state.count() == sent + 1
             return
+        b = litellm.callbacks[-1]
         with pytest.raises(RateLimitQueueTimeout):
             await call(other)
         assert other.state.count() == sent
+        assert b.get_usage_stats()["admitted_total"] == 0  # (its admission on the model's scope, given back)
+        unregister(b)
+        c = make(clock, {"queue": {"max_wait_seconds": 0}})
+        await call(provider)  # a new process's first call, to the free endpoint: admitted again there, and sent
+        assert provider.state.count() == 2
+        assert c.get_usage_stats()["admitted_total"] == 1  # (one call: counted once)
