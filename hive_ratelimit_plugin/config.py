@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import reprlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -506,6 +507,12 @@ def _format_validation_error(exc: ValidationError, root: str, env: bool = True) 
         if kind == "extra_forbidden":
             lines.append(f"{path}: unknown key (value {_short(value)}){source}; check the spelling against the "
                          "documented fields")
+        elif kind == "missing":
+            # (pydantic's input here is the enclosing block, not a value of this key)
+            lines.append(f"{path}: missing; this key is required here")
+        elif kind == "model_type":
+            # (pydantic's message names the internal class: "... or instance of LimitSet")
+            lines.append(f"{path}: {_short(value)}{source} is not allowed: expected a block of keys and values")
         else:
             lines.append(f"{path}: {_short(value)}{source} is not allowed: {err['msg']}")
     return lines
@@ -571,17 +578,37 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+#: Sections of ``rate_limiting:`` whose limits or budgets would silently not apply if written at the
+#: top level of a file by mistake (indented wrongly). Generic names (enabled, queue, retry, redis,
+#: status ...) are left out: a host application's own file may well have those at its top level.
+_STRAY_SECTIONS = frozenset({"global", "providers", "agents", "users", "teams", "budget", "pricing", "unknown_price",
+                             "fallback_price", "runaway", "circuit_breaker"})
+
+
+def stray_sections(data: Mapping[Any, Any], origin: str) -> None:
+    """Top-level keys next to ``rate_limiting:`` belong to the host application's file (the LiteLLM
+    proxy's ``model_list``, ...) and are ignored. One named like a section of ``rate_limiting`` is
+    most likely that section indented wrongly, its limits or budget silently ignored: in a file of
+    ours (no key of another application beside it) that is a :class:`ConfigError`; in a host
+    application's file, where the name may be its own, a warning."""
+    stray = sorted(str(k) for k in data if str(k) in _STRAY_SECTIONS)
+    if not stray:
+        return
+    problems = [f"{k}: a rate_limiting section at the top level, next to rate_limiting:, where it is ignored; "
+                "indent it under rate_limiting:" for k in stray]
+    if len(stray) == len(data) - 1:
+        raise ConfigError(f"invalid configuration ({origin}):\n  " + "\n  ".join(problems), errors=problems)
+    logger.warning("%s: %s (if it is the application's own key, ignore this)", origin, "; ".join(problems))
+
+
 def _unwrap(data: dict[str, Any], origin: str) -> dict[str, Any]:
     if "rate_limiting" in data:
-        extra = set(data) - {"rate_limiting"}
         block = data["rate_limiting"]
         if block is None:
             return {}
         if not isinstance(block, dict):
             raise ConfigError(f"{origin}: rate_limiting: expected a mapping, got {type(block).__name__}")
-        if extra and origin != "dict":
-            # Other top-level keys belong to the host application's config file; ignore them.
-            pass
+        stray_sections(data, origin)
         return dict(block)
     return dict(data)
 

@@ -577,6 +577,7 @@ class HiveLimiter(CustomLogger):
         self._settled_inline: set[str] = set()
         # Calls waiting in the queue: (call type, request), by call id (see _queue_async)
         self._waiting_calls: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        self._budgets_set: set[str] = set()  # budget settings made with set_budget() (see reload)
         self._next_tail = 0.0
         self._reload_spend = False  # set in a forked child (see _after_fork_in_child)
         self._configure_engine(cfg)
@@ -635,7 +636,15 @@ class HiveLimiter(CustomLogger):
                               "budget calendar for its life); build a new HiveLimiter to change them. The old "
                               "configuration stays in force.",
                               errors=[f"rate_limiting.{n}: cannot change on reload" for n in fixed])
+        if self._budgets_set:  # a runtime budget is not in the source: the reload replaces it
+            now, then = _budget_view(cfg), _budget_view(old)
+            lost = sorted(k for k in self._budgets_set if now.get(k) != then.get(k))
+            if lost:
+                logger.warning("reload replaced budgets set with set_budget() by the configuration's (write them into "
+                               "the configuration to keep them): %s",
+                               ", ".join(f"{k} {then.get(k)} -> {now.get(k)}" for k in lost))
         self._apply_config(cfg, action="reload")
+        self._budgets_set.clear()
         self._source = _pinned(source)
 
     def _load(self, source: Any) -> RateLimitingConfig:
@@ -788,7 +797,9 @@ class HiveLimiter(CustomLogger):
         if currency is not None:
             data["budget"]["currency"] = currency
         cfg = load_config(_strip_none(data), use_env=False)
+        before, after = _budget_view(self._config), _budget_view(cfg)
         self._apply_config(cfg, action="set", scope=scope_key)
+        self._budgets_set.update(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
     def reset_budget(
         self,

@@ -539,12 +539,13 @@ def _proxy_yaml(path: str) -> Any:
 
 
 def _read_block(source: _ProxyBlock) -> RateLimitingConfig:
-    from .config import load_config
+    from .config import load_config, stray_sections
 
     doc = _proxy_yaml(source.path)
     if not (isinstance(doc, Mapping) and "rate_limiting" in doc):
         raise ConfigError(f"{source.path}: has no rate_limiting: block any more (the proxy's limiter is "
                           "configured by it)")
+    stray_sections(doc, str(source.path))
     return load_config({"rate_limiting": doc["rate_limiting"]})
 
 

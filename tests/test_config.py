@@ -159,6 +159,59 @@ def test_bad_values_name_the_key(data: dict[str, object], fragments: list[str]) 
         assert fragment in message
 
 
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        # pydantic's "missing" error carries the enclosing block as its input and says "Field
+        # required": the line read "...output_per_million: {'input_per_million': 1.0} is not allowed:
+        # Field required"
+        ({"pricing": {"my-llama": {"input_per_million": 1.0}}},
+         "rate_limiting.pricing.my-llama.output_per_million: missing; this key is required here"),
+        ({"providers": {"openai": {"api_keys": [{"requests_per_minute": 5}]}}},
+         "rate_limiting.providers.openai.api_keys.0.env: missing; this key is required here"),
+        # and a scalar where a block belongs named an internal class ("instance of ProviderConfig")
+        ({"providers": {"openai": 500}},
+         "rate_limiting.providers.openai: 500 is not allowed: expected a block of keys and values"),
+        ({"global": None}, "rate_limiting.global: None is not allowed: expected a block of keys and values"),
+    ],
+)
+def test_missing_key_and_non_block_errors_read_plainly(data: dict[str, object], expected: str) -> None:
+    """A required key left out is reported as missing (not as its block's value "not allowed"), and a
+    value where a block belongs says a block is expected, without pydantic's class names."""
+    with pytest.raises(ConfigError) as info:
+        load_config(data, use_env=False)
+    assert info.value.errors == [expected]
+    assert "Field required" not in str(info.value) and "instance of" not in str(info.value)
+
+
+def test_section_outside_the_root_is_an_error_not_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A section written at the top level next to ``rate_limiting:`` (wrongly indented) was
+    silently ignored, so its budget or limits did not apply. In a file of ours it is an error; in a
+    host application's file (other top-level keys: the LiteLLM proxy's), where the name may be the
+    application's own, a warning; the host's other keys are ignored as before."""
+    f = tmp_path / "limits.yaml"
+    f.write_text("rate_limiting:\n  global: {requests_per_minute: 60}\nbudget:\n  max_daily_spend: 10\n"
+                 "global: {tokens_per_minute: 5}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(f, use_env=False)
+    assert info.value.errors == [
+        f"{k}: a rate_limiting section at the top level, next to rate_limiting:, where it is ignored; indent it "
+        "under rate_limiting:" for k in ("budget", "global")]
+    assert "limits.yaml" in str(info.value)
+    with pytest.raises(ConfigError, match="agents: a rate_limiting section at the top level"):
+        load_config({"rate_limiting": {}, "agents": {"a": {"requests_per_minute": 1}}}, use_env=False)
+    f.write_text("model_list: []\nagents: [planner]\nrate_limiting:\n  budget: {max_daily_spend: 10}\n")
+    with caplog.at_level("WARNING", logger="hive_ratelimit_plugin"):
+        assert load_config(f, use_env=False).budget.max_daily_spend == 10
+    assert "agents: a rate_limiting section at the top level" in caplog.text
+    caplog.clear()
+    f.write_text("model_list: []\nlitellm_settings: {callbacks: x.y}\n"
+                 "rate_limiting:\n  budget: {max_daily_spend: 10}\n")
+    with caplog.at_level("WARNING", logger="hive_ratelimit_plugin"):
+        assert load_config(f, use_env=False).budget.max_daily_spend == 10
+    assert caplog.text == ""
+
+
 def test_all_errors_reported_at_once() -> None:
     """Several problems are all listed, not just the first."""
     with pytest.raises(ConfigError) as info:

@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import litellm
@@ -400,3 +401,17 @@ async def test_a_proxy_client_cannot_set_its_calls_lease(clock: FakeClock) -> No
     lim._engine.admit_now = spy  # type: ignore[method-assign]
     await lim.async_pre_call_hook(_auth(), None, _data(timeout=9_999_000), "acompletion")
     assert seen == [0.0]
+
+
+def test_a_section_beside_the_proxys_rate_limiting_block_is_warned_of(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The proxy reads only its config file's ``rate_limiting:`` block: a ``budget:`` written beside
+    it (indented wrongly) would not apply. A proxy's file is LiteLLM's too, so it is a warning
+    (naming the key), not an error; the block itself still applies."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model_list: []\nrate_limiting:\n  global: {requests_per_minute: 7}\n"
+                    "budget:\n  max_daily_spend: 10\n")
+    with caplog.at_level("WARNING", logger="hive_ratelimit_plugin"):
+        cfg = proxy_mod._read_block(proxy_mod._ProxyBlock(str(path)))
+    assert cfg.global_.requests_per_minute == 7 and cfg.budget.max_daily_spend is None
+    assert "budget: a rate_limiting section at the top level, next to rate_limiting:" in caplog.text

@@ -109,3 +109,27 @@ def test_reload_reads_the_same_file_after_a_chdir(tmp_path: Any, monkeypatch: py
     monkeypatch.chdir(tmp_path / "b")  # (a worker changing directory, a daemonizing process)
     limiter.reload()
     assert limiter.config.global_.requests_per_minute == 7
+
+
+def test_a_reload_that_replaces_a_budget_set_at_run_time_warns(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A budget set with set_budget() lives in the limiter, not in its file: a reload replaces it
+    with the file's. That is said in a warning naming each setting lost (before, only the audit
+    log's "reload" entry told); a reload that leaves it alone says nothing."""
+    path = tmp_path / "limits.yaml"
+    path.write_text("rate_limiting:\n  budget: {max_daily_spend: 50}\n  pricing: {m: {input_per_million: 1, "
+                    "output_per_million: 1}}\n")
+    limiter = HiveLimiter(str(path))
+    limiter.set_budget(max_daily_spend=5.0, agent_id="looping")
+    with caplog.at_level("WARNING", logger="hive_ratelimit_plugin"):
+        limiter.reload()  # (the file has no agent budget: it goes)
+    assert limiter.config.agents.get("looping") is None or limiter.config.agents["looping"].max_cost_per_day is None
+    lost = [r.getMessage() for r in caplog.records if "set_budget()" in r.getMessage()]
+    assert len(lost) == 1 and "agents.looping.max_cost_per_day 5.0 -> None" in lost[0]
+    caplog.clear()
+    limiter.set_budget(max_daily_spend=60.0)
+    path.write_text(path.read_text().replace("max_daily_spend: 50", "max_daily_spend: 60"))
+    with caplog.at_level("WARNING", logger="hive_ratelimit_plugin"):
+        limiter.reload()  # (the file now says what was set: nothing lost)
+        limiter.reload()
+    assert limiter.config.budget.max_daily_spend == 60
+    assert not [r for r in caplog.records if "set_budget()" in r.getMessage()]
