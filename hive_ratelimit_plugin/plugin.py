@@ -212,7 +212,8 @@ def _log_event(event: dict[str, Any]) -> None:
         logger.warning("provider %s answered 429 for %s (%s)%s", event["provider"], event["model"],
                        "retried" if event["retried"] else "not retried",
                        f"; the provider asked to wait {wait:.1f}s" if wait is not None else "",
-                       extra={"hive_repeat_key": ("429", event["provider"], event["model"])})
+                       # (retried and not retried apart: a summary repeats its last line's words)
+                       extra={"hive_repeat_key": ("429", event["provider"], event["model"], event["retried"])})
     elif kind == "circuit_opened":
         logger.warning("circuit breaker of %s opened after %d consecutive provider failures; a probe goes "
                        "through in %.0fs", event["scope"], event["failures"], event["seconds"],

@@ -137,6 +137,27 @@ async def test_429_storm_logs_one_line_then_a_summary(provider: FakeProvider, cl
     assert "SECRET" not in repr(events)
 
 
+def test_429s_retried_and_not_retried_are_summarised_apart(caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A summary repeats its last line's words: 429s retried and not retried are counted apart (one
+    summary read "... (not retried) ... repeated 2 times" after one retried and one not)."""
+    from hive_ratelimit_plugin.plugin import _log_event
+
+    log_clock = FakeClock(0.0)
+    monkeypatch.setattr(_observe.SUMMARY, "clock", log_clock)
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    for retried in (True, True, True, False, False):
+        _log_event({"type": "provider_429", "provider": "openai", "model": "gpt-4o", "retried": retried,
+                    "retry_after": None})
+    log_clock.advance(10)
+    _observe.SUMMARY.flush()
+    assert sorted(r.getMessage() for r in caplog.records if "answered 429" in r.getMessage()) == sorted([
+        "provider openai answered 429 for gpt-4o (retried)",
+        "provider openai answered 429 for gpt-4o (not retried)",
+        "provider openai answered 429 for gpt-4o (retried) ... repeated 2 times in the last 10s",
+        "provider openai answered 429 for gpt-4o (not retried) ... repeated once more in the last 10s"])
+
+
 def test_breaker_trip_is_logged(provider: FakeProvider, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     make_limiter(clock, {"circuit_breaker": {"failure_threshold": 2}, "retry": {"enabled": False}})
     provider.state.push(Scripted(status=500), Scripted(status=500))
