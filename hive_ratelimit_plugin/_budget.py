@@ -311,6 +311,12 @@ class RunawayDetector:
         entry[1] += 1
         if entry[1] > self.max_identical:
             count = int(entry[1])
+            if len(self.tripped) >= self.MAX_AGENTS:
+                # Breakers whose cooldown is over are dropped by their agent's next call: an agent
+                # that never calls again (one id per job) would otherwise stay here for good.
+                for a, t in list(self.tripped.items()):
+                    if t[0] <= now:
+                        self.tripped.pop(a, None)
             self.tripped[agent] = (now + self.cooldown, count)
             del per_agent[fingerprint]
             return (now + self.cooldown, count, True)

@@ -802,6 +802,7 @@ class Engine:
             for st in res.states:
                 if st.probe == call_id:
                     st.probe = None
+            self._moved_calls.discard(call_id)
             self._version += 1
 
     def relimit(self, limits_for: Callable[[str, str], LimitSet | None], generation: int,
@@ -1821,7 +1822,9 @@ class Engine:
                 for st in layout.states:
                     st.in_flight -= 1
             provider_states = layout.signals
-            if provider_states:
+            if not provider_states:
+                self._moved_calls.discard(call_id)
+            else:
                 moved = self._moved_keys(call_id, provider_states) if self._moved_calls else ()
                 if moved:
                     provider_states = [self._state(self._moved[st.key], now) if st.key in moved else st
@@ -2351,6 +2354,7 @@ class Engine:
             for st in res.states:
                 if st.probe == cid:
                     st.probe = None
+            self._moved_calls.discard(cid)  # (its outcome never comes: release does not see it)
         # Evict idle scopes, oldest first, a bounded number per tick (so one call never pays for
         # a mass eviction). A scope whose windows are all empty carries no information, so
         # dropping it changes no decision. (Admissions only stamp ``last_used``; a recently

@@ -777,8 +777,10 @@ class RedisEngine(Engine):
 
     def cancel(self, waiter: Any) -> bool:
         call_id = waiter.ticket.call_id
-        self._last_block.pop(call_id, None)
         granted = super().cancel(waiter)
+        # After it left the queue (under the lock): a pass tries a queued waiter until then, in
+        # another thread too, and would store its answer again, left here for good.
+        self._last_block.pop(call_id, None)
         if granted:
             self._in_line.pop(call_id, None)
         else:

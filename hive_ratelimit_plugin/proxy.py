@@ -310,6 +310,12 @@ class ProxyLimiter(HiveLimiter):
             return  # a request refused for reusing this id (its events carry it): the call holding it is another's
         super()._finish(call_id, response, failed=failed, exc=exc, prior=prior, logged_cost=logged_cost,
                         headers=headers)
+        if not failed and call_id:
+            # A request answered is over: no retry or fallback of it will ask for its identity
+            # again. (Left in place, every request's entry stayed until the LRU dropped it: 65,536
+            # identities held for good in a busy proxy.) A failed attempt keeps it for the retry.
+            with self._proxy_lock:
+                self._proxy_calls.pop(call_id, None)
 
     def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
         if kwargs.get(_RUNAWAY_FLAG, True):
@@ -440,6 +446,11 @@ class ProxyLimiter(HiveLimiter):
         call_id = request_data.get("litellm_call_id") if isinstance(request_data, Mapping) else None
         if call_id:
             self._finish(str(call_id), failed=True, exc=original_exception)
+            if getattr(original_exception, "hive_ratelimit_code", None) != "duplicate_call_id":
+                # The request is over: nothing asks for its identity again. (Not a request refused
+                # for reusing an id: the identity under that id is the request holding it.)
+                with self._proxy_lock:
+                    self._proxy_calls.pop(str(call_id), None)
         from fastapi import HTTPException
 
         if isinstance(original_exception, HTTPException):

@@ -406,6 +406,26 @@ async def test_runaway_breaker_closes_after_its_cooldown(provider: FakeProvider,
     assert provider.state.count() == 4
 
 
+async def test_breakers_of_agents_that_never_call_again_are_not_kept(provider: FakeProvider, clock: FakeClock,
+                                                                     wall: FakeClock,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent id per job: each one that loops trips its breaker and never calls again. Their
+    breakers, cooled down, must not pile up (only the next call of their agent dropped them)."""
+    from hive_ratelimit_plugin._budget import RunawayDetector
+
+    monkeypatch.setattr(RunawayDetector, "MAX_AGENTS", 4)
+    limiter = make(clock, wall, {"runaway": {"max_identical_requests": 1, "window_seconds": 60,
+                                             "cooldown_seconds": 10}})
+    for i in range(12):
+        md = {"metadata": {"agent_id": f"job-{i}"}}
+        await litellm.acompletion(**small(provider, **md))
+        with pytest.raises(RunawayDetectedError):
+            await litellm.acompletion(**small(provider, **md))
+        clock.advance(11)
+    assert len(limiter._runaway.tripped) <= 4
+    assert "job-11" in limiter._runaway.tripped  # (the latest, still cooling down, is kept)
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_calls_refused_before_sending_are_not_a_loop(mode: str, provider: FakeProvider, clock: FakeClock,
                                                            wall: FakeClock) -> None:

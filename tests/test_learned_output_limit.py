@@ -112,6 +112,24 @@ def test_a_call_in_flight_at_a_split_is_settled_where_its_reservation_moved(cloc
     assert eng.acquire(Ticket("c", [k], output_tokens=5000), Woken()) is None  # 10 + 5,000 fit 10,000
 
 
+def test_calls_in_flight_at_a_split_that_never_report_are_not_remembered(clock: FakeClock, make_engine: Any) -> None:
+    """The calls in flight at a split are remembered until their outcome comes. One that never
+    comes (an abandoned stream whose lease ran out, a reservation dropped) must not stay behind."""
+    eng = make_engine(clock, lease_seconds=30)
+    m = Scope("model", "model:anthropic/x", LimitSet())
+    k = Scope("key", "key:anthropic/x@127.0.0.1:1#abc", LimitSet())
+    for call_id in ("a", "b", "c"):
+        assert eng.acquire(Ticket(call_id, [m]), Woken()) is None
+    eng.move_signals(m.key, k)
+    assert eng._moved_calls == {"a", "b", "c"}
+    eng.release("a", input_tokens=0, output_tokens=10)
+    eng.forget("b")
+    clock.advance(31)  # "c" was abandoned: its lease runs out
+    eng.sweep()
+    assert not eng._leases
+    assert eng._moved_calls == set()
+
+
 def test_a_stream_in_flight_at_a_split_whose_slot_was_freed_first_is_settled_on_the_endpoint(
         clock: FakeClock, make_engine: Any) -> None:
     """As above, for a stream whose last chunk freed its slot before its usage came (free_slot,

@@ -140,6 +140,32 @@ async def test_admitted_by_the_pre_call_hook_then_sent_by_litellm_counts_once(
     assert used == sent.prompt_tokens + sent.completion_tokens  # settled to the actual usage
 
 
+async def test_a_request_that_ended_leaves_no_identity_behind(provider: FakeProvider, clock: FakeClock) -> None:
+    """The identity a request was admitted under is dropped once it is answered (streamed or not)
+    or has failed: kept, every request of a busy proxy stayed in memory until 65,536 had passed."""
+    lim = _limiter(clock, {"users": {"alice": {"requests_per_minute": 100}}})
+    auth = _auth(user_id="alice")
+    for call_id, stream in (("call-1", False), ("call-2", True)):
+        data = _data(provider, litellm_call_id=call_id)
+        await lim.async_pre_call_hook(auth, None, data, "acompletion")
+        assert call_id in lim._proxy_calls
+        answer = await litellm.acompletion(**chat_kwargs(provider, litellm_call_id=call_id, metadata=data["metadata"],
+                                                         stream=stream))
+        if stream:
+            async for _ in answer:
+                pass
+        await wait_until(lambda cid=call_id: not lim._engine.holds(cid))
+        await wait_until(lambda cid=call_id: cid not in lim._proxy_calls, timeout=2.0)
+    await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-3"), "acompletion")
+    # A second request reusing the id is refused; its failure hook keeps the first one's identity.
+    with pytest.raises(HTTPException) as refused:
+        await lim.async_pre_call_hook(auth, None, _data(litellm_call_id="call-3"), "acompletion")
+    await lim.async_post_call_failure_hook(_data(litellm_call_id="call-3"), refused.value, auth)
+    assert "call-3" in lim._proxy_calls and lim._engine.holds("call-3")
+    await lim.async_post_call_failure_hook(_data(litellm_call_id="call-3"), ValueError("blocked"), auth)
+    assert len(lim._proxy_calls) == 0
+
+
 async def test_a_failure_after_admission_releases_it(clock: FakeClock) -> None:
     lim = _limiter(clock, {"users": {"alice": {"concurrent_requests": 1}}, "queue": {"max_wait_seconds": 0}})
     auth = _auth(user_id="alice")

@@ -1330,3 +1330,28 @@ def test_a_host_clock_not_measured_or_stepped_is_corrected_before_it_counts(
     with pytest.raises(BudgetExceededError):
         litellm.completion(**chat_kwargs(provider, max_tokens=5))
     assert provider.state.count() == 4
+
+
+def test_a_waiter_tried_while_it_is_cancelled_leaves_no_answer_behind(redis_prefix: str) -> None:
+    """A queue pass of another thread (a release, the clock) may try a waiting call while the call
+    is being cancelled (its client gone, its wait over). The answer that try keeps for the call
+    must go with it, not stay behind for good: one per such call, in a proxy running for weeks."""
+    clock = FakeClock()
+    eng = engine(clock, redis_prefix)
+    one = sc("agent:a", "agent", concurrent_requests=1)
+    assert eng.acquire(tk(1, one), nothing) is None
+    waiter = eng.acquire(tk(2, one), nothing)
+    assert waiter is not None and "2" in eng._last_block
+
+    class Racing(dict):  # type: ignore[type-arg]
+        def pop(self, key: Any, default: Any = None) -> Any:
+            out = super().pop(key, default)
+            if waiter in eng._waiters:  # still queued: a pass tries it now
+                eng._try(waiter.ticket, clock())
+            return out
+
+    eng._last_block = Racing(eng._last_block)
+    assert eng.cancel(waiter) is False
+    assert "2" not in eng._last_block
+    eng.release("1")
+    assert not eng._last_block
