@@ -222,11 +222,13 @@ class ScopeState:
             return False
         # What a provider told us outlives empty windows: a long cooldown, a breaker, a learned
         # or 429-lowered rate. (Only model and API-key scopes carry these: a bounded set.)
-        if self.cooldown_until > now or self.circuit is not CLOSED or self.learned_rpm is not None \
+        if self.cooldown_until > now or self.pace_until > now or self.circuit is not CLOSED \
+                or self.consecutive_failures or self.learned_rpm is not None \
                 or self.learned_tpm is not None or self.observed_input is not None or self.observed_output is not None \
                 or self.adaptive_rpm is not None:
             # (observed_input, observed_output: an input- or output-token limit learned, here or,
-            # with Redis, in Redis)
+            # with Redis, in Redis; consecutive_failures: the count toward the breaker goes on, as
+            # it does in Redis, where a model's signals live a day)
             return False
         for w in self.windows():
             w.expire(now)
@@ -795,7 +797,7 @@ class Engine:
                 for st in res.states:
                     st.in_flight = max(st.in_flight - 1, 0)
             cost = res.ticket.cost
-            for st in res.layout.budgeted:
+            for st in () if res.settled else res.layout.budgeted:  # (settled: given back already)
                 st.reserved_requests = max(st.reserved_requests - 1, 0)
                 # (none left in flight: exactly 0, not a float's leftover of the sums)
                 st.reserved_cost = max(st.reserved_cost - cost, 0.0) if st.reserved_requests else 0.0
@@ -804,6 +806,9 @@ class Engine:
                     st.probe = None
             self._moved_calls.discard(call_id)
             self._version += 1
+            if self._waiters:  # (its slots and reservation came back: who waits for them is looked at)
+                self._dispatch(self.clock(), _touched(res))
+        self._drain()
 
     def relimit(self, limits_for: Callable[[str, str], LimitSet | None], generation: int,
                 levels: Collection[str]) -> None:
@@ -979,7 +984,7 @@ class Engine:
             if st.cooldown_until > ticket.deadline:
                 raise self._timeout(st, "the provider asked to wait", st.cooldown_until - now)
         elif st.pace_until > now and st.next_slot > now:
-            retry = st.next_slot
+            retry = min(st.next_slot, st.pace_until)  # (pacing ends at pace_until, whatever the next slot)
             first = Blocked(st.key, "pacing", 0.0, None)
         if st.circuit is not CLOSED:
             if st.circuit is OPEN and now >= st.open_until:
@@ -1060,13 +1065,14 @@ class Engine:
         worst: tuple[float, ScopeState, str, str, float, float, float] | None = None
         for st in states:
             for name, kind, limit in st.budgets:
-                c = self.book.get(st.key, kind, starts[kind])
+                cost, requests, reserved_cost, reserved_requests = self._budget_usage(st, kind, starts[kind])
                 if name == "max_requests_per_run":
-                    spent, reserved, amount = float(c.requests if c else 0), float(st.reserved_requests), 1.0
+                    spent, reserved, amount = requests, reserved_requests, 1.0
                 else:
-                    spent, reserved, amount = (c.cost if c else 0.0), st.reserved_cost, ticket.cost
+                    spent, reserved, amount = cost, reserved_cost, ticket.cost
                 room = limit + MONEY_SLACK  # (0.04 + 0.01 > 0.05 in floats: a call that just fits, fits)
-                if spent >= limit or spent + amount > room:
+                # (and spent up to the same rounding is spent: Redis' sums round otherwise)
+                if spent + MONEY_SLACK >= limit or spent + amount > room:
                     frees = NEVER if amount > room else self.calendar.end(kind, self.wall())
                     if worst is None or frees > worst[0]:
                         worst = (frees, st, name, kind, limit, spent, amount)
@@ -1075,6 +1081,12 @@ class Engine:
         if worst is not None:
             raise self._budget_error(*worst[1:], starts)
         return wait
+
+    def _budget_usage(self, st: ScopeState, kind: str, start: float) -> tuple[float, float, float, float]:
+        """A scope's settled spend in its ``kind`` window that began at ``start`` (cost, requests) and
+        its reservations in flight (cost, requests)."""
+        c = self.book.get(st.key, kind, start)
+        return (c.cost if c else 0.0), float(c.requests if c else 0), st.reserved_cost, float(st.reserved_requests)
 
     def _budget_error(self, st: ScopeState, name: str, kind: str, limit: float, spent: float, amount: float,
                       starts: dict[str, float]) -> HiveRateLimitError:
@@ -1089,7 +1101,7 @@ class Engine:
         if name == "max_requests_per_run":
             msg = (f"{who} reached its cap of {limit:g} requests per run ({spent:g} made); "
                    "the call was stopped and not sent. Start a new run or raise max_requests_per_run.")
-        elif spent >= limit:
+        elif spent + MONEY_SLACK >= limit:
             msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} is spent: {self.currency} {money_text(spent)} of "
                    f"{self.currency} {money_text(limit)} ({label}); calls in this scope are stopped until "
                    + ("the run ends" if kind == RUN else "the window rolls over")
@@ -1109,7 +1121,7 @@ class Engine:
                    "max_tokens, or estimation.default_output_tokens without one; or the price of its images, audio "
                    "or query). Lower max_tokens or raise the budget. The call was not sent.")
         trip = (st.key, kind, starts[kind], 1.0)
-        if spent >= limit and trip not in self._fired:
+        if spent + MONEY_SLACK >= limit and trip not in self._fired:
             self._fired.add(trip)
             self._out_events.append({"type": "budget_exceeded", "scope": st.key, "budget": name, "window": kind,
                                      "spent": spent, "limit": limit, "currency": self.currency, "time": wall})
@@ -2169,7 +2181,7 @@ class Engine:
                     entry[name] = {
                         "window": kind, "window_label": self.calendar.label(kind, wall), "spent": spent,
                         "reserved": reserved, "limit": limit, "remaining": max(limit - spent, 0.0),
-                        "tripped": spent >= limit,
+                        "tripped": spent + MONEY_SLACK >= limit,
                     }
                 out[key] = entry
             return out
@@ -2346,8 +2358,7 @@ class Engine:
             self._version += 1
         for cid in expired:
             res = self._leases.pop(cid)
-            if not res.settled:
-                self._settle(res, None, None, None, now)  # keep the estimates: conservative
+            self._lease_ran_out(res, now)
             if not res.slot_freed:
                 for st in res.states:
                     st.in_flight -= 1
@@ -2362,9 +2373,15 @@ class Engine:
         states = self._states
         horizon = now - self._min_period - 1.0
         evicted = False
+        kept: set[int] | None = None
         for _ in range(min(len(states), EVICTIONS_PER_TICK)):
             key, st = next(iter(states.items()))
             if st.last_used <= horizon and st.is_idle(now):
+                if kept is None:
+                    kept = self._held_states()
+                if id(st) in kept:
+                    states.move_to_end(key)
+                    continue
                 del states[key]
                 evicted = True
             else:
@@ -2379,11 +2396,23 @@ class Engine:
         if expired and self._waiters:
             self._dispatch(now)
 
+    def _held_states(self) -> set[int]:
+        """The states (ids) of open calls whose slots were freed (free_slot): not in flight there, but
+        their settlement and outcome go to those states, which must not be evicted meanwhile."""
+        return {id(st) for res in self._leases.values() if res.slot_freed for st in res.states}
+
+    def _lease_ran_out(self, res: _Reservation, now: float) -> None:
+        """An open call's lease ran out (caller holds the lock): settled at its estimates, if it
+        was not (conservative). Its slots are freed by the caller."""
+        if not res.settled:
+            self._settle(res, None, None, None, now)
+
     def evict_idle(self) -> int:
         """Drop every scope whose windows are empty and which has no call in flight."""
         with self._lock:
             now = self.clock()
-            idle = [k for k, st in self._states.items() if st.is_idle(now)]
+            kept = self._held_states()
+            idle = [k for k, st in self._states.items() if st.is_idle(now) and id(st) not in kept]
             for k in idle:
                 del self._states[k]
             self._forget_states()

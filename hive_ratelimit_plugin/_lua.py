@@ -167,7 +167,12 @@ local function bump(key, idx, amount)
   if v <= 1e-9 then redis.call('HDEL', key, idx) end
   local t = tonumber(redis.call('HINCRBYFLOAT', key, 'T', amount))
   if t < 1e-9 then redis.call('HSET', key, 'T', 0) end
-  redis.call('HSETNX', key, 'O', idx)
+  if redis.call('HSETNX', key, 'O', idx) == 0 and amount > 0 then
+    -- (usage in a bucket older than the oldest, e.g. a settlement in the bucket of an admission
+    -- estimated at 0, which left none: window() drops buckets from 'O' on, it must include it)
+    local o = tonumber(redis.call('HGET', key, 'O'))
+    if o == nil or idx < o then redis.call('HSET', key, 'O', idx) end
+  end
 end
 
 local function add(key, period, at, amount)
@@ -263,7 +268,8 @@ local function reclaim(cid)
   local lk = P .. ':l:' .. cid
   local rec = redis.call('HMGET', lk, 'cost', 'bs', 'cs', 'pr', 'sp', 'done')
   redis.call('ZREM', P .. ':leases', cid)
-  if not rec[1] or rec[6] then return end
+  if not rec[1] or (rec[6] and rec[6] ~= 'used') then return end
+  local used = rec[6] == 'used'  -- its usage settled already (SETTLE mode '2'): nothing more to charge
   local cost = tonumber(rec[1]) or 0
   for _, s in ipairs(split(rec[2])) do unreserve(s, cost) end
   for _, s in ipairs(split(rec[3])) do redis.call('ZREM', P .. ':c:' .. s, cid) end
@@ -271,6 +277,7 @@ local function reclaim(cid)
     if redis.call('HGET', P .. ':s:' .. s, 'probe') == cid then redis.call('HDEL', P .. ':s:' .. s, 'probe') end
   end
   local sp = split(rec[5])
+  if used then sp = {} end
   for j = 1, #sp, 4 do
     charge(sp[j], sp[j + 1], sp[j + 2], tonumber(sp[j + 3]), cost, 1, 0)
   end
@@ -291,7 +298,7 @@ end
 #: and at the end the spend targets of the call, '\0'-joined: scope, kind, start, ttl, ...; then its priority
 #: Returns {1, now, chosen, has_record(0/1), dataset id|'', splits,
 #:          settled spend seen: 'scope\0kind\0start\0cost\0requests'...}
-#:       | {0, now, scope, limit, remaining, retry_at|'', release(0/1), splits, failing keys...}
+#:       | {0, now, scope, limit, remaining, retry_at|'', release(0/1), splits, eases_at|'', failing keys...}
 #:       | {2, now, scope, budget name, kind, limit, spent, amount, frees}  budget exceeded (the one
 #:                                                                   that frees last, of all scopes)
 #:       | {3, now, scope, limit name, limit, amount}                    can never fit
@@ -347,6 +354,31 @@ local function with_splits(err)
   if err[1] == 4 then err[6] = table.concat(splits, SEP) end
   return err
 end
+-- The budgets of scope sc: the refusal of the one that frees last (never: a call it can never
+-- hold), if one refuses; else whether the call waits for reservations in flight.
+local function budgets(sc)
+  local rv = redis.call('HMGET', P .. ':rv:' .. sc.key, 'cost', 'req')
+  local rcost, rreq = tonumber(rv[1]) or 0, tonumber(rv[2]) or 0
+  local refused, frees, wait = nil, nil, false
+  for _, b in ipairs(sc.buds) do
+    local c, r = spent(sc.key, b.kind, b.start)
+    known[#known + 1] = table.concat({sc.key, b.kind, b.start, fmt(c), fmt(r)}, SEP)
+    local used, reserved, amount = c, rcost, cost
+    if b.isreq then used, reserved, amount = r, rreq, 1 end
+    local room = b.limit + 1e-9  -- (float rounding: a call that just fits, fits; as the engine's MONEY_SLACK)
+    if used + 1e-9 >= b.limit or used + amount > room then  -- (spent up to rounding is spent: _engine)
+      local f = b.frees
+      if f < 0 or amount > room then f = 1e300 end
+      if refused == nil or f > frees then
+        refused, frees = {2, fmt(now), sc.key, b.name, b.kind, fmt(b.limit), fmt(used), fmt(amount), fmt(f)}, f
+      end
+    elseif used + reserved + amount > room then
+      wait = true
+    end
+  end
+  return refused, wait
+end
+
 local function check(sc)
   local retry, release, first = nil, false, nil
   local util = 0
@@ -365,7 +397,7 @@ local function check(sc)
       retry = st.cooldown
       first = {sc.key, 'provider_cooldown', 0}
     elseif st.pace_until > now and st.next_slot > now then
-      retry = st.next_slot
+      retry = math.min(st.next_slot, st.pace_until)  -- (pacing ends at pace_until: _engine)
       first = {sc.key, 'pacing', 0}
     end
     if st.circuit == 'open' and now >= st.open_until then
@@ -382,28 +414,13 @@ local function check(sc)
     end
   end
   if #sc.buds > 0 then
-    local rv = redis.call('HMGET', P .. ':rv:' .. sc.key, 'cost', 'req')
-    local rcost, rreq = tonumber(rv[1]) or 0, tonumber(rv[2]) or 0
-    local refused, frees = nil, nil
-    for _, b in ipairs(sc.buds) do
-      local c, r = spent(sc.key, b.kind, b.start)
-      known[#known + 1] = table.concat({sc.key, b.kind, b.start, fmt(c), fmt(r)}, SEP)
-      local used, reserved, amount = c, rcost, cost
-      if b.isreq then used, reserved, amount = r, rreq, 1 end
-      local room = b.limit + 1e-9  -- (float rounding: a call that just fits, fits; as the engine's MONEY_SLACK)
-      if used >= b.limit or used + amount > room then
-        -- Of several budgets that refuse, the one that frees last (never: a call it can never hold).
-        local f = b.frees
-        if f < 0 or amount > room then f = 1e300 end
-        if refused == nil or f > frees then
-          refused, frees = {2, fmt(now), sc.key, b.name, b.kind, fmt(b.limit), fmt(used), fmt(amount), fmt(f)}, f
-        end
-      elseif used + reserved + amount > room then
-        release = true
-        first = first or {sc.key, 'budget_reservations', 0}
-      end
-    end
+    if sc.bud == nil then sc.bud = {budgets(sc)} end
+    local refused, wait = sc.bud[1], sc.bud[2]
     if refused then return nil, nil, nil, nil, refused end
+    if wait then
+      release = true
+      first = first or {sc.key, 'budget_reservations', 0}
+    end
   end
   sc.totals = {}
   for w, win in ipairs(sc.wins) do
@@ -464,10 +481,21 @@ local function check(sc)
 end
 
 local retry, release, first = nil, false, nil
+local eases = nil  -- the earliest time one of the failing scopes may stop blocking (Blocked.eases_at)
 local failing = {}
 local chosen, best = nil, nil
 local alt_retry, alt_first, alt_any, alt_err = nil, nil, false, nil
 local budget_err = nil  -- the budget refusal that frees last, of all scopes
+-- Budgets before anything else (as Engine._evaluate): a call refused by a budget is told so, whatever
+-- else holds it or can never fit.
+for _, sc in ipairs(scopes) do
+  if #sc.buds > 0 and not sc.choice then
+    sc.bud = {budgets(sc)}
+    local err = sc.bud[1]
+    if err and (budget_err == nil or tonumber(err[9]) > tonumber(budget_err[9])) then budget_err = err end
+  end
+end
+if budget_err then return budget_err end
 for _, sc in ipairs(scopes) do
   local r, rel, b, util, err = check(sc)
   if err and err[1] == 2 and not sc.choice then
@@ -488,6 +516,7 @@ for _, sc in ipairs(scopes) do
     first = first or b
     release = release or rel
     if r ~= nil and (retry == nil or r > retry) then retry = r end
+    if r ~= nil and (eases == nil or r < eases) then eases = r end
   end
 end
 if budget_err then return budget_err end
@@ -518,7 +547,10 @@ if (alt_any or alt_err) and chosen == nil then
   for _, sc in ipairs(scopes) do if sc.choice then failing[#failing + 1] = sc.key end end
   first = first or alt_first
   if alt_retry == nil then release = true
-  elseif retry == nil or alt_retry > retry then retry = alt_retry end
+  else
+    if retry == nil or alt_retry > retry then retry = alt_retry end
+    if eases == nil or alt_retry < eases then eases = alt_retry end
+  end
 end
 if first ~= nil then
   -- In line where a slot is what it waits for (keeping its place); out of the line elsewhere.
@@ -540,7 +572,7 @@ if first ~= nil then
   end
   if waits then redis.call('SET', P .. ':qa:' .. call_id, '1', 'PX', WAIT_ALIVE_MS) end
   local out = {0, fmt(now), first[1], first[2], fmt(first[3]), retry and fmt(retry) or '',
-    release and 1 or 0, table.concat(splits, SEP)}
+    release and 1 or 0, table.concat(splits, SEP), eases and fmt(eases) or ''}
   for _, k in ipairs(failing) do out[#out + 1] = k end
   return out
 end
@@ -599,7 +631,8 @@ return out
 
 #: ARGV: prefix, now|'', call_id, has_record(0/1), admitted_at, sent_at(''=unknown), spend targets
 #:   ('\0'-joined, in the windows current at settlement; '' = those of the lease record), reserved cost,
-#:   actual cost, tokens, margin, free_slot(0/1),
+#:   actual cost, tokens, margin, mode (0: settle and end; 1: free the slot only; 2: settle the usage only,
+#:   the call stays open; 3: end a call whose usage mode 2 settled),
 #:   outcome, wait(''=none), signals: limit_req, limit_tok, rem_req, reset_req, rem_tok, reset_tok, limit_input,
 #:   limit_output (''=none),
 #:   pace_default, circuit threshold, cooldown, max cooldown, adaptive(0/1), decrease, adaptive min,
@@ -626,7 +659,11 @@ local margin = arg() or ''
 local recounted = string.sub(margin, 1, 1) == 'r'  -- its request counted again from its send (RECOUNT)
 if recounted then margin = string.sub(margin, 2) end
 margin = tonumber(margin)
-local freeing = arg() == '1'
+local mode = arg()
+-- '1': only free its slot (a stream ended, its usage comes later); '2': only settle its usage (windows,
+-- spend, budget reservation: Engine.settle), the call stays open (slots, lease); '3': the end of a call
+-- settled so already: free what it holds and apply its outcome, nothing more of its usage; '0': both.
+local freeing, usage_only, ending = mode == '1', mode == '2', mode == '3'
 local outcome = arg()
 local wait = num()
 local sig = {lreq = num(), ltok = num(), rreq = num(), sreq = num(), rtok = num(), stok = num()}
@@ -683,6 +720,18 @@ if has_record and not lost then
   admitted_at = tonumber(rec[1])
   expired = rec[2] == 'expired'
   if sp_arg == '' then sp_str = rec[6] end  -- (the windows current at settlement, when given)
+  if rec[2] == 'used' then
+    if usage_only then return {0, fmt(now)} end  -- (its usage settled before)
+    ending = true  -- its usage settled before (mode '2'): what is left is to free it
+  elseif usage_only and not expired then
+    -- settled, still open: its budget reservation is given back (its spend is charged below), its
+    -- slots and lease stay (reclaim frees them, charging nothing more)
+    for _, s in ipairs(split(rec[4])) do unreserve(s, reserved) end
+    redis.call('HSET', lk, 'done', 'used', 'bs', '')
+  end
+end
+if has_record and not lost and not (usage_only and rec[2] ~= 'expired') then
+  local lk = P .. ':l:' .. call_id
   redis.call('ZREM', P .. ':leases', call_id)
   for _, s in ipairs(split(rec[5])) do redis.call('ZREM', P .. ':c:' .. s, call_id) end
   if freeing then
@@ -690,7 +739,7 @@ if has_record and not lost then
     redis.call('HSET', lk, 'cs', '')
     return {0, fmt(now)}
   end
-  if not expired then
+  if not expired then  -- (none left after mode '2')
     for _, s in ipairs(split(rec[4])) do unreserve(s, reserved) end
   end
   redis.call('DEL', lk)  -- settled: a second settlement finds nothing and does nothing
@@ -698,7 +747,7 @@ elseif freeing then
   return {0, fmt(now)}
 end
 
-for _, sc in ipairs(scopes) do
+for _, sc in ipairs(ending and {} or scopes) do  -- (ending: its usage was settled before)
   -- (a lost record's windows went with it: nothing there to correct)
   for _, win in ipairs(lost and {} or sc.wins) do
     local key = P .. ':w:' .. sc.key .. ':' .. win.name
@@ -712,8 +761,10 @@ for _, sc in ipairs(scopes) do
         idx = fdiv(sent_at, width)
         live = (idx + 1) * width + win.period > now
       end
-      -- count the request from when it may have reached the provider
-      if margin > 0 and live then
+      -- count the request from when it may have reached the provider (as SlidingWindow.move: taken
+      -- from its bucket while that still counts, and counted from then while that still counts,
+      -- even when the bucket it was admitted in has already left the window)
+      if margin > 0 then
         -- from the send when known (time in the caller's pipeline is not time on the wire); a
         -- call done soon after its send had arrived by its end; a long one early on
         local start = sent_at or admitted_at
@@ -722,9 +773,8 @@ for _, sc in ipairs(scopes) do
         to = math.min(to, now)
         local nidx = fdiv(to, width)
         if nidx ~= idx then
-          local cur = tonumber(redis.call('HGET', key, idx)) or 0
-          if cur >= win.amount then  -- (a bucket already gone has nothing to move)
-            bump(key, idx, -win.amount)
+          if live then bump(key, idx, -win.amount) end
+          if (nidx + 1) * width + win.period > now then
             add(key, win.period, to, win.amount)
           end
         end
@@ -747,12 +797,13 @@ local spend_cost, spend_req = cost, 1
 if expired then spend_cost, spend_req = cost - reserved, 0 end
 if outcome == 'void' then spend_req = spend_req - 1 end  -- (cost is 0: nothing was sent)
 local sp = split(sp_str)
+if ending then sp = {} end
 for j = 1, #sp, 4 do
   charge(sp[j], sp[j + 1], sp[j + 2], tonumber(sp[j + 3]), spend_cost, spend_req, tokens)
 end
 
 -- Budget thresholds crossed: announced once per window across all processes.
-for _, sc in ipairs(scopes) do
+for _, sc in ipairs(ending and {} or scopes) do
   for _, b in ipairs(sc.buds) do
     local c, r = spent(sc.key, b.kind, b.start)
     events[#events + 1] = table.concat({'spent', sc.key, b.kind, b.start, fmt(c), fmt(r)}, SEP)
@@ -774,7 +825,7 @@ end
 
 -- Provider signals (model and API-key scopes).
 for _, sc in ipairs(scopes) do
-  if sc.provider then
+  if sc.provider and not usage_only then  -- (settled, still open: its outcome comes at its end)
     local sk = P .. ':s:' .. sc.key
     local v = redis.call('HMGET', sk, 'cooldown_until', 'circuit', 'probe', 'failures', 'open_count',
       'adaptive_rpm', 'adaptive_ceiling', 'rate_limited_at', 'learned_rpm', 'adaptive_cut_at', 'split')
@@ -844,7 +895,13 @@ for _, sc in ipairs(scopes) do
           if not (total < amin and st.arpm == nil) then
             -- the pace it was sent at, per minute (a burst younger than a minute: over its age,
             -- at least a second), as in _engine.Engine._cool_down
-            local o = tonumber(redis.call('HGET', ow, 'O'))
+            -- (its oldest bucket, as SlidingWindow.buckets[0]: 'O' may be older, the window's low edge)
+            local o = nil
+            local raw = redis.call('HGETALL', ow)
+            for j = 1, #raw, 2 do
+              local idx = tonumber(raw[j])
+              if idx and (o == nil or idx < o) then o = idx end
+            end
             local span = 60.0
             if o then span = math.min(math.max(now - o * (60.0 / BUCKETS), 1.0), 60.0) end
             local rate = total * 60.0 / span
@@ -1039,7 +1096,7 @@ RENEW = _COMMON + r"""
 local call_id, lease = arg(), num()
 local lk = P .. ':l:' .. call_id
 local rec = redis.call('HMGET', lk, 'cs', 'done', 'bs')
-if rec[2] or not rec[1] then return 0 end
+if (rec[2] and rec[2] ~= 'used') or not rec[1] then return 0 end  -- ('used': settled, still open)
 local ms = record_ms(lease)
 -- the keys holding its slots and reservations live as long as it does
 for _, s in ipairs(split(rec[1])) do

@@ -39,6 +39,7 @@ from . import _lua
 from ._budget import KINDS, RUN, SpendRow
 from ._engine import (
     _ENDPOINT_OUTCOMES,
+    MONEY_SLACK,
     NEVER,
     NO_LAYOUT,
     Blocked,
@@ -46,6 +47,7 @@ from ._engine import (
     Scope,
     ScopeState,
     Ticket,
+    _due_at,
     _Reservation,
     header_scopes,
     settled_input,
@@ -233,6 +235,7 @@ class RedisEngine(Engine):
         self._replay_lock = threading.Lock()  # one thread replays; stats threads call Redis unlocked too
         self._new_numbering()
         self._last_block: dict[str, tuple[Blocked, int]] = {}
+        self._peeked: dict[tuple[str, str, float], tuple[float, float, float, float]] | None = None  # (_budget_usage)
         self._renewed: dict[str, float] = {}
         self._spend_seen: dict[str, None] = {}  # spend keys seen (for stats), bounded
         self.round_trips = 0
@@ -506,8 +509,9 @@ class RedisEngine(Engine):
         cached = self._last_block.get(ticket.call_id)
         if cached is not None:
             previous, version = cached
-            if version == self._version and previous.retry_at is not None and previous.retry_at > now:
-                return previous  # nothing here changed and Redis said to come back later
+            due = _due_at(previous)
+            if version == self._version and due is not None and due > now:
+                return previous  # nothing here changed and Redis said to come back later (or one scope eases)
         blocked: Blocked | None
         try:
             try:
@@ -594,8 +598,13 @@ class RedisEngine(Engine):
                 retry_at = poll if retry_at is None else min(retry_at, poll)
             elif retry_at is not None and "tokens" in why:
                 retry_at = min(retry_at, local + random.uniform(REFUND_POLL_MIN, REFUND_POLL_MAX))
-            return Blocked(scope, why, remaining, retry_at, frozenset(map(_unwire, text[8:])) or frozenset({scope}),
-                           frees_at=frees_at)
+            # (when one of its scopes may stop blocking: the queue looks at it again then, so that it
+            # does not hold the line there until the last of them frees, see Engine._evaluate)
+            eases = to_local(float(text[8])) if len(text) > 8 and text[8] else None
+            if eases is not None and retry_at is not None and eases >= retry_at:
+                eases = None
+            return Blocked(scope, why, remaining, retry_at, frozenset(map(_unwire, text[9:])) or frozenset({scope}),
+                           eases_at=eases, frees_at=frees_at)
         if code == 2:
             scope, name, kind = text[2], text[3], text[4]
             cap, spent, amount = float(text[5]), float(text[6]), float(text[7])
@@ -616,6 +625,37 @@ class RedisEngine(Engine):
                     scope=scope, limit="circuit_breaker", remaining=0.0, retry_after=max(open_until - local, 0.0))
             return Blocked(scope, "circuit_open", 0.0, open_until, frozenset({scope}))
         raise HiveRateLimitError(f"unexpected answer from the redis backend: {text[:3]}")
+
+    def _evaluate(self, ticket: Ticket, now: float) -> tuple[list[ScopeState], Blocked | None]:
+        """For a call queued behind others (Engine._acquire checks it can be admitted at all): its
+        budgets as Redis holds them (one look), so that a call a budget refuses fails now, as with
+        the in-memory engine, rather than once it reaches the front. (Redis down: not checked here.)"""
+        states = [st for st in self._states_of(ticket.scopes, now) if st.budgets]
+        if not states:
+            return super()._evaluate(ticket, now)
+        starts = self.calendar.starts(self.wall())
+        spend = [(st.key, kind, starts[kind]) for st in states for _, kind, _ in st.budgets]
+        got = self._peek([], [], [], spend, [st.key for st in states])
+        usage: dict[tuple[str, str, float], tuple[float, float, float, float]] = {}
+        i = 0
+        for j, st in enumerate(states if got is not None else []):
+            assert got is not None
+            rcost, rreq = (float(x) for x in _dec(got[4][j]).split(SEP))
+            for _, kind, _ in st.budgets:
+                c, r, _t = (float(x) for x in _dec(got[3][i]).split(SEP))
+                i += 1
+                usage[(st.key, kind, starts[kind])] = (c, r, max(rcost, 0.0), max(rreq, 0.0))
+        self._peeked = usage
+        try:
+            return super()._evaluate(ticket, now)
+        finally:
+            self._peeked = None
+
+    def _budget_usage(self, st: ScopeState, kind: str, start: float) -> tuple[float, float, float, float]:
+        peeked = self._peeked
+        if peeked is not None and (st.key, kind, start) in peeked:
+            return peeked[(st.key, kind, start)]
+        return super()._budget_usage(st, kind, start)
 
     def _scope_args(self, args: list[str], st: ScopeState, ticket: Ticket, choice: bool,
                     starts: dict[str, float]) -> None:
@@ -775,6 +815,15 @@ class RedisEngine(Engine):
         found = self._scaled[k] = Scope(scope.level, scope.key, limits, scope.generation)
         return found
 
+    def acquire(self, ticket: Ticket, notify: Callable[[], None] | None = None) -> Any:
+        waiter = super().acquire(ticket, notify)
+        if notify is None and waiter is not None:
+            # Nothing is queued (see Engine.acquire): not in the lines across processes either,
+            # where it would hold later callers back while its place lives.
+            self._last_block.pop(ticket.call_id, None)
+            self._leave_lines(ticket.call_id)
+        return waiter
+
     def cancel(self, waiter: Any) -> bool:
         call_id = waiter.ticket.call_id
         granted = super().cancel(waiter)
@@ -849,7 +898,8 @@ class RedisEngine(Engine):
                 return False
             self._renewed.pop(call_id, None)
             now = self.clock()
-            self._remote_settle(res, input_tokens, output_tokens, cost, outcome, wait, signals, cached_input)
+            self._remote_settle(res, input_tokens, output_tokens, cost, outcome, wait, signals, cached_input,
+                                mode="3" if res.settled else "0")
             if signals is not None and (signals.limit_input_tokens or signals.limit_output_tokens):
                 # Charge this model's (and key's) learned input- and output-token windows from now
                 # on (Redis holds the limits). After the settlement: this call never charged them.
@@ -865,6 +915,46 @@ class RedisEngine(Engine):
         self._drain()
         return True
 
+    def forget(self, call_id: str) -> None:
+        """:meth:`Engine.forget`: its slots, budget reservation and probe in Redis come back too."""
+        if call_id in self.fallback._leases:
+            self.fallback.forget(call_id)
+            return
+        with self._lock:
+            res = self._leases.pop(call_id, None)
+            if res is None:
+                return
+            self._renewed.pop(call_id, None)
+            self._remote_settle(res, None, None, None, "error", None, None, mode="3")  # (no usage, no spend)
+            self._version += 1
+            if self._waiters:
+                self._dispatch(self.clock())
+        self._drain()
+
+    def settle(self, call_id: str, input_tokens: int | None, output_tokens: int | None,
+               cost: float | None = None, *, cached_input: int = 0) -> bool:
+        """:meth:`Engine.settle`: the call's usage is settled in Redis at once; its slots, lease and
+        outcome stay until :meth:`release`."""
+        if call_id in self.fallback._leases:
+            return self.fallback.settle(call_id, input_tokens, output_tokens, cost, cached_input=cached_input)
+        with self._lock:
+            res = self._leases.get(call_id)
+            if res is None or res.settled:
+                return False
+            self._version += 1
+            self._remote_settle(res, input_tokens, output_tokens, cost, "success", None, None, cached_input, mode="2")
+            if self._waiters:
+                self._dispatch(self.clock())
+        self._drain()
+        return True
+
+    def _lease_ran_out(self, res: _Reservation, now: float) -> None:
+        if res.remote and res.settled:  # settled (settle()), still open in Redis: ended there now
+            self._renewed.pop(res.ticket.call_id, None)
+            self._remote_settle(res, None, None, None, "error", None, None, mode="3")
+            return
+        super()._lease_ran_out(res, now)
+
     def _settle(self, res: _Reservation, input_tokens: int | None, output_tokens: int | None,
                 cost: float | None, now: float, requests: int = 1, cached: int = 0) -> None:
         if res.remote or not res.states:  # an expired remote (or uncounted) lease
@@ -876,35 +966,45 @@ class RedisEngine(Engine):
 
     def _remote_settle(self, res: _Reservation, input_tokens: int | None, output_tokens: int | None,
                        cost: float | None, outcome: str, wait: float | None, signals: Any,
-                       cached: int = 0) -> None:
+                       cached: int = 0, mode: str = "0") -> None:
+        """Settle a call in Redis. ``mode`` (see SETTLE in :mod:`._lua`): ``"0"`` settle and end it,
+        ``"2"`` settle its usage only, the call staying open (:meth:`settle`), ``"3"`` end a call
+        settled so already (its outcome; its usage is not counted again)."""
+        ending = mode == "3"
+        if ending and not res.remote:
+            return  # (admitted uncounted: its spend was owed when it was settled)
         res.settled = True
         t = res.ticket
-        held = self._held.pop(t.call_id, None)
+        held = self._held.get(t.call_id) if mode == "2" else self._held.pop(t.call_id, None)
         if held is not None:  # its copy in the outage engine (see _hold_in_flight): its spend counts there
-            self.fallback.release(held, input_tokens=input_tokens, output_tokens=output_tokens, cost=cost,
-                                  cached_input=cached)
+            if mode == "2":
+                self.fallback.settle(held, input_tokens, output_tokens, cost, cached_input=cached)
+            else:
+                self.fallback.release(held, input_tokens=input_tokens, output_tokens=output_tokens, cost=cost,
+                                      cached_input=cached)
         tin = t.input_tokens if input_tokens is None else input_tokens
         tout = t.output_tokens if output_tokens is None else output_tokens
         # unknown, or not a number (Redis would refuse it, for good): keep the worst case
         actual_cost = t.cost if cost is None or not math.isfinite(cost) else cost
         wall = self.wall()
         starts = self.calendar.starts(wall)
-        if self.record_spend:
+        if self.record_spend and not ending and (outcome != "void" or actual_cost or tin or tout):  # (as Engine)
             provider, model, agent, user, team, run = t.dims
-            self._out_rows.append(SpendRow(wall, t.call_id, provider, model, agent, user, team, run, 1, tin, tout,
-                                           actual_cost))
+            self._out_rows.append(SpendRow(wall, t.call_id, provider, model, agent, user, team, run,
+                                           0 if outcome == "void" else 1, tin, tout, actual_cost))
         if not res.remote:  # admitted uncounted (policy "open"): only its spend is owed
             self._owe_spend(t, starts, actual_cost, tin + tout)
             return
-        args = self._number(self._settle_args(res, tin, tout, actual_cost, outcome, wait, signals, starts,
-                                              settled_input(t, input_tokens, tin, cached)),
-                            once=not res.record)
+        args = self._settle_args(res, tin, tout, actual_cost, outcome, wait, signals, starts,
+                                 settled_input(t, input_tokens, tin, cached))
+        args[11] = mode
+        args = self._number(args, once=not res.record)
         try:
             out = self._call(self._settle_script, args)
         except _Down:
             if self._fb_outage != self.outages:
                 self._outage_begins()  # (another thread may have found Redis gone and not set it up yet)
-            if self._fb_outage == self.outages and self.on_error == "local" and held is None:
+            if self._fb_outage == self.outages and self.on_error == "local" and held is None and not ending:
                 # Its spend counts against this outage's allowance now (a held copy's release
                 # counts it otherwise); Redis gets it with the replay.
                 fb = self.fallback
@@ -1111,7 +1211,7 @@ class RedisEngine(Engine):
             now = self.clock()
             if res.attempts <= 1:
                 res.sent_at = res.admitted_at + (now - res.local_at)  # on the backend's clock
-                if self._sent_late(now - res.local_at):
+                if self._sent_late(now - res.local_at) and not res.settled:  # (as Engine._recount)
                     self._recount_remote(res, now)
                 return
             windows = self._request_windows(res, now)
@@ -1292,7 +1392,7 @@ class RedisEngine(Engine):
                 spent, reserved = (r, rreq) if name == "max_requests_per_run" else (c, rcost)
                 entry[name] = {"window": kind, "window_label": self.calendar.label(kind, wall), "spent": spent,
                                "reserved": max(reserved, 0.0), "limit": limit, "remaining": max(limit - spent, 0.0),
-                               "tripped": spent >= limit}
+                               "tripped": spent + MONEY_SLACK >= limit}
             out[key] = entry
         return out
 
@@ -1306,7 +1406,7 @@ class RedisEngine(Engine):
             # this process' own calls are what can be shown.
             mine: dict[str, int] = {}
             for res in self._leases.values():
-                if not res.slot_freed and not res.settled:
+                if not res.slot_freed:  # (settled or not: in flight until released, as Engine counts)
                     for sc in _charged_scopes(res.ticket):
                         mine[sc.key] = mine.get(sc.key, 0) + 1
             states = list(self._states.items())
