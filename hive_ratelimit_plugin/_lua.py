@@ -167,12 +167,11 @@ local function bump(key, idx, amount)
   if v <= 1e-9 then redis.call('HDEL', key, idx) end
   local t = tonumber(redis.call('HINCRBYFLOAT', key, 'T', amount))
   if t < 1e-9 then redis.call('HSET', key, 'T', 0) end
-  if redis.call('HSETNX', key, 'O', idx) == 0 and amount > 0 then
-    -- (usage in a bucket older than the oldest, e.g. a settlement in the bucket of an admission
-    -- estimated at 0, which left none: window() drops buckets from 'O' on, it must include it)
-    local o = tonumber(redis.call('HGET', key, 'O'))
-    if o == nil or idx < o then redis.call('HSET', key, 'O', idx) end
-  end
+  -- (and usage in a bucket older than the oldest, e.g. a settlement in the bucket of an admission
+  -- estimated at 0, which left none: window() drops buckets from 'O' on, it must include it.
+  -- One read on the usual path, as HSETNX was: this runs for every window of every admission.)
+  local o = tonumber(redis.call('HGET', key, 'O'))
+  if o == nil or (amount > 0 and idx < o) then redis.call('HSET', key, 'O', idx) end
 end
 
 local function add(key, period, at, amount)
@@ -268,8 +267,9 @@ local function reclaim(cid)
   local lk = P .. ':l:' .. cid
   local rec = redis.call('HMGET', lk, 'cost', 'bs', 'cs', 'pr', 'sp', 'done')
   redis.call('ZREM', P .. ':leases', cid)
-  if not rec[1] or (rec[6] and rec[6] ~= 'used') then return end
-  local used = rec[6] == 'used'  -- its usage settled already (SETTLE mode '2'): nothing more to charge
+  -- (a call whose usage SETTLE mode '2' settled has no reservation and no spend targets left:
+  -- its slots and probe are freed, nothing is charged; processes of earlier releases do the same)
+  if not rec[1] or rec[6] then return end
   local cost = tonumber(rec[1]) or 0
   for _, s in ipairs(split(rec[2])) do unreserve(s, cost) end
   for _, s in ipairs(split(rec[3])) do redis.call('ZREM', P .. ':c:' .. s, cid) end
@@ -277,7 +277,6 @@ local function reclaim(cid)
     if redis.call('HGET', P .. ':s:' .. s, 'probe') == cid then redis.call('HDEL', P .. ':s:' .. s, 'probe') end
   end
   local sp = split(rec[5])
-  if used then sp = {} end
   for j = 1, #sp, 4 do
     charge(sp[j], sp[j + 1], sp[j + 2], tonumber(sp[j + 3]), cost, 1, 0)
   end
@@ -618,7 +617,7 @@ if record then
   local lk = P .. ':l:' .. call_id
   redis.call('HSET', lk, 'cost', cost, 'bs', table.concat(bs, SEP), 'cs', table.concat(cs, SEP),
     'pr', table.concat(pr, SEP), 'sp', sp, 'at', now)
-  redis.call('HDEL', lk, 'done')
+  redis.call('HDEL', lk, 'done', 'used')
   redis.call('PEXPIRE', lk, record_ms(lease))
   redis.call('ZADD', P .. ':leases', now + lease, call_id)
   keep(P .. ':leases', record_ms(lease))
@@ -699,7 +698,7 @@ local events = {}
 local admitted_at, expired, sp_str = at_arg, false, sp_arg
 local lost, rec = false, nil
 if has_record then
-  rec = redis.call('HMGET', P .. ':l:' .. call_id, 'at', 'done', 'cost', 'bs', 'cs', 'sp', 'pr')
+  rec = redis.call('HMGET', P .. ':l:' .. call_id, 'at', 'done', 'cost', 'bs', 'cs', 'sp', 'pr', 'used')
   if not rec[1] or rec[2] == 'settled' then
     if rec[1] or freeing or boot == '' or redis.call('GET', P .. ':boot') == boot then
       return {0, fmt(now)}  -- settled before, or reclaimed (its worst case charged)
@@ -720,17 +719,22 @@ if has_record and not lost then
   admitted_at = tonumber(rec[1])
   expired = rec[2] == 'expired'
   if sp_arg == '' then sp_str = rec[6] end  -- (the windows current at settlement, when given)
-  if rec[2] == 'used' then
+  if rec[8] then
     if usage_only then return {0, fmt(now)} end  -- (its usage settled before)
     ending = true  -- its usage settled before (mode '2'): what is left is to free it
-  elseif usage_only and not expired then
+  elseif usage_only then
     -- settled, still open: its budget reservation is given back (its spend is charged below), its
-    -- slots and lease stay (reclaim frees them, charging nothing more)
-    for _, s in ipairs(split(rec[4])) do unreserve(s, reserved) end
-    redis.call('HSET', lk, 'done', 'used', 'bs', '')
+    -- slots and lease stay (reclaim frees them, charging nothing more). Marked by a field of its
+    -- own, not 'done', with no reservation or spend targets left: a process of an earlier release
+    -- reclaims the record as any other (frees its slots and probe) and finds nothing to charge.
+    -- (Reclaimed already: kept too, for its release's outcome; it expires in an hour.)
+    if not expired then
+      for _, s in ipairs(split(rec[4])) do unreserve(s, reserved) end
+    end
+    redis.call('HSET', lk, 'used', '1', 'bs', '', 'sp', '')
   end
 end
-if has_record and not lost and not (usage_only and rec[2] ~= 'expired') then
+if has_record and not lost and not usage_only then
   local lk = P .. ':l:' .. call_id
   redis.call('ZREM', P .. ':leases', call_id)
   for _, s in ipairs(split(rec[5])) do redis.call('ZREM', P .. ':c:' .. s, call_id) end
@@ -1096,7 +1100,7 @@ RENEW = _COMMON + r"""
 local call_id, lease = arg(), num()
 local lk = P .. ':l:' .. call_id
 local rec = redis.call('HMGET', lk, 'cs', 'done', 'bs')
-if (rec[2] and rec[2] ~= 'used') or not rec[1] then return 0 end  -- ('used': settled, still open)
+if rec[2] or not rec[1] then return 0 end
 local ms = record_ms(lease)
 -- the keys holding its slots and reservations live as long as it does
 for _, s in ipairs(split(rec[1])) do

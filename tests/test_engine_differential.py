@@ -42,7 +42,7 @@ from hive_ratelimit_plugin.config import LimitSet
 from hive_ratelimit_plugin.errors import HiveRateLimitError
 from hive_ratelimit_plugin.testing import FakeClock
 
-from .conftest import REDIS_URL
+from .conftest import REDIS_URL, redis_client
 
 N_SEEDS = int(os.environ.get("DIFF_SEEDS", "6"))
 SEED0 = int(os.environ.get("DIFF_SEED0", "0"))
@@ -771,3 +771,41 @@ def test_a_burst_cut_by_429s_is_paced_at_its_own_rate(clock: FakeClock, make_eng
     eng.release("b", outcome="rate_limited", wait=0.5)
     rate = eng.provider_state()["model:x"]["adaptive_requests_per_minute"]
     assert rate == pytest.approx(22 * 60 / 29.5 * 0.7, rel=0.05)
+
+
+def test_a_settled_lease_reads_as_open_to_earlier_releases(clock: FakeClock, redis_prefix: str) -> None:
+    """A call settle()d whose process then dies is reclaimed by whichever process admits next,
+    in a rolling upgrade one of the release before settle() kept calls open. Its reclaim skips a
+    lease record with any ``done`` state: the dead call's circuit probe stayed, holding the model
+    half-open for a day. The record must read to it as an open call with nothing left to charge."""
+    r: Any = redis_client()
+    eng = RedisEngine(clock, url=REDIS_URL, prefix=redis_prefix, server_time=False)
+    m = Scope("model", "model:x", LimitSet(requests_per_minute=100))
+    a = Scope("agent", "agent:a", LimitSet(max_cost_per_hour=5.0))
+    r.hset(f"{eng.prefix}:s:model:x", "circuit", "half_open")
+    assert eng.acquire(_t("1", m, a, tin=10, tout=10, cost=1.0), None) is None
+    assert eng.settle("1", 10, 10, 0.5)
+    rec = r.hgetall(f"{eng.prefix}:l:1")
+    assert b"done" not in rec  # (a release before this one leaves such a record, and its probe, alone)
+    assert rec[b"bs"] == b"" and rec[b"sp"] == b""  # (nothing for its reclaim to give back or charge)
+    # its process is gone; another one reclaims it once its lease has run out
+    clock.advance(eng.lease_seconds * 3)
+    other = RedisEngine(clock, url=REDIS_URL, prefix=redis_prefix, server_time=False)
+    assert other.acquire(_t("2", Scope("agent", "agent:b", LimitSet(requests_per_minute=10))), None) is None
+    assert r.hget(f"{eng.prefix}:s:model:x", "probe") is None
+    assert other.spend("agent:a", "hour")[:2] == (pytest.approx(0.5), 1)  # (charged once)
+
+
+def test_a_429_after_settling_a_reclaimed_lease_still_counts(clock: FakeClock, redis_prefix: str) -> None:
+    """settle() of a call whose Redis lease another process reclaimed deleted its record, so the
+    release after it found none and dropped its 429 (no cooldown)."""
+    r: Any = redis_client()
+    eng = RedisEngine(clock, url=REDIS_URL, prefix=redis_prefix, server_time=False)
+    m = Scope("model", "model:x", LimitSet(requests_per_minute=100, concurrent_requests=5))
+    assert eng.acquire(_t("1", m, tin=10, tout=10), None) is None
+    clock.advance(eng.lease_seconds + 1)
+    other = RedisEngine(clock, url=REDIS_URL, prefix=redis_prefix, server_time=False)
+    assert other.acquire(_t("2", Scope("agent", "agent:b", LimitSet(requests_per_minute=10))), None) is None
+    assert eng.settle("1", 10, 10)
+    assert eng.release("1", outcome="rate_limited", wait=30.0)
+    assert r.hget(f"{eng.prefix}:s:model:x", "cooldown_until") is not None
