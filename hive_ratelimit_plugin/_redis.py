@@ -925,6 +925,9 @@ class RedisEngine(Engine):
             if res is None:
                 return
             self._renewed.pop(call_id, None)
+            held = self._held.pop(call_id, None)
+            if held is not None:  # its copy in the outage engine: forgotten there too (no spend)
+                self.fallback.forget(held)
             self._remote_settle(res, None, None, None, "error", None, None, mode="3")  # (no usage, no spend)
             self._version += 1
             if self._waiters:

@@ -1355,3 +1355,25 @@ def test_a_waiter_tried_while_it_is_cancelled_leaves_no_answer_behind(redis_pref
     assert "2" not in eng._last_block
     eng.release("1")
     assert not eng._last_block
+
+
+def test_forgetting_a_call_held_through_an_outage_charges_nothing_there(clock: FakeClock, redis_prefix: str) -> None:
+    """``forget()`` drops a call without settling it (no spend). A call Redis admitted that an
+    outage holds a copy of (its slot and reservation counted there): the copy is forgotten too,
+    not released as a success at its worst-case cost against the outage's allowance
+    (helper-71's review)."""
+    eng = engine(clock, redis_prefix, local_share=0.5)
+    switch = Switch(eng)
+    g = sc(max_cost_per_day=2.0, concurrent_requests=4)
+    assert eng.acquire(tk("r0", g, cost=0.5), nothing) is None
+    switch.mode = "refuse"
+    w = eng.acquire(tk("o0", g, cost=0.1), nothing)  # the outage begins: r0's copy held there
+    assert w is None or w.granted or w.blocked is not None
+    if w is not None and not w.granted:
+        eng.cancel(w)
+    else:
+        eng.forget("o0")
+    assert "r0" in eng._held
+    eng.forget("r0")
+    assert "r0" not in eng._held and not eng.fallback._leases
+    assert eng.fallback.spend("global", "day")[:2] == (0.0, 0)
