@@ -484,6 +484,9 @@ class HiveLimiter(CustomLogger):
         ConfigError: the configuration is invalid; the message names each bad key.
     """
 
+    #: Endpoint scope lists kept across all plans before they are dropped (see _endpoint_scopes).
+    _MAX_ENDPOINT_LISTS = 65536
+
     def __init__(
         self,
         config: str | Mapping[str, Any] | RateLimitingConfig | None = None,
@@ -545,6 +548,7 @@ class HiveLimiter(CustomLogger):
         self._keyless_ids: set[tuple[Any, ...]] = set()
         self._repr: tuple[Any, Any, str] = (None, None, "")
         self._plans: dict[tuple[Any, ...], _Plan] = {}
+        self._endpoint_lists = 0  # scope lists in the plans' endpoints (see _endpoint_scopes)
         # Responses API turns by response id: the tokens a turn that continues it (with
         # ``previous_response_id``) carries as its input on top of its own (see _remember_turn).
         self._turns: dict[str, int] = {}
@@ -1107,6 +1111,13 @@ class HiveLimiter(CustomLogger):
         if scopes is None:
             if len(plan.endpoints) >= 256:
                 plan.endpoints.clear()
+            # (and across plans: thousands of identities, each calling a split model with a key of
+            # its own per call, would otherwise keep 256 lists each)
+            self._endpoint_lists += 1
+            if self._endpoint_lists > self._MAX_ENDPOINT_LISTS:
+                for each in list(self._plans.values()):
+                    each.endpoints.clear()
+                self._endpoint_lists = 1
             scopes = plan.endpoints[endpoint] = [*plan.scopes, _endpoint_scope(plan.model_key, endpoint)]
         return scopes
 

@@ -372,3 +372,27 @@ async def test_a_new_process_first_call_to_an_endpoint_another_process_cooled_wa
         await call(provider)  # a new process's first call, to the free endpoint: admitted again there, and sent
         assert provider.state.count() == 2
         assert c.get_usage_stats()["admitted_total"] == 1  # (one call: counted once)
+
+
+def test_endpoint_scope_lists_are_bounded_across_plans(clock: FakeClock) -> None:
+    """Each plan (model x identity) keeps a scope list per endpoint of a split model, at most 256;
+    across plans they are bounded too (thousands of identities each calling with a key of their
+    own per call would otherwise keep 256 lists each): past the cap all are dropped and rebuilt
+    on demand, the same lists again."""
+    from hive_ratelimit_plugin._scopes import Identity
+
+    limiter = HiveLimiter({}, clock=clock)
+    limiter._MAX_ENDPOINT_LISTS = 10
+    plans = [limiter._plan("openai/gpt-4o-mini", None, None, Identity(agent_id=f"a{i}")) for i in range(4)]
+    first = limiter._endpoint_scopes(plans[0], {"api_base": "https://one.invalid", "api_key": "sk-test-k0"})
+    split = limiter._endpoint_scopes(plans[0], {"api_base": "https://two.invalid", "api_key": "sk-test-k1"})
+    assert len(split) == len(first) + 1  # (split: the endpoint's own scope)
+    seen = set()
+    for n in range(60):
+        plan = plans[n % 4]
+        scopes = limiter._endpoint_scopes(plan, {"api_base": "https://two.invalid", "api_key": f"sk-test-x{n}"})
+        seen.add(scopes[-1].key)  # (each key's endpoint scope)
+        assert sum(len(p.endpoints) for p in plans) <= 10
+    assert len(seen) == 60 and split[-1].key not in seen
+    again = limiter._endpoint_scopes(plans[0], {"api_base": "https://two.invalid", "api_key": "sk-test-k1"})
+    assert [s.key for s in again] == [s.key for s in split]
