@@ -1914,7 +1914,8 @@ class Engine:
             # request is more recent than that (a burst at start-up), that many over the time since
             # (at least a second). Counting a 0.2 s burst as a minute's traffic cut a model to a
             # handful of requests per minute after two brief 429s.
-            oldest = w.buckets[0][0] if w.buckets else w.ci
+            # (its oldest request: a bucket whose requests were all taken back holds none)
+            oldest = next((b[0] for b in w.buckets if b[1] > 0), w.ci if w.cur > 0 else NO_BUCKET)
             span = 60.0 if oldest == NO_BUCKET else min(max(now - oldest * w.width, 1.0), 60.0)
             rate = seen * 60.0 / span
             current = st.adaptive_rpm if st.adaptive_rpm is not None else rate
@@ -2074,7 +2075,9 @@ class Engine:
             for key, st in self._states.items():
                 if st.observed_requests is None:
                     continue
-                entry: dict[str, Any] = {"circuit": st.circuit}
+                # (an open circuit whose time is over is half-open, whether or not a call looked at it yet)
+                entry: dict[str, Any] = {"circuit": HALF_OPEN if st.circuit is OPEN and now >= st.open_until
+                                         else st.circuit}
                 if st.cooldown_until > now:
                     entry["cooldown_seconds"] = st.cooldown_until - now
                 if st.learned_rpm is not None:

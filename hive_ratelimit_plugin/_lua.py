@@ -294,14 +294,17 @@ end
 #:   key, choice(0/1), provider(0/1; 2: and this process split it already), conc(-1 none), nwin,
 #:   [name, limit(-1 learned), period, amount]*,
 #:   nbud, [name, kind, start, limit, isreq(0/1), frees]*   (frees: when its window rolls over; -1 never)
-#: and at the end the spend targets of the call, '\0'-joined: scope, kind, start, ttl, ...; then its priority
+#: and at the end the spend targets of the call, '\0'-joined: scope, kind, start, ttl, ...; then its priority;
+#: then its deadline (''=none: a call may wait forever), in the caller's clock when it passes now, else in
+#: seconds from now (a circuit that reopens after it, or a cooldown that ends after it, refuses the call)
 #: Returns {1, now, chosen, has_record(0/1), dataset id|'', splits,
 #:          settled spend seen: 'scope\0kind\0start\0cost\0requests'...}
 #:       | {0, now, scope, limit, remaining, retry_at|'', release(0/1), splits, eases_at|'', failing keys...}
 #:       | {2, now, scope, budget name, kind, limit, spent, amount, frees}  budget exceeded (the one
 #:                                                                   that frees last, of all scopes)
 #:       | {3, now, scope, limit name, limit, amount}                    can never fit
-#:       | {4, now, scope, open_until, failures, splits}                 circuit open
+#:       | {4, now, scope, open_until, failures, splits}                 circuit open past the deadline
+#:       | {5, now, scope, cooldown_until}                               cooldown past the deadline
 #: splits: the provider scopes of the call (flag 1) that another process split, '\0'-joined ('' = none)
 ADMIT = _COMMON + r"""
 local call_id = arg()
@@ -328,6 +331,9 @@ for s = 1, nscopes do
 end
 local sp = arg()
 local prio = num() or 0
+local deadline = num()
+if not deadline then deadline = INF
+elseif not tonumber(ARGV[2]) then deadline = now + deadline end  -- (Redis' clock: sent as a wait)
 
 -- The line across processes, per scope with a concurrency limit ({P}:q:<scope>, a sorted set of
 -- call ids by rank; {P}:qa:<call id> says the call still waits: its process re-asks every
@@ -395,6 +401,7 @@ local function check(sc)
     if st.cooldown > now then
       retry = st.cooldown
       first = {sc.key, 'provider_cooldown', 0}
+      if st.cooldown > deadline then return nil, nil, nil, nil, {5, fmt(now), sc.key, fmt(st.cooldown)} end
     elseif st.pace_until > now and st.next_slot > now then
       retry = math.min(st.next_slot, st.pace_until)  -- (pacing ends at pace_until: _engine)
       first = {sc.key, 'pacing', 0}
@@ -406,7 +413,13 @@ local function check(sc)
       redis.call('HDEL', P .. ':s:' .. sc.key, 'probe')
     end
     if st.circuit == 'open' then
-      return nil, nil, nil, nil, {4, fmt(now), sc.key, fmt(st.open_until), fmt(st.failures)}
+      -- One block among the others (as Engine._check): every scope is still looked at, and the call
+      -- comes back when the last of them frees; a refusal if it reopens only after the call's deadline.
+      if st.open_until > deadline then
+        return nil, nil, nil, nil, {4, fmt(now), sc.key, fmt(st.open_until), fmt(st.failures)}
+      end
+      if retry == nil or st.open_until > retry then retry = st.open_until end
+      first = first or {sc.key, 'circuit_open', 0}
     elseif st.circuit == 'half_open' and st.probe then
       release = true
       first = first or {sc.key, 'circuit_half_open', 0}
@@ -899,12 +912,12 @@ for _, sc in ipairs(scopes) do
           if not (total < amin and st.arpm == nil) then
             -- the pace it was sent at, per minute (a burst younger than a minute: over its age,
             -- at least a second), as in _engine.Engine._cool_down
-            -- (its oldest bucket, as SlidingWindow.buckets[0]: 'O' may be older, the window's low edge)
+            -- (its oldest bucket holding a request: 'O' may be older, the window's low edge)
             local o = nil
             local raw = redis.call('HGETALL', ow)
             for j = 1, #raw, 2 do
               local idx = tonumber(raw[j])
-              if idx and (o == nil or idx < o) then o = idx end
+              if idx and (tonumber(raw[j + 1]) or 0) > 0 and (o == nil or idx < o) then o = idx end
             end
             local span = 60.0
             if o then span = math.min(math.max(now - o * (60.0 / BUCKETS), 1.0), 60.0) end

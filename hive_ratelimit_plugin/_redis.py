@@ -39,9 +39,12 @@ from . import _lua
 from ._budget import KINDS, RUN, SpendRow
 from ._engine import (
     _ENDPOINT_OUTCOMES,
+    CLOSED,
+    HALF_OPEN,
     MONEY_SLACK,
     NEVER,
     NO_LAYOUT,
+    OPEN,
     Blocked,
     Engine,
     Scope,
@@ -532,7 +535,8 @@ class RedisEngine(Engine):
         wall = self.wall()
         starts = self.calendar.starts(wall)
         share = 1.0 if ticket.priority >= 10 else self.low_priority_share
-        args = [self.prefix, self._now_arg(), ticket.call_id, _num(self._lease_of(ticket)),
+        now_arg = self._now_arg()
+        args = [self.prefix, now_arg, ticket.call_id, _num(self._lease_of(ticket)),
                 _num(ticket.cost), _num(share), ""]
         states: dict[str, ScopeState] = {}
         n = 0
@@ -548,7 +552,10 @@ class RedisEngine(Engine):
         for key in ticket.spend_keys:
             self._remember_spend_key(key)
         targets = self._spend_targets(ticket, starts)
-        args += [targets, str(int(ticket.priority))]
+        # (its deadline: in this clock when Redis is told the time, else as a wait from now; see ADMIT)
+        deadline = "" if ticket.deadline == NEVER else _num(ticket.deadline) if now_arg else \
+            _num(ticket.deadline - self.clock())
+        args += [targets, str(int(ticket.priority)), deadline]
         out = self._call(self._admit, args)
         code = int(out[0])
         rnow = float(out[1])
@@ -590,8 +597,6 @@ class RedisEngine(Engine):
                 if lines:
                     self._in_line[ticket.call_id] = lines
             retry_at = to_local(float(retry)) if retry else None
-            if why == "provider_cooldown" and retry_at is not None and retry_at > ticket.deadline:
-                raise self._timeout(states[scope], "the provider asked to wait", retry_at - local)
             frees_at = retry_at  # (what a caller told to come back later is told, whatever the polls)
             if release:  # waits for another call (maybe in another process) to finish: re-ask soon
                 poll = local + random.uniform(POLL_MIN, POLL_MAX)
@@ -614,28 +619,48 @@ class RedisEngine(Engine):
             raise RequestTooLargeError(
                 f"this call needs {amount:g} against {name}={cap:g} of {scope}: it can never fit; "
                 f"{too_large_advice(name)}", scope=scope, limit=name, remaining=cap)
-        if code == 4:
-            scope, open_until, failures = text[2], to_local(float(text[3])), text[4]
-            if open_until > ticket.deadline:
-                from .errors import CircuitOpenError
+        if code == 4:  # (an open circuit that reopens within the call's deadline is a block: code 0)
+            from .errors import CircuitOpenError
 
-                raise CircuitOpenError(
-                    f"circuit breaker for {scope} is open after {failures} consecutive provider failures; it lets "
-                    f"a probe through in {open_until - local:.1f}s. No request was sent.",
-                    scope=scope, limit="circuit_breaker", remaining=0.0, retry_after=max(open_until - local, 0.0))
-            return Blocked(scope, "circuit_open", 0.0, open_until, frozenset({scope}))
+            scope, open_until, failures = text[2], to_local(float(text[3])), text[4]
+            raise CircuitOpenError(
+                f"circuit breaker for {scope} is open after {failures} consecutive provider failures; it lets "
+                f"a probe through in {open_until - local:.1f}s. No request was sent.",
+                scope=scope, limit="circuit_breaker", remaining=0.0, retry_after=max(open_until - local, 0.0))
+        if code == 5:  # a cooldown that ends after the call's deadline
+            scope, until = text[2], to_local(float(text[3]))
+            raise self._timeout(states[scope], "the provider asked to wait", until - local)
         raise HiveRateLimitError(f"unexpected answer from the redis backend: {text[:3]}")
 
     def _evaluate(self, ticket: Ticket, now: float) -> tuple[list[ScopeState], Blocked | None]:
         """For a call queued behind others (Engine._acquire checks it can be admitted at all): its
-        budgets as Redis holds them (one look), so that a call a budget refuses fails now, as with
-        the in-memory engine, rather than once it reaches the front. (Redis down: not checked here.)"""
-        states = [st for st in self._states_of(ticket.scopes, now) if st.budgets]
-        if not states:
+        budgets as Redis holds them and, for a call with a deadline, the cooldowns and circuits of
+        its models and API keys (one look), so that a call a budget refuses, or that cannot wait out
+        a cooldown or an open circuit, fails now, as with the in-memory engine, rather than once it
+        reaches the front. (Redis down: not checked here.)"""
+        scoped = self._states_of(ticket.scopes, now)
+        states = [st for st in scoped if st.budgets]
+        signals: list[ScopeState] = []
+        if ticket.deadline != NEVER:
+            signals = [st for st in (*scoped, *(self._state(c, now) for c in ticket.choices or ()))
+                       if st.observed_requests is not None]
+        if not states and not signals:
             return super()._evaluate(ticket, now)
         starts = self.calendar.starts(self.wall())
         spend = [(st.key, kind, starts[kind]) for st in states for _, kind, _ in st.budgets]
-        got = self._peek([], [], [], spend, [st.key for st in states])
+        got = self._peek([], [], [st.key for st in signals], spend, [st.key for st in states])
+        saved = [(st, st.cooldown_until, st.circuit, st.open_until, st.probe) for st in signals]
+        if got is not None:  # (this process' copies of them hold none of it: Redis' for this look)
+            local = self.clock()
+            for st, raw in zip(signals, got[2], strict=True):
+                flat = _dec(raw).split(SEP) if raw else []
+                h = dict(zip(flat[::2], flat[1::2], strict=False))
+                st.cooldown_until = local + float(h.get("cooldown_until", 0.0)) - got[5] if self.server_time \
+                    else float(h.get("cooldown_until", 0.0))
+                st.circuit = {"open": OPEN, "half_open": HALF_OPEN}.get(h.get("circuit", ""), CLOSED)
+                st.open_until = local + float(h.get("open_until", 0.0)) - got[5] if self.server_time \
+                    else float(h.get("open_until", 0.0))
+                st.probe = h.get("probe")
         usage: dict[tuple[str, str, float], tuple[float, float, float, float]] = {}
         i = 0
         for j, st in enumerate(states if got is not None else []):
@@ -650,6 +675,8 @@ class RedisEngine(Engine):
             return super()._evaluate(ticket, now)
         finally:
             self._peeked = None
+            for st, cooldown_until, circuit, open_until, probe in reversed(saved):
+                st.cooldown_until, st.circuit, st.open_until, st.probe = cooldown_until, circuit, open_until, probe
 
     def _budget_usage(self, st: ScopeState, kind: str, start: float) -> tuple[float, float, float, float]:
         peeked = self._peeked
@@ -1480,6 +1507,8 @@ class RedisEngine(Engine):
             flat = _dec(raw).split(SEP) if raw else []
             h = dict(zip(flat[::2], flat[1::2], strict=False))
             entry: dict[str, Any] = {"circuit": h.get("circuit", "closed")}
+            if entry["circuit"] == "open" and got[5] >= float(h.get("open_until", 0.0)):
+                entry["circuit"] = "half_open"  # (its time is over, whether or not an admission looked at it yet)
             cooldown = float(h.get("cooldown_until", 0.0)) - got[5]
             if cooldown > 0:
                 entry["cooldown_seconds"] = cooldown

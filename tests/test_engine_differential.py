@@ -2,7 +2,7 @@
 sequence of operations on one fake clock, must give the same answers.
 
 Every operation is applied to both engines: admissions (admit_now, acquire without waiting, queued
-acquire; API keys to choose from; budgets with reserved costs), settle, release with each outcome
+acquire; API keys to choose from; budgets with reserved costs; deadlines), settle, release with each outcome
 (usage above and below the estimate or unknown, a 429's wait, rate-limit headers), forget,
 free_slot, note_attempt, renew, cancel, clock steps from 10 ms to minutes (leases run out), reads.
 Every observable result is compared: admitted or not, why not (scope, limit, when it frees, every
@@ -12,16 +12,17 @@ limits), budgets and spend. Invariants are checked on the way: an admission neve
 or concurrency limit past its limit, in-flight counts match the calls open, and once every call
 has ended nothing is in flight or queued anywhere.
 
-Known differences left out of the comparison: Redis reports an open circuit alone (ADMIT stops at
-it), and the line across processes (a place lives 1.5 s of Redis' real time, which a fake clock
-does not move) is disabled; see Pair.
+Left out of the comparison: the line across processes (a place lives 1.5 s of Redis' real time,
+which a fake clock does not move) is disabled; see Pair.
 
 The default run (collected by CI) uses a few fixed seeds. More, on demand::
 
     DIFF_SEEDS=200 DIFF_OPS=600 python -m pytest -q tests/test_engine_differential.py
 
 Environment: ``DIFF_SEEDS`` (seeds, default 6), ``DIFF_SEED0`` (first seed, 0), ``DIFF_OPS``
-(operations per seed, 300). A failure prints the seed and the operations that led to it.
+(operations per seed, 300), ``DIFF_DEADLINES`` (the share of calls with a deadline, 0.25; a waiter
+is cancelled once its deadline passes, as the plugin's waiting does). A failure prints the seed
+and the operations that led to it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 import pytest
 
 from hive_ratelimit_plugin import _lua
-from hive_ratelimit_plugin._engine import Engine, Scope, Ticket
+from hive_ratelimit_plugin._engine import NEVER, Engine, Scope, Ticket
 from hive_ratelimit_plugin._redis import RedisEngine
 from hive_ratelimit_plugin._retry import RateSignals
 from hive_ratelimit_plugin.config import LimitSet
@@ -47,6 +48,7 @@ from .conftest import REDIS_URL, redis_client
 N_SEEDS = int(os.environ.get("DIFF_SEEDS", "6"))
 SEED0 = int(os.environ.get("DIFF_SEED0", "0"))
 N_OPS = int(os.environ.get("DIFF_OPS", "300"))
+DEADLINES = float(os.environ.get("DIFF_DEADLINES", "0.25"))  # the share of calls with a deadline
 EPS = 1e-6
 
 
@@ -164,16 +166,12 @@ def _admit(eng: Engine, t: Ticket, fast: bool) -> tuple[str, Any]:
     return ("blocked", _blocked(w.blocked, isinstance(eng, RedisEngine)))
 
 
-def _same_blocked(a: tuple[Any, ...], b: tuple[Any, ...], open_circuits: frozenset[str] = frozenset()) -> bool:
-    if "circuit_open" in (a[1], b[1]) and (b[0] in a[3] or a[0] in b[3]):
-        # Known difference: Redis reports an open circuit alone (ADMIT stops at it; of API keys to
-        # choose from, it names another key's block), the memory engine goes on to the other
-        # scopes (and may name another reason first).
-        return True
-    if a[:2] != b[:2] or (a[3] != b[3] and a[1] != "queue"):  # (behind whom: see circuit_open above)
+def _same_blocked(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    if a[:2] != b[:2] or (a[3] != b[3] and a[1] != "queue"):
+        # (behind whom in the line: the scopes the waiters ahead hold it at, which may differ when
+        # those waiters were last looked at at different times; Redis keeps a refusal until its
+        # retry time, see RedisEngine._try)
         return False
-    if open_circuits & set(a[3]):  # (an open circuit's reopening counts in memory's time, not in Redis')
-        return True
     if (a[2] is None) != (b[2] is None):
         return False
     return a[2] is None or b[2] is None or abs(a[2] - b[2]) < 1e-3
@@ -250,6 +248,7 @@ class Run:
 
     def __init__(self, seed: int, prefix: str, budgets: bool) -> None:
         self.rng = rng = random.Random(seed)
+        self.deadlines = random.Random(seed + 1_000_003)  # (apart: the other draws stay those of the seed)
         self.clock = FakeClock(1000.0 + rng.random() * 100)
         self.world = World.build(rng, budgets)
         self.pair = Pair(self.clock, prefix)
@@ -280,7 +279,11 @@ class Run:
         prio = rng.choice([0, 0, 0, 10])
         cost = rng.choice([0.0, 0.5, 2.0, 7.0]) if self.world.budgets else 0.0
         how = rng.choice(["fast", "try", "try", "queue"])
-        self.note(f"admit {cid} plan={plan_no} in={tin} out={tout} cached={cached} prio={prio} cost={cost} {how}")
+        deadline = NEVER
+        if self.deadlines.random() < DEADLINES:  # (an open circuit or a cooldown past it refuses the call)
+            deadline = self.clock() + self.deadlines.choice([0.5, 3.0, 20.0, 100.0])
+        self.note(f"admit {cid} plan={plan_no} in={tin} out={tout} cached={cached} prio={prio} cost={cost} {how}"
+                  + (f" deadline={deadline:.3f}" if deadline != NEVER else ""))
         got = []
         waiters = []
         before = pair.mem.snapshot()
@@ -290,7 +293,7 @@ class Run:
             scopes = pair.scopes(which, plan_no, plan)
             keys = ["global", *(s.key for s in scopes if s.budgeted and s.key != "global")]
             t = Ticket(cid, scopes, input_tokens=tin, output_tokens=tout, priority=prio, cached_input=cached,
-                       cost=cost, spend_keys=keys, choices=list(choices) if choices else None)
+                       cost=cost, spend_keys=keys, choices=list(choices) if choices else None, deadline=deadline)
             tickets.append(t)
             if how == "queue":
                 try:
@@ -305,8 +308,7 @@ class Run:
                 got.append(_admit(eng, t, how == "fast"))
         (ka, va), (kb, vb) = got
         self.note(f"  -> {ka}" + (f" {va[1]}" if ka == "blocked" else ""))
-        opened = frozenset(k for k, v in pair.mem.provider_state().items() if v["circuit"] == "open")
-        if ka != kb or (ka == "blocked" and not _same_blocked(va, vb, opened)) or (ka == "error" and va != vb):
+        if ka != kb or (ka == "blocked" and not _same_blocked(va, vb)) or (ka == "error" and va != vb):
             pair.fail(f"admission of {cid}: memory {got[0]} redis {got[1]}")
         if ka == "admitted":
             if tickets[0].chosen != tickets[1].chosen:
@@ -427,6 +429,9 @@ class Run:
         dt = self.rng.choice([0.01, 0.1, 0.4, 1.0, 1.7, 5.0, 15.0, 61.0, 200.0])
         self.clock.advance(dt)
         self.note(f"advance {dt}")
+        for cid in sorted(self.waiting):  # (the caller gives up at its deadline: see _waiting)
+            if self.waiting[cid][0].ticket.deadline <= self.clock():
+                self.cancel_id(cid)
         for eng in (self.pair.mem, self.pair.red):
             # Leases that ran out are settled at their estimates. (The engine does it at most once a
             # second, Redis at the exact time: here both at each step of the clock.)
@@ -809,3 +814,158 @@ def test_a_429_after_settling_a_reclaimed_lease_still_counts(clock: FakeClock, r
     assert eng.settle("1", 10, 10)
     assert eng.release("1", outcome="rate_limited", wait=30.0)
     assert r.hget(f"{eng.prefix}:s:model:x", "cooldown_until") is not None
+
+
+def _open_circuit(eng: Any, scopes: list[Scope], choices: list[Scope] | None = None) -> str | None:
+    """Two failures in a row open the circuit of the model (or the API key chosen): reopens in 30 s."""
+    eng.circuit_threshold = 2
+    chosen = None
+    for i in range(2):
+        t = _t(f"f{i}", *scopes)
+        t.choices = list(choices) if choices else None
+        assert eng.acquire(t, None) is None
+        chosen = chosen or t.chosen
+        eng.release(f"f{i}", outcome="failure")
+    return chosen
+
+
+def test_an_open_circuit_is_one_block_among_the_others(clock: FakeClock, make_engine: Any) -> None:
+    """With a circuit open, every scope is still checked: the refusal names the first scope's
+    reason, every scope it is blocked on, and the time the last of them frees (Redis stopped at
+    the open circuit and named it alone)."""
+    from hive_ratelimit_plugin.errors import CircuitOpenError
+
+    eng = make_engine(clock)
+    g = Scope("global", "global", LimitSet(concurrent_requests=1))
+    m = Scope("model", "model:x", LimitSet())
+    _open_circuit(eng, [g, m])
+    opens = clock() + 30.0
+    assert eng.acquire(_t("1", g), None) is None
+    w = eng.acquire(_t("2", g, m), None)
+    assert w is not None and w.blocked.limit == "concurrent_requests" and w.blocked.scope == "global"
+    assert w.blocked.keys == {"global", "model:x"}
+    frees = w.blocked.frees_at if isinstance(eng, RedisEngine) else w.blocked.retry_at
+    assert frees == pytest.approx(opens)
+    t = _t("3", m)
+    t.deadline = opens - 1.0  # (it would not reopen within the caller's wait)
+    with pytest.raises(CircuitOpenError):
+        eng.acquire(t, None)
+
+
+def test_an_api_key_whose_circuit_reopens_first_is_waited_for(clock: FakeClock, make_engine: Any) -> None:
+    """Of the API keys to choose from, one has its circuit open and the other is out of requests
+    for longer: the call is told to come back when the circuit reopens (Redis left the open key
+    out and named the other's later time), or when the other frees if it cannot wait that long."""
+    eng = make_engine(clock)
+    m = Scope("model", "model:x", LimitSet())
+    k0 = Scope("key", "key:k0", LimitSet())
+    k1 = Scope("key", "key:k1", LimitSet(requests_per_hour=1))
+    assert _open_circuit(eng, [m], [k0]) == "key:k0"
+    opens = clock() + 30.0
+    t = _t("1", m)
+    t.choices = [k1]
+    assert eng.acquire(t, None) is None and t.chosen == "key:k1"
+    eng.release("1")
+    t = _t("2", m)
+    t.choices = [k0, k1]
+    w = eng.acquire(t, None)
+    assert w is not None and w.blocked.limit == "circuit_open" and w.blocked.scope == "key:k0"
+    assert w.blocked.keys == {"key:k0", "key:k1"}
+    frees = w.blocked.frees_at if isinstance(eng, RedisEngine) else w.blocked.retry_at
+    assert frees == pytest.approx(opens)
+    t = _t("3", m)
+    t.choices = [k0, k1]
+    t.deadline = opens - 1.0  # (k0 would not reopen in time: k1 it is)
+    w = eng.acquire(t, None)
+    assert w is not None and w.blocked.limit == "requests_per_hour" and w.blocked.scope == "key:k1"
+    frees = w.blocked.frees_at if isinstance(eng, RedisEngine) else w.blocked.retry_at
+    assert frees == pytest.approx(clock() + 3600.0, abs=61.0)
+
+
+def test_a_cooldown_past_the_deadline_refuses_whatever_else_blocks(clock: FakeClock, make_engine: Any) -> None:
+    """A call that cannot wait out a provider's cooldown fails at once, whichever scope blocks it
+    first; one that can is told to wait, however long its other scopes hold it (Redis judged the
+    time the last scope frees, and only when the cooldown came first)."""
+    from hive_ratelimit_plugin.errors import RateLimitQueueTimeout
+
+    eng = make_engine(clock)
+    g = Scope("global", "global", LimitSet(requests_per_minute=1))
+    m = Scope("model", "model:x", LimitSet())
+    assert eng.acquire(_t("1", g, m), None) is None
+    eng.release("1", outcome="rate_limited", wait=5.0)
+    t = _t("2", m, g)
+    t.deadline = clock() + 10.0  # (the cooldown ends in time; the minute's window later)
+    w = eng.acquire(t, None)
+    assert w is not None and w.blocked.limit == "provider_cooldown" and w.blocked.keys == {"global", "model:x"}
+    clock.advance(1.0)
+    t = _t("3", g, m)
+    t.deadline = clock() + 2.0  # (the cooldown ends after it)
+    with pytest.raises(RateLimitQueueTimeout):
+        eng.acquire(t, None)
+
+
+def test_a_circuit_whose_time_is_over_reads_half_open(clock: FakeClock, make_engine: Any) -> None:
+    """An open circuit past its reopening time reads half-open, whether or not an admission looked
+    at it since (the memory engine's check of a call queued behind others turned it half-open;
+    in Redis it stayed open until an admission reached it)."""
+    eng = make_engine(clock)
+    g = Scope("global", "global", LimitSet(concurrent_requests=1))
+    m = Scope("model", "model:x", LimitSet())
+    _open_circuit(eng, [m])
+    assert eng.provider_state()["model:x"]["circuit"] == "open"
+    assert eng.acquire(_t("1", g), None) is None
+    w = eng.acquire(_t("2", g), lambda: None)
+    assert w is not None and not w.granted
+    clock.advance(31.0)
+    w3 = eng.acquire(_t("3", g, m), lambda: None)  # (behind "2")
+    assert w3 is not None and w3.blocked.limit == "queue"
+    assert eng.provider_state()["model:x"]["circuit"] == "half_open"
+
+
+def test_a_call_behind_the_line_that_cannot_wait_out_a_signal_fails_at_once(clock: FakeClock,
+                                                                            make_engine: Any) -> None:
+    """Queued behind another caller, a call whose deadline comes before a cooldown ends (or an open
+    circuit reopens) fails at once, as one at the front does (Redis queued it: it checked only the
+    budgets of a call behind the line)."""
+    from hive_ratelimit_plugin.errors import CircuitOpenError, RateLimitQueueTimeout
+
+    eng = make_engine(clock)
+    g = Scope("global", "global", LimitSet(concurrent_requests=1))
+    m = Scope("model", "model:x", LimitSet())
+    m2 = Scope("model", "model:y", LimitSet())
+    _open_circuit(eng, [m2])
+    assert eng.acquire(_t("1", m), None) is None
+    eng.release("1", outcome="rate_limited", wait=20.0)
+    assert eng.acquire(_t("2", g), None) is None
+    w = eng.acquire(_t("3", g), lambda: None)
+    assert w is not None and not w.granted
+    for cid, plan, error in (("4", m, RateLimitQueueTimeout), ("5", m2, CircuitOpenError)):
+        t = _t(cid, g, plan)
+        t.deadline = clock() + 10.0
+        with pytest.raises(error):
+            eng.acquire(t, lambda: None)
+    t = _t("6", g, m)
+    t.deadline = clock() + 40.0  # (both in time: it waits in line)
+    w6 = eng.acquire(t, lambda: None)
+    assert w6 is not None and w6.blocked.limit == "queue"
+
+
+def test_a_burst_is_paced_from_its_oldest_request_not_one_taken_back(clock: FakeClock, make_engine: Any) -> None:
+    """The pace two 429s cut is measured from the oldest request still counted: a request taken
+    back (never sent) leaves an empty bucket, which is not it (the memory engine measured from
+    that bucket, and cut harder than Redis)."""
+    eng = make_engine(clock)
+    m = Scope("model", "model:x", LimitSet())
+    assert eng.acquire(_t("void", m), None) is None
+    eng.release("void", outcome="void", input_tokens=0, output_tokens=0)
+    clock.advance(10.0)
+    for i in range(20):
+        assert eng.acquire(_t(str(i), m), None) is None
+        eng.release(str(i))
+    clock.advance(19.5)  # the first request sent 19.5 s ago
+    for i in ("a", "b"):
+        assert eng.acquire(_t(i, m), None) is None
+    eng.release("a", outcome="rate_limited", wait=0.5)
+    eng.release("b", outcome="rate_limited", wait=0.5)
+    rate = eng.provider_state()["model:x"]["adaptive_requests_per_minute"]
+    assert rate == pytest.approx(22 * 60 / 19.5 * 0.7, rel=0.06)
