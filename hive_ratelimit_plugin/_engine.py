@@ -33,6 +33,13 @@ from .errors import HiveRateLimitError, RequestTooLargeError
 NEVER = float("inf")
 #: Money compared with a budget: a sum off by float rounding (0.04 + 0.01 = 0.05000000000000001) still fits.
 MONEY_SLACK = 1e-9
+
+
+def budget_spent(spent: float, limit: float) -> bool:
+    """Whether ``spent`` has used up a budget of ``limit`` (up to float rounding: Redis' sums round
+    otherwise, and 0.7 + 0.1 + 0.1 falls just short of 0.9)."""
+    return spent + MONEY_SLACK >= limit
+
 HIGH_PRIORITY = 10
 EVICTIONS_PER_TICK = 2000
 ADAPTIVE_MIN_RATE = 10  # requests per minute below which 429s say nothing about our rate
@@ -1071,8 +1078,7 @@ class Engine:
                 else:
                     spent, reserved, amount = cost, reserved_cost, ticket.cost
                 room = limit + MONEY_SLACK  # (0.04 + 0.01 > 0.05 in floats: a call that just fits, fits)
-                # (and spent up to the same rounding is spent: Redis' sums round otherwise)
-                if spent + MONEY_SLACK >= limit or spent + amount > room:
+                if budget_spent(spent, limit) or spent + amount > room:
                     frees = NEVER if amount > room else self.calendar.end(kind, self.wall())
                     if worst is None or frees > worst[0]:
                         worst = (frees, st, name, kind, limit, spent, amount)
@@ -1101,7 +1107,7 @@ class Engine:
         if name == "max_requests_per_run":
             msg = (f"{who} reached its cap of {limit:g} requests per run ({spent:g} made); "
                    "the call was stopped and not sent. Start a new run or raise max_requests_per_run.")
-        elif spent + MONEY_SLACK >= limit:
+        elif budget_spent(spent, limit):
             msg = (f"{WINDOW_ADJECTIVE[kind]} budget of {who} is spent: {self.currency} {money_text(spent)} of "
                    f"{self.currency} {money_text(limit)} ({label}); calls in this scope are stopped until "
                    + ("the run ends" if kind == RUN else "the window rolls over")
@@ -1121,7 +1127,7 @@ class Engine:
                    "max_tokens, or estimation.default_output_tokens without one; or the price of its images, audio "
                    "or query). Lower max_tokens or raise the budget. The call was not sent.")
         trip = (st.key, kind, starts[kind], 1.0)
-        if spent + MONEY_SLACK >= limit and trip not in self._fired:
+        if budget_spent(spent, limit) and trip not in self._fired:
             self._fired.add(trip)
             self._out_events.append({"type": "budget_exceeded", "scope": st.key, "budget": name, "window": kind,
                                      "spent": spent, "limit": limit, "currency": self.currency, "time": wall})
@@ -2184,7 +2190,7 @@ class Engine:
                     entry[name] = {
                         "window": kind, "window_label": self.calendar.label(kind, wall), "spent": spent,
                         "reserved": reserved, "limit": limit, "remaining": max(limit - spent, 0.0),
-                        "tripped": spent + MONEY_SLACK >= limit,
+                        "tripped": budget_spent(spent, limit),
                     }
                 out[key] = entry
             return out

@@ -41,7 +41,6 @@ from ._engine import (
     _ENDPOINT_OUTCOMES,
     CLOSED,
     HALF_OPEN,
-    MONEY_SLACK,
     NEVER,
     NO_LAYOUT,
     OPEN,
@@ -52,6 +51,7 @@ from ._engine import (
     Ticket,
     _due_at,
     _Reservation,
+    budget_spent,
     header_scopes,
     settled_input,
     too_large_advice,
@@ -651,15 +651,13 @@ class RedisEngine(Engine):
         got = self._peek([], [], [st.key for st in signals], spend, [st.key for st in states])
         saved = [(st, st.cooldown_until, st.circuit, st.open_until, st.probe) for st in signals]
         if got is not None:  # (this process' copies of them hold none of it: Redis' for this look)
-            local = self.clock()
+            # (Redis' times on this clock: with server time, offset by the two clocks' difference)
+            shift = self.clock() - got[5] if self.server_time else 0.0
             for st, raw in zip(signals, got[2], strict=True):
-                flat = _dec(raw).split(SEP) if raw else []
-                h = dict(zip(flat[::2], flat[1::2], strict=False))
-                st.cooldown_until = local + float(h.get("cooldown_until", 0.0)) - got[5] if self.server_time \
-                    else float(h.get("cooldown_until", 0.0))
+                h = _hash_of(raw)
+                st.cooldown_until = float(h.get("cooldown_until", 0.0)) + shift
                 st.circuit = {"open": OPEN, "half_open": HALF_OPEN}.get(h.get("circuit", ""), CLOSED)
-                st.open_until = local + float(h.get("open_until", 0.0)) - got[5] if self.server_time \
-                    else float(h.get("open_until", 0.0))
+                st.open_until = float(h.get("open_until", 0.0)) + shift
                 st.probe = h.get("probe")
         usage: dict[tuple[str, str, float], tuple[float, float, float, float]] = {}
         i = 0
@@ -1422,7 +1420,7 @@ class RedisEngine(Engine):
                 spent, reserved = (r, rreq) if name == "max_requests_per_run" else (c, rcost)
                 entry[name] = {"window": kind, "window_label": self.calendar.label(kind, wall), "spent": spent,
                                "reserved": max(reserved, 0.0), "limit": limit, "remaining": max(limit - spent, 0.0),
-                               "tripped": spent + MONEY_SLACK >= limit}
+                               "tripped": budget_spent(spent, limit)}
             out[key] = entry
         return out
 
@@ -1448,8 +1446,7 @@ class RedisEngine(Engine):
             return self.fallback.snapshot()
         learned: dict[str, dict[str, float]] = {}
         for key, raw in zip(provs, got[2], strict=True):
-            flat = _dec(raw).split(SEP) if raw else []
-            h = dict(zip(flat[::2], flat[1::2], strict=False))
+            h = _hash_of(raw)
             rpm = [float(h[f]) for f in ("learned_rpm", "adaptive_rpm") if f in h]
             learned[key] = {"learned_requests_per_minute": min(rpm) if rpm else NEVER,
                             "learned_tokens_per_minute": float(h["learned_tpm"]) if "learned_tpm" in h else NEVER,
@@ -1487,8 +1484,7 @@ class RedisEngine(Engine):
             return self.fallback.held_for(keys)
         out: dict[str, float] = {}
         for key, raw in zip(keys, got[2], strict=True):
-            flat = _dec(raw).split(SEP) if raw else []
-            h = dict(zip(flat[::2], flat[1::2], strict=False))
+            h = _hash_of(raw)
             until = float(h.get("cooldown_until", 0.0))
             if h.get("circuit") == "open":
                 until = max(until, float(h.get("open_until", 0.0)))
@@ -1504,8 +1500,7 @@ class RedisEngine(Engine):
             return self.fallback.provider_state()
         out: dict[str, dict[str, Any]] = {}
         for key, raw in zip(keys, got[2], strict=True):
-            flat = _dec(raw).split(SEP) if raw else []
-            h = dict(zip(flat[::2], flat[1::2], strict=False))
+            h = _hash_of(raw)
             entry: dict[str, Any] = {"circuit": h.get("circuit", "closed")}
             if entry["circuit"] == "open" and got[5] >= float(h.get("open_until", 0.0)):
                 entry["circuit"] = "half_open"  # (its time is over, whether or not an admission looked at it yet)
@@ -1606,6 +1601,12 @@ def _pack(args: list[str]) -> list[str]:
 
 def _dec(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _hash_of(raw: Any) -> dict[str, str]:
+    """A Redis hash as PEEK returns it (its HGETALL, fields and values joined by SEP)."""
+    flat = _dec(raw).split(SEP) if raw else []
+    return dict(zip(flat[::2], flat[1::2], strict=False))
 
 
 def _clean(exc: BaseException) -> str:

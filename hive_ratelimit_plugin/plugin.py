@@ -641,15 +641,7 @@ class HiveLimiter(CustomLogger):
                               "budget calendar for its life); build a new HiveLimiter to change them. The old "
                               "configuration stays in force.",
                               errors=[f"rate_limiting.{n}: cannot change on reload" for n in fixed])
-        if self._budgets_set:  # a runtime budget is not in the source: the reload replaces it
-            now, then = _budget_view(cfg), _budget_view(old)
-            lost = sorted(k for k in self._budgets_set if now.get(k) != then.get(k))
-            if lost:
-                logger.warning("reload replaced budgets set with set_budget() by the configuration's (write them into "
-                               "the configuration to keep them): %s",
-                               ", ".join(f"{k} {then.get(k)} -> {now.get(k)}" for k in lost))
         self._apply_config(cfg, action="reload")
-        self._budgets_set.clear()
         self._source = _pinned(source)
 
     def _load(self, source: Any) -> RateLimitingConfig:
@@ -729,6 +721,15 @@ class HiveLimiter(CustomLogger):
                 self._ledger.audit(action, scope, old, changed)
             self._emit({"type": "budget_changed", "action": action, "scope": scope, "old": old, "new": changed,
                         "time": eng.wall()})
+            if action == "set":
+                self._budgets_set.update(changed)
+            elif action == "reload" and (lost := sorted(k for k in changed if k in self._budgets_set)):
+                # A budget set at run time is not in the source: the reload replaced it.
+                logger.warning("reload replaced budgets set with set_budget() by the configuration's (write them "
+                               "into the configuration to keep them): %s",
+                               ", ".join(f"{k} {old[k]} -> {changed[k]}" for k in lost))
+        if action == "reload":
+            self._budgets_set.clear()
         self._plans = {}  # again: a call may have planned while the configuration was being replaced
         if cfg.providers != old_cfg.providers:
             _warn_unknown_providers(cfg)
@@ -802,9 +803,7 @@ class HiveLimiter(CustomLogger):
         if currency is not None:
             data["budget"]["currency"] = currency
         cfg = load_config(_strip_none(data), use_env=False)
-        before, after = _budget_view(self._config), _budget_view(cfg)
         self._apply_config(cfg, action="set", scope=scope_key)
-        self._budgets_set.update(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
     def reset_budget(
         self,

@@ -314,8 +314,12 @@ class ProxyLimiter(HiveLimiter):
             # A request answered is over: no retry or fallback of it will ask for its identity
             # again. (Left in place, every request's entry stayed until the LRU dropped it: 65,536
             # identities held for good in a busy proxy.) A failed attempt keeps it for the retry.
-            with self._proxy_lock:
-                self._proxy_calls.pop(call_id, None)
+            self._request_over(call_id)
+
+    def _request_over(self, call_id: str) -> None:
+        """Forget the identity of a request that has ended (see _finish)."""
+        with self._proxy_lock:
+            self._proxy_calls.pop(call_id, None)
 
     def _check_runaway(self, agent_id: str, model: str, kwargs: Mapping[str, Any]) -> None:
         if kwargs.get(_RUNAWAY_FLAG, True):
@@ -449,8 +453,7 @@ class ProxyLimiter(HiveLimiter):
             if getattr(original_exception, "hive_ratelimit_code", None) != "duplicate_call_id":
                 # The request is over: nothing asks for its identity again. (Not a request refused
                 # for reusing an id: the identity under that id is the request holding it.)
-                with self._proxy_lock:
-                    self._proxy_calls.pop(str(call_id), None)
+                self._request_over(str(call_id))
         from fastapi import HTTPException
 
         if isinstance(original_exception, HTTPException):
