@@ -9,6 +9,7 @@ nesting (``HIVE_RATELIMIT_GLOBAL__REQUESTS_PER_MINUTE=60``). Every problem is re
 from __future__ import annotations
 
 import contextvars
+import difflib
 import fnmatch
 import hashlib
 import logging
@@ -490,6 +491,68 @@ def _env_var_of(locs: list[list[Any]]) -> str | None:
     return None
 
 
+def _block_at(loc: list[Any]) -> type[BaseModel] | None:
+    """The configuration class of the block at ``loc`` (a validation error's path), if any."""
+    tp: Any = RateLimitingConfig
+    for part in loc:
+        tp = _bare(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get("global_" if part == "global" else str(part))
+            if field is None:
+                return None
+            tp = field.annotation
+        elif get_origin(tp) in (dict, list):
+            tp = get_args(tp)[-1]  # (a dict's key or a list's index: the value's type)
+        else:
+            return None
+    tp = _bare(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _bare(tp: Any) -> Any:
+    """``X`` for ``X | None`` and ``Annotated[X, ...]``."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, type(int | None)):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+#: Money keys written the way another level spells them.
+_MONEY_NAMES = {"max_hourly_spend": "max_cost_per_hour", "max_daily_spend": "max_cost_per_day",
+                "max_monthly_spend": "max_cost_per_month", "max_cost_per_hour": "max_hourly_spend",
+                "max_cost_per_day": "max_daily_spend", "max_cost_per_month": "max_monthly_spend"}
+
+
+def _unknown_key_hint(loc: list[Any], value: Any) -> str:
+    """What to write instead of the unknown key at ``loc``: the field it most likely meant, or why
+    it does not belong there."""
+    key = str(loc[-1]) if loc else ""
+    block = _block_at(loc[:-1])
+    if block is None:
+        return "check the spelling against the documented fields"
+    names = ["global" if n == "global_" else n for n in block.model_fields if n != "models"]
+    if key in _MONEY_NAMES and _MONEY_NAMES[key] in names:
+        return f"here the money limit is spelt {_MONEY_NAMES[key]}"
+    if key in ("budget", "budgets") and issubclass(block, LimitSet):
+        return ("a level's money limits are max_cost_per_hour, max_cost_per_day and max_cost_per_month; "
+                "the global budget is the block rate_limiting.budget")
+    lowered = key.lower().replace("-", "_")
+    close = [n for n in names if n == lowered or (len(lowered) >= 4 and n.startswith(lowered))]
+    close += difflib.get_close_matches(lowered, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]}?"
+    if issubclass(block, ProviderConfig) and not isinstance(value, (dict, list)) and value is not None:
+        return (f"if {key} is a model, its limits go in a block of their own, such as "
+                f"{key}: {{requests_per_minute: {_short(value)}}}")
+    return "check the spelling against the documented fields"
+
+
 def _format_validation_error(exc: ValidationError, root: str, env: bool = True) -> list[str]:
     lines = []
     for err in exc.errors():
@@ -505,8 +568,8 @@ def _format_validation_error(exc: ValidationError, root: str, env: bool = True) 
         var = _env_var_of(locs) if env else None
         source = f" (from the environment variable {var})" if var else ""
         if kind == "extra_forbidden":
-            lines.append(f"{path}: unknown key (value {_short(value)}){source}; check the spelling against the "
-                         "documented fields")
+            lines.append(f"{path}: unknown key (value {_short(value)}){source}; "
+                         + _unknown_key_hint(list(err["loc"]), err.get("input")))
         elif kind == "missing":
             # (pydantic's input here is the enclosing block, not a value of this key)
             lines.append(f"{path}: missing; this key is required here")
@@ -585,6 +648,11 @@ _STRAY_SECTIONS = frozenset({"global", "providers", "agents", "users", "teams", 
                              "fallback_price", "runaway", "circuit_breaker"})
 
 
+#: Top-level sections of a LiteLLM proxy ``config.yaml``.
+_HOST_SECTIONS = frozenset({"model_list", "litellm_settings", "general_settings", "router_settings",
+                            "environment_variables", "guardrails", "mcp_servers", "credential_list"})
+
+
 def stray_sections(data: Mapping[Any, Any], origin: str) -> None:
     """Top-level keys next to ``rate_limiting:`` belong to the host application's file (the LiteLLM
     proxy's ``model_list``, ...) and are ignored. One named like a section of ``rate_limiting`` is
@@ -610,6 +678,12 @@ def _unwrap(data: dict[str, Any], origin: str) -> dict[str, Any]:
             raise ConfigError(f"{origin}: rate_limiting: expected a mapping, got {type(block).__name__}")
         stray_sections(data, origin)
         return dict(block)
+    host = sorted(str(k) for k in data if str(k) in _HOST_SECTIONS)
+    if host:
+        what = f"{host[0]} is a section" if len(host) == 1 else f"{', '.join(host)} are sections"
+        problem = (f"no rate_limiting: section; {what} of a LiteLLM proxy config.yaml, in which hive-ratelimit "
+                   "reads its limits from a rate_limiting: block (see docs/proxy.md)")
+        raise ConfigError(f"invalid configuration ({origin}):\n  {problem}", errors=[problem])
     return dict(data)
 
 

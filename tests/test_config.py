@@ -184,6 +184,60 @@ def test_missing_key_and_non_block_errors_read_plainly(data: dict[str, object], 
     assert "Field required" not in str(info.value) and "instance of" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"global": {"request_per_minute": 5}},
+         "rate_limiting.global.request_per_minute: unknown key (value 5); did you mean requests_per_minute?"),
+        ({"queue": {"max_wait": 5}}, "rate_limiting.queue.max_wait: unknown key (value 5); did you mean "
+                                     "max_wait_seconds?"),
+        ({"agent": {"a": {}}}, "rate_limiting.agent: unknown key (value {'a': {}}); did you mean agents?"),
+        ({"budgets": {}}, "rate_limiting.budgets: unknown key (value {}); did you mean budget?"),
+        # (a model block: pydantic's path goes through ProviderConfig.models, the message's does not)
+        ({"providers": {"openai": {"gpt-4": {"Tokens-Per-Minute": 5}}}},
+         "rate_limiting.providers.openai.gpt-4.Tokens-Per-Minute: unknown key (value 5); did you mean "
+         "tokens_per_minute?"),
+        ({"providers": {"openai": {"gpt-4": 500}}},
+         "rate_limiting.providers.openai.gpt-4: unknown key (value 500); if gpt-4 is a model, its limits go in "
+         "a block of their own, such as gpt-4: {requests_per_minute: 500}"),
+        ({"agents": {"a": {"max_daily_spend": 5}}},
+         "rate_limiting.agents.a.max_daily_spend: unknown key (value 5); here the money limit is spelt "
+         "max_cost_per_day"),
+        ({"budget": {"max_cost_per_month": 5}},
+         "rate_limiting.budget.max_cost_per_month: unknown key (value 5); here the money limit is spelt "
+         "max_monthly_spend"),
+        ({"teams": {"t": {"budget": {"daily": 5}}}},
+         "rate_limiting.teams.t.budget: unknown key (value {'daily': 5}); a level's money limits are "
+         "max_cost_per_hour, max_cost_per_day and max_cost_per_month; the global budget is the block "
+         "rate_limiting.budget"),
+        ({"colour": "blue"}, "rate_limiting.colour: unknown key (value 'blue'); check the spelling against the "
+                             "documented fields"),
+        ({"pricing": {"m": {"input_per_million": 1, "output_per_million": 1, "zzz": 1}}},
+         "rate_limiting.pricing.m.zzz: unknown key (value 1); check the spelling against the documented fields"),
+    ],
+)
+def test_an_unknown_key_names_what_was_most_likely_meant(data: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(data, use_env=False)
+    assert info.value.errors == [expected]
+
+
+def test_a_proxy_config_without_a_rate_limiting_block_says_so(tmp_path: Path) -> None:
+    """Given the LiteLLM proxy's config.yaml, the error was every proxy section as an unknown key."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model_list:\n  - model_name: gpt-4\n    litellm_params: {model: openai/gpt-4}\n"
+                    "general_settings: {master_key: sk-1234567890abcdef}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, use_env=False)
+    assert info.value.errors == [
+        "no rate_limiting: section; general_settings, model_list are sections of a LiteLLM proxy config.yaml, "
+        "in which hive-ratelimit reads its limits from a rate_limiting: block (see docs/proxy.md)"]
+    assert "sk-123" not in str(info.value)
+    # with the block, the proxy's own sections are the host's (as before)
+    path.write_text("model_list: []\nrate_limiting:\n  global: {requests_per_minute: 5}\n")
+    assert load_config(path, use_env=False).global_.requests_per_minute == 5
+
+
 def test_section_outside_the_root_is_an_error_not_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A section written at the top level next to ``rate_limiting:`` (wrongly indented) was
     silently ignored, so its budget or limits did not apply. In a file of ours it is an error; in a
