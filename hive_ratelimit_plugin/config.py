@@ -719,6 +719,7 @@ def load_config(
     else:
         origin = str(source)
         data = _unwrap(_read_yaml(source), origin)
+    _not_too_big(data, origin)
     problems = _unknown_env_names() if use_env else []
     cfg: RateLimitingConfig | None = None
     try:
@@ -735,6 +736,30 @@ def load_config(
         logger.info("hive-ratelimit: the environment overrides the configuration (%s): %s", origin,
                     ", ".join(overrides))
     return cfg
+
+
+#: More values than any configuration holds (a generated one of 100,000 users has 200,000): a few
+#: hundred bytes of YAML aliases (each a list of the one before) expand to billions, which
+#: validation would walk for days.
+MAX_VALUES = 1_000_000
+
+
+def _not_too_big(data: Any, origin: str) -> None:
+    """Raise :class:`ConfigError` if ``data`` holds more than :data:`MAX_VALUES` values, counting
+    what aliases repeat (a walk that stops at the limit)."""
+    count = 0
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            problem = (f"holds more than {MAX_VALUES:,} values once its aliases (*name) are expanded: "
+                       "not a configuration (an alias bomb?)")
+            raise ConfigError(f"invalid configuration ({origin}):\n  {problem}", errors=[problem])
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def env_overrides() -> list[str]:

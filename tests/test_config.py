@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import litellm
@@ -309,15 +310,37 @@ def test_a_file_that_is_not_utf8_text_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_a_huge_bad_value_is_shown_short(tmp_path: Path) -> None:
-    """A few hundred bytes of YAML aliases expand to megabytes: the error shows a cut-down value."""
-    f = tmp_path / "bomb.yaml"
+    """A few hundred bytes of YAML aliases expand to thousands of values: the error shows a
+    cut-down value."""
+    f = tmp_path / "aliases.yaml"
     lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
-    lines += [f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdef", "bcdefg", strict=True)]
-    lines += ["rate_limiting:", "  global: {requests_per_minute: *g}"]
+    lines += [f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]" for p, c in zip("abc", "bcd", strict=True)]
+    lines += ["rate_limiting:", "  global: {requests_per_minute: *d}"]
     f.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError) as info:
         load_config(f, use_env=False)
     assert "rate_limiting.global.requests_per_minute" in str(info.value) and len(str(info.value)) < 2000
+
+
+@pytest.mark.parametrize("levels", [7, 12])
+def test_an_alias_bomb_is_refused_before_validation(tmp_path: Path, levels: int) -> None:
+    """Each level a list of nine of the one before: 9**6 (half a million) values took validation 6 s,
+    9**12 would take weeks. Refused at once, whatever the depth."""
+    f = tmp_path / "bomb.yaml"
+    names = [f"l{i}" for i in range(levels + 1)]
+    lines = [f"{names[0]}: &{names[0]} [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]" for p, c in itertools.pairwise(names)]
+    lines += ["rate_limiting:", f"  global: {{requests_per_minute: *{names[-1]}}}"]
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(f, use_env=False)
+    assert info.value.errors == ["holds more than 1,000,000 values once its aliases (*name) are expanded: not a "
+                                 "configuration (an alias bomb?)"]
+    # the same through a dict, and a large but real configuration still loads
+    with pytest.raises(ConfigError, match="more than 1,000,000 values"):
+        load_config({"global": {"requests_per_minute": [1] * 1_000_000}}, use_env=False)
+    assert len(load_config({"agents": {f"a{i}": {"requests_per_minute": 1} for i in range(20_000)}},
+                           use_env=False).agents) == 20_000
 
 
 @pytest.mark.parametrize("value", ["garbage", "{not json"])
