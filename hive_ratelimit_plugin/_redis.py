@@ -1132,10 +1132,14 @@ class RedisEngine(Engine):
 
     def _note_spend(self, parts: list[str]) -> None:
         scope, kind, start, cost, requests = parts
+        self._spent_is(_unwire(scope), kind, start, float(cost), float(requests))
+
+    def _spent_is(self, key: str, kind: str, start: str, cost: float, requests: float) -> None:
+        """What Redis reports a budget's spend to be: where an outage allowance starts (see :meth:`_scale`)."""
         known = self._known_spend
         if len(known) > 50_000:
             known.clear()
-        known[(_unwire(scope), kind, start)] = (float(cost), float(requests))
+        known[(key, kind, start)] = (cost, requests)
 
     def _note_charged(self, args: list[str]) -> None:
         """A CHARGE Redis applied (see :meth:`_owe_spend`): the spend it last reported grows by it,
@@ -1393,8 +1397,12 @@ class RedisEngine(Engine):
         if got is None:
             return self.fallback.spend_snapshot()
         out: dict[str, dict[str, tuple[float, int, int]]] = {}
-        for (key, kind, _), raw in zip(wanted, got[3], strict=True):
+        for (key, kind, start), raw in zip(wanted, got[3], strict=True):
             c, r, t = _dec(raw).split(SEP)
+            # (the status snapshot reads this once a second, scopes evicted as idle included: a
+            # process idle since its last call would otherwise begin an outage from that call's
+            # spend, and allow itself a share of what the others spent since)
+            self._spent_is(key, kind, f"{start:.0f}", float(c), float(r))
             if float(c) or float(r):
                 out.setdefault(key, {})[kind] = (float(c), int(float(r)), int(float(t)))
         return out

@@ -1259,6 +1259,32 @@ def test_local_policy_budget_allowance_and_unknown_budgets(clock: FakeClock, red
     assert info.value.scope == "agent:new"
 
 
+def test_an_idle_process_starts_an_outage_from_the_spend_its_status_snapshot_read(
+        clock: FakeClock, redis_prefix: str) -> None:
+    """A process idle since its last call heard of none of the others' spend since. The status
+    snapshot reads the spend of every scope it has seen once a second (``spend_snapshot``, its
+    scopes evicted as idle included): the outage allowance starts from that, not from the spend of
+    its last call, so that two processes at local_share 1/2 keep the budget (a review probe: $128
+    billed against a $100 budget)."""
+    from hive_ratelimit_plugin.errors import BudgetExceededError
+
+    idle, busy = engine(clock, redis_prefix), engine(clock, redis_prefix)
+    switch = Switch(idle)
+    g = sc(max_cost_per_day=1.0)
+    assert idle.acquire(tk(1, g, cost=0.1), nothing) is None
+    assert idle.release("1", cost=0.1)
+    assert busy.acquire(tk(2, g, cost=0.7), nothing) is None
+    assert busy.release("2", cost=0.7)
+    clock.advance(120)
+    idle.sweep()
+    assert "global" not in idle._states  # (evicted as idle)
+    idle.spend_snapshot()  # (the status snapshot's read)
+    switch.mode = "refuse"
+    with pytest.raises(BudgetExceededError):
+        idle.acquire(tk(3, g, cost=0.2), nothing)  # 0.8 + 0.2 > 0.8 + 0.5 * 0.2 (not 0.1 + 0.5 * 0.9)
+    assert idle.acquire(tk(4, g, cost=0.05), nothing) is None
+
+
 def test_a_host_whose_clock_runs_ahead_does_not_reset_a_budget_for_all(provider: Any, redis_prefix: str,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """Budgets' calendar windows begin at host times. A host whose wall clock is a day ahead
