@@ -661,7 +661,9 @@ class Engine:
         self.book = BudgetBook()
         self.on_spend = on_spend
         self.on_event = on_event
-        self._fired: set[tuple[str, str, float, float]] = set()
+        # (scope, window kind, window start, threshold) -> the limit it was announced for: a budget
+        # raised or lowered since is a new budget, whose thresholds are announced again
+        self._fired: dict[tuple[str, str, float, float], float] = {}
         self._out_rows: list[SpendRow] = []
         self._out_events: list[dict[str, Any]] = []
         self.rejected: dict[str, int] = {}
@@ -1127,8 +1129,8 @@ class Engine:
                    "max_tokens, or estimation.default_output_tokens without one; or the price of its images, audio "
                    "or query). Lower max_tokens or raise the budget. The call was not sent.")
         trip = (st.key, kind, starts[kind], 1.0)
-        if budget_spent(spent, limit) and trip not in self._fired:
-            self._fired.add(trip)
+        if budget_spent(spent, limit) and self._fired.get(trip) != limit:
+            self._fired[trip] = limit
             self._out_events.append({"type": "budget_exceeded", "scope": st.key, "budget": name, "window": kind,
                                      "spent": spent, "limit": limit, "currency": self.currency, "time": wall})
         return BudgetExceededError(msg, scope=st.key, limit=name, spent=spent, budget=limit, window=kind,
@@ -1794,9 +1796,9 @@ class Engine:
                 if spent < thr * limit:
                     break
                 mark = (st.key, kind, starts[kind], thr)
-                if mark in self._fired:
+                if self._fired.get(mark) == limit:
                     continue
-                self._fired.add(mark)
+                self._fired[mark] = limit
                 self._out_events.append({
                     "type": "budget_exceeded" if thr >= 1.0 else "budget_warning",
                     "scope": st.key, "budget": name, "window": kind, "threshold": thr,
@@ -2150,7 +2152,7 @@ class Engine:
         with self._lock:
             self._version += 1
             self.book.clear(key)
-            self._fired = {m for m in self._fired if m[0] != key}
+            self._fired = {m: v for m, v in self._fired.items() if m[0] != key}
             if self._waiters:
                 self._dispatch(self.clock())
         self._drain()
@@ -2401,7 +2403,7 @@ class Engine:
             self._next_budget_sweep = now + 60.0
             starts = self.calendar.starts(self.wall())
             self.book.sweep(starts)
-            self._fired = {m for m in self._fired if m[1] == RUN or m[2] == starts[m[1]]}
+            self._fired = {m: v for m, v in self._fired.items() if m[1] == RUN or m[2] == starts[m[1]]}
         if expired and self._waiters:
             self._dispatch(now)
 

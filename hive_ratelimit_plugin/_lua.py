@@ -20,7 +20,8 @@ Layout (``P`` is ``{prefix}``, ``S`` a scope key such as ``model:openai/gpt-4o``
   processes that have not.
 * ``P:l:<call id>``   hash: what an open call reserved, so that an abandoned call (its process
   died) is reclaimed when its lease expires; ``P:leases`` orders them by expiry.
-* ``P:mark:...``      budget warnings already sent this window (once across all processes).
+* ``P:mark:...``      budget warnings already sent this window (once across all processes): the limit
+  each was sent for (a budget raised or lowered since warns again).
 * ``P:once:<process>`` sorted set: the numbers of the writes of one process that Redis applied and
   that process may still send again (a lost answer), so that each is applied once (see ``first_time``).
 
@@ -819,7 +820,8 @@ for j = 1, #sp, 4 do
   charge(sp[j], sp[j + 1], sp[j + 2], tonumber(sp[j + 3]), spend_cost, spend_req, tokens)
 end
 
--- Budget thresholds crossed: announced once per window across all processes.
+-- Budget thresholds crossed: announced once per window across all processes, and again for a
+-- budget raised or lowered since (the mark holds the limit it was announced for).
 for _, sc in ipairs(ending and {} or scopes) do
   for _, b in ipairs(sc.buds) do
     local c, r = spent(sc.key, b.kind, b.start)
@@ -832,7 +834,9 @@ for _, sc in ipairs(ending and {} or scopes) do
     for _, thr in ipairs(marks) do
       if used < thr * b.limit then break end
       local mk = P .. ':mark:' .. sc.key .. ':' .. b.kind .. ':' .. b.start .. ':' .. thr
-      if redis.call('SET', mk, '1', 'NX', 'EX', b.ttl) then
+      local lim = fmt(b.limit)
+      if redis.call('GET', mk) ~= lim then
+        redis.call('SET', mk, lim, 'EX', b.ttl)
         events[#events + 1] = table.concat({'budget', sc.key, b.name, b.kind, fmt(thr), fmt(used),
           fmt(b.limit)}, SEP)
       end

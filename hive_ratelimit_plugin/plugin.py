@@ -423,6 +423,12 @@ def _usage_counts(usage: Any) -> tuple[int | None, int | None]:
     # (the usual counts tested in line: this runs for every call)
     tin = pin if type(pin) is int and 0 <= pin <= _MAX_CALL_TOKENS else _sane(pin)
     tout = pout if type(pout) is int and 0 < pout <= _MAX_CALL_TOKENS else _sane(pout)
+    if not tin and tout:
+        # A prompt count left out (LiteLLM makes it 0), null or wrong beside an answer: no call
+        # reads nothing, and the provider bills its prompt. The rest of the total is the prompt,
+        # else its estimate stands.
+        total = _usage_total(usage)
+        tin = total - tout if total is not None and total > tout else None
     if not tout and tin is not None:
         # An output count left out (LiteLLM makes it 0), null or wrong while the total says more
         # was used: the rest of the total is output (the provider bills it). Only then: a total
@@ -430,6 +436,8 @@ def _usage_counts(usage: Any) -> tuple[int | None, int | None]:
         total = _usage_total(usage)
         if total is not None and total > tin:
             tout = total - tin
+        elif total is None:  # (no total to say the answer was empty: its estimate stands)
+            tout = None
     return tin, tout
 
 

@@ -299,6 +299,27 @@ async def test_warnings_once_per_window(
     assert [e["threshold"] for e in events if e["type"] == "budget_warning"][-1] == 0.5
 
 
+async def test_a_raised_budget_warns_again(
+    provider: FakeProvider, clock: FakeClock, wall: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A budget raised after its warning fired (the usual answer to "80 % of the daily budget
+    consumed") is a new budget: it warns again when its own 80 % is reached in the same window.
+    The warning's mark was kept per window only, so the raised budget was spent in silence."""
+    caplog.set_level(logging.WARNING, logger="hive_ratelimit_plugin")
+    limiter = make(clock, wall, {"agents": {"bot": {"max_cost_per_day": 40}}})
+    events: list[dict[str, Any]] = []
+    limiter.on_event(events.append)
+    md = {"metadata": {"agent_id": "bot"}}
+    for _ in range(4):  # spent 32: 80 % of 40
+        await litellm.acompletion(**small(provider, **md))
+    limiter.set_budget(max_daily_spend=100, agent_id="bot")
+    for _ in range(6):  # spent 80: 80 % of 100
+        await litellm.acompletion(**small(provider, **md))
+    warnings = [(e["spent"], e["limit"]) for e in events if e["type"] == "budget_warning"]
+    assert warnings == [(32.0, 40.0), (80.0, 100.0)]
+    assert "80% of daily budget consumed: $80.00 of $100.00 (agent bot)" in [r.getMessage() for r in caplog.records]
+
+
 async def test_unknown_price_estimate_policy(
     provider: FakeProvider, clock: FakeClock, wall: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:

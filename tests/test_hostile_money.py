@@ -71,8 +71,9 @@ def odd() -> Iterator[OddProvider]:
 
 
 def odd_call(odd: OddProvider, **extra: Any) -> Any:
+    kwargs = {"messages": [{"role": "user", "content": "hello there"}], "max_retries": 0, **extra}
     return litellm.completion(model="openai/gpt-4o-mini", api_base=odd.url, api_key="sk-test-SECRET-0123456789",
-                              messages=[{"role": "user", "content": "hello there"}], max_retries=0, **extra)
+                              **kwargs)
 
 
 # ------------------------------------------------------------------ usage
@@ -80,7 +81,9 @@ def odd_call(odd: OddProvider, **extra: Any) -> Any:
     {"prompt_tokens": 3, "total_tokens": 503},  # completion_tokens left out
     {"prompt_tokens": 3, "completion_tokens": None, "total_tokens": 503},
     {"prompt_tokens": 3, "completion_tokens": -5, "total_tokens": 503},
-], ids=["missing", "null", "negative"])
+    {"prompt_tokens": 3},  # and no total either: the estimate (max_tokens) stands
+    {"prompt_tokens": 3, "completion_tokens": 0},
+], ids=["missing", "null", "negative", "missing-no-total", "zero-no-total"])
 def test_usage_without_a_sane_completion_count_is_not_settled_as_zero_output(
         usage: dict[str, Any], odd: OddProvider, clock: FakeClock, wall: FakeClock) -> None:
     """A chat answer whose usage gives the prompt tokens but no usable completion count (left
@@ -96,6 +99,25 @@ def test_usage_without_a_sane_completion_count_is_not_settled_as_zero_output(
     cost = limiter.get_usage_stats()["cost_today"]
     # At least what the provider's total says was used (503), at most the worst case reserved.
     assert cost >= 503, f"settled at {cost}: the answer's output tokens were counted as zero"
+
+
+@pytest.mark.parametrize("usage", [
+    {"completion_tokens": 5, "total_tokens": 1005},  # prompt_tokens left out
+    {"prompt_tokens": None, "completion_tokens": 5, "total_tokens": 1005},
+    {"completion_tokens": 5},  # and no total either
+], ids=["missing", "null", "missing-no-total"])
+def test_usage_without_a_prompt_count_is_not_settled_as_zero_input(
+        usage: dict[str, Any], odd: OddProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """A chat answer whose usage gives the output tokens but no prompt count (left out or null:
+    LiteLLM makes it 0) was settled as if its prompt had been free: 5 tokens counted for a call
+    that sent about 1,000 (docs/budgets.md: "a usage that leaves a count out keeps that count's
+    estimate"). The provider bills the prompt; a budget is overspent by it. The rest of the
+    total is the prompt; without a total, the prompt's estimate stands."""
+    limiter = make(clock, wall, {"budget": {"max_daily_spend": 1_000_000}})
+    odd.usage = usage
+    odd_call(odd, max_tokens=10, messages=[{"role": "user", "content": "hello " * 1000}])
+    cost = limiter.get_usage_stats()["cost_today"]
+    assert cost >= 1000, f"settled at {cost}: the prompt was counted as zero tokens"
 
 
 # ------------------------------------------------------------------ Redis
