@@ -1161,6 +1161,8 @@ class RedisEngine(Engine):
             _, scope, name, window, thr, spent, limit = parts
             scope = _unwire(scope)
             threshold = float(thr)
+            if threshold >= 1.0:  # (the calls it now refuses do not announce it again: see _budget_error)
+                self._fired[(scope, window, self.calendar.starts(wall)[window], 1.0)] = float(limit)
             self._out_events.append({
                 "type": "budget_exceeded" if threshold >= 1.0 else "budget_warning", "scope": scope,
                 "budget": name, "window": window, "threshold": threshold, "spent": float(spent),

@@ -320,6 +320,29 @@ async def test_a_raised_budget_warns_again(
     assert "80% of daily budget consumed: $80.00 of $100.00 (agent bot)" in [r.getMessage() for r in caplog.records]
 
 
+async def test_a_tripped_budget_is_announced_once_by_its_process(
+    provider: FakeProvider, clock: FakeClock, wall: FakeClock
+) -> None:
+    """The settlement that spends a budget announces budget_exceeded; the calls it then refuses
+    do not announce it again (with Redis, the settlement's event came from the script and the
+    refusal, not knowing it, announced the trip a second time)."""
+    from hive_ratelimit_plugin.errors import BudgetExceededError
+
+    # (a call without max_tokens reserves 9 + 1 and, answering 20 tokens, costs 23: past the budget)
+    limiter = make(clock, wall, {"agents": {"bot": {"max_cost_per_day": 20}},
+                                 "estimation": {"default_output_tokens": 1}})
+    provider.state.completion_tokens = 20
+    events: list[dict[str, Any]] = []
+    limiter.on_event(events.append)
+    md = {"metadata": {"agent_id": "bot"}}
+    await litellm.acompletion(**chat_kwargs(provider, **md))
+    for _ in range(2):
+        with pytest.raises(BudgetExceededError):
+            await litellm.acompletion(**chat_kwargs(provider, **md))
+    assert [(e["spent"], e["limit"]) for e in events if e["type"] == "budget_exceeded"] == [(23.0, 20.0)]
+    assert provider.state.count() == 1
+
+
 async def test_unknown_price_estimate_policy(
     provider: FakeProvider, clock: FakeClock, wall: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
