@@ -1008,3 +1008,32 @@ def test_sync_completion_reached_through_litellm_main_is_limited(how: str, provi
     with pytest.raises(RateLimitQueueTimeout):  # and it was counted: the usual entry point is full too
         litellm.completion(**kw)
     assert provider.state.count() == 1
+
+
+async def test_a_subclass_that_logs_success_events_gets_litellms_redaction(provider: FakeProvider,
+                                                                         clock: FakeClock) -> None:
+    """HiveLimiter skips LiteLLM's per-callback redaction of the success events' payload (it reads
+    no success event, and LiteLLM 1.83 runs the redaction for every CustomLogger on every call); a
+    subclass that does read them, with message logging turned off, still sees the messages
+    redacted."""
+    from hive_ratelimit_plugin import HiveLimiter
+
+    from .helpers import with_backend
+
+    class Logged(HiveLimiter):
+        async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any,
+                                          end_time: Any) -> None:
+            seen.append(str(kwargs.get("standard_logging_object")))
+
+    seen: list[str] = []
+    details = {"standard_logging_object": {"messages": [{"role": "user", "content": "private words"}]}}
+    plain = HiveLimiter(with_backend({}), clock=clock)
+    plain.turn_off_message_logging = True
+    assert plain.redact_standard_logging_payload_from_model_call_details(details) is details  # (nothing reads it)
+    logged = Logged(with_backend({"global": {"requests_per_minute": 100}}), clock=clock)
+    logged.turn_off_message_logging = True
+    litellm.callbacks.append(logged)
+    await litellm.acompletion(**chat_kwargs(provider, messages=[{"role": "user", "content": "private words"}]))
+    await wait_until(lambda: bool(seen))
+    assert "private words" not in seen[0] and "redacted" in seen[0]
+    assert global_usage(logged)["requests_per_minute"]["used"] == 1 and global_usage(logged)["in_flight"] == 0
