@@ -88,6 +88,9 @@ _CALL_TYPES = {
 _HEX = frozenset("0123456789abcdef")
 _RUNAWAY_FLAG = "_hive_ratelimit_runaway"  # set on our private copy of a request's kwargs
 _ANY_ENDPOINT = "_hive_ratelimit_any_endpoint"  # (likewise: admitted before the Router picks an endpoint)
+# Its value: an object, not True, which no request body (JSON, the client's) can hold. A client's
+# "_hive_ratelimit_any_endpoint": true left its endpoint's scope out (a 429's cooldown skipped).
+_ANY = object()
 # Routes that answer a refusal raised in the deployment hook with a 500 (they ignore the failure
 # hook's answer): /v1/messages, /v1/completions and the media routes; and /v1/responses, not
 # tested so (its route needs PyNaCl, which CI does not install). A group that mixes models or
@@ -299,7 +302,7 @@ class ProxyLimiter(HiveLimiter):
         return None  # the proxy's model_list picks the API key of each deployment (after a reload too)
 
     def _endpoint_scopes(self, plan: _Plan, kwargs: Any) -> list[Any]:
-        if kwargs.get(_ANY_ENDPOINT):  # admitted for a group of several endpoints before the Router picks one
+        if kwargs.get(_ANY_ENDPOINT) is _ANY:  # admitted for a group of several endpoints before the Router picks one
             return plan.scopes
         return super()._endpoint_scopes(plan, kwargs)
 
@@ -376,7 +379,7 @@ class ProxyLimiter(HiveLimiter):
         if len(seen) == 1 and len(endpoints) == 1:
             return next(iter(seen.values()))
         if mixed:
-            return {**next(iter(seen.values())), _ANY_ENDPOINT: True}
+            return {**next(iter(seen.values())), _ANY_ENDPOINT: _ANY}
         return None
 
     # --------------------------------------------------------------- hooks

@@ -441,3 +441,32 @@ def test_a_section_beside_the_proxys_rate_limiting_block_is_warned_of(
         cfg = proxy_mod._read_block(proxy_mod._ProxyBlock(str(path)))
     assert cfg.global_.requests_per_minute == 7 and cfg.budget.max_daily_spend is None
     assert "budget: a rate_limiting section at the top level, next to rate_limiting:" in caplog.text
+
+
+async def test_a_proxy_client_cannot_skip_its_endpoints_cooldown_with_the_private_flag(
+        provider: FakeProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request body is the client's: a ``_hive_ratelimit_any_endpoint`` key in it (the flag the
+    hook sets for a group admitted before the Router picks an endpoint) must not leave the
+    endpoint's scope out. It did: a 429's cooldown on that endpoint was skipped, and the request
+    was sent into it."""
+    from litellm.proxy import proxy_server
+
+    with FakeProvider() as other:
+        router = litellm.Router(model_list=[
+            {"model_name": name, "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": p.url,
+                                                    "api_key": f"sk-x-{name}"}}
+            for name, p in (("a", provider), ("b", other))], num_retries=0)
+        monkeypatch.setattr(proxy_server, "llm_router", router, raising=False)
+        lim = _limiter(clock, {"queue": {"max_wait_seconds": 0}, "retry": {"enabled": False}})
+        messages = [{"role": "user", "content": "hello there"}]
+        await router.acompletion(model="a", messages=messages)  # the model is now served by two endpoints
+        other.state.push(Scripted(status=429, headers={"retry-after": "30"}))
+        with pytest.raises(litellm.RateLimitError):
+            await router.acompletion(model="b", messages=messages)  # endpoint b cools down for 30 s
+        for flag in ({}, {"_hive_ratelimit_any_endpoint": True}):
+            with pytest.raises(HTTPException) as refused:
+                await lim.async_pre_call_hook(_auth(user_id="alice"), None,
+                                              _data(model="b", litellm_call_id=uuid.uuid4().hex, **flag),
+                                              "acompletion")
+            assert refused.value.status_code == 429
+        assert other.state.count() == 1
