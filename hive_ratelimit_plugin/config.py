@@ -648,6 +648,11 @@ _STRAY_SECTIONS = frozenset({"global", "providers", "agents", "users", "teams", 
                              "fallback_price", "runaway", "circuit_breaker"})
 
 
+def _invalid(origin: str, problems: list[str]) -> ConfigError:
+    """The error for a configuration from ``origin`` with these problems (one line each)."""
+    return ConfigError(f"invalid configuration ({origin}):\n  " + "\n  ".join(problems), errors=problems)
+
+
 #: Top-level sections of a LiteLLM proxy ``config.yaml``.
 _HOST_SECTIONS = frozenset({"model_list", "litellm_settings", "general_settings", "router_settings",
                             "environment_variables", "guardrails", "mcp_servers", "credential_list"})
@@ -665,7 +670,7 @@ def stray_sections(data: Mapping[Any, Any], origin: str) -> None:
     problems = [f"{k}: a rate_limiting section at the top level, next to rate_limiting:, where it is ignored; "
                 "indent it under rate_limiting:" for k in stray]
     if len(stray) == len(data) - 1:
-        raise ConfigError(f"invalid configuration ({origin}):\n  " + "\n  ".join(problems), errors=problems)
+        raise _invalid(origin, problems)
     logger.warning("%s: %s (if it is the application's own key, ignore this)", origin, "; ".join(problems))
 
 
@@ -683,7 +688,7 @@ def _unwrap(data: dict[str, Any], origin: str) -> dict[str, Any]:
         what = f"{host[0]} is a section" if len(host) == 1 else f"{', '.join(host)} are sections"
         problem = (f"no rate_limiting: section; {what} of a LiteLLM proxy config.yaml, in which hive-ratelimit "
                    "reads its limits from a rate_limiting: block (see docs/proxy.md)")
-        raise ConfigError(f"invalid configuration ({origin}):\n  {problem}", errors=[problem])
+        raise _invalid(origin, [problem])
     return dict(data)
 
 
@@ -729,7 +734,7 @@ def load_config(
     except SettingsError as exc:  # a section's variable that is not JSON (HIVE_RATELIMIT_GLOBAL=garbage)
         problems.append(_settings_problem(exc))
     if problems or cfg is None:
-        raise ConfigError(f"invalid configuration ({origin}):\n  " + "\n  ".join(problems), errors=problems)
+        raise _invalid(origin, problems)
     overrides = env_overrides() if use_env else []
     if overrides:
         # (names only: a value may hold a secret, such as a Redis URL's password)
@@ -755,7 +760,7 @@ def _not_too_big(data: Any, origin: str) -> None:
         if count > MAX_VALUES:
             problem = (f"holds more than {MAX_VALUES:,} values once its aliases (*name) are expanded: "
                        "not a configuration (an alias bomb?)")
-            raise ConfigError(f"invalid configuration ({origin}):\n  {problem}", errors=[problem])
+            raise _invalid(origin, [problem])
         if isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
