@@ -17,6 +17,15 @@ FORBIDDEN_PHRASES = ("rate limit", "ratelimit", "rate_limit", "429", "529", "cap
 _NUMBER = re.compile(r"\d[\d.,]*")
 
 
+def budget_status_code() -> int:
+    """The HTTP status of a budget stop: LiteLLM's ``budget_exceeded_status_code`` (422 on recent
+    LiteLLM), else 400. Never one that clients and LiteLLM's Router retry (408, 409, 429, 5xx)."""
+    import litellm
+
+    status = getattr(litellm, "budget_exceeded_status_code", 400)
+    return status if isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429) else 400
+
+
 class BudgetExceededError(HiveRateLimitError, _LiteLLMBudgetExceededError):
     """A money budget, per-run cap or runaway breaker stopped the call; no request was sent.
 
@@ -50,6 +59,9 @@ class BudgetExceededError(HiveRateLimitError, _LiteLLMBudgetExceededError):
             if phrase in message.lower():
                 message = re.sub(re.escape(phrase), "budget", message, flags=re.IGNORECASE)
         _LiteLLMBudgetExceededError.__init__(self, spent, budget, message)
+        # LiteLLM's Router retries (and cools down the deployment for) an error whose status reads
+        # as retryable, and one with none on LiteLLM 1.83 (whose BudgetExceededError sets none).
+        self.status_code = budget_status_code()
         self.scope = scope
         self.limit = limit
         self.remaining = max(budget - spent, 0.0)

@@ -605,6 +605,17 @@ def _by_rank(w: Waiter) -> int:
     return w.rank
 
 
+def _first_key(ticket: Ticket, keys: frozenset[str]) -> str:
+    """The first of ``ticket``'s scopes (global, provider, model, ... in that order) among ``keys``:
+    the one a call waiting behind others is reported (and parked) on. Not ``next(iter(keys))``,
+    whose answer depends on the process's string hashing: the same simulation, or the same calls,
+    would name another scope in every run."""
+    for s in ticket.scopes:
+        if s.key in keys:
+            return s.key
+    return min(keys)
+
+
 def _due_at(b: Blocked) -> float | None:
     """When a head blocked as ``b`` is looked at again: its retry time, or earlier when one of
     the scopes it holds eases before the others."""
@@ -1193,7 +1204,7 @@ class Engine:
         rank = _rank(ticket.priority, self._seq + 1)  # where it would queue
         keys = frozenset(s.key for s in ticket.scopes if front.get(s.key, _LAST) < rank)
         if keys:
-            return Blocked(next(iter(keys)), "queue", 0.0, None, keys)
+            return Blocked(_first_key(ticket, keys), "queue", 0.0, None, keys)
         return None
 
     def acquire(self, ticket: Ticket, notify: Callable[[], None] | None = None) -> Waiter | None:
@@ -1298,7 +1309,7 @@ class Engine:
         blocked = waiter.blocked
         assert blocked is not None
         if behind:  # waits behind the front of blocked.keys (see _line_blocked)
-            self._park(waiter, next(iter(blocked.keys)))
+            self._park(waiter, _first_key(waiter.ticket, blocked.keys))
             return
         todo: list[tuple[int, Waiter, str]] = []
         self._head(waiter, blocked, todo)  # a higher priority may put it before others' fronts
@@ -1409,8 +1420,8 @@ class Engine:
                 self._unhead(w, todo)
             prev = w.blocked
             if prev is None or prev.limit != "queue" or not prev.keys <= conflict:
-                prev = w.blocked = Blocked(next(iter(conflict)), "queue", 0.0, None, conflict)
-            self._park(w, next(iter(prev.keys)))
+                prev = w.blocked = Blocked(_first_key(w.ticket, conflict), "queue", 0.0, None, conflict)
+            self._park(w, _first_key(w.ticket, prev.keys))
             return 0
         try:
             blocked = self._try(w.ticket, now)
@@ -1676,7 +1687,7 @@ class Engine:
                 held = frozenset(k for k in waiter.keys if front.get(k, _LAST) < rank)
                 prev = waiter.blocked
                 if held and (prev is None or prev.limit != "queue" or not prev.keys <= held):
-                    waiter.blocked = Blocked(next(iter(held)), "queue", 0.0, None, held)
+                    waiter.blocked = Blocked(_first_key(waiter.ticket, held), "queue", 0.0, None, held)
                 self._remove(waiter, [])
                 return False
             # It was first in line somewhere: the next in line there is examined.

@@ -69,6 +69,10 @@ class RequestTooLargeError(HiveRateLimitError):
     shorten the prompt, or raise the limit. No request was sent.
     """
 
+    # What the proxy answers with. LiteLLM's Router retries an error without a status code (with
+    # backoff, each attempt refused again): one that can never fit is not retried.
+    status_code = 400
+
 
 class BackendUnavailableError(HiveRateLimitError):
     """The shared backend (Redis) does not answer and ``on_backend_error: closed`` refuses calls

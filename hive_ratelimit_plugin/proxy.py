@@ -192,17 +192,9 @@ def _retry_after(exc: HiveRateLimitError) -> str:
     return str(max(1, math.ceil(ra))) if isinstance(ra, (int, float)) and math.isfinite(ra) else "1"
 
 
-def _budget_status() -> int:
-    import litellm
-
-    status = getattr(litellm, "budget_exceeded_status_code", 400)
-    # A budget stop must never read like a rate limit: clients retry 429s.
-    return status if isinstance(status, int) and 400 <= status < 500 and status != 429 else 400
-
-
 def http_error(exc: HiveRateLimitError) -> tuple[int, str, str, dict[str, str]]:
     """(status, error type, code, headers) with which the proxy answers one of our errors."""
-    from ._budget_errors import BudgetExceededError
+    from ._budget_errors import BudgetExceededError, budget_status_code
 
     headers: dict[str, str] = {}
     if exc.scope:
@@ -210,7 +202,7 @@ def http_error(exc: HiveRateLimitError) -> tuple[int, str, str, dict[str, str]]:
     if exc.limit:
         headers["x-hive-ratelimit-limit"] = exc.limit
     if isinstance(exc, BudgetExceededError):
-        return _budget_status(), "budget_exceeded", "budget_exceeded", headers
+        return budget_status_code(), "budget_exceeded", "budget_exceeded", headers
     if isinstance(exc, RequestTooLargeError):
         return 400, "invalid_request_error", "request_too_large", headers
     if isinstance(exc, ConfigError):

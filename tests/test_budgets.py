@@ -99,6 +99,38 @@ async def test_spent_budget_stops_calls(mode: str, provider: FakeProvider, clock
     assert err.retry_after == pytest.approx(16 * 3600)  # until midnight UTC
 
 
+@pytest.mark.parametrize("status", [None, 429])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_router_does_not_retry_a_budget_stop(mode: str, status: int | None, provider: FakeProvider,
+                                                     clock: FakeClock, wall: FakeClock,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Router with ``num_retries`` raises a budget stop at once, and its deployments stay up for
+    the other agents. It retried it, with backoff, on LiteLLM 1.83 (whose BudgetExceededError has
+    no status code) and under ``litellm.budget_exceeded_status_code = 429`` (LiteLLM's switch back
+    to its old status), where it also cooled down every deployment of the group: one agent's
+    spent budget answered everyone else with "no deployments available"."""
+    if status is not None:
+        monkeypatch.setattr(litellm, "budget_exceeded_status_code", status, raising=False)
+    limiter = make(clock, wall, {"agents": {"spender": {"max_cost_per_day": 10}}})
+    deployment = {"model_name": "m", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": provider.url, "api_key": "sk-test-0123456789"}}
+    router = litellm.Router(model_list=[deployment, dict(deployment)], num_retries=2, retry_after=0)
+
+    async def call(agent: str) -> Any:
+        kw = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5,
+              "metadata": {"agent_id": agent}}
+        return router.completion(**kw) if mode == "sync" else await router.acompletion(**kw)
+
+    with pytest.raises(BudgetExceededError) as info:
+        await call("spender")  # worst case 14 > 10
+    assert_budget_error(info.value)
+    assert limiter.get_usage_stats()["rejected"] == {"max_cost_per_day": 1}  # (not retried)
+    assert provider.state.count() == 0
+    await call("other")
+    assert provider.state.count() == 1
+    assert info.value.status_code not in (429, None) and not litellm._should_retry(info.value.status_code)
+
+
 async def test_worst_case_that_does_not_fit_is_refused(provider: FakeProvider, clock: FakeClock,
                                                        wall: FakeClock) -> None:
     """A call whose worst-case cost exceeds what is left is refused, so the budget is never overshot."""

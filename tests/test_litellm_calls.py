@@ -480,6 +480,34 @@ def test_request_larger_than_limit_fails_fast(provider: FakeProvider, clock: Fak
     assert provider.state.count() == 0
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_router_does_not_retry_a_request_that_can_never_fit(mode: str, provider: FakeProvider,
+                                                                   clock: FakeClock,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a Router with ``num_retries``, a call that can never fit raises at once too: the
+    Router retried it (no status code), after its backoff, seconds later, refused each time."""
+    limiter = make_limiter(clock, {"global": {"tokens_per_minute": 1000}})
+    engine = limiter._engine
+    tries: list[object] = []
+
+    def acquire(ticket: Any, notify: Any = None) -> Any:
+        tries.append(ticket)
+        return type(engine).acquire(engine, ticket, notify)
+
+    monkeypatch.setattr(engine, "acquire", acquire)
+    router = litellm.Router(model_list=[{"model_name": "fast", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": provider.url, "api_key": SECRET}}], num_retries=2)
+    call = {"model": "fast", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5000}
+    with pytest.raises(RequestTooLargeError) as info:
+        if mode == "sync":
+            router.completion(**call)
+        else:
+            await router.acompletion(**call)
+    assert len(tries) == 1  # refused once: not retried
+    assert provider.state.count() == 0
+    assert not litellm._should_retry(info.value.status_code)
+
+
 def test_retries_without_readmission_are_counted(provider: FakeProvider, clock: FakeClock) -> None:
     """A caller's ``max_retries`` on a 429: the openai SDK would retry inside one attempt, unseen;
     the guard retries instead, and the provider's two requests are two admitted requests."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,27 @@ def test_same_seed_same_result_other_seed_other_result() -> None:
     assert _strip(one) == _strip(two)
     assert one["calls"]["offered"] != other["calls"]["offered"] or one["wait_seconds"] != other["wait_seconds"]
     assert one["calls"]["offered"] == pytest.approx(900, rel=0.15)  # Poisson at 3/s for 300 s
+
+
+def test_same_seed_same_result_in_every_process() -> None:
+    """A call waiting behind the lines of several scopes is counted at one of them: the same one
+    in every process, whatever its string hashing (it was ``next(iter(a frozenset))``)."""
+    script = (
+        "import json\n"
+        "from hive_ratelimit_plugin.simulate import Workload, simulate\n"
+        "cfg = {'global': {'requests_per_minute': 60}, 'agents': {'researcher': {'requests_per_minute': 20}}}\n"
+        "r = simulate(cfg, Workload(rate=2.0, duration=120.0, agents=['researcher', 'writer'],\n"
+        "                           priorities={'researcher': 'high'}, seed=1))\n"
+        "print(json.dumps({k: v for k, v in r.items() if k != 'real_seconds'}, sort_keys=True))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    reports = set()
+    for hash_seed in ("1", "2", "3", "4"):
+        out = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONHASHSEED": hash_seed},
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        reports.add(out)
+    assert len(reports) == 1
+    assert json.loads(reports.pop())["scopes"]["global"]["queued_by"]["queue"] > 0
 
 
 def test_a_config_that_must_queue_shows_queueing() -> None:
