@@ -36,17 +36,21 @@ class BudgetExceededError(HiveRateLimitError, _LiteLLMBudgetExceededError):
         budget: the budget's value.
         window: ``"hour"``, ``"day"``, ``"month"`` or ``"run"``.
         retry_after: seconds until the window rolls over, if it does.
+
+    Code of one's own may raise it with a message alone (``raise BudgetExceededError("Daily
+    spending limit reached")``, as a hand-written breaker does); the fields are then ``None``.
+    That is also how ``pickle`` rebuilds one (a worker process's error sent back to its pool).
     """
 
     def __init__(
         self,
         message: str,
         *,
-        scope: str,
-        limit: str,
-        spent: float,
-        budget: float,
-        window: str,
+        scope: str | None = None,
+        limit: str | None = None,
+        spent: float | None = None,
+        budget: float | None = None,
+        window: str | None = None,
         retry_after: float | None = None,
     ) -> None:
         # A guard on our own wording (see the module docstring): an amount such as 0.0529 must
@@ -58,13 +62,15 @@ class BudgetExceededError(HiveRateLimitError, _LiteLLMBudgetExceededError):
         for phrase in FORBIDDEN_PHRASES:
             if phrase in message.lower():
                 message = re.sub(re.escape(phrase), "budget", message, flags=re.IGNORECASE)
-        _LiteLLMBudgetExceededError.__init__(self, spent, budget, message)
+        # (LiteLLM's own fields are numbers: 0.0 where the figures are not known)
+        _LiteLLMBudgetExceededError.__init__(self, spent if spent is not None else 0.0,
+                                             budget if budget is not None else 0.0, message)
         # LiteLLM's Router retries (and cools down the deployment for) an error whose status reads
         # as retryable, and one with none on LiteLLM 1.83 (whose BudgetExceededError sets none).
         self.status_code = budget_status_code()
         self.scope = scope
         self.limit = limit
-        self.remaining = max(budget - spent, 0.0)
+        self.remaining = max(budget - spent, 0.0) if budget is not None and spent is not None else None
         self.retry_after = retry_after
         self.spent = spent
         self.budget = budget

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import copy
 import dataclasses
 import difflib
 import functools
@@ -64,7 +65,7 @@ from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
 from ._tokens import NO_WRITE, cache_writes, count_input, count_messages, count_response_input, requested_output
 from ._waiting import acquire_sync, queue_async
-from .config import MAX_ID, LimitSet, RateLimitingConfig, clean_id, load_config
+from .config import MAX_ID, LimitSet, RateLimitingConfig, clean_id, load_config, match_model, match_name
 from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
 
 __all__ = ["HiveLimiter"]
@@ -163,6 +164,20 @@ def _budget_view(cfg: RateLimitingConfig) -> dict[str, Any]:
             if v is not None:
                 out[f"{path}.{name}"] = v
     return out
+
+
+def _own_block(table: dict[str, Any], name: str,
+               match: Callable[[dict[str, Any], str], tuple[str, Any] | None]) -> dict[str, Any]:
+    """``table``'s block for ``name`` (a configuration dumped to a dict), made if it has none.
+
+    A new block starts as a copy of the one that governed ``name`` until now (a glob such as
+    ``"*"``, or the model under its ``provider/`` name or its undated name): the block ``name``
+    gets wins over that one wholly, and a budget set alone would drop its other limits.
+    """
+    if name not in table:
+        found = match(table, name)
+        table[name] = copy.deepcopy(found[1]) if found is not None else {}
+    return table[name]  # type: ignore[no-any-return]
 
 
 def _strip_none(value: Any) -> Any:
@@ -792,22 +807,28 @@ class HiveLimiter(CustomLogger):
         else:
             names = {"hour": "max_cost_per_hour", "day": "max_cost_per_day", "month": "max_cost_per_month"}
             if agent_id:
-                block, scope_key = data["agents"].setdefault(agent_id, {}), f"agent:{agent_id}"
+                block, scope_key = _own_block(data["agents"], agent_id, match_name), f"agent:{agent_id}"
             elif user_id:
-                block, scope_key = data["users"].setdefault(user_id, {}), f"user:{user_id}"
+                block, scope_key = _own_block(data["users"], user_id, match_name), f"user:{user_id}"
             elif team_id:
-                block, scope_key = data["teams"].setdefault(team_id, {}), f"team:{team_id}"
+                block, scope_key = _own_block(data["teams"], team_id, match_name), f"team:{team_id}"
             else:
                 assert provider is not None
                 pblock = data["providers"].setdefault(provider, {"models": {}})
                 if model:
                     bare = split_model(model, provider)
-                    block, scope_key = pblock["models"].setdefault(bare, {}), f"model:{provider}/{bare}"
+                    block = _own_block(pblock["models"], bare, lambda table, name: (
+                        match_model(table, name) or match_model(table, f"{provider}/{name}")))
+                    scope_key = f"model:{provider}/{bare}"
                 else:
                     block, scope_key = pblock, f"provider:{provider}"
         for kind, value in amounts.items():
             if not isinstance(value, _Unset):
                 block[names[kind]] = value
+                if not levels:
+                    # global.max_cost_per_* is the same budget as budget.max_*_spend (the tighter of
+                    # the two counts): left there, it would keep the old amount in force.
+                    data["global"][f"max_cost_per_{kind}"] = None
         if currency is not None:
             data["budget"]["currency"] = currency
         cfg = load_config(_strip_none(data), use_env=False)

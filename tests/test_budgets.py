@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,29 @@ async def test_a_router_does_not_retry_a_budget_stop(mode: str, status: int | No
     assert info.value.status_code not in (429, None) and not litellm._should_retry(info.value.status_code)
 
 
+def test_a_budget_stop_survives_pickling_and_can_be_raised_with_a_message_alone(
+        provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
+    """A budget stop raised in a worker process reaches its pool (``ProcessPoolExecutor``,
+    ``multiprocessing``, Celery) pickled: it could not be unpickled (its fields were required
+    keywords), and the pool broke (``BrokenProcessPool``) instead of handing the caller the error.
+    The specification's own breaker, ``raise BudgetExceededError("Daily spending limit reached")``,
+    was a ``TypeError`` for the same reason."""
+    make(clock, wall, {"budget": {"max_daily_spend": 10}})
+    with pytest.raises(BudgetExceededError) as info:
+        litellm.completion(**small(provider))  # worst case 14 > 10
+    for err in (info.value, RunawayDetectedError("loop", scope="agent:a", limit="runaway", spent=21.0,
+                                                 budget=20.0, window="runaway", retry_after=600.0)):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+        assert (back.scope, back.limit, back.window, back.spent, back.budget, back.remaining, back.retry_after,
+                back.status_code) == (err.scope, err.limit, err.window, err.spent, err.budget, err.remaining,
+                                      err.retry_after, err.status_code)
+    with pytest.raises(litellm.BudgetExceededError, match="Daily spending limit reached") as own:
+        raise BudgetExceededError("Daily spending limit reached")
+    assert own.value.scope is None and own.value.remaining is None and own.value.retry_after is None
+    assert_budget_error(own.value)
+
+
 async def test_worst_case_that_does_not_fit_is_refused(provider: FakeProvider, clock: FakeClock,
                                                        wall: FakeClock) -> None:
     """A call whose worst-case cost exceeds what is left is refused, so the budget is never overshot."""
@@ -245,6 +269,53 @@ async def test_set_and_reset_budget_take_effect_on_next_call(
     limiter.set_budget(max_daily_spend=None)  # None removes the budget
     for _ in range(3):
         await litellm.acompletion(**small(provider))
+
+
+async def test_set_budget_changes_a_global_budget_written_in_the_global_block(
+    provider: FakeProvider, clock: FakeClock, wall: FakeClock
+) -> None:
+    """``global.max_cost_per_day`` is the same budget as ``budget.max_daily_spend`` (docs/budgets.md).
+    ``set_budget(max_daily_spend=...)`` wrote only the latter, and the tighter of the two counted:
+    raising the budget left the calls stopped at the configured amount, and ``None`` removed
+    nothing. The hourly budget, not named, stays."""
+    limiter = make(clock, wall, {"global": {"max_cost_per_day": 15, "max_cost_per_hour": 100}})
+    await litellm.acompletion(**small(provider))
+    with pytest.raises(BudgetExceededError):
+        await litellm.acompletion(**small(provider))
+    limiter.set_budget(max_daily_spend=30)
+    await litellm.acompletion(**small(provider))
+    budgets = limiter.get_usage_stats()["budgets"]["global"]
+    assert budgets["max_cost_per_day"]["limit"] == 30 and budgets["max_cost_per_hour"]["limit"] == 100
+    limiter.set_budget(max_daily_spend=None)  # None removes the budget
+    for _ in range(3):
+        await litellm.acompletion(**small(provider))
+    assert set(limiter.get_usage_stats()["budgets"]["global"]) == {"max_cost_per_hour"}
+
+
+@pytest.mark.parametrize("level", ["agent", "user", "model"])
+async def test_set_budget_keeps_the_limits_a_glob_gave(level: str, provider: FakeProvider, clock: FakeClock,
+                                                       wall: FakeClock) -> None:
+    """``set_budget(agent_id="bot", ...)`` for an agent that ``agents: {"*": ...}`` governs (a user
+    under ``users: {"*": ...}``, a model under a glob or its ``provider/`` name) made it a block
+    of its own holding the budget alone, which wins over the glob wholly: its request limits and
+    its other budgets were gone, and it called unlimited."""
+    limits = {"requests_per_minute": 1, "max_cost_per_hour": 100}
+    config: dict[str, Any] = {"queue": {"max_wait_seconds": 0}}
+    if level == "model":
+        config["providers"] = {"openai": {"openai/gpt-4o-mini": limits}}
+    else:
+        config[f"{level}s"] = {"*": limits}
+    limiter = make(clock, wall, config)
+    extra: dict[str, Any] = {"metadata": {"agent_id": "bot"}} if level == "agent" else {"user": "bot"}
+    await litellm.acompletion(**small(provider, **extra))
+    where: dict[str, Any] = {"model": {"provider": "openai", "model": "gpt-4o-mini"}}.get(level, {f"{level}_id": "bot"})
+    limiter.set_budget(max_daily_spend=1000, **where)
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**small(provider, **extra))
+    assert provider.state.count() == 1
+    scope = {"model": "model:openai/gpt-4o-mini"}.get(level, f"{level}:bot")
+    budgets = limiter.get_usage_stats()["budgets"][scope]
+    assert budgets["max_cost_per_day"]["limit"] == 1000 and budgets["max_cost_per_hour"]["limit"] == 100
 
 
 async def test_a_removed_budget_leaves_the_stats(provider: FakeProvider, clock: FakeClock, wall: FakeClock) -> None:
