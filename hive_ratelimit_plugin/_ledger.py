@@ -134,6 +134,16 @@ RECORD_WAIT = 0.25
 MAX_UNSAVED = 100_000
 
 
+def _create_private(path: str) -> None:
+    """Create the state file readable by its owner only (it holds every agent's, user's and team's
+    spend and the audit trail of budget changes, with OS user names and hosts), as SQLite then
+    creates its -wal and -shm files. A file that exists keeps its permissions (shared on purpose)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError:
+        pass  # (it exists, or cannot be made: SQLite says why)
+
+
 class Ledger:
     """The SQLite file behind budgets. Thread-safe; one connection per instance."""
 
@@ -147,6 +157,7 @@ class Ledger:
             except OSError as exc:
                 raise ConfigError(f"rate_limiting.state_path: cannot create the directory of {self.path!r}: {exc}",
                                   errors=[f"rate_limiting.state_path: {exc}"]) from None
+            _create_private(self.path)
         self._lock = threading.Lock()
         try:
             self._conn = self._connect()

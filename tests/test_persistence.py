@@ -55,6 +55,25 @@ def test_restart_keeps_spend_and_budget(provider: FakeProvider, clock: FakeClock
     assert provider.state.count() == 3
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_a_new_state_file_is_readable_by_its_owner_only(provider: FakeProvider, clock: FakeClock,
+                                                        tmp_path: Path) -> None:
+    """The state file holds every id's spend and the audit trail (OS users, hosts): created 0600,
+    its WAL too (it was 0644 under the usual umask); a file that exists keeps its permissions."""
+    path = tmp_path / "state.sqlite"
+    lim = limiter_for(path, clock)
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    assert lim.get_usage_stats()["cost_today"] == 8
+    for f in (path, tmp_path / "state.sqlite-wal"):
+        assert f.stat().st_mode & 0o777 == 0o600, (f, oct(f.stat().st_mode))
+    unregister(lim)
+    shared = tmp_path / "shared.sqlite"
+    shared.touch()
+    shared.chmod(0o664)  # (shared by a group on purpose)
+    unregister(limiter_for(shared, clock))
+    assert shared.stat().st_mode & 0o777 == 0o664
+
+
 def test_sigkill_mid_run_loses_no_settled_cent(tmp_path: Path) -> None:
     """A process killed with SIGKILL mid-run: every call it reported settled is in the state file."""
     path = tmp_path / "state.sqlite"
