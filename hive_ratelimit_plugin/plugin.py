@@ -180,6 +180,19 @@ def _own_block(table: dict[str, Any], name: str,
     return table[name]  # type: ignore[no-any-return]
 
 
+class UsageStats(dict[str, Any]):
+    """What :meth:`HiveLimiter.get_usage_stats` returns: a dict whose top-level keys also read as
+    attributes (``usage.cost_today``, as the specification writes it)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"usage stats have no {name!r}") from None
+
+
 def _strip_none(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _strip_none(v) for k, v in value.items() if v is not None}
@@ -937,10 +950,11 @@ class HiveLimiter(CustomLogger):
             spent, reserved, limit, remaining, window, tripped); ``spend`` (per level and scope key:
             cost, requests and tokens this hour, day and month); ``levels`` (per level and scope key:
             each rate window's used/limit, ``in_flight``, ``queued``); and the counters ``queued``,
-            ``admitted_total``, ``queued_total``, ``rejected``. See docs/monitoring.md.
+            ``admitted_total``, ``queued_total``, ``rejected``. See docs/monitoring.md. Its
+            top-level keys also read as attributes: ``usage.cost_today``.
         """
         self._tail()
-        return self._usage_stats()
+        return UsageStats(self._usage_stats())
 
     def _usage_stats(self, chunk: int = 0) -> dict[str, Any]:
         """:meth:`get_usage_stats` without picking up other processes' spend first."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import pickle
 from pathlib import Path
@@ -622,6 +623,12 @@ def test_usage_stats_shape(provider: FakeProvider, clock: FakeClock, wall: FakeC
     for level, key in (("agent", "agent:a"), ("team", "team:t"), ("user", "user:u"),
                        ("model", "model:openai/gpt-4o-mini"), ("provider", "provider:openai")):
         assert s["spend"][level][key]["day"] == {"cost": 8, "requests": 1, "tokens": 8}
+    # the specification's own reading of it (section 5: `usage.cost_today > 0.8 * ...`), and a
+    # plain dict for JSON
+    assert s.cost_today == 8 and s.remaining_budget == 92 and s.spend is s["spend"]
+    with pytest.raises(AttributeError, match="no 'cost_yesterday'"):
+        _ = s.cost_yesterday
+    assert json.loads(json.dumps(s))["cost_today"] == 8
 
 
 async def test_scenario_1_looping_agent_stops_at_hourly_budget(
