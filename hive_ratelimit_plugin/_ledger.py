@@ -128,6 +128,27 @@ def _write_unsaved(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], path: 
                      "other processes and the next start", len(rows), path, exc)
 
 
+def unusable(path: str, exc: BaseException | str) -> ConfigError:
+    """The error for a state file that cannot be opened or read."""
+    return ConfigError(f"rate_limiting.state_path: cannot use {path!r} as the state file (an SQLite "
+                       f"database): {exc}", errors=[f"rate_limiting.state_path: {exc}"])
+
+
+@contextlib.contextmanager
+def read_ledger(path: str) -> Iterator[Ledger]:
+    """The state file at ``path`` opened to read (``hive-ratelimit audit`` and ``status``): nothing
+    is written to it, and an error reading it (a newer schema, a damaged file) is a
+    :class:`ConfigError` naming the file."""
+    ledger = Ledger(path, read_only=True)
+    try:
+        yield ledger
+    except sqlite3.Error as exc:
+        hint = " (written by another version of hive-ratelimit?)" if "no such column" in str(exc) else ""
+        raise unusable(ledger.path, f"{exc}{hint}") from None
+    finally:
+        ledger.close()
+
+
 #: Seconds a settlement waits for the state file's write lock before keeping its rows for later.
 RECORD_WAIT = 0.25
 #: Settled calls kept in memory while the state file cannot be written (~150 bytes each).
@@ -147,11 +168,13 @@ def _create_private(path: str) -> None:
 class Ledger:
     """The SQLite file behind budgets. Thread-safe; one connection per instance."""
 
-    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None, *, read_only: bool = False) -> None:
+        """Open (and create) the state file; ``read_only``: an existing one, to read only (see
+        :func:`read_ledger`)."""
         if path is None:
             path = default_state_path()
         self.path = os.path.expanduser(str(path))
-        if self.path != ":memory:":
+        if self.path != ":memory:" and not read_only:
             try:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -160,12 +183,11 @@ class Ledger:
             _create_private(self.path)
         self._lock = threading.Lock()
         try:
-            self._conn = self._connect()
+            self._conn = self._connect_read_only() if read_only else self._connect()
             self.writer = uuid.uuid4().hex
             self._last_seen = self._max_id()
         except (sqlite3.Error, OSError) as exc:  # a directory, not a database, no permission
-            raise ConfigError(f"rate_limiting.state_path: cannot use {self.path!r} as the state file (an SQLite "
-                              f"database): {exc}", errors=[f"rate_limiting.state_path: {exc}"]) from None
+            raise unusable(self.path, exc) from None
         self.host = socket.gethostname()
         self._inherited: list[sqlite3.Connection] = []
         self._unsaved: list[tuple[Any, ...]] = []  # rows a write could not store, to retry (changed in place)
@@ -185,6 +207,36 @@ class Ledger:
         conn.executescript(_SCHEMA)
         conn.execute(f"PRAGMA busy_timeout = {int(RECORD_WAIT * 1000)}")  # (see record; _patient for the rest)
         return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A connection that writes nothing to the file: no schema (a file without our tables is
+        an error, not one to add them to), no journal mode. Read-write first: a read-only
+        connection leaves its ``-wal`` and ``-shm`` behind (owned by whoever ran it, which the
+        limiter's user may then be unable to open). Where the file or its directory cannot be
+        written (another user's, a read-only mount): read-only, which works while a process has
+        the file open; else as an immutable file (nothing is writing it)."""
+        if self.path == ":memory:":
+            return self._connect()
+        uri = Path(self.path).absolute().as_uri()
+        first: sqlite3.OperationalError | None = None
+        for mode in ("?mode=rw", "?mode=ro", "?mode=ro&immutable=1"):
+            conn = sqlite3.connect(uri + mode, uri=True, check_same_thread=False, isolation_level=None, timeout=10.0)
+            try:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                text = str(exc).lower()
+                if "readonly" not in text and "unable to open" not in text:
+                    raise
+                first = first or exc
+                continue
+            missing = sorted({"spend", "audit", "resets"} - tables)
+            if missing:
+                conn.close()
+                raise sqlite3.DatabaseError(f"not a hive-ratelimit state file (no table {', '.join(missing)})")
+            return conn
+        assert first is not None
+        raise first
 
     @contextlib.contextmanager
     def _patient(self) -> Iterator[sqlite3.Connection]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -156,17 +157,14 @@ def _audit(args: argparse.Namespace) -> int:
     import datetime as dt
     import json
 
-    from ._ledger import Ledger, default_state_path
+    from ._ledger import default_state_path, read_ledger
 
     path = args.state_path or os.environ.get("HIVE_RATELIMIT_STATE_PATH") or str(default_state_path())
     if path != ":memory:" and not os.path.exists(path):
         print(f"no state file at {path} (nothing recorded yet)", file=sys.stderr)
         return 1
-    ledger = Ledger(path)
-    try:
+    with read_ledger(path) as ledger:
         rows = ledger.audit_rows(args.limit)
-    finally:
-        ledger.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -287,8 +285,13 @@ def _simulate(args: argparse.Namespace) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import json
 
+    import litellm
+
     from .simulate import SimulationError, simulate_from_args
 
+    # (else LiteLLM prints a "Provider List" banner to stdout for a model it does not know, and
+    # --json is not JSON)
+    litellm.suppress_debug_info = True
     try:
         report, text = simulate_from_args(args)
     except (SimulationError, ConfigError) as exc:
@@ -315,6 +318,13 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds, and finite, got {text}")
+    return value
+
+
+def _interval(text: str) -> float:
+    value = _seconds(text)
+    if value > 86400:  # (time.sleep raises OverflowError from ~9.2e9 s; less often than daily is a typo)
+        raise argparse.ArgumentTypeError(f"must be at most 86400 seconds (a day), got {text}")
     return value
 
 
@@ -359,8 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--all", action="store_true", help="draw every level (agents, users, teams, API keys, runs)")
     status.add_argument("--json", action="store_true", help="print the state as JSON instead")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    status.add_argument("--interval", type=_seconds, default=1.0,
-                        help="seconds between refreshes (default 1)")
+    status.add_argument("--interval", type=_interval, default=1.0,
+                        help="seconds between refreshes (default 1, at most 86400)")
     status.add_argument("--count", type=_positive_int, default=0, help="with --watch: stop after N refreshes")
     status.add_argument("--max-age", type=_seconds, default=10.0,
                         help="ignore snapshots older than this many seconds (default 10)")
@@ -384,10 +394,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.set_defaults(func=_simulate)
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # (here, not at exit: a reader that went away is answered below)
+        return code
     except ConfigError as exc:  # (a state file that is not one, an environment variable naming no field)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while it works (LiteLLM's import, a long simulation): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
+    except BrokenPipeError:
+        # The output was piped into a reader that stopped reading (`| head`). Python would also
+        # fail flushing what is left at exit: send it to /dev/null instead.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a program killed by it exits with
 
 
 if __name__ == "__main__":

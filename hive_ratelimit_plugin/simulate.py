@@ -131,6 +131,9 @@ class Workload:
             raise SimulationError("at least one agent is needed (--agents 1 or more)")
         if not self.models:
             raise SimulationError("at least one model is needed (--model)")
+        for model in self.models:
+            if not isinstance(model, str) or not model.strip():
+                raise SimulationError(f"--model {model!r}: give a model such as openai/gpt-4o-mini")
         if self.input_tokens < 0 or self.output_tokens < 0:
             raise SimulationError("token sizes cannot be negative")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -139,6 +142,8 @@ class Workload:
             raise SimulationError("--spread must be at least 0 and below 1")
         if self.latency < 0 or not math.isfinite(self.latency):
             raise SimulationError("--latency cannot be negative")
+        if self.latency > MAX_DURATION:  # (calls ending centuries later overflowed the budget calendar)
+            raise SimulationError("--latency: at most 31 days")
         if self.arrivals not in ("poisson", "uniform"):
             raise SimulationError(f"--arrivals {self.arrivals!r}: choose poisson or uniform")
         unknown = set(self.priorities) - set(self.agents)
@@ -204,6 +209,8 @@ def _start_epoch(start: str | float, tz: str) -> float:
         when = dt.datetime.fromisoformat(start)
     except ValueError:
         raise SimulationError(f"--start {start!r}: expected an ISO time such as {DEFAULT_START}") from None
+    if not 1970 <= when.year <= 9000:  # (near year 9999 the budget windows overflowed datetime)
+        raise SimulationError(f"--start {start!r}: the year must be between 1970 and 9000")
     if when.tzinfo is None:
         when = when.replace(tzinfo=ZoneInfo(tz))
     return when.timestamp()

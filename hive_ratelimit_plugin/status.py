@@ -117,7 +117,7 @@ class ProcessStatusSource:
             try:
                 if now - path.stat().st_mtime > self.max_age:
                     continue
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = _loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
             if not isinstance(data, dict) or data.get("version") != SNAPSHOT_VERSION:
@@ -126,6 +126,9 @@ class ProcessStatusSource:
             if not isinstance(pid, int):
                 continue
             if data.get("host") == host and not self.pid_alive(pid):
+                continue
+            if not _usable(data):
+                logger.debug("status: %s is not a snapshot this version can read; ignored", path)
                 continue
             out.append(data)
         return out
@@ -160,8 +163,8 @@ class RedisStatusSource:
                 if raw is None:
                     continue
                 with contextlib.suppress(ValueError):
-                    doc = json.loads(raw)
-                    if isinstance(doc, dict) and doc.get("version") == SNAPSHOT_VERSION:
+                    doc = _loads(raw)
+                    if isinstance(doc, dict) and doc.get("version") == SNAPSHOT_VERSION and _usable(doc):
                         docs.append(doc)
         except Exception as exc:  # unreachable Redis: say so, fall back to the local view
             from ._redis import safe_url
@@ -197,16 +200,13 @@ class LedgerStatusSource:
         if self.state_path != ":memory:" and not os.path.exists(self.state_path):
             state["source"] = "none"
             return state
-        from ._ledger import Ledger
+        from ._ledger import read_ledger
 
         calendar = Calendar(tz)
         wall = self.now()
         starts = calendar.starts(wall)
-        ledger = Ledger(self.state_path)
-        try:
+        with read_ledger(self.state_path) as ledger:
             rows = ledger.load(starts)
-        finally:
-            ledger.close()
         spend: dict[str, dict[str, Any]] = {}
         for key, kind, _start, cost, requests, tokens in rows:
             spend.setdefault(key, {})[kind] = {"cost": cost, "requests": requests, "tokens": tokens}
@@ -301,6 +301,27 @@ def read_status(state_path: str | None = None, config: Any = None, *, max_age: f
     return fallback
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str | bytes) -> Any:
+    """``json.loads`` without Python's NaN and Infinity (publishers write null): they would break
+    the dashboard's bars and make ``status --json`` print what is not JSON."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def _usable(snap: Mapping[str, Any]) -> bool:
+    """Whether a snapshot (a file in the status directory, a key in Redis) has the shape this
+    version publishes: a file of another program, or hand-edited, is left out rather than stop
+    the dashboard with a traceback."""
+    try:
+        render_dashboard(merge_snapshots([snap], now=0.0), levels=LEVELS)
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError):
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------- merge
 def _empty_state(now: float, source: str) -> dict[str, Any]:
     return {
@@ -364,8 +385,9 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]], *, now: float) -> di
                     if cur is None:
                         into_b[name] = dict(b)
                     else:
-                        reserved = (max if shared else _add)(cur.get("reserved", 0.0), b.get("reserved", 0.0))
-                        if b.get("spent", 0.0) > cur.get("spent", 0.0):
+                        reserved = (max if shared else _add)(float(cur.get("reserved") or 0.0),
+                                                              float(b.get("reserved") or 0.0))
+                        if float(b.get("spent") or 0.0) > float(cur.get("spent") or 0.0):
                             cur.update(b)
                         cur["reserved"] = reserved
             for key, p in stats.get("providers", {}).items():

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import litellm
@@ -118,10 +124,164 @@ def test_check_config_reports_a_yaml_syntax_error_with_its_line(tmp_path: Path,
 
 
 @pytest.mark.parametrize("argv", [["demo", "--calls", "-1"], ["demo", "--calls", "0"], ["audit", "--limit", "0"],
-                                  ["status", "--interval", "-1"], ["status", "--max-age", "inf"]])
+                                  ["status", "--interval", "-1"], ["status", "--max-age", "inf"],
+                                  ["status", "--watch", "--interval", "1e300"]])
 def test_nonsense_numbers_on_the_command_line_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """``demo --calls -1`` ran a demo of no calls; numbers that mean nothing are usage errors."""
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
     assert "must be" in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_output_piped_into_a_reader_that_stops_is_not_a_traceback(tmp_path: Path) -> None:
+    """``hive-ratelimit check-config big.yaml | head``: the reader goes away, the next write fails
+    with EPIPE. That was a BrokenPipeError traceback (and "Exception ignored" at exit); it is now
+    silent, with the exit status of a program killed by SIGPIPE."""
+    path = tmp_path / "big.yaml"
+    path.write_text("rate_limiting:\n  users:\n" + "".join(f"    u{i}: {{requests_per_minute: 5}}\n"
+                                                           for i in range(5000)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PYTHONUNBUFFERED", None)  # (unbuffered, Python drops the rest of a partial write silently)
+    child = subprocess.Popen([sys.executable, "-m", "hive_ratelimit_plugin.cli", "check-config", str(path),
+                              "--no-env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert child.stdout is not None and child.stderr is not None
+    assert child.stdout.readline().startswith(b"# effective configuration")
+    child.stdout.close()  # (the output is far more than a pipe holds: the writer is still writing)
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_ctrl_c_is_a_short_message_and_status_130(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C during a long simulation (or LiteLLM's import by check-config, or the demo) printed a
+    KeyboardInterrupt traceback."""
+    from hive_ratelimit_plugin import simulate
+
+    def interrupted(args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulate, "simulate_from_args", interrupted)
+    try:
+        code = main(["simulate", "--config", "x.yaml", "--rate", "1", "--duration", "60"])
+    except KeyboardInterrupt:  # (not raised on: it would end the test session)
+        pytest.fail("KeyboardInterrupt escaped main()")
+    assert code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def _schema_tables(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master"))
+    finally:
+        conn.close()
+
+
+def test_audit_and_status_only_read_the_state_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``audit`` and ``status`` opened the state file as a limiter does: an empty file became an
+    SQLite database, another program's database got the ledger's tables (and WAL mode), and a
+    file of a newer schema ended in an ``sqlite3.OperationalError`` traceback. They now write
+    nothing and say what is wrong in one line."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    other = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE notes (x TEXT)")
+    conn.commit()
+    conn.close()
+    for path in (empty, other):
+        before = path.read_bytes()
+        for argv in (["audit", "--state-path", str(path)], ["status", "--state-path", str(path)]):
+            assert main(argv) == 1
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: rate_limiting.state_path: cannot use {str(path)!r}")
+            assert "not a hive-ratelimit state file" in err
+        assert path.read_bytes() == before
+        assert sorted(os.listdir(tmp_path)) == ["empty.yaml", "other.sqlite"]
+    # A state file whose audit table a later version changed: one line, no traceback.
+    newer = tmp_path / "newer.sqlite"
+    from hive_ratelimit_plugin._ledger import _SCHEMA
+
+    conn = sqlite3.connect(newer)
+    conn.executescript(_SCHEMA.replace("action TEXT NOT NULL, scope TEXT, old TEXT, new TEXT",
+                                       "verb TEXT NOT NULL, target TEXT, diff TEXT")
+                       .replace("cost REAL NOT NULL", "cost_micros INTEGER NOT NULL"))
+    conn.close()
+    for argv in (["audit", "--state-path", str(newer)], ["status", "--state-path", str(newer)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: rate_limiting.state_path: cannot use") and "no such column" in err
+        assert "another version of hive-ratelimit" in err
+    # A real state file, read while a limiter has it open, is read (and left as it was).
+    from hive_ratelimit_plugin._ledger import Ledger
+
+    live = tmp_path / "live" / "state.sqlite"
+    ledger = Ledger(live)
+    ledger.audit("set", "global", None, {"max_daily_spend": 5})
+    try:
+        assert main(["audit", "--state-path", str(live)]) == 0
+        assert "set    global" in capsys.readouterr().out
+    finally:
+        ledger.close()
+    assert main(["audit", "--state-path", str(live)]) == 0
+    assert os.listdir(live.parent) == ["state.sqlite"]  # (no -wal or -shm left behind)
+
+
+def _cli_without_privileges(argv: list[str]) -> tuple[int, str]:
+    """``hive-ratelimit argv`` in a subprocess that cannot write what it may not (root runs it
+    without its capabilities, CAP_DAC_OVERRIDE among them: ``setpriv``, from util-linux)."""
+    cmd = [sys.executable, "-m", "hive_ratelimit_plugin.cli", *argv]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.fail("running as root, this test needs setpriv (util-linux) to drop root's capabilities")
+        cmd = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_a_state_file_this_user_cannot_write_is_read(tmp_path: Path) -> None:
+    """The limiter's state file, read by an operator who may not write it (another user's, a
+    read-only mount): ``audit`` and ``status`` failed with "attempt to write a readonly
+    database"."""
+    from hive_ratelimit_plugin._budget import SpendRow
+    from hive_ratelimit_plugin._ledger import Ledger
+
+    path = tmp_path / "ro" / "state.sqlite"
+    ledger = Ledger(path)
+    ledger.audit("set", "global", None, {"max_daily_spend": 5})
+    ledger.record([SpendRow(time.time(), "c1", "openai", "gpt-4o-mini", "bob", None, None, None,
+                            1, 100, 50, 0.25)])
+    ledger.close()
+    path.chmod(0o444)
+    path.parent.chmod(0o555)
+    try:
+        code, out = _cli_without_privileges(["audit", "--state-path", str(path)])
+        assert code == 0 and "set    global" in out, out
+        code, out = _cli_without_privileges(["status", "--state-path", str(path), "--all"])
+        assert code == 0 and "Spend (Today) · agent bob: $0.25" in out, out
+        assert sorted(p.name for p in path.parent.iterdir()) == ["state.sqlite"]  # (nothing written)
+    finally:
+        path.parent.chmod(0o755)
+        path.chmod(0o644)
+
+
+def test_a_huge_file_or_a_device_is_not_read_to_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``check-config /dev/zero`` (or a log file named by mistake) read until memory ran out:
+    a MemoryError traceback, or the machine swapping. At most ``MAX_FILE_BYTES`` are read."""
+    from hive_ratelimit_plugin import config
+
+    monkeypatch.setattr(config, "MAX_FILE_BYTES", 2**20)
+    path = tmp_path / "big.yaml"
+    path.write_text("rate_limiting:\n  global: {requests_per_minute: 60}\n" + "# padding\n" * 110_000)
+    assert main(["check-config", str(path), "--no-env"]) == 1
+    assert capsys.readouterr().err == f"error: {path}: larger than 1 MiB; not a configuration file\n"
+    monkeypatch.undo()
+    if os.path.exists("/dev/zero"):
+        assert main(["check-config", "/dev/zero", "--no-env"]) == 1
+        assert "/dev/zero: larger than 64 MiB; not a configuration file" in capsys.readouterr().err

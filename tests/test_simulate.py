@@ -217,6 +217,10 @@ def config_file(tmp_path: Path) -> Path:
     (["--priority", "agent-1=urgent"], "high, normal, low or an integer"),
     (["--provider-rpm", "-3"], "--provider-rpm must be more than 0"),
     (["--start", "yesterday"], "--start 'yesterday': expected an ISO time"),
+    # (these three ended in a traceback: OverflowError, or ran with no model at all)
+    (["--latency", "1e300"], "--latency: at most 31 days"),
+    (["--start", "9999-12-31T00:00"], "--start '9999-12-31T00:00': the year must be between 1970 and 9000"),
+    (["--model", ""], "--model '': give a model such as openai/gpt-4o-mini"),
 ])
 def test_bad_arguments_give_clear_errors(config_file: Path, args: list[str], message: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -255,6 +259,19 @@ def test_cli_text_and_json(config_file: Path, capsys: pytest.CaptureFixture[str]
     assert 40 < data["calls"]["rejected_by_reason"]["queue_timeout"] < 100
     assert data["calls"]["queued"] > 0
     assert data["provider_429s"]["with_limiter"] == 0
+
+
+def test_json_stays_json_for_a_model_litellm_does_not_know(config_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """LiteLLM printed its "Provider List: ..." banner to stdout for a model of no provider it
+    knows, ahead of the report: ``--json`` was not JSON."""
+    import litellm
+
+    monkeypatch.setattr(litellm, "suppress_debug_info", False)  # (LiteLLM's default; restored after)
+    assert main(["simulate", "--config", str(config_file), "--rate", "1", "--duration", "10",
+                 "--model", "nosuch/model", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["calls"]["offered"] > 0
 
 
 def test_bad_workload_objects_raise_simulation_error() -> None:

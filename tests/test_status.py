@@ -217,6 +217,42 @@ def test_stale_snapshots_are_ignored(tmp_path: Path) -> None:
     assert state["totals"]["admitted_total"] == 7
 
 
+def test_snapshots_of_another_shape_are_ignored_not_a_traceback(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Version-1 JSON files in the status directory that are not what a limiter publishes (a
+    hand-edited file, another program's; NaN, which Python's json reads) made ``status`` die with
+    a traceback (AttributeError, ValueError), and ``--json`` print NaN, which is not JSON. They
+    are skipped like a corrupt file; the live process is still drawn."""
+    state_path = tmp_path / "state.sqlite"
+    d = status_dir(str(state_path))
+    _write(d, os.getpid(), socket.gethostname(), time.time())
+    bad = [
+        {"limiters": "not a list"},
+        {"limiters": [{"stats": {"levels": {"global": {"global": {"in_flight": 1, "queued": 0,
+                                                                 "requests_per_minute": {"used": "many",
+                                                                                         "limit": 10}}}}}}]},
+        {"limiters": [{"budgets": {"global": {"max_cost_per_day": {"window": "day", "spent": "x", "limit": 1}}}}]},
+        {"limiters": [{"stats": None}]},
+    ]
+    for i, extra in enumerate(bad):
+        (d / f"{10_000_000 + i}.json").write_text(json.dumps({"version": 1, "pid": 10_000_000 + i,
+                                                              "host": "other-host", "written_at": 0, **extra}))
+    (d / "10000009.json").write_text(
+        '{"version": 1, "pid": 10000009, "host": "other-host", "written_at": 0, "limiters": [{"stats": {"levels":'
+        ' {"global": {"global": {"in_flight": 1, "queued": 0, "requests_per_minute": {"used": NaN,'
+        ' "limit": Infinity}}}}}}]}')
+    assert main(["status", "--state-path", str(state_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"1 process (pid {os.getpid()})" in out and "admitted 7" in out
+    assert main(["status", "--json", "--state-path", str(state_path)]) == 0
+
+    def strict(name: str) -> Any:
+        raise AssertionError(f"{name} in --json output")
+
+    state = json.loads(capsys.readouterr().out, parse_constant=strict)
+    assert [p["pid"] for p in state["processes"]] == [os.getpid()]
+
+
 async def test_registered_limiter_publishes_and_unpublishes(provider: FakeProvider, tmp_path: Path) -> None:
     """Only a limiter registered with LiteLLM publishes; the file goes when it is unregistered."""
     state_path = tmp_path / "s" / "state.sqlite"
