@@ -531,7 +531,7 @@ _MONEY_NAMES = {"max_hourly_spend": "max_cost_per_hour", "max_daily_spend": "max
 
 def _unknown_key_hint(loc: list[Any], value: Any) -> str:
     """What to write instead of the unknown key at ``loc``: the field it most likely meant, or why
-    it does not belong there."""
+    it does not belong there. (``value`` as the error shows it: secrets redacted.)"""
     key = str(loc[-1]) if loc else ""
     block = _block_at(loc[:-1])
     if block is None:
@@ -547,7 +547,7 @@ def _unknown_key_hint(loc: list[Any], value: Any) -> str:
     close += difflib.get_close_matches(lowered, names, n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]}?"
-    if issubclass(block, ProviderConfig) and not isinstance(value, (dict, list)) and value is not None:
+    if issubclass(block, ProviderConfig) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return (f"if {key} is a model, its limits go in a block of their own, such as "
                 f"{key}: {{requests_per_minute: {_short(value)}}}")
     return "check the spelling against the documented fields"
@@ -569,7 +569,7 @@ def _format_validation_error(exc: ValidationError, root: str, env: bool = True) 
         source = f" (from the environment variable {var})" if var else ""
         if kind == "extra_forbidden":
             lines.append(f"{path}: unknown key (value {_short(value)}){source}; "
-                         + _unknown_key_hint(list(err["loc"]), err.get("input")))
+                         + _unknown_key_hint(list(err["loc"]), value))
         elif kind == "missing":
             # (pydantic's input here is the enclosing block, not a value of this key)
             lines.append(f"{path}: missing; this key is required here")

@@ -213,6 +213,10 @@ def test_missing_key_and_non_block_errors_read_plainly(data: dict[str, object], 
          "rate_limiting.budget"),
         ({"colour": "blue"}, "rate_limiting.colour: unknown key (value 'blue'); check the spelling against the "
                              "documented fields"),
+        # (no hint repeats a secret written in the wrong place)
+        ({"providers": {"openai": {"secret": "sk-proj-abcdefghijklmnop0123"}}},
+         "rate_limiting.providers.openai.secret: unknown key (value '<redacted>'); check the spelling against "
+         "the documented fields"),
         ({"pricing": {"m": {"input_per_million": 1, "output_per_million": 1, "zzz": 1}}},
          "rate_limiting.pricing.m.zzz: unknown key (value 1); check the spelling against the documented fields"),
     ],
