@@ -547,7 +547,8 @@ def _unknown_key_hint(loc: list[Any], value: Any) -> str:
     close += difflib.get_close_matches(lowered, names, n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]}?"
-    if issubclass(block, ProviderConfig) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if (issubclass(block, ProviderConfig) and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and not looks_like_key(key)):
         return (f"if {key} is a model, its limits go in a block of their own, such as "
                 f"{key}: {{requests_per_minute: {_short(value)}}}")
     return "check the spelling against the documented fields"
