@@ -23,7 +23,7 @@ from cachetools import LRUCache
 
 from ._budget import run_key
 from ._engine import Scope
-from .config import MAX_ID, AgentLimits, LimitSet, RateLimitingConfig, clean_id, match_model, match_name
+from .config import MAX_ID, AgentLimits, LimitSet, RateLimitingConfig, clean_id, match_block, match_model_block
 from .integrations.hive import hive_identity
 
 logger = logging.getLogger("hive_ratelimit_plugin")
@@ -201,7 +201,7 @@ class ScopeResolver:
         if pconf is None or not pconf.models:
             return None
         bare = split_model(model, provider)
-        found = match_model(pconf.models, bare) or match_model(pconf.models, f"{provider}/{bare}")
+        found = match_model_block(pconf.models, provider, bare)
         if found is None:
             return None
         return bare, found[1]
@@ -274,9 +274,7 @@ class ScopeResolver:
     def _block(self, level: str, table: dict[str, Any], name: str) -> tuple[Any, LimitSet] | None:
         """The block of an agents/users/teams ``table`` that ``name`` falls under (its own key, a
         glob, else ``*``) and that block's limits (one object per block, however many names)."""
-        hit = match_name(table, name)
-        if hit is None:
-            hit = match_name(table, "*") if "*" in table else None
+        hit = match_block(table, name)
         if hit is None:
             return None
         limits = self._table_limits.get((level, hit[0]))

@@ -874,6 +874,18 @@ def match_model(patterns: dict[str, Any], name: str) -> tuple[str, Any] | None:
     return match_name(patterns, name)
 
 
+def match_model_block(models: dict[str, Any], provider: str, bare: str) -> tuple[str, Any] | None:
+    """The block of a provider's ``models`` that its model ``bare`` (no provider prefix) falls
+    under: written with or without the prefix (see :func:`match_model`)."""
+    return match_model(models, bare) or match_model(models, f"{provider}/{bare}")
+
+
+def match_block(table: dict[str, Any], name: str) -> tuple[str, Any] | None:
+    """The block of an agents/users/teams ``table`` that ``name`` falls under: its own key, a glob,
+    else ``*``."""
+    return match_name(table, name) or (("*", table["*"]) if "*" in table else None)
+
+
 def match_name(patterns: dict[str, Any], name: str) -> tuple[str, Any] | None:
     """Find the block for ``name``: an exact key first, then the first glob that matches."""
     if name in patterns:

@@ -65,7 +65,7 @@ from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
 from ._scopes import scope as _scope_cm
 from ._tokens import NO_WRITE, cache_writes, count_input, count_messages, count_response_input, requested_output
 from ._waiting import acquire_sync, queue_async
-from .config import MAX_ID, LimitSet, RateLimitingConfig, clean_id, load_config, match_model, match_name
+from .config import MAX_ID, LimitSet, RateLimitingConfig, clean_id, load_config, match_block, match_model_block
 from .errors import ConfigError, HiveRateLimitError, RateLimitQueueTimeout
 
 __all__ = ["HiveLimiter"]
@@ -170,8 +170,9 @@ def _own_block(table: dict[str, Any], name: str,
                match: Callable[[dict[str, Any], str], tuple[str, Any] | None]) -> dict[str, Any]:
     """``table``'s block for ``name`` (a configuration dumped to a dict), made if it has none.
 
-    A new block starts as a copy of the one that governed ``name`` until now (a glob such as
-    ``"*"``, or the model under its ``provider/`` name or its undated name): the block ``name``
+    A new block starts as a copy of the one that governed ``name`` until now (``match``: the
+    resolver's own rule, so a glob such as ``"*"``, or the model under its ``provider/`` name or
+    its undated name): the block ``name``
     gets wins over that one wholly, and a budget set alone would drop its other limits.
     """
     if name not in table:
@@ -820,18 +821,18 @@ class HiveLimiter(CustomLogger):
         else:
             names = {"hour": "max_cost_per_hour", "day": "max_cost_per_day", "month": "max_cost_per_month"}
             if agent_id:
-                block, scope_key = _own_block(data["agents"], agent_id, match_name), f"agent:{agent_id}"
+                block, scope_key = _own_block(data["agents"], agent_id, match_block), f"agent:{agent_id}"
             elif user_id:
-                block, scope_key = _own_block(data["users"], user_id, match_name), f"user:{user_id}"
+                block, scope_key = _own_block(data["users"], user_id, match_block), f"user:{user_id}"
             elif team_id:
-                block, scope_key = _own_block(data["teams"], team_id, match_name), f"team:{team_id}"
+                block, scope_key = _own_block(data["teams"], team_id, match_block), f"team:{team_id}"
             else:
                 assert provider is not None
                 pblock = data["providers"].setdefault(provider, {"models": {}})
                 if model:
                     bare = split_model(model, provider)
-                    block = _own_block(pblock["models"], bare, lambda table, name: (
-                        match_model(table, name) or match_model(table, f"{provider}/{name}")))
+                    block = _own_block(pblock["models"], bare,
+                                       lambda table, name: match_model_block(table, provider, name))
                     scope_key = f"model:{provider}/{bare}"
                 else:
                     block, scope_key = pblock, f"provider:{provider}"
