@@ -55,10 +55,39 @@ class ConfigError(HiveRateLimitError, ValueError):
         self.errors = errors or [message]
 
 
-class RateLimitQueueTimeout(HiveRateLimitError):
+class _NotRetriedInItsGroup:
+    """An error a ``litellm.Router`` does not retry in the same model group; it still falls back
+    to another group (``fallbacks``), whose call is admitted anew.
+
+    Both Routers (LiteLLM 1.83.4 and 1.110.2) read an error's ``num_retries`` as how often to
+    retry it in the group. Retrying a call that has just waited ``max_wait_seconds`` would make it
+    wait as long again on each of the Router's ``num_retries`` (3x the wait by default), and one
+    refused by an open circuit would be refused again after the Router's backoff. It reads 0
+    always, and writes to it are ignored: LiteLLM writes over it (1.83.4 the call's
+    ``num_retries``, ``None`` for most, on its way out of ``acompletion``, before its Router reads
+    it; 1.110.2 the retries it made).
+
+    No ``status_code`` is set (the Router would cool the deployment down for a 429; this is the
+    limiter's own wait, not the provider's answer).
+    """
+
+    __slots__ = ()
+
+    @property
+    def num_retries(self) -> int:
+        return 0
+
+    @num_retries.setter
+    def num_retries(self, value: object) -> None:
+        pass
+
+
+class RateLimitQueueTimeout(_NotRetriedInItsGroup, HiveRateLimitError):
     """A call waited ``max_wait_seconds`` (or found the queue full) and no request was sent.
 
-    This is transient: retrying after ``retry_after`` seconds may succeed.
+    This is transient: retrying after ``retry_after`` seconds may succeed. A ``litellm.Router``
+    does not retry it in the same model group (``num_retries`` reads 0): its caller hears back
+    after one wait, or the Router falls back to another group.
     """
 
 
@@ -93,8 +122,9 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-class CircuitOpenError(HiveRateLimitError):
+class CircuitOpenError(_NotRetriedInItsGroup, HiveRateLimitError):
     """The circuit breaker of a provider/model is open after repeated failures; no request was sent.
 
-    Transient: it lets a probe through after ``retry_after`` seconds.
+    Transient: it lets a probe through after ``retry_after`` seconds. A ``litellm.Router`` does
+    not retry it in the same model group (``num_retries`` reads 0) but may fall back to another.
     """
