@@ -2244,10 +2244,11 @@ _EMBEDDING_NO_RETRIES = _NoSdkRetries(0)
 
 
 def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = False,
-                   router_retries: bool = True, embedding: bool = False) -> tuple[float, Any, int]:
+                   router_retries: bool = True, embedding: bool = False) -> tuple[float, Any, int, Any]:
     """Prepare a guarded call's first attempt, which runs without the retry state (built only if it
-    fails, from what this returns: the start time, the caller's own call id if any, and how many
-    retries of failed attempts the caller asked for).
+    fails, from what this returns: the start time, the caller's own call id if any, how many
+    retries of failed attempts the caller asked for, and a Router deployment's own
+    ``num_retries``, set to 0 here, for :func:`_router_retries_back`).
 
     The openai SDK would retry 429s, 5xx and timeouts itself, inside one attempt: unseen, never
     admitted and never counted (LiteLLM hands it ``num_retries`` as its ``max_retries``), and so
@@ -2266,6 +2267,7 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
     started = limiter._engine.clock()
     user_call_id = kwargs.get("litellm_call_id")
     asked = 0
+    deployment_retries = None
     if limiter._config.retry.take_over_sdk_retries and not (sync and _module_retries(kwargs)):
         if litellm.num_retries or "num_retries" in kwargs or "max_retries" in kwargs:
             # Retries asked for somewhere (the usual call asks for none: it skips this).
@@ -2273,6 +2275,7 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
                 # The Router retries through this guard. LiteLLM 1.110 turns the SDK's retries off
                 # for its deployment calls; 1.83 hands them a deployment's num_retries as max_retries.
                 if "num_retries" in kwargs:
+                    deployment_retries = kwargs["num_retries"]
                     kwargs["num_retries"] = 0
             else:
                 asked = _retries_asked(kwargs)
@@ -2281,7 +2284,19 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
                     kwargs["num_retries"] = 0
         kwargs["max_retries"] = _EMBEDDING_NO_RETRIES if embedding else 0
     _claim_call_id(limiter, kwargs)
-    return started, user_call_id, asked
+    return started, user_call_id, asked, deployment_retries
+
+
+def _router_retries_back(exc: BaseException, retries: Any) -> None:
+    """Give a Router deployment's failed call its ``num_retries`` back, on the error the Router
+    reads it from. LiteLLM writes the call's ``num_retries`` onto the error on its way out (1.83.4
+    and 1.110.2), and the Router takes that as how often to retry the deployment's failure: the
+    guard's 0 (see :func:`_first_attempt`) would leave a deployment that sets ``num_retries``
+    with no retries at all. The limiter's own refusals keep what they say (not retried in the
+    group: :class:`~.errors.RateLimitQueueTimeout`)."""
+    if retries and not isinstance(exc, HiveRateLimitError) and getattr(exc, "num_retries", None) == 0:
+        with contextlib.suppress(Exception):  # (an error that does not take attributes keeps its 0)
+            exc.num_retries = retries  # type: ignore[attr-defined]
 
 
 class _Retrying:
@@ -2411,8 +2426,8 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         prior = sys.exc_info()[1]  # called while handling an error: an earlier attempt's, maybe
         first = limiters[0]
         # (A Router's sync ``responses`` does not retry itself: LiteLLM's own loop did.)
-        started, user_call_id, asked = _first_attempt(first, kwargs, sync=True, router_retries=name != "responses",
-                                                 embedding=name == "embedding")
+        started, user_call_id, asked, deployment_retries = _first_attempt(
+            first, kwargs, sync=True, router_retries=name != "responses", embedding=name == "embedding")
         retrying: _Retrying | None = None  # built once an attempt fails (see _first_attempt)
         while True:
             token = None
@@ -2427,6 +2442,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
                 if retrying is None:
                     retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
                 if not retrying.should_retry(exc):
+                    _router_retries_back(exc, deployment_retries)
                     raise
             finally:
                 if token is not None:
@@ -2488,7 +2504,7 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
     # first attempt is the common case and runs without the retry state, which is built only
     # when an attempt fails (with the same start time, so the retry budget is unchanged).
     first = limiters[0]
-    started, user_call_id, asked = _first_attempt(first, kwargs, embedding=embedding)
+    started, user_call_id, asked, deployment_retries = _first_attempt(first, kwargs, embedding=embedding)
     retrying: _Retrying | None = None
     while True:
         token = None
@@ -2508,6 +2524,7 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
             if retrying is None:
                 retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
             if not retrying.should_retry(exc):
+                _router_retries_back(exc, deployment_retries)
                 raise
         except BaseException:  # cancelled (or interrupted) while admitted or in flight
             _release_admitted(limiters, admitted, kwargs, None)
