@@ -20,11 +20,19 @@ COST_FIELDS = {"max_cost_per_hour": "hour", "max_cost_per_day": "day", "max_cost
 WINDOW_ADJECTIVE = {"hour": "hourly", "day": "daily", "month": "monthly", "run": "per-run"}
 
 
+HUGE_MONEY = 1e15  # from here a float has no cents to show (and ``1e300`` took 400 characters)
+
+
 def money_text(amount: float, decimals: int = 2) -> str:
     """An amount of money with ``decimals`` decimals, more below one unit of the last one (two
     significant digits, at most 8 decimals), so that a small budget never reads as a misleading
-    0.00."""
+    0.00; from :data:`HUGE_MONEY` on (a budget meant as "no limit"), in scientific notation with
+    every digit the float has: ``1e+300``, ``1.2345678901234567e+17``."""
     size = abs(amount)
+    if HUGE_MONEY <= size < float("inf"):
+        import decimal
+
+        return f"{decimal.Decimal(repr(float(amount))).normalize():e}"
     if size >= 10.0 ** -decimals or size == 0 or size != size or size == float("inf"):
         return f"{amount:,.{decimals}f}"
     while size < 0.1 ** (decimals - 1) and decimals < 8:

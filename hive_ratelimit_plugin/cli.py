@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
 from . import __version__
-from .config import env_overrides, load_config
 from .errors import ConfigError
+
+# ``yaml`` and ``.config`` (pydantic: ~150 ms) are imported inside the commands, where ``main``
+# catches Ctrl-C: imported here, an interrupt while they load was a KeyboardInterrupt traceback.
 
 DEMO_CONFIG: dict[str, Any] = {
     "global": {"requests_per_second": 4, "concurrent_requests": 3},
@@ -43,8 +44,10 @@ def _demo(args: argparse.Namespace) -> int:
     import time
 
     import litellm
+    import yaml
     from litellm.integrations.custom_logger import CustomLogger
 
+    from .config import load_config
     from .errors import HiveRateLimitError
     from .fake_provider import FakeProvider, ProviderState
     from .plugin import HiveLimiter, unregister
@@ -122,6 +125,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import env_overrides, load_config
+
     try:
         cfg = load_config(args.file, use_env=not args.no_env)
     except ConfigError as exc:
@@ -183,6 +190,7 @@ def _status(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from .config import load_config
     from .status import DEFAULT_LEVELS, read_status, render_dashboard
 
     try:
@@ -201,27 +209,33 @@ def _status(args: argparse.Namespace) -> int:
         from .status import RedisStatusSource
 
         sources.append(RedisStatusSource(cfg.backend, cfg.redis.key_prefix))
+    # --count and --interval have no meaning but watching: either one watches (they were ignored
+    # without --watch, and one frame printed)
+    watch = args.watch or args.count is not None or args.interval is not None
+    interval = 1.0 if args.interval is None else args.interval
     frames = 0
     tty = sys.stdout.isatty()
     try:
         while True:
             state = read_status(args.state_path, cfg, max_age=args.max_age, sources=sources)
             if args.json:
-                text = json.dumps(state, indent=None if args.watch else 2, default=str) + "\n"
+                text = json.dumps(state, indent=None if watch else 2, default=str) + "\n"
             else:
                 text = render_dashboard(state, levels=levels)
-            if args.watch and tty and not args.json:
+            if watch and tty and not args.json:
                 text = "\x1b[H\x1b[J" + text  # redraw in place
-            elif args.watch and frames and not args.json:
+            elif watch and frames and not args.json:
                 text = "\n" + text
             sys.stdout.write(text)
             sys.stdout.flush()
             frames += 1
-            if not args.watch or (args.count and frames >= args.count):
+            if not watch or (args.count and frames >= args.count):
                 return 0
-            time.sleep(args.interval)
+            time.sleep(interval)
     except KeyboardInterrupt:
-        return 0
+        if watch:  # the way a watch ends ("until Ctrl-C")
+            return 0
+        raise  # one status, interrupted: 130, as anywhere else (it was 0, as if printed)
 
 
 def run_environment(config: str | None = None, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -253,6 +267,8 @@ def _run(args: argparse.Namespace) -> int:
         print("error: nothing to run; usage: hive-ratelimit run [--config FILE] -- COMMAND [ARG ...]", file=sys.stderr)
         return 2
     if args.config is not None:
+        from .config import load_config
+
         try:
             load_config(args.config)  # fail here, with the message, rather than in the child's import
         except ConfigError as exc:
@@ -262,7 +278,9 @@ def _run(args: argparse.Namespace) -> int:
         child = subprocess.Popen(command, env=run_environment(args.config))
     except OSError as exc:
         print(f"error: cannot run {command[0]!r}: {exc.strerror or exc}", file=sys.stderr)
-        return 127
+        # As env(1) and the shells: 127 for a command not found, 126 for one found but not run (not
+        # executable, a directory, not a program)
+        return 127 if exc.errno == errno.ENOENT else 126
     # SIGINT and SIGQUIT are left out: a terminal sends them to the child as well. SIGUSR1/2 (a
     # server's "reopen logs", "upgrade") would otherwise kill this wrapper and orphan the command.
     forwarded = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
@@ -328,8 +346,7 @@ def _interval(text: str) -> float:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hive-ratelimit`` command."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hive-ratelimit", description="Rate limits for LiteLLM agents.")
     parser.add_argument("--version", action="version", version=f"hive-ratelimit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -368,17 +385,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--teams", action="store_true", help="also draw per-team limits")
     status.add_argument("--all", action="store_true", help="draw every level (agents, users, teams, API keys, runs)")
     status.add_argument("--json", action="store_true", help="print the state as JSON instead")
-    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    status.add_argument("--interval", type=_interval, default=1.0,
-                        help="seconds between refreshes (default 1, at most 86400)")
-    status.add_argument("--count", type=_positive_int, default=0, help="with --watch: stop after N refreshes")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted (Ctrl-C: exit status 0)")
+    status.add_argument("--interval", type=_interval, default=None,
+                        help="seconds between refreshes (default 1, at most 86400); implies --watch")
+    status.add_argument("--count", type=_positive_int, default=None,
+                        help="stop after N refreshes; implies --watch")
     status.add_argument("--max-age", type=_seconds, default=10.0,
                         help="ignore snapshots older than this many seconds (default 10)")
     status.set_defaults(func=_status)
     run = sub.add_parser(
         "run", help="run a command with hive-ratelimit enabled in every Python program it starts (no code change)",
         description="Run COMMAND with HIVE_RATELIMIT_ENABLED=1: any Python program it starts registers a "
-                    "HiveLimiter when it imports litellm. Exits with the command's exit code.",
+                    "HiveLimiter when it imports litellm. Exits with the command's exit code (126 if it "
+                    "cannot be executed, 127 if it is not found, as env and the shells).",
         usage="hive-ratelimit run [--config FILE] -- COMMAND [ARG ...]")
     run.add_argument("--config", help="the limits YAML (sets HIVE_RATELIMIT_CONFIG; default: inherited)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
@@ -392,15 +411,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_arguments(sim)
     sim.set_defaults(func=_simulate)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hive-ratelimit`` command."""
     try:
+        args = _parser().parse_args(argv)  # (it imports the simulation, and with it pydantic: ~150 ms)
         code = int(args.func(args))
         sys.stdout.flush()  # (here, not at exit: a reader that went away is answered below)
         return code
     except ConfigError as exc:  # (a state file that is not one, an environment variable naming no field)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C while it works (LiteLLM's import, a long simulation): no traceback
+    except KeyboardInterrupt:  # Ctrl-C while it starts or works (pydantic's or LiteLLM's import, a long
+        # simulation): no traceback
         print("interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as shells report it
     except BrokenPipeError:

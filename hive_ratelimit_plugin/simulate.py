@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from ._budget import money_text
 from ._engine import Engine, QueueFull, Scope, Ticket, Waiter
 from ._pricing import PriceBook
 from ._retry import RateSignals
@@ -304,6 +305,8 @@ class _Simulation:
         self.in_flight = 0
         self.first_refusal: dict[tuple[str, str], float] = {}
         self.admitted_per_minute: dict[int, int] = {}
+        self.last_admission = 0.0  # (the rates divide by the time calls were admitted in)
+        self.last_activity = 0.0  # an arrival, admission, completion or rejection (not a stale timer)
 
     # ------------------------------------------------------------ helpers
     def push(self, t: float, kind: int, obj: Any) -> None:
@@ -383,6 +386,7 @@ class _Simulation:
     def reject(self, c: _Call, reason: str, scope: str | None, limit: str | None) -> None:
         c.done = True
         c.waiter = None
+        self.last_activity = self.clock.now
         self.prio_entry(c)["rejected"] += 1
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         key = (scope or "-", limit or reason)
@@ -480,6 +484,7 @@ class _Simulation:
     def admitted(self, c: _Call, ticket: Ticket) -> None:
         now = self.clock.now
         c.admitted_at = now
+        self.last_admission = self.last_activity = now
         for s in ticket.scopes:
             self.counted_at[s.key] = self.counted_at.get(s.key, 0) + 1
         if ticket.chosen is not None:
@@ -538,6 +543,7 @@ class _Simulation:
         self.prio_entry(c)["waits"].append(c.admitted_at - c.arrival)
         self.spend += cost
         self.spend_timeline.append((self.clock.now, self.spend))
+        self.last_activity = self.clock.now
 
     def run(self) -> dict[str, Any]:
         w = self.work
@@ -553,6 +559,7 @@ class _Simulation:
             self.clock.now = t
             n_events += 1
             if kind == _ARRIVE:
+                self.last_activity = t
                 c = self.new_call(t, obj)
                 self.offered += 1
                 self.offered_cost += c.cost_full
@@ -645,7 +652,15 @@ class _Simulation:
         waits = self.waits
         queued_waits = [x for x in waits if x > 0]
         offered_rate = self.offered / w.duration
-        end = max(w.duration, self.clock.now)
+        # The run goes on after the last arrival, for queued calls to be admitted or time out and
+        # calls in flight to finish; it ends with the last of these (a queued call's timer, left
+        # behind once the call was admitted, is no end: it stretched the run by up to max_wait_seconds).
+        end = max(w.duration, self.last_activity)
+        # Admitted calls per second and spend per hour: over the time calls were admitted in (the
+        # arrivals, and the drain while queued calls were still admitted), not the whole run (its
+        # last calls' latency, the timeouts of calls never admitted) nor the arrivals alone (a
+        # queue admitting at its limit after them).
+        rate_seconds = max(w.duration, self.last_admission)
         return {
             "config": {"enabled": cfg.enabled, "max_wait_seconds": cfg.queue.max_wait_seconds,
                        "max_queue": cfg.queue.max_size, "currency": cfg.budget.currency,
@@ -667,7 +682,7 @@ class _Simulation:
                 "rejected": sum(self.rejected.values()),
                 "rejected_by_reason": dict(sorted(self.rejected.items())),
                 "still_waiting_or_in_flight_at_end": self.offered - self.completed - sum(self.rejected.values()),
-                "admitted_per_second": round(self.completed / end, 4),
+                "admitted_per_second": round(self.completed / rate_seconds, 4),
                 "peak_queue_length": self.peak_queue,
                 "peak_in_flight": self.peak_in_flight,
             },
@@ -685,10 +700,12 @@ class _Simulation:
             if self.prov.active else None,
             "spend": {"total": round(self.spend, 6), "offered_load_would_cost": round(self.offered_cost, 6),
                       "currency": cfg.budget.currency,
-                      "per_hour": round(self.spend / end * 3600, 6)},
+                      "per_hour": round(self.spend / rate_seconds * 3600, 6)},
             "budgets": budgets,
             "budgets_configured": configured,
-            "simulated_seconds": round(end, 3),
+            "simulated_seconds": round(end, 3),  # the whole run: the arrivals, then the queue's drain
+            "arrival_seconds": w.duration,
+            "rates_over_seconds": round(rate_seconds, 3),  # admitted_per_second, spend.per_hour
             "real_seconds": round(real_seconds, 3),
             "events": n_events,
         }
@@ -752,9 +769,18 @@ def format_report(r: dict[str, Any]) -> str:
     """The report as text for a terminal."""
     w, c = r["workload"], r["calls"]
     cur = r["spend"]["currency"]
+    arrivals, run, rates = (r.get("arrival_seconds", w["duration_seconds"]), r["simulated_seconds"],
+                            r.get("rates_over_seconds", r["simulated_seconds"]))
     lines = [
-        f"simulated {_secs(r['simulated_seconds'])} of traffic in {r['real_seconds']:.1f} s "
+        f"simulated {_secs(arrivals)} of arrivals in {r['real_seconds']:.1f} s "
         f"(virtual clock from {w['start']} {r['config']['timezone']}; seed {w['seed']})",
+    ]
+    if _secs(run) != _secs(arrivals):
+        lines.append(f"  the run continued to {_secs(run)} for queued and in-flight calls to finish or time out")
+    # (what the rates below divide by)
+    over = (f"the {_secs(arrivals)} of arrivals" if _secs(rates) == _secs(arrivals)
+            else f"the {_secs(rates)} until the last admission")
+    lines += [
         f"load: {w['rate_per_second']:g} calls/s ({w['arrivals']}) from {w['agents']} agent(s) to "
         f"{', '.join(w['models'])}; ~{w['input_tokens']} prompt + ~{w['output_tokens']} completion tokens, "
         f"~{_secs(w['latency_seconds'])} per call",
@@ -784,7 +810,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"  queued           {c['queued']:>10,}   (then admitted: {c['queued_then_admitted']:,})",
         f"  rejected         {c['rejected']:>10,}   "
         + (", ".join(f"{k} {v:,}" for k, v in c["rejected_by_reason"].items()) or ""),
-        f"  completed        {c['admitted']:>10,}   ({c['admitted_per_second']:g}/s; peak queue "
+        f"  completed        {c['admitted']:>10,}   ({c['admitted_per_second']:g}/s over {over}; peak queue "
         f"{c['peak_queue_length']:,}, peak in flight {c['peak_in_flight']:,})",
     ]
     if c["still_waiting_or_in_flight_at_end"]:
@@ -834,8 +860,8 @@ def format_report(r: dict[str, Any]) -> str:
                       f"({p429['retried']:,} retried by the plugin, {p429['reaching_callers']:,} reached callers); "
                       f"{p429['without_limiter']:,} for the same calls without any limiter"]
     s = r["spend"]
-    lines += ["", f"spend: {cur} {s['total']:,.2f} settled ({cur} {s['per_hour']:,.2f}/h); the offered load "
-                  f"would cost {cur} {s['offered_load_would_cost']:,.2f}"]
+    lines += ["", f"spend: {cur} {money_text(s['total'])} settled ({cur} {money_text(s['per_hour'])}/h over {over}); "
+                  f"the offered load would cost {cur} {money_text(s['offered_load_would_cost'])}"]
     for b in r["budgets"]:
         parts = []
         for wv in b["warnings"]:
@@ -845,7 +871,8 @@ def format_report(r: dict[str, Any]) -> str:
         if b["first_refusal"]:
             parts.append(f"first call refused after {_secs(b['first_refusal']['after_seconds'])}; "
                          f"{b['refused_calls']:,} refused")
-        limit = f" {cur} {b['limit']:,.2f}" if b["limit"] is not None and b["budget"] != "max_requests_per_run" else ""
+        money = b["limit"] is not None and b["budget"] != "max_requests_per_run"
+        limit = f" {cur} {money_text(b['limit'])}" if money else ""
         lines.append(f"  budget {b['budget']}{limit} of {b['scope']}: " + "; ".join(parts))
     if not r["budgets"]:
         lines.append("  no budget warning or trip" + ("" if r["budgets_configured"] else " (no budgets configured)"))
@@ -858,7 +885,9 @@ def add_arguments(p: Any) -> None:
     """The ``simulate`` subcommand's options (an ``argparse`` parser)."""
     p.add_argument("--config", required=True, metavar="FILE", help="the limits YAML (rate_limiting: root)")
     p.add_argument("--rate", required=True, help="calls per second from all agents together: 50, 50/s, 3000/m")
-    p.add_argument("--duration", required=True, help="simulated time: 600, 90s, 10m, 1h, 2d")
+    p.add_argument("--duration", required=True,
+                   help="how long calls arrive: 600, 90s, 10m, 1h, 2d (the run then goes on until queued "
+                        "calls are admitted or time out, and calls in flight finish)")
     p.add_argument("--agents", default="1",
                    help="how many agents (agent-1 ... agent-N), or their names: researcher,writer (default 1)")
     p.add_argument("--model", action="append", metavar="MODEL",

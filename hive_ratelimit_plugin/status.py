@@ -427,8 +427,10 @@ FULL = "✖"
 
 
 def _num(value: float) -> str:
-    """450, 240K, 1.5M."""
+    """450, 240K, 1.5M; 1e+300 (not 300 digits and a G)."""
     v = float(value)
+    if 1e12 <= abs(v) < math.inf:  # (from a thousand G on)
+        return f"{v:.3g}"
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
         if abs(v) >= div:
             q = v / div

@@ -285,3 +285,61 @@ def test_a_huge_file_or_a_device_is_not_read_to_the_end(tmp_path: Path, monkeypa
     if os.path.exists("/dev/zero"):
         assert main(["check-config", "/dev/zero", "--no-env"]) == 1
         assert "/dev/zero: larger than 64 MiB; not a configuration file" in capsys.readouterr().err
+
+
+def test_run_exits_126_for_a_command_it_cannot_execute_and_127_for_none(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``hive-ratelimit run -- ./script`` of a script without its execute bit exited 127, the
+    status of a command not found; as env(1) and the shells, 126 is "found, but cannot be
+    executed" (not executable, a directory), 127 "not found". (Root too gets EACCES for a file
+    with no execute bit at all.)"""
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    for command, code, reason in ((str(script), 126, "Permission denied"), (str(tmp_path), 126, "Permission denied"),
+                                  (str(tmp_path / "missing"), 127, "No such file or directory")):
+        assert main(["run", "--", command]) == code, command
+        assert capsys.readouterr().err == f"error: cannot run {command!r}: {reason}\n"
+        if shutil.which("env"):  # (what the convention is, on this system)
+            assert subprocess.run(["env", command], capture_output=True, check=False).returncode == code
+
+
+FAKE_SLOW_YAML = """\
+import sys, time
+sys.stderr.write("fake yaml: importing\\n")
+sys.stderr.flush()
+time.sleep(600)  # (interrupted by the test's SIGINT)
+"""
+
+
+@pytest.mark.parametrize("entry", ["-m", "console-script"])
+def test_ctrl_c_while_the_command_starts_is_quiet_and_130(tmp_path: Path, entry: str) -> None:
+    """Ctrl-C in the first ~150 ms (while the command imports PyYAML and pydantic) printed a
+    KeyboardInterrupt traceback and the process died of SIGINT; later it was "interrupted" and
+    130. Those imports now happen where ``main`` catches it. Here a stand-in for ``yaml`` (first on
+    PYTHONPATH) makes that import slow: the test waits until it has started, then sends SIGINT."""
+    import signal
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "yaml.py").write_text(FAKE_SLOW_YAML)
+    cfg = tmp_path / "limits.yaml"
+    cfg.write_text("rate_limiting: {}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("HIVE_RATELIMIT_ENABLED", None)
+    start = (["-m", "hive_ratelimit_plugin.cli"] if entry == "-m" else
+             ["-c", "import sys; from hive_ratelimit_plugin.cli import main; sys.exit(main())"])  # (as pip's script)
+    child = subprocess.Popen([sys.executable, *start, "check-config", str(cfg)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert child.stderr is not None
+        first = child.stderr.readline().decode()
+        assert first == "fake yaml: importing\n", first + child.stderr.read().decode()
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130, err.decode()
+    assert err.decode() == "interrupted\n" and out == b""

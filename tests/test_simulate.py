@@ -78,8 +78,10 @@ def test_a_config_that_must_queue_shows_queueing() -> None:
     g = r["scopes"]["global"]
     assert g["queued_by"].get("requests_per_minute", 0) >= 1
     assert g["admitted"] == 240
-    # Never more than 60 admissions in a minute, as the engine enforces (60 per sliding minute).
-    assert r["calls"]["admitted_per_second"] <= 1.0 + 1e-9
+    # Never more than 60 admissions in a minute, as the engine enforces (60 per sliding minute): in
+    # the rates_over_seconds the calls were admitted in, at most 60 in each minute it began.
+    assert c["admitted"] <= 60 * (r["rates_over_seconds"] // 60 + 1)
+    assert c["admitted_per_second"] == round(240 / r["rates_over_seconds"], 4)
 
 
 def test_queue_timeouts_are_rejections_with_the_limit_that_held_them() -> None:
@@ -297,3 +299,43 @@ def test_text_report_summarises_many_scopes_of_a_level(tmp_path: Path, capsys: p
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert sum(1 for e in data["scopes"].values() if e["level"] == "agent") == 30
+
+
+def test_the_report_says_what_was_simulated_and_what_its_rates_divide_by(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``--duration 1m`` printed "simulated 119.9 s of traffic": the run goes on after the last
+    arrival for queued calls to be admitted or time out, and went on further, to the timers of
+    queued calls long admitted (up to max_wait_seconds after their arrival). The rates divided by
+    that whole run. The header now says what was simulated (60 s of arrivals) and how far the
+    run went on (to the last admission, completion or timeout); "/s" and "/h" divide by the time
+    calls were admitted in, and say so."""
+    path = tmp_path / "limits.yaml"
+    path.write_text("rate_limiting:\n  global: {requests_per_minute: 60}\n  queue: {max_wait_seconds: 60}\n")
+    argv = ["simulate", "--config", str(path), "--rate", "2", "--duration", "1m", "--arrivals", "uniform",
+            "--spread", "0", "--no-env"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    # 60 admitted at once in the first 30 s, the other 60 as the first minute's slide out, the last
+    # at 91 s; it completes 1 s later.
+    assert text.startswith("simulated 60.0 s of arrivals in ")
+    assert "\n  the run continued to 92.0 s for queued and in-flight calls to finish or time out\n" in text
+    assert "completed               120   (1.3187/s over the 91.0 s until the last admission; " in text
+    assert "/h over the 91.0 s until the last admission); the offered load would cost" in text
+    assert main([*argv, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["arrival_seconds"], r["simulated_seconds"], r["rates_over_seconds"]) == (60.0, 92.0, 91.0)
+    assert r["calls"]["admitted_per_second"] == round(120 / 91.0, 4)
+    assert r["spend"]["per_hour"] == pytest.approx(r["spend"]["total"] / 91.0 * 3600, rel=1e-5)
+    # Nothing held, a long latency: every call admitted on arrival, at the offered rate (it was the
+    # calls over the arrivals and the last calls' 30 s at the provider: 1.33/s).
+    unlimited = tmp_path / "none.yaml"
+    unlimited.write_text("rate_limiting: {}\n")
+    assert main(["simulate", "--config", str(unlimited), "--rate", "2", "--duration", "1m", "--arrivals",
+                 "uniform", "--latency", "30", "--spread", "0", "--no-env", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["arrival_seconds"], r["simulated_seconds"], r["rates_over_seconds"]) == (60.0, 89.5, 60.0)
+    assert r["calls"]["admitted_per_second"] == r["calls"]["offered_per_second"] == 2.0
+    assert main(["simulate", "--config", str(unlimited), "--rate", "2", "--duration", "1m", "--arrivals",
+                 "uniform", "--latency", "30", "--spread", "0", "--no-env"]) == 0
+    text = capsys.readouterr().out
+    assert "(2/s over the 60.0 s of arrivals; " in text and "/h over the 60.0 s of arrivals)" in text

@@ -570,3 +570,64 @@ def test_small_amounts_of_money_keep_their_digits() -> None:
     state = {"source": "processes", "generated_at": 0.0, "processes": [{"pid": 1}],
              "budgets": {"global": {"max_cost_per_day": {"window": "day", "spent": 0.0003, "limit": 0.0005}}}}
     assert "$0.00030/$0.00050 (60%)" in render_dashboard(state)
+
+
+def test_count_or_interval_without_watch_watches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``status --count 3`` or ``--interval 5`` without ``--watch`` printed one frame: the flag was
+    silently ignored. Either one now watches (as ``--watch`` with it would); Ctrl-C ends a watch
+    with status 0, as before."""
+    naps: list[float] = []
+
+    def nap(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 3:
+            raise KeyboardInterrupt  # the user's Ctrl-C, ending a watch of no --count
+
+    monkeypatch.setattr(time, "sleep", nap)
+    state = ["--state-path", str(tmp_path / "state.sqlite")]
+    assert main(["status", "--count", "2", *state]) == 0
+    assert capsys.readouterr().out.count("Rate Limit Status") == 2
+    assert naps == [1.0]  # (the default interval)
+    assert main(["status", "--interval", "5", "--json", *state]) == 0
+    out = capsys.readouterr().out
+    assert naps == [1.0, 5.0, 5.0]
+    lines = out.splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["source"] == "none" for line in lines)  # one per line
+
+
+def test_ctrl_c_during_a_single_status_is_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C before a one-off ``status`` had printed anything exited 0, as if it had; 130 as every
+    other command (a watch still ends with 0 on Ctrl-C: that is how it is stopped)."""
+    from hive_ratelimit_plugin import status
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(status, "read_status", interrupted)
+    assert main(["status", "--state-path", str(tmp_path / "state.sqlite")]) == 130
+    assert capsys.readouterr() == ("", "interrupted\n")
+    assert main(["status", "--watch", "--state-path", str(tmp_path / "state.sqlite")]) == 0
+
+
+def test_huge_limits_and_budgets_are_drawn_compactly() -> None:
+    """A budget of ``1e300`` (meaning "no limit") was drawn as 400 digits with thousands
+    separators, and a limit of 1e300 as 292 digits and a G; the box grew as wide. Amounts from
+    1e15 on (no cents left in a float) are written in scientific notation, every digit kept;
+    smaller ones as before."""
+    from hive_ratelimit_plugin._budget import money_text
+
+    cases = {1e300: "1e+300", -1e300: "-1e+300", 1e15: "1e+15", 1.5e20: "1.5e+20",
+             1.2345678901234566e17: "1.2345678901234566e+17", 999_999_999_999.99: "999,999,999,999.99",
+             12_345_678.5: "12,345,678.50", float("inf"): "inf"}
+    assert {x: money_text(x) for x in cases} == cases
+    assert float(money_text(1.2345678901234566e17)) == 1.2345678901234566e17  # (no digit lost)
+    state = {"source": "processes", "generated_at": 0.0, "processes": [{"pid": 1}],
+             "scopes": {"global": {"level": "global", "limits": {
+                 "requests_per_minute": {"used": 3, "limit": 1e300}}}},
+             "budgets": {"global": {"max_cost_per_day": {"window": "day", "spent": 1.25, "limit": 1e300}}}}
+    text = render_dashboard(state)
+    assert "3/1e+300 RPM (<1%)" in text
+    assert "$1.25/$1e+300 (<1%)" in text
+    assert max(len(line) for line in text.splitlines()) < 80
