@@ -339,11 +339,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+MIN_INTERVAL = 0.1  # as watch(1): a smaller --interval would redraw in a busy loop (the snapshot moves once a second)
+
+
 def _interval(text: str) -> float:
     value = _seconds(text)
     if value > 86400:  # (time.sleep raises OverflowError from ~9.2e9 s; less often than daily is a typo)
         raise argparse.ArgumentTypeError(f"must be at most 86400 seconds (a day), got {text}")
-    return value
+    return max(value, MIN_INTERVAL)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -387,7 +390,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the state as JSON instead")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted (Ctrl-C: exit status 0)")
     status.add_argument("--interval", type=_interval, default=None,
-                        help="seconds between refreshes (default 1, at most 86400); implies --watch")
+                        help="seconds between refreshes (default 1, at least 0.1, at most 86400); implies --watch")
     status.add_argument("--count", type=_positive_int, default=None,
                         help="stop after N refreshes; implies --watch")
     status.add_argument("--max-age", type=_seconds, default=10.0,

@@ -594,6 +594,9 @@ def test_count_or_interval_without_watch_watches(tmp_path: Path, monkeypatch: py
     assert naps == [1.0, 5.0, 5.0]
     lines = out.splitlines()
     assert len(lines) == 2 and all(json.loads(line)["source"] == "none" for line in lines)  # one per line
+    # An interval below 0.1 s is 0.1 s, as watch(1) does: 0 redrew in a busy loop
+    assert main(["status", "--interval", "0", "--count", "2", *state]) == 0
+    assert naps[3:] == [0.1]
 
 
 def test_ctrl_c_during_a_single_status_is_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
