@@ -15,7 +15,7 @@ Counted at the provider, over [t0, t0 + D): requests received, 200s, 429s. Achie
 200s / (N x D / W). The provider's own ceiling for a closed interval is N x ceil(D / W) (a full
 window at the start plus every later window), also shown; the "steady" rate leaves out the
 first window (the initial burst). Client side: queue wait per admitted call (the value the
-plugin's waiting driver returns), p50/p99.
+plugin's waiting driver returns, 0 for a call admitted at once), p50/p99.
 
 To explain any 429 under the plugin, every request carries a sequence number; the benchmark
 records, per request, the time the engine admitted it (its reservation was committed, on the
@@ -24,7 +24,7 @@ LiteLLM called the plugin's ``log_pre_api_call`` (just before the SDK sends), an
 provider stamped its arrival (the provider's own ``time.monotonic()``, the clock it enforces the
 window with; same process, same clock). So admission-to-arrival skew, the largest number of
 admissions in any window and the largest number of arrivals in any window can be compared. (The
-benchmark wraps ``plugin.acquire_async``, the engine's ``_commit`` and ``_admit_fast``, the limiter's
+benchmark wraps the plugin's ``queue_async``, the engine's ``admit_now``, ``_commit`` and ``_admit_fast``, the limiter's
 ``log_pre_api_call`` and two fake-provider functions to record these; it does not change what
 they do.)
 
@@ -86,20 +86,22 @@ class _Probe:
         from hive_ratelimit_plugin import plugin as pl
 
         probe = self
-        orig_acquire = pl.acquire_async
+        # A call the engine admits at once (Engine.admit_now, see install_limiter) never reaches
+        # the waiting driver; one it turns down waits in queue_async.
+        orig_queue = pl.queue_async
 
-        async def acquire_async(engine: Any, ticket: Any, max_wait: float) -> float:
+        async def queue_async(engine: Any, ticket: Any, max_wait: float) -> float:
             seq = _seq_var.get()
             if seq is not None:
                 probe.seq_of[ticket.call_id] = seq
-            waited = await orig_acquire(engine, ticket, max_wait)
+            waited = await orig_queue(engine, ticket, max_wait)
             if seq is not None:
                 probe.resumed[seq] = time.monotonic()
                 probe.waits.append(waited)
             return waited
 
-        pl.acquire_async = acquire_async
-        self._undo.append(lambda: setattr(pl, "acquire_async", orig_acquire))
+        pl.queue_async = queue_async
+        self._undo.append(lambda: setattr(pl, "queue_async", orig_queue))
 
         orig_rough = fp._rough_tokens
 
@@ -152,6 +154,18 @@ class _Probe:
             return admitted
 
         engine._admit_fast = admit_fast
+        orig_admit_now = engine.admit_now  # the hot path: admitted at once, or handed to queue_async
+
+        def admit_now(ticket: Any) -> bool:
+            admitted = bool(orig_admit_now(ticket))
+            seq = _seq_var.get()
+            if admitted and seq is not None:
+                probe.seq_of[ticket.call_id] = seq
+                probe.resumed[seq] = time.monotonic()
+                probe.waits.append(0.0)
+            return admitted
+
+        engine.admit_now = admit_now
         orig_pre = limiter.log_pre_api_call
 
         def log_pre_api_call(model: Any, messages: Any, kwargs: dict[str, Any]) -> None:

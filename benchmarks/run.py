@@ -5,6 +5,10 @@
     python benchmarks/run.py --package-from-commit HEAD   # benchmark a commit, not the working tree
     python benchmarks/run.py --render-from benchmarks/last_run.json   # rewrite the page, run nothing
 
+docs/benchmarks.md is now kept by hand (a summary, later measurements and a history this template
+does not have): render to another file with ``--output`` and merge. Every run except
+``--render-from`` also overwrites ``benchmarks/last_run.json``, ``--quick`` included.
+
 Each benchmark also runs alone: ``python benchmarks/bench_engine.py`` (and ``bench_e2e.py``,
 ``bench_memory.py``, ``bench_throughput.py``, ``bench_budget.py``, ``bench_scenario1.py``,
 ``bench_scenario2.py``, ``bench_scenario3.py``). The raw results of the last run are written to
@@ -1031,21 +1035,21 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "```bash",
         "export LITELLM_LOCAL_MODEL_COST_MAP=True     # no network needed (the scripts set it too)",
-        "pip install -e '.[bench]'                    # limits, aiolimiter, pyrate-limiter",
-        "python benchmarks/run.py                     # everything; rewrites this page",
-        "python benchmarks/run.py --package-from-commit HEAD   # the same, on a commit (not the working tree)",
-        "python benchmarks/bench_engine.py            # or one at a time (--quick for shorter runs)",
+        "pip install -e '.[bench]'                    # limits, aiolimiter, pyrate-limiter, redis",
+        "python benchmarks/run.py --output /tmp/benchmarks-run.md   # everything (docs/benchmarks.md is kept by hand: merge)",
+        "python benchmarks/run.py --package-from-commit HEAD --output /tmp/benchmarks-run.md   # the same, on a commit",
+        "python benchmarks/bench_engine.py            # or one at a time (--quick where the script has it)",
         "python benchmarks/bench_e2e.py",
         "python benchmarks/bench_instructions.py     # the same overhead in CPU instructions (needs valgrind)",
         "python benchmarks/bench_litellm_kwargs.py   # LiteLLM's own cost of the arguments the guard may add (valgrind)",
         "python benchmarks/bench_memory.py",
-        "python benchmarks/bench_throughput.py        # --no-minute skips the 70 s per-minute run",
+        "python benchmarks/bench_throughput.py        # alone it adds the 70 s per-minute run unless --no-minute",
         "python benchmarks/bench_scenario2.py         # 10,000 requests, plugin vs plain LiteLLM (--router: + the Router subjects)",
         "python benchmarks/bench_budget.py            # budget checks and persistence",
         "python benchmarks/bench_scenario1.py         # runaway loop: spend and time to stop",
         "python benchmarks/bench_scenario3.py         # two models, priorities",
-        "python benchmarks/bench_redis.py             # shared limits on Redis vs limits' Redis moving window",
-        "hive-ratelimit simulate --config limits.yaml --rate 50/s --duration 1h --agents 10   # your own load, virtual clock",
+        "python benchmarks/bench_redis.py             # shared limits on Redis vs limits' Redis moving window (HIVE_BENCH_REDIS)",
+        "hive-ratelimit simulate --config configs/spec-example.yaml --rate 50/s --duration 1h --agents 10   # your own load, virtual clock",
         "```",
         "",
     ]
