@@ -94,6 +94,16 @@ def _pct(v: float | None, digits: int = 1) -> str:
     return "n/a" if v is None else f"{v:.{digits}f} %"
 
 
+def _share(rate: float) -> str:
+    """A success rate as a percentage that reads 100 % only when it is (2 failures in 10,000 are
+    99.98 %, not a rounded 100.0 %)."""
+    pct = 100 * rate
+    digits = 1
+    while rate < 1.0 and digits < 4 and round(pct, digits) >= 100:
+        digits += 1
+    return f"{pct:.{digits}f} %"
+
+
 def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
@@ -787,7 +797,7 @@ def _md_scenario2(r: dict[str, Any]) -> list[str]:
             continue
         x = r[name]
         lines.append(
-            f"| {name} | {100 * x['success_rate']:.1f} % | {x['caller_429s']} | {x['provider_429s']} | "
+            f"| {name} | {_share(x['success_rate'])} | {x['caller_429s']} | {x['provider_429s']} | "
             f"{x['sent_to_provider']:,} | {x['duration']:.1f} s | "
             f"{100 * min(1.0, x['ok'] / (r['provider_rpm'] * -(-x['duration'] // 60))):.1f} % | "
             f"{x['p50_latency'] or 0:.2f} s | "
@@ -842,7 +852,7 @@ def _md_router(rt: dict[str, Any]) -> list[str]:
                 continue
             other = {k: v for k, v in x["errors"].items() if k != "RateLimitError"}
             lines.append(
-                f"| {name} | {100 * x['success_rate']:.1f} % | {x['caller_429s']:,} | "
+                f"| {name} | {_share(x['success_rate'])} | {x['caller_429s']:,} | "
                 f"{', '.join(f'{k} {v:,}' for k, v in other.items()) or '-'} | {x['provider_429s']:,} | "
                 f"{x['sent_to_provider']:,} | {x['duration']:.1f} s | {x['p50_latency'] or 0:.2f} s | "
                 f"{x['p99_latency'] or 0:.2f} s |"
