@@ -27,8 +27,15 @@ Instructions are not time: cache misses and branch mispredictions are not counte
 plugin's few small objects are cheaper per instruction than LiteLLM's pipeline. They are a
 stable proxy for CPU work and show which part of the overhead is whose.
 
+``--inline`` runs LiteLLM's executor work (``loop.run_in_executor``: the success handler it hands
+to a thread) inline on the event loop's thread, still one loop turn later. The thread hand-off
+makes the logging thread's and the loop's work move with wall time (+-20k instructions per call
+between identical runs); inline, counts repeat within a few thousand, which makes A/B
+comparisons of whole calls meaningful. The work done is the same, in another thread.
+
 Needs ``valgrind`` (Debian: ``apt-get install valgrind``); without it the stage reports itself
-skipped. Run alone: ``python benchmarks/bench_instructions.py [--quick]``.
+skipped. Run alone: ``python benchmarks/bench_instructions.py [--quick] [--inline]
+[--modes none,noop,hive,hive2]``.
 """
 
 from __future__ import annotations
@@ -105,11 +112,28 @@ def _config(levels: int = 6) -> dict[str, Any]:
     return cfg
 
 
+def _run_executor_work_inline() -> None:
+    """``loop.run_in_executor(executor, fn, *args)`` runs ``fn`` at once on the loop's thread and
+    returns a finished future (its awaiter resumes one loop turn later, as after a hand-off)."""
+
+    def inline(self: asyncio.AbstractEventLoop, executor: Any, func: Any, *args: Any) -> asyncio.Future[Any]:
+        fut = self.create_future()
+        try:
+            fut.set_result(func(*args))
+        except BaseException as exc:  # (delivered to the awaiter, as from a thread)
+            fut.set_exception(exc)
+        return fut
+
+    asyncio.BaseEventLoop.run_in_executor = inline  # type: ignore[assignment,method-assign]
+
+
 def _child(mode: str, n: int) -> None:
     try:
         from . import bench_e2e
     except ImportError:
         import bench_e2e  # type: ignore[no-redef]
+    if os.environ.get("HIVE_BENCH_INLINE") == "1":
+        _run_executor_work_inline()
     litellm = common.quiet_litellm()
     from hive_ratelimit_plugin import HiveLimiter
     from hive_ratelimit_plugin import plugin as plugin_mod
@@ -162,32 +186,39 @@ def _count(mode: str, n: int) -> tuple[int, int]:
     return common.callgrind_threads(HERE, "--child", mode, str(n))
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, inline: bool = False, modes: list[str] | None = None) -> dict[str, Any]:
     if shutil.which("valgrind") is None:
         return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
     from importlib.metadata import version
 
+    modes = list(modes) if modes else list(MODES)
+    if "none" not in modes:
+        modes.insert(0, "none")  # (the baseline every figure is relative to)
+    if inline:
+        os.environ["HIVE_BENCH_INLINE"] = "1"  # (callgrind_threads passes the environment on)
     lo, hi = (50, 150) if quick else (50, 350)
-    jobs = [(mode, n) for mode in MODES for n in (lo, hi)]
+    jobs = [(mode, n) for mode in modes for n in (lo, hi)]
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         counts = dict(zip(jobs, pool.map(lambda j: _count(*j), jobs), strict=True))
-    per_call = {mode: (counts[(mode, hi)][1] - counts[(mode, lo)][1]) / (hi - lo) for mode in MODES}
-    per_call_main = {mode: (counts[(mode, hi)][0] - counts[(mode, lo)][0]) / (hi - lo) for mode in MODES}
+    per_call = {mode: (counts[(mode, hi)][1] - counts[(mode, lo)][1]) / (hi - lo) for mode in modes}
+    per_call_main = {mode: (counts[(mode, hi)][0] - counts[(mode, lo)][0]) / (hi - lo) for mode in modes}
     base = per_call["none"]
+    pct: dict[str, float] = {}
+    for mode in ("empty", "hive", "noop", "hive2"):
+        if mode in per_call:
+            pct[f"{mode}_vs_none"] = 100.0 * (per_call[mode] / base - 1.0)
+    if "hive" in per_call and "noop" in per_call:
+        pct["hive_vs_noop"] = 100.0 * (per_call["hive"] / per_call["noop"] - 1.0)
+    if "hooks" in per_call:
+        pct["hooks_vs_none"] = 100.0 * per_call["hooks"] / base
     return {
         "calls": [lo, hi],
         "litellm": version("litellm"),
+        "inline_executor": inline,
         "per_call": per_call,
         "per_call_main": per_call_main,
-        "labels": MODES,
-        "overhead_pct": {
-            "empty_vs_none": 100.0 * (per_call["empty"] / base - 1.0),
-            "hive_vs_none": 100.0 * (per_call["hive"] / base - 1.0),
-            "noop_vs_none": 100.0 * (per_call["noop"] / base - 1.0),
-            "hive_vs_noop": 100.0 * (per_call["hive"] / per_call["noop"] - 1.0),
-            "hive2_vs_none": 100.0 * (per_call["hive2"] / base - 1.0),
-            "hooks_vs_none": 100.0 * per_call["hooks"] / base,
-        },
+        "labels": {mode: MODES[mode] for mode in modes},
+        "overhead_pct": pct,
     }
 
 
@@ -195,7 +226,7 @@ def summary(res: dict[str, Any]) -> str:
     if "skipped" in res:
         return f"skipped: {res['skipped']}"
     lines = [f"{label:58s} {res['per_call'][mode]:>14,.0f} instructions per call "
-             f"({res['per_call_main'][mode]:,.0f} on the caller's thread)" for mode, label in MODES.items()]
+             f"({res['per_call_main'][mode]:,.0f} on the caller's thread)" for mode, label in res["labels"].items()]
     lines += [f"{name:20s} {pct:+.2f} %" for name, pct in res["overhead_pct"].items()]
     return "\n".join(lines)
 
@@ -203,13 +234,20 @@ def summary(res: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--inline", action="store_true",
+                        help="run LiteLLM's executor work on the loop's thread (steadier counts; see above)")
+    parser.add_argument("--modes", help=f"a comma-separated subset of {','.join(MODES)} (default: all)")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="PATH", help="also write the result there (for run.py --reuse)")
     args = parser.parse_args()
     if args.child:
         _child(args.child[0], int(args.child[1]))
         return
-    res = run(args.quick)
+    modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
+    unknown = sorted(set(modes or ()) - set(MODES))
+    if unknown:
+        parser.error(f"unknown mode(s): {', '.join(unknown)}")
+    res = run(args.quick, inline=args.inline, modes=modes)
     print(summary(res))
     if args.json:
         common.write_result_json(args.json, "benchmarks/bench_instructions.py", res)
