@@ -40,6 +40,15 @@ class Scripted:
     drop: bool = False  # close the connection without answering
     cut_after: int | None = None  # a streamed answer: close the connection after this many chunks
 
+    @classmethod
+    def context_length_exceeded(cls) -> Scripted:
+        """A ``400`` saying the prompt is longer than the model's context window, worded as
+        OpenAI words it (LiteLLM raises ``ContextWindowExceededError`` for it)."""
+        return cls(status=400, body={"error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your messages "
+                       "resulted in 9000 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})
+
 
 @dataclass
 class Received:
@@ -209,6 +218,9 @@ class ProviderState:
         self.cost_model = cost_model
         self.lock = threading.Lock()
         self.script: collections.deque[Scripted] = collections.deque()
+        #: Scripted responses for one model's requests only (the ``model`` of the request body), used
+        #: before ``script``: see :meth:`push_for`.
+        self.model_script: dict[str, collections.deque[Scripted]] = {}
         self.log: list[Received] = []
         #: Requests being answered (a provider's concurrency): from arrival until the answer starts
         #: (non-streaming) or until generation ends (a stream's ``finish_reason`` chunk).
@@ -236,9 +248,16 @@ class ProviderState:
         with self.lock:
             self.script.extend(responses)
 
+    def push_for(self, model: str, *responses: Scripted) -> None:
+        """Queue scripted responses for the next requests for ``model`` (as the request body names
+        it, e.g. ``"gpt-4o-mini"``); other models' requests are answered as usual."""
+        with self.lock:
+            self.model_script.setdefault(model, collections.deque()).extend(responses)
+
     def reset(self) -> None:
         with self.lock:
             self.script.clear()
+            self.model_script.clear()
             self.log.clear()
             self._enforcer.clear()
             self.in_flight = 0
@@ -337,7 +356,8 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
-            scripted = state.script.popleft() if state.script else None
+            own = state.model_script.get(model) if state.model_script else None
+            scripted = own.popleft() if own else state.script.popleft() if state.script else None
         self._in_flight = True
         self._cut_after: int | None = None
         try:

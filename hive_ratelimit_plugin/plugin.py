@@ -1574,6 +1574,10 @@ class HiveLimiter(CustomLogger):
     # ------------------------------------------------------- async (hooks)
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> None:
         """Admit an async call before its HTTP request (waits in the queue if needed)."""
+        if "fallbacks" in kwargs and _sdk_fallbacks(kwargs):
+            # LiteLLM's own fallbacks (``acompletion(..., fallbacks=[...])``): this call sends
+            # nothing itself, it calls ``acompletion`` once per model, each try admitted in turn.
+            return None
         call_id = kwargs.get("litellm_call_id")
         if not call_id:
             call_id = kwargs["litellm_call_id"] = new_call_id()
@@ -1800,8 +1804,16 @@ class HiveLimiter(CustomLogger):
 
     def _settle_logged(self, kwargs: Mapping[str, Any], result: Any) -> None:
         call_id = kwargs.get("litellm_call_id")
-        if not call_id or call_id in self._settled_inline or not self._engine.holds(call_id):
-            return  # not ours, the guard's to settle, or already settled (success deployment hook, guard)
+        if not call_id or call_id in self._settled_inline:
+            return
+        if not self._engine.holds(call_id):
+            # A try of LiteLLM's SDK fallbacks logs under the call's id (its tries share the call's
+            # logging object) and is admitted under its own, which LiteLLM notes in litellm_params.
+            params = kwargs.get("litellm_params")
+            own = params.get("litellm_call_id") if isinstance(params, Mapping) else None
+            if not own or own == call_id or own in self._settled_inline or not self._engine.holds(own):
+                return  # not ours, the guard's to settle, or already settled (success deployment hook, guard)
+            call_id = own
         if kwargs.get("stream"):
             # The handler runs per chunk too; the call is over once LiteLLM has assembled it.
             result = kwargs.get("async_complete_streaming_response") or kwargs.get("complete_streaming_response")
@@ -2225,6 +2237,39 @@ def _is_router_call(kwargs: Mapping[str, Any]) -> bool:
     return False
 
 
+def _sdk_fallbacks(kwargs: Mapping[str, Any]) -> bool:
+    """A chat call with LiteLLM's SDK fallbacks (``completion(..., fallbacks=[...])``, not a
+    Router's): LiteLLM sends nothing for it itself but calls ``acompletion`` once per model in
+    turn (``completion_with_fallbacks``, 1.83.4 through 1.110.2), until one answers. Each of those
+    tries is admitted, counted and settled on its own model; the call around them is not."""
+    return bool(kwargs.get("fallbacks")) and not _is_router_call(kwargs)
+
+
+def _context_fallback(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The model a chat call goes to next if its own answers that the prompt is too long: its
+    ``context_window_fallback_dict`` entry, which is then taken off the call. LiteLLM would make
+    that second request itself, inside the call, where no hook sees it (sent unadmitted, its
+    answer settled on the first model); the guard makes it instead, admitted like any attempt.
+    ``None`` (the call left as it is) without an entry, for a Router's deployment call (LiteLLM
+    leaves those to the Router) and under SDK fallbacks (whose tries LiteLLM makes)."""
+    table = kwargs.get("context_window_fallback_dict")
+    if not table or not isinstance(table, Mapping) or _is_router_call(kwargs) or _sdk_fallbacks(kwargs):
+        return None
+    model = args[0] if args else kwargs.get("model")
+    try:
+        target = table.get(model)
+    except TypeError:  # an unhashable model: LiteLLM's own lookup fails the same way
+        return None
+    if not target or not isinstance(target, str):
+        return None
+    del kwargs["context_window_fallback_dict"]
+    return target
+
+
+def _context_window_exceeded(exc: BaseException) -> bool:
+    return isinstance(exc, litellm.exceptions.ContextWindowExceededError)
+
+
 class _NoSdkRetries(int):
     """A ``max_retries=0`` that LiteLLM's OpenAI embedding handler keeps at 0: it reads
     ``max_retries or DEFAULT_MAX_RETRIES`` (1.83.4 through 1.110.2), which turns a plain 0 into 2
@@ -2369,9 +2414,12 @@ class _Retrying:
 
 def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     names = _POSITIONAL[name]
+    chat = name == "completion"
 
     def attempt(limiters: list[HiveLimiter], args: tuple[Any, ...], kwargs: dict[str, Any],
                 prior: BaseException | None) -> Any:
+        if chat and "fallbacks" in kwargs and _sdk_fallbacks(kwargs):
+            return _fallbacks_sync(fn, limiters, args, kwargs, prior)
         view = dict(kwargs)
         for pname, value in zip(names, args, strict=False):
             view.setdefault(pname, value)
@@ -2428,6 +2476,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         # (A Router's sync ``responses`` does not retry itself: LiteLLM's own loop did.)
         started, user_call_id, asked, deployment_retries = _first_attempt(
             first, kwargs, sync=True, router_retries=name != "responses", embedding=name == "embedding")
+        bigger = _context_fallback(args, kwargs) if chat and "context_window_fallback_dict" in kwargs else None
         retrying: _Retrying | None = None  # built once an attempt fails (see _first_attempt)
         while True:
             token = None
@@ -2441,6 +2490,16 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as exc:
                 if retrying is None:
                     retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
+                if bigger is not None and _context_window_exceeded(exc):
+                    # (the prompt is too long for this model: the next attempt goes to the bigger one)
+                    if args:
+                        args = (bigger, *args[1:])
+                        retrying.positional_model = bigger
+                    else:
+                        kwargs["model"] = bigger
+                    bigger = None
+                    retrying.delay = 0.0
+                    continue
                 if not retrying.should_retry(exc):
                     _router_retries_back(exc, deployment_retries)
                     raise
@@ -2470,11 +2529,13 @@ def _keyword_names(fn: Callable[..., Any]) -> tuple[str, ...]:
 def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     names = _keyword_names(fn) or _POSITIONAL.get(name, ())  # (the latter for ``def f(*args, **kwargs)``)
     embedding = name == "aembedding"
+    chat = name == "acompletion"
 
     @functools.wraps(fn)
     async def guard(*args: Any, **kwargs: Any) -> Any:
-        if _in_async_guard.get() is not None:
-            return await fn(*args, **kwargs)  # LiteLLM calling itself: the outer guard retries
+        nested = _in_async_guard.get()
+        if nested is not None:  # LiteLLM calling itself (its fallbacks' tries): the outer guard retries
+            return await _nested_async(fn, nested, args, kwargs)
         limiters = _active_limiters()
         if not limiters or _guarded_call.get() is not None:
             return await fn(*args, **kwargs)
@@ -2489,7 +2550,7 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         prior = sys.exc_info()[1]  # called while handling an error: an earlier attempt's, maybe
         outer = _in_async_guard.set(admitted)
         try:
-            return await _retry_async(fn, limiters, args, kwargs, admitted, embedding, prior)
+            return await _retry_async(fn, limiters, args, kwargs, admitted, embedding, prior, chat)
         finally:
             _in_async_guard.reset(outer)
 
@@ -2499,12 +2560,13 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
                        kwargs: dict[str, Any], admitted: list[str | None], embedding: bool = False,
-                       prior: BaseException | None = None) -> Any:
+                       prior: BaseException | None = None, chat: bool = False) -> Any:
     # Admission happens in the deployment hook; this loop only retries provider 429s. The
     # first attempt is the common case and runs without the retry state, which is built only
     # when an attempt fails (with the same start time, so the retry budget is unchanged).
     first = limiters[0]
     started, user_call_id, asked, deployment_retries = _first_attempt(first, kwargs, embedding=embedding)
+    bigger = _context_fallback(args, kwargs) if chat and "context_window_fallback_dict" in kwargs else None
     retrying: _Retrying | None = None
     while True:
         token = None
@@ -2523,6 +2585,12 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
             _release_admitted(limiters, admitted, kwargs, exc, prior)
             if retrying is None:
                 retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
+            if bigger is not None and _context_window_exceeded(exc):
+                # (the prompt is too long for this model: the next attempt goes to the bigger one)
+                kwargs["model"] = bigger
+                bigger = None
+                retrying.delay = 0.0
+                continue
             if not retrying.should_retry(exc):
                 _router_retries_back(exc, deployment_retries)
                 raise
@@ -2550,6 +2618,47 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         finally:
             if token is not None:
                 _wait_budget.reset(token)
+
+
+async def _nested_async(fn: Callable[..., Any], admitted: list[str | None], args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> Any:
+    """A guarded entry point LiteLLM calls from inside a guarded call (a try of its SDK fallbacks,
+    see :func:`_sdk_fallbacks`): admitted by the deployment hook and retried, if at all, by the
+    outer guard. A try that fails is released here, as the attempt it was, before LiteLLM makes the
+    next one (under the same call id, for another model; its failure events name the outer call)."""
+    before = admitted[:]
+    try:
+        return await fn(*args, **kwargs)
+    except Exception as exc:
+        tries = [cid for cid in dict.fromkeys(admitted) if cid is not None and cid not in before]
+        if tries:
+            limiters = _active_limiters()
+            for call_id in tries:
+                _release_attempt(limiters, call_id, exc)
+            admitted[:] = before
+        raise
+
+
+def _fallbacks_sync(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
+                    kwargs: dict[str, Any], prior: BaseException | None) -> Any:
+    """A sync chat call with SDK fallbacks (:func:`_sdk_fallbacks`): LiteLLM makes its tries with
+    ``acompletion``, on an event loop of its own, where the deployment hook admits each one. The
+    call itself is not admitted; what its tries hold is released if it fails or is interrupted."""
+    admitted: list[str | None] = [None]
+    token = _in_async_guard.set(admitted)
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as exc:
+        _release_admitted(limiters, admitted, kwargs, exc, prior)
+        raise
+    except BaseException:
+        _release_admitted(limiters, admitted, kwargs, None)
+        raise
+    finally:
+        _in_async_guard.reset(token)
+    if kwargs.get("stream") and admitted[0] is not None:
+        result = _keep_alive(result, [(lim, admitted[0]) for lim in limiters])
+    return result
 
 
 def _release_admitted(limiters: list[HiveLimiter], admitted: list[str | None], kwargs: Mapping[str, Any],

@@ -1,0 +1,218 @@
+"""LiteLLM's own (SDK) fallbacks, outside a Router: ``completion(..., fallbacks=[...])`` and
+``context_window_fallback_dict``. Every request sent is admitted once, against the limits of the
+model it goes to; a try that fails is settled as a failed request and gives its slot back.
+
+Was: a call with ``fallbacks=`` was admitted twice (the call, then its first try: 2 requests and
+twice the tokens and cost for one request sent), and the bigger model of a context-window fallback
+was sent unadmitted (counted on the small model, or not at all)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import litellm
+import pytest
+
+from hive_ratelimit_plugin import HiveLimiter, RateLimitQueueTimeout
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
+
+from .helpers import chat_kwargs, global_usage, make_limiter, wait_until
+
+SMALL, BIG = "gpt-4o-mini", "gpt-4o"
+# One unit per token on the small model, ten on the big one: a request of chat_kwargs (3 prompt
+# tokens, 5 output tokens as the fake answers) costs 8 on the small model, 80 on the big one.
+PRICES = {SMALL: {"input_per_million": 1_000_000, "output_per_million": 1_000_000},
+          BIG: {"input_per_million": 10_000_000, "output_per_million": 10_000_000}}
+
+
+def limiter_for(clock: FakeClock, small: int = 1, big: int = 1) -> HiveLimiter:
+    """One call at a time, ``small`` / ``big`` requests a minute on each model, no waiting."""
+    return make_limiter(clock, {
+        "pricing": PRICES, "state_path": ":memory:", "budget": {"max_daily_spend": 100_000},
+        "global": {"requests_per_minute": 100, "concurrent_requests": 1},
+        "providers": {"openai": {SMALL: {"requests_per_minute": small}, BIG: {"requests_per_minute": big}}},
+        "queue": {"max_wait_seconds": 0},
+    })
+
+
+def requests(limiter: HiveLimiter) -> dict[str, float]:
+    """Requests counted this minute: globally and per model (0 for a model never counted)."""
+    levels = limiter.get_usage_stats()["levels"]
+    out = {"global": levels["global"]["global"]["requests_per_minute"]["used"]}
+    for model in (SMALL, BIG):
+        scope = levels.get("model", {}).get(f"model:openai/{model}", {})
+        out[model] = scope.get("requests_per_minute", {}).get("used", 0)
+    return out
+
+
+def sent(provider: FakeProvider) -> list[tuple[str, int]]:
+    return [(r.model, r.status) for r in provider.state.log]
+
+
+def fallbacks_kwargs(provider: FakeProvider) -> dict[str, Any]:
+    return chat_kwargs(provider, model=f"openai/{SMALL}", max_tokens=5, fallbacks=[f"openai/{BIG}"])
+
+
+def context_kwargs(provider: FakeProvider) -> dict[str, Any]:
+    return chat_kwargs(provider, model=f"openai/{SMALL}", max_tokens=5,
+                       context_window_fallback_dict={f"openai/{SMALL}": f"openai/{BIG}"})
+
+
+async def settled(limiter: HiveLimiter) -> None:
+    """Wait for LiteLLM's success logging (a task after the call returns) to have run."""
+    await wait_until(lambda: not limiter._engine._leases and global_usage(limiter)["in_flight"] == 0)
+
+
+def settled_sync(limiter: HiveLimiter) -> None:
+    asyncio.run(settled(limiter))
+
+
+# ------------------------------------------------------------------------------- fallbacks=
+async def test_async_fallbacks_answered_by_the_first_model_are_one_request(provider: FakeProvider,
+                                                                           clock: FakeClock) -> None:
+    limiter = limiter_for(clock)
+    resp = await litellm.acompletion(**fallbacks_kwargs(provider))
+    assert resp.choices[0].message.content
+    await settled(limiter)
+    assert sent(provider) == [(SMALL, 200)]
+    assert requests(limiter) == {"global": 1, SMALL: 1, BIG: 0}
+    assert limiter.get_usage_stats()["cost_today"] == 8
+
+
+def test_sync_fallbacks_answered_by_the_first_model_are_one_request(provider: FakeProvider,
+                                                                    clock: FakeClock) -> None:
+    limiter = limiter_for(clock)
+    resp = litellm.completion(**fallbacks_kwargs(provider))
+    assert resp.choices[0].message.content
+    settled_sync(limiter)
+    assert sent(provider) == [(SMALL, 200)]
+    assert requests(limiter) == {"global": 1, SMALL: 1, BIG: 0}
+    assert limiter.get_usage_stats()["cost_today"] == 8
+
+
+@pytest.mark.parametrize("status", [500, 429])
+async def test_async_fallback_after_a_failed_try_counts_each_try_on_its_own_model(
+        provider: FakeProvider, clock: FakeClock, status: int) -> None:
+    limiter = limiter_for(clock)
+    provider.state.push_for(SMALL, Scripted(status=status))
+    resp = await litellm.acompletion(**fallbacks_kwargs(provider))
+    assert resp.choices[0].message.content
+    await settled(limiter)
+    assert sent(provider) == [(SMALL, status), (BIG, 200)]
+    # the failed try: a request on the small model, no tokens, no cost; the answer: the big model's
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+    assert limiter.get_usage_stats()["cost_today"] == 80
+
+
+@pytest.mark.parametrize("status", [500, 429])
+def test_sync_fallback_after_a_failed_try_counts_each_try_on_its_own_model(
+        provider: FakeProvider, clock: FakeClock, status: int) -> None:
+    limiter = limiter_for(clock)
+    provider.state.push_for(SMALL, Scripted(status=status))
+    resp = litellm.completion(**fallbacks_kwargs(provider))
+    assert resp.choices[0].message.content
+    settled_sync(limiter)
+    assert sent(provider) == [(SMALL, status), (BIG, 200)]
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+    assert limiter.get_usage_stats()["cost_today"] == 80
+
+
+async def test_async_fallbacks_that_all_fail_give_every_slot_back(provider: FakeProvider, clock: FakeClock) -> None:
+    limiter = limiter_for(clock, small=5)
+    provider.state.push_for(SMALL, Scripted(status=500))
+    provider.state.push_for(BIG, Scripted(status=500))
+    with pytest.raises(Exception, match="fallback"):
+        await litellm.acompletion(**fallbacks_kwargs(provider))
+    await settled(limiter)
+    assert sent(provider) == [(SMALL, 500), (BIG, 500)]
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+    assert limiter.get_usage_stats()["cost_today"] == 0
+    # the one slot is free again: the next call goes through
+    await litellm.acompletion(**chat_kwargs(provider, model=f"openai/{SMALL}", max_tokens=5))
+    assert requests(limiter) == {"global": 3, SMALL: 2, BIG: 1}
+
+
+# ----------------------------------------------------------------- context_window_fallback_dict
+async def test_async_context_window_fallback_is_admitted_on_the_bigger_model(provider: FakeProvider,
+                                                                            clock: FakeClock) -> None:
+    limiter = limiter_for(clock)
+    provider.state.push_for(SMALL, Scripted.context_length_exceeded())
+    resp = await litellm.acompletion(**context_kwargs(provider))
+    assert resp.choices[0].message.content
+    await settled(limiter)
+    assert sent(provider) == [(SMALL, 400), (BIG, 200)]
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+    assert limiter.get_usage_stats()["cost_today"] == 80
+
+
+def test_sync_context_window_fallback_is_admitted_on_the_bigger_model(provider: FakeProvider,
+                                                                     clock: FakeClock) -> None:
+    limiter = limiter_for(clock)
+    provider.state.push_for(SMALL, Scripted.context_length_exceeded())
+    resp = litellm.completion(**context_kwargs(provider))
+    assert resp.choices[0].message.content
+    settled_sync(limiter)
+    assert sent(provider) == [(SMALL, 400), (BIG, 200)]
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+    assert limiter.get_usage_stats()["cost_today"] == 80
+
+
+async def test_async_context_window_fallback_waits_for_the_bigger_models_limit(provider: FakeProvider,
+                                                                              clock: FakeClock) -> None:
+    """The bigger model's own limit holds for the fallback: used up, nothing more is sent to it."""
+    limiter = limiter_for(clock, small=5)
+    await litellm.acompletion(**chat_kwargs(provider, model=f"openai/{BIG}", max_tokens=5))  # its one request
+    provider.state.push_for(SMALL, Scripted.context_length_exceeded())
+    with pytest.raises(RateLimitQueueTimeout):
+        await litellm.acompletion(**context_kwargs(provider))
+    await settled(limiter)
+    assert sent(provider) == [(BIG, 200), (SMALL, 400)]
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+
+
+def test_sync_context_window_fallback_waits_for_the_bigger_models_limit(provider: FakeProvider,
+                                                                       clock: FakeClock) -> None:
+    limiter = limiter_for(clock, small=5)
+    litellm.completion(**chat_kwargs(provider, model=f"openai/{BIG}", max_tokens=5))
+    provider.state.push_for(SMALL, Scripted.context_length_exceeded())
+    with pytest.raises(RateLimitQueueTimeout):
+        litellm.completion(**context_kwargs(provider))
+    settled_sync(limiter)
+    assert sent(provider) == [(BIG, 200), (SMALL, 400)]
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_fallbacks_without_limits_count_the_request_once(provider: FakeProvider, clock: FakeClock,
+                                                               sync: bool) -> None:
+    """Nothing holding the call back: its one request is still counted once, and paid once."""
+    limiter = make_limiter(clock, {"pricing": PRICES, "state_path": ":memory:",
+                                   "global": {"requests_per_minute": 100},
+                                   "providers": {"openai": {SMALL: {"tokens_per_minute": 1000}}}})
+    if sync:
+        await asyncio.to_thread(litellm.completion, **fallbacks_kwargs(provider))
+    else:
+        await litellm.acompletion(**fallbacks_kwargs(provider))
+    await settled(limiter)
+    assert sent(provider) == [(SMALL, 200)]
+    stats = limiter.get_usage_stats()
+    assert stats["levels"]["global"]["global"]["requests_per_minute"]["used"] == 1
+    assert stats["levels"]["model"][f"model:openai/{SMALL}"]["tokens_per_minute"]["used"] == 8
+    assert stats["cost_today"] == 8
+
+
+async def test_async_streamed_fallback_is_settled_on_the_model_that_answered(provider: FakeProvider,
+                                                                            clock: FakeClock) -> None:
+    """A streamed answer from the fallback model: settled once read (its success event names the
+    call, its reservation the try), not left to its lease."""
+    limiter = limiter_for(clock)
+    provider.state.push_for(SMALL, Scripted(status=500))
+    stream = await litellm.acompletion(**fallbacks_kwargs(provider), stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    assert chunks
+    await settled(limiter)
+    assert sent(provider) == [(SMALL, 500), (BIG, 200)]
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+    assert limiter.get_usage_stats()["cost_today"] == 80
