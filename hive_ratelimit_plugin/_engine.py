@@ -2313,6 +2313,11 @@ class Engine:
             return 0
         return 2 if res.answered else 1 if res.attempts else 0
 
+    def attempted(self, call_id: str) -> bool:
+        """Whether LiteLLM reported sending an HTTP attempt of this open call (:meth:`note_attempt`)."""
+        res = self._leases.get(call_id)
+        return res is not None and res.attempts > 0
+
     def note_answered(self, call_id: str) -> None:
         """The provider has begun to answer an open call (its stream is being read)."""
         res = self._leases.get(call_id)

@@ -901,6 +901,9 @@ class RedisEngine(Engine):
     def progress(self, call_id: str) -> int:
         return max(super().progress(call_id), self.fallback.progress(call_id))
 
+    def attempted(self, call_id: str) -> bool:
+        return super().attempted(call_id) or self.fallback.attempted(call_id)
+
     def note_answered(self, call_id: str) -> None:
         super().note_answered(call_id)
         self.fallback.note_answered(call_id)

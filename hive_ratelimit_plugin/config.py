@@ -582,7 +582,7 @@ def _format_validation_error(exc: ValidationError, root: str, env: bool = True) 
     return lines
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
+class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc,unused-ignore]
     """``yaml.safe_load`` that refuses a key given twice in one mapping (two ``global:`` blocks:
     the second would silently replace the first, and its limits with it)."""
 

@@ -44,6 +44,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import litellm
+from litellm.exceptions import BudgetExceededError as _LiteLLMBudgetExceeded
 from litellm.integrations.custom_logger import CustomLogger
 
 from . import _fork, _media, _observe
@@ -291,6 +292,12 @@ def _call_type_name(call_type: Any) -> str:
         if len(_call_type_names) < 1024:
             _call_type_names[call_type] = name
     return name
+
+
+def _cache_hit(response: Any) -> bool:
+    """Whether LiteLLM marked ``response`` as served from its cache (``caching=True``)."""
+    hidden = getattr(response, "_hidden_params", None)
+    return type(hidden) is dict and hidden.get("cache_hit") is True
 
 
 def _usage_obj(response: Any) -> Any:
@@ -1418,13 +1425,22 @@ class HiveLimiter(CustomLogger):
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
                 exc: BaseException | None = None, prior: BaseException | None = None,
-                logged_cost: Any = None, headers: Mapping[str, Any] | None = None) -> None:
+                logged_cost: Any = None, headers: Mapping[str, Any] | None = None,
+                cached: bool = False) -> None:
+        """End a call: settle it with its actual usage (or, ``failed``, as its error says) and
+        free its slot. ``cached``: LiteLLM's logging says it answered from its own cache."""
         eng = self._engine
         ticket = eng.ticket_of(call_id) if call_id else None
         if ticket is None:
             return  # not ours, or already settled (LiteLLM sends more than one end-of-call event)
         assert call_id is not None
         prompt = self._cache_prompts.pop(call_id, None) if self._cache_prompts else None
+        if not failed and (cached or _cache_hit(response)) and not eng.attempted(call_id):
+            # Answered from LiteLLM's cache (``caching=True``): no request reached the provider, so
+            # none is counted, nor tokens, nor money. (A partial hit, as an embedding of some
+            # inputs not in the cache, sent the rest: it made an attempt, and is counted.)
+            eng.release(call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome="void")
+            return
         if failed:
             outcome, wait, signals = "error", None, None
             if exc is not None:
@@ -1449,9 +1465,10 @@ class HiveLimiter(CustomLogger):
                 return
             # Refused by the provider (an error status), or never sent: providers do not bill those,
             # nor count their tokens. The attempt still counts as a request, unless it was cancelled
-            # before LiteLLM sent it (an error before the send may be LiteLLM's own or the
-            # provider's: counted, to be safe).
-            if not progress and exc is None:
+            # before LiteLLM sent it, or LiteLLM itself refused it before sending (its own
+            # ``litellm.max_budget``). Any other error before the send may be LiteLLM's own or the
+            # provider's: counted, to be safe.
+            if not progress and (exc is None or isinstance(exc, _LiteLLMBudgetExceeded)):
                 outcome = "void"
             eng.release(call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome=outcome, wait=wait,
                         signals=signals)
@@ -1821,16 +1838,17 @@ class HiveLimiter(CustomLogger):
                 return
             # (Anthropic's messages API: its assembled answer has no headers; see _logged_headers)
             headers = response_headers(result) or _logged_headers(kwargs)
-            self._settle_quietly(call_id, result, kwargs.get("response_cost"), headers)
+            self._settle_quietly(call_id, result, kwargs.get("response_cost"), headers,
+                                 cached=kwargs.get("cache_hit") is True)
             return
-        self._settle_quietly(call_id, result, kwargs.get("response_cost"))
+        self._settle_quietly(call_id, result, kwargs.get("response_cost"), cached=kwargs.get("cache_hit") is True)
 
     def _settle_quietly(self, call_id: str, result: Any, logged_cost: Any = None,
-                        headers: Mapping[str, Any] | None = None) -> None:
+                        headers: Mapping[str, Any] | None = None, cached: bool = False) -> None:
         """Settle a finished call where an error must not reach the caller (LiteLLM 1.83 does not
         guard its logging hooks; a call that succeeded must not fail in its settlement)."""
         try:
-            self._finish(call_id, result, logged_cost=logged_cost, headers=headers)
+            self._finish(call_id, result, logged_cost=logged_cost, headers=headers, cached=cached)
         except Exception:
             logger.exception("hive-ratelimit: settling a finished call failed; its lease will release it")
 

@@ -300,11 +300,12 @@ class ProxyLimiter(HiveLimiter):
 
     def _finish(self, call_id: str | None, response: Any = None, *, failed: bool = False,
                 exc: BaseException | None = None, prior: BaseException | None = None,
-                logged_cost: Any = None, headers: Mapping[str, Any] | None = None) -> None:
+                logged_cost: Any = None, headers: Mapping[str, Any] | None = None,
+                cached: bool = False) -> None:
         if failed and getattr(exc, "hive_ratelimit_code", None) == "duplicate_call_id":
             return  # a request refused for reusing this id (its events carry it): the call holding it is another's
         super()._finish(call_id, response, failed=failed, exc=exc, prior=prior, logged_cost=logged_cost,
-                        headers=headers)
+                        headers=headers, cached=cached)
         if not failed and call_id:
             # A request answered is over: no retry or fallback of it will ask for its identity
             # again. (Left in place, every request's entry stayed until the LRU dropped it: 65,536
