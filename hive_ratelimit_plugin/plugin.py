@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import difflib
@@ -102,6 +104,26 @@ _wait_budget: ContextVar[float | None] = ContextVar("hive_ratelimit_wait_budget"
 # admitted the current attempt under (LiteLLM assigns the id itself: passing our own costs LiteLLM
 # 1.110 ~19k CPU instructions per call), so that a failed or cancelled attempt is released at once.
 _in_async_guard: ContextVar[list[str | None] | None] = ContextVar("hive_ratelimit_in_async_guard", default=None)
+# Set while LiteLLM's SDK fallbacks make their tries (see _sdk_fallbacks): what the tries need of the
+# call around them (see _FallbackCall).
+_fallback_call: ContextVar[_FallbackCall | None] = ContextVar("hive_ratelimit_fallback_call", default=None)
+
+
+class _FallbackCall:
+    """A call with SDK fallbacks, for its tries (:func:`_nested_async`): the retries of a failed
+    try the caller asked for (``num_retries``: the guard took them from LiteLLM, which would have
+    retried each try; made here, each one admitted), and the limiter's own refusal of the last try
+    if it was refused (LiteLLM turns the last try's error into a bare ``Exception`` carrying only its
+    text; the guard raises the refusal itself, RateLimitQueueTimeout or BudgetExceededError, as it
+    would without fallbacks)."""
+
+    __slots__ = ("asked", "limiter", "refusal", "started")
+
+    def __init__(self, limiter: HiveLimiter, started: float, asked: int) -> None:
+        self.limiter = limiter
+        self.started = started
+        self.asked = asked
+        self.refusal: BaseException | None = None
 
 
 def _seed_call_ids() -> None:
@@ -2435,9 +2457,9 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     chat = name == "completion"
 
     def attempt(limiters: list[HiveLimiter], args: tuple[Any, ...], kwargs: dict[str, Any],
-                prior: BaseException | None) -> Any:
+                prior: BaseException | None, started: float = 0.0, asked: int = 0) -> Any:
         if chat and "fallbacks" in kwargs and _sdk_fallbacks(kwargs):
-            return _fallbacks_sync(fn, limiters, args, kwargs, prior)
+            return _fallbacks_sync(fn, limiters, args, kwargs, prior, _FallbackCall(limiters[0], started, asked))
         view = dict(kwargs)
         for pname, value in zip(names, args, strict=False):
             view.setdefault(pname, value)
@@ -2504,10 +2526,12 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
                 retrying.begin(kwargs)
                 token = _wait_budget.set(retrying.budget())
             try:
-                return attempt(limiters, args, kwargs, prior)
+                return attempt(limiters, args, kwargs, prior, started, asked)
             except Exception as exc:
                 if retrying is None:
-                    retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
+                    # (SDK fallbacks: the tries are retried, not the call around them)
+                    retrying = _Retrying(first, kwargs, args, started, user_call_id,
+                                         0 if chat and _sdk_fallbacks(kwargs) else asked)
                 if bigger is not None and _context_window_exceeded(exc):
                     # (the prompt is too long for this model: the next attempt goes to the bigger one)
                     if args:
@@ -2585,6 +2609,7 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
     first = limiters[0]
     started, user_call_id, asked, deployment_retries = _first_attempt(first, kwargs, embedding=embedding)
     bigger = _context_fallback(args, kwargs) if chat and "context_window_fallback_dict" in kwargs else None
+    fallbacks = chat and "fallbacks" in kwargs and _sdk_fallbacks(kwargs)
     retrying: _Retrying | None = None
     while True:
         token = None
@@ -2598,11 +2623,15 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
         admitted[0] = None
         del admitted[1:]
         try:
-            result = await fn(*args, **kwargs)
+            if fallbacks:
+                result = await _fallbacks_async(fn, args, kwargs, _FallbackCall(first, started, asked))
+            else:
+                result = await fn(*args, **kwargs)
         except Exception as exc:
             _release_admitted(limiters, admitted, kwargs, exc, prior)
             if retrying is None:
-                retrying = _Retrying(first, kwargs, args, started, user_call_id, asked)
+                # (SDK fallbacks: the tries are retried, not the call around them)
+                retrying = _Retrying(first, kwargs, args, started, user_call_id, 0 if fallbacks else asked)
             if bigger is not None and _context_window_exceeded(exc):
                 # (the prompt is too long for this model: the next attempt goes to the bigger one)
                 kwargs["model"] = bigger
@@ -2623,7 +2652,8 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
                 if own is not None and own != call_id and own in admitted:
                     call_id = own
                 if call_id:
-                    result = _keep_alive(result, [(lim, call_id) for lim in limiters])
+                    # (a try of SDK fallbacks fails mid-stream with no failure event naming it: see _keep_alive)
+                    result = _keep_alive(result, [(lim, call_id) for lim in limiters], settle_on_error=fallbacks)
             elif type(result) is not _CHAT_RESPONSE and _media.is_media(result):
                 # Priced by now (LiteLLM sets ``response_cost`` before returning, from what its logging
                 # hook sees): settle here rather than wait for that hook, which a closed event loop
@@ -2641,38 +2671,84 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
 async def _nested_async(fn: Callable[..., Any], admitted: list[str | None], args: tuple[Any, ...],
                         kwargs: dict[str, Any]) -> Any:
     """A guarded entry point LiteLLM calls from inside a guarded call (a try of its SDK fallbacks,
-    see :func:`_sdk_fallbacks`): admitted by the deployment hook and retried, if at all, by the
-    outer guard. A try that fails is released here, as the attempt it was, before LiteLLM makes the
-    next one (under the same call id, for another model; its failure events name the outer call)."""
-    before = admitted[:]
+    see :func:`_sdk_fallbacks`): admitted by the deployment hook. A try that fails is released here,
+    as the attempt it was, before LiteLLM makes the next one (under the same call id, for another
+    model; its failure events name the outer call), after the retries of it the caller asked for
+    (:class:`_FallbackCall`), each one admitted. Other calls LiteLLM makes to itself are retried, if
+    at all, by the outer guard."""
+    call = _fallback_call.get()
+    retrying: _Retrying | None = None
+    while True:
+        before = admitted[:]
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as exc:
+            tries = [cid for cid in dict.fromkeys(admitted) if cid is not None and cid not in before]
+            if tries:
+                limiters = _active_limiters()
+                for call_id in tries:
+                    _release_attempt(limiters, call_id, exc)
+                admitted[:] = before
+            if call is None:
+                raise
+            call.refusal = exc if isinstance(exc, HiveRateLimitError) else None
+            if not call.asked or call.refusal is not None:
+                raise
+            # (a 5xx or a timeout, retried as often as the caller asked, before the next model)
+            if retrying is None:
+                retrying = _Retrying(call.limiter, kwargs, args, call.started, kwargs.get("litellm_call_id"),
+                                     call.asked)
+            if not retrying._retry_failure(exc):
+                raise
+        if retrying.delay:
+            await asyncio.sleep(retrying.delay)
+
+
+async def _fallbacks_async(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                           call: _FallbackCall) -> Any:
+    """An async chat call with SDK fallbacks (:func:`_sdk_fallbacks`), its tries made by LiteLLM
+    (see :class:`_FallbackCall`)."""
+    token = _fallback_call.set(call)
     try:
         return await fn(*args, **kwargs)
-    except Exception as exc:
-        tries = [cid for cid in dict.fromkeys(admitted) if cid is not None and cid not in before]
-        if tries:
-            limiters = _active_limiters()
-            for call_id in tries:
-                _release_attempt(limiters, call_id, exc)
-            admitted[:] = before
+    except Exception:
+        if call.refusal is not None:
+            raise call.refusal from None
         raise
+    finally:
+        _fallback_call.reset(token)
 
 
 def _fallbacks_sync(fn: Callable[..., Any], limiters: list[HiveLimiter], args: tuple[Any, ...],
-                    kwargs: dict[str, Any], prior: BaseException | None) -> Any:
+                    kwargs: dict[str, Any], prior: BaseException | None, call: _FallbackCall) -> Any:
     """A sync chat call with SDK fallbacks (:func:`_sdk_fallbacks`): LiteLLM makes its tries with
     ``acompletion``, on an event loop of its own, where the deployment hook admits each one. The
     call itself is not admitted; what its tries hold is released if it fails or is interrupted."""
     admitted: list[str | None] = [None]
     token = _in_async_guard.set(admitted)
+    call_token = _fallback_call.set(call)
     try:
-        result = fn(*args, **kwargs)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            result = fn(*args, **kwargs)
+        else:
+            # On a thread that runs an event loop LiteLLM makes the tries on a thread of its own,
+            # which would not see this context (the call's scope() identity, the guard's notes):
+            # that thread is started here, in a copy of it.
+            ctx = contextvars.copy_context()
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                result = pool.submit(ctx.run, fn, *args, **kwargs).result()
     except Exception as exc:
         _release_admitted(limiters, admitted, kwargs, exc, prior)
+        if call.refusal is not None:
+            raise call.refusal from None
         raise
     except BaseException:
         _release_admitted(limiters, admitted, kwargs, None)
         raise
     finally:
+        _fallback_call.reset(call_token)
         _in_async_guard.reset(token)
     if kwargs.get("stream") and admitted[0] is not None:
         result = _keep_alive(result, [(lim, admitted[0]) for lim in limiters])
@@ -2704,6 +2780,7 @@ def _release_attempt(limiters: list[HiveLimiter], call_id: str | None, exc: Base
 # stream that is still being read thus keeps its slot however long it runs; one the caller
 # abandons is reclaimed ``lease_seconds`` after its last chunk was read.
 _LEASES = "_hive_ratelimit_leases"
+_SETTLE_ON_ERROR = "_hive_ratelimit_settle_on_error"
 _renewing: dict[type, type | None] = {}  # a stream class -> its renewing subclass (None: cannot have one)
 _renewing_classes: set[type] = set()
 
@@ -2722,6 +2799,15 @@ def _on_leases(held: list[tuple[HiveLimiter, str]], action: str) -> None:
         except Exception as exc:
             logger.warning("could not %s the lease of a stream: %s", action, exc,
                            extra={"hive_repeat_key": (action,)})
+
+
+def _fail_leases(held: list[tuple[HiveLimiter, str]], exc: BaseException) -> None:
+    """Settle a stream's leases as failed with ``exc`` (see ``settle_on_error`` of :func:`_keep_alive`)."""
+    for lim, call_id in held:
+        try:
+            lim._finish(call_id, failed=True, exc=exc)
+        except Exception as err:
+            logger.warning("could not settle a failed stream: %s", err, extra={"hive_repeat_key": ("fail_leases",)})
 
 
 def _renewing_class(cls: type) -> type | None:
@@ -2748,7 +2834,14 @@ def _renewing_class(cls: type) -> type | None:
     if base_anext is not None:
         async def next_chunk_async(self: Any) -> Any:
             _renew_leases(self)
-            return await base_anext(self)
+            try:
+                return await base_anext(self)
+            except StopAsyncIteration:
+                raise
+            except Exception as exc:
+                if self.__dict__.get(_SETTLE_ON_ERROR):
+                    _fail_leases(self.__dict__.get(_LEASES, ()), exc)
+                raise
         ns["__anext__"] = next_chunk_async
     base_close = getattr(cls, "close", None)
     if base_next is not None and callable(base_close):
@@ -2777,11 +2870,15 @@ def _renewing_class(cls: type) -> type | None:
     return sub
 
 
-def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
+def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]], settle_on_error: bool = False) -> Any:
     """Make ``stream`` renew the leases in ``held`` each time a chunk is read from it; returns the
-    stream to hand to the caller (the same object, or a generator around an async generator)."""
+    stream to hand to the caller (the same object, or a generator around an async generator).
+    ``settle_on_error``: an error while reading an async stream settles them as failed (a try of SDK
+    fallbacks: LiteLLM's failure event names the call around it, not the try's reservation)."""
     if not held:
         return stream
+    if settle_on_error and isinstance(getattr(stream, "__dict__", None), dict):
+        stream.__dict__[_SETTLE_ON_ERROR] = True
     for lim, call_id in held:  # the provider has begun to answer: a failure now may still be billed
         lim._engine.note_answered(call_id)
     if not isinstance(getattr(stream, "__dict__", None), dict):
