@@ -153,6 +153,31 @@ def resolve_identity(metadata: Mapping[str, Any] | None, user: Any = None) -> Id
     return found
 
 
+def with_context_identity(metadata: Any, user: Any = None) -> Any:
+    """``metadata`` with the identity fields that :func:`scope` (then :data:`AMBIENT_IDENTITY`)
+    gives in the current context filled in where ``metadata`` leaves them unset, for calls LiteLLM
+    makes on threads of its own (``batch_completion``'s pool), which do not carry context
+    variables. The caller's mapping is not changed (a new dict is returned when anything is added);
+    ``user_id`` is not added for a call that gives ``user=``, which wins over the context. Metadata
+    that is not a mapping is returned as it is."""
+    if metadata is not None and type(metadata) is not dict and not isinstance(metadata, Mapping):
+        return metadata
+    found: dict[str, Any] = dict(_context.get() or _EMPTY)
+    if any(found.get(f) is None for f in IDENTITY_FIELDS[:4]):  # (as resolve_identity asks them)
+        for source in AMBIENT_IDENTITY:
+            amb = source()
+            for f in IDENTITY_FIELDS:
+                if amb and found.get(f) is None and amb.get(f) is not None:
+                    found[f] = amb[f]
+    if user:
+        found.pop("user_id", None)
+    md = metadata or _EMPTY
+    extra = {f: v for f, v in found.items() if v is not None and md.get(f) is None}
+    if not extra:
+        return metadata
+    return {**md, **extra}
+
+
 def _identity(agent_id: Any, user_id: Any, team_id: Any, run_id: Any, priority: Any) -> Identity:
     return Identity(
         agent_id=clean_id(agent_id),

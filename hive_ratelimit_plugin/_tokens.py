@@ -348,9 +348,10 @@ def count_response_input(model: str, value: Any, instructions: Any = None, tools
     return count_messages(model, items, tools)
 
 
-def requested_output(kwargs: Mapping[str, Any], default: int) -> int:
+def requested_output(kwargs: Mapping[str, Any], default: int, prompts: int = 1) -> int:
     """The output tokens a call may produce: its cap if it set one, else ``default``; times the
-    completions it asks for (``n``, or ``best_of``, which the provider generates and bills all of)."""
+    completions it asks for (``n``, or ``best_of``, which the provider generates and bills all of),
+    times the ``prompts`` it sends (a text completion's batch: each is answered on its own)."""
     out = default
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         v = kwargs.get(name)
@@ -362,6 +363,7 @@ def requested_output(kwargs: Mapping[str, Any], default: int) -> int:
     if n is not None or best_of is not None:
         choices = max((c for c in (n, best_of) if type(c) is int and c > 1), default=1)
         out *= choices
+    out *= prompts
     return out if out <= _MAX_OUTPUT else _MAX_OUTPUT
 
 

@@ -64,7 +64,7 @@ from ._retry import (
     response_headers,
     suggested_wait,
 )
-from ._scopes import Identity, ScopeResolver, resolve_identity, split_model
+from ._scopes import Identity, ScopeResolver, resolve_identity, split_model, with_context_identity
 from ._scopes import scope as _scope_cm
 from ._tokens import NO_WRITE, cache_writes, count_input, count_messages, count_response_input, requested_output
 from ._waiting import acquire_sync, queue_async
@@ -1277,8 +1277,10 @@ class HiveLimiter(CustomLogger):
             elif call_type in _EMBEDDING_TYPES:
                 input_tokens = count_input(model, kwargs.get("input"))
             elif call_type in _TEXT_TYPES:
-                input_tokens = count_input(model, kwargs.get("prompt"))
-                output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens)
+                prompt = kwargs.get("prompt")
+                input_tokens = count_input(model, prompt)
+                # (n, best_of and max_tokens are per prompt: a batch of prompts is answered for each)
+                output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens, _prompts(prompt))
             elif call_type in _media.CALL_TYPES:  # no tokens; priced per unit below
                 pass
             elif call_type in _ANTHROPIC_TYPES:  # the system prompt is a parameter of its own there
@@ -1932,6 +1934,15 @@ def _pinned(source: Any) -> Any:
     """``source`` as ``reload()`` reads it again: a path made absolute (the process may change
     its working directory meanwhile); a ``RateLimitingConfig`` is applied again as it is."""
     return os.path.abspath(source) if isinstance(source, (str, os.PathLike)) else source
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a text completion's ``prompt`` holds: a list of strings or of token lists
+    is a batch (OpenAI's completions API generates ``n`` completions of up to ``max_tokens`` for
+    each, in one request), anything else one prompt (a list of ints is one prompt's tokens)."""
+    if type(prompt) is list and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        return len(prompt)
+    return 1
 
 
 def _call_timeout(kwargs: Mapping[str, Any]) -> float | None:
@@ -2654,6 +2665,16 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
                 if call_id:
                     # (a try of SDK fallbacks fails mid-stream with no failure event naming it: see _keep_alive)
                     result = _keep_alive(result, [(lim, call_id) for lim in limiters], settle_on_error=fallbacks)
+            elif _cache_hit(result):
+                # Answered from LiteLLM's cache: sent nothing, so it gives back everything it took,
+                # now. (LiteLLM runs no success deployment hook for a cache hit, and its logging
+                # hook runs on LiteLLM's logging worker, which a loop closed at once, as
+                # ``asyncio.run``'s, never runs: the hit held its slot and its request until its
+                # lease ran out.)
+                call_id = admitted[0] or kwargs.get("litellm_call_id")
+                if call_id:
+                    for lim in limiters:
+                        lim._settle_quietly(call_id, result, cached=True)
             elif type(result) is not _CHAT_RESPONSE and _media.is_media(result):
                 # Priced by now (LiteLLM sets ``response_cost`` before returning, from what its logging
                 # hook sees): settle here rather than wait for that hook, which a closed event loop
@@ -2983,6 +3004,33 @@ async def _renewing_agen(agen: Any, held: list[tuple[HiveLimiter, str]]) -> Any:
             _on_leases(held, "free_slot")  # (closed, read to the end or dropped: no longer generating)
 
 
+#: LiteLLM's entry points that make their calls (``litellm.completion``, guarded) on threads of a
+#: pool of their own: ``litellm.batch_completion`` and friends (``litellm/batch_completion/main.py``,
+#: 1.83.4 through 1.110.2).
+_BATCH_NAMES = ("batch_completion", "batch_completion_models", "batch_completion_models_all_responses")
+
+
+def _wrap_batch(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A batch entry point whose calls carry the identity :meth:`HiveLimiter.scope` (or Hive)
+    gives where it is called. Its calls run on the threads of a ``ThreadPoolExecutor`` it makes,
+    where context variables are not carried: each call was counted against no agent, user, team
+    or run, so their limits and budgets (a run's cap too) did not hold for it. The identity goes
+    in the calls' ``metadata`` instead (which wins over the context anyway: fields the caller's
+    metadata sets are kept). Each call is then admitted by the sync guard, as before."""
+
+    @functools.wraps(fn)
+    def guard(*args: Any, **kwargs: Any) -> Any:
+        if _active_limiters():
+            metadata = kwargs.get("metadata")
+            carried = with_context_identity(metadata, kwargs.get("user"))
+            if carried is not metadata:
+                kwargs["metadata"] = carried
+        return fn(*args, **kwargs)
+
+    guard.__hive_ratelimit_guard__ = True  # type: ignore[attr-defined]
+    return guard
+
+
 def install_sync_guard() -> None:
     """Wrap LiteLLM's entry points once per process (idempotent).
 
@@ -3006,6 +3054,12 @@ def install_sync_guard() -> None:
             own = getattr(main, name, None) if name not in _ASYNC_NAMES else None
             if callable(own) and not getattr(own, "__hive_ratelimit_guard__", False):
                 setattr(main, name, _wrap_sync(name, own))
+        batch = sys.modules.get("litellm.batch_completion.main")
+        for owner in (litellm, batch):
+            for name in _BATCH_NAMES:
+                current = getattr(owner, name, None)
+                if callable(current) and not getattr(current, "__hive_ratelimit_guard__", False):
+                    setattr(owner, name, _wrap_batch(current))
         # Anthropic's messages API, async (LiteLLM implements no sync path for it): the SDK's
         # ``litellm.anthropic.messages.acreate``, and ``litellm.anthropic_messages``, which a
         # Router's ``aanthropic_messages`` (and the proxy's /v1/messages) calls.
