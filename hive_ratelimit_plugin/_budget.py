@@ -52,6 +52,7 @@ class Calendar:
     def __init__(self, timezone: str = "UTC") -> None:
         self.tz = ZoneInfo(timezone)
         self._valid_until = -1.0
+        self._valid_from = float("inf")  # (the hour's start once computed: an earlier time computes again)
         self._starts: dict[str, float] = {}
         self._ends: dict[str, float] = {}
 
@@ -69,10 +70,11 @@ class Calendar:
         self._ends = {"hour": next_hour.timestamp(), "day": next_day.timestamp(), "month": next_month.timestamp(),
                       RUN: float("inf")}
         self._valid_until = self._ends["hour"]
+        self._valid_from = self._starts["hour"]
 
     def starts(self, now: float) -> dict[str, float]:
         """``{"hour": start, "day": start, "month": start, "run": 0.0}`` as epoch seconds."""
-        if now >= self._valid_until or now < self._starts.get("hour", now + 1):
+        if now >= self._valid_until or now < self._valid_from:
             self._compute(now)
         return self._starts
 

@@ -302,6 +302,9 @@ class Blocked:
     frees_at: float | None = None
 
 
+_NO_KEYS: frozenset[str] = frozenset()  # (shared: immutable)
+
+
 class _Reservation:
     """An admitted call's hold: what it charged (its plan's :class:`_Layout`) and its progress."""
 
@@ -347,14 +350,14 @@ class _Reservation:
         self.recounted = False  # sent late: its request was counted again from the send (note_attempt)
         # The scopes whose learned input-token window a shared backend's admission charged (a
         # window added after its admission is not settled by it: see _redis.RedisEngine._settle_args)
-        self.learned_input: frozenset[str] = frozenset()
-        self.learned_output: frozenset[str] = frozenset()  # (the same of the learned output-token window)
+        self.learned_input: frozenset[str] = _NO_KEYS
+        self.learned_output: frozenset[str] = _NO_KEYS  # (the same of the learned output-token window)
         # (kind, window) of an endpoint's learned windows that got a copy of this call's charge when
         # its model's moved there while it was in flight (see Engine.move_signals): settled there too.
         self.moved_to: list[tuple[int, SlidingWindow]] | None = None
         # The models a shared backend's admission said another process had split already: admitted
         # after that split, this call charged none of what it moved (see _redis.RedisEngine._settle_args).
-        self.after_split: frozenset[str] = frozenset()
+        self.after_split: frozenset[str] = _NO_KEYS
 
     @property
     def states(self) -> list[ScopeState]:
@@ -1190,7 +1193,8 @@ class Engine:
             if st.circuit is HALF_OPEN and st.probe is None:
                 st.probe = ticket.call_id
         self._version += 1
-        self._leases[ticket.call_id] = _Reservation(ticket, layout, now + self._lease_of(ticket), now)
+        # (_lease_of, inlined)
+        self._leases[ticket.call_id] = _Reservation(ticket, layout, now + (ticket.lease or self.lease_seconds), now)
         self.admitted_total += 1
 
     def _lease_of(self, ticket: Ticket) -> float:
@@ -1732,8 +1736,15 @@ class Engine:
         # work, a busy event loop) is then not mistaken for time on the wire.
         start = res.admitted_at if res.sent_at is None else res.sent_at
         elapsed = now - start
-        deltas = (0, actual_in + actual_out - t.input_tokens - t.output_tokens,
-                  settled_input(t, input_tokens, actual_in, cached) - (t.input_tokens - t.cached_input),
+        reserved_in = t.input_tokens - t.cached_input
+        # (settled_input(t, input_tokens, actual_in, cached), inlined)
+        if input_tokens is None:
+            settled_in = reserved_in
+        elif cached <= 0:
+            settled_in = actual_in
+        else:
+            settled_in = actual_in - cached if cached < actual_in else 0
+        deltas = (0, actual_in + actual_out - t.input_tokens - t.output_tokens, settled_in - reserved_in,
                   actual_out - t.output_tokens)
         short = elapsed <= margin
         admitted = res.admitted_at
@@ -2254,7 +2265,8 @@ class Engine:
             # call's attempts are sent one after another, never concurrently.)
             res.attempts = 1
             now = res.sent_at = self.clock()
-            if self._sent_late(now - res.admitted_at):
+            margin = self.arrival_margin  # (_sent_late, inlined)
+            if margin and now - res.admitted_at > (LATE_SEND if margin < LATE_SEND else margin):
                 self._recount(res, now)
             return
         with self._lock:

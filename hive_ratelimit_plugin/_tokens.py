@@ -352,6 +352,9 @@ def requested_output(kwargs: Mapping[str, Any], default: int, prompts: int = 1) 
     """The output tokens a call may produce: its cap if it set one, else ``default``; times the
     completions it asks for (``n``, or ``best_of``, which the provider generates and bills all of),
     times the ``prompts`` it sends (a text completion's batch: each is answered on its own)."""
+    if type(kwargs) is dict and kwargs.keys().isdisjoint(_OUTPUT_ARGS):  # (the usual call sets none of them)
+        out = default * prompts
+        return out if out <= _MAX_OUTPUT else _MAX_OUTPUT
     out = default
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         v = kwargs.get(name)
@@ -366,6 +369,9 @@ def requested_output(kwargs: Mapping[str, Any], default: int, prompts: int = 1) 
     out *= prompts
     return out if out <= _MAX_OUTPUT else _MAX_OUTPUT
 
+
+#: The arguments :func:`requested_output` reads.
+_OUTPUT_ARGS = frozenset(("max_completion_tokens", "max_tokens", "max_output_tokens", "n", "best_of"))
 
 #: A cap on the output a call is taken to ask for: ``max_tokens=10**400`` would overflow the
 #: float arithmetic of its cost; any real limit refuses this much anyway.

@@ -103,9 +103,13 @@ class RequestTooLargeError(HiveRateLimitError):
     status_code = 400
 
 
-class BackendUnavailableError(HiveRateLimitError):
+class BackendUnavailableError(_NotRetriedInItsGroup, HiveRateLimitError):
     """The shared backend (Redis) does not answer and ``on_backend_error: closed`` refuses calls
-    rather than let them through uncounted. No request was sent; retry after ``retry_after``."""
+    rather than let them through uncounted. No request was sent; retry after ``retry_after``.
+
+    A ``litellm.Router`` does not retry it in the same model group (``num_retries`` reads 0): the
+    backend is tried again only every ``redis.retry_interval``, so each Router retry would be
+    refused again after the Router's backoff. It still falls back to another group."""
 
 
 def __getattr__(name: str) -> type[HiveRateLimitError]:

@@ -145,7 +145,7 @@ if hasattr(os, "register_at_fork"):
 
 def new_call_id() -> str:
     """A fresh ``litellm_call_id`` for a call that came without one."""
-    return f"{_id_prefix}{next(_id_counter) & 0xFFFFFFFFFFFF:012x}"
+    return _id_prefix + "%012x" % (next(_id_counter) & 0xFFFFFFFFFFFF)  # (%: cheaper than a format spec)
 
 
 def _exception_of(kwargs: Mapping[str, Any], response_obj: Any) -> BaseException | None:
@@ -1111,8 +1111,12 @@ class HiveLimiter(CustomLogger):
         if self._ledger is not None:
             self._tail()
         # A call not streamed holds its lease until it returns: no shorter than LiteLLM may wait for it.
-        lease = 0.0 if kwargs.get("stream") else _call_lease(kwargs, cfg.estimation.lease_seconds)
-        choices = self._key_choices(plan.choices, plan.provider, kwargs)
+        # (no timeout=, the usual call: the engine's lease, as _call_lease says)
+        lease = 0.0 if kwargs.get("stream") or kwargs.get("timeout") is None \
+            else _call_lease(kwargs, cfg.estimation.lease_seconds)
+        choices = plan.choices
+        if choices is not None:
+            choices = self._key_choices(choices, plan.provider, kwargs)
         scopes = plan.scopes if choices is not None else self._endpoint_scopes(plan, kwargs)
         cached = 0
         learned = self._tokens_learned
@@ -1165,7 +1169,12 @@ class HiveLimiter(CustomLogger):
         for those signals, and what the model's scope held moves to the endpoint it came from:
         a 429 from one deployment no longer holds the Router's retry to another.
         """
-        endpoint = _endpoint(kwargs)
+        base = kwargs.get("api_base") or kwargs.get("base_url")  # (_endpoint(kwargs), inlined)
+        key = kwargs.get("api_key")
+        if (base is not None and type(base) is not str) or (key is not None and type(key) is not str):
+            endpoint: tuple[Any, Any] = (repr(base), repr(key))
+        else:
+            endpoint = (base, key)
         model = plan.model_key
         seen = self._endpoints.get(model)
         if seen is None:
@@ -1382,11 +1391,17 @@ class HiveLimiter(CustomLogger):
         """A caller passing its API key as user= (or another id): never stored. Checked where an id
         is the call's api_key, or long enough to be any key LiteLLM may send (see _without_keys)."""
         api_key = kwargs.get("api_key")
+        if api_key is None and _short_ids.get(id(ident)) is ident:
+            return ident  # (no id long enough to be a key, seen before: the usual call)
         ids = (ident.user_id, ident.agent_id, ident.team_id, ident.run_id)
         for value in ids:
             if value is not None and (value == api_key or len(value) >= _KEY_LENGTH):
                 break
         else:
+            if api_key is None:
+                if len(_short_ids) >= 4096:
+                    _short_ids.clear()
+                _short_ids[id(ident)] = ident  # (holds it: its id is not reused while there)
             return ident
         provider = self._provider_of(model, kwargs.get("custom_llm_provider"), kwargs.get("api_base"))
         # Long ids (a UUID run id) recur call after call: looking up the fallback keys each time
@@ -1531,7 +1546,8 @@ class HiveLimiter(CustomLogger):
                 self._remember_turn(response, tin, tout)
         if headers is None:
             headers = response_headers(response)
-        signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) if _has_rate_headers(headers) else None
+        signals = read_signals(headers, eng.wall(), cap=_MAX_PROVIDER_WAIT) \
+            if headers and _has_rate_headers(headers) else None
         if signals is not None:
             self._note_limits(ticket, signals)
         # (cache reads: not in input-token limits, as Anthropic's ITPM)
@@ -1851,7 +1867,7 @@ class HiveLimiter(CustomLogger):
             # A try of LiteLLM's SDK fallbacks logs under the call's id (its tries share the call's
             # logging object) and is admitted under its own, which LiteLLM notes in litellm_params.
             params = kwargs.get("litellm_params")
-            own = params.get("litellm_call_id") if isinstance(params, Mapping) else None
+            own = params.get("litellm_call_id") if type(params) is dict or isinstance(params, Mapping) else None
             if not own or own == call_id or own in self._settled_inline or not self._engine.holds(own):
                 return  # not ours, the guard's to settle, or already settled (success deployment hook, guard)
             call_id = own
@@ -1997,6 +2013,10 @@ _ID_FIELDS = ("agent_id", "user_id", "team_id", "run_id")
 
 _SECRET_ENV = re.compile("KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 _env_seen: list[Any] = [-1.0, -1, ()]  # when, len(os.environ) then, the names of its variables named like a secret
+
+
+#: Identities none of whose ids is long enough to be an API key (see HiveLimiter._hide_keys), by id().
+_short_ids: dict[int, Identity] = {}
 
 
 def _env_secrets() -> list[str]:
@@ -2379,7 +2399,8 @@ def _first_attempt(limiter: HiveLimiter, kwargs: dict[str, Any], sync: bool = Fa
                     # 0, not absent: LiteLLM's own retry loop would fall back to litellm.num_retries
                     kwargs["num_retries"] = 0
         kwargs["max_retries"] = _EMBEDDING_NO_RETRIES if embedding else 0
-    _claim_call_id(limiter, kwargs)
+    if user_call_id:  # (a call id the caller gave: see _claim_call_id)
+        _claim_call_id(limiter, kwargs)
     return started, user_call_id, asked, deployment_retries
 
 
