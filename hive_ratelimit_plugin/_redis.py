@@ -1024,7 +1024,8 @@ class RedisEngine(Engine):
             self._out_rows.append(SpendRow(wall, t.call_id, provider, model, agent, user, team, run,
                                            0 if outcome == "void" else 1, tin, tout, actual_cost))
         if not res.remote:  # admitted uncounted (policy "open"): only its spend is owed
-            self._owe_spend(t, starts, actual_cost, tin + tout)
+            if outcome != "void" or actual_cost or tin or tout:  # (never sent: no request is owed, as Engine)
+                self._owe_spend(t, starts, actual_cost, tin + tout, 0 if outcome == "void" else 1)
             return
         args = self._settle_args(res, tin, tout, actual_cost, outcome, wait, signals, starts,
                                  settled_input(t, input_tokens, tin, cached))
@@ -1179,13 +1180,14 @@ class RedisEngine(Engine):
         elif kind == "split":
             self._hear_splits(parts[1])
 
-    def _owe_spend(self, t: Ticket, starts: dict[str, float], cost: float, tokens: int) -> None:
+    def _owe_spend(self, t: Ticket, starts: dict[str, float], cost: float, tokens: int, requests: int = 1) -> None:
         cost = cost if math.isfinite(cost) else t.cost  # (Redis refuses what is not a number)
         args = [self.prefix, "", ""]
         n = 0
         for key in t.spend_keys:
             for kind in (RUN,) if key.startswith("run:") else KINDS:
-                args += [_wire(key), kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind]), _num(cost), "1", str(tokens)]
+                args += [_wire(key), kind, f"{starts[kind]:.0f}", str(_SPEND_TTL[kind]), _num(cost), str(requests),
+                         str(tokens)]
                 n += 1
         args[2] = str(n)
         self._number(args)
@@ -1207,7 +1209,8 @@ class RedisEngine(Engine):
         rows = [r for r in rows if not r.call_id.startswith(_HELD)]
         for r in rows:
             res_ticket = Ticket(r.call_id, [], spend_keys=self._fb_keys.pop(r.call_id, ["global"]))
-            self._owe_spend(res_ticket, self.calendar.starts(r.ts), r.cost, r.input_tokens + r.output_tokens)
+            self._owe_spend(res_ticket, self.calendar.starts(r.ts), r.cost, r.input_tokens + r.output_tokens,
+                            r.requests)
         if self.on_spend is not None and self.record_spend and rows:
             self.on_spend(rows)
 
@@ -1241,10 +1244,12 @@ class RedisEngine(Engine):
     def note_attempt(self, call_id: str) -> None:
         with self._lock:
             res = self._leases.get(call_id)
-            if res is None or not res.remote:
+            if res is None:
                 self.fallback.note_attempt(call_id)
                 return
             res.attempts += 1
+            if not res.remote:  # admitted uncounted (policy "open"): noted only (progress, attempted)
+                return
             now = self.clock()
             if res.attempts <= 1:
                 res.sent_at = res.admitted_at + (now - res.local_at)  # on the backend's clock

@@ -1289,7 +1289,8 @@ class HiveLimiter(CustomLogger):
                 prompt = kwargs.get("prompt")
                 input_tokens = count_input(model, prompt)
                 # (n, best_of and max_tokens are per prompt: a batch of prompts is answered for each)
-                output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens, _prompts(prompt))
+                output_tokens = requested_output(kwargs, cfg.estimation.default_output_tokens,
+                                                 _prompts(prompt, provider, model))
             elif call_type in _media.CALL_TYPES:  # no tokens; priced per unit below
                 pass
             elif call_type in _ANTHROPIC_TYPES:  # the system prompt is a parameter of its own there
@@ -1952,11 +1953,22 @@ def _pinned(source: Any) -> Any:
     return os.path.abspath(source) if isinstance(source, (str, os.PathLike)) else source
 
 
-def _prompts(prompt: Any) -> int:
+#: Providers whose text completions LiteLLM sends to a completions endpoint (see :func:`_prompts`).
+_BATCH_PROVIDERS = frozenset(("text-completion-openai", "azure_text"))
+
+
+def _prompts(prompt: Any, provider: str, model: str) -> int:
     """How many prompts a text completion's ``prompt`` holds: a list of strings or of token lists
     is a batch (OpenAI's completions API generates ``n`` completions of up to ``max_tokens`` for
-    each, in one request), anything else one prompt (a list of ints is one prompt's tokens)."""
-    if type(prompt) is list and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+    each, in one request), anything else one prompt (a list of ints is one prompt's tokens).
+    Only where LiteLLM sends it to a completions endpoint (an OpenAI model that is not a chat
+    model, ``text-completion-openai/``, ``azure_text/``, the providers LiteLLM lists as
+    OpenAI-text-completion compatible): elsewhere it sends the prompts as the user messages of one
+    chat request, which gets one answer (1.83.4 through 1.110.2)."""
+    if type(prompt) is list and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt) and (
+            provider in _BATCH_PROVIDERS
+            or provider in getattr(litellm, "openai_text_completion_compatible_providers", ())
+            or (provider == "openai" and split_model(model, provider) not in litellm.open_ai_chat_completion_models)):
         return len(prompt)
     return 1
 
@@ -2793,7 +2805,8 @@ def _fallbacks_sync(fn: Callable[..., Any], limiters: list[HiveLimiter], args: t
         _fallback_call.reset(call_token)
         _in_async_guard.reset(token)
     if kwargs.get("stream") and admitted[0] is not None:
-        result = _keep_alive(result, [(lim, admitted[0]) for lim in limiters])
+        # (a try cut off mid-stream: no failure event names it, as in _retry_async)
+        result = _keep_alive(result, [(lim, admitted[0]) for lim in limiters], settle_on_error=True)
     return result
 
 
@@ -2863,7 +2876,14 @@ def _renewing_class(cls: type) -> type | None:
     if base_next is not None:
         def next_chunk(self: Any) -> Any:
             _renew_leases(self)
-            chunk = base_next(self)
+            try:
+                chunk = base_next(self)
+            except StopIteration:
+                raise
+            except Exception as exc:
+                if self.__dict__.get(_SETTLE_ON_ERROR):
+                    _fail_leases(self.__dict__.get(_LEASES, ()), exc)
+                raise
             # The chunk that ends generation gives the slot back, as the async streaming hook does
             # (sync calls have no hooks): a caller may stop reading there (usage and [DONE] are
             # bytes in transit). What it cost is settled as before.
@@ -2915,7 +2935,7 @@ def _renewing_class(cls: type) -> type | None:
 def _keep_alive(stream: Any, held: list[tuple[HiveLimiter, str]], settle_on_error: bool = False) -> Any:
     """Make ``stream`` renew the leases in ``held`` each time a chunk is read from it; returns the
     stream to hand to the caller (the same object, or a generator around an async generator).
-    ``settle_on_error``: an error while reading an async stream settles them as failed (a try of SDK
+    ``settle_on_error``: an error while reading the stream settles them as failed (a try of SDK
     fallbacks: LiteLLM's failure event names the call around it, not the try's reservation)."""
     if not held:
         return stream
