@@ -218,7 +218,10 @@ async def test_a_routers_fastest_response_settles_the_calls_it_cancels(provider:
     requests, tokens, cost = counted(limiter)
     await wait_until(lambda: provider.state.in_flight == 0)
     sent, billed = provider_usage(provider)
-    assert requests == sent == 2
+    # Both count: LiteLLM had begun sending the slower one when it was cancelled. (On a loaded
+    # machine its request may not have reached the provider yet: counted all the same, to be safe.)
+    assert requests == 2
+    assert sent in (1, 2)
     assert tokens == cost > billed / 2  # the cancelled call at its reservation, not at 0
 
 
