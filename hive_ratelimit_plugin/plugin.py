@@ -2856,9 +2856,12 @@ def _on_leases(held: list[tuple[HiveLimiter, str]], action: str) -> None:
                            extra={"hive_repeat_key": (action,)})
 
 
-def _fail_leases(held: list[tuple[HiveLimiter, str]], exc: BaseException) -> None:
-    """Settle a stream's leases as failed with ``exc`` (see ``settle_on_error`` of :func:`_keep_alive`)."""
-    for lim, call_id in held:
+def _failed_read(stream: Any, exc: BaseException) -> None:
+    """A read of ``stream`` raised ``exc``: its leases are settled as failed if it was marked so
+    (``settle_on_error`` of :func:`_keep_alive`)."""
+    if not stream.__dict__.get(_SETTLE_ON_ERROR):
+        return
+    for lim, call_id in stream.__dict__.get(_LEASES, ()):
         try:
             lim._finish(call_id, failed=True, exc=exc)
         except Exception as err:
@@ -2881,8 +2884,7 @@ def _renewing_class(cls: type) -> type | None:
             except StopIteration:
                 raise
             except Exception as exc:
-                if self.__dict__.get(_SETTLE_ON_ERROR):
-                    _fail_leases(self.__dict__.get(_LEASES, ()), exc)
+                _failed_read(self, exc)
                 raise
             # The chunk that ends generation gives the slot back, as the async streaming hook does
             # (sync calls have no hooks): a caller may stop reading there (usage and [DONE] are
@@ -2901,8 +2903,7 @@ def _renewing_class(cls: type) -> type | None:
             except StopAsyncIteration:
                 raise
             except Exception as exc:
-                if self.__dict__.get(_SETTLE_ON_ERROR):
-                    _fail_leases(self.__dict__.get(_LEASES, ()), exc)
+                _failed_read(self, exc)
                 raise
         ns["__anext__"] = next_chunk_async
     base_close = getattr(cls, "close", None)

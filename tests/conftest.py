@@ -167,3 +167,16 @@ def contract_backend(backend: dict[str, object]) -> collections.abc.Iterator[dic
     helpers.BACKEND.update(backend)
     yield backend
     helpers.BACKEND.clear()
+
+
+@pytest.fixture
+def litellm_cache() -> collections.abc.Iterator[object]:
+    """LiteLLM's in-memory response cache (``litellm.cache``), removed after the test."""
+    import litellm
+    from litellm.caching.caching import Cache
+
+    litellm.cache = cached = Cache(type="local")
+    try:
+        yield cached
+    finally:
+        litellm.cache = None

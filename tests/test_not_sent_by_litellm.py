@@ -38,15 +38,6 @@ PRICES = {MODEL: {"input_per_million": 1_000_000, "output_per_million": 1_000_00
           "text-embedding-3-small": {"input_per_million": 1_000_000, "output_per_million": 0}}
 
 
-@pytest.fixture
-def cache() -> collections.abc.Iterator[Cache]:
-    litellm.cache = cached = Cache(type="local")
-    try:
-        yield cached
-    finally:
-        litellm.cache = None
-
-
 def limiter_for(clock: FakeClock, rpm: int = 100) -> HiveLimiter:
     return make_limiter(clock, {
         "pricing": PRICES, "state_path": ":memory:", "budget": {"max_daily_spend": 100_000},
@@ -99,12 +90,12 @@ def ask_sync(provider: FakeProvider, stream: bool, content: str = "cache me") ->
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-async def test_async_cache_hit_counts_nothing(provider: FakeProvider, clock: FakeClock, cache: Cache,
+async def test_async_cache_hit_counts_nothing(provider: FakeProvider, clock: FakeClock, litellm_cache: Cache,
                                               stream: bool) -> None:
     limiter = limiter_for(clock)
     await ask_async(provider, stream)
     await settled(limiter)
-    await wait_until(lambda: stored(cache) > 0)
+    await wait_until(lambda: stored(litellm_cache) > 0)
     first = counted(limiter)
     assert first[0] == 1 and first[1] > 0 and first[2] == first[1]
 
@@ -117,10 +108,11 @@ async def test_async_cache_hit_counts_nothing(provider: FakeProvider, clock: Fak
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_sync_cache_hit_counts_nothing(provider: FakeProvider, clock: FakeClock, cache: Cache, stream: bool) -> None:
+def test_sync_cache_hit_counts_nothing(provider: FakeProvider, clock: FakeClock, litellm_cache: Cache,
+                                       stream: bool) -> None:
     limiter = limiter_for(clock)
     ask_sync(provider, stream)
-    wait_sync(lambda: stored(cache) > 0 and not limiter._engine._leases)
+    wait_sync(lambda: stored(litellm_cache) > 0 and not limiter._engine._leases)
     first = counted(limiter)
     assert first[0] == 1 and first[1] > 0 and first[2] == first[1]
 
@@ -131,13 +123,13 @@ def test_sync_cache_hit_counts_nothing(provider: FakeProvider, clock: FakeClock,
 
 
 async def test_a_cache_hit_leaves_its_request_to_the_next_call(provider: FakeProvider, clock: FakeClock,
-                                                               cache: Cache) -> None:
+                                                               litellm_cache: Cache) -> None:
     """Two requests a minute: a question, the same question (cached), a new question. The new one
     is admitted at once; it was refused when the cache hit counted as a request."""
     limiter = limiter_for(clock, rpm=2)
     await ask_async(provider, stream=False)
     await settled(limiter)
-    await wait_until(lambda: stored(cache) > 0)
+    await wait_until(lambda: stored(litellm_cache) > 0)
     await ask_async(provider, stream=False)
     await settled(limiter)
     await ask_async(provider, stream=False, content="something new")
@@ -153,11 +145,12 @@ async def embed(provider: FakeProvider, inputs: list[str]) -> Any:
                                     api_key="sk-test-SECRET-0123456789", input=inputs, caching=True)
 
 
-async def test_embedding_cache_hits_whole_and_partial(provider: FakeProvider, clock: FakeClock, cache: Cache) -> None:
+async def test_embedding_cache_hits_whole_and_partial(provider: FakeProvider, clock: FakeClock,
+                                                       litellm_cache: Cache) -> None:
     limiter = limiter_for(clock)
     await embed(provider, ["a", "b"])
     await settled(limiter)
-    await wait_until(lambda: stored(cache) >= 2)
+    await wait_until(lambda: stored(litellm_cache) >= 2)
     first = counted(limiter)
     assert first[0] == 1
 
@@ -173,12 +166,12 @@ async def test_embedding_cache_hits_whole_and_partial(provider: FakeProvider, cl
 
 
 async def test_concurrent_cache_hits_give_every_slot_back(provider: FakeProvider, clock: FakeClock,
-                                                          cache: Cache) -> None:
+                                                          litellm_cache: Cache) -> None:
     limiter = make_limiter(clock, {"global": {"requests_per_minute": 100, "concurrent_requests": 2},
                                    "queue": {"max_wait_seconds": 30}})
     await ask_async(provider, stream=False)
     await settled(limiter)
-    await wait_until(lambda: stored(cache) > 0)
+    await wait_until(lambda: stored(litellm_cache) > 0)
     await asyncio.gather(*(ask_async(provider, stream=False) for _ in range(10)))
     await settled(limiter)
     assert provider.state.count() == 1

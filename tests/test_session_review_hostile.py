@@ -24,7 +24,6 @@ Bugs found (each test below fails without its fix):
 
 from __future__ import annotations
 
-import collections.abc
 import time
 from typing import Any
 
@@ -46,15 +45,6 @@ MODEL, EMBED = "gpt-4o-mini", "text-embedding-3-small"
 # One unit of money per token.
 PRICES = {MODEL: {"input_per_million": 1_000_000, "output_per_million": 1_000_000},
           EMBED: {"input_per_million": 1_000_000, "output_per_million": 0}}
-
-
-@pytest.fixture
-def cache() -> collections.abc.Iterator[Cache]:
-    litellm.cache = cached = Cache(type="local")
-    try:
-        yield cached
-    finally:
-        litellm.cache = None
 
 
 # ------------------------------------------------- Redis, on_backend_error: open (engine level)
@@ -108,11 +98,11 @@ def spent_today(limiter: HiveLimiter, clock: FakeClock) -> tuple[float, int, int
 
 
 async def test_cache_hits_while_redis_is_down_count_no_request(provider: FakeProvider, clock: FakeClock,
-                                                               redis_prefix: str, cache: Cache) -> None:
+                                                               redis_prefix: str, litellm_cache: Cache) -> None:
     limiter, switch = open_limiter(clock, redis_prefix)
     kw = chat_kwargs(provider, messages=[{"role": "user", "content": "cache me"}], max_tokens=5, caching=True)
     await litellm.acompletion(**kw)
-    await wait_until(lambda: not limiter._engine._leases and len(cache.cache.cache_dict) > 0)  # type: ignore[attr-defined]
+    await wait_until(lambda: not limiter._engine._leases and len(litellm_cache.cache.cache_dict) > 0)  # type: ignore[attr-defined]
     before = spent_today(limiter, clock)
     assert before[1] == 1
     switch.mode = "refuse"

@@ -250,16 +250,8 @@ async def test_a_router_call_cancelled_while_it_waits_gives_back_its_place(provi
     assert_books_match(limiter, provider)
 
 
-@pytest.fixture
-def cache() -> collections.abc.Iterator[Cache]:
-    litellm.cache = cached = Cache(type="local")
-    try:
-        yield cached
-    finally:
-        litellm.cache = None
-
-
-async def test_a_routers_cache_hit_counts_nothing(provider: FakeProvider, clock: FakeClock, cache: Cache) -> None:
+async def test_a_routers_cache_hit_counts_nothing(provider: FakeProvider, clock: FakeClock,
+                                                  litellm_cache: Cache) -> None:
     """Router calls with ``caching=True`` answered from LiteLLM's cache sent nothing: async and
     sync, they count no request, no tokens and no money, and hold nothing once they return (each
     needs room when it starts: three requests a minute, no waiting)."""
@@ -270,7 +262,7 @@ async def test_a_routers_cache_hit_counts_nothing(provider: FakeProvider, clock:
     second = [{"role": "user", "content": "and me"}]
     await router.acompletion(messages=first, **kw)
     router.completion(messages=second, **kw)
-    await wait_until(lambda: idle(limiter) and len(cache.cache.cache_dict) >= 2)  # type: ignore[attr-defined]
+    await wait_until(lambda: idle(limiter) and len(litellm_cache.cache.cache_dict) >= 2)  # type: ignore[attr-defined]
     before = counted(limiter)
     for _ in range(3):
         again = await router.acompletion(messages=first, **kw)
@@ -288,7 +280,7 @@ async def test_a_routers_cache_hit_counts_nothing(provider: FakeProvider, clock:
     assert provider.state.count() == 3
 
 def test_an_async_cache_hit_under_asyncio_run_gives_its_slot_back(provider: FakeProvider, clock: FakeClock,
-                                                                  cache: Cache) -> None:
+                                                                  litellm_cache: Cache) -> None:
     """One call at a time, no waiting: a question, the same question (a cache hit), a new question,
     each in ``asyncio.run``. The hit holds nothing once it returns. (Was: its slot and request were
     held until its lease ran out, and the new question was refused.)"""
@@ -297,7 +289,7 @@ def test_an_async_cache_hit_under_asyncio_run_gives_its_slot_back(provider: Fake
     kw = chat_kwargs(provider, messages=[{"role": "user", "content": "cache me"}], max_tokens=5, caching=True)
     asyncio.run(litellm.acompletion(**kw))
     settled_sync(limiter)
-    assert len(cache.cache.cache_dict) == 1  # type: ignore[attr-defined]
+    assert len(litellm_cache.cache.cache_dict) == 1  # type: ignore[attr-defined]
     for _ in range(3):
         again = asyncio.run(litellm.acompletion(**kw))
         assert again._hidden_params.get("cache_hit") is True
