@@ -2334,7 +2334,8 @@ def _context_fallback(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | No
     that second request itself, inside the call, where no hook sees it (sent unadmitted, its
     answer settled on the first model); the guard makes it instead, admitted like any attempt.
     ``None`` (the call left as it is) without an entry, for a Router's deployment call (LiteLLM
-    leaves those to the Router) and under SDK fallbacks (whose tries LiteLLM makes)."""
+    leaves those to the Router) and on a call with SDK fallbacks (each try carries the table and
+    does this itself: :func:`_nested_async`)."""
     table = kwargs.get("context_window_fallback_dict")
     if not table or not isinstance(table, Mapping) or _is_router_call(kwargs) or _sdk_fallbacks(kwargs):
         return None
@@ -2621,7 +2622,7 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     async def guard(*args: Any, **kwargs: Any) -> Any:
         nested = _in_async_guard.get()
         if nested is not None:  # LiteLLM calling itself (its fallbacks' tries): the outer guard retries
-            return await _nested_async(fn, nested, args, kwargs)
+            return await _nested_async(fn, nested, args, kwargs, chat)
         limiters = _active_limiters()
         if not limiters or _guarded_call.get() is not None:
             return await fn(*args, **kwargs)
@@ -2723,14 +2724,17 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
 
 
 async def _nested_async(fn: Callable[..., Any], admitted: list[str | None], args: tuple[Any, ...],
-                        kwargs: dict[str, Any]) -> Any:
+                        kwargs: dict[str, Any], chat: bool = False) -> Any:
     """A guarded entry point LiteLLM calls from inside a guarded call (a try of its SDK fallbacks,
     see :func:`_sdk_fallbacks`): admitted by the deployment hook. A try that fails is released here,
     as the attempt it was, before LiteLLM makes the next one (under the same call id, for another
     model; its failure events name the outer call), after the retries of it the caller asked for
-    (:class:`_FallbackCall`), each one admitted. Other calls LiteLLM makes to itself are retried, if
-    at all, by the outer guard."""
+    (:class:`_FallbackCall`), each one admitted. A try whose prompt is too long for its model goes
+    on to the bigger model of its ``context_window_fallback_dict`` from here, admitted there (see
+    :func:`_context_fallback`). Other calls LiteLLM makes to itself are retried, if at all, by the
+    outer guard."""
     call = _fallback_call.get()
+    bigger = _context_fallback(args, kwargs) if chat and "context_window_fallback_dict" in kwargs else None
     retrying: _Retrying | None = None
     while True:
         before = admitted[:]
@@ -2743,6 +2747,10 @@ async def _nested_async(fn: Callable[..., Any], admitted: list[str | None], args
                 for call_id in tries:
                     _release_attempt(limiters, call_id, exc)
                 admitted[:] = before
+            if bigger is not None and _context_window_exceeded(exc):
+                kwargs["model"] = bigger  # (the prompt is too long for this model: on to the bigger one)
+                bigger = None
+                continue
             if call is None:
                 raise
             call.refusal = exc if isinstance(exc, HiveRateLimitError) else None

@@ -216,3 +216,45 @@ async def test_async_streamed_fallback_is_settled_on_the_model_that_answered(pro
     assert sent(provider) == [(SMALL, 500), (BIG, 200)]
     assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
     assert limiter.get_usage_stats()["cost_today"] == 80
+
+
+# ------------------------------------------------- fallbacks= and context_window_fallback_dict together
+OTHER = "gpt-3.5-turbo"  # the call's fallback model: the context-window fallback goes to BIG instead
+
+
+def both_kwargs(provider: FakeProvider) -> dict[str, Any]:
+    return chat_kwargs(provider, model=f"openai/{SMALL}", max_tokens=5, fallbacks=[f"openai/{OTHER}"],
+                       context_window_fallback_dict={f"openai/{SMALL}": f"openai/{BIG}"})
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_a_tries_context_window_fallback_is_admitted_on_the_bigger_model(provider: FakeProvider,
+                                                                              clock: FakeClock, sync: bool) -> None:
+    """A try of SDK fallbacks whose prompt is too long for its model goes to the bigger model of
+    ``context_window_fallback_dict`` (LiteLLM's behaviour), admitted and counted there. Was: that
+    request was sent unadmitted, counted against no limit of the bigger model."""
+    limiter = limiter_for(clock)
+    provider.state.push_for(SMALL, Scripted.context_length_exceeded())
+    if sync:
+        resp = await asyncio.to_thread(litellm.completion, **both_kwargs(provider))
+    else:
+        resp = await litellm.acompletion(**both_kwargs(provider))
+    assert resp.choices[0].message.content
+    await settled(limiter)
+    assert sent(provider) == [(SMALL, 400), (BIG, 200)]
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+    assert limiter.get_usage_stats()["cost_today"] == 80
+
+
+async def test_a_tries_context_window_fallback_holds_to_the_bigger_models_limit(provider: FakeProvider,
+                                                                               clock: FakeClock) -> None:
+    """The bigger model's limit used up: nothing more is sent to it, and LiteLLM goes on to the
+    call's next fallback model, as after any failed try."""
+    limiter = limiter_for(clock, small=5)
+    await litellm.acompletion(**chat_kwargs(provider, model=f"openai/{BIG}", max_tokens=5))  # its one request
+    provider.state.push_for(SMALL, Scripted.context_length_exceeded())
+    resp = await litellm.acompletion(**both_kwargs(provider))
+    assert resp.choices[0].message.content
+    await settled(limiter)
+    assert sent(provider) == [(BIG, 200), (SMALL, 400), (OTHER, 200)]
+    assert requests(limiter) == {"global": 3, SMALL: 1, BIG: 1}
