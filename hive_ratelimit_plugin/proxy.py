@@ -14,8 +14,9 @@ How a proxy request is held:
 
 * ``async_pre_call_hook`` (which the proxy calls only when it is defined on the callback's own
   class) admits the request before the Router runs: it waits in the queue there, or the client
-  gets HTTP 429 with ``retry-after`` (rate limits), a ``budget_exceeded`` error (budgets), or 400
-  (a request that can never fit). Identity comes from the authenticated key
+  gets HTTP 429 with ``retry-after`` (rate limits), a ``budget_exceeded`` error (budgets), 400
+  (a request that can never fit), or 503 with ``retry-after`` (a provider's circuit open, or the
+  shared backend down under ``on_backend_error: closed``). Identity comes from the authenticated key
   (``user_api_key_dict``), never from what the client puts in ``metadata``.
 * The deployment hook that the Router runs next sees the same ``litellm_call_id`` and finds the
   request already admitted: it is counted once. Settlement with actual usage happens in the same
@@ -47,6 +48,7 @@ from ._engine import Ticket
 from ._scopes import IDENTITY_FIELDS, split_model
 from .config import RateLimitingConfig, clean_id
 from .errors import (
+    BackendUnavailableError,
     CircuitOpenError,
     ConfigError,
     HiveRateLimitError,
@@ -210,6 +212,8 @@ def http_error(exc: HiveRateLimitError) -> tuple[int, str, str, dict[str, str]]:
     headers["retry-after"] = _retry_after(exc)
     if isinstance(exc, CircuitOpenError):
         return 503, "service_unavailable", "circuit_open", headers
+    if isinstance(exc, BackendUnavailableError):  # (the limiter's own outage, not the client's rate)
+        return 503, "service_unavailable", "backend_unavailable", headers
     return 429, "rate_limit_error", "rate_limit_exceeded", headers
 
 
@@ -382,7 +386,8 @@ class ProxyLimiter(HiveLimiter):
 
         Raises:
             fastapi.HTTPException: 429 with ``retry-after`` (rate limit), the proxy's budget status
-                with type ``budget_exceeded`` (budget), 400 (can never fit), 503 (circuit open).
+                with type ``budget_exceeded`` (budget), 400 (can never fit), 503 (circuit open, or
+                the shared backend down under ``on_backend_error: closed``).
         """
         if not self._config.enabled:
             return None

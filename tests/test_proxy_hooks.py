@@ -470,3 +470,24 @@ async def test_a_proxy_client_cannot_skip_its_endpoints_cooldown_with_the_privat
                                               "acompletion")
             assert refused.value.status_code == 429
         assert other.state.count() == 1
+
+
+async def test_the_backend_down_under_closed_is_a_503_not_a_429(clock: FakeClock) -> None:
+    """Redis down under ``on_backend_error: closed``: the limiter's own outage, not the client's
+    rate. The client gets 503 with ``retry-after`` (as for an open circuit), never 429, which reads
+    as "you sent too much"; nothing is sent. Was: 429 ``rate_limit_exceeded``."""
+    from hive_ratelimit_plugin.errors import BackendUnavailableError
+
+    from .helpers import unused_port
+
+    lim = _limiter(clock, {"backend": f"redis://:hunter2@127.0.0.1:{unused_port()}/0",
+                           "redis": {"on_backend_error": "closed", "socket_timeout": 0.1},
+                           "users": {"alice": {"requests_per_minute": 100}}})
+    with pytest.raises(HTTPException) as caught:
+        await lim.async_pre_call_hook(_auth(user_id="alice"), None, _data(), "acompletion")
+    exc = caught.value
+    assert isinstance(exc.__cause__, BackendUnavailableError)
+    assert exc.status_code == 503
+    assert getattr(exc, "type", None) == "service_unavailable"
+    assert exc.headers is not None and int(exc.headers["retry-after"]) >= 1
+    assert "hunter2" not in repr(exc.detail) + repr(exc.headers)
