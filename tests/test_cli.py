@@ -308,7 +308,11 @@ FAKE_SLOW_YAML = """\
 import sys, time
 sys.stderr.write("fake yaml: importing\\n")
 sys.stderr.flush()
-time.sleep(600)  # (interrupted by the test's SIGINT)
+# Interrupted by the test's SIGINT. Short sleeps: a signal that lands after the flush but before
+# a long sleep's system call starts only sets Python's flag, and is acted on when the sleep ends
+# (this test hung for its 60 s under load); a loop looks at the flag every 50 ms.
+for _ in range(12_000):
+    time.sleep(0.05)
 """
 
 
