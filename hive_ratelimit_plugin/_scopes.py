@@ -163,7 +163,11 @@ def with_context_identity(metadata: Any, user: Any = None) -> Any:
     if metadata is not None and type(metadata) is not dict and not isinstance(metadata, Mapping):
         return metadata
     found: dict[str, Any] = dict(_context.get() or _EMPTY)
-    if any(found.get(f) is None for f in IDENTITY_FIELDS[:4]):  # (as resolve_identity asks them)
+    md = metadata or _EMPTY
+    # The ambient sources, asked as resolve_identity asks them: only if one of the four ids is
+    # given by none of the metadata, ``user`` and the context.
+    if any(md.get(f) is None and found.get(f) is None and not (user and f == "user_id")
+           for f in IDENTITY_FIELDS[:4]):
         for source in AMBIENT_IDENTITY:
             amb = source()
             for f in IDENTITY_FIELDS:
@@ -171,7 +175,6 @@ def with_context_identity(metadata: Any, user: Any = None) -> Any:
                     found[f] = amb[f]
     if user:
         found.pop("user_id", None)
-    md = metadata or _EMPTY
     extra = {f: v for f, v in found.items() if v is not None and md.get(f) is None}
     if not extra:
         return metadata

@@ -459,3 +459,38 @@ def test_refused_calls_of_an_agent_named_by_its_api_key_are_not_a_loop(provider:
         with pytest.raises(hive_ratelimit_plugin.RateLimitQueueTimeout):
             litellm.completion(**kwargs)
     assert provider.state.count() == 1
+
+
+def test_an_identity_carried_to_another_thread_resolves_as_it_would_have_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``with_context_identity`` (what ``batch_completion``'s calls carry to LiteLLM's threads,
+    which do not see context variables) gives, resolved there, the identity the call would have
+    had here: for every mix of metadata, ``user=``, ``scope()`` and an ambient source (Hive's
+    running agent). Was: an ambient source filled in ``priority`` for metadata that names all four
+    ids but no priority, where a call made here ignores the ambient source."""
+    import concurrent.futures
+    import itertools
+
+    from hive_ratelimit_plugin import _scopes
+
+    ambient = {"agent_id": "amb-agent", "user_id": "amb-user", "team_id": "amb-team", "run_id": "amb-run",
+               "priority": "high"}
+    monkeypatch.setattr(_scopes, "AMBIENT_IDENTITY", [lambda: ambient])
+    ids = ("agent_id", "user_id", "team_id", "run_id")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # (a fresh context, as LiteLLM's pool)
+    checked = 0
+    try:
+        for md_fields in itertools.product((False, True), repeat=5):
+            metadata = {f: f"md-{f}" for f, on in zip((*ids, "priority"), md_fields, strict=True) if on}
+            metadata = {k: ("low" if k == "priority" else v) for k, v in metadata.items()}
+            for ctx_fields, user in itertools.product(((), ("agent_id",), ("priority",), ids, (*ids, "priority")),
+                                                      (None, "the-user")):
+                ctx = {f: ("normal" if f == "priority" else f"ctx-{f}") for f in ctx_fields}
+                with _scopes.scope(**ctx):
+                    here = _scopes.resolve_identity(metadata, user)
+                    carried = _scopes.with_context_identity(metadata, user)
+                there = pool.submit(_scopes.resolve_identity, carried, user).result()
+                assert there == here, (metadata, ctx, user)
+                checked += 1
+    finally:
+        pool.shutdown()
+    assert checked == 32 * 5 * 2
