@@ -308,9 +308,8 @@ FAKE_SLOW_YAML = """\
 import sys, time
 sys.stderr.write("fake yaml: importing\\n")
 sys.stderr.flush()
-# Interrupted by the test's SIGINT. Short sleeps: a signal that lands after the flush but before
-# a long sleep's system call starts only sets Python's flag, and is acted on when the sleep ends
-# (this test hung for its 60 s under load); a loop looks at the flag every 50 ms.
+# Interrupted by the test's SIGINT (short sleeps: Python acts on a signal between them, so one
+# that lands before the first sleep starts is not left waiting for a long sleep to end).
 for _ in range(12_000):
     time.sleep(0.05)
 """
@@ -333,8 +332,12 @@ def test_ctrl_c_while_the_command_starts_is_quiet_and_130(tmp_path: Path, entry:
     env.pop("HIVE_RATELIMIT_ENABLED", None)
     start = (["-m", "hive_ratelimit_plugin.cli"] if entry == "-m" else
              ["-c", "import sys; from hive_ratelimit_plugin.cli import main; sys.exit(main())"])  # (as pip's script)
+    # Ctrl-C as at a terminal: the child does not inherit an ignored SIGINT. (A test run started
+    # in the background by a shell without job control, `pytest &` in a script, ignores SIGINT,
+    # and so would the child, which then slept on: the test hung for its 60 s.)
     child = subprocess.Popen([sys.executable, *start, "check-config", str(cfg)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert child.stderr is not None
         first = child.stderr.readline().decode()
