@@ -318,7 +318,12 @@ def _call_type_name(call_type: Any) -> str:
 
 def _cache_hit(response: Any) -> bool:
     """Whether LiteLLM marked ``response`` as served from its cache (``caching=True``)."""
-    hidden = getattr(response, "_hidden_params", None)
+    # (read from __pydantic_private__ first, as _retry.response_headers does: a pydantic
+    # private attribute found by plain lookup goes through a slow __getattr__)
+    private = getattr(response, "__pydantic_private__", None)
+    hidden = private.get("_hidden_params") if type(private) is dict else None
+    if hidden is None:
+        hidden = getattr(response, "_hidden_params", None)
     return type(hidden) is dict and hidden.get("cache_hit") is True
 
 
