@@ -211,6 +211,18 @@ class BudgetBook:
         c = self._counters[(key, kind)] = Counter(start)
         c.cost, c.requests, c.tokens = cost, requests, tokens
 
+    def merge(self, key: str, kind: str, start: float, cost: float, requests: int, tokens: int) -> None:
+        """Add spend read from elsewhere (the state file) to the counter of ``key``'s window that
+        started at ``start``: the counter of a later window keeps its own; an earlier one's is replaced."""
+        self._flush()
+        c = self._counters.get((key, kind))
+        if c is None or c.start < start:
+            self.set(key, kind, start, cost, requests, tokens)
+        elif c.start == start:
+            c.cost += cost
+            c.requests += requests
+            c.tokens += tokens
+
     def clear(self, key: str) -> None:
         self._flush()
         for kind in (*KINDS, RUN):

@@ -2139,10 +2139,11 @@ class Engine:
 
     # ---------------------------------------------------------------- budgets
     def load_spend(self, totals: Iterable[tuple[str, str, float, float, int, int]]) -> None:
-        """Seed budget counters (from the ledger at start-up)."""
+        """Add the ledger's spend to the budget counters (at start-up, or when a first budget
+        opens the ledger: spend counted in memory until then is kept)."""
         with self._lock:
             for key, kind, start, cost, requests, tokens in totals:
-                self.book.set(key, kind, start, cost, requests, tokens)
+                self.book.merge(key, kind, start, cost, requests, tokens)
 
     def replace_spend(self, totals: Iterable[tuple[str, str, float, float, int, int]]) -> None:
         """Forget every budget counter, then seed them from ``totals`` (see :meth:`load_spend`)."""
@@ -2254,12 +2255,13 @@ class Engine:
             if self._waiters:
                 self._dispatch(self.clock(), _touched(res))
 
-    def note_attempt(self, call_id: str) -> None:
+    def note_attempt(self, call_id: str) -> bool:
         """An HTTP attempt of an open call is about to be sent; attempts after the first are
-        retries LiteLLM sends without re-admission, and count as requests."""
+        retries LiteLLM sends without re-admission, and count as requests. False: no open call
+        has this id."""
         res = self._leases.get(call_id)
         if res is None:
-            return
+            return False
         if res.attempts == 0:
             # The first send (the usual case) changes only this call's own record: no lock. (A
             # call's attempts are sent one after another, never concurrently.)
@@ -2268,16 +2270,17 @@ class Engine:
             margin = self.arrival_margin  # (_sent_late, inlined)
             if margin and now - res.admitted_at > (LATE_SEND if margin < LATE_SEND else margin):
                 self._recount(res, now)
-            return
+            return True
         with self._lock:
             if self._leases.get(call_id) is not res:
-                return
+                return True
             res.attempts += 1
             now = self.clock()
             for st in res.states:
                 for w in st.requests:
                     w.expire(now)
                     w.add(now, 1)
+        return True
 
     def _sent_late(self, delay: float) -> bool:
         """Whether a call sent ``delay`` seconds after its admission has its request counted again

@@ -1241,21 +1241,20 @@ class RedisEngine(Engine):
             if self._waiters:
                 self._dispatch(self.clock())
 
-    def note_attempt(self, call_id: str) -> None:
+    def note_attempt(self, call_id: str) -> bool:
         with self._lock:
             res = self._leases.get(call_id)
             if res is None:
-                self.fallback.note_attempt(call_id)
-                return
+                return self.fallback.note_attempt(call_id)
             res.attempts += 1
             if not res.remote:  # admitted uncounted (policy "open"): noted only (progress, attempted)
-                return
+                return True
             now = self.clock()
             if res.attempts <= 1:
                 res.sent_at = res.admitted_at + (now - res.local_at)  # on the backend's clock
                 if self._sent_late(now - res.local_at) and not res.settled:  # (as Engine._recount)
                     self._recount_remote(res, now)
-                return
+                return True
             windows = self._request_windows(res, now)
             args = [self.prefix, self._now_arg(), str(len(windows))]
             for key, name, period in windows:
@@ -1264,6 +1263,7 @@ class RedisEngine(Engine):
                 self._call(self._hit, args)
             except _Down:
                 pass
+        return True
 
     def _request_windows(self, res: _Reservation, now: float) -> list[tuple[str, str, str]]:
         """(scope, window, period) of every request window an open call counts in, for the scripts

@@ -1906,8 +1906,13 @@ class HiveLimiter(CustomLogger):
     def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
         """Count retries LiteLLM sends without re-running the pre-call hook (``num_retries``)."""
         call_id = kwargs.get("litellm_call_id")
-        if call_id:
-            self._engine.note_attempt(call_id)
+        if call_id and not self._engine.note_attempt(call_id):
+            # A try of SDK fallbacks: LiteLLM logs its send under the outer call's id, and the try
+            # was admitted under its own, which its ``litellm_params`` carry. (Unnoted, a try
+            # cancelled in flight was settled as never sent: its request and cost given back.)
+            own = (kwargs.get("litellm_params") or {}).get("litellm_call_id")
+            if own and own != call_id:
+                self._engine.note_attempt(own)
 
     def log_failure_event(self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
         self._finish(kwargs.get("litellm_call_id"), failed=True, exc=_exception_of(kwargs, response_obj))
@@ -2625,12 +2630,6 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def guard(*args: Any, **kwargs: Any) -> Any:
-        nested = _in_async_guard.get()
-        if nested is not None:  # LiteLLM calling itself (its fallbacks' tries): the outer guard retries
-            return await _nested_async(fn, nested, args, kwargs, chat)
-        limiters = _active_limiters()
-        if not limiters or _guarded_call.get() is not None:
-            return await fn(*args, **kwargs)
         if args:
             # The deployment hook sees only keyword arguments: name the positional ones (all of
             # them or none; an argument given twice is left for Python to refuse, nothing sent).
@@ -2638,6 +2637,12 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
                 return await fn(*args, **kwargs)
             kwargs.update(zip(names, args, strict=False))
             args = ()
+        nested = _in_async_guard.get()
+        if nested is not None:  # LiteLLM calling itself (its fallbacks' tries): the outer guard retries
+            return await _nested_async(fn, nested, args, kwargs, chat)
+        limiters = _active_limiters()
+        if not limiters or _guarded_call.get() is not None:
+            return await fn(*args, **kwargs)
         admitted: list[str | None] = [None]
         prior = sys.exc_info()[1]  # called while handling an error: an earlier attempt's, maybe
         outer = _in_async_guard.set(admitted)

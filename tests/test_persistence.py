@@ -55,6 +55,32 @@ def test_restart_keeps_spend_and_budget(provider: FakeProvider, clock: FakeClock
     assert provider.state.count() == 3
 
 
+def test_a_first_budget_set_at_run_time_keeps_the_spend_counted_before_it(provider: FakeProvider,
+                                                                           clock: FakeClock) -> None:
+    """A limiter with no budget and no state file counts spend in memory only. Its first
+    ``set_budget()`` opens the (default) state file and reads the spend another process settled
+    there: that spend is added to what this process counted, not put in its place. Was: the
+    file's totals replaced this process's own, and the budget started low (16 instead of 24)."""
+    default = Path(os.environ["XDG_STATE_HOME"]) / "hive-ratelimit" / "state.sqlite"
+    other = HiveLimiter({"pricing": UNIT_PRICE, "budget": {"max_daily_spend": 1000}}, clock=clock)
+    litellm.callbacks.append(other)
+    for _ in range(2):
+        litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    unregister(other)
+    assert ledger_total(default) == (2, 16)
+    late = HiveLimiter({"pricing": UNIT_PRICE}, clock=clock)  # no budget, no state file
+    litellm.callbacks.append(late)
+    assert late._ledger is None
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    assert late.get_usage_stats()["cost_today"] == 8
+    late.set_budget(max_daily_spend=30)
+    stats = late.get_usage_stats()
+    assert stats["cost_today"] == 24 and stats["requests_today"] == 3
+    with pytest.raises(BudgetExceededError):
+        litellm.completion(**chat_kwargs(provider, max_tokens=5))  # 24 + 14 > 30
+    assert provider.state.count() == 3
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_a_new_state_file_is_readable_by_its_owner_only(provider: FakeProvider, clock: FakeClock,
                                                         tmp_path: Path) -> None:

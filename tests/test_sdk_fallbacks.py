@@ -258,3 +258,79 @@ async def test_a_tries_context_window_fallback_holds_to_the_bigger_models_limit(
     await settled(limiter)
     assert sent(provider) == [(BIG, 200), (SMALL, 400), (OTHER, 200)]
     assert requests(limiter) == {"global": 3, SMALL: 1, BIG: 1}
+
+
+# ------------------------------------------------------------- calls made inside a call
+def _judge_positional(provider: FakeProvider, **extra: Any) -> Any:
+    """A callback whose pre-call hook makes a LiteLLM call of its own (an LLM judge), passing the
+    model and the messages positionally, as ``litellm.acompletion(model, messages)`` allows."""
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class Judge(CustomLogger):
+        async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> None:
+            if not (kwargs.get("metadata") or {}).get("judge"):
+                kw = chat_kwargs(provider, max_tokens=5, metadata={"judge": True}, **extra)
+                await litellm.acompletion(f"openai/{BIG}", kw.pop("messages"),
+                                          **{k: v for k, v in kw.items() if k != "model"})
+            return None
+
+    judge = Judge()
+    litellm.callbacks.insert(0, judge)  # (before the limiter: the outer call is not admitted yet)
+    return judge
+
+
+async def test_a_call_made_inside_a_call_with_positional_arguments_counts_on_its_model(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """A call made from inside another call (here a judge in a pre-call hook) that names its model
+    positionally is admitted on that model. Was: the nested path passed the positional arguments on
+    unnamed, and LiteLLM's deployment hook (keywords only) admitted it on ``unknown``."""
+    limiter = make_limiter(clock, {"pricing": PRICES, "state_path": ":memory:",
+                                   "global": {"requests_per_minute": 100},
+                                   "providers": {"openai": {SMALL: {"requests_per_minute": 5},
+                                                            BIG: {"requests_per_minute": 5}}}})
+    _judge_positional(provider)
+    resp = await litellm.acompletion(**chat_kwargs(provider, model=f"openai/{SMALL}", max_tokens=5))
+    assert resp.choices[0].message.content
+    await settled(limiter)
+    assert sent(provider) == [(BIG, 200), (SMALL, 200)]
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+    assert "model:unknown" not in str(limiter.get_usage_stats()["levels"].get("model", {}))
+
+
+async def test_a_positional_call_inside_a_call_takes_its_context_window_fallback(
+        provider: FakeProvider, clock: FakeClock) -> None:
+    """The same positional call with a ``context_window_fallback_dict`` whose prompt is too long
+    goes on to the bigger model. Was: TypeError ("got multiple values for argument 'model'") from
+    naming the bigger model next to the positional one."""
+    limiter = make_limiter(clock, {"pricing": PRICES, "state_path": ":memory:",
+                                   "global": {"requests_per_minute": 100},
+                                   "providers": {"openai": {SMALL: {"requests_per_minute": 5},
+                                                            BIG: {"requests_per_minute": 5}}}})
+    _judge_positional(provider, context_window_fallback_dict={f"openai/{BIG}": f"openai/{SMALL}"})
+    provider.state.push_for(BIG, Scripted.context_length_exceeded())
+    resp = await litellm.acompletion(**chat_kwargs(provider, model=f"openai/{SMALL}", max_tokens=5))
+    assert resp.choices[0].message.content
+    await settled(limiter)
+    assert sent(provider) == [(BIG, 400), (SMALL, 200), (SMALL, 200)]
+    assert requests(limiter) == {"global": 3, SMALL: 2, BIG: 1}
+
+
+async def test_a_fallback_try_cancelled_in_flight_is_charged_as_sent(provider: FakeProvider,
+                                                                      clock: FakeClock) -> None:
+    """A try of SDK fallbacks cancelled while its request is at the provider was sent: it is
+    charged (its estimate), as a call without fallbacks cancelled in flight is. Was: LiteLLM logs
+    the try's send under the outer call's id, which the limiter does not hold, so the send went
+    unnoted and the cancelled try was settled as never sent (its request and cost given back)."""
+    limiter = limiter_for(clock, small=5, big=5)
+    provider.state.push_for(SMALL, Scripted(status=500))
+    provider.state.latency = 0.5
+    task = asyncio.ensure_future(litellm.acompletion(**fallbacks_kwargs(provider)))
+    await wait_until(lambda: len(provider.state.log) >= 1 and global_usage(limiter)["in_flight"] == 1
+                     and requests(limiter)[BIG] == 1)
+    await asyncio.sleep(0.2)  # (the request to the big model is at the provider, answering slowly)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await settled(limiter)
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+    assert limiter.get_usage_stats()["cost_today"] > 0  # the big model's try, sent: charged
