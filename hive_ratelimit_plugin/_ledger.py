@@ -91,12 +91,6 @@ def _row(writer: str, r: SpendRow) -> tuple[Any, ...]:
             float(r.cost))
 
 
-def _waits(exc: sqlite3.OperationalError) -> bool:
-    """Whether a write failed for a lock another connection holds (worth trying again later)."""
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text or "full" in text
-
-
 def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], wait: float) -> None:
     """Append ``rows`` in one transaction, waiting at most ``wait`` seconds for the write lock
     (the connection's usual wait is :data:`RECORD_WAIT`); nothing is written if it fails."""
@@ -191,7 +185,7 @@ class Ledger:
         self.host = socket.gethostname()
         self._inherited: list[sqlite3.Connection] = []
         self._unsaved: list[tuple[Any, ...]] = []  # rows a write could not store, to retry (changed in place)
-        self.dropped = 0  # rows given up past MAX_UNSAVED
+        self.dropped = 0  # rows given up: past MAX_UNSAVED, or refused by the file
         self._last_write = self._finalizer()
         _fork.track(self)
 
@@ -286,10 +280,11 @@ class Ledger:
 
         Waits at most ``wait`` seconds for the file's write lock (this runs on the path of the
         call being settled: another process holding the lock must not stall an agent). When the
-        write fails because the file is locked the rows are kept, in memory, for the next write
-        (or :meth:`flush` at exit), and the error is raised to be logged; past :data:`MAX_UNSAVED`
-        rows the oldest are given up. Any other error (a full disk, a file gone) is raised and the
-        rows are not kept (they would block every later write).
+        write fails for the file as a whole (locked by another process, busy, a full disk, a file
+        turned read-only, an I/O error) the rows are kept, in memory, for the next write (or
+        :meth:`flush` at exit), and the error is raised to be logged; past :data:`MAX_UNSAVED`
+        rows the oldest are given up. A row the file will not take (any other SQLite error) is
+        given up, the others written, and the error raised: kept, it would block every later write.
         """
         data = [_row(self.writer, r) for r in rows]
         with self._lock:
@@ -301,10 +296,9 @@ class Ledger:
             conn = self._conn
             try:
                 _insert(conn, data, wait)
-            except sqlite3.OperationalError as exc:
-                if not _waits(exc):
-                    raise
-                # Locked by another process, busy, or a full disk: keep the rows for the next write.
+            except sqlite3.OperationalError:
+                # The file refused the write (locked by another process, busy, full, read-only,
+                # an I/O error), not a row: keep the rows for the next write.
                 self.dropped += max(len(data) - MAX_UNSAVED, 0)
                 self._unsaved[:] = data[-MAX_UNSAVED:]
                 raise

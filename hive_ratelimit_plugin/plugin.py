@@ -949,7 +949,8 @@ class HiveLimiter(CustomLogger):
             logger.error("could not write settled calls to %s: %s; %d kept in memory to be written with the next "
                          "settlement or at exit%s (their spend is counted in this process meanwhile)",
                          ledger.path, exc, ledger.unsaved,
-                         f"; {ledger.dropped} given up past {MAX_UNSAVED}" if ledger.dropped else "",
+                         f"; {ledger.dropped} given up so far (past the {MAX_UNSAVED} kept, or a row the file refused)"
+                         if ledger.dropped else "",
                          extra={"hive_repeat_key": ("persist", ledger.path)})
 
     def _emit(self, event: dict[str, Any]) -> None:

@@ -192,6 +192,27 @@ def test_unwritable_ledger_is_logged_not_fatal(provider: FakeProvider, clock: Fa
     assert any("could not write settled calls" in r.getMessage() for r in caplog.records)
 
 
+def test_a_state_file_that_turns_read_only_keeps_the_rows_for_the_next_write(
+        provider: FakeProvider, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A write refused for the file as a whole ("attempt to write a readonly database": a
+    remount, permissions changed; "disk I/O error") keeps the settled calls in memory and writes
+    them once the file takes writes again, as after a lock. Was: they were dropped while the log
+    line said they were kept (with a count of 0)."""
+    path = tmp_path / "state.sqlite"
+    lim = limiter_for(path, clock)
+    assert lim._ledger is not None
+    lim._ledger._conn.execute("PRAGMA query_only = ON")  # every write now fails: SQLITE_READONLY
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    assert lim.get_usage_stats()["cost_today"] == 8
+    assert ledger_total(path) == (0, 0)
+    logged = [r.getMessage() for r in caplog.records if "could not write settled calls" in r.getMessage()]
+    assert logged and "readonly" in logged[0] and "1 kept in memory" in logged[0], logged
+    lim._ledger._conn.execute("PRAGMA query_only = OFF")
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    assert ledger_total(path) == (2, 16)
+    assert lim._ledger.unsaved == 0
+
+
 def test_a_locked_state_file_delays_the_record_but_loses_nothing(provider: FakeProvider, clock: FakeClock,
                                                                   tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
