@@ -89,9 +89,22 @@ _SERVED_BY_MANY = object()  # a model seen served by more than one endpoint
 _SKIP_TYPES = frozenset({"moderation", "amoderation"})  # (providers do not bill them)
 _CHAT_RESPONSE = litellm.ModelResponse  # (the usual response: one identity test tells it is not media)
 
-# Set while a sync guard is admitting/running a call on this thread, so nested LiteLLM entry
-# points (text_completion -> completion) and log_pre_api_call know the call is already held.
-_guarded_call: ContextVar[str | None] = ContextVar("hive_ratelimit_guarded_call", default=None)
+# Set while a sync guard is running a call, so nested LiteLLM entry points (text_completion ->
+# completion, on this thread; an async one LiteLLM runs for it) know the call is already held.
+_guarded_call: ContextVar[_Held | None] = ContextVar("hive_ratelimit_guarded_call", default=None)
+
+
+class _Held:
+    """A sync guarded call in progress, as :data:`_guarded_call` holds it. A thread LiteLLM starts
+    with a copy of the call's context (its success logging, whose callbacks may make calls of
+    their own, an LLM judge's) sees it too: such a call is one of its own. A sync entry point
+    called on another thread, or once the guard has returned (``closed``), is admitted."""
+
+    __slots__ = ("closed", "thread")
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.closed = False
 _MAX_PROVIDER_WAIT = 3600.0  # absurd Retry-After values are clamped to this
 _LONG_PROVIDER_WAIT = 10.0  # a wait for a provider's reset this long is logged
 #: Responses API turns remembered per limiter (~100 bytes each) for ``previous_response_id``.
@@ -103,7 +116,16 @@ _wait_budget: ContextVar[float | None] = ContextVar("hive_ratelimit_wait_budget"
 # Set while an async guard runs its call: a one-item list where the pre-call hook notes the id it
 # admitted the current attempt under (LiteLLM assigns the id itself: passing our own costs LiteLLM
 # 1.110 ~19k CPU instructions per call), so that a failed or cancelled attempt is released at once.
-_in_async_guard: ContextVar[list[str | None] | None] = ContextVar("hive_ratelimit_in_async_guard", default=None)
+_in_async_guard: ContextVar[_Admitted | None] = ContextVar("hive_ratelimit_in_async_guard", default=None)
+
+
+class _Admitted(list):  # type: ignore[type-arg]  # (list[str | None])
+    """What :data:`_in_async_guard` holds: the ids a guarded call's attempts were admitted under.
+    ``closed`` once the guard has returned: a task the call started sees the list still (LiteLLM's
+    success logging, whose callbacks may make calls of their own, an LLM judge's), and a call made
+    there is a call of its own, not one LiteLLM makes for the finished call."""
+
+    closed = False
 # Set while LiteLLM's SDK fallbacks make their tries (see _sdk_fallbacks): what the tries need of the
 # call around them (see _FallbackCall).
 _fallback_call: ContextVar[_FallbackCall | None] = ContextVar("hive_ratelimit_fallback_call", default=None)
@@ -2534,7 +2556,8 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         kwargs["litellm_call_id"] = view["litellm_call_id"]
         if "api_key" in view and view.get("api_key") is not kwargs.get("api_key"):
             kwargs["api_key"] = view["api_key"]
-        token = _guarded_call.set(view["litellm_call_id"])
+        held_here = _Held()
+        token = _guarded_call.set(held_here)
         inline = not view.get("stream")
         if inline:
             for lim, cid in held:
@@ -2548,6 +2571,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
                 _forget_given_id(lim, cid)
             raise
         finally:
+            held_here.closed = True
             _guarded_call.reset(token)
         if inline:
             for lim, cid in held:
@@ -2561,8 +2585,9 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def guard(*args: Any, **kwargs: Any) -> Any:
-        if _guarded_call.get() is not None or (not _ASYNC_FLAGS.isdisjoint(kwargs)
-                                               and any(kwargs.get(flag) for flag in _ASYNC_FLAGS)):
+        inside = _guarded_call.get()
+        if (inside is not None and not inside.closed and inside.thread == threading.get_ident()) or (
+                not _ASYNC_FLAGS.isdisjoint(kwargs) and any(kwargs.get(flag) for flag in _ASYNC_FLAGS)):
             return fn(*args, **kwargs)
         limiters = _active_limiters()
         if not limiters:
@@ -2639,17 +2664,18 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             kwargs.update(zip(names, args, strict=False))
             args = ()
         nested = _in_async_guard.get()
-        if nested is not None:  # LiteLLM calling itself (its fallbacks' tries): the outer guard retries
+        if nested is not None and not nested.closed:  # LiteLLM calling itself (its fallbacks' tries)
             return await _nested_async(fn, nested, args, kwargs, chat)
         limiters = _active_limiters()
-        if not limiters or _guarded_call.get() is not None:
+        if not limiters or ((inside := _guarded_call.get()) is not None and not inside.closed):
             return await fn(*args, **kwargs)
-        admitted: list[str | None] = [None]
+        admitted = _Admitted((None,))
         prior = sys.exc_info()[1]  # called while handling an error: an earlier attempt's, maybe
         outer = _in_async_guard.set(admitted)
         try:
             return await _retry_async(fn, limiters, args, kwargs, admitted, embedding, prior, chat)
         finally:
+            admitted.closed = True
             _in_async_guard.reset(outer)
 
     guard.__hive_ratelimit_guard__ = True  # type: ignore[attr-defined]
@@ -2797,7 +2823,7 @@ def _fallbacks_sync(fn: Callable[..., Any], limiters: list[HiveLimiter], args: t
     """A sync chat call with SDK fallbacks (:func:`_sdk_fallbacks`): LiteLLM makes its tries with
     ``acompletion``, on an event loop of its own, where the deployment hook admits each one. The
     call itself is not admitted; what its tries hold is released if it fails or is interrupted."""
-    admitted: list[str | None] = [None]
+    admitted = _Admitted((None,))
     token = _in_async_guard.set(admitted)
     call_token = _fallback_call.set(call)
     try:
@@ -2821,6 +2847,7 @@ def _fallbacks_sync(fn: Callable[..., Any], limiters: list[HiveLimiter], args: t
         _release_admitted(limiters, admitted, kwargs, None)
         raise
     finally:
+        admitted.closed = True
         _fallback_call.reset(call_token)
         _in_async_guard.reset(token)
     if kwargs.get("stream") and admitted[0] is not None:

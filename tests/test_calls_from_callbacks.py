@@ -1,0 +1,125 @@
+"""Calls made from another call's success callback (an LLM judge that grades each answer, an
+evaluation logger): LiteLLM runs that callback after the call, in a task (async) or on a thread
+of its own (sync), with a copy of the call's context. Such a call is a call of its own: admitted,
+counted and retried as any other. Was: it was taken for a call LiteLLM makes inside the finished
+call, so a sync one was sent unadmitted and uncounted (past any limit), and an async one's 429
+was not retried. Real LiteLLM calls against the fake provider, both LiteLLM versions."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import litellm
+import pytest
+from litellm.integrations.custom_logger import CustomLogger
+
+from hive_ratelimit_plugin import RateLimitQueueTimeout
+from hive_ratelimit_plugin.fake_provider import Scripted
+from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
+
+from .helpers import chat_kwargs, global_usage, make_limiter
+
+
+def _is_judge(kwargs: dict[str, Any]) -> bool:
+    return bool((kwargs.get("litellm_params", {}).get("metadata") or {}).get("judge"))
+
+
+def _judge_kwargs(provider: FakeProvider) -> dict[str, Any]:
+    return chat_kwargs(provider, max_tokens=5, metadata={"judge": True})
+
+
+def _limiter(clock: FakeClock, rpm: int, max_wait: float = 0) -> Any:
+    return make_limiter(clock, {"state_path": ":memory:", "global": {"requests_per_minute": rpm},
+                                "queue": {"max_wait_seconds": max_wait}})
+
+
+def _wait_for(results: list[Any], clock: FakeClock | None = None) -> None:
+    for _ in range(250):
+        if results:
+            return
+        time.sleep(0.02)
+        if clock is not None:
+            clock.advance(0.05)
+    raise AssertionError("the judge's call did not finish")
+
+
+class SyncJudge(CustomLogger):
+    def __init__(self, provider: FakeProvider) -> None:
+        super().__init__()
+        self.provider = provider
+        self.results: list[Any] = []
+
+    def log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        if _is_judge(kwargs):
+            return
+        try:
+            self.results.append(litellm.completion(**_judge_kwargs(self.provider)))
+        except Exception as exc:
+            self.results.append(exc)
+
+
+class AsyncJudge(CustomLogger):
+    def __init__(self, provider: FakeProvider) -> None:
+        super().__init__()
+        self.provider = provider
+        self.results: list[Any] = []
+
+    async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        if _is_judge(kwargs):
+            return
+        try:
+            self.results.append(await litellm.acompletion(**_judge_kwargs(self.provider)))
+        except Exception as exc:
+            self.results.append(exc)
+
+
+def test_a_sync_call_from_a_success_callback_is_counted(provider: FakeProvider, clock: FakeClock) -> None:
+    limiter = _limiter(clock, rpm=10)
+    judge = SyncJudge(provider)
+    litellm.callbacks.append(judge)
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    _wait_for(judge.results)
+    assert type(judge.results[0]).__name__ == "ModelResponse", judge.results
+    assert [r.status for r in provider.state.log] == [200, 200]
+    assert global_usage(limiter)["requests_per_minute"]["used"] == 2
+
+
+def test_a_sync_call_from_a_success_callback_keeps_to_the_limit(provider: FakeProvider, clock: FakeClock) -> None:
+    """One request a minute: the judge's call is refused, nothing more is sent."""
+    _limiter(clock, rpm=1)
+    judge = SyncJudge(provider)
+    litellm.callbacks.append(judge)
+    litellm.completion(**chat_kwargs(provider, max_tokens=5))
+    _wait_for(judge.results)
+    assert isinstance(judge.results[0], RateLimitQueueTimeout), judge.results
+    assert [r.status for r in provider.state.log] == [200]
+
+
+async def test_an_async_call_from_a_success_callback_keeps_to_the_limit(provider: FakeProvider,
+                                                                        clock: FakeClock) -> None:
+    _limiter(clock, rpm=1)
+    judge = AsyncJudge(provider)
+    litellm.callbacks.append(judge)
+    await litellm.acompletion(**chat_kwargs(provider, max_tokens=5))
+    await asyncio.to_thread(_wait_for, judge.results)
+    assert isinstance(judge.results[0], RateLimitQueueTimeout), judge.results
+    assert [r.status for r in provider.state.log] == [200]
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_a_call_from_a_success_callback_has_its_429_retried(provider: FakeProvider, clock: FakeClock,
+                                                                  sync: bool) -> None:
+    """The judge's request gets a 429: retried after its Retry-After, as any call's."""
+    limiter = _limiter(clock, rpm=10, max_wait=30)
+    judge = SyncJudge(provider) if sync else AsyncJudge(provider)
+    litellm.callbacks.append(judge)
+    provider.state.push(Scripted(status=200), Scripted(status=429, headers={"retry-after": "0.1"}))
+    if sync:
+        await asyncio.to_thread(litellm.completion, **chat_kwargs(provider, max_tokens=5))
+    else:
+        await litellm.acompletion(**chat_kwargs(provider, max_tokens=5))
+    await asyncio.to_thread(_wait_for, judge.results, clock)
+    assert type(judge.results[0]).__name__ == "ModelResponse", judge.results
+    assert [r.status for r in provider.state.log] == [200, 429, 200]
+    assert global_usage(limiter)["requests_per_minute"]["used"] == 3
