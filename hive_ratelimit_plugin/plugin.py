@@ -804,9 +804,13 @@ class HiveLimiter(CustomLogger):
         self._runaway.cooldown = cfg.runaway.cooldown_seconds
         if new_budgets != old_budgets:
             if ledger is not None:
+                # The file's totals are read before the ledger becomes this limiter's: a call settled
+                # meanwhile (another thread) is then in the book and, written after the read, not in
+                # the totals added to it (read after, it was in both: counted twice).
+                totals = ledger.load(eng.calendar.starts(eng.wall()))
                 self._ledger = ledger
                 eng.record_spend = True
-                eng.load_spend(self._ledger.load(eng.calendar.starts(eng.wall())))
+                eng.load_spend(totals)
             changed = {k: new_budgets.get(k) for k in set(old_budgets) | set(new_budgets)
                        if old_budgets.get(k) != new_budgets.get(k)}
             old = {k: old_budgets.get(k) for k in changed}

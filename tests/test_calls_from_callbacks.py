@@ -25,6 +25,15 @@ def _is_judge(kwargs: dict[str, Any]) -> bool:
     return bool((kwargs.get("litellm_params", {}).get("metadata") or {}).get("judge"))
 
 
+def _first_event(judge: Any, kwargs: dict[str, Any]) -> bool:
+    """Judge each call once (LiteLLM may deliver a call's success event twice under load)."""
+    call_id = kwargs.get("litellm_call_id")
+    if call_id in judge.seen:
+        return False
+    judge.seen.add(call_id)
+    return True
+
+
 def _judge_kwargs(provider: FakeProvider) -> dict[str, Any]:
     return chat_kwargs(provider, max_tokens=5, metadata={"judge": True})
 
@@ -49,9 +58,10 @@ class SyncJudge(CustomLogger):
         super().__init__()
         self.provider = provider
         self.results: list[Any] = []
+        self.seen: set[Any] = set()
 
     def log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        if _is_judge(kwargs):
+        if _is_judge(kwargs) or not _first_event(self, kwargs):
             return
         try:
             self.results.append(litellm.completion(**_judge_kwargs(self.provider)))
@@ -64,9 +74,10 @@ class AsyncJudge(CustomLogger):
         super().__init__()
         self.provider = provider
         self.results: list[Any] = []
+        self.seen: set[Any] = set()
 
     async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        if _is_judge(kwargs):
+        if _is_judge(kwargs) or not _first_event(self, kwargs):
             return
         try:
             self.results.append(await litellm.acompletion(**_judge_kwargs(self.provider)))
