@@ -105,6 +105,8 @@ class _Held:
     def __init__(self) -> None:
         self.thread = threading.get_ident()
         self.closed = False
+
+
 _MAX_PROVIDER_WAIT = 3600.0  # absurd Retry-After values are clamped to this
 _LONG_PROVIDER_WAIT = 10.0  # a wait for a provider's reset this long is logged
 #: Responses API turns remembered per limiter (~100 bytes each) for ``previous_response_id``.
@@ -126,6 +128,8 @@ class _Admitted(list):  # type: ignore[type-arg]  # (list[str | None])
     there is a call of its own, not one LiteLLM makes for the finished call."""
 
     closed = False
+
+
 # Set while LiteLLM's SDK fallbacks make their tries (see _sdk_fallbacks): what the tries need of the
 # call around them (see _FallbackCall).
 _fallback_call: ContextVar[_FallbackCall | None] = ContextVar("hive_ratelimit_fallback_call", default=None)
