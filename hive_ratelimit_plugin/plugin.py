@@ -92,6 +92,13 @@ _CHAT_RESPONSE = litellm.ModelResponse  # (the usual response: one identity test
 # Set while a sync guard is running a call, so nested LiteLLM entry points (text_completion ->
 # completion, on this thread; an async one LiteLLM runs for it) know the call is already held.
 _guarded_call: ContextVar[_Held | None] = ContextVar("hive_ratelimit_guarded_call", default=None)
+#: What tells LiteLLM calling itself inside a guarded call (text_completion -> completion, its SDK
+#: fallbacks' tries) from a call a callback makes while the call runs (an LLM judge in a sync
+#: ``log_pre_api_call`` or in a failure callback, which LiteLLM runs inline, inside the guard): the
+#: former carry the call's logging object in their keywords, the latter start afresh without one
+#: and are calls of their own (admitted, counted, retried). (Was: such a sync call was sent
+#: unadmitted and uncounted, and an async one's 429 was not retried.)
+_LOGGING_OBJ = "litellm_logging_obj"
 
 
 class _Held:
@@ -1542,9 +1549,11 @@ class HiveLimiter(CustomLogger):
             # Refused by the provider (an error status), or never sent: providers do not bill those,
             # nor count their tokens. The attempt still counts as a request, unless it was cancelled
             # before LiteLLM sent it, or LiteLLM itself refused it before sending (its own
-            # ``litellm.max_budget``). Any other error before the send may be LiteLLM's own or the
-            # provider's: counted, to be safe.
-            if not progress and (exc is None or isinstance(exc, _LiteLLMBudgetExceeded)):
+            # ``litellm.max_budget``), or another limiter refused it (a second HiveLimiter in
+            # ``litellm.callbacks``, whose deployment hook runs after this one's: was counted here as
+            # a request sent, on async calls only). Any other error before the send may be LiteLLM's
+            # own or the provider's: counted, to be safe.
+            if not progress and (exc is None or isinstance(exc, (_LiteLLMBudgetExceeded, HiveRateLimitError))):
                 outcome = "void"
             eng.release(call_id, input_tokens=0, output_tokens=0, cost=0.0, outcome=outcome, wait=wait,
                         signals=signals)
@@ -2594,7 +2603,8 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def guard(*args: Any, **kwargs: Any) -> Any:
         inside = _guarded_call.get()
-        if (inside is not None and not inside.closed and inside.thread == threading.get_ident()) or (
+        if (inside is not None and not inside.closed and inside.thread == threading.get_ident()
+                and _LOGGING_OBJ in kwargs) or (
                 not _ASYNC_FLAGS.isdisjoint(kwargs) and any(kwargs.get(flag) for flag in _ASYNC_FLAGS)):
             return fn(*args, **kwargs)
         limiters = _active_limiters()
@@ -2672,10 +2682,11 @@ def _wrap_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             kwargs.update(zip(names, args, strict=False))
             args = ()
         nested = _in_async_guard.get()
-        if nested is not None and not nested.closed:  # LiteLLM calling itself (its fallbacks' tries)
-            return await _nested_async(fn, nested, args, kwargs, chat)
+        if nested is not None and not nested.closed and _LOGGING_OBJ in kwargs:
+            return await _nested_async(fn, nested, args, kwargs, chat)  # LiteLLM calling itself (its fallbacks' tries)
         limiters = _active_limiters()
-        if not limiters or ((inside := _guarded_call.get()) is not None and not inside.closed):
+        if not limiters or ((inside := _guarded_call.get()) is not None and not inside.closed
+                            and _LOGGING_OBJ in kwargs):
             return await fn(*args, **kwargs)
         admitted = _Admitted((None,))
         prior = sys.exc_info()[1]  # called while handling an error: an earlier attempt's, maybe
@@ -2761,6 +2772,16 @@ async def _retry_async(fn: Callable[..., Any], limiters: list[HiveLimiter], args
                 call_id = admitted[0] or kwargs.get("litellm_call_id")
                 if call_id:
                     for lim in limiters:
+                        lim._settle_quietly(call_id, result)
+            elif (call_id := admitted[0] or kwargs.get("litellm_call_id")) is not None:
+                # Still held: on LiteLLM 1.83 the success deployment hooks stop at the first
+                # callback that returns the response (every CustomGuardrail does), and one ahead of
+                # the limiter leaves the call to LiteLLM's logging hook, which runs on LiteLLM's
+                # logging worker: a loop closed at once (``asyncio.run``) never runs it, and a
+                # callback ahead that raises there stops it. Settled here, as the deployment hook
+                # would have (was: its slot held and its usage uncounted until its lease ran out).
+                for lim in limiters:
+                    if lim._engine.holds(call_id):
                         lim._settle_quietly(call_id, result)
             return result
         finally:
