@@ -260,12 +260,19 @@ _NOT_SENT = frozenset({"ConnectError", "ConnectTimeout", "PoolTimeout"})
 # Errors that carry the provider's HTTP answer (an error status, 408 and 504 included): it was
 # seen, and providers do not bill those.
 _ANSWERED = frozenset({"HTTPStatusError", "APIStatusError"})
+# Where a provider's refusal, or a transport's failure, comes from. An error with none of these
+# in its chain (nor an OSError) did not come from the provider or the connection: raised after
+# the send by code around it (another callback's hook, a bug in a response's handling), it says
+# nothing of whether the provider served the request.
+_HTTP_STACK = frozenset({"litellm", "openai", "anthropic", "httpx", "httpcore", "h11", "h2", "aiohttp",
+                         "requests", "urllib3", "botocore", "boto3", "google", "websockets"})
 
 
 def outcome_unseen(exc: BaseException | None, prior: BaseException | None = None) -> bool:
     """Whether a call that was sent and ended with ``exc`` may have been served all the same:
     cancelled (``None``, or an interruption) or cut off by a timeout or a lost connection, unless
-    the error shows the connection was never made or carries the provider's answer.
+    the error shows the connection was never made or carries the provider's answer; or ended with
+    an error that came neither from the provider nor from the connection (see ``_HTTP_STACK``).
 
     The error's chain is read down to the transport's error, and no further: past it lie earlier
     attempts' errors (a retry made inside an ``except`` block: ``prior``, the error being handled
@@ -273,16 +280,19 @@ def outcome_unseen(exc: BaseException | None, prior: BaseException | None = None
     if exc is None or not isinstance(exc, Exception):
         return True
     seen: set[int] = set()
-    unseen = transport = False
+    unseen = transport = http = False
     e: BaseException | None = exc
     while e is not None and e is not prior and id(e) not in seen and len(seen) < 16:
         seen.add(id(e))
         cls = type(e)
         if transport and cls.__module__ == "litellm.exceptions":
             break  # an earlier attempt's
-        ours = cls.__module__.split(".", 1)[0] == "litellm"
+        top = cls.__module__.split(".", 1)[0]
+        ours = top == "litellm"
         if not ours:
             transport = True
+        if not http and (top in _HTTP_STACK or isinstance(e, OSError)):
+            http = True
         names = {c.__name__ for c in cls.__mro__}
         # (LiteLLM's own errors all derive from the SDK's status errors, a lost connection's 500
         # included: what was seen is read from the errors below them, where there are any)
@@ -291,7 +301,7 @@ def outcome_unseen(exc: BaseException | None, prior: BaseException | None = None
         if cls.__name__ in _UNSEEN or isinstance(e, TimeoutError):
             unseen = True
         e = e.__cause__ or e.__context__
-    return unseen
+    return unseen or not http
 
 
 def response_headers(obj: Any) -> Mapping[str, Any] | None:

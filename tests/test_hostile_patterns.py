@@ -7,7 +7,6 @@ Each test asserts what the provider's log shows was sent against what the limite
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import time
 from typing import Any
 
@@ -23,7 +22,6 @@ from . import helpers
 from .conftest import redis_client
 from .helpers import Ticker, chat_kwargs, global_usage, make_limiter, wait_until
 
-LITELLM_1_83 = importlib.metadata.version("litellm").startswith("1.83.")
 pytestmark = pytest.mark.usefixtures("contract_backend")  # (each test on both backends)
 
 
@@ -244,16 +242,15 @@ class RaisesAfterTheAnswer(CustomLogger):
         raise ValueError("a guardrail's own bug")
 
 
-@pytest.mark.xfail(LITELLM_1_83, strict=True, reason="known, not fixed here: LiteLLM 1.83 raises a callback's "
-                   "error from its success deployment hook to the caller, after the provider answered; the "
-                   "limiter settles that as a request refused before an answer, at 0 tokens and 0 cost")
 async def test_a_call_served_then_failed_by_a_callback_ahead_is_charged(provider: FakeProvider,
                                                                         clock: FakeClock) -> None:
     """The provider served and billed the call (8 tokens); a callback ahead of the limiter then
     raised. Whether or not the caller sees the error (1.83.4: yes; 1.110.2: LiteLLM logs and drops
-    it), the call's spend is counted: at its answer's usage or, not seen, its estimate."""
+    it), the call's spend is counted: at its answer's usage or, not seen, its estimate (14). Was
+    (1.83.4): settled as a request the provider refused, at 0 tokens and $0 (an error from
+    neither the provider nor the connection now counts as an answer not seen)."""
     litellm.callbacks.append(RaisesAfterTheAnswer())
-    limiter = _limiter(clock, rpm=100)
+    limiter = _limiter(clock, rpm=100, tokens_per_minute=100_000)  # (tokens counted: an estimate to charge)
     try:
         await litellm.acompletion(**chat_kwargs(provider, max_tokens=5))
     except ValueError:
@@ -262,3 +259,25 @@ async def test_a_call_served_then_failed_by_a_callback_ahead_is_charged(provider
     assert [r.status for r in provider.state.log] == [200]
     assert global_usage(limiter)["in_flight"] == 0
     assert limiter.get_usage_stats()["tokens_today"] >= 8
+
+
+def test_an_error_from_neither_the_provider_nor_the_connection_leaves_the_outcome_unseen() -> None:
+    """How a sent call's error is read (``outcome_unseen``): an error raised by code around the
+    request (a callback's own bug) says nothing of whether the provider served it; the provider's
+    answer, a refused connection or an HTTP error say so."""
+    import httpx
+    import openai
+
+    from hive_ratelimit_plugin._retry import outcome_unseen
+
+    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    answer = httpx.Response(500, request=request)
+    assert outcome_unseen(ValueError("a guardrail's own bug"))
+    assert outcome_unseen(KeyError("choices"))
+    assert not outcome_unseen(openai.InternalServerError("500", response=answer, body=None))
+    assert not outcome_unseen(httpx.ConnectError("refused", request=request))
+    assert not outcome_unseen(ConnectionRefusedError(111, "Connection refused"))
+    assert outcome_unseen(httpx.ReadTimeout("slow", request=request))
+    wrapped = ValueError("re-raised")
+    wrapped.__cause__ = openai.InternalServerError("500", response=answer, body=None)
+    assert not outcome_unseen(wrapped)  # (the provider's answer is in its chain)
