@@ -107,11 +107,34 @@ class _Held:
     their own, an LLM judge's) sees it too: such a call is one of its own. A sync entry point
     called on another thread, or once the guard has returned (``closed``), is admitted."""
 
-    __slots__ = ("closed", "thread")
+    __slots__ = ("closed", "frame", "thread")
 
-    def __init__(self) -> None:
+    def __init__(self, frame: Any = None) -> None:
         self.thread = threading.get_ident()
         self.closed = False
+        self.frame = frame  # (the guard's: see _litellm_calling_itself)
+
+
+def _litellm_calling_itself(frame: Any, outer: Any) -> bool:
+    """Whether every frame from ``frame`` (a guard's caller) up to ``outer`` (the running guarded
+    call's guard) is LiteLLM's own code: LiteLLM calling an entry point for the call without its
+    logging object (a semantic cache embedding the prompt: ``litellm.embedding`` in
+    ``get_cache`` / ``set_cache``). A frame of other code on the way (a callback's: an LLM judge in
+    ``log_pre_api_call``, or in a failure callback) makes it a call of its own. Read only where
+    the mark is open and the logging object missing."""
+    depth = 0
+    while frame is not None and frame is not outer and depth < 400:
+        module = frame.f_globals.get("__name__") or ""
+        if not (module == "litellm" or module.startswith("litellm.")) or module.startswith(_CALLBACK_MODULES):
+            return False
+        frame = frame.f_back
+        depth += 1
+    return frame is outer and outer is not None
+
+
+#: LiteLLM's modules whose code is a callback's (its integrations, the proxy's hooks and
+#: guardrails): a call made there is one of its own, as a user callback's is.
+_CALLBACK_MODULES = ("litellm.integrations.", "litellm.proxy.")
 
 
 _MAX_PROVIDER_WAIT = 3600.0  # absurd Retry-After values are clamped to this
@@ -2573,7 +2596,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         kwargs["litellm_call_id"] = view["litellm_call_id"]
         if "api_key" in view and view.get("api_key") is not kwargs.get("api_key"):
             kwargs["api_key"] = view["api_key"]
-        held_here = _Held()
+        held_here = _Held(sys._getframe())  # (this frame: where a nested call's walk up ends)
         token = _guarded_call.set(held_here)
         inline = not view.get("stream")
         if inline:
@@ -2589,6 +2612,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         finally:
             held_here.closed = True
+            held_here.frame = None  # (no cycle through this frame)
             _guarded_call.reset(token)
         if inline:
             for lim, cid in held:
@@ -2604,7 +2628,7 @@ def _wrap_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def guard(*args: Any, **kwargs: Any) -> Any:
         inside = _guarded_call.get()
         if (inside is not None and not inside.closed and inside.thread == threading.get_ident()
-                and _LOGGING_OBJ in kwargs) or (
+                and (_LOGGING_OBJ in kwargs or _litellm_calling_itself(sys._getframe(1), inside.frame))) or (
                 not _ASYNC_FLAGS.isdisjoint(kwargs) and any(kwargs.get(flag) for flag in _ASYNC_FLAGS)):
             return fn(*args, **kwargs)
         limiters = _active_limiters()
