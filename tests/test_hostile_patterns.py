@@ -7,7 +7,6 @@ Each test asserts what the provider's log shows was sent against what the limite
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import litellm
@@ -20,72 +19,10 @@ from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
 from . import helpers
 from .conftest import redis_client
-from .helpers import Ticker, chat_kwargs, global_usage, make_limiter, wait_until
+from .helpers import Ticker, chat_kwargs, global_usage, wait_until
+from .test_calls_from_callbacks import Judge, _limiter, _requests, _wait_for
 
 pytestmark = pytest.mark.usefixtures("contract_backend")  # (each test on both backends)
-
-
-def _is_judge(kwargs: dict[str, Any]) -> bool:
-    params = kwargs.get("litellm_params") or {}
-    return bool((params.get("metadata") or kwargs.get("metadata") or {}).get("judge"))
-
-
-def _judge_kwargs(provider: FakeProvider) -> dict[str, Any]:
-    return chat_kwargs(provider, max_tokens=5, metadata={"judge": True})
-
-
-def _limiter(clock: FakeClock, rpm: int, max_wait: float = 0, **extra: Any) -> Any:
-    return make_limiter(clock, {"state_path": ":memory:", "global": {"requests_per_minute": rpm, **extra},
-                                "queue": {"max_wait_seconds": max_wait}})
-
-
-def _requests(limiter: Any) -> float:
-    return global_usage(limiter)["requests_per_minute"]["used"]  # type: ignore[no-any-return]
-
-
-class Judge(CustomLogger):
-    """Makes one LiteLLM call of its own (sync or async) from the callback method ``hook``, once per
-    call judged, and keeps what it got."""
-
-    def __init__(self, provider: FakeProvider, hook: str) -> None:
-        super().__init__()
-        self.provider = provider
-        self.hook = hook
-        self.results: list[Any] = []
-        self.seen: set[Any] = set()
-
-    def _first(self, kwargs: dict[str, Any]) -> bool:
-        call_id = kwargs.get("litellm_call_id")
-        if _is_judge(kwargs) or call_id in self.seen:
-            return False
-        self.seen.add(call_id)
-        return True
-
-    def _judge_sync(self, kwargs: dict[str, Any]) -> None:
-        if self._first(kwargs):
-            try:
-                self.results.append(litellm.completion(**_judge_kwargs(self.provider)))
-            except Exception as exc:
-                self.results.append(exc)
-
-    async def _judge_async(self, kwargs: dict[str, Any]) -> None:
-        if self._first(kwargs):
-            try:
-                self.results.append(await litellm.acompletion(**_judge_kwargs(self.provider)))
-            except Exception as exc:
-                self.results.append(exc)
-
-    def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
-        if self.hook == "log_pre_api_call":
-            self._judge_sync(kwargs)
-
-    def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        if self.hook == "log_failure_event":
-            self._judge_sync(kwargs)
-
-    async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        if self.hook == "async_log_failure_event":
-            await self._judge_async(kwargs)
 
 
 def _sync_call(provider: FakeProvider, judge: Judge, fail: bool) -> None:
@@ -95,11 +32,7 @@ def _sync_call(provider: FakeProvider, judge: Judge, fail: bool) -> None:
             litellm.completion(**chat_kwargs(provider, max_tokens=5))
     else:
         litellm.completion(**chat_kwargs(provider, max_tokens=5))
-    for _ in range(250):
-        if judge.results:
-            return
-        time.sleep(0.02)
-    raise AssertionError("the judge made no call")
+    _wait_for(judge.results)
 
 
 # --------------------------------------------- sync calls from callbacks run inside a sync call

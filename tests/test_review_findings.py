@@ -12,6 +12,7 @@ from hive_ratelimit_plugin import HiveLimiter, _ledger
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider, Scripted
 
 from .helpers import chat_kwargs, global_usage, make_limiter, wait_until
+from .test_sdk_fallbacks import BIG, SMALL, requests
 
 UNIT_PRICE = {"gpt-4o-mini": {"input_per_million": 1_000_000, "output_per_million": 1_000_000}}
 
@@ -50,18 +51,6 @@ def test_a_call_settled_while_the_first_budget_opens_the_state_file_is_counted_o
 
 
 # ------------------------------------------------------------------ nesting still recognised
-SMALL, BIG = "gpt-4o-mini", "gpt-4o"
-
-
-def _requests(limiter: HiveLimiter) -> dict[str, float]:
-    levels = limiter.get_usage_stats()["levels"]
-    out = {"global": levels["global"]["global"]["requests_per_minute"]["used"]}
-    for model in (SMALL, BIG):
-        out[model] = levels.get("model", {}).get(f"model:openai/{model}", {}).get(
-            "requests_per_minute", {}).get("used", 0)
-    return out
-
-
 async def test_sync_fallbacks_called_on_a_thread_running_a_loop_count_each_try_once(
         provider: FakeProvider, clock: FakeClock) -> None:
     """Sync ``completion(fallbacks=...)`` from a thread with a running loop: the guard runs it on a
@@ -76,7 +65,7 @@ async def test_sync_fallbacks_called_on_a_thread_running_a_loop_count_each_try_o
     assert resp.choices[0].message.content
     await wait_until(lambda: not limiter._engine._leases and global_usage(limiter)["in_flight"] == 0)
     assert [(r.model, r.status) for r in provider.state.log] == [(SMALL, 500), (BIG, 200)]
-    assert _requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
+    assert requests(limiter) == {"global": 2, SMALL: 1, BIG: 1}
 
 
 def test_sync_text_completion_is_one_request(provider: FakeProvider, clock: FakeClock) -> None:

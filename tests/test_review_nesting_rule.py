@@ -21,12 +21,12 @@ from typing import Any
 import litellm
 import pytest
 from litellm.caching.caching import Cache
-from litellm.integrations.custom_logger import CustomLogger
 
 from hive_ratelimit_plugin import HiveLimiter, RateLimitQueueTimeout
 from hive_ratelimit_plugin.testing import FakeClock, FakeProvider
 
 from .helpers import chat_kwargs, global_usage, make_limiter
+from .test_calls_from_callbacks import Judge
 
 
 class _Qdrant(BaseHTTPRequestHandler):
@@ -103,26 +103,11 @@ def test_a_semantic_cache_lookup_does_not_wait_for_its_own_calls_slot(provider: 
     assert global_usage(limiter)["in_flight"] == 0
 
 
-class _SyncJudge(CustomLogger):
-    """An LLM judge in a sync ``log_pre_api_call`` (run inline, inside the guarded call)."""
-
-    def __init__(self, provider: FakeProvider) -> None:
-        super().__init__()
-        self.provider = provider
-        self.results: list[Any] = []
-
-    def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
-        metadata = (kwargs.get("litellm_params") or {}).get("metadata") or {}
-        if not metadata.get("judge") and not self.results:
-            self.results.append(litellm.completion(**chat_kwargs(self.provider, max_tokens=5,
-                                                                 metadata={"judge": True})))
-
-
 def test_a_judge_in_log_pre_api_call_is_still_a_call_of_its_own(provider: FakeProvider, clock: FakeClock) -> None:
     """(What ee98a46 fixed, kept by the fix above: the judge's call is counted.)"""
     limiter = make_limiter(clock, {"state_path": ":memory:", "global": {"requests_per_minute": 10},
                                    "queue": {"max_wait_seconds": 0}})
-    judge = _SyncJudge(provider)
+    judge = Judge(provider, "log_pre_api_call")
     litellm.callbacks.append(judge)
     litellm.completion(**chat_kwargs(provider, max_tokens=5))
     assert len(judge.results) == 1
