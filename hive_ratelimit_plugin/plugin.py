@@ -109,10 +109,15 @@ class _Held:
 
     __slots__ = ("closed", "frame", "thread")
 
-    def __init__(self, frame: Any = None) -> None:
+    def __init__(self, frame: Any) -> None:
         self.thread = threading.get_ident()
         self.closed = False
         self.frame = frame  # (the guard's: see _litellm_calling_itself)
+
+
+#: LiteLLM's modules whose code is a callback's (its integrations, the proxy's hooks and
+#: guardrails): a call made there is one of its own, as a user callback's is.
+_CALLBACK_MODULES = ("litellm.integrations.", "litellm.proxy.")
 
 
 def _litellm_calling_itself(frame: Any, outer: Any) -> bool:
@@ -130,11 +135,6 @@ def _litellm_calling_itself(frame: Any, outer: Any) -> bool:
         frame = frame.f_back
         depth += 1
     return frame is outer and outer is not None
-
-
-#: LiteLLM's modules whose code is a callback's (its integrations, the proxy's hooks and
-#: guardrails): a call made there is one of its own, as a user callback's is.
-_CALLBACK_MODULES = ("litellm.integrations.", "litellm.proxy.")
 
 
 _MAX_PROVIDER_WAIT = 3600.0  # absurd Retry-After values are clamped to this
